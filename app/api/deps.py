@@ -1,0 +1,166 @@
+"""Dependencies shared by the routers: the VM service, If-Match, ETag, pagination."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
+
+from fastapi import Depends, Header, Path, Query, Request, Response
+
+from app.api.errors import ApiProblem
+from app.api.schemas.common import U32, Limit, parse_int
+
+if TYPE_CHECKING:
+    from app.engine.vm import Vm
+
+T = TypeVar("T")
+
+
+class VmServiceLike(Protocol):
+    """What the routers need of `app.services.vms.VmService` (kept structural so the API
+    layer depends on the interface, not on persistence)."""
+
+    async def ready(self) -> dict[str, Any]: ...
+
+    async def create_vm(
+        self,
+        *,
+        name: str | None,
+        vm_type: int,
+        vcpus: int,
+        paging_levels: int,
+        from_snapshot: str | None,
+        tenant: str = "default",
+    ) -> tuple[dict[str, Any], str]: ...
+
+    async def list_vms(
+        self, *, limit: int, cursor: str | None
+    ) -> tuple[list[dict[str, Any]], str | None]: ...
+
+    async def get_vm(self, vm_id: str) -> tuple[dict[str, Any], str]: ...
+
+    async def delete_vm(self, vm_id: str) -> dict[str, Any]: ...
+
+    async def mutate(
+        self, vm_id: str, op: str, args: dict[str, Any], *, if_match: str | None = None
+    ) -> tuple[dict[str, Any], str]: ...
+
+    async def read(self, vm_id: str, fn: Callable[[Vm], T]) -> tuple[T, str]: ...
+
+    async def create_snapshot(self, vm_id: str) -> dict[str, Any]: ...
+
+    async def list_snapshots(self, vm_id: str) -> list[dict[str, Any]]: ...
+
+    async def restore_snapshot(
+        self, vm_id: str, snapshot_id: str
+    ) -> tuple[dict[str, Any], str]: ...
+
+
+def get_service(request: Request) -> VmServiceLike:
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        raise ApiProblem(503, "Service Unavailable", "the VM service is not started", "unavailable")
+    return service
+
+
+ServiceDep = Annotated[VmServiceLike, Depends(get_service)]
+
+
+def _if_match(
+    if_match: Annotated[
+        str | None,
+        Header(
+            alias="If-Match",
+            description="Apply only if the VM's state version (its ETag) is this one; "
+            "412 otherwise.",
+        ),
+    ] = None,
+) -> str | None:
+    # Passed on as sent (a list of entity tags or `*`): the service compares it with the
+    # version under the VM lock, where no other call can move it.
+    if if_match is None or not if_match.strip():
+        return None
+    return if_match.strip()
+
+
+IfMatchDep = Annotated[str | None, Depends(_if_match)]
+
+Cursor = Annotated[
+    str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
+]
+LimitQ = Annotated[Limit, Query()]
+
+VmId = Annotated[str, Path(description="The VM id (opaque).", max_length=128)]
+Vcpu = Annotated[U32, Path(description="vCPU id.")]
+
+
+def set_etag(response: Response, etag: str) -> None:
+    response.headers["ETag"] = etag if etag.startswith(('"', "W/")) else f'"{etag}"'
+
+
+def paginate(
+    items: Sequence[dict[str, Any]],
+    key: Callable[[dict[str, Any]], int | str],
+    limit: int,
+    cursor: str | None,
+    *,
+    descending: bool = False,
+) -> dict[str, Any]:
+    """Keyset pagination over a list already ordered by `key`: the cursor is the last key
+    returned, so a page stays right when items before it are added or removed."""
+    start = 0
+    if cursor is not None and items:
+        after: int | str = cursor
+        if isinstance(key(items[0]), int):
+            try:
+                after = parse_int(cursor)
+            except ValueError:
+                raise ApiProblem(
+                    422, "Bad cursor", "cursor is not one this API returned", "validation"
+                ) from None
+        start = len(items)
+        for i, it in enumerate(items):
+            k = key(it)
+            if (k < after) if descending else (k > after):  # type: ignore[operator]
+                start = i
+                break
+    page = list(items[start : start + limit])
+    more = start + limit < len(items)
+    return {"items": page, "next_cursor": str(key(page[-1])) if more and page else None}
+
+
+async def mutate(
+    service: VmServiceLike,
+    vm_id: str,
+    op: str,
+    args: dict[str, Any],
+    if_match: str | None,
+    response: Response,
+) -> dict[str, Any]:
+    """One engine op through the service (locked, journaled); the answer carries the ETag."""
+    result, etag = await service.mutate(vm_id, op, args, if_match=if_match)
+    set_etag(response, etag)
+    return result
+
+
+async def query(service: VmServiceLike, vm_id: str, fn: Callable[[Vm], T], response: Response) -> T:
+    """A read-only engine query under the VM lock; the answer carries the ETag it saw."""
+    result, etag = await service.read(vm_id, fn)
+    set_etag(response, etag)
+    return result
+
+
+__all__ = [
+    "Cursor",
+    "IfMatchDep",
+    "LimitQ",
+    "ServiceDep",
+    "U32",
+    "Vcpu",
+    "VmId",
+    "VmServiceLike",
+    "mutate",
+    "paginate",
+    "query",
+    "set_etag",
+]

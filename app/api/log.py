@@ -1,0 +1,51 @@
+"""Structured (JSON lines) logging with the request id of the request being served."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+from typing import Any
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "vkmmu_request_id", default=None
+)
+
+# Attributes every LogRecord has; anything else was passed through `extra=` and is logged.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = request_id_var.get()
+        if rid:
+            out["request_id"] = rid
+        for k, v in record.__dict__.items():
+            if k not in _STANDARD and not k.startswith("_"):
+                out[k] = v
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Idempotent: installs one JSON handler on the `vkmmu` logger tree."""
+    logger = logging.getLogger("vkmmu")
+    logger.setLevel(level.upper())
+    if not any(getattr(h, "_vkmmu", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        handler._vkmmu = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.propagate = False

@@ -1,0 +1,112 @@
+"""What a vCPU does: accesses (guest page faults), loads, stores, pre-fault, TDX accept.
+
+An exit (MMIO, MEMORY_FAULT, …) is the guest's outcome, not an API error: 200 with `exit`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+
+from app.api.deps import IfMatchDep, ServiceDep, Vcpu, VmId, mutate
+from app.api.errors import R_BODY, R_KVM, R_NOT_FOUND, R_PRECONDITION, responses
+from app.api.schemas.common import Open
+from app.api.schemas.guest import (
+    Accept,
+    Access,
+    AccessResult,
+    Load,
+    LoadStoreResult,
+    PreFault,
+    PreFaultResult,
+    Store,
+)
+
+router = APIRouter(prefix="/v1/vms/{vm}/vcpus/{vcpu}", tags=["guest"])
+_MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION)
+
+
+def _args(body: Any, vcpu: int) -> dict[str, Any]:
+    return {"vcpu": vcpu, **body.model_dump()}
+
+
+@router.post(
+    "/accesses",
+    summary="The guest touches [gpa, gpa+size): faults pages in until the first exit",
+    responses=_MUTATION,
+)
+async def access_memory(
+    vm: VmId,
+    vcpu: Vcpu,
+    body: Access,
+    service: ServiceDep,
+    if_match: IfMatchDep,
+    response: Response,
+) -> AccessResult:
+    result = await mutate(service, vm, "access", _args(body, vcpu), if_match, response)
+    return AccessResult.model_validate(result)
+
+
+@router.post(
+    "/load",
+    summary="One guest load through the fault path: `{data}` or `{exit}`",
+    responses=_MUTATION,
+)
+async def load(
+    vm: VmId, vcpu: Vcpu, body: Load, service: ServiceDep, if_match: IfMatchDep, response: Response
+) -> LoadStoreResult:
+    result = await mutate(service, vm, "load", _args(body, vcpu), if_match, response)
+    return LoadStoreResult.model_validate(result)
+
+
+@router.post(
+    "/store",
+    summary="One guest store through the fault path: `{}` or `{exit}`",
+    responses=_MUTATION,
+)
+async def store(
+    vm: VmId,
+    vcpu: Vcpu,
+    body: Store,
+    service: ServiceDep,
+    if_match: IfMatchDep,
+    response: Response,
+) -> LoadStoreResult:
+    result = await mutate(service, vm, "store", _args(body, vcpu), if_match, response)
+    return LoadStoreResult.model_validate(result)
+
+
+@router.post(
+    "/pre-fault",
+    summary="KVM_PRE_FAULT_MEMORY: answers the struct after the call (what is left)",
+    responses=_MUTATION,
+)
+async def pre_fault(
+    vm: VmId,
+    vcpu: Vcpu,
+    body: PreFault,
+    service: ServiceDep,
+    if_match: IfMatchDep,
+    response: Response,
+) -> PreFaultResult:
+    result = await mutate(service, vm, "pre_fault", _args(body, vcpu), if_match, response)
+    return PreFaultResult.model_validate(result)
+
+
+@router.post(
+    "/accept",
+    summary="A TD guest's TDG.MEM.PAGE.ACCEPT of [gpa, gpa+size)",
+    responses=_MUTATION,
+)
+async def accept(
+    vm: VmId,
+    vcpu: Vcpu,
+    body: Accept,
+    service: ServiceDep,
+    if_match: IfMatchDep,
+    response: Response,
+) -> Open:
+    return Open.model_validate(
+        await mutate(service, vm, "accept", _args(body, vcpu), if_match, response)
+    )

@@ -1,0 +1,60 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from app.api.errors import PROBLEM_JSON, responses
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: the VM service and its database answer",
+    responses=responses(
+        {503: {"description": "Not ready; `detail` says why", "content": {PROBLEM_JSON: {}}}}
+    ),
+)
+async def readyz(request: Request) -> Any:
+    service = getattr(request.app.state, "service", None)
+    reason: str | None = None
+    info: dict[str, Any] = {}
+    if service is None:
+        reason = "the VM service is not started"
+    else:
+        try:
+            info = await service.ready()
+        except Exception as e:  # readiness must answer, whatever the database does
+            reason = f"{type(e).__name__}: {e}"[:500]
+        else:
+            if not info.get("ok", True):
+                reason = (
+                    "; ".join(
+                        f"{k}: {info[k]}"
+                        for k in ("database", "schema")
+                        if info.get(k) not in (None, "ok")
+                    )
+                    or "not ready"
+                )
+    if reason is not None:
+        return JSONResponse(
+            {
+                "type": "urn:vkmmu:problem:not-ready",
+                "title": "Service Unavailable",
+                "status": 503,
+                "detail": reason,
+                **{k: v for k, v in info.items() if k not in ("status", "detail")},
+            },
+            status_code=503,
+            media_type=PROBLEM_JSON,
+        )
+    return {"status": "ready", **info}

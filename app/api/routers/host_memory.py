@@ -1,0 +1,76 @@
+"""The VMM's own mapping of guest RAM: read, write, madvise, hugetlb mmap."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from app.api.deps import IfMatchDep, ServiceDep, VmId, mutate, query
+from app.api.errors import R_BODY, R_KVM, R_NOT_FOUND, R_PRECONDITION, responses
+from app.api.schemas.common import Open
+from app.api.schemas.gmem import Data
+from app.api.schemas.host_memory import HostAdvise, HostDiscard, HostMap, HostRead, HostWrite
+
+router = APIRouter(prefix="/v1/vms/{vm}/host-memory", tags=["host-memory"])
+_MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION)
+
+
+@router.post(
+    "/read",
+    summary="Read host memory at an HVA (what the VMM sees)",
+    responses=responses(R_KVM, R_BODY, R_NOT_FOUND),
+)
+async def read_host_memory(
+    vm: VmId, body: HostRead, service: ServiceDep, response: Response
+) -> Data:
+    result = await query(
+        service, vm, lambda v: v.host_read(body.userspace_addr, body.len), response
+    )
+    return Data.model_validate(result)
+
+
+@router.post("/write", summary="Write host memory at an HVA", responses=_MUTATION)
+async def write_host_memory(
+    vm: VmId, body: HostWrite, service: ServiceDep, if_match: IfMatchDep, response: Response
+) -> Open:
+    return Open.model_validate(
+        await mutate(service, vm, "host_write", body.model_dump(), if_match, response)
+    )
+
+
+@router.post(
+    "/discard",
+    summary="madvise(MADV_DONTNEED): frees the pages; the MMU notifier zaps their SPTEs",
+    responses=_MUTATION,
+)
+async def discard_host_memory(
+    vm: VmId, body: HostDiscard, service: ServiceDep, if_match: IfMatchDep, response: Response
+) -> Open:
+    return Open.model_validate(
+        await mutate(service, vm, "host_discard", body.model_dump(), if_match, response)
+    )
+
+
+@router.post(
+    "/advise",
+    summary="madvise(MADV_HUGEPAGE / MADV_NOHUGEPAGE): THP for an HVA range",
+    responses=_MUTATION,
+)
+async def advise_host_memory(
+    vm: VmId, body: HostAdvise, service: ServiceDep, if_match: IfMatchDep, response: Response
+) -> Open:
+    return Open.model_validate(
+        await mutate(service, vm, "host_advise", body.model_dump(), if_match, response)
+    )
+
+
+@router.post(
+    "/map",
+    summary="mmap of hugetlbfs: the host page size behind an HVA range",
+    responses=_MUTATION,
+)
+async def map_host_memory(
+    vm: VmId, body: HostMap, service: ServiceDep, if_match: IfMatchDep, response: Response
+) -> Open:
+    return Open.model_validate(
+        await mutate(service, vm, "host_map", body.model_dump(), if_match, response)
+    )

@@ -1,0 +1,121 @@
+"""Memslots: `KVM_SET_USER_MEMORY_REGION2`, listing, dirty logging."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
+
+from app.api.deps import (
+    Cursor,
+    IfMatchDep,
+    LimitQ,
+    ServiceDep,
+    VmId,
+    mutate,
+    paginate,
+    query,
+)
+from app.api.errors import (
+    R_BODY,
+    R_KVM,
+    R_NOT_FOUND,
+    R_PRECONDITION,
+    R_QUERY,
+    ApiProblem,
+    responses,
+)
+from app.api.schemas.common import U32, Empty
+from app.api.schemas.memslots import DirtyLog, DirtyLogClear, MemoryRegion, Memslot, MemslotChange
+from app.api.schemas.pages import Page
+
+router = APIRouter(prefix="/v1/vms/{vm}/memslots", tags=["memslots"])
+
+Slot = Annotated[
+    U32,
+    Path(description="The kernel's 32-bit `slot`: `as_id << 16 | id` (decimal or 0x…)."),
+]
+_MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION)
+
+
+@router.put(
+    "/{slot}",
+    summary="KVM_SET_USER_MEMORY_REGION2: create, move, change flags or (memory_size 0) delete",
+    responses=_MUTATION,
+)
+async def set_memslot(
+    vm: VmId,
+    slot: Slot,
+    body: MemoryRegion,
+    service: ServiceDep,
+    if_match: IfMatchDep,
+    response: Response,
+) -> MemslotChange:
+    if body.slot is not None and body.slot != slot:
+        raise ApiProblem(
+            422, "Slot mismatch", "body `slot` differs from the slot in the path", "validation"
+        )
+    args = body.engine_args(slot)
+    result = await mutate(service, vm, "set_user_memory_region", args, if_match, response)
+    return MemslotChange.model_validate(result)
+
+
+@router.delete(
+    "/{slot}",
+    summary="Delete the slot (KVM_SET_USER_MEMORY_REGION2 with memory_size 0)",
+    responses=_MUTATION,
+)
+async def delete_memslot(
+    vm: VmId, slot: Slot, service: ServiceDep, if_match: IfMatchDep, response: Response
+) -> MemslotChange:
+    args = MemoryRegion(memory_size=0).engine_args(slot)
+    result = await mutate(service, vm, "set_user_memory_region", args, if_match, response)
+    return MemslotChange.model_validate(result)
+
+
+@router.get(
+    "",
+    summary="The VM's memslots, ordered by slot (KVM's internal slots are never listed)",
+    responses=responses(R_NOT_FOUND, R_QUERY),
+)
+async def list_memslots(
+    vm: VmId, service: ServiceDep, response: Response, limit: LimitQ = 100, cursor: Cursor = None
+) -> Page[Memslot]:
+    items = await query(service, vm, lambda v: v.memslots(), response)
+    items = sorted(items, key=lambda m: m["slot"])
+    return Page[Memslot].model_validate(paginate(items, lambda m: m["slot"], limit, cursor))
+
+
+@router.get("/{slot}", summary="One memslot", responses=responses(R_KVM, R_NOT_FOUND, R_QUERY))
+async def get_memslot(vm: VmId, slot: Slot, service: ServiceDep, response: Response) -> Memslot:
+    return Memslot.model_validate(await query(service, vm, lambda v: v.memslot(slot), response))
+
+
+@router.get(
+    "/{slot}/dirty-log",
+    summary="KVM_GET_DIRTY_LOG: destructive (it re-arms write protection), hence journaled",
+    responses=_MUTATION,
+)
+async def get_dirty_log(
+    vm: VmId, slot: Slot, service: ServiceDep, if_match: IfMatchDep, response: Response
+) -> DirtyLog:
+    result = await mutate(service, vm, "get_dirty_log", {"slot": slot}, if_match, response)
+    return DirtyLog.model_validate(result)
+
+
+@router.post(
+    "/{slot}/dirty-log/clear",
+    summary="KVM_CLEAR_DIRTY_LOG (needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)",
+    responses=_MUTATION,
+)
+async def clear_dirty_log(
+    vm: VmId,
+    slot: Slot,
+    body: DirtyLogClear,
+    service: ServiceDep,
+    if_match: IfMatchDep,
+    response: Response,
+) -> Empty:
+    args = {"slot": slot, **body.model_dump()}
+    result = await mutate(service, vm, "clear_dirty_log", args, if_match, response)
+    return Empty.model_validate(result)

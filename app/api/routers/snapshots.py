@@ -1,0 +1,51 @@
+"""Snapshots: take, list, restore (fork = `POST /v1/vms {"from_snapshot": id}`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response, status
+
+from app.api.deps import Cursor, LimitQ, ServiceDep, VmId, paginate, set_etag
+from app.api.errors import R_KVM, R_NOT_FOUND, R_QUERY, responses
+from app.api.schemas.common import Open
+from app.api.schemas.pages import Page
+from app.api.schemas.snapshots import Snapshot
+
+router = APIRouter(prefix="/v1/vms/{vm}/snapshots", tags=["snapshots"])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Snapshot the VM's state now",
+    responses=responses(R_NOT_FOUND, R_KVM),
+)
+async def create_snapshot(vm: VmId, service: ServiceDep) -> Snapshot:
+    return Snapshot.model_validate(await service.create_snapshot(vm))
+
+
+@router.get(
+    "", summary="The VM's snapshots, ordered by id", responses=responses(R_NOT_FOUND, R_QUERY)
+)
+async def list_snapshots(
+    vm: VmId, service: ServiceDep, limit: LimitQ = 100, cursor: Cursor = None
+) -> Page[Snapshot]:
+    items = sorted(await service.list_snapshots(vm), key=lambda s: s["id"])
+    return Page[Snapshot].model_validate(paginate(items, lambda s: s["id"], limit, cursor))
+
+
+@router.post(
+    "/{snapshot}/restore",
+    summary="Put the VM back in the snapshot's state",
+    responses=responses(R_NOT_FOUND, R_KVM),
+)
+async def restore_snapshot(
+    vm: VmId,
+    snapshot: Annotated[str, Path(max_length=200)],
+    service: ServiceDep,
+    response: Response,
+) -> Open:
+    info, etag = await service.restore_snapshot(vm, snapshot)
+    set_etag(response, etag)
+    return Open.model_validate(info)

@@ -1,0 +1,129 @@
+"""VMs (`KVM_CREATE_VM`), their capabilities, `KVM_ENABLE_CAP`, quirks and vCPUs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response, status
+
+from app.api.deps import (
+    Cursor,
+    IfMatchDep,
+    LimitQ,
+    ServiceDep,
+    VmId,
+    mutate,
+    paginate,
+    query,
+    set_etag,
+)
+from app.api.errors import R_BODY, R_KVM, R_NOT_FOUND, R_PRECONDITION, R_QUERY, responses
+from app.api.schemas.common import Empty
+from app.api.schemas.pages import Page
+from app.api.schemas.vms import DeletedVm, EnableCap, Quirks, VcpuCreate, VcpuInfo, VmCreate, VmInfo
+from app.engine import uapi
+
+router = APIRouter(prefix="/v1/vms", tags=["vms"])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="KVM_CREATE_VM (or fork a snapshot with `from_snapshot`)",
+    responses=responses(R_KVM, R_BODY, R_NOT_FOUND),
+)
+async def create_vm(body: VmCreate, service: ServiceDep, response: Response) -> VmInfo:
+    info, etag = await service.create_vm(
+        name=body.name,
+        vm_type=body.vm_type,
+        vcpus=body.vcpus,
+        paging_levels=body.paging_levels,
+        from_snapshot=body.from_snapshot,
+    )
+    set_etag(response, etag)
+    response.headers["Location"] = f"/v1/vms/{info['id']}"
+    return VmInfo.model_validate(info)
+
+
+@router.get("", summary="List VMs, ordered by id", responses=responses(R_QUERY))
+async def list_vms(service: ServiceDep, limit: LimitQ = 100, cursor: Cursor = None) -> Page[VmInfo]:
+    items, next_cursor = await service.list_vms(limit=limit, cursor=cursor)
+    return Page[VmInfo].model_validate({"items": items, "next_cursor": next_cursor})
+
+
+@router.get("/{vm}", summary="One VM", responses=responses(R_NOT_FOUND))
+async def get_vm(vm: VmId, service: ServiceDep, response: Response) -> VmInfo:
+    info, etag = await service.get_vm(vm)
+    set_etag(response, etag)
+    return VmInfo.model_validate(info)
+
+
+@router.delete(
+    "/{vm}",
+    summary="Destroy the VM (every root is zapped); answers the teardown's zap summary",
+    responses=responses(R_NOT_FOUND),
+)
+async def delete_vm(vm: VmId, service: ServiceDep) -> DeletedVm:
+    return DeletedVm.model_validate(await service.delete_vm(vm))
+
+
+@router.get(
+    "/{vm}/capabilities",
+    summary="KVM_CHECK_EXTENSION on the VM fd (answers depend on the VM type)",
+    responses=responses(R_NOT_FOUND),
+)
+async def get_vm_capabilities(vm: VmId, service: ServiceDep, response: Response) -> dict[str, int]:
+    def caps(v: Any) -> dict[str, int]:
+        return {cap.name: int(v.check_extension(int(cap))) for cap in uapi.Cap}
+
+    return await query(service, vm, caps, response)
+
+
+@router.post(
+    "/{vm}/enable-cap",
+    summary="KVM_ENABLE_CAP (DISABLE_QUIRKS, DISABLE_QUIRKS2, MANUAL_DIRTY_LOG_PROTECT2, …)",
+    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION),
+)
+async def enable_cap(
+    vm: VmId, body: EnableCap, service: ServiceDep, if_match: IfMatchDep, response: Response
+) -> Empty:
+    result = await mutate(service, vm, "enable_cap", body.engine_args(), if_match, response)
+    return Empty.model_validate(result)
+
+
+@router.get(
+    "/{vm}/quirks",
+    summary="Each KVM_X86_QUIRK_* with whether it is enabled and whether it applies to this VM",
+    responses=responses(R_NOT_FOUND),
+)
+async def get_quirks(vm: VmId, service: ServiceDep, response: Response) -> Quirks:
+    return Quirks.model_validate(await query(service, vm, lambda v: v.quirks(), response))
+
+
+@router.post(
+    "/{vm}/vcpus",
+    status_code=status.HTTP_201_CREATED,
+    summary="KVM_CREATE_VCPU",
+    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION),
+)
+async def create_vcpu(
+    vm: VmId, body: VcpuCreate, service: ServiceDep, if_match: IfMatchDep, response: Response
+) -> VcpuInfo:
+    result = await mutate(service, vm, "create_vcpu", {"id": body.id}, if_match, response)
+    return VcpuInfo.model_validate(result)
+
+
+@router.get(
+    "/{vm}/vcpus",
+    summary="The VM's vCPUs, ordered by id",
+    responses=responses(R_NOT_FOUND, R_QUERY),
+)
+async def list_vcpus(
+    vm: VmId,
+    service: ServiceDep,
+    response: Response,
+    limit: LimitQ = 100,
+    cursor: Cursor = None,
+) -> Page[VcpuInfo]:
+    items = await query(service, vm, lambda v: v.vcpus_view(), response)
+    return Page[VcpuInfo].model_validate(paginate(items, lambda i: i["id"], limit, cursor))

@@ -1,0 +1,33 @@
+"""`struct kvm_memory_attributes`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from app.api.schemas.common import U64, Body, Open, flags_schema, flags_validator
+from app.api.schemas.memslots import ZapSummary
+from app.engine import uapi
+
+_ATTRS = {"KVM_MEMORY_ATTRIBUTE_PRIVATE": uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE}
+Attributes = Annotated[
+    int,
+    flags_validator(_ATTRS, 64),
+    flags_schema(_ATTRS, 64, "KVM_MEMORY_ATTRIBUTE_* bits"),
+]
+
+
+class SetAttributes(Body):
+    address: U64
+    size: U64
+    attributes: Attributes = 0
+    flags: U64 = 0
+
+
+class AttributesResult(Open):
+    zap: ZapSummary | None = None
+
+
+class AttributeRange(Open):
+    address: int
+    size: int
+    attributes: int

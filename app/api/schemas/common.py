@@ -1,0 +1,245 @@
+"""Reusable field types: KVM integers (number, decimal or "0x…" string) and named constants.
+
+A field is range-checked only against the width of the kernel struct member it stands for
+(`__u32`, `__u64`): a value the ioctl could not even receive is a malformed body (422). A
+value that fits is passed on and the engine answers what KVM answers for it (EINVAL, …).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import re
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+U64_MAX = (1 << 64) - 1
+U32_MAX = (1 << 32) - 1
+U16_MAX = (1 << 16) - 1
+
+_INT_STR = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|[0-9]+)\s*$")
+INT_STRING_PATTERN = r"^(0[xX][0-9a-fA-F]{1,16}|[0-9]{1,20})$"
+# Python's int() refuses to parse huge decimal strings anyway; this also bounds the work.
+_MAX_INT_STR = 64
+
+
+def parse_int(value: Any) -> Any:
+    """A JSON number, or a decimal / "0x…" string, to an int. Anything else is handed on
+    unchanged so that pydantic reports it with its own error type."""
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, not a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) <= 2**53:
+            return int(value)
+        raise ValueError("expected an integer (a float is exact only up to 2**53)")
+    if isinstance(value, str):
+        if len(value) > _MAX_INT_STR or not _INT_STR.match(value):
+            raise ValueError('expected an integer: a number, decimal string or "0x…" hex string')
+        return int(value.strip(), 0) if value.strip()[:2].lower() == "0x" else int(value.strip())
+    raise ValueError('expected an integer: a number, decimal string or "0x…" hex string')
+
+
+def _int_schema(maximum: int, description: str) -> dict[str, Any]:
+    return {
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": maximum},
+            {"type": "string", "pattern": INT_STRING_PATTERN},
+        ],
+        "description": description,
+    }
+
+
+def _ranged(parse: Any, bits: int) -> Any:
+    maximum = (1 << bits) - 1
+
+    def validate(value: Any) -> Any:
+        v = parse(value)
+        if isinstance(v, int) and not 0 <= v <= maximum:
+            raise ValueError(f"{v} does not fit an unsigned {bits}-bit field")
+        return v
+
+    return validate
+
+
+def int_validator(bits: int) -> BeforeValidator:
+    return BeforeValidator(_ranged(parse_int, bits))
+
+
+def int_schema(bits: int) -> WithJsonSchema:
+    maximum = (1 << bits) - 1
+    return WithJsonSchema(_int_schema(maximum, f'unsigned {bits}-bit integer: a number or "0x…"'))
+
+
+U64 = Annotated[int, int_validator(64), int_schema(64)]
+U32 = Annotated[int, int_validator(32), int_schema(32)]
+U16 = Annotated[int, int_validator(16), int_schema(16)]
+
+
+# --- named constants ------------------------------------------------------------------
+
+
+def _names_of(members: Mapping[str, int]) -> list[str]:
+    return sorted(members, key=lambda n: (members[n], n))
+
+
+def parse_constant(members: Mapping[str, int]) -> Any:
+    def validate(value: Any) -> Any:
+        if isinstance(value, str) and value in members:
+            return members[value]
+        if isinstance(value, str) and not _INT_STR.match(value):
+            raise ValueError(f"unknown name {value[:64]!r}; known: {', '.join(_names_of(members))}")
+        return parse_int(value)
+
+    return validate
+
+
+def constant_validator(members: Mapping[str, int], bits: int) -> BeforeValidator:
+    return BeforeValidator(_ranged(parse_constant(members), bits))
+
+
+def constant_schema(members: Mapping[str, int], bits: int, what: str) -> WithJsonSchema:
+    """A constant given by its kernel name or by number (numbers are not limited to the
+    names: the engine answers for an unknown value what KVM would)."""
+    maximum = (1 << bits) - 1
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "enum": _names_of(members)},
+                {"type": "integer", "minimum": 0, "maximum": maximum},
+                {"type": "string", "pattern": INT_STRING_PATTERN},
+            ],
+            "description": f"{what}: the kernel's name or its number",
+        }
+    )
+
+
+def parse_flags(members: Mapping[str, int]) -> Any:
+    def validate(value: Any) -> Any:
+        if isinstance(value, list):
+            if len(value) > 64:
+                raise ValueError("too many flag names")
+            mask = 0
+            for name in value:
+                if not isinstance(name, str) or name not in members:
+                    shown = str(name)[:64]
+                    raise ValueError(
+                        f"unknown flag {shown!r}; known: {', '.join(_names_of(members))}"
+                    )
+                mask |= members[name]
+            return mask
+        if isinstance(value, str) and value in members:
+            return members[value]
+        return parse_int(value)
+
+    return validate
+
+
+def flags_validator(members: Mapping[str, int], bits: int) -> BeforeValidator:
+    return BeforeValidator(_ranged(parse_flags(members), bits))
+
+
+def flags_schema(members: Mapping[str, int], bits: int, what: str) -> WithJsonSchema:
+    """A bit mask given as a number, a "0x…" string, or a list of the kernel's names. Bits
+    without a name are allowed through a number: rejecting them is KVM's job (EINVAL)."""
+    maximum = (1 << bits) - 1
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": maximum},
+                {"type": "string", "pattern": INT_STRING_PATTERN},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "enum": _names_of(members)},
+                    "maxItems": 64,
+                },
+            ],
+            "description": f"{what}: a number or a list of the kernel's names",
+        }
+    )
+
+
+def enum_members(*enums: Iterable[enum.Enum]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in enums:
+        for m in e:
+            if m.name:
+                out[m.name] = int(m.value)
+    return out
+
+
+# --- byte payloads -------------------------------------------------------------------
+
+_HEX = re.compile(r"^(?:[0-9a-fA-F]{2})*$")
+
+
+def parse_hex(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("expected a hex string")
+    s = value[2:] if value[:2].lower() == "0x" else value
+    if not _HEX.match(s):
+        raise ValueError("expected an even number of hex digits")
+    return s.lower()
+
+
+HexData = Annotated[
+    str,
+    BeforeValidator(parse_hex),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": "^(0[xX])?([0-9a-fA-F]{2})*$",
+            "description": "bytes as hex digits, two per byte",
+        }
+    ),
+]
+
+
+def parse_base64(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("expected a base64 string")
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError("expected base64 (standard alphabet, padded)") from e
+    return value
+
+
+Base64Data = Annotated[
+    str,
+    BeforeValidator(parse_base64),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "byte",
+            "pattern": "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$",
+            "description": "base64 of little-endian u64 words",
+        }
+    ),
+]
+
+
+# --- shared models -------------------------------------------------------------------
+
+
+class Body(BaseModel):
+    """Request bodies reject unknown fields: a typo must not silently mean 'default'."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Open(BaseModel):
+    """Response models document the fields clients rely on and pass any others through."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Empty(Open):
+    pass
+
+
+Limit = Annotated[int, Field(ge=1, le=1000, description="Page size (1–1000).")]

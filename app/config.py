@@ -1,0 +1,30 @@
+"""Service settings, read from `VKMMU_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VKMMU_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # SQLite file in the working directory by default; PostgreSQL by URL in production
+    # (e.g. postgresql+psycopg://user@host/db).
+    database_url: str = "sqlite+aiosqlite:///./vkmmu.db"
+    # A snapshot is taken automatically every N journal records of a VM (bounds replay time).
+    snapshot_every: int = Field(default=1000, ge=1)
+    # Request bodies above this many bytes are refused with 413 before they are parsed.
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
+    # Page-table memory the whole service may spend; work beyond it answers ENOMEM (507).
+    page_table_budget_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=0)
+    log_level: str = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,128 @@
+"""KVM_SET_MEMORY_ATTRIBUTES: per-VM attributes by GFN, kept as ranges, never per page.
+
+x86 has one attribute, PRIVATE, so the store is the set of private GFN ranges; every other GFN
+has attributes 0 (shared). Attributes exist for GFNs with or without a memslot.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+
+import numpy as np
+
+from . import uapi
+from .errors import einval
+from .intervals import IntervalSet
+
+PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
+_PAGE_MASK = uapi.PAGE_SIZE - 1
+
+
+def supported_attributes(vm_type: int | None) -> int:
+    """KVM_CAP_MEMORY_ATTRIBUTES: PRIVATE on /dev/kvm (None) and on VMs with private memory."""
+    if vm_type is None or uapi.vm_has_private_mem(vm_type):
+        return PRIVATE
+    return 0
+
+
+def _u64(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= uapi.U64_MASK:
+        raise einval(f"{name} does not fit a u64: {value!r}")
+    return value
+
+
+class MemoryAttributes:
+    def __init__(self) -> None:
+        self.private = IntervalSet()  # GFN ranges with KVM_MEMORY_ATTRIBUTE_PRIVATE
+
+    def check(
+        self, address: object, size: object, attributes: object, flags: object, *, vm_type: int
+    ) -> tuple[int, int]:
+        """The ioctl's argument rules in kernel order; returns the GFN range [start, end)."""
+        address = _u64(address, "address")
+        size = _u64(size, "size")
+        attributes = _u64(attributes, "attributes")
+        flags = _u64(flags, "flags")
+        if flags:
+            raise einval("flags must be 0")
+        if attributes & ~supported_attributes(vm_type):
+            raise einval(f"attributes {attributes:#x} not supported by this VM")
+        if size == 0:
+            raise einval("size is 0")
+        if address + size > uapi.U64_MASK:
+            raise einval("address + size wraps around")
+        if address & _PAGE_MASK or size & _PAGE_MASK:
+            raise einval("address and size must be page aligned")
+        return address >> uapi.PAGE_SHIFT, (address + size) >> uapi.PAGE_SHIFT
+
+    def _span(self, gfn_start: int, gfn_end: int) -> tuple[int, int]:
+        """Indexes [i, j) of the private ranges that intersect [gfn_start, gfn_end)."""
+        return bisect_right(self.private.ends, gfn_start), bisect_left(self.private.starts, gfn_end)
+
+    def pieces(self, gfn_start: int, gfn_end: int) -> list[tuple[int, int, int]]:
+        """[gfn_start, gfn_end) cut into runs of equal attributes: (start, end, attributes)."""
+        out: list[tuple[int, int, int]] = []
+        pos = gfn_start
+        i, j = self._span(gfn_start, gfn_end)
+        for k in range(i, j):
+            s = max(self.private.starts[k], gfn_start)
+            e = min(self.private.ends[k], gfn_end)
+            if pos < s:
+                out.append((pos, s, 0))
+            out.append((s, e, PRIVATE))
+            pos = e
+        if pos < gfn_end:
+            out.append((pos, gfn_end, 0))
+        return out
+
+    def set(self, gfn_start: int, gfn_end: int, attributes: int) -> list[tuple[int, int, int, int]]:
+        """Store `attributes` for the range; returns what changed as (start, end, old, new).
+
+        An empty answer means every GFN already had these attributes: the kernel then returns
+        0 at once (no invalidation, no zap).
+        """
+        changed = [
+            (s, e, old, attributes)
+            for s, e, old in self.pieces(gfn_start, gfn_end)
+            if old != attributes
+        ]
+        if changed:
+            if attributes & PRIVATE:
+                self.private.add(gfn_start, gfn_end)
+            else:
+                self.private.remove(gfn_start, gfn_end)
+        return changed
+
+    def get(self, gfn: int) -> int:
+        return PRIVATE if self.private.contains(gfn) else 0
+
+    def private_mask(self, gfn_start: int, gfn_end: int) -> np.ndarray:
+        """bool[gfn_end - gfn_start]: True where the GFN is private (one slice per range)."""
+        mask = np.zeros(max(gfn_end - gfn_start, 0), dtype=bool)
+        i, j = self._span(gfn_start, gfn_end)
+        for k in range(i, j):
+            s = max(self.private.starts[k], gfn_start)
+            e = min(self.private.ends[k], gfn_end)
+            mask[s - gfn_start : e - gfn_start] = True
+        return mask
+
+    def is_uniform(self, gfn_start: int, gfn_end: int) -> bool:
+        if gfn_start >= gfn_end:
+            return True
+        i, j = self._span(gfn_start, gfn_end)
+        if i == j:
+            return True  # all shared
+        return (
+            j - i == 1 and self.private.starts[i] <= gfn_start and self.private.ends[i] >= gfn_end
+        )
+
+    def ranges(self) -> list[dict[str, int]]:
+        """Non-default ranges, in GFN order, as the API lists them."""
+        return [
+            {
+                "address": s << uapi.PAGE_SHIFT,
+                "size": (e - s) << uapi.PAGE_SHIFT,
+                "attributes": PRIVATE,
+            }
+            for s, e in self.private
+        ]

@@ -1,0 +1,105 @@
+"""Engine state to bytes and back (snapshots).
+
+Layout: MAGIC (8) | version u32 | flags u32 | sha256 of the body (32) | body.
+Body: zlib-compressed pieces. Page-table pages are delta-encoded along each row first (a run
+of leaves differs by one pfn step, so rows compress to almost nothing, and fast); the rest of
+the state is small and is pickled. The checksum is verified before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import struct
+import zlib
+
+import numpy as np
+
+from .paging import TablePool
+
+MAGIC = b"VKMMUSN\x00"
+VERSION = 1
+_HEADER = struct.Struct("<8sII32s")
+
+
+class CorruptSnapshot(ValueError):
+    """The bytes are not a snapshot this version can load (bad magic, version or checksum)."""
+
+
+def _pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    out = io.BytesIO()
+    for name, arr in arrays.items():
+        a = np.ascontiguousarray(arr)
+        if name == "entries" and a.size:
+            a = a.copy()
+            a[:, 1:] = np.diff(a, axis=1)  # uint64 wraps: exact round trip
+        raw = zlib.compress(a.tobytes(), 1)
+        meta = f"{name}|{a.dtype.str}|{','.join(map(str, a.shape))}".encode()
+        out.write(struct.pack("<IQ", len(meta), len(raw)))
+        out.write(meta)
+        out.write(raw)
+    return out.getvalue()
+
+
+def _unpack_arrays(buf: memoryview) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    pos = 0
+    while pos < len(buf):
+        mlen, rlen = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        name, dtype, shape_s = bytes(buf[pos : pos + mlen]).decode().split("|")
+        pos += mlen
+        shape = tuple(int(x) for x in shape_s.split(",") if x)
+        a = np.frombuffer(zlib.decompress(buf[pos : pos + rlen]), dtype=np.dtype(dtype))
+        a = a.reshape(shape).copy()
+        pos += rlen
+        if name == "entries" and a.size:
+            np.cumsum(a, axis=1, dtype=np.uint64, out=a)
+        arrays[name] = a
+    return arrays
+
+
+def dumps(vm) -> bytes:  # type: ignore[no-untyped-def]
+    pool = vm.mmu.pool
+    vm.mmu.pool = None
+    try:
+        state = zlib.compress(pickle.dumps(vm, protocol=pickle.HIGHEST_PROTOCOL), 1)
+    finally:
+        vm.mmu.pool = pool
+    tables = _pack_arrays(pool.export())
+    body = struct.pack("<Q", len(state)) + state + tables
+    digest = hashlib.sha256(body).digest()
+    return _HEADER.pack(MAGIC, VERSION, 0, digest) + body
+
+
+def loads(data: bytes):  # type: ignore[no-untyped-def]
+    if len(data) < _HEADER.size:
+        raise CorruptSnapshot("snapshot truncated (no header)")
+    magic, version, _flags, digest = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise CorruptSnapshot("not a vkmmu snapshot (bad magic)")
+    if version != VERSION:
+        raise CorruptSnapshot(f"snapshot version {version}, this build reads {VERSION}")
+    body = memoryview(data)[_HEADER.size :]
+    if hashlib.sha256(body).digest() != digest:
+        raise CorruptSnapshot("snapshot checksum mismatch (corrupt or truncated)")
+    try:
+        (slen,) = struct.unpack_from("<Q", body)
+        vm = pickle.loads(zlib.decompress(body[8 : 8 + slen]))
+        vm.mmu.pool = TablePool.restore(_unpack_arrays(body[8 + slen :]))
+    except Exception as e:  # a checksum-valid body that does not decode: same outcome
+        raise CorruptSnapshot(f"snapshot body does not decode: {e}") from e
+    return vm
+
+
+def digest(vm) -> str:  # type: ignore[no-untyped-def]
+    """A hash of the state that replay must reproduce (durations excluded: wall clock)."""
+    saved = [(ev, ev["duration_us"]) for ev in vm.events]
+    try:
+        for ev, _ in saved:
+            ev["duration_us"] = 0
+        return hashlib.sha256(dumps(vm)).hexdigest()
+    finally:
+        for ev, d in saved:
+            ev["duration_us"] = d

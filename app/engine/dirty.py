@@ -1,0 +1,220 @@
+"""Dirty logging: KVM_MEM_LOG_DIRTY_PAGES toggles, KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG.
+
+vkmmu models a host without PML (enable_pml=0): dirty tracking is done by write-protecting
+leaves, and a write to a protected leaf takes the fast page-fault path, which restores W and
+marks the page dirty (kvm-memslots.md §3.4, §5.3).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import spte as S
+from . import uapi
+from .errors import KvmError, einval
+from .paging import span
+from .roots import Root, RootRole, ZapAcc
+
+if TYPE_CHECKING:
+    from .memslots import Memslot
+    from .vm import Vm
+
+_NOT_W = ~np.uint64(S.EPT_W)
+
+
+def _direct_roots(vm: Vm, as_id: int) -> list[Root]:
+    return vm.mmu.roots_of(as_id, RootRole.DIRECT)
+
+
+def split_huge(vm: Vm, root: Root, start: int, end: int) -> int:
+    """Eager page split: every huge leaf in [start, end) becomes a table of smaller leaves with
+    the same attributes (W and D kept). Returns the huge leaves split."""
+    mmu = vm.mmu
+    split = 0
+    for level in (3, 2):
+        for cur, sl, idx in list(mmu.leaf_iter(root, start, end)):
+            if cur.level != level:
+                continue
+            for j in idx:
+                i = cur.lo + int(j)
+                e = int(mmu.pool.entries(cur.table)[i])
+                if not e & S.EPT_PS:
+                    continue
+                gfn = cur.base + i * span(level)
+                child = mmu.pool.alloc(level - 1, gfn, root.id)
+                small = np.uint64(e & ~S.SPTE_BASE_ADDR_MASK)
+                if level - 1 == 1:
+                    small &= ~np.uint64(S.EPT_PS)
+                pfns = np.uint64(S.pfn_of(e)) + np.arange(512, dtype=np.uint64) * np.uint64(
+                    span(level - 1)
+                )
+                mmu.pool.entries(child)[:] = small | (pfns << S.U_SHIFT)
+                mmu.pool.entries(cur.table)[i] = np.uint64(
+                    S.nonleaf_spte(mmu.pool.pfn(child))
+                )
+                root.leaves[level] -= 1
+                mmu.pages[level] -= 1
+                root.leaves[level - 1] += 512
+                mmu.pages[level - 1] += 512
+                split += 1
+    return split
+
+
+def write_protect(vm: Vm, root: Root, start: int, end: int, mask: np.ndarray | None = None,
+                  base: int = 0) -> int:
+    """Clear W on leaves in [start, end) (MMU-writable stays: the fast path may restore W).
+    With `mask`, only GFNs whose bit is set (mask indexed by gfn - base)."""
+    n = 0
+    for cur, sl, idx in vm.mmu.leaf_iter(root, start, end):
+        if mask is not None:
+            gfns = cur.base + (cur.lo + idx) * span(cur.level) - base
+            idx = idx[mask[gfns]]
+        w = idx[(sl[idx] & S.U_W) != 0]
+        if len(w):
+            sl[w] &= _NOT_W
+            n += len(w)
+    return n
+
+
+def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
+    """kvm_mmu_slot_apply_flags for a FLAGS_ONLY change."""
+    key = (new.as_id, new.id)
+    logging_old = bool(old.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES)
+    logging_new = bool(new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES)
+    if logging_old == logging_new or new.flags & uapi.KVM_MEM_READONLY:
+        if logging_new and key not in vm.dirty:
+            vm._alloc_dirty(new)
+        return None
+    t0 = time.perf_counter()
+    acc = ZapAcc()
+    if logging_new:
+        vm._alloc_dirty(new)
+        if vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
+            return None  # protection happens later, on KVM_CLEAR_DIRTY_LOG
+        split = wp = 0
+        for root in _direct_roots(vm, new.as_id):
+            split += split_huge(vm, root, new.base_gfn, new.end_gfn)
+            wp += write_protect(vm, root, new.base_gfn, new.end_gfn)
+        flushes = vm._flush_tlbs()  # unconditional on enable (§3.4 d)
+        ev = vm._record("dirty_log", "enable_dirty_logging", new.base_gfn, new.end_gfn, acc, 0,
+                        flushes, vm._running_vcpus(), t0)
+        ev.update(huge_pages_split=split, sptes_write_protected=wp)
+        return ev
+    vm.dirty.pop(key, None)
+    recovered = 0
+    for root in _direct_roots(vm, new.as_id):
+        recovered += recover_huge_pages(vm, root, new, acc)
+    flushes = vm._flush_tlbs() if recovered else 0
+    ev = vm._record("dirty_log", "recover_huge_pages", new.base_gfn, new.end_gfn, acc, 0,
+                    flushes, vm._running_vcpus() if flushes else 0, t0)
+    ev.update(huge_pages_recovered=recovered)
+    return ev
+
+
+def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
+    """kvm_tdp_mmu_recover_huge_pages: a table fully inside the slot whose GFNs may now be
+    mapped at its parent's level is replaced by one huge leaf (2M first, then 1G)."""
+    from .faults import FaultPath
+
+    mmu = vm.mmu
+    fp = FaultPath(vm, next(iter(vm.vcpus.values())) if vm.vcpus else None, "read")  # type: ignore[arg-type]
+    recovered = 0
+    for level in (2, 3):
+        n = span(level)
+        for cur, sl, idx in list(mmu.leaf_iter(root, slot.base_gfn, slot.end_gfn)):
+            if cur.level != level - 1:
+                continue
+            region = cur.base & ~(n - 1)
+            if region < slot.base_gfn or region + n > slot.end_gfn:
+                continue
+            if fp.max_level(slot, region, False) < level:
+                continue
+            first = int(sl[idx[0]])
+            parent, i, plevel, pe = mmu.lookup(root, region)
+            if plevel != level or S.pfn_of(pe) != mmu.pool.pfn(cur.table):
+                continue
+            huge = (first & ~S.SPTE_BASE_ADDR_MASK) | S.EPT_PS
+            pfn = (S.pfn_of(first) - (idx[0] + cur.lo) * span(level - 1)) & ~(n - 1)
+            mmu.free_table(root, cur.table, acc)
+            mmu.set_leaves(root, parent, i, np.array([huge | (pfn << S.PFN_SHIFT)],
+                                                     dtype=np.uint64), level)
+            recovered += 1
+    # Collapsing is not a loss of mapping: nothing to refault.
+    acc.runs.clear()
+    acc.leaves.clear()
+    return recovered
+
+
+def _logging_slot(vm: Vm, slot: object) -> tuple[Memslot, np.ndarray]:
+    s = vm._lookup_slot(slot)
+    bm = vm.dirty.get((s.as_id, s.id))
+    if bm is None:
+        raise KvmError(errno.ENOENT, f"memslot {slot:#x} does not log dirty pages")
+    return s, bm
+
+
+def _pack(bits: np.ndarray) -> tuple[str, int]:
+    """The kernel's bitmap: little-endian u64 words, bit i = page i."""
+    words = -(-len(bits) // 64)
+    padded = np.zeros(words * 64, dtype=bool)
+    padded[: len(bits)] = bits
+    raw = np.packbits(padded, bitorder="little").tobytes()
+    return base64.b64encode(raw).decode(), int(np.count_nonzero(bits))
+
+
+def get_dirty_log(vm: Vm, slot: object) -> dict:
+    """KVM_GET_DIRTY_LOG: without manual protect it is destructive and re-arms protection."""
+    s, bm = _logging_slot(vm, slot)
+    bitmap, count = _pack(bm)
+    out: dict[str, object] = {"first_page": 0, "num_pages": s.npages, "bitmap": bitmap,
+                              "dirty_count": count}
+    if vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE or not count:
+        return out
+    harvested = bm.copy()
+    bm[:] = False
+    wp = 0
+    for root in _direct_roots(vm, s.as_id):
+        wp += write_protect(vm, root, s.base_gfn, s.end_gfn, harvested, s.base_gfn)
+    vm._flush_tlbs()
+    out["sptes_write_protected"] = wp
+    return out
+
+
+def clear_dirty_log(vm: Vm, slot: object, first_page: object, num_pages: object,
+                    bitmap: object) -> dict:
+    """KVM_CLEAR_DIRTY_LOG (manual protect): clear the given bits and protect those pages."""
+    if not vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+        raise einval("KVM_CLEAR_DIRTY_LOG needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+    s, bm = _logging_slot(vm, slot)
+    for name, v in (("first_page", first_page), ("num_pages", num_pages)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= uapi.U64_MASK:
+            raise einval(f"{name} must be a u64")
+    fp, np_ = int(first_page), int(num_pages)  # type: ignore[call-overload]
+    if fp & 63 or (np_ & 63 and fp + np_ != s.npages):
+        raise einval("first_page must be 64-aligned; num_pages too unless it ends the slot")
+    if fp > s.npages or np_ > s.npages - fp:
+        raise einval("range beyond the slot")
+    try:
+        raw = base64.b64decode(str(bitmap), validate=True)
+    except ValueError:
+        raise einval("bitmap is not base64") from None
+    if len(raw) * 8 < np_:
+        raise einval("bitmap shorter than num_pages")
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[:np_].astype(bool)
+    mask = np.zeros(s.npages, dtype=bool)
+    mask[fp : fp + np_] = bits & bm[fp : fp + np_]
+    if not mask.any():
+        return {"cleared": 0}
+    bm[mask] = False
+    wp = 0
+    for root in _direct_roots(vm, s.as_id):
+        if vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
+            split_huge(vm, root, s.base_gfn + fp, s.base_gfn + fp + np_)
+        wp += write_protect(vm, root, s.base_gfn, s.end_gfn, mask, s.base_gfn)
+    vm._flush_tlbs()
+    return {"cleared": int(np.count_nonzero(mask)), "sptes_write_protected": wp}

@@ -1,0 +1,352 @@
+"""The TDP page-fault path: a guest touching memory, a load/store, KVM_PRE_FAULT_MEMORY.
+
+Work is done one page-table page at a time: a run of GFNs that share a slot, a privacy and a
+leaf table is classified and written with numpy, never page by page (kvm-private-tdx.md §2).
+"""
+
+from __future__ import annotations
+
+import errno
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import spte as S
+from .errors import KvmError, einval
+from .paging import span
+from .roots import Root, RootRole, ZapAcc
+from .uapi import (
+    KVM_MAX_HUGEPAGE_LEVEL,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    ExitReason,
+)
+
+if TYPE_CHECKING:
+    from .memslots import Memslot
+    from .vm import Vcpu, Vm
+
+ACCESS_KINDS = ("read", "write", "exec")
+LEVEL_NAMES = {1: "4k", 2: "2m", 3: "1g"}
+_ARANGE = np.arange(512, dtype=np.uint64)
+
+
+class Exit(Exception):
+    """The guest's access ended in an exit to userspace (not an API error)."""
+
+    def __init__(self, info: dict[str, object]) -> None:
+        super().__init__(info.get("reason"))
+        self.info = info
+
+
+@dataclass(slots=True)
+class FaultResult:
+    pages: int = 0
+    mapped: int = 0
+    spurious: int = 0
+    refaults: int = 0
+    wp_fixed: int = 0
+    levels: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    exit: dict[str, object] | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "pages": self.pages,
+            "mapped": self.mapped,
+            "spurious": self.spurious,
+            "refaults": self.refaults,
+            "write_protect_fixed": self.wp_fixed,
+            "levels": {LEVEL_NAMES[lv]: self.levels[lv] for lv in (1, 2, 3)},
+            "exit": self.exit,
+        }
+
+
+def mmio_exit(gpa: int, length: int, is_write: bool) -> Exit:
+    return Exit({"reason": ExitReason.KVM_EXIT_MMIO.name, "gpa": gpa, "len": length,
+                 "is_write": is_write})
+
+
+def memory_fault_exit(gfn: int, private: bool, size: int = PAGE_SIZE) -> Exit:
+    return Exit({
+        "reason": ExitReason.KVM_EXIT_MEMORY_FAULT.name,
+        "gpa": gfn << PAGE_SHIFT,
+        "size": size,
+        "flags": KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0,
+    })
+
+
+class FaultPath:
+    """One vCPU's faults against one VM; holds the per-call state (root, result, zap acc)."""
+
+    def __init__(self, vm: Vm, vcpu: Vcpu, access: str, *, prefetch: bool = False) -> None:
+        self.vm = vm
+        self.vcpu = vcpu
+        self.write = access == "write"
+        self.exec_ = access == "exec"
+        self.prefetch = prefetch
+        self.res = FaultResult()
+        self.acc = ZapAcc()  # huge leaves replaced by tables on the way
+
+    # -- classification ---------------------------------------------------------------------
+    def classify(self, pos: int, private_hint: bool | None) -> tuple[int, bool]:
+        """(gfn without the shared bit, is_private) for GFN position `pos` (§2.1)."""
+        vm = self.vm
+        if vm.is_tdx:
+            shared = bool(pos & vm.gfn_direct_bits)
+            return pos & ~vm.gfn_direct_bits, not shared
+        if vm.has_private_mem:
+            return pos, vm.attrs.get(pos) != 0
+        return pos, False
+
+    def max_level(self, slot: Memslot, gfn: int, private: bool) -> int:
+        """kvm_mmu_max_mapping_level (§2.4): lpage_info, dirty logging, host page size."""
+        vm = self.vm
+        if private or slot.gmem_only:
+            return 1  # guest_memfd hands out order-0 folios; TDX caps private at 4K anyway
+        if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            return 1
+        level = min(KVM_MAX_HUGEPAGE_LEVEL, vm.host.mapping_level(slot.hva(gfn) >> PAGE_SHIFT))
+        hva_gfn = slot.userspace_addr >> PAGE_SHIFT
+        while level > 1:
+            n = span(level)
+            rs = gfn & ~(n - 1)
+            if (
+                rs >= slot.base_gfn
+                and rs + n <= slot.end_gfn
+                and not (slot.base_gfn ^ hva_gfn) & (n - 1)
+                and (not vm.has_private_mem or vm.attrs.is_uniform(rs, rs + n))
+            ):
+                return level
+            level -= 1
+        return 1
+
+    def attr_run_end(self, gfn: int, end: int, private: bool) -> int:
+        """First GFN in [gfn, end) whose PRIVATE attribute differs from `private`."""
+        iv = self.vm.attrs.private
+        i = bisect_right(iv.starts, gfn) - 1
+        if private:
+            return min(end, iv.ends[i]) if i >= 0 and gfn < iv.ends[i] else gfn
+        nxt = iv.starts[i + 1] if i + 1 < len(iv.starts) else end
+        return min(end, nxt)
+
+    # -- the walk -----------------------------------------------------------------------------
+    def run(self, gpa: int, size: int, private_hint: bool | None = None) -> FaultResult:
+        pos = gpa >> PAGE_SHIFT
+        end = (gpa + size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        try:
+            while pos < end:
+                pos += self.chunk(pos, end, gpa + size, private_hint)
+        except Exit as e:
+            self.res.exit = e.info
+        finally:
+            self.vm._account_fault_zaps(self.acc)
+        return self.res
+
+    def chunk(self, pos: int, end: int, byte_end: int, private_hint: bool | None) -> int:
+        """Handle GFN positions [pos, …) that share a slot, privacy and table; return count."""
+        vm = self.vm
+        gfn, private = self.classify(pos, private_hint)
+        shared_bits = pos - gfn
+        if vm.has_private_mem and private != (vm.attrs.get(gfn) != 0):
+            raise memory_fault_exit(gfn, private)  # §2.3.1 step 3
+        slot = vm.spaces[self.vcpu.as_id].find(gfn)
+        if slot is None:
+            if private:
+                raise memory_fault_exit(gfn, True)
+            vm._install_mmio_spte(self.vcpu.as_id, pos, gfn)
+            self.res.pages += 1
+            vm.vstat(self.vcpu, "pf_mmio_spte_created")
+            raise mmio_exit(max(pos << PAGE_SHIFT, 0), min(8, byte_end - (pos << PAGE_SHIFT)),
+                            self.write)
+        if self.write and slot.flags & KVM_MEM_READONLY:
+            raise mmio_exit(pos << PAGE_SHIFT, min(8, byte_end - (pos << PAGE_SHIFT)), True)
+        gmem = None
+        if private or slot.gmem_only:
+            gmem = vm.gmem_for_fault(slot, gfn, private)
+        # The run this table can serve.
+        stop = min(end - shared_bits, slot.end_gfn)
+        if vm.has_private_mem:
+            stop = self.attr_run_end(gfn, stop, private)
+        level = self.max_level(slot, gfn, private)
+        if vm.is_tdx and private:
+            return self.tdx_private(slot, gfn, stop, gmem)
+        root = vm.root_for(self.vcpu, RootRole.DIRECT)
+        if level > 1:
+            return self.map_huge(root, slot, gfn, shared_bits, stop, level)
+        return self.map_4k(root, slot, gfn, shared_bits, stop, gmem)
+
+    # -- huge leaves ------------------------------------------------------------------------------
+    def map_huge(self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int,
+                 level: int) -> int:
+        vm, mmu, res = self.vm, self.vm.mmu, self.res
+        n = span(level)
+        rs = gfn & ~(n - 1)
+        touched = min(stop, rs + n) - gfn
+        table, i, found_level, e = mmu.lookup(root, gfn | sbits)
+        if e & S.SPTE_MMU_PRESENT and (found_level == 1 or e & S.EPT_PS):
+            self._touch_present(root, table, i, 1, found_level, slot, gfn, touched)
+            return touched
+        table = mmu.table_for(root, rs | sbits, level, self.acc)
+        i = ((rs | sbits) >> (9 * (level - 1))) & 511
+        old = int(mmu.pool.entries(table)[i])
+        if old & S.SPTE_MMU_PRESENT:  # an (emptied) table where the huge leaf goes
+            mmu.free_table(root, mmu.pool.child(old), self.acc)
+        host_w = not slot.flags & KVM_MEM_READONLY
+        bits = S.leaf_bits(level=level, writable=True, host_writable=host_w, exec_=True,
+                           ipat=vm.ipat, accessed=not self.prefetch)
+        pfn = slot.hva(rs) >> PAGE_SHIFT
+        mmu.set_leaves(root, table, i, np.array([bits | (pfn << S.PFN_SHIFT)], dtype=np.uint64),
+                       level)
+        vm.host.touch(pfn, pfn + n)
+        self._mapped(rs, rs + n, level)
+        res.pages += touched
+        return touched
+
+    # -- 4 KiB leaves -------------------------------------------------------------------------------
+    def map_4k(self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int,
+               gmem: object) -> int:
+        vm, mmu = self.vm, self.vm.mmu
+        pos = gfn | sbits
+        count = min(stop - gfn, 512 - (pos & 511))
+        table, i, found_level, e = mmu.lookup(root, pos)
+        if found_level > 1 and e & S.SPTE_MMU_PRESENT and e & S.EPT_PS:
+            # A huge leaf already maps this run (mapped before dirty logging or attributes changed).
+            touched = min(count, span(found_level) - (gfn & (span(found_level) - 1)))
+            if not (self.write and not e & S.EPT_W):
+                self._touch_present(root, table, i, 1, found_level, slot, gfn, touched)
+                return touched
+        table = mmu.table_for(root, pos, 1, self.acc)
+        lo = pos & 511
+        ent = mmu.pool.entries(table)[lo : lo + count]
+        present = (ent & S.U_PRESENT) != 0
+        new = np.flatnonzero(~present)
+        if len(new):
+            host_w = not slot.flags & KVM_MEM_READONLY
+            bits = np.uint64(S.leaf_bits(level=1, writable=True, host_writable=host_w,
+                                         exec_=True, ipat=vm.ipat, accessed=not self.prefetch))
+            if gmem is not None:
+                first = slot.gmem_index(gfn)
+                vm.gmem_allocate(gmem, first, count)
+                pfn0 = gmem.base_pfn + first  # type: ignore[attr-defined]
+            else:
+                pfn0 = slot.hva(gfn) >> PAGE_SHIFT
+                vm.host.touch(pfn0, pfn0 + count)
+            pfns = np.uint64(pfn0) + new.astype(np.uint64)
+            ent[new] = bits | (pfns << S.U_SHIFT)
+            root.leaves[1] += len(new)
+            mmu.pages[1] += len(new)
+            if host_w and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                vm.mark_dirty(slot, gfn + new)
+            for a, b in _runs(new):
+                self._mapped(gfn + a, gfn + b, 1)
+        if len(new) < count:
+            self._touch_present(root, table, lo, count, 1, slot, gfn, count, skip=new)
+        self.res.pages += count
+        return count
+
+    def _touch_present(self, root: Root, table: int, lo: int, count: int, level: int,
+                       slot: Memslot, gfn: int, touched: int,
+                       skip: np.ndarray | None = None) -> None:
+        """The guest touches already-present leaves: hardware sets A (and D on a write);
+        a write to a write-protected leaf takes the fast page-fault path (§2.6)."""
+        vm, res = self.vm, self.res
+        ent = vm.mmu.pool.entries(table)[lo : lo + count]
+        mask = np.ones(len(ent), dtype=bool)
+        if skip is not None:
+            mask[skip] = False
+        if self.write:
+            wp = mask & ((ent & S.U_W) == 0)
+            if np.any(wp):
+                if np.any(wp & ((ent & S.U_MMU_WRITABLE) == 0)):
+                    raise mmio_exit(gfn << PAGE_SHIFT, 8, True)  # read-only host mapping
+                idx = np.flatnonzero(wp)
+                ent[idx] |= S.U_W | S.U_D
+                n = len(idx) * span(level)
+                res.wp_fixed += n
+                vm.vstat(self.vcpu, "pf_fast", len(idx))
+                if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                    vm.mark_dirty(slot, gfn + idx) if level == 1 else None
+            ent[mask] |= S.U_A | S.U_D
+        elif not self.prefetch:
+            ent[mask] |= S.U_A
+        n_present = int(np.count_nonzero(mask)) if level == 1 else touched
+        res.spurious += n_present
+        if level > 1:
+            res.pages += touched
+
+    def _mapped(self, start: int, end: int, level: int) -> None:
+        res = self.res
+        n = end - start
+        res.mapped += n
+        res.levels[level] += 1 if level > 1 else n
+        ref = self.vm.zapped.overlap(start, end)
+        if ref:
+            res.refaults += ref
+            self.vm.zapped.remove(start, end)
+            self.vm.stats_extra["refaults"] += ref
+        self.vm.vstat(self.vcpu, "pf_fixed")
+
+    # -- TDX private ------------------------------------------------------------------------------
+    def tdx_private(self, slot: Memslot, gfn: int, stop: int, gmem: object) -> int:
+        """Private GPAs of a TD go through the mirror root and the TDX module (§5)."""
+        vm, mmu, res, tdx = self.vm, self.vm.mmu, self.res, self.vm.tdx
+        assert tdx is not None
+        root = vm.root_for(self.vcpu, RootRole.MIRROR)
+        count = min(stop - gfn, 512 - (gfn & 511))
+        table = vm.mirror_table(root, gfn)
+        lo = gfn & 511
+        ent = mmu.pool.entries(table)[lo : lo + count]
+        present = (ent & S.U_PRESENT) != 0
+        # Accepted pages are plain accesses; the first page that is not stops the run.
+        ok = present & tdx.accepted_mask(gfn, count)
+        k = count if ok.all() else int(np.argmin(ok))
+        if k:
+            if not self.prefetch:
+                ent[:k] |= S.U_A
+            res.spurious += k
+            res.pages += k
+        if k == count:
+            return count
+        g = gfn + k
+        if not present[k]:
+            # EPT violation on a private GPA: TDH.MEM.PAGE.AUG of one page; it is PENDING.
+            index = slot.gmem_index(g)
+            vm.gmem_allocate(gmem, index, 1)
+            pfn = gmem.base_pfn + index  # type: ignore[attr-defined]
+            bits = S.leaf_bits(level=1, writable=True, host_writable=True, exec_=True,
+                               ipat=False, accessed=not self.prefetch)
+            mmu.set_leaves(root, table, lo + k, np.array([bits | (pfn << S.PFN_SHIFT)],
+                                                          dtype=np.uint64), 1)
+            tdx.aug(g, 1)
+            self._mapped(g, g + 1, 1)
+            res.pages += 1
+            if self.prefetch:
+                return k + 1
+        if self.prefetch:
+            return k + 1  # pre-fault maps; it never touches the page
+        # The guest touches a PENDING page: 6.18+ exits with MEMORY_FAULT, size 0 (§5.5).
+        raise memory_fault_exit(g, True, size=0)
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate(([0], breaks + 1))
+    ends = np.concatenate((breaks, [len(idx) - 1]))
+    return [(int(idx[s]), int(idx[e]) + 1) for s, e in zip(starts, ends, strict=True)]
+
+
+def check_access_range(vm: Vm, gpa: object, size: object, max_bytes: int) -> tuple[int, int]:
+    if not isinstance(gpa, int) or not isinstance(size, int) or gpa < 0 or size <= 0:
+        raise einval("gpa and size must be non-negative integers, size > 0")
+    if gpa + size > vm.gpa_limit:
+        raise einval(f"range ends beyond the guest physical address space ({vm.gpa_limit:#x})")
+    if size > max_bytes:
+        raise KvmError(errno.E2BIG, f"one access call covers at most {max_bytes:#x} bytes")
+    return gpa, size

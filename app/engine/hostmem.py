@@ -1,0 +1,104 @@
+"""The VMM's own memory behind memslots' userspace_addr (the host side of shared memory).
+
+A host page's pfn is derived from its address (hva >> 12), so no per-page table exists.
+Only what differs from "a zero page, 4 KiB, populated on touch" is stored: written contents,
+discarded (freed) ranges, and ranges with another host page size (THP advice, hugetlbfs).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+
+from .intervals import IntervalSet
+from .uapi import PAGE_SHIFT, PAGE_SIZE
+
+SIZE_4K = 1 << 12
+SIZE_2M = 1 << 21
+SIZE_1G = 1 << 30
+LEVEL_OF_SIZE = {SIZE_4K: 1, SIZE_2M: 2, SIZE_1G: 3}
+
+
+class HostMemory:
+    def __init__(self) -> None:
+        self.contents: dict[int, bytearray] = {}  # host page number -> bytes (written pages only)
+        self.freed = IntervalSet()  # host page numbers discarded and not touched since
+        # Page-size map: sorted disjoint (start_page, end_page, level, kind) runs; absent = 4 KiB.
+        self._runs: list[tuple[int, int, int, str]] = []
+
+    # -- page size ------------------------------------------------------------------------
+    def set_page_size(self, first: int, end: int, level: int, kind: str) -> None:
+        kept: list[tuple[int, int, int, str]] = []
+        for s, e, lv, k in self._runs:
+            if e <= first or s >= end:
+                kept.append((s, e, lv, k))
+                continue
+            if s < first:
+                kept.append((s, first, lv, k))
+            if e > end:
+                kept.append((end, e, lv, k))
+        if level > 1:
+            kept.append((first, end, level, kind))
+        self._runs = sorted(kept)
+
+    def mapping_level(self, page: int) -> int:
+        """Host page-table level backing `page` (THP/hugetlb only where a whole huge page fits)."""
+        i = bisect_right(self._runs, (page, 1 << 62)) - 1
+        if i < 0:
+            return 1
+        s, e, lv, _ = self._runs[i]
+        if not s <= page < e:
+            return 1
+        while lv > 1:
+            n = 1 << (9 * (lv - 1))
+            base = page & ~(n - 1)
+            if base >= s and base + n <= e:
+                return lv
+            lv -= 1
+        return 1
+
+    def runs(self) -> list[tuple[int, int, int, str]]:
+        return list(self._runs)
+
+    # -- contents -------------------------------------------------------------------------
+    def read(self, hva: int, length: int) -> bytes:
+        out = bytearray(length)
+        pos = 0
+        while pos < length:
+            page, off = divmod(hva + pos, PAGE_SIZE)
+            n = min(PAGE_SIZE - off, length - pos)
+            data = self.contents.get(page)
+            if data is not None:
+                out[pos : pos + n] = data[off : off + n]
+            pos += n
+        return bytes(out)
+
+    def write(self, hva: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            page, off = divmod(hva + pos, PAGE_SIZE)
+            n = min(PAGE_SIZE - off, len(data) - pos)
+            buf = self.contents.get(page)
+            if buf is None:
+                buf = self.contents[page] = bytearray(PAGE_SIZE)
+            buf[off : off + n] = data[pos : pos + n]
+            pos += n
+        self.touch(hva >> PAGE_SHIFT, (hva + len(data) + PAGE_SIZE - 1) >> PAGE_SHIFT)
+
+    def touch(self, first: int, end: int) -> None:
+        """Pages faulted in again after a discard are new, populated pages."""
+        if len(self.freed):
+            self.freed.remove(first, end)
+
+    def discard(self, first: int, end: int) -> int:
+        """MADV_DONTNEED: drop contents, mark freed; returns pages that held data."""
+        dropped = 0
+        if len(self.contents) < end - first:
+            for page in [p for p in self.contents if first <= p < end]:
+                del self.contents[page]
+                dropped += 1
+        else:
+            for page in range(first, end):
+                if self.contents.pop(page, None) is not None:
+                    dropped += 1
+        self.freed.add(first, end)
+        return dropped

@@ -1,0 +1,73 @@
+"""A set of disjoint half-open integer intervals, for sparse per-page state kept per run."""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+
+
+class IntervalSet:
+    __slots__ = ("starts", "ends")
+
+    def __init__(self, pairs: list[tuple[int, int]] | None = None) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        for s, e in pairs or []:
+            self.add(s, e)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(zip(self.starts, self.ends, strict=True))
+
+    def total(self) -> int:
+        return sum(e - s for s, e in self)
+
+    def add(self, start: int, end: int) -> None:
+        if start >= end:
+            return
+        i = bisect_left(self.ends, start)  # first interval ending at/after start (touching merges)
+        j = bisect_right(self.starts, end)  # intervals starting at/before end
+        if i < j:
+            start = min(start, self.starts[i])
+            end = max(end, self.ends[j - 1])
+        self.starts[i:j] = [start]
+        self.ends[i:j] = [end]
+
+    def remove(self, start: int, end: int) -> int:
+        """Remove [start, end); return how many integers were removed."""
+        if start >= end:
+            return 0
+        i = bisect_right(self.ends, start)
+        j = bisect_left(self.starts, end)
+        if i >= j:
+            return 0
+        removed = 0
+        new_s: list[int] = []
+        new_e: list[int] = []
+        for s, e in zip(self.starts[i:j], self.ends[i:j], strict=True):
+            removed += min(e, end) - max(s, start)
+            if s < start:
+                new_s.append(s)
+                new_e.append(start)
+            if e > end:
+                new_s.append(end)
+                new_e.append(e)
+        self.starts[i:j] = new_s
+        self.ends[i:j] = new_e
+        return removed
+
+    def overlap(self, start: int, end: int) -> int:
+        i = bisect_right(self.ends, start)
+        total = 0
+        while i < len(self.starts) and self.starts[i] < end:
+            total += min(self.ends[i], end) - max(self.starts[i], start)
+            i += 1
+        return total
+
+    def contains(self, x: int) -> bool:
+        i = bisect_right(self.starts, x) - 1
+        return i >= 0 and x < self.ends[i]
+
+    def to_list(self) -> list[list[int]]:
+        return [[s, e] for s, e in self]

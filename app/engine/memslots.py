@@ -1,0 +1,334 @@
+"""Memslots: the slot sets of each address space and the ordered validation of a region update.
+
+`check_region` is KVM_SET_USER_MEMORY_REGION(2) up to the point where the kernel starts changing
+state: every check of kvm-memslots.md §2.1 (V1..V20) in the kernel's order, each with its errno.
+It builds the change to perform and touches nothing; the VM (vm.py) performs it, zapping for
+DELETE/MOVE, and calls `check_arch_prepare` (V21) at the point the kernel does.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from . import uapi
+from .errors import KvmError, einval
+
+if TYPE_CHECKING:
+    from .gmem import GmemTable
+
+_PAGE_MASK = uapi.PAGE_SIZE - 1
+_U32_MAX = (1 << 32) - 1
+_U64_MAX = uapi.U64_MASK
+_V1_FLAGS = int(uapi.KVM_MEM_LOG_DIRTY_PAGES | uapi.KVM_MEM_READONLY)
+_LOG_DIRTY = int(uapi.KVM_MEM_LOG_DIRTY_PAGES)
+_READONLY = int(uapi.KVM_MEM_READONLY)
+_GUEST_MEMFD = int(uapi.KVM_MEM_GUEST_MEMFD)
+
+
+class ChangeKind(enum.StrEnum):
+    CREATE = "create"
+    DELETE = "delete"
+    MOVE = "move"
+    FLAGS_ONLY = "flags_only"
+    NONE = "none"
+
+
+@dataclass(slots=True)
+class Memslot:
+    as_id: int
+    id: int
+    base_gfn: int
+    npages: int
+    flags: int  # the uAPI flags (bits 0-15); kernel-internal state has its own fields below
+    userspace_addr: int
+    guest_memfd: int | None  # fd of the bound guest_memfd file, None if not a gmem slot
+    guest_memfd_offset: int  # bytes
+    invalid: bool = False  # KVM_MEMSLOT_INVALID while a delete/move is in flight
+    # KVM_MEMSLOT_GMEM_ONLY: the bound file is mmap-able, so every fault (shared included) is
+    # served from guest_memfd rather than from userspace_addr.
+    gmem_only: bool = False
+
+    @property
+    def slot(self) -> int:
+        return (self.as_id << 16) | self.id
+
+    @property
+    def end_gfn(self) -> int:
+        return self.base_gfn + self.npages
+
+    @property
+    def gmem_pgoff(self) -> int:
+        return self.guest_memfd_offset >> uapi.PAGE_SHIFT
+
+    def hva(self, gfn: int) -> int:
+        return self.userspace_addr + ((gfn - self.base_gfn) << uapi.PAGE_SHIFT)
+
+    def gmem_index(self, gfn: int) -> int:
+        """Page index in the bound guest_memfd file backing `gfn`."""
+        return gfn - self.base_gfn + self.gmem_pgoff
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "slot": self.slot,
+            "as_id": self.as_id,
+            "id": self.id,
+            "flags": self.flags,
+            "guest_phys_addr": self.base_gfn << uapi.PAGE_SHIFT,
+            "memory_size": self.npages << uapi.PAGE_SHIFT,
+            "userspace_addr": self.userspace_addr,
+            "guest_memfd": self.guest_memfd if self.guest_memfd is not None else 0,
+            "guest_memfd_offset": self.guest_memfd_offset,
+            "base_gfn": self.base_gfn,
+            "npages": self.npages,
+        }
+
+
+class MemslotSet:
+    """The slots of one address space, kept sorted by base_gfn (they never overlap)."""
+
+    def __init__(self, as_id: int) -> None:
+        self.as_id = as_id
+        self.generation = as_id  # vm.py adds the VM's address-space count per swap
+        self._by_id: dict[int, Memslot] = {}
+        self._starts: list[int] = []  # base_gfn of _ordered[i]
+        self._ordered: list[Memslot] = []
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, id: object) -> bool:
+        return id in self._by_id
+
+    def __iter__(self) -> Iterator[Memslot]:
+        return iter(sorted(self._by_id.values(), key=lambda s: s.id))
+
+    def by_gfn(self) -> list[Memslot]:
+        """Slots in guest-physical order."""
+        return list(self._ordered)
+
+    def get(self, id: int) -> Memslot | None:
+        return self._by_id.get(id)
+
+    def find(self, gfn: int) -> Memslot | None:
+        """The slot containing `gfn` (invalid slots included: the caller decides)."""
+        i = bisect_right(self._starts, gfn) - 1
+        if i >= 0 and gfn < self._ordered[i].end_gfn:
+            return self._ordered[i]
+        return None
+
+    def overlapping(self, base_gfn: int, npages: int) -> list[Memslot]:
+        if npages <= 0:
+            return []
+        end = base_gfn + npages
+        i = bisect_right(self._starts, base_gfn) - 1
+        if i < 0 or self._ordered[i].end_gfn <= base_gfn:
+            i += 1
+        out = []
+        while i < len(self._ordered) and self._ordered[i].base_gfn < end:
+            out.append(self._ordered[i])
+            i += 1
+        return out
+
+    def total_pages(self) -> int:
+        return sum(s.npages for s in self._ordered)
+
+    def install(self, slot: Memslot) -> None:
+        # The set validates itself: a caller that skipped check_region still cannot corrupt it.
+        if slot.as_id != self.as_id:
+            raise einval(f"slot of address space {slot.as_id} installed in {self.as_id}")
+        if slot.npages <= 0:
+            raise einval("a memslot has at least one page")
+        if slot.id in self._by_id:
+            raise KvmError(errno.EEXIST, f"slot id {slot.id} already exists")
+        if self.overlapping(slot.base_gfn, slot.npages):
+            raise KvmError(errno.EEXIST, f"slot {slot.id} overlaps another slot")
+        i = bisect_left(self._starts, slot.base_gfn)
+        self._starts.insert(i, slot.base_gfn)
+        self._ordered.insert(i, slot)
+        self._by_id[slot.id] = slot
+
+    def remove(self, id: int) -> Memslot:
+        slot = self._by_id.pop(id, None)
+        if slot is None:
+            raise einval(f"no slot {id} in address space {self.as_id}")
+        i = bisect_left(self._starts, slot.base_gfn)
+        del self._starts[i]
+        del self._ordered[i]
+        return slot
+
+
+@dataclass(slots=True)
+class RegionRequest:
+    """struct kvm_userspace_memory_region2, fields as a JSON client sent them (not yet checked)."""
+
+    slot: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    guest_memfd: int = 0
+    guest_memfd_offset: int = 0
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> RegionRequest:
+        """Build from `apply` args; absent optional fields are zero, as in a zeroed struct."""
+        if not isinstance(args, Mapping) or "slot" not in args:
+            raise einval("a memory region request needs a slot")
+        return cls(
+            slot=args["slot"],
+            flags=args.get("flags", 0),
+            guest_phys_addr=args.get("guest_phys_addr", 0),
+            memory_size=args.get("memory_size", 0),
+            userspace_addr=args.get("userspace_addr", 0),
+            guest_memfd=args.get("guest_memfd", 0),
+            guest_memfd_offset=args.get("guest_memfd_offset", 0),
+        )
+
+
+@dataclass(slots=True)
+class MemslotChange:
+    kind: ChangeKind
+    old: Memslot | None  # the slot as it is now (None for CREATE)
+    new: Memslot | None  # the slot to install (None for DELETE; `old` itself for NONE)
+
+
+def _fit(value: object, max_value: int, name: str) -> int:
+    """A struct field: what does not fit its C type cannot be expressed, so it is refused."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= max_value:
+        raise einval(f"{name} does not fit its field: {value!r}")
+    return value
+
+
+def check_region(
+    req: RegionRequest,
+    *,
+    vm_type: int,
+    spaces: list[MemslotSet],
+    gmem: GmemTable,
+    user_addr_end: int,
+    v2: bool = True,
+) -> MemslotChange:
+    """Validate a region update in the kernel's order (V1..V20) and say what it would do."""
+    # V1: the struct copy. JSON can express values no C field holds.
+    slot_arg = _fit(req.slot, _U32_MAX, "slot")
+    flags = _fit(req.flags, _U32_MAX, "flags")
+    gpa = _fit(req.guest_phys_addr, _U64_MAX, "guest_phys_addr")
+    size = _fit(req.memory_size, _U64_MAX, "memory_size")
+    uaddr = _fit(req.userspace_addr, _U64_MAX, "userspace_addr")
+    if v2:
+        gmem_fd = _fit(req.guest_memfd, _U32_MAX, "guest_memfd")
+        gmem_offset = _fit(req.guest_memfd_offset, _U64_MAX, "guest_memfd_offset")
+    else:
+        gmem_fd = gmem_offset = 0  # the v1 struct has no such fields
+
+    # V2: the v1 ioctl knows only LOG_DIRTY_PAGES and READONLY.
+    if not v2 and flags & ~_V1_FLAGS:
+        raise einval("KVM_SET_USER_MEMORY_REGION accepts only LOG_DIRTY_PAGES|READONLY")
+
+    as_id, id = slot_arg >> 16, slot_arg & 0xFFFF
+    # V3: internal slot ids are unreachable from userspace (the as_id bits are ignored here).
+    if id >= uapi.KVM_USER_MEM_SLOTS:
+        raise einval(f"slot id {id} >= KVM_USER_MEM_SLOTS ({uapi.KVM_USER_MEM_SLOTS})")
+
+    # V5: flags valid for this VM (applies to deletes too).
+    valid = _LOG_DIRTY | _GUEST_MEMFD
+    if flags & _GUEST_MEMFD:
+        valid &= ~_LOG_DIRTY
+    if not uapi.vm_has_protected_state(vm_type) and not flags & _GUEST_MEMFD:
+        valid |= _READONLY
+    if flags & ~valid:
+        raise einval(f"flags {flags:#x} not valid for this VM/request (valid {valid:#x})")
+
+    # V6-V8: alignment and the user address range (checked even for deletes).
+    if size & _PAGE_MASK:
+        raise einval("memory_size is not a multiple of the page size")
+    if gpa & _PAGE_MASK:
+        raise einval("guest_phys_addr is not page aligned")
+    if uaddr & _PAGE_MASK:
+        raise einval("userspace_addr is not page aligned")
+    if uaddr + size > user_addr_end:
+        raise einval("[userspace_addr, +memory_size) is not inside the user address space")
+
+    # V9: guest_memfd offset.
+    if flags & _GUEST_MEMFD:
+        if gmem_offset & _PAGE_MASK:
+            raise einval("guest_memfd_offset is not page aligned")
+        if gmem_offset + size > _U64_MAX:
+            raise einval("guest_memfd_offset + memory_size wraps around")
+
+    # V10: address space and slot id limits.
+    if as_id >= uapi.nr_address_spaces(vm_type):
+        raise einval(f"as_id {as_id} not available for this VM type")
+    if id >= uapi.KVM_MEM_SLOTS_NUM:
+        raise einval("slot id >= KVM_MEM_SLOTS_NUM")
+
+    # V11, V12.
+    if gpa + size > _U64_MAX:
+        raise einval("guest_phys_addr + memory_size wraps around")
+    npages = size >> uapi.PAGE_SHIFT
+    if npages > uapi.KVM_MEM_MAX_NR_PAGES:
+        raise einval("memory_size exceeds KVM_MEM_MAX_NR_PAGES")
+
+    # V13, V14: DELETE.
+    space = spaces[as_id]
+    old = space.get(id)
+    if size == 0:
+        if old is None:
+            raise einval(f"delete of slot {slot_arg:#x}, which does not exist")
+        return MemslotChange(ChangeKind.DELETE, old, None)
+
+    # V15-V17: CREATE or a modification of an existing slot.
+    base_gfn = gpa >> uapi.PAGE_SHIFT
+    if old is None:
+        # V16's total-pages overflow is unreachable: 2 spaces x 32764 slots x 2^31 pages < 2^64.
+        kind = ChangeKind.CREATE
+        new = Memslot(as_id, id, base_gfn, npages, flags, uaddr, None, 0)
+    else:
+        if flags & _GUEST_MEMFD:
+            raise einval("guest_memfd slots are immutable: they can only be deleted")
+        if uaddr != old.userspace_addr:
+            raise einval("userspace_addr of an existing slot cannot change")
+        if npages != old.npages:
+            raise einval("an existing slot cannot be resized")
+        # READONLY cannot be toggled; nor GUEST_MEMFD (Dec 2025 fix: dropping it was a UAF).
+        if (flags ^ old.flags) & (_READONLY | _GUEST_MEMFD):
+            raise einval("READONLY/GUEST_MEMFD cannot be toggled on an existing slot")
+        if base_gfn != old.base_gfn:
+            kind = ChangeKind.MOVE
+        elif flags != old.flags:
+            kind = ChangeKind.FLAGS_ONLY
+        else:
+            return MemslotChange(ChangeKind.NONE, old, old)  # identical: nothing happens at all
+        new = replace(old, base_gfn=base_gfn, flags=flags, invalid=False)
+
+    # V18: overlap with another slot of the same address space (the moved slot excepted).
+    for other in space.overlapping(base_gfn, npages):
+        if other.id != id:
+            raise KvmError(errno.EEXIST, f"range overlaps slot {other.slot:#x}")
+
+    # V20: guest_memfd binding rules (only a CREATE can get here with GUEST_MEMFD).
+    if flags & _GUEST_MEMFD:
+        file = gmem.check_bind(gmem_fd, gmem_offset, size)
+        new.guest_memfd = gmem_fd
+        new.guest_memfd_offset = gmem_offset
+        new.gmem_only = bool(file.flags & uapi.GmemFlag.GUEST_MEMFD_FLAG_MMAP)
+    return MemslotChange(kind, old, new)
+
+
+def check_arch_prepare(change: MemslotChange, *, max_gfn: int, gfn_direct_bits: int) -> None:
+    """V21, the x86 prepare hook's checks for the new location of a CREATE or MOVE."""
+    if change.kind not in (ChangeKind.CREATE, ChangeKind.MOVE):
+        return
+    new = change.new
+    assert new is not None
+    last = new.base_gfn + new.npages - 1
+    if last > max_gfn:
+        raise einval(f"last gfn {last:#x} beyond the max gfn {max_gfn:#x}")
+    # Only the last gfn is tested for the TDX shared bit, as in the kernel.
+    if last & gfn_direct_bits:
+        raise einval(f"last gfn {last:#x} has the TDX shared bit (an alias)")

@@ -1,0 +1,181 @@
+"""Page-table pages and the walk over a GFN range (the shape of tdp_iter).
+
+A page-table page is one row of 512 uint64 EPT entries. Rows live in fixed-size chunks so the
+pool grows without copying and without a Python object per table; a table's pfn is
+TABLE_PFN_BASE + its row index, which is what a non-leaf SPTE points to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import spte as S
+
+ENTRIES = 512
+CHUNK_SHIFT = 10
+CHUNK = 1 << CHUNK_SHIFT
+_CHUNK_MASK = CHUNK - 1
+
+
+def span(level: int) -> int:
+    """GFNs covered by one entry of a table at `level`."""
+    return 1 << (9 * (level - 1))
+
+
+class TablePool:
+    """Every page-table page of one VM, all roots included."""
+
+    def __init__(self) -> None:
+        self._entries: list[np.ndarray] = []  # each uint64[CHUNK, 512]
+        self._level: list[np.ndarray] = []  # uint8[CHUNK]; 0 = free row
+        self._gfn: list[np.ndarray] = []  # uint64[CHUNK]: first GFN position the table covers
+        self._root: list[np.ndarray] = []  # int32[CHUNK]: owning root id
+        self._free: list[int] = []
+        self._top = 0
+        self.live = 0
+
+    # -- allocation -------------------------------------------------------------------------
+    def alloc(self, level: int, gfn: int, root: int) -> int:
+        if self._free:
+            idx = self._free.pop()
+        else:
+            idx = self._top
+            self._top += 1
+            if idx >> CHUNK_SHIFT >= len(self._entries):
+                self._entries.append(np.empty((CHUNK, ENTRIES), dtype=np.uint64))
+                self._level.append(np.zeros(CHUNK, dtype=np.uint8))
+                self._gfn.append(np.zeros(CHUNK, dtype=np.uint64))
+                self._root.append(np.zeros(CHUNK, dtype=np.int32))
+        c, r = idx >> CHUNK_SHIFT, idx & _CHUNK_MASK
+        self._entries[c][r].fill(S.NONPRESENT)
+        self._level[c][r] = level
+        self._gfn[c][r] = gfn
+        self._root[c][r] = root
+        self.live += 1
+        return idx
+
+    def release(self, idx: int) -> None:
+        c, r = idx >> CHUNK_SHIFT, idx & _CHUNK_MASK
+        self._level[c][r] = 0
+        self._free.append(idx)
+        self.live -= 1
+
+    # -- access -----------------------------------------------------------------------------
+    def entries(self, idx: int) -> np.ndarray:
+        return self._entries[idx >> CHUNK_SHIFT][idx & _CHUNK_MASK]
+
+    def level(self, idx: int) -> int:
+        return int(self._level[idx >> CHUNK_SHIFT][idx & _CHUNK_MASK])
+
+    def gfn(self, idx: int) -> int:
+        return int(self._gfn[idx >> CHUNK_SHIFT][idx & _CHUNK_MASK])
+
+    def root(self, idx: int) -> int:
+        return int(self._root[idx >> CHUNK_SHIFT][idx & _CHUNK_MASK])
+
+    def is_live(self, idx: int) -> bool:
+        return 0 <= idx < self._top and self.level(idx) != 0
+
+    @staticmethod
+    def pfn(idx: int) -> int:
+        return S.TABLE_PFN_BASE + idx
+
+    @staticmethod
+    def index_of_pfn(pfn: int) -> int:
+        return pfn - S.TABLE_PFN_BASE
+
+    def child(self, entry: int) -> int:
+        return S.pfn_of(entry) - S.TABLE_PFN_BASE
+
+    def live_indexes(self) -> Iterator[int]:
+        for c, lv in enumerate(self._level):
+            for r in np.flatnonzero(lv):
+                idx = (c << CHUNK_SHIFT) + int(r)
+                if idx < self._top:
+                    yield idx
+
+    # -- snapshots --------------------------------------------------------------------------
+    def export(self) -> dict[str, np.ndarray]:
+        live = np.fromiter(self.live_indexes(), dtype=np.int64)
+        ent = np.empty((len(live), ENTRIES), dtype=np.uint64)
+        lv = np.empty(len(live), dtype=np.uint8)
+        gf = np.empty(len(live), dtype=np.uint64)
+        rt = np.empty(len(live), dtype=np.int32)
+        for i, idx in enumerate(live):
+            c, r = int(idx) >> CHUNK_SHIFT, int(idx) & _CHUNK_MASK
+            ent[i] = self._entries[c][r]
+            lv[i], gf[i], rt[i] = self._level[c][r], self._gfn[c][r], self._root[c][r]
+        return {"idx": live, "entries": ent, "level": lv, "gfn": gf, "root": rt,
+                "free": np.asarray(self._free, dtype=np.int64), "top": np.asarray([self._top])}
+
+    @classmethod
+    def restore(cls, d: dict[str, np.ndarray]) -> TablePool:
+        pool = cls()
+        top = int(d["top"][0])
+        nchunks = (top + CHUNK - 1) >> CHUNK_SHIFT
+        for _ in range(nchunks):
+            pool._entries.append(np.empty((CHUNK, ENTRIES), dtype=np.uint64))
+            pool._level.append(np.zeros(CHUNK, dtype=np.uint8))
+            pool._gfn.append(np.zeros(CHUNK, dtype=np.uint64))
+            pool._root.append(np.zeros(CHUNK, dtype=np.int32))
+        idxs = d["idx"]
+        for i, idx in enumerate(idxs):
+            c, r = int(idx) >> CHUNK_SHIFT, int(idx) & _CHUNK_MASK
+            pool._entries[c][r] = d["entries"][i]
+            pool._level[c][r] = d["level"][i]
+            pool._gfn[c][r] = d["gfn"][i]
+            pool._root[c][r] = d["root"][i]
+        pool._top = top
+        pool._free = [int(x) for x in d["free"]]
+        pool.live = len(idxs)
+        return pool
+
+
+@dataclass(slots=True)
+class Cursor:
+    """One page-table page and the slice [lo, hi) of its entries that intersect the walk."""
+
+    table: int
+    level: int
+    base: int  # GFN position of entry 0
+    lo: int
+    hi: int
+
+    def gfn(self, i: int) -> int:
+        return self.base + i * span(self.level)
+
+
+def clip(base: int, level: int, start: int, end: int) -> tuple[int, int]:
+    """Entry slice of a table at `level` whose coverage intersects [start, end)."""
+    s = span(level)
+    lo = max(0, (start - base) // s)
+    hi = min(ENTRIES, -(-(end - base) // s))
+    return lo, hi
+
+
+def walk(pool: TablePool, table: int, start: int, end: int, min_level: int = 1,
+         post_order: bool = False) -> Iterator[Cursor]:
+    """Yield a cursor for every table reachable from `table` intersecting [start, end).
+
+    Descends through present non-leaf entries down to `min_level`. Pre-order by default;
+    post-order yields children before their parent (what teardown needs).
+    """
+    level = pool.level(table)
+    base = pool.gfn(table)
+    lo, hi = clip(base, level, start, end)
+    if lo >= hi:
+        return
+    cur = Cursor(table, level, base, lo, hi)
+    if not post_order:
+        yield cur
+    if level > min_level:
+        ent = pool.entries(table)[lo:hi]
+        nonleaf = np.flatnonzero((ent & S.U_PRESENT != 0) & (ent & S.U_PS == 0))
+        for j in nonleaf:
+            child = pool.child(int(ent[j]))
+            yield from walk(pool, child, start, end, min_level, post_order)
+    if post_order:
+        yield cur

@@ -1,0 +1,244 @@
+"""TDP roots and the page-table primitives every MMU operation is built from.
+
+Roots are typed by role: DIRECT (shared; the only role outside TDX) and MIRROR (TDX private,
+KVM's copy of the S-EPT). A root is valid until invalidated by a fast zap (`mmu_valid_gen`
+moves on); vCPUs then load a fresh root on their next fault.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import spte as S
+from .paging import ENTRIES, TablePool, clip, span
+
+
+class RootRole(enum.StrEnum):
+    DIRECT = "direct"
+    MIRROR = "mirror"
+
+
+@dataclass(slots=True)
+class Root:
+    id: int
+    as_id: int
+    role: RootRole
+    level: int
+    table: int
+    gen: int
+    valid: bool = True
+    leaves: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # by level 1..3
+
+    def to_dict(self, mmu_valid_gen: int) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "as_id": self.as_id,
+            "role": self.role.value,
+            "level": self.level,
+            "valid": self.valid,
+            "obsolete": self.gen != mmu_valid_gen,
+            "generation": self.gen,
+            "table_pfn": TablePool.pfn(self.table),
+            "sptes": {"4k": self.leaves[1], "2m": self.leaves[2], "1g": self.leaves[3]},
+        }
+
+
+@dataclass(slots=True)
+class ZapAcc:
+    """What a zap did, accumulated over every table it touched."""
+
+    leaves: dict[str, list[int]] = field(default_factory=dict)  # root role -> counts by level
+    tables_freed: int = 0
+    flush: bool = False  # something was zapped in a valid root
+    runs: list[tuple[int, int, RootRole]] = field(default_factory=list)  # zapped GFN positions
+    mirror_runs: list[tuple[int, int]] = field(default_factory=list)
+
+    def count(self, role: RootRole, level: int, n: int) -> None:
+        self.leaves.setdefault(role.value, [0, 0, 0, 0])[level] += n
+
+    def total(self) -> int:
+        return sum(sum(v) for v in self.leaves.values())
+
+    def by_level(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        tot = [0, 0, 0, 0]
+        for role, v in sorted(self.leaves.items()):
+            out[role] = {"4k": v[1], "2m": v[2], "1g": v[3]}
+            tot = [a + b for a, b in zip(tot, v, strict=True)]
+        out.update({"4k": tot[1], "2m": tot[2], "1g": tot[3]})
+        return out
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive runs [a, b) in a sorted index array."""
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate(([0], breaks + 1))
+    ends = np.concatenate((breaks, [len(idx) - 1]))
+    return [(int(idx[s]), int(idx[e]) + 1) for s, e in zip(starts, ends, strict=True)]
+
+
+class Mmu:
+    def __init__(self, root_level: int) -> None:
+        self.pool = TablePool()
+        self.root_level = root_level
+        self.roots: dict[int, Root] = {}
+        self.next_root_id = 1
+        self.mmu_valid_gen = 0
+        self.pages = [0, 0, 0, 0]  # present leaves by level, every root (pages_4k/2m/1g)
+
+    # -- roots --------------------------------------------------------------------------------
+    def valid_root(self, as_id: int, role: RootRole) -> Root | None:
+        for r in self.roots.values():
+            if r.valid and r.as_id == as_id and r.role is role:
+                return r
+        return None
+
+    def get_root(self, as_id: int, role: RootRole) -> Root:
+        root = self.valid_root(as_id, role)
+        if root is None:
+            rid = self.next_root_id
+            self.next_root_id += 1
+            table = self.pool.alloc(self.root_level, 0, rid)
+            root = Root(rid, as_id, role, self.root_level, table, self.mmu_valid_gen)
+            self.roots[rid] = root
+        return root
+
+    def roots_of(self, as_id: int | None = None, role: RootRole | None = None,
+                 only_valid: bool = False) -> list[Root]:
+        return [
+            r
+            for r in sorted(self.roots.values(), key=lambda r: r.id)
+            if (as_id is None or r.as_id == as_id)
+            and (role is None or r.role is role)
+            and (r.valid or not only_valid)
+        ]
+
+    def free_root(self, root: Root, acc: ZapAcc) -> None:
+        """Tear a root down completely (its leaves counted as zapped) and forget it."""
+        self.zap_range(root, 0, 1 << 62, acc, leafs_only=False)
+        self.pool.release(root.table)
+        acc.tables_freed += 1
+        del self.roots[root.id]
+
+    # -- walking --------------------------------------------------------------------------------
+    def lookup(self, root: Root, pos: int) -> tuple[int, int, int, int]:
+        """Deepest existing entry for GFN position `pos`: (table, index, level, entry)."""
+        pool = self.pool
+        table, level = root.table, root.level
+        while True:
+            i = (pos >> (9 * (level - 1))) & 511
+            e = int(pool.entries(table)[i])
+            if level == 1 or not e & S.SPTE_MMU_PRESENT or e & S.EPT_PS:
+                return table, i, level, e
+            table, level = pool.child(e), level - 1
+
+    def table_for(self, root: Root, pos: int, level: int, acc: ZapAcc) -> int:
+        """The table at `level` covering `pos`, building missing tables on the way.
+
+        A huge leaf in the way is zapped and replaced by a table (what the TDP MMU map path does).
+        """
+        pool = self.pool
+        table, lv = root.table, root.level
+        while lv > level:
+            ent = pool.entries(table)
+            i = (pos >> (9 * (lv - 1))) & 511
+            e = int(ent[i])
+            if e & S.SPTE_MMU_PRESENT and not e & S.EPT_PS:
+                table = pool.child(e)
+            else:
+                if e & S.SPTE_MMU_PRESENT:  # huge leaf above the goal level
+                    self._zap_leaves(root, table, i, i + 1, lv, acc)
+                base = pos & ~(span(lv) - 1)
+                child = pool.alloc(lv - 1, base, root.id)
+                ent[i] = S.nonleaf_spte(TablePool.pfn(child))
+                table = child
+            lv -= 1
+        return table
+
+    # -- zapping ----------------------------------------------------------------------------------
+    def _zap_leaves(self, root: Root, table: int, lo: int, hi: int, level: int, acc: ZapAcc,
+                    mask: np.ndarray | None = None) -> None:
+        ent = self.pool.entries(table)[lo:hi]
+        leaf = (ent & S.U_PRESENT) != 0
+        if level > 1:
+            leaf &= (ent & S.U_PS) != 0
+        if mask is not None:
+            leaf &= mask
+        idx = np.flatnonzero(leaf)
+        n = len(idx)
+        if not n:
+            return
+        ent[idx] = S.NONPRESENT
+        root.leaves[level] -= n
+        self.pages[level] -= n
+        acc.count(root.role, level, n)
+        if root.valid:
+            acc.flush = True
+        base = self.pool.gfn(table) + lo * span(level)
+        sp = span(level)
+        for a, b in _runs(idx):
+            acc.runs.append((base + a * sp, base + b * sp, root.role))
+
+    def zap_range(self, root: Root, start: int, end: int, acc: ZapAcc, *,
+                  leafs_only: bool) -> None:
+        """Zap leaves intersecting [start, end) of `root`; free tables fully inside unless
+        `leafs_only` (the memslot path leaves empty tables in place)."""
+        self._zap_table(root, root.table, start, end, acc, leafs_only)
+
+    def _zap_table(self, root: Root, table: int, start: int, end: int, acc: ZapAcc,
+                   leafs_only: bool) -> None:
+        pool = self.pool
+        level = pool.level(table)
+        base = pool.gfn(table)
+        lo, hi = clip(base, level, start, end)
+        if lo >= hi:
+            return
+        self._zap_leaves(root, table, lo, hi, level, acc)
+        if level == 1:
+            return
+        ent = pool.entries(table)
+        sl = ent[lo:hi]
+        sp = span(level)
+        for j in np.flatnonzero((sl & S.U_PRESENT != 0) & (sl & S.U_PS == 0)):
+            i = lo + int(j)
+            child = pool.child(int(ent[i]))
+            self._zap_table(root, child, start, end, acc, leafs_only)
+            cbase = base + i * sp
+            if not leafs_only and start <= cbase and cbase + sp <= end:
+                pool.release(child)
+                acc.tables_freed += 1
+                ent[i] = S.NONPRESENT
+
+    def free_table(self, root: Root, table: int, acc: ZapAcc) -> None:
+        """Free a whole subtree (its leaves zapped); the caller clears the parent entry."""
+        base = self.pool.gfn(table)
+        level = self.pool.level(table)
+        self._zap_table(root, table, base, base + span(level) * ENTRIES, acc, False)
+        self.pool.release(table)
+        acc.tables_freed += 1
+
+    # -- leaves -----------------------------------------------------------------------------------
+    def set_leaves(self, root: Root, table: int, lo: int, values: np.ndarray, level: int) -> None:
+        """Install present leaves over non-present entries [lo, lo+len(values))."""
+        self.pool.entries(table)[lo : lo + len(values)] = values
+        n = len(values)
+        root.leaves[level] += n
+        self.pages[level] += n
+
+    def leaf_iter(self, root: Root, start: int = 0, end: int = 1 << 62):
+        """(position of first GFN, level, entries array, indexes of present leaves) per table."""
+        from .paging import walk
+
+        for cur in walk(self.pool, root.table, start, end):
+            sl = self.pool.entries(cur.table)[cur.lo : cur.hi]
+            leaf = (sl & S.U_PRESENT) != 0
+            if cur.level > 1:
+                leaf &= (sl & S.U_PS) != 0
+            idx = np.flatnonzero(leaf)
+            if len(idx):
+                yield cur, sl, idx

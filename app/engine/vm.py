@@ -1,0 +1,1016 @@
+"""`Vm`: the aggregate of one simulated KVM VM; one method per ioctl it models.
+
+Every mutating call enters through `apply(op, args)` so the service can journal and replay it;
+the engine is deterministic given the same calls and the same `at` timestamps.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import capabilities as caps
+from . import spte as S
+from . import uapi
+from .attributes import MemoryAttributes
+from .errors import KvmError, einval
+from .faults import ACCESS_KINDS, FaultPath, check_access_range, memory_fault_exit
+from .gmem import GmemFile, GmemTable
+from .hostmem import LEVEL_OF_SIZE, SIZE_2M, HostMemory
+from .intervals import IntervalSet
+from .memslots import (
+    ChangeKind,
+    Memslot,
+    MemslotSet,
+    RegionRequest,
+    check_arch_prepare,
+    check_region,
+)
+from .paging import span
+from .roots import Mmu, Root, RootRole, ZapAcc
+from .tdx import TdxState
+from .uapi import PAGE_SHIFT, PAGE_SIZE, VmType
+
+KVM_STAT_NAMES = (
+    "remote_tlb_flush",
+    "remote_tlb_flush_requests",
+    "mmu_shadow_zapped",
+    "mmu_pte_write",
+    "mmu_pde_zapped",
+    "mmu_flooded",
+    "mmu_recycled",
+    "mmu_cache_miss",
+    "mmu_unsync",
+    "pages_4k",
+    "pages_2m",
+    "pages_1g",
+    "nx_lpage_splits",
+    "max_mmu_rmap_size",
+    "max_mmu_page_hash_collisions",
+)
+VCPU_STAT_NAMES = ("pf_taken", "pf_fixed", "pf_fast", "pf_spurious", "pf_mmio_spte_created",
+                   "pf_emulate", "root_reloads")
+ZAP_POLICIES = ("kvm", "zap_all_shared_only")
+MAX_ACCESS_BYTES = 1 << 40  # one call may touch at most 1 TiB
+DEFAULT_TABLE_BUDGET = 1 << 20  # page-table pages per VM (4 GiB of tables)
+
+
+def _u64(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= uapi.U64_MASK:
+        raise einval(f"{name} must be an integer in [0, 2**64): {value!r}")
+    return value
+
+
+def _hex_bytes(value: object, name: str = "data") -> bytes:
+    if not isinstance(value, str):
+        raise einval(f"{name} must be a hex string")
+    s = value[2:] if value.startswith(("0x", "0X")) else value
+    try:
+        return bytes.fromhex(s)
+    except ValueError:
+        raise einval(f"{name} is not valid hex") from None
+
+
+class Vcpu:
+    __slots__ = ("id", "as_id", "roots", "running", "stats")
+
+    def __init__(self, id: int) -> None:
+        self.id = id
+        self.as_id = 0  # SMM (as_id 1) is not entered by the accesses we model
+        self.roots: dict[RootRole, int] = {}
+        self.running = False  # inside KVM_RUN once it has touched memory: flushes IPI it
+        self.stats = dict.fromkeys(VCPU_STAT_NAMES, 0)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"id": self.id, "as_id": self.as_id, "running": self.running,
+                "roots": {r.value: rid for r, rid in self.roots.items()}, "stats": self.stats}
+
+
+class Vm:
+    def __init__(self, vm_type: int, nr_vcpus: int, paging_levels: int, name: str | None,
+                 table_budget: int = DEFAULT_TABLE_BUDGET) -> None:
+        self.vm_type = VmType(vm_type)
+        self.name = name
+        self.paging_levels = paging_levels
+        self.nr_as = uapi.nr_address_spaces(vm_type)
+        self.has_private_mem = uapi.vm_has_private_mem(vm_type)
+        self.is_tdx = vm_type == VmType.KVM_X86_TDX_VM
+        # TDX: the shared bit is GPA bit 47 (4-level EPT) or 51 (5-level), as a GFN bit.
+        self.gfn_direct_bits = (1 << (35 if paging_levels == 4 else 39)) if self.is_tdx else 0
+        self.max_gfn = (1 << (uapi.HOST_MAXPHYADDR - PAGE_SHIFT)) - 1
+        self.gpa_limit = 1 << (PAGE_SHIFT + 9 * paging_levels)
+        self.user_addr_end = uapi.USER_ADDR_END_4LEVEL
+        self.disabled_quirks = caps.initial_disabled_quirks(vm_type)
+        self.manual_dirty_log = 0
+        self.zap_policy = "kvm"
+        self.table_budget = table_budget
+        self.vcpus: dict[int, Vcpu] = {}
+        self.spaces = [MemslotSet(a) for a in range(self.nr_as)]
+        self.gmem = GmemTable(owner=self)
+        self.attrs = MemoryAttributes()
+        self.host = HostMemory()
+        self.mmu = Mmu(paging_levels)
+        self.tdx = TdxState() if self.is_tdx else None
+        self.dirty: dict[tuple[int, int], np.ndarray] = {}  # slot key -> bool[npages]
+        self.zapped = IntervalSet()  # GFNs whose mapping a zap removed and no fault restored
+        self.stats_kvm = dict.fromkeys(KVM_STAT_NAMES, 0)
+        self.stats_extra: dict[str, int] = {
+            "refaults": 0,
+            "zaps_all_fast": 0,
+            "zaps_slot_leafs": 0,
+            "zaps_range": 0,
+            "zaps_notifier": 0,
+            "zaps_total_sptes": 0,
+            "mmio_sptes": 0,
+            "memslot_generation_wraps": 0,
+        }
+        self.events: list[dict[str, Any]] = []
+        self.event_seq = 0
+        self.destroyed = False
+        self.now = 0.0
+        for i in range(nr_vcpus):
+            self.vcpus[i] = Vcpu(i)
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, vm_type: object = 0, vcpus: object = 1, paging_levels: object = 4,
+               name: str | None = None, table_budget: int = DEFAULT_TABLE_BUDGET) -> Vm:
+        t = caps.check_vm_type(vm_type)
+        if paging_levels not in (4, 5) or isinstance(paging_levels, bool):
+            raise einval("paging_levels must be 4 or 5")
+        if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 0 <= vcpus <= 1024:
+            raise einval("vcpus must be an integer in [0, 1024]")
+        return cls(t, vcpus, int(paging_levels), name, table_budget)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def quirk_zap_all(self) -> bool:
+        return not self.disabled_quirks & uapi.KVM_X86_QUIRK_SLOT_ZAP_ALL
+
+    @property
+    def ipat(self) -> bool:
+        # WB with IPAT while IGNORE_GUEST_PAT is active and no non-coherent DMA (§1.6.3).
+        return not self.disabled_quirks & uapi.Quirk.KVM_X86_QUIRK_IGNORE_GUEST_PAT
+
+    # ------------------------------------------------------------------ dispatch
+    def apply(self, op: str, args: dict[str, Any] | None = None, at: float | None = None) -> dict:
+        """The one entry point of every mutating call (journaled by the service)."""
+        handler: Callable[..., dict] | None = _OPS.get(op)
+        if handler is None:
+            raise einval(f"unknown operation {op!r}")
+        if self.destroyed and op != "destroy":
+            raise KvmError(errno.EIO, "the VM has been destroyed")
+        if not isinstance(args, dict | type(None)):
+            raise einval("args must be an object")
+        self.now = time.time() if at is None else at
+        return handler(self, **(args or {}))
+
+    # ------------------------------------------------------------------ vCPUs / caps
+    def _create_vcpu(self, id: object) -> dict:
+        if isinstance(id, bool) or not isinstance(id, int) or not 0 <= id < 4096:
+            raise einval("vCPU id must be in [0, 4096)")
+        if id in self.vcpus:
+            raise KvmError(errno.EEXIST, f"vCPU {id} already exists")
+        if len(self.vcpus) >= 1024:
+            raise einval("KVM_MAX_VCPUS reached")
+        self.vcpus[id] = Vcpu(id)
+        return {"id": id}
+
+    def vcpu(self, id: object) -> Vcpu:
+        if isinstance(id, bool) or not isinstance(id, int) or id not in self.vcpus:
+            raise KvmError(errno.ENOENT, f"no vCPU {id!r}")
+        return self.vcpus[id]
+
+    def _enable_cap(self, cap: object, flags: object = 0, args: object = None) -> dict:
+        number = caps.cap_number(cap)  # type: ignore[arg-type]
+        args = [0, 0, 0, 0] if args is None else args
+        if number in (uapi.Cap.KVM_CAP_DISABLE_QUIRKS, uapi.Cap.KVM_CAP_DISABLE_QUIRKS2):
+            self.disabled_quirks = caps.disable_quirks(self.disabled_quirks, number, flags, args)
+        elif number == uapi.Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            self.manual_dirty_log = caps.check_manual_dirty_log(flags, args)
+        else:
+            raise einval(f"KVM_ENABLE_CAP does not support capability {number}")
+        return {}
+
+    def check_extension(self, cap: object) -> int:
+        return caps.vm_check_extension(cap, self.vm_type)  # type: ignore[arg-type]
+
+    def _set_zap_policy(self, policy: object) -> dict:
+        if policy not in ZAP_POLICIES:
+            raise einval(f"policy must be one of {ZAP_POLICIES}")
+        self.zap_policy = str(policy)
+        return {}
+
+    # ------------------------------------------------------------------ memslots
+    def _set_user_memory_region(self, **args: Any) -> dict:
+        req = RegionRequest.from_args(args)
+        change = check_region(req, vm_type=self.vm_type, spaces=self.spaces, gmem=self.gmem,
+                              user_addr_end=self.user_addr_end)
+        kind, old, new = change.kind, change.old, change.new
+        if kind is ChangeKind.NONE:
+            return {"change": kind.value, "memslot": self._slot_dict(old), "zap": None}
+        if kind is ChangeKind.CREATE:
+            check_arch_prepare(change, max_gfn=self.max_gfn, gfn_direct_bits=self.gfn_direct_bits)
+            assert new is not None
+            if new.guest_memfd is not None:
+                self.gmem.bind(new.guest_memfd, new.guest_memfd_offset, new.npages,
+                               (new.as_id, new.id))
+            self.spaces[new.as_id].install(new)
+            self._swap(new.as_id)
+            if new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+                self._alloc_dirty(new)
+            return {"change": kind.value, "memslot": self._slot_dict(new), "zap": None}
+        if kind is ChangeKind.FLAGS_ONLY:
+            assert old is not None and new is not None
+            space = self.spaces[old.as_id]
+            space.remove(old.id)
+            space.install(new)
+            self._swap(new.as_id)
+            zap = self._apply_dirty_flags(old, new)
+            return {"change": kind.value, "memslot": self._slot_dict(new), "zap": zap}
+        # DELETE and MOVE: publish the INVALID slot, flush it from the MMU, then finish.
+        assert old is not None
+        space = self.spaces[old.as_id]
+        old.invalid = True
+        self._swap(old.as_id)
+        cause = "memslot_delete" if kind is ChangeKind.DELETE else "memslot_move"
+        zap = self._flush_memslot(old, cause)
+        if kind is ChangeKind.MOVE:
+            assert new is not None
+            try:
+                check_arch_prepare(change, max_gfn=self.max_gfn,
+                                   gfn_direct_bits=self.gfn_direct_bits)
+            except KvmError as e:
+                # The kernel restores the old slot; the zap is not undone (§2.1 V21).
+                old.invalid = False
+                self._swap(old.as_id)
+                e.state_changed = True  # type: ignore[attr-defined]
+                raise
+            space.remove(old.id)
+            space.install(new)
+            key = (old.as_id, old.id)
+            if not new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+                self.dirty.pop(key, None)
+            elif key not in self.dirty:
+                self._alloc_dirty(new)
+            self._swap(new.as_id)
+            return {"change": kind.value, "memslot": self._slot_dict(new), "zap": zap}
+        space.remove(old.id)
+        self.dirty.pop((old.as_id, old.id), None)
+        if old.guest_memfd is not None:
+            self.gmem.unbind(old.guest_memfd, (old.as_id, old.id))
+        self._swap(old.as_id)
+        return {"change": kind.value, "memslot": None, "zap": zap}
+
+    def _slot_dict(self, slot: Memslot | None) -> dict | None:
+        if slot is None:
+            return None
+        d: dict[str, Any] = slot.to_dict()
+        d["flag_names"] = uapi.flag_names(uapi.MemFlag, slot.flags)
+        d["mapped"] = self._slot_mapped(slot)
+        d["dirty_logging"] = (slot.as_id, slot.id) in self.dirty
+        return d
+
+    def _slot_mapped(self, slot: Memslot) -> dict[str, int]:
+        """Present leaves inside the slot, in 4 KiB pages, per root role."""
+        out = {"shared": 0, "private": 0}
+        for root in self.mmu.roots_of(slot.as_id):
+            bits = self.gfn_direct_bits if root.role is RootRole.DIRECT else 0
+            n = 0
+            for cur, sl, idx in self.mmu.leaf_iter(root, slot.base_gfn | bits,
+                                                   slot.end_gfn | bits):
+                n += len(idx) * span(cur.level)
+            if root.role is RootRole.MIRROR:
+                out["private"] += n
+            elif self.has_private_mem and not self.is_tdx:
+                priv = 0
+                for cur, sl, idx in self.mmu.leaf_iter(root, slot.base_gfn, slot.end_gfn):
+                    pfns = (sl[idx] & S.U_ADDR) >> S.U_SHIFT
+                    priv += int(np.count_nonzero(pfns >= S.GMEM_PFN_BASE)) * span(cur.level)
+                out["private"] += priv
+                out["shared"] += n - priv
+            else:
+                out["shared"] += n
+        out["total"] = out["shared"] + out["private"]
+        return out
+
+    def _swap(self, as_id: int) -> None:
+        """A new memslot array is published: generation += nr_as; MMIO generation wrap check."""
+        space = self.spaces[as_id]
+        space.generation += self.nr_as
+        gen = space.generation & ~(self.nr_as - 1) & ((1 << 19) - 1)
+        if gen == 0:
+            self.stats_extra["memslot_generation_wraps"] += 1
+            self._zap_all_fast("mmio_gen_wrap", 0, self.max_gfn + 1)
+
+    # ------------------------------------------------------------------ zapping
+    def _flush_memslot(self, slot: Memslot, cause: str) -> dict:
+        """kvm_arch_flush_shadow_memslot: the SLOT_ZAP_ALL quirk decides (§4.1)."""
+        if self.zap_policy == "zap_all_shared_only":
+            return self._zap_all_fast(cause, slot.base_gfn, slot.end_gfn, experiment=True)
+        if self.vm_type == VmType.KVM_X86_DEFAULT_VM and self.quirk_zap_all:
+            return self._zap_all_fast(cause, slot.base_gfn, slot.end_gfn)
+        return self._zap_slot_leafs(slot, cause)
+
+    def _running_vcpus(self) -> int:
+        return sum(1 for v in self.vcpus.values() if v.running)
+
+    def _flush_tlbs(self) -> int:
+        """kvm_flush_remote_tlbs: a request always; an IPI only if a vCPU is in the guest."""
+        self.stats_kvm["remote_tlb_flush_requests"] += 1
+        if self._running_vcpus():
+            self.stats_kvm["remote_tlb_flush"] += 1
+        if self.tdx is not None:
+            self.tdx.epoch += 1
+            self.tdx._op("TDH.MEM.TRACK", 0, 0)
+        return 1
+
+    def _zap_all_fast(self, cause: str, gfn_start: int, gfn_end: int,
+                      experiment: bool = False) -> dict:
+        """kvm_mmu_zap_all_fast: invalidate every direct root; vCPUs load new ones (§4.3, §5).
+
+        Mirror roots are never touched. With only the TDP MMU there is no remote flush: each
+        vCPU flushes locally when it switches to its new root.
+        """
+        t0 = time.perf_counter()
+        acc = ZapAcc()
+        invalidated = 0
+        self.mmu.mmu_valid_gen ^= 1
+        for root in self.mmu.roots_of(role=RootRole.DIRECT, only_valid=True):
+            root.valid = False
+            invalidated += 1
+        for root in self.mmu.roots_of(role=RootRole.DIRECT):
+            if not root.valid:
+                self.mmu.free_root(root, acc)
+        kicks = self._running_vcpus()  # KVM_REQ_MMU_FREE_OBSOLETE_ROOTS to every vCPU
+        for v in self.vcpus.values():
+            v.roots.pop(RootRole.DIRECT, None)
+        self.stats_extra["zaps_all_fast"] += 1
+        path = "zap_all_fast_shared_only" if experiment else "zap_all_fast"
+        return self._record(cause, path, gfn_start, gfn_end, acc, invalidated, 0, kicks, t0)
+
+    def _zap_slot_leafs(self, slot: Memslot, cause: str) -> dict:
+        """kvm_tdp_mmu_unmap_gfn_range over the slot: every root of its address space, valid or
+        not, direct and mirror; leaves only; one flush if a valid root lost something (§4.4)."""
+        t0 = time.perf_counter()
+        acc = ZapAcc()
+        for root in self.mmu.roots_of(slot.as_id):
+            self._zap_root_range(root, slot.base_gfn, slot.end_gfn, acc)
+        flushes = self._flush_tlbs() if acc.flush else 0
+        self.stats_extra["zaps_slot_leafs"] += 1
+        kicks = self._running_vcpus() if flushes else 0
+        return self._record(cause, "zap_slot_leafs", slot.base_gfn, slot.end_gfn, acc, 0,
+                            flushes, kicks, t0)
+
+    def _zap_root_range(self, root: Root, start: int, end: int, acc: ZapAcc) -> None:
+        if root.role is RootRole.DIRECT:
+            bits = self.gfn_direct_bits
+            self.mmu.zap_range(root, start | bits, end | bits, acc, leafs_only=True)
+        else:
+            before = len(acc.runs)
+            self.mmu.zap_range(root, start, end, acc, leafs_only=True)
+            assert self.tdx is not None
+            for s, e, _ in acc.runs[before:]:
+                self.tdx.remove_leaves(s, e - s)
+
+    def _zap_gfn_range(self, as_ids: list[int], start: int, end: int, roles: set[RootRole],
+                       cause: str, path: str) -> dict:
+        """kvm_unmap_gfn_range for notifier, attribute and guest_memfd invalidations."""
+        t0 = time.perf_counter()
+        acc = ZapAcc()
+        for as_id in as_ids:
+            for root in self.mmu.roots_of(as_id):
+                if root.role in roles:
+                    self._zap_root_range(root, start, end, acc)
+        flushes = self._flush_tlbs() if acc.flush else 0
+        kicks = self._running_vcpus() if flushes else 0
+        return self._record(cause, path, start, end, acc, 0, flushes, kicks, t0)
+
+    def _record(self, cause: str, path: str, gfn_start: int, gfn_end: int, acc: ZapAcc,
+                invalidated: int, flushes: int, kicks: int, t0: float) -> dict:
+        bits = self.gfn_direct_bits
+        for s, e, _role in acc.runs:
+            if bits and s & bits:
+                s, e = s & ~bits, ((e - 1) & ~bits) + 1
+            self.zapped.add(s, e)
+        total = acc.total()
+        self.stats_extra["zaps_total_sptes"] += total
+        self.event_seq += 1
+        ev = {
+            "seq": self.event_seq,
+            "at": self.now,
+            "cause": cause,
+            "path": path,
+            "gfn_start": gfn_start,
+            "gfn_end": gfn_end,
+            "sptes_zapped": acc.by_level(),
+            "sptes_zapped_total": total,
+            "tables_freed": acc.tables_freed,
+            "roots_invalidated": invalidated,
+            "tlb_flushes": flushes,
+            "vcpu_kicks": kicks,
+            "duration_us": int((time.perf_counter() - t0) * 1e6),
+        }
+        self.events.append(ev)
+        if len(self.events) > 10000:
+            del self.events[: len(self.events) - 10000]
+        return ev
+
+    def _account_fault_zaps(self, acc: ZapAcc) -> None:
+        """Huge leaves a fault replaced by tables are zapped too (and may refault)."""
+        if acc.total():
+            for s, e, _ in acc.runs:
+                self.zapped.add(s & ~self.gfn_direct_bits, ((e - 1) & ~self.gfn_direct_bits) + 1)
+            if acc.flush:
+                self._flush_tlbs()
+
+    def _zap(self, scope: object = "range", gpa: object = None, size: object = None,
+             roots: object = "both") -> dict:
+        if scope not in ("all", "range") or roots not in ("shared", "private", "both"):
+            raise einval("scope must be all|range and roots shared|private|both")
+        if roots in ("private", "both") and self.is_tdx and scope == "all":
+            raise KvmError(errno.EPERM, "the private (mirror) root of a live TD is never zapped")
+        if scope == "all":
+            if roots == "private" and not self.is_tdx:
+                raise einval("this VM has no private (mirror) root")
+            return self._zap_all_fast("explicit", 0, self.max_gfn + 1)
+        g = _u64(gpa, "gpa")
+        n = _u64(size, "size")
+        if n == 0 or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n > self.gpa_limit:
+            raise einval("gpa/size must be page aligned, non-empty, inside the GPA space")
+        sel = {RootRole.DIRECT, RootRole.MIRROR}
+        if self.is_tdx and roots == "shared":
+            sel = {RootRole.DIRECT}
+        elif self.is_tdx and roots == "private":
+            sel = {RootRole.MIRROR}
+        start = (g >> PAGE_SHIFT) & ~self.gfn_direct_bits
+        end = start + (n >> PAGE_SHIFT)
+        self.stats_extra["zaps_range"] += 1
+        return self._zap_gfn_range(list(range(self.nr_as)), start, end, sel, "explicit",
+                                   "zap_gfn_range")
+
+    # ------------------------------------------------------------------ MMIO SPTEs
+    def _install_mmio_spte(self, as_id: int, pos: int, gfn: int) -> None:
+        """Cache 'no memslot' for the GFN in the direct root (§1.5.3); TDX value is 0."""
+        if pos > self.max_gfn:
+            return
+        vcpu_root = self.mmu.get_root(as_id, RootRole.DIRECT)
+        self._check_budget(self.paging_levels)
+        table = self.mmu.table_for(vcpu_root, pos, 1, ZapAcc())
+        gen = self.spaces[as_id].generation
+        value = S.mmio_spte(gfn, gen)
+        if self.is_tdx:
+            value &= ~(S.EPT_MMIO_VALUE | S.SUPPRESS_VE)
+        ent = self.mmu.pool.entries(table)
+        if not int(ent[pos & 511]) & S.SPTE_MMU_PRESENT:
+            ent[pos & 511] = np.uint64(value)
+            self.stats_extra["mmio_sptes"] += 1
+
+    # ------------------------------------------------------------------ faults
+    def root_for(self, vcpu: Vcpu, role: RootRole) -> Root:
+        rid = vcpu.roots.get(role)
+        root = self.mmu.roots.get(rid) if rid is not None else None
+        if root is None or not root.valid:
+            if rid is not None:
+                vcpu.stats["root_reloads"] += 1
+            root = self.mmu.get_root(vcpu.as_id, role)
+            vcpu.roots[role] = root.id
+        return root
+
+    def mirror_table(self, root: Root, gfn: int) -> int:
+        """The mirror leaf table for `gfn`; each new mirror table is linked with SEPT.ADD."""
+        before = self.mmu.pool.live
+        table = self.mmu.table_for(root, gfn, 1, ZapAcc())
+        assert self.tdx is not None
+        for _ in range(self.mmu.pool.live - before):
+            self.tdx.sept_add(gfn, 1)
+        return table
+
+    def vstat(self, vcpu: Vcpu, name: str, n: int = 1) -> None:
+        vcpu.stats[name] += n
+
+    def gmem_for_fault(self, slot: Memslot, gfn: int, private: bool) -> GmemFile:
+        file = self.gmem.lookup(slot.guest_memfd)
+        if slot.guest_memfd is None or file is None or file.closed:
+            raise memory_fault_exit(gfn, private)
+        return file
+
+    def gmem_allocate(self, file: GmemFile, first: int, count: int) -> None:
+        file.allocate(first, count)
+
+    def mark_dirty(self, slot: Memslot, gfns: np.ndarray) -> None:
+        bm = self.dirty.get((slot.as_id, slot.id))
+        if bm is not None:
+            bm[np.asarray(gfns, dtype=np.int64) - slot.base_gfn] = True
+
+    def _check_budget(self, need: int) -> None:
+        if self.mmu.pool.live + need > self.table_budget:
+            raise KvmError(errno.ENOMEM, "the service's page-table budget for this VM is spent")
+
+    def _budget_for(self, size: int) -> int:
+        pages = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        return (pages >> 9) + (pages >> 18) + self.paging_levels + 2
+
+    def _access(self, vcpu: object, gpa: object, size: object = PAGE_SIZE,
+                access: object = "read", private: object = None) -> dict:
+        v = self.vcpu(vcpu)
+        if access not in ACCESS_KINDS:
+            raise einval("access must be read, write or exec")
+        g, n = check_access_range(self, gpa, size, MAX_ACCESS_BYTES)
+        self._check_private_hint(private, g)
+        self._check_budget(self._budget_for(n))
+        v.running = True
+        self.vstat(v, "pf_taken")
+        return FaultPath(self, v, str(access)).run(g, n).to_dict()
+
+    def _check_private_hint(self, private: object, gpa: int) -> None:
+        if private is None:
+            return
+        if not isinstance(private, bool):
+            raise einval("private must be true, false or null")
+        if self.is_tdx:
+            if private == bool((gpa >> PAGE_SHIFT) & self.gfn_direct_bits):
+                raise einval("private contradicts the GPA's shared bit")
+        elif private and not self.has_private_mem:
+            raise einval("this VM type has no private memory")
+
+    def _pre_fault(self, vcpu: object, gpa: object, size: object, flags: object = 0) -> dict:
+        """KVM_PRE_FAULT_MEMORY (§2.8): returns what is left of the range."""
+        v = self.vcpu(vcpu)
+        g, n, f = _u64(gpa, "gpa"), _u64(size, "size"), _u64(flags, "flags")
+        if f or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n <= g:
+            raise einval("flags must be 0; gpa/size page aligned; size > 0, no wrap")
+        if (g >> PAGE_SHIFT) & self.gfn_direct_bits:
+            raise einval("the GPA is a shared-bit alias")
+        if g + n > self.gpa_limit:
+            raise einval("range beyond the guest physical address space")
+        self._check_budget(self._budget_for(n))
+        done = 0
+        while n:
+            gfn = g >> PAGE_SHIFT
+            private = self.has_private_mem and self.attrs.get(gfn) != 0
+            pos = gfn if private or not self.is_tdx else gfn | self.gfn_direct_bits
+            fp = FaultPath(self, v, "write" if private else "read", prefetch=True)
+            slot = self.spaces[v.as_id].find(gfn)
+            if slot is None:
+                err = KvmError(errno.ENOENT, f"no memslot at gpa {g:#x}")
+                break
+            fp.run(pos << PAGE_SHIFT, PAGE_SIZE)
+            if fp.res.exit is not None:
+                err = KvmError(errno.EFAULT, f"pre-fault at {g:#x} ended in {fp.res.exit}")
+                break
+            _t, _i, level, _e = self.mmu.lookup(self.root_for(v, RootRole.MIRROR
+                                                if self.is_tdx and private
+                                                else RootRole.DIRECT), pos)
+            step = min(n, (span(level) << PAGE_SHIFT) - (g & ((span(level) << PAGE_SHIFT) - 1)))
+            g += step
+            n -= step
+            done += 1
+        else:
+            return {"gpa": g, "size": 0}
+        if done:
+            return {"gpa": g, "size": n}
+        raise err
+
+    def _accept(self, vcpu: object, gpa: object, size: object = PAGE_SIZE) -> dict:
+        """A TD guest's TDG.MEM.PAGE.ACCEPT: AUG the page if it is missing, then accept it."""
+        if self.tdx is None:
+            raise einval("TDG.MEM.PAGE.ACCEPT exists only in a TD (KVM_X86_TDX_VM)")
+        v = self.vcpu(vcpu)
+        g, n = _u64(gpa, "gpa"), _u64(size, "size")
+        if n == 0 or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n > self.gpa_limit:
+            raise einval("gpa/size must be page aligned, non-empty, inside the GPA space")
+        if (g >> PAGE_SHIFT) & self.gfn_direct_bits:
+            raise einval("only private GPAs are accepted")
+        self._check_budget(self._budget_for(n))
+        v.running = True
+        gfn, end = g >> PAGE_SHIFT, (g + n) >> PAGE_SHIFT
+        accepted = reaccepted = 0
+        result = None
+        while gfn < end:
+            fp = FaultPath(self, v, "write", prefetch=True)
+            res = fp.run(gfn << PAGE_SHIFT, (end - gfn) << PAGE_SHIFT)
+            reached = gfn + res.pages
+            if res.exit is not None and res.exit.get("size") != 0:
+                result = res.exit  # not a pending page: a real exit
+                reached = gfn + res.pages - (1 if res.pages else 0)
+            stop = reached if result is not None else min(end, max(reached, gfn + 1))
+            a, r = self.tdx.accept(gfn, stop - gfn)
+            accepted += a
+            reaccepted += r
+            if result is not None:
+                break
+            gfn = stop
+        return {"accepted": accepted, "reaccepted": reaccepted, "exit": result}
+
+    # ------------------------------------------------------------------ load / store
+    def _load(self, vcpu: object, gpa: object, len: object, private: object = None) -> dict:
+        length = _u64(len, "len")
+        if not 0 < length <= PAGE_SIZE:
+            raise einval("len must be in [1, 4096]")
+        return self._data_access(vcpu, gpa, length, None, private)
+
+    def _store(self, vcpu: object, gpa: object, data: object, private: object = None) -> dict:
+        payload = _hex_bytes(data)
+        if not 0 < len(payload) <= PAGE_SIZE:
+            raise einval("data must hold 1 to 4096 bytes")
+        return self._data_access(vcpu, gpa, len(payload), payload, private)
+
+    def _data_access(self, vcpu: object, gpa: object, length: int, payload: bytes | None,
+                     private: object) -> dict:
+        v = self.vcpu(vcpu)
+        g, _ = check_access_range(self, gpa, length, PAGE_SIZE)
+        self._check_private_hint(private, g)
+        v.running = True
+        res = FaultPath(self, v, "read" if payload is None else "write").run(g, length)
+        if res.exit is not None:
+            return {"exit": res.exit}
+        out = bytearray()
+        pos = g
+        end = g + length
+        while pos < end:
+            n = min(end - pos, PAGE_SIZE - (pos & (PAGE_SIZE - 1)))
+            src = self._backing(v, pos)
+            if payload is None:
+                out += src.read(n)
+            else:
+                src.write(payload[pos - g : pos - g + n])
+            pos += n
+        return {"data": out.hex()} if payload is None else {}
+
+    def _backing(self, vcpu: Vcpu, gpa: int) -> _Backing:
+        """Where the SPTE for `gpa` points: a host page or a guest_memfd page."""
+        pos = gpa >> PAGE_SHIFT
+        gfn = pos & ~self.gfn_direct_bits
+        private = self.is_tdx and not pos & self.gfn_direct_bits
+        root = self.root_for(vcpu, RootRole.MIRROR if private else RootRole.DIRECT)
+        _t, _i, level, e = self.mmu.lookup(root, pos)
+        assert e & S.SPTE_MMU_PRESENT, "the fault path left the page unmapped"
+        pfn = S.pfn_of(e) + (pos & (span(level) - 1))
+        off = gpa & (PAGE_SIZE - 1)
+        owner = self.gmem.pfn_owner(pfn)
+        if owner is not None:
+            return _Backing(self, owner[0], owner[1], off)
+        del gfn
+        return _Backing(self, None, pfn, off)
+
+    # ------------------------------------------------------------------ host memory
+    def _host_range(self, addr: object, length: object) -> tuple[int, int]:
+        a, n = _u64(addr, "userspace_addr"), _u64(length, "len")
+        if n == 0 or a + n > self.user_addr_end:
+            raise einval("range must be non-empty and inside the user address space")
+        return a, n
+
+    def host_read(self, userspace_addr: object, len: object) -> dict:
+        a, n = self._host_range(userspace_addr, len)
+        if n > 1 << 20:
+            raise KvmError(errno.E2BIG, "read at most 1 MiB at once")
+        return {"data": self.host.read(a, n).hex()}
+
+    def _host_write(self, userspace_addr: object, data: object) -> dict:
+        payload = _hex_bytes(data)
+        a, _ = self._host_range(userspace_addr, max(1, len(payload)))
+        if payload:
+            # A write through the VMM's mapping breaks nothing KVM maps: same pfn, new bytes.
+            self.host.write(a, payload)
+        return {"written": len(payload)}
+
+    def _host_discard(self, userspace_addr: object, len: object) -> dict:
+        """madvise(MADV_DONTNEED): the MMU notifier zaps every SPTE mapping the range."""
+        a, n = self._host_range(userspace_addr, len)
+        if a & (PAGE_SIZE - 1):
+            raise einval("madvise needs a page-aligned address")
+        first, end = a >> PAGE_SHIFT, (a + n + PAGE_SIZE - 1) >> PAGE_SHIFT
+        zap = self._notifier_invalidate(first, end)
+        self.host.discard(first, end)
+        return {"zap": zap}
+
+    def _notifier_invalidate(self, first: int, end: int) -> dict | None:
+        """kvm_mmu_notifier_invalidate_range_start: every slot whose HVA range intersects,
+        shared (direct) roots only — host mm events never touch TDX mirror roots (§3.6)."""
+        zap = None
+        t0 = time.perf_counter()
+        acc = ZapAcc()
+        lo_gfn, hi_gfn = None, None
+        for space in self.spaces:
+            for slot in space.by_gfn():
+                if slot.gmem_only:
+                    continue
+                s_first = slot.userspace_addr >> PAGE_SHIFT
+                s_end = s_first + slot.npages
+                lo, hi = max(first, s_first), min(end, s_end)
+                if lo >= hi:
+                    continue
+                g0 = slot.base_gfn + (lo - s_first)
+                g1 = slot.base_gfn + (hi - s_first)
+                for root in self.mmu.roots_of(space.as_id, RootRole.DIRECT):
+                    self._zap_root_range(root, g0, g1, acc)
+                lo_gfn = g0 if lo_gfn is None else min(lo_gfn, g0)
+                hi_gfn = g1 if hi_gfn is None else max(hi_gfn, g1)
+        if lo_gfn is not None:
+            flushes = self._flush_tlbs() if acc.flush else 0
+            kicks = self._running_vcpus() if flushes else 0
+            self.stats_extra["zaps_notifier"] += 1
+            zap = self._record("mmu_notifier", "zap_gfn_range", lo_gfn, hi_gfn or 0, acc, 0,
+                               flushes, kicks, t0)
+        return zap
+
+    def _host_advise(self, userspace_addr: object, len: object, advice: object) -> dict:
+        a, n = self._host_range(userspace_addr, len)
+        if a & (PAGE_SIZE - 1) or advice not in ("hugepage", "nohugepage"):
+            raise einval("page-aligned address; advice hugepage|nohugepage")
+        first, end = a >> PAGE_SHIFT, (a + n + PAGE_SIZE - 1) >> PAGE_SHIFT
+        # MADV_NOHUGEPAGE does not split existing THPs; KVM's SPTEs stay as they are.
+        self.host.set_page_size(first, end, 2 if advice == "hugepage" else 1, "thp")
+        return {}
+
+    def _host_map(self, userspace_addr: object, len: object, page_size: object) -> dict:
+        """An mmap of hugetlbfs: the range is backed by pages of `page_size`."""
+        a, n = self._host_range(userspace_addr, len)
+        if page_size not in LEVEL_OF_SIZE or isinstance(page_size, bool):
+            raise einval("page_size must be 4096, 2097152 or 1073741824")
+        ps = int(page_size)  # type: ignore[call-overload]
+        if a % ps or n % ps:
+            raise einval("hugetlbfs mappings are aligned to their page size")
+        zap = self._notifier_invalidate(a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT)
+        self.host.discard(a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT)
+        self.host.set_page_size(a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT, LEVEL_OF_SIZE[ps],
+                                "hugetlb")
+        return {"zap": zap}
+
+    # ------------------------------------------------------------------ guest_memfd
+    def _create_guest_memfd(self, size: object, flags: object = 0) -> dict:
+        return self.gmem.create(size, flags, vm_type=self.vm_type).to_dict()
+
+    def _gmem_fallocate(self, fd: object, mode: object, offset: object, len: object) -> dict:
+        modes = {"allocate": 0, "punch_hole": 0x03}  # FALLOC_FL_PUNCH_HOLE|KEEP_SIZE
+        if mode not in modes and not isinstance(mode, int):
+            raise einval("mode must be allocate or punch_hole")
+        m = modes[mode] if isinstance(mode, str) else mode
+        file, punch, first, count = self.gmem.check_fallocate(fd, m, offset, len)
+        if not punch:
+            return {"allocated": file.allocate(first, count), "zap": None}
+        zap = self._gmem_invalidate(file, first, first + count, "punch_hole")
+        return {"freed": file.punch(first, count), "zap": zap}
+
+    def _gmem_invalidate(self, file: GmemFile, first: int, end: int, cause: str) -> dict | None:
+        """kvm_gmem_invalidate: zap the private mappings of every slot bound to the range."""
+        zap = None
+        for start, n, key in file.bindings_in(first, end):
+            slot = self.spaces[key[0]].get(key[1])
+            if slot is None:
+                continue
+            g0 = slot.base_gfn + (start - slot.gmem_pgoff)
+            roles = {RootRole.MIRROR} if self.is_tdx else {RootRole.DIRECT}
+            zap = self._zap_gfn_range([key[0]], g0, g0 + n, roles, cause, "zap_gfn_range")
+        return zap
+
+    def _gmem_close(self, fd: object) -> dict:
+        file = self.gmem.get(fd)
+        zap = self._gmem_invalidate(file, 0, file.npages, "gmem_close")
+        self.gmem.close(fd)
+        return {"zap": zap}
+
+    def _gmem_write(self, fd: object, offset: object, data: object) -> dict:
+        file = self._mappable(fd)
+        payload = _hex_bytes(data)
+        off = _u64(offset, "offset")
+        if off + len(payload) > file.size:
+            raise einval("write beyond the end of the file")
+        file.write(off, payload)
+        return {"written": len(payload)}
+
+    def gmem_read(self, fd: object, offset: object, len: object) -> dict:
+        file = self._mappable(fd)
+        off, n = _u64(offset, "offset"), _u64(len, "len")
+        if off + n > file.size or n > 1 << 20:
+            raise einval("read beyond the end of the file (or over 1 MiB)")
+        return {"data": file.read(off, n).hex()}
+
+    def _mappable(self, fd: object) -> GmemFile:
+        file = self.gmem.get(fd)
+        if not file.flags & uapi.GmemFlag.GUEST_MEMFD_FLAG_MMAP or file.closed:
+            raise KvmError(errno.ENODEV, "only MMAP guest_memfd files can be read or written")
+        return file
+
+    # ------------------------------------------------------------------ attributes
+    def _set_memory_attributes(self, address: object, size: object, attributes: object,
+                               flags: object = 0) -> dict:
+        start, end = self.attrs.check(address, size, attributes, flags, vm_type=self.vm_type)
+        attrs = int(attributes)  # type: ignore[call-overload]
+        if self.attrs.pieces(start, end) == [(start, end, attrs)]:
+            return {"zap": None, "changed": False}  # identical: no invalidation at all
+        zap = None
+        to_private = bool(attrs & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        if self.has_private_mem:
+            # Zap the view being left, widened to whole huge regions that a leaf may cover.
+            w0, w1 = self._widen(start, end)
+            if self.is_tdx:
+                roles = {RootRole.DIRECT} if to_private else {RootRole.MIRROR}
+            else:
+                roles = {RootRole.DIRECT}
+            overlapping = any(sp.overlapping(w0, w1 - w0) for sp in self.spaces)
+            if overlapping:
+                zap = self._zap_gfn_range([0], w0, w1, roles, "attributes", "zap_gfn_range")
+        self.attrs.set(start, end, attrs)
+        return {"zap": zap, "changed": True}
+
+    def _widen(self, start: int, end: int) -> tuple[int, int]:
+        n = span(uapi.KVM_MAX_HUGEPAGE_LEVEL)
+        return start & ~(n - 1), min(-(-end // n) * n, self.max_gfn + 1)
+
+    # ------------------------------------------------------------------ dirty logging
+    def _alloc_dirty(self, slot: Memslot) -> None:
+        initially_set = self.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET
+        self.dirty[(slot.as_id, slot.id)] = (
+            np.ones(slot.npages, dtype=bool) if initially_set else np.zeros(slot.npages, bool)
+        )
+
+    def _apply_dirty_flags(self, old: Memslot, new: Memslot) -> dict | None:
+        from . import dirty
+
+        return dirty.apply_flags(self, old, new)
+
+    def _get_dirty_log(self, slot: object) -> dict:
+        from . import dirty
+
+        return dirty.get_dirty_log(self, slot)
+
+    def _clear_dirty_log(self, slot: object, first_page: object, num_pages: object,
+                         bitmap: object) -> dict:
+        from . import dirty
+
+        return dirty.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
+
+    # ------------------------------------------------------------------ teardown
+    def _destroy(self) -> dict:
+        """VM destruction: HKID released first for a TD, then every root torn down."""
+        t0 = time.perf_counter()
+        acc = ZapAcc()
+        if self.tdx is not None:
+            self.tdx.hkid_assigned = False
+        for root in self.mmu.roots_of():
+            root.valid = False
+            before = len(acc.runs)
+            self.mmu.free_root(root, acc)
+            if root.role is RootRole.MIRROR and self.tdx is not None:
+                for s, e, _ in acc.runs[before:]:
+                    self.tdx.remove_leaves(s, e - s)
+        for v in self.vcpus.values():
+            v.roots.clear()
+        ev = self._record("vm_destroy", "zap_all", 0, self.max_gfn + 1, acc, 0, 0, 0, t0)
+        self.destroyed = True
+        return ev
+
+    # ------------------------------------------------------------------ queries
+    def info(self) -> dict:
+        return {
+            "vm_type": int(self.vm_type),
+            "vm_type_name": self.vm_type.name,
+            "name": self.name,
+            "vcpus": len(self.vcpus),
+            "paging_levels": self.paging_levels,
+            "nr_address_spaces": self.nr_as,
+            "has_private_mem": self.has_private_mem,
+            "gfn_direct_bits": self.gfn_direct_bits,
+            "zap_policy": self.zap_policy,
+            "slot_zap_all_applies": self.vm_type == VmType.KVM_X86_DEFAULT_VM
+            and self.quirk_zap_all,
+            "memslots": sum(len(s) for s in self.spaces),
+            "destroyed": self.destroyed,
+        }
+
+    def quirks(self) -> dict:
+        return caps.quirks_view(self.vm_type, self.disabled_quirks)
+
+    def memslots(self) -> list[dict]:
+        out = []
+        for space in self.spaces:
+            for slot in space:
+                out.append(self._slot_dict(slot))
+        return sorted(out, key=lambda d: d["slot"])
+
+    def memslot(self, slot: object) -> dict:
+        s = self._lookup_slot(slot)
+        return self._slot_dict(s)  # type: ignore[return-value]
+
+    def _lookup_slot(self, slot: object) -> Memslot:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot <= 0xFFFFFFFF:
+            raise einval("slot must be a u32")
+        as_id, id = slot >> 16, slot & 0xFFFF
+        if as_id >= self.nr_as or id >= uapi.KVM_USER_MEM_SLOTS:
+            raise einval(f"slot {slot:#x}: address space or id out of range")
+        s = self.spaces[as_id].get(id)
+        if s is None:
+            raise KvmError(errno.ENOENT, f"no memslot {slot:#x}")
+        return s
+
+    def vcpus_view(self) -> list[dict]:
+        return [self.vcpus[i].to_dict() for i in sorted(self.vcpus)]
+
+    def guest_memfds(self) -> list[dict]:
+        return [f.to_dict() for f in self.gmem]
+
+    def memory_attributes(self) -> list[dict]:
+        return self.attrs.ranges()
+
+    def zap_events(self) -> list[dict]:
+        return list(reversed(self.events))
+
+    def roots(self) -> list[dict]:
+        return [r.to_dict(self.mmu.mmu_valid_gen) for r in self.mmu.roots_of()]
+
+    def stats(self) -> dict:
+        out: dict[str, Any] = dict(self.stats_kvm)
+        out["pages_4k"], out["pages_2m"], out["pages_1g"] = self.mmu.pages[1:4]
+        out.update(self.stats_extra)
+        out["page_tables"] = self.mmu.pool.live
+        out["roots"] = len(self.mmu.roots)
+        by_role = {"shared": [0, 0, 0, 0], "private": [0, 0, 0, 0]}
+        for r in self.mmu.roots.values():
+            key = "private" if r.role is RootRole.MIRROR else "shared"
+            by_role[key] = [a + b for a, b in zip(by_role[key], r.leaves, strict=True)]
+        for key, v in by_role.items():
+            out[f"{key}_pages_4k"], out[f"{key}_pages_2m"], out[f"{key}_pages_1g"] = v[1:4]
+        out["zapped_not_refaulted"] = self.zapped.total()
+        for name in VCPU_STAT_NAMES:
+            out[name] = sum(v.stats[name] for v in self.vcpus.values())
+        if self.tdx is not None:
+            t = self.tdx.to_dict()
+            for op, n in t["ops"].items():  # type: ignore[attr-defined]
+                out["tdx_" + op.lower().replace(".", "_")] = n
+            out["tdx_reaccepts"] = self.tdx.reaccepts
+            out["tdx_accepted_pages"] = self.tdx.accepted.total()
+        return out
+
+    def tdx_state(self) -> dict:
+        if self.tdx is None:
+            raise einval("not a TD")
+        return self.tdx.to_dict()
+
+    def translate(self, gpa: object) -> dict:
+        from .introspect import translate
+
+        return translate(self, gpa)
+
+    def mappings(self, root: object = None) -> list[dict]:
+        from .introspect import mappings
+
+        return mappings(self, root)
+
+    def audit(self) -> dict:
+        from .audit import audit
+
+        return audit(self)
+
+
+class _Backing:
+    """A page as the CPU reaches it through an SPTE."""
+
+    def __init__(self, vm: Vm, file: GmemFile | None, page: int, off: int) -> None:
+        self.vm, self.file, self.page, self.off = vm, file, page, off
+
+    def read(self, n: int) -> bytes:
+        if self.file is not None:
+            return self.file.read((self.page << PAGE_SHIFT) + self.off, n)
+        return self.vm.host.read((self.page << PAGE_SHIFT) + self.off, n)
+
+    def write(self, data: bytes) -> None:
+        if self.file is not None:
+            self.file.write((self.page << PAGE_SHIFT) + self.off, data)
+        else:
+            self.vm.host.write((self.page << PAGE_SHIFT) + self.off, data)
+
+
+_OPS: dict[str, Callable[..., dict]] = {
+    "create_vcpu": Vm._create_vcpu,
+    "enable_cap": Vm._enable_cap,
+    "set_user_memory_region": Vm._set_user_memory_region,
+    "create_guest_memfd": Vm._create_guest_memfd,
+    "gmem_fallocate": Vm._gmem_fallocate,
+    "gmem_close": Vm._gmem_close,
+    "gmem_write": Vm._gmem_write,
+    "set_memory_attributes": Vm._set_memory_attributes,
+    "access": Vm._access,
+    "load": Vm._load,
+    "store": Vm._store,
+    "pre_fault": Vm._pre_fault,
+    "accept": Vm._accept,
+    "host_write": Vm._host_write,
+    "host_discard": Vm._host_discard,
+    "host_advise": Vm._host_advise,
+    "host_map": Vm._host_map,
+    "zap": Vm._zap,
+    "get_dirty_log": Vm._get_dirty_log,
+    "clear_dirty_log": Vm._clear_dirty_log,
+    "set_zap_policy": Vm._set_zap_policy,
+    "destroy": Vm._destroy,
+}
+OPS = tuple(_OPS)
+
+del base64, SIZE_2M

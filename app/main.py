@@ -1,0 +1,72 @@
+"""`create_app()`: the FastAPI application (routers, errors, middlewares, service lifespan)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from app.api.errors import install_error_handlers
+from app.api.log import configure_logging
+from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from app.api.router import include_routers
+from app.config import Settings
+
+API_DESCRIPTION = """\
+vkmmu simulates the x86 MMU half of Linux KVM: VMs of every x86 VM type, memslots set
+exactly as `KVM_SET_USER_MEMORY_REGION2` sets them, quirks, guest page faults that build
+real EPT page tables, and the zaps that tear them down.
+
+Integers in requests may be JSON numbers or `"0x…"` strings; constants are accepted by
+kernel name or number. A call KVM would reject answers `application/problem+json` with
+`errno` and `errno_name`. Mutating calls answer an `ETag` (the VM's state version) and
+honour `If-Match`.
+"""
+
+
+def _operation_id(route: APIRoute) -> str:
+    # Stable `tag-name` ids: SDK method names must not churn when paths change.
+    tag = str(route.tags[0]) if route.tags else "default"
+    return f"{tag}-{route.name}"
+
+
+def create_app(settings: Settings | None = None, service: Any | None = None) -> FastAPI:
+    """Build the app. `service` (a started-or-not VmService) overrides the one built from
+    `settings`; the lifespan starts and stops whichever it holds."""
+    settings = settings or Settings()
+    configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc = app.state.service
+        if svc is None:
+            from app.services.vms import build_service
+
+            svc = app.state.service = build_service(
+                settings.database_url, snapshot_every=settings.snapshot_every
+            )
+        await svc.start()
+        try:
+            yield
+        finally:
+            await svc.stop()
+
+    app = FastAPI(
+        title="vkmmu",
+        version="1.0.0",
+        summary="The KVM x86 MMU (memslots, TDP page tables, zaps, TDX), served over HTTP",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    install_error_handlers(app)
+    include_routers(app)
+    # Added last = outermost: the request id exists before the body limit answers.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware)
+    return app

@@ -1,0 +1,702 @@
+"""The VM registry: per-VM locks, the journal, snapshots and replay.
+
+Invariants this module keeps:
+- The journal is the source of truth. A VM's in-memory state (`VmHandle.vm`) is always the
+  state after journal record `VmHandle.applied_seq`; if that can no longer be guaranteed
+  (a failed commit after the engine applied a call, a cancelled worker thread, a replay
+  error) the in-memory VM is discarded and rebuilt from the database on next use.
+- A mutating call is answered only after its record is committed, in the same transaction
+  that moves the VM row's `last_seq` (its version, and its ETag).
+- Before working on a VM, a process catches up with records other processes appended
+  (several `vkmmu serve` on one PostgreSQL); writers hold the VM row lock while they do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import repository as repo
+from app.db.models import JournalRecord, SnapshotRow, VmRow, utcnow
+from app.db.session import Database
+from app.engine.errors import KvmError
+from app.engine.uapi import VmType
+from app.services.engine_port import EnginePort, Vm, default_engine
+from app.services.errors import PreconditionFailed, SnapshotNotFound, VmNotFound
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Calls cheap enough to run on the event loop; every other op runs in a worker thread
+# (faults, zaps and teardown can walk millions of SPTEs).
+LIGHT_OPS = frozenset({"create_vcpu", "enable_cap", "create_guest_memfd", "set_zap_policy"})
+# The service's own journal operation (rewind to a snapshot); never sent to the engine.
+RESTORE_OP = "restore"
+# Results bigger than this (serialised) are journaled as a digest: replay never needs them.
+RESULT_INLINE_MAX = 16 * 1024
+# Automatic snapshots kept per VM (manual ones are kept until deleted with the VM).
+AUTO_SNAPSHOTS_KEPT = 2
+
+
+def new_id(prefix: str) -> str:
+    """Sortable by creation time (ms), unique across processes (40 random bits)."""
+    return f"{prefix}{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
+
+
+def etag(seq: int) -> str:
+    return f'"{seq}"'
+
+
+def etag_matches(if_match: str, seq: int) -> bool:
+    """RFC 9110 If-Match: a list of entity tags or `*` (weak tags compared by value)."""
+    for tag in if_match.split(","):
+        tag = tag.strip()
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag.strip('"') == str(seq):
+            return True
+    return False
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+# The engine stamps state (zap events) with the call's time. Replay must hand it the very
+# same float, so a call's time is fixed once, in whole microseconds (what both databases
+# keep exactly), journaled, and converted the same way live and on replay.
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def us_to_datetime(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def datetime_to_us(dt: datetime) -> int:
+    if dt.tzinfo is None:  # SQLite hands datetimes back naive; they were stored in UTC
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // timedelta(microseconds=1)
+
+
+def us_to_engine_time(us: int) -> float:
+    return us / 1e6
+
+
+def _iso(dt: datetime) -> str:
+    # SQLite hands datetimes back naive; they were stored in UTC.
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _json_copy(value: Any) -> Any:
+    """A private, JSON-only deep copy (what the journal will store, and what replay will see)."""
+    return json.loads(json.dumps(value))
+
+
+def _result_summary(result: Any) -> Any:
+    encoded = json.dumps(result)
+    if len(encoded) <= RESULT_INLINE_MAX:
+        return json.loads(encoded)
+    digest = hashlib.sha256(encoded.encode()).hexdigest()
+    keys = sorted(result) if isinstance(result, dict) else None
+    return {"_summary": True, "bytes": len(encoded), "sha256": digest, "keys": keys}
+
+
+def _error_json(e: KvmError) -> dict[str, Any]:
+    return {"errno": e.errno, "errno_name": e.errno_name, "detail": e.detail}
+
+
+def _vm_type_name(vm_type: int) -> str:
+    try:
+        return VmType(vm_type).name
+    except ValueError:
+        return str(vm_type)
+
+
+async def _to_thread_holding_lock(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` in a worker thread; if the caller is cancelled, still wait for the thread.
+
+    A thread cannot be interrupted. Returning early would release the VM lock while the
+    thread still touches the VM, and the next call would race it.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                continue
+        raise
+
+
+@dataclass
+class VmHandle:
+    """One VM as this process knows it. `vm is None`: not loaded (or discarded)."""
+
+    vm_id: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    vm: Vm | None = None
+    applied_seq: int = 0
+    snapshot_seq: int = 0
+    users: int = 0
+    snapshot_task: asyncio.Task[None] | None = None
+
+    def discard(self) -> None:
+        self.vm = None
+        self.applied_seq = 0
+
+
+@dataclass
+class _Replay:
+    seq: int
+    op: str
+    args: dict[str, Any]
+    error: dict[str, Any] | None
+    at: float
+
+    @classmethod
+    def of(cls, rec: JournalRecord) -> _Replay:
+        return cls(rec.seq, rec.op, rec.args, rec.error, us_to_engine_time(datetime_to_us(rec.at)))
+
+
+class VmService:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        snapshot_every: int = 1000,
+        run_migrations: bool = True,
+        engine: EnginePort | None = None,
+    ) -> None:
+        self.database_url = database_url
+        self.snapshot_every = snapshot_every
+        self.run_migrations = run_migrations
+        self._engine = engine
+        self._db: Database | None = None
+        self._handles: dict[str, VmHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def engine(self) -> EnginePort:
+        if self._engine is None:
+            self._engine = default_engine()
+        return self._engine
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            raise RuntimeError("VmService.start() has not been called")
+        return self._db
+
+    async def start(self) -> None:
+        if self.run_migrations:
+            from app.services.lifecycle import migrate
+
+            await asyncio.to_thread(migrate, self.database_url)
+        self._db = Database(self.database_url)
+        self._stopping = False
+
+    async def stop(self) -> None:
+        """Finish background snapshots, snapshot every VM changed since its last one, close."""
+        if self._db is None:
+            return
+        self._stopping = True
+        await self.wait_background()
+        for h in list(self._handles.values()):
+            if h.vm is not None and h.applied_seq > h.snapshot_seq:
+                try:
+                    await self.create_snapshot(h.vm_id, kind="shutdown")
+                except Exception:
+                    log.exception("shutdown snapshot of VM %s failed", h.vm_id)
+        self._handles.clear()
+        await self._db.dispose()
+        self._db = None
+
+    async def wait_background(self) -> None:
+        """Wait for automatic snapshots in flight (tests and shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def ready(self) -> dict[str, Any]:
+        """Readiness: the database answers and its schema is at Alembic's head."""
+        from app.services.lifecycle import head_revision
+
+        out: dict[str, Any] = {"loaded_vms": len(self.loaded_vms())}
+        if self._db is None:
+            return {**out, "ok": False, "database": "not started"}
+        try:
+            async with self.db.read() as s:
+                await s.execute(text("SELECT 1"))
+                conn = await s.connection()
+                rev = await conn.run_sync(_current_revision)
+        except Exception as e:  # readiness reports why, it never raises
+            return {**out, "ok": False, "database": f"unreachable: {type(e).__name__}: {e}"}
+        head = head_revision()
+        ok = rev == head
+        return {
+            **out,
+            "ok": ok,
+            "database": "ok",
+            "schema": "ok" if ok else f"at {rev}, expected {head}",
+        }
+
+    def loaded_vms(self) -> dict[str, Vm]:
+        return {vm_id: h.vm for vm_id, h in self._handles.items() if h.vm is not None}
+
+    # ----------------------------------------------------------------- VMs
+
+    async def create_vm(
+        self,
+        *,
+        name: str | None,
+        vm_type: int,
+        vcpus: int,
+        paging_levels: int,
+        from_snapshot: str | None,
+        tenant: str = "default",
+    ) -> tuple[dict[str, Any], str]:
+        create_args: dict[str, Any]
+        if from_snapshot is not None:
+            async with self.db.read() as s:
+                snap = await repo.get_snapshot(s, from_snapshot)
+                if snap is None:
+                    raise SnapshotNotFound(from_snapshot)
+                src = await repo.get_vm(s, snap.vm_id)
+                assert src is not None  # FK
+                vm = await self._state_of_snapshot(s, snap.vm_id, snap.id, snap.seq)
+            vm_type, vcpus, paging_levels = src.vm_type, src.vcpus, src.paging_levels
+            create_args = {
+                "from_snapshot": snap.id,
+                "source_vm": snap.vm_id,
+                "source_seq": snap.seq,
+            }
+        else:
+            create_args = {
+                "vm_type": vm_type,
+                "vcpus": vcpus,
+                "paging_levels": paging_levels,
+                "name": name,
+            }
+            # KvmError (unsupported type, bad levels) passes through; nothing is stored.
+            vm = self.engine.create(
+                vm_type=vm_type, vcpus=vcpus, paging_levels=paging_levels, name=name
+            )
+        row = VmRow(
+            id=new_id("vm-"),
+            name=name,
+            tenant=tenant,
+            vm_type=vm_type,
+            vcpus=vcpus,
+            paging_levels=paging_levels,
+            create_args=create_args,
+            summary=_json_copy(vm.info()),
+            created_at=utcnow(),
+            deleted=False,
+            last_seq=0,
+        )
+        async with self.db.write() as s:
+            s.add(row)
+        self._handles[row.id] = VmHandle(row.id, vm=vm)
+        return self._info(row), etag(0)
+
+    async def list_vms(
+        self, *, limit: int, cursor: str | None, tenant: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """VMs ordered by id; the cursor is the last id of the previous page."""
+        limit = max(1, limit)
+        async with self.db.read() as s:
+            rows = await repo.list_vms(s, limit=limit + 1, after=cursor, tenant=tenant)
+        items = [self._info(r) for r in rows[:limit]]
+        next_cursor = rows[limit - 1].id if len(rows) > limit else None
+        return items, next_cursor
+
+    async def get_vm(self, vm_id: str) -> tuple[dict[str, Any], str]:
+        # Answered from the row (its summary is `vm.info()` at `last_seq`): no engine load.
+        async with self.db.read() as s:
+            row = await self._live_row(s, vm_id)
+        return self._info(row), etag(row.last_seq)
+
+    async def delete_vm(self, vm_id: str) -> dict[str, Any]:
+        result, _ = await self._mutate(vm_id, "destroy", {}, if_match=None, destroy=True)
+        return result
+
+    # ----------------------------------------------------------------- calls
+
+    async def mutate(
+        self, vm_id: str, op: str, args: dict[str, Any], *, if_match: str | None = None
+    ) -> tuple[dict[str, Any], str]:
+        """Apply one engine call, journal it, commit, answer (result, ETag).
+
+        A `KvmError` that changed nothing is re-raised and leaves no record. One with
+        `state_changed` is journaled with its error, then re-raised after the commit.
+        """
+        if op in (RESTORE_OP, "destroy"):
+            # Both have their own entry points, which keep the VM row consistent.
+            raise KvmError(errno.EINVAL, f"operation {op!r} is not available through mutate()")
+        return await self._mutate(vm_id, op, args, if_match=if_match, destroy=False)
+
+    async def _mutate(
+        self, vm_id: str, op: str, args: dict[str, Any], *, if_match: str | None, destroy: bool
+    ) -> tuple[dict[str, Any], str]:
+        args = _json_copy(args)
+        # The engine gets its own copy: whatever it does to it, the journal keeps what came in.
+        engine_args = _json_copy(args)
+        async with self._locked(vm_id) as h:
+            # Set once the engine has been entered: from then on, any failure to commit
+            # means memory may hold a change the journal does not.
+            touched = False
+            raised: KvmError | None = None
+            try:
+                async with self.db.write() as s:
+                    row = await self._live_row(s, vm_id, lock=True)
+                    if if_match is not None and not etag_matches(if_match, row.last_seq):
+                        raise PreconditionFailed(if_match, etag(row.last_seq))
+                    vm = await self._catch_up(s, h, row.last_seq)
+                    error: dict[str, Any] | None = None
+                    result: Any = None
+                    at_us = now_us()
+                    at = us_to_engine_time(at_us)
+                    touched = True
+                    try:
+                        if op in LIGHT_OPS:
+                            result = vm.apply(op, engine_args, at=at)
+                        else:
+                            result = await _to_thread_holding_lock(
+                                functools.partial(vm.apply, op, engine_args, at=at)
+                            )
+                    except KvmError as e:
+                        if not getattr(e, "state_changed", False):
+                            touched = False  # the engine guarantees nothing changed
+                            raise
+                        raised, error = e, _error_json(e)
+                    seq = row.last_seq + 1
+                    repo.append_journal(
+                        s,
+                        vm_id=vm_id,
+                        seq=seq,
+                        op=op,
+                        args=args,
+                        result=None if raised else _result_summary(result),
+                        error=error,
+                        at=us_to_datetime(at_us),
+                    )
+                    row.last_seq = seq
+                    row.summary = _json_copy(vm.info())
+                    if destroy:
+                        row.deleted = True
+                        row.deleted_at = utcnow()
+            except BaseException:
+                # Memory must never run ahead of the journal: an applied call whose record
+                # is not known to be committed (or a thread we stopped waiting for) makes
+                # the in-memory VM untrustworthy.
+                if touched:
+                    h.discard()
+                raise
+            h.applied_seq = seq
+            if destroy:
+                h.discard()
+                self._handles.pop(vm_id, None)
+            else:
+                self._maybe_auto_snapshot(h)
+        if raised is not None:
+            raise raised
+        return result, etag(seq)
+
+    async def read(self, vm_id: str, fn: Callable[[Vm], T]) -> tuple[T, str]:
+        """Run a read-only query on the up-to-date VM; answer (value, ETag)."""
+        async with self._locked(vm_id) as h:
+            async with self.db.read() as s:
+                row = await self._live_row(s, vm_id)
+                vm = await self._catch_up(s, h, row.last_seq)
+            value = await _to_thread_holding_lock(fn, vm)
+            return value, etag(h.applied_seq)
+
+    # ----------------------------------------------------------------- snapshots
+
+    async def create_snapshot(self, vm_id: str, *, kind: str = "manual") -> dict[str, Any]:
+        async with self._locked(vm_id) as h:
+            async with self.db.read() as s:
+                row = await self._live_row(s, vm_id)
+                vm = await self._catch_up(s, h, row.last_seq)
+            seq = h.applied_seq
+            data = await _to_thread_holding_lock(self.engine.dumps, vm)
+            snap = SnapshotRow(
+                id=new_id("snap-"),
+                vm_id=vm_id,
+                seq=seq,
+                created_at=utcnow(),
+                size=len(data),
+                checksum=hashlib.sha256(data).hexdigest(),
+                kind=kind,
+                data=data,
+            )
+            async with self.db.write() as s:
+                s.add(snap)
+                if kind != "manual":
+                    await repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
+            h.snapshot_seq = max(h.snapshot_seq, seq)
+        log.info(
+            "snapshot %s of VM %s at seq %d (%s, %d bytes)", snap.id, vm_id, seq, kind, len(data)
+        )
+        return self._snapshot_info(snap)
+
+    async def list_snapshots(self, vm_id: str) -> list[dict[str, Any]]:
+        async with self.db.read() as s:
+            await self._live_row(s, vm_id)
+            snaps = await repo.list_snapshots(s, vm_id)
+        return [self._snapshot_info(sn) for sn in snaps]
+
+    async def restore_snapshot(self, vm_id: str, snapshot_id: str) -> tuple[dict[str, Any], str]:
+        """Rewind the VM to a snapshot of its own; journaled as a `restore` record."""
+        async with self._locked(vm_id) as h:
+            async with self.db.write() as s:
+                row = await self._live_row(s, vm_id, lock=True)
+                snap = await repo.get_snapshot(s, snapshot_id)
+                if snap is None or snap.vm_id != vm_id:
+                    raise SnapshotNotFound(snapshot_id)
+                vm = await self._state_of_snapshot(s, vm_id, snap.id, snap.seq)
+                seq = row.last_seq + 1
+                args = {"snapshot_id": snap.id, "seq": snap.seq}
+                repo.append_journal(
+                    s, vm_id=vm_id, seq=seq, op=RESTORE_OP, args=args, result=args, error=None
+                )
+                row.last_seq = seq
+                row.summary = _json_copy(vm.info())
+            # Only now, after the commit: until then `h` still matches the journal.
+            h.vm, h.applied_seq = vm, seq
+            self._maybe_auto_snapshot(h)
+            return self._info(row), etag(seq)
+
+    # ----------------------------------------------------------------- internals
+
+    @asynccontextmanager
+    async def _locked(self, vm_id: str) -> AsyncIterator[VmHandle]:
+        """The VM's handle with its lock held (the VM's `slots_lock`)."""
+        h = self._handles.get(vm_id)
+        if h is None:
+            h = self._handles[vm_id] = VmHandle(vm_id)
+        h.users += 1
+        try:
+            async with h.lock:
+                yield h
+        finally:
+            h.users -= 1
+            # Do not keep handles for ids that never loaded (unknown ids, failed loads).
+            if h.users == 0 and h.vm is None and self._handles.get(vm_id) is h:
+                del self._handles[vm_id]
+
+    async def _live_row(self, s: AsyncSession, vm_id: str, *, lock: bool = False) -> VmRow:
+        row = await repo.get_vm(s, vm_id, lock=lock)
+        if row is None or row.deleted:
+            h = self._handles.get(vm_id)
+            if h is not None:
+                h.discard()
+            raise VmNotFound(vm_id)
+        return row
+
+    async def _catch_up(self, s: AsyncSession, h: VmHandle, target_seq: int) -> Vm:
+        """Bring `h.vm` to journal record `target_seq`: load it, or replay what it missed."""
+        try:
+            if h.vm is None or h.applied_seq > target_seq:
+                h.vm = await self._build(s, h.vm_id, target_seq)
+                h.snapshot_seq = await repo.newest_snapshot_seq(s, h.vm_id)
+            elif h.applied_seq < target_seq:
+                records = await repo.journal_after(s, h.vm_id, h.applied_seq, target_seq)
+                h.vm = await self._replay(s, h.vm_id, h.vm, records)
+        except BaseException:
+            h.discard()
+            raise
+        h.applied_seq = target_seq
+        return h.vm
+
+    async def _build(self, s: AsyncSession, vm_id: str, target_seq: int) -> Vm:
+        """The state after record `target_seq`: newest valid snapshot, else creation; + replay."""
+        base: Vm | None = None
+        start = 0
+        for snap in await repo.list_snapshots(s, vm_id, upto_seq=target_seq, newest_first=True):
+            base = await self._load_snapshot(s, snap)
+            if base is not None:
+                start = snap.seq
+                break
+        if base is None:
+            base = await self._create_base(s, vm_id)
+        records = await repo.journal_after(s, vm_id, start, target_seq)
+        return await self._replay(s, vm_id, base, records)
+
+    async def _create_base(self, s: AsyncSession, vm_id: str) -> Vm:
+        row = await repo.get_vm(s, vm_id)
+        if row is None:
+            raise VmNotFound(vm_id)
+        ca = row.create_args
+        if "from_snapshot" in ca:
+            return await self._state_of_snapshot(
+                s, ca["source_vm"], ca["from_snapshot"], ca["source_seq"]
+            )
+        return self.engine.create(
+            vm_type=ca["vm_type"],
+            vcpus=ca["vcpus"],
+            paging_levels=ca["paging_levels"],
+            name=ca.get("name"),
+        )
+
+    async def _state_of_snapshot(self, s: AsyncSession, vm_id: str, snap_id: str, seq: int) -> Vm:
+        """A snapshot's state: its bytes if they are sound, else rebuilt from the journal."""
+        snap = await repo.get_snapshot(s, snap_id)
+        if snap is not None:
+            vm = await self._load_snapshot(s, snap)
+            if vm is not None:
+                return vm
+        return await self._build(s, vm_id, seq)
+
+    async def _load_snapshot(self, s: AsyncSession, snap: SnapshotRow) -> Vm | None:
+        """Decode a snapshot; None (with a warning) when it is corrupt or gone."""
+        data = await repo.snapshot_data(s, snap.id)
+        if data is None:
+            return None
+        problem: str | None = None
+        if len(data) != snap.size or hashlib.sha256(data).hexdigest() != snap.checksum:
+            problem = f"checksum mismatch ({len(data)} bytes, {snap.size} expected)"
+        else:
+            try:
+                return await asyncio.to_thread(self.engine.loads, data)
+            except Exception as e:  # CorruptSnapshot, or anything a damaged blob provokes
+                problem = f"{type(e).__name__}: {e}"
+        log.warning(
+            "snapshot %s of VM %s (seq %d) is corrupt: %s; rebuilding the VM from an older "
+            "snapshot or its creation plus the journal",
+            snap.id,
+            snap.vm_id,
+            snap.seq,
+            problem,
+        )
+        return None
+
+    async def _replay(
+        self, s: AsyncSession, vm_id: str, vm: Vm, records: Sequence[JournalRecord]
+    ) -> Vm:
+        """Re-apply journal records to `vm` (the engine is deterministic); returns the VM,
+        which is a new object after a `restore` record."""
+        batch: list[_Replay] = []
+        for rec in records:
+            if rec.op == RESTORE_OP:
+                if batch:
+                    await _to_thread_holding_lock(self._apply_batch, vm_id, vm, batch)
+                    batch = []
+                vm = await self._state_of_snapshot(
+                    s, vm_id, rec.args["snapshot_id"], rec.args["seq"]
+                )
+            else:
+                batch.append(_Replay.of(rec))
+        if batch:
+            await _to_thread_holding_lock(self._apply_batch, vm_id, vm, batch)
+        return vm
+
+    @staticmethod
+    def _apply_batch(vm_id: str, vm: Vm, batch: list[_Replay]) -> None:
+        for r in batch:
+            try:
+                vm.apply(r.op, _json_copy(r.args), at=r.at)
+                outcome: int | None = None
+            except KvmError as e:
+                outcome = e.errno
+            expected = None if r.error is None else r.error.get("errno")
+            if outcome != expected:
+                log.error(
+                    "replay of VM %s record %d (%s) diverged: journaled errno %s, replay errno %s",
+                    vm_id,
+                    r.seq,
+                    r.op,
+                    expected,
+                    outcome,
+                )
+
+    def _maybe_auto_snapshot(self, h: VmHandle) -> None:
+        if (
+            self.snapshot_every <= 0
+            or self._stopping
+            or h.snapshot_task is not None
+            or h.applied_seq - h.snapshot_seq < self.snapshot_every
+        ):
+            return
+
+        async def run() -> None:
+            try:
+                await self.create_snapshot(h.vm_id, kind="auto")
+            except VmNotFound:
+                pass
+            except Exception:
+                log.exception("automatic snapshot of VM %s failed", h.vm_id)
+            finally:
+                h.snapshot_task = None
+
+        task = asyncio.get_running_loop().create_task(run())
+        h.snapshot_task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _info(row: VmRow) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "vm_type": row.vm_type,
+            "vm_type_name": _vm_type_name(row.vm_type),
+            "vcpus": row.vcpus,
+            "paging_levels": row.paging_levels,
+        }
+        # The engine's view of live state wins for what it reports; identity is ours.
+        info.update(row.summary or {})
+        info.update(
+            id=row.id,
+            name=row.name,
+            tenant=row.tenant,
+            created_at=_iso(row.created_at),
+            version=row.last_seq,
+        )
+        return info
+
+    @staticmethod
+    def _snapshot_info(snap: SnapshotRow) -> dict[str, Any]:
+        return {
+            "id": snap.id,
+            "vm_id": snap.vm_id,
+            "seq": snap.seq,
+            "kind": snap.kind,
+            "size": snap.size,
+            "checksum": snap.checksum,
+            "created_at": _iso(snap.created_at),
+        }
+
+
+def _current_revision(conn: Any) -> str | None:
+    from app.services.lifecycle import current_revision
+
+    return current_revision(conn)
+
+
+def build_service(
+    database_url: str, *, snapshot_every: int = 1000, run_migrations: bool = True
+) -> VmService:
+    """A service on `database_url`; `start()` upgrades the schema first when `run_migrations`."""
+    return VmService(database_url, snapshot_every=snapshot_every, run_migrations=run_migrations)

@@ -1,0 +1,109 @@
+"""The app in-process (httpx.ASGITransport) on a fresh SQLite database per test.
+
+The schema is migrated once per session into a template file that each test copies: the
+service runs Alembic's head schema, as in production, without paying for it every test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.config import Settings
+from app.main import create_app
+from app.services.lifecycle import migrate
+from app.services.engine_port import EnginePort
+from app.services.vms import VmService
+
+ENGINE_READY = importlib.util.find_spec("app.engine.vm") is not None
+
+
+def engine_port() -> EnginePort | None:
+    """The real engine port; while `app.engine` does not export `Vm`/`codec` yet, the Vm class
+    with a pickle codec (TEMPORARY: snapshots then are not the engine's format)."""
+    try:
+        from app.services.engine_port import default_engine
+
+        return default_engine()
+    except ImportError:
+        if not ENGINE_READY:
+            return None
+        import pickle
+
+        from app.engine.vm import Vm
+
+        return EnginePort(
+            create=Vm.create, dumps=pickle.dumps, loads=pickle.loads, corrupt_snapshot=Exception
+        )
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "vkmmu.db"
+    migrate(sqlite_url(path))
+    return path
+
+
+@pytest.fixture
+def db_path(tmp_path: Path, template_db: Path) -> Path:
+    path = tmp_path / "vkmmu.db"
+    shutil.copy(template_db, path)
+    return path
+
+
+@pytest.fixture
+def settings(db_path: Path) -> Settings:
+    return Settings(database_url=sqlite_url(db_path), max_body_bytes=64 * 1024)
+
+
+@pytest.fixture
+async def make_client(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
+    """Builds a started app + client; everything is stopped at teardown."""
+    stack: list[Any] = []
+
+    async def make(service: VmService | None = None, **overrides: Any) -> httpx.AsyncClient:
+        s = settings.model_copy(update=overrides)
+        svc = service or VmService(
+            s.database_url,
+            snapshot_every=s.snapshot_every,
+            run_migrations=False,
+            engine=engine_port(),
+        )
+        app = create_app(s, service=svc)
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        stack.append(lifespan)
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://vkmmu.test"
+        )
+        stack.append(client)
+        client.app = app  # type: ignore[attr-defined]
+        return client
+
+    yield make
+    for obj in reversed(stack):
+        await obj.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def client(make_client: Callable[..., Any]) -> httpx.AsyncClient:
+    if not ENGINE_READY:
+        pytest.skip("app.engine.vm is not written yet (temporary)")
+    return await make_client()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def vm(client: httpx.AsyncClient) -> str:
+    r = await client.post("/v1/vms", json={"name": "t"})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])

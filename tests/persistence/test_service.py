@@ -1,0 +1,384 @@
+"""VmService on SQLite and PostgreSQL with a stand-in engine: journal, versions, restart,
+replay, snapshots, restore, fork, corruption and failure handling."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from app.db import repository as repo
+from app.db.models import JournalRecord, SnapshotRow
+from app.db.session import Database
+from app.engine.errors import KvmError
+from app.services.errors import PreconditionFailed, SnapshotNotFound, VmNotFound
+from app.services.vms import VmService, datetime_to_us, us_to_engine_time
+from tests.persistence.conftest import ServiceFactory
+from tests.persistence.fake_engine import FAKE_ENGINE, FakeVm, dumps
+
+U64_MAX = (1 << 64) - 1
+
+
+async def new_vm(svc: VmService, name: str = "t") -> str:
+    info, tag = await svc.create_vm(
+        name=name, vm_type=0, vcpus=2, paging_levels=4, from_snapshot=None
+    )
+    assert tag == '"0"'
+    return str(info["id"])
+
+
+async def state(svc: VmService, vm_id: str) -> bytes:
+    value, _ = await svc.read(vm_id, dumps)
+    return value
+
+
+async def journal(svc: VmService, vm_id: str) -> list[JournalRecord]:
+    async with svc.db.read() as s:
+        return list(await repo.journal_after(s, vm_id, 0))
+
+
+def region(slot: int, gpa: int, size: int, hva: int) -> dict[str, Any]:
+    return {
+        "slot": slot,
+        "flags": 0,
+        "guest_phys_addr": gpa,
+        "memory_size": size,
+        "userspace_addr": hva,
+    }
+
+
+async def some_calls(svc: VmService, vm_id: str, n: int = 5) -> None:
+    await svc.mutate(vm_id, "create_vcpu", {"id": 7})
+    await svc.mutate(vm_id, "set_user_memory_region", region(1, 0x100000, 0x200000, 0x7F0000000000))
+    for i in range(n):
+        await svc.mutate(vm_id, "bump", {"by": i + 1})
+
+
+async def test_create_get_list(db_url: str, make_service: ServiceFactory) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    ids = [await new_vm(svc, f"vm{i}") for i in range(5)]
+    info, tag = await svc.get_vm(ids[0])
+    assert (info["name"], info["vm_type"], info["vm_type_name"]) == ("vm0", 0, "KVM_X86_DEFAULT_VM")
+    assert (info["vcpus"], info["paging_levels"], info["tenant"], info["version"]) == (
+        2,
+        4,
+        "default",
+        0,
+    )
+    assert info["created_at"].endswith("Z") and tag == '"0"'
+    assert info["nr_memslots"] == 0  # the engine's vm.info() is merged in
+
+    page1, cur = await svc.list_vms(limit=3, cursor=None)
+    page2, cur2 = await svc.list_vms(limit=3, cursor=cur)
+    assert [v["id"] for v in page1 + page2] == sorted(ids)
+    assert cur is not None and cur2 is None
+
+    with pytest.raises(VmNotFound):
+        await svc.get_vm("vm-nope")
+    with pytest.raises(VmNotFound):
+        await svc.mutate("vm-nope", "bump", {})
+    with pytest.raises(KvmError) as ei:
+        await svc.create_vm(name=None, vm_type=3, vcpus=1, paging_levels=4, from_snapshot=None)
+    assert ei.value.errno == errno.EINVAL
+    assert len((await svc.list_vms(limit=100, cursor=None))[0]) == 5
+
+
+async def test_journal_versions_and_if_match(db_url: str, make_service: ServiceFactory) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    res, tag = await svc.mutate(vm_id, "create_vcpu", {"id": 5})
+    assert res == {"id": 5} and tag == '"1"'
+    # A rejected call changes nothing and leaves no record.
+    with pytest.raises(KvmError) as ei:
+        await svc.mutate(vm_id, "create_vcpu", {"id": 5})
+    assert ei.value.errno == errno.EEXIST
+    assert (await svc.get_vm(vm_id))[1] == '"1"'
+    # If-Match: stale → 412 and nothing applied; current → applied.
+    with pytest.raises(PreconditionFailed):
+        await svc.mutate(vm_id, "bump", {}, if_match='"0"')
+    _, tag = await svc.mutate(vm_id, "bump", {}, if_match='"1"')
+    assert tag == '"2"'
+    _, tag = await svc.mutate(vm_id, "bump", {}, if_match='W/"9", "2"')
+    assert tag == '"3"'
+    recs = await journal(svc, vm_id)
+    assert [(r.seq, r.op) for r in recs] == [(1, "create_vcpu"), (2, "bump"), (3, "bump")]
+    assert recs[0].args == {"id": 5} and recs[0].result == {"id": 5} and recs[0].error is None
+    info, _ = await svc.get_vm(vm_id)
+    assert info["version"] == 3 and info["counter"] == 2
+
+
+async def test_u64_arguments_are_lossless(db_url: str, make_service: ServiceFactory) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    args = region(2, U64_MAX - 0xFFF, 0x1000, U64_MAX ^ 0xFFF)
+    await svc.mutate(vm_id, "set_user_memory_region", args)
+    (rec,) = await journal(svc, vm_id)
+    assert rec.args == args and rec.args["guest_phys_addr"] == U64_MAX - 0xFFF
+
+
+async def test_state_changing_error_is_journaled(db_url: str, make_service: ServiceFactory) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    with pytest.raises(KvmError) as ei:
+        await svc.mutate(vm_id, "bump_then_fail", {})
+    assert ei.value.errno == errno.EINVAL
+    (rec,) = await journal(svc, vm_id)
+    assert rec.error is not None and rec.error["errno_name"] == "EINVAL" and rec.result is None
+    info, tag = await svc.get_vm(vm_id)
+    assert tag == '"1"' and info["counter"] == 1
+    live = await state(svc, vm_id)
+    svc2 = await make_service(db_url, FAKE_ENGINE)  # replays the failed call too
+    assert await state(svc2, vm_id) == live
+
+
+async def test_restart_keeps_everything(db_url: str, make_service: ServiceFactory) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    await some_calls(svc, vm_id)
+    before, tag = await svc.read(vm_id, dumps)
+    await svc.stop()  # takes a shutdown snapshot
+    svc2 = await make_service(db_url, FAKE_ENGINE)
+    assert svc2.loaded_vms() == {}  # lazy: nothing loads until used
+    after, tag2 = await svc2.read(vm_id, dumps)
+    assert (after, tag2) == (before, tag)
+    assert [s["kind"] for s in await svc2.list_snapshots(vm_id)] == ["shutdown"]
+    assert set(svc2.loaded_vms()) == {vm_id}
+
+
+async def test_replay_equals_live_state(db_url: str, make_service: ServiceFactory) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE, snapshot_every=0)
+    vm_id = await new_vm(svc)
+    await some_calls(svc, vm_id, n=20)
+    live = await state(svc, vm_id)
+    # A second service on the same database has no snapshot: creation + full replay.
+    other = await make_service(db_url, FAKE_ENGINE, snapshot_every=0)
+    assert await state(other, vm_id) == live
+    # Both see each other's calls.
+    await other.mutate(vm_id, "bump", {"by": 100})
+    (value, tag) = await svc.read(vm_id, lambda vm: vm.state["counter"])
+    assert value == sum(range(1, 21)) + 100 and tag == '"23"'
+
+
+async def test_auto_snapshots_and_pruning(db_url: str, make_service: ServiceFactory) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE, snapshot_every=5)
+    vm_id = await new_vm(svc)
+    for _ in range(23):
+        await svc.mutate(vm_id, "bump", {})
+        await svc.wait_background()
+    snaps = await svc.list_snapshots(vm_id)
+    assert [s["seq"] for s in snaps] == [15, 20] and {s["kind"] for s in snaps} == {"auto"}
+    manual = await svc.create_snapshot(vm_id)
+    assert manual["seq"] == 23 and manual["kind"] == "manual"
+    svc2 = await make_service(db_url, FAKE_ENGINE, snapshot_every=5)
+    assert await state(svc2, vm_id) == await state(svc, vm_id)
+
+
+async def corrupt_snapshot(url: str, snap_id: str, *, fix_checksum: bool) -> None:
+    """Damage a stored snapshot: truncated (our checksum sees it), or altered with a matching
+    checksum (only the codec's own checksum sees it)."""
+    db = Database(url)
+    async with db.write() as s:
+        data = await repo.snapshot_data(s, snap_id)
+        assert data is not None
+        values: dict[str, Any] = {"data": data[: len(data) // 2]}
+        if fix_checksum:
+            bad = data[:-1] + bytes([data[-1] ^ 0xFF])
+            values = {"data": bad, "size": len(bad), "checksum": hashlib.sha256(bad).hexdigest()}
+        await s.execute(update(SnapshotRow).where(SnapshotRow.id == snap_id).values(**values))
+    await db.dispose()
+
+
+@pytest.mark.parametrize("fix_checksum", [False, True])
+async def test_corrupt_snapshot_falls_back(
+    db_url: str, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture, fix_checksum: bool
+) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    await some_calls(svc, vm_id)
+    old = await svc.create_snapshot(vm_id)
+    await svc.mutate(vm_id, "bump", {"by": 1000})
+    live = await state(svc, vm_id)
+    await svc.stop()
+    shutdown = [s for s in await _snapshots(db_url, vm_id) if s.kind == "shutdown"]
+    assert len(shutdown) == 1
+
+    # Newest snapshot damaged: the older one plus one journal record.
+    await corrupt_snapshot(db_url, shutdown[0].id, fix_checksum=fix_checksum)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="app.services.vms"):
+        svc2 = await make_service(db_url, FAKE_ENGINE)
+        assert await state(svc2, vm_id) == live
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and shutdown[0].id in warnings[0] and "corrupt" in warnings[0]
+    await svc2.stop()  # nothing changed: no new shutdown snapshot
+
+    # Every snapshot damaged: creation plus the whole journal.
+    await corrupt_snapshot(db_url, old["id"], fix_checksum=fix_checksum)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="app.services.vms"):
+        svc3 = await make_service(db_url, FAKE_ENGINE)
+        assert await state(svc3, vm_id) == live
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+
+    # A fork from a damaged snapshot is rebuilt from its source's journal.
+    info, _ = await svc3.create_vm(
+        name="f", vm_type=0, vcpus=1, paging_levels=4, from_snapshot=old["id"]
+    )
+    before_bump, _ = await svc3.read(vm_id, lambda vm: vm.state["counter"])
+    fork_counter, _ = await svc3.read(info["id"], lambda vm: vm.state["counter"])
+    assert fork_counter == before_bump - 1000
+
+
+async def _snapshots(url: str, vm_id: str) -> list[SnapshotRow]:
+    db = Database(url)
+    async with db.read() as s:
+        rows = list(await repo.list_snapshots(s, vm_id))
+    await db.dispose()
+    return rows
+
+
+async def test_restore_and_replay_through_restore(
+    db_url: str, make_service: ServiceFactory
+) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE, snapshot_every=0)
+    vm_id = await new_vm(svc)
+    await some_calls(svc, vm_id)
+    snap = await svc.create_snapshot(vm_id)
+    at_snap = await state(svc, vm_id)
+    await svc.mutate(vm_id, "bump", {"by": 50})
+    await svc.mutate(vm_id, "set_user_memory_region", region(3, 0x400000, 0x1000, 0x7F0000400000))
+    info, tag = await svc.restore_snapshot(vm_id, snap["id"])
+    assert tag == '"10"' and info["version"] == 10
+    assert await state(svc, vm_id) == at_snap
+    await svc.mutate(vm_id, "bump", {"by": 3})
+    live = await state(svc, vm_id)
+    recs = await journal(svc, vm_id)
+    assert recs[9].op == "restore" and recs[9].args == {"snapshot_id": snap["id"], "seq": 7}
+
+    # Rebuilt without any snapshot usable for loading: replay goes through the restore.
+    other = await make_service(db_url, FAKE_ENGINE, snapshot_every=0)
+    assert await state(other, vm_id) == live
+
+    with pytest.raises(SnapshotNotFound):
+        await svc.restore_snapshot(vm_id, "snap-nope")
+    vm2 = await new_vm(svc, "other")
+    with pytest.raises(SnapshotNotFound):  # another VM's snapshot is not a restore point
+        await svc.restore_snapshot(vm2, snap["id"])
+
+
+async def test_fork(db_url: str, make_service: ServiceFactory) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    src = await new_vm(svc)
+    await some_calls(svc, src)
+    snap = await svc.create_snapshot(src)
+    at_snap = await state(svc, src)
+    info, tag = await svc.create_vm(
+        name="fork", vm_type=1, vcpus=9, paging_levels=5, from_snapshot=snap["id"]
+    )
+    fork = info["id"]
+    assert tag == '"0"' and (info["vm_type"], info["vcpus"], info["name"]) == (0, 2, "fork")
+    assert await state(svc, fork) == at_snap
+    await svc.mutate(fork, "bump", {"by": 7})
+    await svc.mutate(src, "bump", {"by": 9})
+    s_fork, s_src = await state(svc, fork), await state(svc, src)
+    assert s_fork != s_src
+    await svc.stop()
+    svc2 = await make_service(db_url, FAKE_ENGINE)
+    assert await state(svc2, fork) == s_fork and await state(svc2, src) == s_src
+    with pytest.raises(SnapshotNotFound):
+        await svc2.create_vm(name=None, vm_type=0, vcpus=1, paging_levels=4, from_snapshot="x")
+
+
+async def test_delete(db_url: str, make_service: ServiceFactory) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    keep = await new_vm(svc)
+    await some_calls(svc, vm_id)
+    res = await svc.delete_vm(vm_id)
+    assert res == {"zapped": 0}
+    for call in (svc.get_vm(vm_id), svc.read(vm_id, dumps), svc.mutate(vm_id, "bump", {})):
+        with pytest.raises(VmNotFound):
+            await call
+    with pytest.raises(VmNotFound):
+        await svc.delete_vm(vm_id)
+    assert [v["id"] for v in (await svc.list_vms(limit=10, cursor=None))[0]] == [keep]
+    assert vm_id not in svc.loaded_vms()
+    assert (await journal(svc, vm_id))[-1].op == "destroy"
+    with pytest.raises(KvmError):  # destroy and restore have their own entry points
+        await svc.mutate(keep, "destroy", {})
+
+
+async def test_big_results_are_summarised(db_url: str, make_service: ServiceFactory) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    res, _ = await svc.mutate(vm_id, "big_result", {"n": 100_000})
+    assert len(res["data"]) == 200_000
+    (rec,) = await journal(svc, vm_id)
+    assert rec.result is not None and rec.result["_summary"] is True
+    assert rec.result["keys"] == ["data"]
+
+
+async def test_failed_commit_discards_memory(
+    db_url: str, make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    await svc.mutate(vm_id, "bump", {"by": 1})
+    before = await state(svc, vm_id)
+
+    def broken_append(*a: Any, **kw: Any) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(repo, "append_journal", broken_append)
+    with pytest.raises(RuntimeError):
+        await svc.mutate(vm_id, "bump", {"by": 1})
+    assert vm_id not in svc.loaded_vms()  # applied in memory, not journaled: discarded
+    monkeypatch.undo()
+    assert await state(svc, vm_id) == before
+    _, tag = await svc.mutate(vm_id, "bump", {"by": 1})
+    assert tag == '"2"'
+
+
+async def test_cancelled_call_never_overlaps_the_next(
+    db_url: str, make_service: ServiceFactory
+) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    task = asyncio.create_task(svc.mutate(vm_id, "slow", {"s": 0.3}))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    nxt = asyncio.create_task(svc.mutate(vm_id, "bump", {"by": 10}))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    _, tag = await nxt
+    # The cancelled call was never journaled, so memory must not show it either.
+    counter, _ = await svc.read(vm_id, lambda vm: vm.state["counter"])
+    assert (counter, tag) == (10, '"1"')
+
+
+async def test_two_services_one_database(db_url: str, make_service: ServiceFactory) -> None:
+    a = await make_service(db_url, FAKE_ENGINE, snapshot_every=7)
+    b = await make_service(db_url, FAKE_ENGINE, snapshot_every=7)
+    vm_id = await new_vm(a)
+
+    async def hammer(svc: VmService, base: int) -> None:
+        for i in range(25):
+            await svc.mutate(vm_id, "bump", {"by": base + i})
+
+    await asyncio.gather(hammer(a, 1000), hammer(b, 2000), hammer(a, 3000), hammer(b, 4000))
+    await a.wait_background()
+    await b.wait_background()
+    recs = await journal(a, vm_id)
+    assert [r.seq for r in recs] == list(range(1, 101))
+    serial = FakeVm.create(vcpus=2, name="t")
+    for r in recs:
+        serial.apply(r.op, r.args, at=us_to_engine_time(datetime_to_us(r.at)))
+    assert await state(a, vm_id) == dumps(serial) == await state(b, vm_id)
+    assert serial.state["counter"] == sum(
+        base + i for base in (1000, 2000, 3000, 4000) for i in range(25)
+    )
