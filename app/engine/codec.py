@@ -32,10 +32,13 @@ def _pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     for name, arr in arrays.items():
         a = np.ascontiguousarray(arr)
         if name == "entries" and a.size:
-            a = a.copy()
-            a[:, 1:] = np.diff(a, axis=1)  # uint64 wraps: exact round trip
-        raw = zlib.compress(a.tobytes(), 1)
-        meta = f"{name}|{a.dtype.str}|{','.join(map(str, a.shape))}".encode()
+            flat = a.ravel()
+            d = np.empty_like(flat)
+            d[0] = flat[0]
+            np.subtract(flat[1:], flat[:-1], out=d[1:])  # uint64 wraps: exact round trip
+            a = d.reshape(a.shape)
+        raw = zlib.compress(memoryview(a).cast("B"), 1)
+        meta = f"{name};{a.dtype.str};{','.join(map(str, a.shape))}".encode()
         out.write(struct.pack("<IQ", len(meta), len(raw)))
         out.write(meta)
         out.write(raw)
@@ -48,14 +51,15 @@ def _unpack_arrays(buf: memoryview) -> dict[str, np.ndarray]:
     while pos < len(buf):
         mlen, rlen = struct.unpack_from("<IQ", buf, pos)
         pos += 12
-        name, dtype, shape_s = bytes(buf[pos : pos + mlen]).decode().split("|")
+        name, dtype, shape_s = bytes(buf[pos : pos + mlen]).decode().split(";")
         pos += mlen
         shape = tuple(int(x) for x in shape_s.split(",") if x)
         a = np.frombuffer(zlib.decompress(buf[pos : pos + rlen]), dtype=np.dtype(dtype))
         a = a.reshape(shape).copy()
         pos += rlen
         if name == "entries" and a.size:
-            np.cumsum(a, axis=1, dtype=np.uint64, out=a)
+            flat = a.ravel()
+            np.cumsum(flat, dtype=np.uint64, out=flat)
         arrays[name] = a
     return arrays
 

@@ -135,11 +135,14 @@ def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
             if fp.max_level(slot, region, False) < level:
                 continue
             first = int(sl[idx[0]])
-            parent, i, plevel, pe = mmu.lookup(root, region)
-            if plevel != level or S.pfn_of(pe) != mmu.pool.pfn(cur.table):
+            at = mmu.entry_at(root, region, level)
+            if at is None:
+                continue
+            parent, i = at
+            if S.pfn_of(int(mmu.pool.entries(parent)[i])) != mmu.pool.pfn(cur.table):
                 continue
             huge = (first & ~S.SPTE_BASE_ADDR_MASK) | S.EPT_PS
-            pfn = (S.pfn_of(first) - (idx[0] + cur.lo) * span(level - 1)) & ~(n - 1)
+            pfn = (S.pfn_of(first) - (int(idx[0]) + cur.lo) * span(level - 1)) & ~(n - 1)
             mmu.free_table(root, cur.table, acc)
             mmu.set_leaves(root, parent, i, np.array([huge | (pfn << S.PFN_SHIFT)],
                                                      dtype=np.uint64), level)

@@ -32,8 +32,11 @@ if TYPE_CHECKING:
     from .vm import Vcpu, Vm
 
 ACCESS_KINDS = ("read", "write", "exec")
+_LOG_DIRTY = int(KVM_MEM_LOG_DIRTY_PAGES)  # plain ints: IntFlag arithmetic is slow on hot paths
+_READONLY = int(KVM_MEM_READONLY)
 LEVEL_NAMES = {1: "4k", 2: "2m", 3: "1g"}
 _ARANGE = np.arange(512, dtype=np.uint64)
+_ARANGE_I = np.arange(512, dtype=np.int64)
 
 
 class Exit(Exception):
@@ -91,6 +94,7 @@ class FaultPath:
         self.prefetch = prefetch
         self.res = FaultResult()
         self.acc = ZapAcc()  # huge leaves replaced by tables on the way
+        self.gpa = 0
 
     # -- classification ---------------------------------------------------------------------
     def classify(self, pos: int, private_hint: bool | None) -> tuple[int, bool]:
@@ -108,7 +112,7 @@ class FaultPath:
         vm = self.vm
         if private or slot.gmem_only:
             return 1  # guest_memfd hands out order-0 folios; TDX caps private at 4K anyway
-        if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        if slot.flags & _LOG_DIRTY:
             return 1
         level = min(KVM_MAX_HUGEPAGE_LEVEL, vm.host.mapping_level(slot.hva(gfn) >> PAGE_SHIFT))
         hva_gfn = slot.userspace_addr >> PAGE_SHIFT
@@ -136,6 +140,7 @@ class FaultPath:
 
     # -- the walk -----------------------------------------------------------------------------
     def run(self, gpa: int, size: int, private_hint: bool | None = None) -> FaultResult:
+        self.gpa = gpa
         pos = gpa >> PAGE_SHIFT
         end = (gpa + size + PAGE_SIZE - 1) >> PAGE_SHIFT
         try:
@@ -161,10 +166,11 @@ class FaultPath:
             vm._install_mmio_spte(self.vcpu.as_id, pos, gfn)
             self.res.pages += 1
             vm.vstat(self.vcpu, "pf_mmio_spte_created")
-            raise mmio_exit(max(pos << PAGE_SHIFT, 0), min(8, byte_end - (pos << PAGE_SHIFT)),
-                            self.write)
-        if self.write and slot.flags & KVM_MEM_READONLY:
-            raise mmio_exit(pos << PAGE_SHIFT, min(8, byte_end - (pos << PAGE_SHIFT)), True)
+            at = max(pos << PAGE_SHIFT, self.gpa)
+            raise mmio_exit(at, min(8, byte_end - at), self.write)
+        if self.write and slot.flags & _READONLY:
+            at = max(pos << PAGE_SHIFT, self.gpa)
+            raise mmio_exit(at, min(8, byte_end - at), True)
         gmem = None
         if private or slot.gmem_only:
             gmem = vm.gmem_for_fault(slot, gfn, private)
@@ -196,7 +202,7 @@ class FaultPath:
         old = int(mmu.pool.entries(table)[i])
         if old & S.SPTE_MMU_PRESENT:  # an (emptied) table where the huge leaf goes
             mmu.free_table(root, mmu.pool.child(old), self.acc)
-        host_w = not slot.flags & KVM_MEM_READONLY
+        host_w = not slot.flags & _READONLY
         bits = S.leaf_bits(level=level, writable=True, host_writable=host_w, exec_=True,
                            ipat=vm.ipat, accessed=not self.prefetch)
         pfn = slot.hva(rs) >> PAGE_SHIFT
@@ -224,9 +230,10 @@ class FaultPath:
         lo = pos & 511
         ent = mmu.pool.entries(table)[lo : lo + count]
         present = (ent & S.U_PRESENT) != 0
-        new = np.flatnonzero(~present)
+        fresh = not present.any()  # the common case: a whole run of new leaves
+        new = _ARANGE_I[:count] if fresh else np.flatnonzero(~present)
         if len(new):
-            host_w = not slot.flags & KVM_MEM_READONLY
+            host_w = not slot.flags & _READONLY
             bits = np.uint64(S.leaf_bits(level=1, writable=True, host_writable=host_w,
                                          exec_=True, ipat=vm.ipat, accessed=not self.prefetch))
             if gmem is not None:
@@ -236,13 +243,16 @@ class FaultPath:
             else:
                 pfn0 = slot.hva(gfn) >> PAGE_SHIFT
                 vm.host.touch(pfn0, pfn0 + count)
-            pfns = np.uint64(pfn0) + new.astype(np.uint64)
-            ent[new] = bits | (pfns << S.U_SHIFT)
+            if fresh:
+                ent[:] = bits | ((np.uint64(pfn0) + _ARANGE[:count]) << S.U_SHIFT)
+            else:
+                pfns = np.uint64(pfn0) + new.astype(np.uint64)
+                ent[new] = bits | (pfns << S.U_SHIFT)
             root.leaves[1] += len(new)
             mmu.pages[1] += len(new)
-            if host_w and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            if host_w and slot.flags & _LOG_DIRTY:
                 vm.mark_dirty(slot, gfn + new)
-            for a, b in _runs(new):
+            for a, b in [(0, count)] if fresh else _runs(new):
                 self._mapped(gfn + a, gfn + b, 1)
         if len(new) < count:
             self._touch_present(root, table, lo, count, 1, slot, gfn, count, skip=new)
@@ -269,7 +279,7 @@ class FaultPath:
                 n = len(idx) * span(level)
                 res.wp_fixed += n
                 vm.vstat(self.vcpu, "pf_fast", len(idx))
-                if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                if slot.flags & _LOG_DIRTY:
                     vm.mark_dirty(slot, gfn + idx) if level == 1 else None
             ent[mask] |= S.U_A | S.U_D
         elif not self.prefetch:

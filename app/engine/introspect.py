@@ -83,16 +83,16 @@ def mappings(vm: Vm, root: object = None) -> list[dict]:
                     and cur_run["_pend"] == p0
                     and cur_run["_perm"] == pm
                 ):
-                    cur_run["npages"] += (b - a) * sp
+                    cur_run["npages"] += int(b - a) * sp
                 else:
                     if cur_run is not None:
                         runs.append(cur_run)
                     cur_run = {"root": r.id, "role": r.role.value, "level": cur.level,
                                "gfn": g0 & ~vm.gfn_direct_bits, "position": g0, "pfn": p0,
-                               "npages": (b - a) * sp, "r": bool(pm & 1), "w": bool(pm & 2),
+                               "npages": int(b - a) * sp, "r": bool(pm & 1), "w": bool(pm & 2),
                                "x": bool(pm & 4), "_perm": pm}
-                cur_run["_gend"] = g0 + (b - a) * sp
-                cur_run["_pend"] = p0 + (b - a) * sp
+                cur_run["_gend"] = g0 + int(b - a) * sp
+                cur_run["_pend"] = p0 + int(b - a) * sp
         if cur_run is not None:
             runs.append(cur_run)
     for run in runs:

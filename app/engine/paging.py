@@ -99,17 +99,32 @@ class TablePool:
 
     # -- snapshots --------------------------------------------------------------------------
     def export(self) -> dict[str, np.ndarray]:
-        live = np.fromiter(self.live_indexes(), dtype=np.int64)
-        ent = np.empty((len(live), ENTRIES), dtype=np.uint64)
-        lv = np.empty(len(live), dtype=np.uint8)
-        gf = np.empty(len(live), dtype=np.uint64)
-        rt = np.empty(len(live), dtype=np.int32)
-        for i, idx in enumerate(live):
-            c, r = int(idx) >> CHUNK_SHIFT, int(idx) & _CHUNK_MASK
-            ent[i] = self._entries[c][r]
-            lv[i], gf[i], rt[i] = self._level[c][r], self._gfn[c][r], self._root[c][r]
-        return {"idx": live, "entries": ent, "level": lv, "gfn": gf, "root": rt,
-                "free": np.asarray(self._free, dtype=np.int64), "top": np.asarray([self._top])}
+        """Live rows only, copied chunk by chunk (no per-table Python work)."""
+        ent, lv, gf, rt, idx = [], [], [], [], []
+        for c in range(len(self._entries)):
+            n = min(CHUNK, self._top - (c << CHUNK_SHIFT))
+            if n <= 0:
+                break
+            live = np.flatnonzero(self._level[c][:n])
+            if len(live) == n:
+                sel: slice | np.ndarray = slice(0, n)
+            else:
+                sel = live
+            ent.append(self._entries[c][sel])
+            lv.append(self._level[c][sel])
+            gf.append(self._gfn[c][sel])
+            rt.append(self._root[c][sel])
+            idx.append(live + (c << CHUNK_SHIFT))
+        cat = np.concatenate
+        return {
+            "idx": cat(idx) if idx else np.zeros(0, np.int64),
+            "entries": cat(ent) if ent else np.zeros((0, ENTRIES), np.uint64),
+            "level": cat(lv) if lv else np.zeros(0, np.uint8),
+            "gfn": cat(gf) if gf else np.zeros(0, np.uint64),
+            "root": cat(rt) if rt else np.zeros(0, np.int32),
+            "free": np.asarray(self._free, dtype=np.int64),
+            "top": np.asarray([self._top], dtype=np.int64),
+        }
 
     @classmethod
     def restore(cls, d: dict[str, np.ndarray]) -> TablePool:
@@ -121,13 +136,15 @@ class TablePool:
             pool._level.append(np.zeros(CHUNK, dtype=np.uint8))
             pool._gfn.append(np.zeros(CHUNK, dtype=np.uint64))
             pool._root.append(np.zeros(CHUNK, dtype=np.int32))
-        idxs = d["idx"]
-        for i, idx in enumerate(idxs):
-            c, r = int(idx) >> CHUNK_SHIFT, int(idx) & _CHUNK_MASK
-            pool._entries[c][r] = d["entries"][i]
-            pool._level[c][r] = d["level"][i]
-            pool._gfn[c][r] = d["gfn"][i]
-            pool._root[c][r] = d["root"][i]
+        idxs = d["idx"].astype(np.int64)
+        chunk_of = idxs >> CHUNK_SHIFT
+        for c in np.unique(chunk_of):
+            rows = np.flatnonzero(chunk_of == c)
+            r = idxs[rows] & _CHUNK_MASK
+            pool._entries[c][r] = d["entries"][rows]
+            pool._level[c][r] = d["level"][rows]
+            pool._gfn[c][r] = d["gfn"][rows]
+            pool._root[c][r] = d["root"][rows]
         pool._top = top
         pool._free = [int(x) for x in d["free"]]
         pool.live = len(idxs)

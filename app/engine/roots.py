@@ -137,6 +137,16 @@ class Mmu:
                 return table, i, level, e
             table, level = pool.child(e), level - 1
 
+    def entry_at(self, root: Root, pos: int, level: int) -> tuple[int, int] | None:
+        """(table, index) of the entry at exactly `level` for `pos`, if the walk reaches it."""
+        table, lv = root.table, root.level
+        while lv > level:
+            e = int(self.pool.entries(table)[(pos >> (9 * (lv - 1))) & 511])
+            if not e & S.SPTE_MMU_PRESENT or e & S.EPT_PS:
+                return None
+            table, lv = self.pool.child(e), lv - 1
+        return table, (pos >> (9 * (lv - 1))) & 511
+
     def table_for(self, root: Root, pos: int, level: int, acc: ZapAcc) -> int:
         """The table at `level` covering `pos`, building missing tables on the way.
 

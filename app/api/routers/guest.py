@@ -52,6 +52,7 @@ async def access_memory(
     "/load",
     summary="One guest load through the fault path: `{data}` or `{exit}`",
     responses=_MUTATION,
+    response_model_exclude_unset=True,
 )
 async def load(
     vm: VmId, vcpu: Vcpu, body: Load, service: ServiceDep, if_match: IfMatchDep, response: Response
@@ -64,6 +65,7 @@ async def load(
     "/store",
     summary="One guest store through the fault path: `{}` or `{exit}`",
     responses=_MUTATION,
+    response_model_exclude_unset=True,
 )
 async def store(
     vm: VmId,

@@ -25,7 +25,7 @@ from app.api.errors import (
     ApiProblem,
     responses,
 )
-from app.api.schemas.common import U32, Empty
+from app.api.schemas.common import U32, Open
 from app.api.schemas.memslots import DirtyLog, DirtyLogClear, MemoryRegion, Memslot, MemslotChange
 from app.api.schemas.pages import Page
 
@@ -115,7 +115,7 @@ async def clear_dirty_log(
     service: ServiceDep,
     if_match: IfMatchDep,
     response: Response,
-) -> Empty:
+) -> Open:
     args = {"slot": slot, **body.model_dump()}
     result = await mutate(service, vm, "clear_dirty_log", args, if_match, response)
-    return Empty.model_validate(result)
+    return Open.model_validate(result)
