@@ -279,8 +279,8 @@ class FaultPath:
                 n = len(idx) * span(level)
                 res.wp_fixed += n
                 vm.vstat(self.vcpu, "pf_fast", len(idx))
-                if slot.flags & _LOG_DIRTY:
-                    vm.mark_dirty(slot, gfn + idx) if level == 1 else None
+                if slot.flags & _LOG_DIRTY and level == 1:
+                    vm.mark_dirty(slot, gfn + idx)
             ent[mask] |= S.U_A | S.U_D
         elif not self.prefetch:
             ent[mask] |= S.U_A

@@ -6,8 +6,8 @@ the engine is deterministic given the same calls and the same `at` timestamps.
 
 from __future__ import annotations
 
-import base64
 import errno
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +21,7 @@ from .attributes import MemoryAttributes
 from .errors import KvmError, einval
 from .faults import ACCESS_KINDS, FaultPath, check_access_range, memory_fault_exit
 from .gmem import GmemFile, GmemTable
-from .hostmem import LEVEL_OF_SIZE, SIZE_2M, HostMemory
+from .hostmem import LEVEL_OF_SIZE, HostMemory
 from .intervals import IntervalSet
 from .memslots import (
     ChangeKind,
@@ -167,6 +167,10 @@ class Vm:
             raise KvmError(errno.EIO, "the VM has been destroyed")
         if not isinstance(args, dict | type(None)):
             raise einval("args must be an object")
+        try:
+            _SIGS[op].bind(self, **(args or {}))
+        except TypeError as e:
+            raise einval(f"{op}: {e}") from None
         self.now = time.time() if at is None else at
         return handler(self, **(args or {}))
 
@@ -600,6 +604,7 @@ class Vm:
                 result = res.exit  # not a pending page: a real exit
                 reached = gfn + res.pages - (1 if res.pages else 0)
             stop = reached if result is not None else min(end, max(reached, gfn + 1))
+            self._zero_on_accept(gfn, stop)
             a, r = self.tdx.accept(gfn, stop - gfn)
             accepted += a
             reaccepted += r
@@ -607,6 +612,22 @@ class Vm:
                 break
             gfn = stop
         return {"accepted": accepted, "reaccepted": reaccepted, "exit": result}
+
+    def _zero_on_accept(self, gfn: int, end: int) -> None:
+        """TDG.MEM.PAGE.ACCEPT hands the guest a zeroed page: what an earlier mapping of the
+        same guest_memfd page held is gone (a zapped private page loses its contents)."""
+        assert self.tdx is not None
+        if end <= gfn:
+            return
+        fresh = ~self.tdx.accepted_mask(gfn, end - gfn)
+        for a, b in _bool_runs(fresh):
+            slot = self.spaces[0].find(gfn + a)
+            file = self.gmem.lookup(slot.guest_memfd) if slot is not None else None
+            if file is None or not file.contents:
+                continue
+            lo, hi = slot.gmem_index(gfn + a), slot.gmem_index(min(gfn + b, slot.end_gfn))
+            for index in [i for i in file.contents if lo <= i < hi]:
+                del file.contents[index]
 
     # ------------------------------------------------------------------ load / store
     def _load(self, vcpu: object, gpa: object, len: object, private: object = None) -> dict:
@@ -821,8 +842,21 @@ class Vm:
         return {"zap": zap, "changed": True}
 
     def _widen(self, start: int, end: int) -> tuple[int, int]:
-        n = span(uapi.KVM_MAX_HUGEPAGE_LEVEL)
-        return start & ~(n - 1), min(-(-end // n) * n, self.max_gfn + 1)
+        """Head and tail grow to the enclosing huge region when a huge leaf may map it: the
+        region lies inside one memslot and its attributes are not mixed (§3.4)."""
+        for level in (2, 3):
+            n = span(level)
+            for region in {start & ~(n - 1), (end - 1) & ~(n - 1)}:
+                if region < start or region + n > end:
+                    slot = self.spaces[0].find(region)
+                    if (
+                        slot is not None
+                        and slot.base_gfn <= region
+                        and region + n <= slot.end_gfn
+                        and self.attrs.is_uniform(region, region + n)
+                    ):
+                        start, end = min(start, region), max(end, region + n)
+        return start, end
 
     # ------------------------------------------------------------------ dirty logging
     def _alloc_dirty(self, slot: Memslot) -> None:
@@ -969,6 +1003,13 @@ class Vm:
         return audit(self)
 
 
+def _bool_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) runs of True in a bool array."""
+    d = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(),
+                    strict=True))
+
+
 class _Backing:
     """A page as the CPU reaches it through an SPTE."""
 
@@ -1012,5 +1053,5 @@ _OPS: dict[str, Callable[..., dict]] = {
     "destroy": Vm._destroy,
 }
 OPS = tuple(_OPS)
+_SIGS = {name: inspect.signature(fn) for name, fn in _OPS.items()}
 
-del base64, SIZE_2M

@@ -19,6 +19,8 @@ from app.engine.memslots import (
     check_arch_prepare,
     check_region,
 )
+from app.engine.vm import Vm
+from tests.engine import expect, fingerprint
 
 DEFAULT = int(uapi.VmType.KVM_X86_DEFAULT_VM)
 SW_PROT = int(uapi.VmType.KVM_X86_SW_PROTECTED_VM)
@@ -82,13 +84,6 @@ class Env:
             [[s.to_dict() for s in space] for space in self.spaces],
             [copy.deepcopy(f.bindings) for f in self.gmem],
         )
-
-
-def expect(err: int, fn, *args, **kwargs) -> KvmError:  # type: ignore[no-untyped-def]
-    with pytest.raises(KvmError) as info:
-        fn(*args, **kwargs)
-    assert info.value.errno == err, info.value
-    return info.value
 
 
 def region(slot: int = 0, gpa: int = 0, size: int = MB, uaddr: int = 0x7000_0000, flags: int = 0):
@@ -644,3 +639,121 @@ def test_memslot_set_scales_without_per_page_work() -> None:
 def test_region_request_defaults() -> None:
     req = RegionRequest.from_args({"slot": 3})
     assert (req.flags, req.memory_size, req.guest_memfd, req.guest_memfd_offset) == (0, 0, 0, 0)
+
+
+# -- through Vm.apply ----------------------------------------------------------------------------
+def put(vm: Vm, **fields: object) -> dict:
+    return vm.apply("set_user_memory_region", {**region(), **fields})
+
+
+@pytest.fixture
+def vm() -> Vm:
+    return Vm.create(DEFAULT)
+
+
+def test_apply_reports_every_change_kind(vm: Vm) -> None:
+    r = put(vm)
+    assert r["change"] == "create" and r["zap"] is None
+    assert r["memslot"]["npages"] == 256 and r["memslot"]["slot"] == 0
+    generations = [s.generation for s in vm.spaces]
+    r = put(vm)
+    assert r["change"] == "none" and r["zap"] is None
+    assert [s.generation for s in vm.spaces] == generations  # a no-op publishes nothing
+    r = put(vm, flags=LOG)
+    assert r["change"] == "flags_only" and r["memslot"]["flags"] == LOG
+    r = put(vm, flags=LOG, guest_phys_addr=16 * MB)
+    assert r["change"] == "move" and r["memslot"]["guest_phys_addr"] == 16 * MB
+    assert r["zap"]["path"] == "zap_all_fast"  # DEFAULT VM, SLOT_ZAP_ALL enabled
+    r = put(vm, memory_size=0)
+    assert r["change"] == "delete" and r["memslot"] is None and r["zap"]["path"]
+    assert vm.memslots() == []
+
+
+def test_apply_delete_takes_the_slot_path_once_the_quirk_is_disabled(vm: Vm) -> None:
+    put(vm)
+    vm.apply("enable_cap", {"cap": "KVM_CAP_DISABLE_QUIRKS2", "args": [0x80, 0, 0, 0]})
+    assert put(vm, memory_size=0)["zap"]["path"] == "zap_slot_leafs"
+
+
+@pytest.mark.parametrize("vm_type", [SW_PROT, TDX])
+def test_apply_non_default_vms_never_zap_all(vm_type: int) -> None:
+    vm = Vm.create(vm_type)
+    put(vm)
+    assert put(vm, memory_size=0)["zap"]["path"] == "zap_slot_leafs"
+
+
+BAD_REQUESTS = [
+    ({"slot": 32764}, errno.EINVAL),  # V3
+    ({"slot": -1}, errno.EINVAL),  # V1
+    ({"memory_size": "0x1000"}, errno.EINVAL),  # V1: the engine takes numbers only
+    ({"guest_phys_addr": 1 << 64}, errno.EINVAL),  # V1
+    ({"slot": 1, "flags": 8}, errno.EINVAL),  # V5
+    ({"slot": 1, "flags": GMEM | LOG, "guest_memfd": 3}, errno.EINVAL),  # V5
+    ({"slot": 1, "memory_size": PAGE + 1}, errno.EINVAL),  # V6
+    ({"slot": 1, "guest_phys_addr": 0x10}, errno.EINVAL),  # V7
+    ({"slot": 1, "userspace_addr": 0x7000_0001}, errno.EINVAL),  # V8
+    ({"slot": 1, "userspace_addr": END4}, errno.EINVAL),  # V8
+    ({"slot": 1, "flags": GMEM, "guest_memfd": 3, "guest_memfd_offset": 8}, errno.EINVAL),  # V9
+    ({"slot": 2 << 16}, errno.EINVAL),  # V10
+    ({"slot": 1, "guest_phys_addr": (1 << 64) - PAGE}, errno.EINVAL),  # V11
+    ({"slot": 1, "memory_size": 1 << 43, "userspace_addr": PAGE}, errno.EINVAL),  # V12
+    ({"slot": 1, "memory_size": 0}, errno.EINVAL),  # V14
+    ({"memory_size": 2 * MB}, errno.EINVAL),  # V17 resize
+    ({"userspace_addr": 0x9000_0000}, errno.EINVAL),  # V17 new uaddr
+    ({"flags": RO}, errno.EINVAL),  # V17 READONLY toggle
+    ({"flags": GMEM, "guest_memfd": 3}, errno.EINVAL),  # V17 modify with GUEST_MEMFD
+    ({"slot": 1, "guest_phys_addr": MB - PAGE}, errno.EEXIST),  # V18
+    ({"slot": 1, "guest_phys_addr": 2 * MB, "flags": GMEM, "guest_memfd": 99}, errno.EBADF),
+    ({"slot": 1, "guest_phys_addr": 2 * MB, "flags": GMEM, "guest_memfd": 0}, errno.EINVAL),
+    (
+        {
+            "slot": 1,
+            "guest_phys_addr": 2 * MB,
+            "flags": GMEM,
+            "guest_memfd": 3,
+            "guest_memfd_offset": 2 * MB,
+        },
+        errno.EINVAL,
+    ),  # V20: beyond the 2 MiB file
+    ({"slot": 1, "guest_phys_addr": (MAX_GFN + 1) * PAGE}, errno.EINVAL),  # V21 on CREATE
+]
+
+
+@pytest.mark.parametrize("fields,err", BAD_REQUESTS)
+def test_apply_rejected_request_changes_nothing(vm: Vm, fields: dict, err: int) -> None:
+    put(vm)
+    fd = vm.apply("create_guest_memfd", {"size": 2 * MB, "flags": 0})["fd"]
+    assert fd == 3
+    before = fingerprint(vm)
+    error = expect(err, put, vm, **fields)
+    assert not getattr(error, "state_changed", False)
+    assert fingerprint(vm) == before
+
+
+def test_apply_gmem_binding_overlap_is_eexist_and_changes_nothing(vm: Vm) -> None:
+    fd = vm.apply("create_guest_memfd", {"size": 2 * MB, "flags": 0})["fd"]
+    put(vm, flags=GMEM, guest_memfd=fd)
+    before = fingerprint(vm)
+    expect(
+        errno.EEXIST,
+        put,
+        vm,
+        slot=1,
+        guest_phys_addr=8 * MB,
+        flags=GMEM,
+        guest_memfd=fd,
+        guest_memfd_offset=MB - PAGE,
+    )
+    assert fingerprint(vm) == before
+
+
+def test_apply_failed_move_beyond_max_gfn_keeps_the_zap_and_restores_the_slot(vm: Vm) -> None:
+    put(vm)
+    generation = vm.spaces[0].generation
+    error = expect(errno.EINVAL, put, vm, guest_phys_addr=(MAX_GFN + 1) * PAGE)
+    # The kernel zaps before the arch check (kvm-memslots.md §2.1 "ordering subtlety").
+    assert getattr(error, "state_changed", False) is True
+    slot = vm.spaces[0].get(0)
+    assert slot is not None and slot.base_gfn == 0 and not slot.invalid
+    assert vm.spaces[0].generation == generation + 2 * vm.nr_as
+    assert vm.zap_events()[0]["cause"] == "memslot_move"
