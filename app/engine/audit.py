@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import spte as S
 from .paging import ENTRIES, span
-from .roots import RootRole
+from .roots import Root, RootRole
 from .uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
 
 if TYPE_CHECKING:
@@ -50,8 +51,12 @@ def audit(vm: Vm) -> dict:
                 vals = ent[nonpresent_bad]
                 mmio_ok = np.array([_mmio_ok(vm, root.role, int(v)) for v in vals[:64]])
                 if not mmio_ok.all():
-                    bad("nonpresent_value", "a non-present entry is neither 0x8000… nor MMIO",
-                        table=t, root=root.id)
+                    bad(
+                        "nonpresent_value",
+                        "a non-present entry is neither 0x8000… nor MMIO",
+                        table=t,
+                        root=root.id,
+                    )
             leaf = present if level == 1 else present & ((ent & S.U_PS) != 0)
             if level > 3 and leaf.any():
                 bad("leaf_level", f"a leaf at level {level}", table=t, root=root.id)
@@ -59,9 +64,11 @@ def audit(vm: Vm) -> dict:
             for j in nl:
                 child = pool.child(int(ent[j]))
                 if not pool.is_live(child) or pool.level(child) != level - 1:
-                    bad("nonleaf_points_to_live_table",
+                    bad(
+                        "nonleaf_points_to_live_table",
                         f"entry {j} of table {t} points to a dead or misleveled table",
-                        root=root.id)
+                        root=root.id,
+                    )
                     continue
                 stack.append(child)
             idx = np.flatnonzero(leaf)
@@ -72,8 +79,11 @@ def audit(vm: Vm) -> dict:
         for lv in (1, 2, 3):
             counted[lv] += per_root[lv]
             if per_root[lv] != root.leaves[lv]:
-                bad("root_counts", f"root {root.id} counts {root.leaves[lv]} level-{lv} "
-                    f"leaves, tables hold {per_root[lv]}")
+                bad(
+                    "root_counts",
+                    f"root {root.id} counts {root.leaves[lv]} level-{lv} "
+                    f"leaves, tables hold {per_root[lv]}",
+                )
     for lv, name in ((1, "pages_4k"), (2, "pages_2m"), (3, "pages_1g")):
         if counted[lv] != mmu.pages[lv]:
             bad("stats_match_leaves", f"{name}={mmu.pages[lv]} but {counted[lv]} leaves exist")
@@ -85,8 +95,14 @@ def audit(vm: Vm) -> dict:
         for slot in space:
             if slot.invalid:
                 bad("slot_invalid", f"slot {slot.slot:#x} left INVALID")
-    return {"ok": not out, "violations": out, "checked": {"tables": len(reachable),
-            "leaves": {"4k": counted[1], "2m": counted[2], "1g": counted[3]}}}
+    return {
+        "ok": not out,
+        "violations": out,
+        "checked": {
+            "tables": len(reachable),
+            "leaves": {"4k": counted[1], "2m": counted[2], "1g": counted[3]},
+        },
+    }
 
 
 def _mmio_ok(vm: Vm, role: RootRole, v: int) -> bool:
@@ -97,8 +113,15 @@ def _mmio_ok(vm: Vm, role: RootRole, v: int) -> bool:
     return S.is_mmio(v)
 
 
-def _check_leaves(vm: Vm, root, t: int, level: int, idx: np.ndarray, ent: np.ndarray,
-                  bad) -> None:  # type: ignore[no-untyped-def]
+def _check_leaves(
+    vm: Vm,
+    root: Root,
+    t: int,
+    level: int,
+    idx: np.ndarray,
+    ent: np.ndarray,
+    bad: Callable[..., None],
+) -> None:
     """Placement, backing and permission rules for the leaves of one table (vectorised)."""
     pool = vm.mmu.pool
     sp = span(level)
@@ -112,8 +135,11 @@ def _check_leaves(vm: Vm, root, t: int, level: int, idx: np.ndarray, ent: np.nda
     mmuw = (vals & S.U_MMU_WRITABLE) != 0
     hostw = (vals & np.uint64(S.EPT_HOST_WRITABLE)) != 0
     if (w & ~mmuw).any() or (mmuw & ~hostw).any():
-        bad("writable_chain", "W without MMU-writable or MMU-writable without host-writable",
-            table=t)
+        bad(
+            "writable_chain",
+            "W without MMU-writable or MMU-writable without host-writable",
+            table=t,
+        )
     bits = vm.gfn_direct_bits
     mirror = root.role is RootRole.MIRROR
     if bits:
@@ -131,8 +157,12 @@ def _check_leaves(vm: Vm, root, t: int, level: int, idx: np.ndarray, ent: np.nda
         g = int(gfns[k])
         slot = space.find(g)
         if slot is None:
-            bad("leaf_in_live_memslot", f"gfn {g:#x} is mapped but no memslot holds it",
-                root=root.id, gfn=g)
+            bad(
+                "leaf_in_live_memslot",
+                f"gfn {g:#x} is mapped but no memslot holds it",
+                root=root.id,
+                gfn=g,
+            )
             k += 1
             continue
         m = k
@@ -155,46 +185,67 @@ def _check_leaves(vm: Vm, root, t: int, level: int, idx: np.ndarray, ent: np.nda
             want = None
             if file is not None:
                 want = file.base_pfn + (sl_g[gi] - slot.base_gfn + slot.gmem_pgoff)
-            if file is None or not np.array_equal(want, sl_p[gi]):
+            if file is None or want is None or not np.array_equal(want, sl_p[gi]):
                 owner = vm.gmem.pfn_owner(int(sl_p[gi[0]]))
-                freed = owner is None or owner[0].closed or not owner[0].is_allocated(
-                    owner[1], 1)[0]
-                bad("no_freed_page_mapped" if freed else "gmem_pfn_matches_binding",
+                freed = (
+                    owner is None or owner[0].closed or not owner[0].is_allocated(owner[1], 1)[0]
+                )
+                bad(
+                    "no_freed_page_mapped" if freed else "gmem_pfn_matches_binding",
                     "a private leaf maps a guest_memfd page that is not this slot's"
-                    + (" and is FREED (use-after-free)" if freed else ""), gfn=int(sl_g[gi[0]]))
+                    + (" and is FREED (use-after-free)" if freed else ""),
+                    gfn=int(sl_g[gi[0]]),
+                )
             else:
+                assert want is not None
                 alloc = file.is_allocated(int(want[0] - file.base_pfn), int(want[-1] - want[0]) + 1)
                 rel = (want - want[0]).astype(np.int64)
                 if file.closed or not alloc[rel].all():
-                    bad("no_freed_page_mapped",
+                    bad(
+                        "no_freed_page_mapped",
                         "a leaf maps a guest_memfd page that was freed (use-after-free)",
-                        gfn=int(sl_g[gi[0]]))
+                        gfn=int(sl_g[gi[0]]),
+                    )
             if vm.has_private_mem and not slot.gmem_only:
                 priv = vm.attrs.private_mask(int(sl_g[gi[0]]), int(sl_g[gi[-1]]) + 1)
                 rel = (sl_g[gi] - sl_g[gi[0]]).astype(np.int64)
                 if not priv[rel].all():
-                    bad("private_leaf_attribute", "a private leaf on a SHARED gfn",
-                        gfn=int(sl_g[gi[0]]))
+                    bad(
+                        "private_leaf_attribute",
+                        "a private leaf on a SHARED gfn",
+                        gfn=int(sl_g[gi[0]]),
+                    )
         hi = np.flatnonzero(~gmem_pfn)
         if len(hi):
             hva_pfn = (slot.userspace_addr >> PAGE_SHIFT) + (sl_g[hi] - slot.base_gfn)
             if not np.array_equal(hva_pfn, sl_p[hi]):
-                bad("shared_pfn_matches_hva", "a shared leaf maps another host page",
-                    gfn=int(sl_g[hi[0]]))
+                bad(
+                    "shared_pfn_matches_hva",
+                    "a shared leaf maps another host page",
+                    gfn=int(sl_g[hi[0]]),
+                )
             lo_p, hi_p = int(sl_p[hi].min()), int(sl_p[hi].max()) + sp
             if len(vm.host.freed) and vm.host.freed.overlap(lo_p, hi_p):
                 for j in hi[:ENTRIES]:
                     p = int(sl_p[j])
                     if vm.host.freed.overlap(p, p + sp):
-                        bad("no_freed_page_mapped", "a leaf maps a discarded host page",
-                            gfn=int(sl_g[j]))
+                        bad(
+                            "no_freed_page_mapped",
+                            "a leaf maps a discarded host page",
+                            gfn=int(sl_g[j]),
+                        )
                         break
-            if vm.has_private_mem and not mirror and vm.attrs.private.overlap(
-                int(sl_g[hi[0]]), int(sl_g[hi[-1]]) + sp
+            if (
+                vm.has_private_mem
+                and not mirror
+                and vm.attrs.private.overlap(int(sl_g[hi[0]]), int(sl_g[hi[-1]]) + sp)
             ):
                 priv = vm.attrs.private_mask(int(sl_g[hi[0]]), int(sl_g[hi[-1]]) + 1)
                 rel = (sl_g[hi] - sl_g[hi[0]]).astype(np.int64)
                 if priv[rel].any():
-                    bad("shared_leaf_attribute", "a shared leaf on a PRIVATE gfn",
-                        gfn=int(sl_g[hi[0]]))
+                    bad(
+                        "shared_leaf_attribute",
+                        "a shared leaf on a PRIVATE gfn",
+                        gfn=int(sl_g[hi[0]]),
+                    )
         k = m

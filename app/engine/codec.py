@@ -13,10 +13,14 @@ import io
 import pickle
 import struct
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .paging import TablePool
+
+if TYPE_CHECKING:
+    from .vm import Vm
 
 MAGIC = b"VKMMUSN\x00"
 VERSION = 1
@@ -37,7 +41,7 @@ def _pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
             d[0] = flat[0]
             np.subtract(flat[1:], flat[:-1], out=d[1:])  # uint64 wraps: exact round trip
             a = d.reshape(a.shape)
-        raw = zlib.compress(memoryview(a).cast("B"), 1)
+        raw = zlib.compress(memoryview(a).cast("B"), 1)  # type: ignore[arg-type]
         meta = f"{name};{a.dtype.str};{','.join(map(str, a.shape))}".encode()
         out.write(struct.pack("<IQ", len(meta), len(raw)))
         out.write(meta)
@@ -64,9 +68,9 @@ def _unpack_arrays(buf: memoryview) -> dict[str, np.ndarray]:
     return arrays
 
 
-def dumps(vm) -> bytes:  # type: ignore[no-untyped-def]
+def dumps(vm: Vm) -> bytes:
     pool = vm.mmu.pool
-    vm.mmu.pool = None
+    vm.mmu.pool = None  # type: ignore[assignment]
     try:
         state = zlib.compress(pickle.dumps(vm, protocol=pickle.HIGHEST_PROTOCOL), 1)
     finally:
@@ -77,7 +81,7 @@ def dumps(vm) -> bytes:  # type: ignore[no-untyped-def]
     return _HEADER.pack(MAGIC, VERSION, 0, digest) + body
 
 
-def loads(data: bytes):  # type: ignore[no-untyped-def]
+def loads(data: bytes) -> Vm:
     if len(data) < _HEADER.size:
         raise CorruptSnapshot("snapshot truncated (no header)")
     magic, version, _flags, digest = _HEADER.unpack_from(data)
@@ -97,7 +101,7 @@ def loads(data: bytes):  # type: ignore[no-untyped-def]
     return vm
 
 
-def digest(vm) -> str:  # type: ignore[no-untyped-def]
+def digest(vm: Vm) -> str:
     """A hash of the state that replay must reproduce (durations excluded: wall clock)."""
     saved = [(ev, ev["duration_us"]) for ev in vm.events]
     try:

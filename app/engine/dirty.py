@@ -37,7 +37,7 @@ def split_huge(vm: Vm, root: Root, start: int, end: int) -> int:
     mmu = vm.mmu
     split = 0
     for level in (3, 2):
-        for cur, sl, idx in list(mmu.leaf_iter(root, start, end)):
+        for cur, _sl, idx in list(mmu.leaf_iter(root, start, end)):
             if cur.level != level:
                 continue
             for j in idx:
@@ -54,9 +54,7 @@ def split_huge(vm: Vm, root: Root, start: int, end: int) -> int:
                     span(level - 1)
                 )
                 mmu.pool.entries(child)[:] = small | (pfns << S.U_SHIFT)
-                mmu.pool.entries(cur.table)[i] = np.uint64(
-                    S.nonleaf_spte(mmu.pool.pfn(child))
-                )
+                mmu.pool.entries(cur.table)[i] = np.uint64(S.nonleaf_spte(mmu.pool.pfn(child)))
                 root.leaves[level] -= 1
                 mmu.pages[level] -= 1
                 root.leaves[level - 1] += 512
@@ -65,8 +63,9 @@ def split_huge(vm: Vm, root: Root, start: int, end: int) -> int:
     return split
 
 
-def write_protect(vm: Vm, root: Root, start: int, end: int, mask: np.ndarray | None = None,
-                  base: int = 0) -> int:
+def write_protect(
+    vm: Vm, root: Root, start: int, end: int, mask: np.ndarray | None = None, base: int = 0
+) -> int:
     """Clear W on leaves in [start, end) (MMU-writable stays: the fast path may restore W).
     With `mask`, only GFNs whose bit is set (mask indexed by gfn - base)."""
     n = 0
@@ -101,8 +100,17 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
             split += split_huge(vm, root, new.base_gfn, new.end_gfn)
             wp += write_protect(vm, root, new.base_gfn, new.end_gfn)
         flushes = vm._flush_tlbs()  # unconditional on enable (§3.4 d)
-        ev = vm._record("dirty_log", "enable_dirty_logging", new.base_gfn, new.end_gfn, acc, 0,
-                        flushes, vm._running_vcpus(), t0)
+        ev = vm._record(
+            "dirty_log",
+            "enable_dirty_logging",
+            new.base_gfn,
+            new.end_gfn,
+            acc,
+            0,
+            flushes,
+            vm._running_vcpus(),
+            t0,
+        )
         ev.update(huge_pages_split=split, sptes_write_protected=wp)
         return ev
     vm.dirty.pop(key, None)
@@ -110,8 +118,17 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
     for root in _direct_roots(vm, new.as_id):
         recovered += recover_huge_pages(vm, root, new, acc)
     flushes = vm._flush_tlbs() if recovered else 0
-    ev = vm._record("dirty_log", "recover_huge_pages", new.base_gfn, new.end_gfn, acc, 0,
-                    flushes, vm._running_vcpus() if flushes else 0, t0)
+    ev = vm._record(
+        "dirty_log",
+        "recover_huge_pages",
+        new.base_gfn,
+        new.end_gfn,
+        acc,
+        0,
+        flushes,
+        vm._running_vcpus() if flushes else 0,
+        t0,
+    )
     ev.update(huge_pages_recovered=recovered)
     return ev
 
@@ -144,8 +161,9 @@ def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
             huge = (first & ~S.SPTE_BASE_ADDR_MASK) | S.EPT_PS
             pfn = (S.pfn_of(first) - (int(idx[0]) + cur.lo) * span(level - 1)) & ~(n - 1)
             mmu.free_table(root, cur.table, acc)
-            mmu.set_leaves(root, parent, i, np.array([huge | (pfn << S.PFN_SHIFT)],
-                                                     dtype=np.uint64), level)
+            mmu.set_leaves(
+                root, parent, i, np.array([huge | (pfn << S.PFN_SHIFT)], dtype=np.uint64), level
+            )
             recovered += 1
     # Collapsing is not a loss of mapping: nothing to refault.
     acc.runs.clear()
@@ -174,8 +192,12 @@ def get_dirty_log(vm: Vm, slot: object) -> dict:
     """KVM_GET_DIRTY_LOG: without manual protect it is destructive and re-arms protection."""
     s, bm = _logging_slot(vm, slot)
     bitmap, count = _pack(bm)
-    out: dict[str, object] = {"first_page": 0, "num_pages": s.npages, "bitmap": bitmap,
-                              "dirty_count": count}
+    out: dict[str, object] = {
+        "first_page": 0,
+        "num_pages": s.npages,
+        "bitmap": bitmap,
+        "dirty_count": count,
+    }
     if vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE or not count:
         return out
     harvested = bm.copy()
@@ -188,8 +210,9 @@ def get_dirty_log(vm: Vm, slot: object) -> dict:
     return out
 
 
-def clear_dirty_log(vm: Vm, slot: object, first_page: object, num_pages: object,
-                    bitmap: object) -> dict:
+def clear_dirty_log(
+    vm: Vm, slot: object, first_page: object, num_pages: object, bitmap: object
+) -> dict:
     """KVM_CLEAR_DIRTY_LOG (manual protect): clear the given bits and protect those pages."""
     if not vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
         raise einval("KVM_CLEAR_DIRTY_LOG needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")

@@ -28,6 +28,7 @@ from .uapi import (
 )
 
 if TYPE_CHECKING:
+    from .gmem import GmemFile
     from .memslots import Memslot
     from .vm import Vcpu, Vm
 
@@ -70,17 +71,20 @@ class FaultResult:
 
 
 def mmio_exit(gpa: int, length: int, is_write: bool) -> Exit:
-    return Exit({"reason": ExitReason.KVM_EXIT_MMIO.name, "gpa": gpa, "len": length,
-                 "is_write": is_write})
+    return Exit(
+        {"reason": ExitReason.KVM_EXIT_MMIO.name, "gpa": gpa, "len": length, "is_write": is_write}
+    )
 
 
 def memory_fault_exit(gfn: int, private: bool, size: int = PAGE_SIZE) -> Exit:
-    return Exit({
-        "reason": ExitReason.KVM_EXIT_MEMORY_FAULT.name,
-        "gpa": gfn << PAGE_SHIFT,
-        "size": size,
-        "flags": KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0,
-    })
+    return Exit(
+        {
+            "reason": ExitReason.KVM_EXIT_MEMORY_FAULT.name,
+            "gpa": gfn << PAGE_SHIFT,
+            "size": size,
+            "flags": KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0,
+        }
+    )
 
 
 class FaultPath:
@@ -187,8 +191,9 @@ class FaultPath:
         return self.map_4k(root, slot, gfn, shared_bits, stop, gmem)
 
     # -- huge leaves ------------------------------------------------------------------------------
-    def map_huge(self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int,
-                 level: int) -> int:
+    def map_huge(
+        self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int, level: int
+    ) -> int:
         vm, mmu, res = self.vm, self.vm.mmu, self.res
         n = span(level)
         rs = gfn & ~(n - 1)
@@ -203,19 +208,27 @@ class FaultPath:
         if old & S.SPTE_MMU_PRESENT:  # an (emptied) table where the huge leaf goes
             mmu.free_table(root, mmu.pool.child(old), self.acc)
         host_w = not slot.flags & _READONLY
-        bits = S.leaf_bits(level=level, writable=True, host_writable=host_w, exec_=True,
-                           ipat=vm.ipat, accessed=not self.prefetch)
+        bits = S.leaf_bits(
+            level=level,
+            writable=True,
+            host_writable=host_w,
+            exec_=True,
+            ipat=vm.ipat,
+            accessed=not self.prefetch,
+        )
         pfn = slot.hva(rs) >> PAGE_SHIFT
-        mmu.set_leaves(root, table, i, np.array([bits | (pfn << S.PFN_SHIFT)], dtype=np.uint64),
-                       level)
+        mmu.set_leaves(
+            root, table, i, np.array([bits | (pfn << S.PFN_SHIFT)], dtype=np.uint64), level
+        )
         vm.host.touch(pfn, pfn + n)
         self._mapped(rs, rs + n, level)
         res.pages += touched
         return touched
 
     # -- 4 KiB leaves -------------------------------------------------------------------------------
-    def map_4k(self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int,
-               gmem: object) -> int:
+    def map_4k(
+        self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int, gmem: GmemFile | None
+    ) -> int:
         vm, mmu = self.vm, self.vm.mmu
         pos = gfn | sbits
         count = min(stop - gfn, 512 - (pos & 511))
@@ -234,12 +247,20 @@ class FaultPath:
         new = _ARANGE_I[:count] if fresh else np.flatnonzero(~present)
         if len(new):
             host_w = not slot.flags & _READONLY
-            bits = np.uint64(S.leaf_bits(level=1, writable=True, host_writable=host_w,
-                                         exec_=True, ipat=vm.ipat, accessed=not self.prefetch))
+            bits = np.uint64(
+                S.leaf_bits(
+                    level=1,
+                    writable=True,
+                    host_writable=host_w,
+                    exec_=True,
+                    ipat=vm.ipat,
+                    accessed=not self.prefetch,
+                )
+            )
             if gmem is not None:
                 first = slot.gmem_index(gfn)
                 vm.gmem_allocate(gmem, first, count)
-                pfn0 = gmem.base_pfn + first  # type: ignore[attr-defined]
+                pfn0 = gmem.base_pfn + first
             else:
                 pfn0 = slot.hva(gfn) >> PAGE_SHIFT
                 vm.host.touch(pfn0, pfn0 + count)
@@ -259,9 +280,18 @@ class FaultPath:
         self.res.pages += count
         return count
 
-    def _touch_present(self, root: Root, table: int, lo: int, count: int, level: int,
-                       slot: Memslot, gfn: int, touched: int,
-                       skip: np.ndarray | None = None) -> None:
+    def _touch_present(
+        self,
+        root: Root,
+        table: int,
+        lo: int,
+        count: int,
+        level: int,
+        slot: Memslot,
+        gfn: int,
+        touched: int,
+        skip: np.ndarray | None = None,
+    ) -> None:
         """The guest touches already-present leaves: hardware sets A (and D on a write);
         a write to a write-protected leaf takes the fast page-fault path (§2.6)."""
         vm, res = self.vm, self.res
@@ -302,7 +332,7 @@ class FaultPath:
         self.vm.vstat(self.vcpu, "pf_fixed")
 
     # -- TDX private ------------------------------------------------------------------------------
-    def tdx_private(self, slot: Memslot, gfn: int, stop: int, gmem: object) -> int:
+    def tdx_private(self, slot: Memslot, gfn: int, stop: int, gmem: GmemFile | None) -> int:
         """Private GPAs of a TD go through the mirror root and the TDX module (§5)."""
         vm, mmu, res, tdx = self.vm, self.vm.mmu, self.res, self.vm.tdx
         assert tdx is not None
@@ -325,13 +355,21 @@ class FaultPath:
         g = gfn + k
         if not present[k]:
             # EPT violation on a private GPA: TDH.MEM.PAGE.AUG of one page; it is PENDING.
+            assert gmem is not None
             index = slot.gmem_index(g)
             vm.gmem_allocate(gmem, index, 1)
-            pfn = gmem.base_pfn + index  # type: ignore[attr-defined]
-            bits = S.leaf_bits(level=1, writable=True, host_writable=True, exec_=True,
-                               ipat=False, accessed=not self.prefetch)
-            mmu.set_leaves(root, table, lo + k, np.array([bits | (pfn << S.PFN_SHIFT)],
-                                                          dtype=np.uint64), 1)
+            pfn = gmem.base_pfn + index
+            bits = S.leaf_bits(
+                level=1,
+                writable=True,
+                host_writable=True,
+                exec_=True,
+                ipat=False,
+                accessed=not self.prefetch,
+            )
+            mmu.set_leaves(
+                root, table, lo + k, np.array([bits | (pfn << S.PFN_SHIFT)], dtype=np.uint64), 1
+            )
             tdx.aug(g, 1)
             self._mapped(g, g + 1, 1)
             res.pages += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
 
 
 class IntervalSet:
@@ -17,7 +18,7 @@ class IntervalSet:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(zip(self.starts, self.ends, strict=True))
 
     def total(self) -> int:

@@ -41,12 +41,26 @@ def translate(vm: Vm, gpa: object) -> dict:
                 break
             if level == 1 or e & S.EPT_PS:
                 pfn = S.pfn_of(e) + (p & (span(level) - 1))
-                leaf = {"level": level, "pfn": pfn, "hpa": (pfn << PAGE_SHIFT) | (gpa & 0xFFF),
-                        "r": bool(e & S.EPT_R), "w": bool(e & S.EPT_W), "x": bool(e & S.EPT_X)}
+                leaf = {
+                    "level": level,
+                    "pfn": pfn,
+                    "hpa": (pfn << PAGE_SHIFT) | (gpa & 0xFFF),
+                    "r": bool(e & S.EPT_R),
+                    "w": bool(e & S.EPT_W),
+                    "x": bool(e & S.EPT_X),
+                }
                 break
             table, level = vm.mmu.pool.child(e), level - 1
-        out.append({"root": root.id, "role": root.role.value, "as_id": root.as_id,
-                    "valid": root.valid, "walk": walk, "leaf": leaf})
+        out.append(
+            {
+                "root": root.id,
+                "role": root.role.value,
+                "as_id": root.as_id,
+                "valid": root.valid,
+                "walk": walk,
+                "leaf": leaf,
+            }
+        )
     return {"gpa": gpa, "gfn": pos & ~vm.gfn_direct_bits, "roots": out}
 
 
@@ -87,10 +101,19 @@ def mappings(vm: Vm, root: object = None) -> list[dict]:
                 else:
                     if cur_run is not None:
                         runs.append(cur_run)
-                    cur_run = {"root": r.id, "role": r.role.value, "level": cur.level,
-                               "gfn": g0 & ~vm.gfn_direct_bits, "position": g0, "pfn": p0,
-                               "npages": int(b - a) * sp, "r": bool(pm & 1), "w": bool(pm & 2),
-                               "x": bool(pm & 4), "_perm": pm}
+                    cur_run = {
+                        "root": r.id,
+                        "role": r.role.value,
+                        "level": cur.level,
+                        "gfn": g0 & ~vm.gfn_direct_bits,
+                        "position": g0,
+                        "pfn": p0,
+                        "npages": int(b - a) * sp,
+                        "r": bool(pm & 1),
+                        "w": bool(pm & 2),
+                        "x": bool(pm & 4),
+                        "_perm": pm,
+                    }
                 cur_run["_gend"] = g0 + int(b - a) * sp
                 cur_run["_pend"] = p0 + int(b - a) * sp
         if cur_run is not None:

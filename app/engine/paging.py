@@ -173,8 +173,9 @@ def clip(base: int, level: int, start: int, end: int) -> tuple[int, int]:
     return lo, hi
 
 
-def walk(pool: TablePool, table: int, start: int, end: int, min_level: int = 1,
-         post_order: bool = False) -> Iterator[Cursor]:
+def walk(
+    pool: TablePool, table: int, start: int, end: int, min_level: int = 1, post_order: bool = False
+) -> Iterator[Cursor]:
     """Yield a cursor for every table reachable from `table` intersecting [start, end).
 
     Descends through present non-leaf entries down to `min_level`. Pre-order by default;

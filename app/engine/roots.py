@@ -108,8 +108,9 @@ class Mmu:
             self.roots[rid] = root
         return root
 
-    def roots_of(self, as_id: int | None = None, role: RootRole | None = None,
-                 only_valid: bool = False) -> list[Root]:
+    def roots_of(
+        self, as_id: int | None = None, role: RootRole | None = None, only_valid: bool = False
+    ) -> list[Root]:
         return [
             r
             for r in sorted(self.roots.values(), key=lambda r: r.id)
@@ -171,8 +172,16 @@ class Mmu:
         return table
 
     # -- zapping ----------------------------------------------------------------------------------
-    def _zap_leaves(self, root: Root, table: int, lo: int, hi: int, level: int, acc: ZapAcc,
-                    mask: np.ndarray | None = None) -> None:
+    def _zap_leaves(
+        self,
+        root: Root,
+        table: int,
+        lo: int,
+        hi: int,
+        level: int,
+        acc: ZapAcc,
+        mask: np.ndarray | None = None,
+    ) -> None:
         ent = self.pool.entries(table)[lo:hi]
         leaf = (ent & S.U_PRESENT) != 0
         if level > 1:
@@ -194,14 +203,14 @@ class Mmu:
         for a, b in _runs(idx):
             acc.runs.append((base + a * sp, base + b * sp, root.role))
 
-    def zap_range(self, root: Root, start: int, end: int, acc: ZapAcc, *,
-                  leafs_only: bool) -> None:
+    def zap_range(self, root: Root, start: int, end: int, acc: ZapAcc, *, leafs_only: bool) -> None:
         """Zap leaves intersecting [start, end) of `root`; free tables fully inside unless
         `leafs_only` (the memslot path leaves empty tables in place)."""
         self._zap_table(root, root.table, start, end, acc, leafs_only)
 
-    def _zap_table(self, root: Root, table: int, start: int, end: int, acc: ZapAcc,
-                   leafs_only: bool) -> None:
+    def _zap_table(
+        self, root: Root, table: int, start: int, end: int, acc: ZapAcc, leafs_only: bool
+    ) -> None:
         pool = self.pool
         level = pool.level(table)
         base = pool.gfn(table)

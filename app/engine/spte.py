@@ -46,8 +46,9 @@ U_ADDR = _U(SPTE_BASE_ADDR_MASK)
 U_SHIFT = _U(PFN_SHIFT)
 
 
-def leaf_bits(*, level: int, writable: bool, host_writable: bool, exec_: bool, ipat: bool,
-              accessed: bool) -> int:
+def leaf_bits(
+    *, level: int, writable: bool, host_writable: bool, exec_: bool, ipat: bool, accessed: bool
+) -> int:
     """Everything of a leaf SPTE but its pfn, built in make_spte's order (§1.6.1)."""
     spte = SPTE_MMU_PRESENT | EPT_R | SUPPRESS_VE
     if accessed:
@@ -67,9 +68,7 @@ def leaf_bits(*, level: int, writable: bool, host_writable: bool, exec_: bool, i
 
 def nonleaf_spte(table_pfn: int) -> int:
     """Non-leaf entries grant everything; permissions are only restricted at leaves (§1.6.2)."""
-    return (
-        (table_pfn << PFN_SHIFT) | SPTE_MMU_PRESENT | EPT_R | EPT_W | EPT_X | EPT_A | SUPPRESS_VE
-    )
+    return (table_pfn << PFN_SHIFT) | SPTE_MMU_PRESENT | EPT_R | EPT_W | EPT_X | EPT_A | SUPPRESS_VE
 
 
 def mmio_spte(gfn: int, generation: int) -> int:
@@ -83,8 +82,8 @@ def mmio_generation(spte: int) -> int:
     return ((spte >> 3) & 0xFF) | (((spte >> 52) & 0x7FF) << 8)
 
 
-def is_present(spte):  # type: ignore[no-untyped-def]
-    return (spte & U_PRESENT) != 0 if isinstance(spte, np.ndarray) else bool(spte & SPTE_MMU_PRESENT)
+def is_present(spte: int) -> bool:
+    return bool(spte & SPTE_MMU_PRESENT)
 
 
 def is_mmio(spte: int) -> bool:

@@ -53,8 +53,15 @@ KVM_STAT_NAMES = (
     "max_mmu_rmap_size",
     "max_mmu_page_hash_collisions",
 )
-VCPU_STAT_NAMES = ("pf_taken", "pf_fixed", "pf_fast", "pf_spurious", "pf_mmio_spte_created",
-                   "pf_emulate", "root_reloads")
+VCPU_STAT_NAMES = (
+    "pf_taken",
+    "pf_fixed",
+    "pf_fast",
+    "pf_spurious",
+    "pf_mmio_spte_created",
+    "pf_emulate",
+    "root_reloads",
+)
 ZAP_POLICIES = ("kvm", "zap_all_shared_only")
 MAX_ACCESS_BYTES = 1 << 40  # one call may touch at most 1 TiB
 DEFAULT_TABLE_BUDGET = 1 << 20  # page-table pages per VM (4 GiB of tables)
@@ -87,13 +94,24 @@ class Vcpu:
         self.stats = dict.fromkeys(VCPU_STAT_NAMES, 0)
 
     def to_dict(self) -> dict[str, object]:
-        return {"id": self.id, "as_id": self.as_id, "running": self.running,
-                "roots": {r.value: rid for r, rid in self.roots.items()}, "stats": self.stats}
+        return {
+            "id": self.id,
+            "as_id": self.as_id,
+            "running": self.running,
+            "roots": {r.value: rid for r, rid in self.roots.items()},
+            "stats": self.stats,
+        }
 
 
 class Vm:
-    def __init__(self, vm_type: int, nr_vcpus: int, paging_levels: int, name: str | None,
-                 table_budget: int = DEFAULT_TABLE_BUDGET) -> None:
+    def __init__(
+        self,
+        vm_type: int,
+        nr_vcpus: int,
+        paging_levels: int,
+        name: str | None,
+        table_budget: int = DEFAULT_TABLE_BUDGET,
+    ) -> None:
         self.vm_type = VmType(vm_type)
         self.name = name
         self.paging_levels = paging_levels
@@ -138,14 +156,20 @@ class Vm:
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def create(cls, vm_type: object = 0, vcpus: object = 1, paging_levels: object = 4,
-               name: str | None = None, table_budget: int = DEFAULT_TABLE_BUDGET) -> Vm:
+    def create(
+        cls,
+        vm_type: object = 0,
+        vcpus: object = 1,
+        paging_levels: object = 4,
+        name: str | None = None,
+        table_budget: int = DEFAULT_TABLE_BUDGET,
+    ) -> Vm:
         t = caps.check_vm_type(vm_type)
         if paging_levels not in (4, 5) or isinstance(paging_levels, bool):
             raise einval("paging_levels must be 4 or 5")
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 0 <= vcpus <= 1024:
             raise einval("vcpus must be an integer in [0, 1024]")
-        return cls(t, vcpus, int(paging_levels), name, table_budget)  # type: ignore[arg-type]
+        return cls(t, vcpus, int(paging_levels), name, table_budget)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -213,8 +237,13 @@ class Vm:
     # ------------------------------------------------------------------ memslots
     def _set_user_memory_region(self, **args: Any) -> dict:
         req = RegionRequest.from_args(args)
-        change = check_region(req, vm_type=self.vm_type, spaces=self.spaces, gmem=self.gmem,
-                              user_addr_end=self.user_addr_end)
+        change = check_region(
+            req,
+            vm_type=self.vm_type,
+            spaces=self.spaces,
+            gmem=self.gmem,
+            user_addr_end=self.user_addr_end,
+        )
         kind, old, new = change.kind, change.old, change.new
         if kind is ChangeKind.NONE:
             return {"change": kind.value, "memslot": self._slot_dict(old), "zap": None}
@@ -222,8 +251,9 @@ class Vm:
             check_arch_prepare(change, max_gfn=self.max_gfn, gfn_direct_bits=self.gfn_direct_bits)
             assert new is not None
             if new.guest_memfd is not None:
-                self.gmem.bind(new.guest_memfd, new.guest_memfd_offset, new.npages,
-                               (new.as_id, new.id))
+                self.gmem.bind(
+                    new.guest_memfd, new.guest_memfd_offset, new.npages, (new.as_id, new.id)
+                )
             self.spaces[new.as_id].install(new)
             self._swap(new.as_id)
             if new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
@@ -247,8 +277,9 @@ class Vm:
         if kind is ChangeKind.MOVE:
             assert new is not None
             try:
-                check_arch_prepare(change, max_gfn=self.max_gfn,
-                                   gfn_direct_bits=self.gfn_direct_bits)
+                check_arch_prepare(
+                    change, max_gfn=self.max_gfn, gfn_direct_bits=self.gfn_direct_bits
+                )
             except KvmError as e:
                 # The kernel restores the old slot; the zap is not undone (§2.1 V21).
                 old.invalid = False
@@ -286,8 +317,7 @@ class Vm:
         for root in self.mmu.roots_of(slot.as_id):
             bits = self.gfn_direct_bits if root.role is RootRole.DIRECT else 0
             n = 0
-            for cur, sl, idx in self.mmu.leaf_iter(root, slot.base_gfn | bits,
-                                                   slot.end_gfn | bits):
+            for cur, sl, idx in self.mmu.leaf_iter(root, slot.base_gfn | bits, slot.end_gfn | bits):
                 n += len(idx) * span(cur.level)
             if root.role is RootRole.MIRROR:
                 out["private"] += n
@@ -334,8 +364,9 @@ class Vm:
             self.tdx._op("TDH.MEM.TRACK", 0, 0)
         return 1
 
-    def _zap_all_fast(self, cause: str, gfn_start: int, gfn_end: int,
-                      experiment: bool = False) -> dict:
+    def _zap_all_fast(
+        self, cause: str, gfn_start: int, gfn_end: int, experiment: bool = False
+    ) -> dict:
         """kvm_mmu_zap_all_fast: invalidate every direct root; vCPUs load new ones (§4.3, §5).
 
         Mirror roots are never touched. With only the TDP MMU there is no remote flush: each
@@ -368,8 +399,9 @@ class Vm:
         flushes = self._flush_tlbs() if acc.flush else 0
         self.stats_extra["zaps_slot_leafs"] += 1
         kicks = self._running_vcpus() if flushes else 0
-        return self._record(cause, "zap_slot_leafs", slot.base_gfn, slot.end_gfn, acc, 0,
-                            flushes, kicks, t0)
+        return self._record(
+            cause, "zap_slot_leafs", slot.base_gfn, slot.end_gfn, acc, 0, flushes, kicks, t0
+        )
 
     def _zap_root_range(self, root: Root, start: int, end: int, acc: ZapAcc) -> None:
         if root.role is RootRole.DIRECT:
@@ -382,8 +414,9 @@ class Vm:
             for s, e, _ in acc.runs[before:]:
                 self.tdx.remove_leaves(s, e - s)
 
-    def _zap_gfn_range(self, as_ids: list[int], start: int, end: int, roles: set[RootRole],
-                       cause: str, path: str) -> dict:
+    def _zap_gfn_range(
+        self, as_ids: list[int], start: int, end: int, roles: set[RootRole], cause: str, path: str
+    ) -> dict:
         """kvm_unmap_gfn_range for notifier, attribute and guest_memfd invalidations."""
         t0 = time.perf_counter()
         acc = ZapAcc()
@@ -395,8 +428,18 @@ class Vm:
         kicks = self._running_vcpus() if flushes else 0
         return self._record(cause, path, start, end, acc, 0, flushes, kicks, t0)
 
-    def _record(self, cause: str, path: str, gfn_start: int, gfn_end: int, acc: ZapAcc,
-                invalidated: int, flushes: int, kicks: int, t0: float) -> dict:
+    def _record(
+        self,
+        cause: str,
+        path: str,
+        gfn_start: int,
+        gfn_end: int,
+        acc: ZapAcc,
+        invalidated: int,
+        flushes: int,
+        kicks: int,
+        t0: float,
+    ) -> dict:
         bits = self.gfn_direct_bits
         for s, e, _role in acc.runs:
             if bits and s & bits:
@@ -433,8 +476,13 @@ class Vm:
             if acc.flush:
                 self._flush_tlbs()
 
-    def _zap(self, scope: object = "range", gpa: object = None, size: object = None,
-             roots: object = "both") -> dict:
+    def _zap(
+        self,
+        scope: object = "range",
+        gpa: object = None,
+        size: object = None,
+        roots: object = "both",
+    ) -> dict:
         if scope not in ("all", "range") or roots not in ("shared", "private", "both"):
             raise einval("scope must be all|range and roots shared|private|both")
         if roots in ("private", "both") and self.is_tdx and scope == "all":
@@ -455,8 +503,9 @@ class Vm:
         start = (g >> PAGE_SHIFT) & ~self.gfn_direct_bits
         end = start + (n >> PAGE_SHIFT)
         self.stats_extra["zaps_range"] += 1
-        return self._zap_gfn_range(list(range(self.nr_as)), start, end, sel, "explicit",
-                                   "zap_gfn_range")
+        return self._zap_gfn_range(
+            list(range(self.nr_as)), start, end, sel, "explicit", "zap_gfn_range"
+        )
 
     # ------------------------------------------------------------------ MMIO SPTEs
     def _install_mmio_spte(self, as_id: int, pos: int, gfn: int) -> None:
@@ -520,8 +569,14 @@ class Vm:
         pages = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
         return (pages >> 9) + (pages >> 18) + self.paging_levels + 2
 
-    def _access(self, vcpu: object, gpa: object, size: object = PAGE_SIZE,
-                access: object = "read", private: object = None) -> dict:
+    def _access(
+        self,
+        vcpu: object,
+        gpa: object,
+        size: object = PAGE_SIZE,
+        access: object = "read",
+        private: object = None,
+    ) -> dict:
         v = self.vcpu(vcpu)
         if access not in ACCESS_KINDS:
             raise einval("access must be read, write or exec")
@@ -568,9 +623,10 @@ class Vm:
             if fp.res.exit is not None:
                 err = KvmError(errno.EFAULT, f"pre-fault at {g:#x} ended in {fp.res.exit}")
                 break
-            _t, _i, level, _e = self.mmu.lookup(self.root_for(v, RootRole.MIRROR
-                                                if self.is_tdx and private
-                                                else RootRole.DIRECT), pos)
+            _t, _i, level, _e = self.mmu.lookup(
+                self.root_for(v, RootRole.MIRROR if self.is_tdx and private else RootRole.DIRECT),
+                pos,
+            )
             step = min(n, (span(level) << PAGE_SHIFT) - (g & ((span(level) << PAGE_SHIFT) - 1)))
             g += step
             n -= step
@@ -623,7 +679,7 @@ class Vm:
         for a, b in _bool_runs(fresh):
             slot = self.spaces[0].find(gfn + a)
             file = self.gmem.lookup(slot.guest_memfd) if slot is not None else None
-            if file is None or not file.contents:
+            if slot is None or file is None or not file.contents:
                 continue
             lo, hi = slot.gmem_index(gfn + a), slot.gmem_index(min(gfn + b, slot.end_gfn))
             for index in [i for i in file.contents if lo <= i < hi]:
@@ -642,8 +698,9 @@ class Vm:
             raise einval("data must hold 1 to 4096 bytes")
         return self._data_access(vcpu, gpa, len(payload), payload, private)
 
-    def _data_access(self, vcpu: object, gpa: object, length: int, payload: bytes | None,
-                     private: object) -> dict:
+    def _data_access(
+        self, vcpu: object, gpa: object, length: int, payload: bytes | None, private: object
+    ) -> dict:
         v = self.vcpu(vcpu)
         g, _ = check_access_range(self, gpa, length, PAGE_SIZE)
         self._check_private_hint(private, g)
@@ -737,8 +794,9 @@ class Vm:
             flushes = self._flush_tlbs() if acc.flush else 0
             kicks = self._running_vcpus() if flushes else 0
             self.stats_extra["zaps_notifier"] += 1
-            zap = self._record("mmu_notifier", "zap_gfn_range", lo_gfn, hi_gfn or 0, acc, 0,
-                               flushes, kicks, t0)
+            zap = self._record(
+                "mmu_notifier", "zap_gfn_range", lo_gfn, hi_gfn or 0, acc, 0, flushes, kicks, t0
+            )
         return zap
 
     def _host_advise(self, userspace_addr: object, len: object, advice: object) -> dict:
@@ -755,13 +813,14 @@ class Vm:
         a, n = self._host_range(userspace_addr, len)
         if page_size not in LEVEL_OF_SIZE or isinstance(page_size, bool):
             raise einval("page_size must be 4096, 2097152 or 1073741824")
-        ps = int(page_size)  # type: ignore[call-overload]
+        ps = int(page_size)
         if a % ps or n % ps:
             raise einval("hugetlbfs mappings are aligned to their page size")
         zap = self._notifier_invalidate(a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT)
         self.host.discard(a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT)
-        self.host.set_page_size(a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT, LEVEL_OF_SIZE[ps],
-                                "hugetlb")
+        self.host.set_page_size(
+            a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT, LEVEL_OF_SIZE[ps], "hugetlb"
+        )
         return {"zap": zap}
 
     # ------------------------------------------------------------------ guest_memfd
@@ -820,8 +879,9 @@ class Vm:
         return file
 
     # ------------------------------------------------------------------ attributes
-    def _set_memory_attributes(self, address: object, size: object, attributes: object,
-                               flags: object = 0) -> dict:
+    def _set_memory_attributes(
+        self, address: object, size: object, attributes: object, flags: object = 0
+    ) -> dict:
         start, end = self.attrs.check(address, size, attributes, flags, vm_type=self.vm_type)
         attrs = int(attributes)  # type: ignore[call-overload]
         if self.attrs.pieces(start, end) == [(start, end, attrs)]:
@@ -875,8 +935,9 @@ class Vm:
 
         return dirty.get_dirty_log(self, slot)
 
-    def _clear_dirty_log(self, slot: object, first_page: object, num_pages: object,
-                         bitmap: object) -> dict:
+    def _clear_dirty_log(
+        self, slot: object, first_page: object, num_pages: object, bitmap: object
+    ) -> dict:
         from . import dirty
 
         return dirty.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
@@ -923,10 +984,10 @@ class Vm:
         return caps.quirks_view(self.vm_type, self.disabled_quirks)
 
     def memslots(self) -> list[dict]:
-        out = []
+        out: list[dict] = []
         for space in self.spaces:
             for slot in space:
-                out.append(self._slot_dict(slot))
+                out.append(self._slot_dict(slot) or {})
         return sorted(out, key=lambda d: d["slot"])
 
     def memslot(self, slot: object) -> dict:
@@ -1006,8 +1067,7 @@ class Vm:
 def _bool_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[a, b) runs of True in a bool array."""
     d = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
-    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(),
-                    strict=True))
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(), strict=True))
 
 
 class _Backing:
@@ -1054,4 +1114,3 @@ _OPS: dict[str, Callable[..., dict]] = {
 }
 OPS = tuple(_OPS)
 _SIGS = {name: inspect.signature(fn) for name, fn in _OPS.items()}
-

@@ -9,19 +9,13 @@ import pytest
 
 from app.engine import uapi
 from app.engine.attributes import PRIVATE, MemoryAttributes, supported_attributes
-from app.engine.errors import KvmError
+from app.engine.vm import Vm
+from tests.engine import expect, fingerprint
 
 DEFAULT = int(uapi.VmType.KVM_X86_DEFAULT_VM)
 SW_PROT = int(uapi.VmType.KVM_X86_SW_PROTECTED_VM)
 TDX = int(uapi.VmType.KVM_X86_TDX_VM)
 PAGE = 4096
-
-
-def expect(err: int, fn, *args, **kwargs) -> KvmError:  # type: ignore[no-untyped-def]
-    with pytest.raises(KvmError) as info:
-        fn(*args, **kwargs)
-    assert info.value.errno == err, info.value
-    return info.value
 
 
 @pytest.fixture
@@ -146,3 +140,36 @@ def test_huge_ranges_are_stored_as_ranges(attrs: MemoryAttributes) -> None:
     attrs.set(1 << 20, (1 << 20) + 1, 0)
     assert len(attrs.ranges()) == 2
     assert int(attrs.private_mask((1 << 20) - 2, (1 << 20) + 2).sum()) == 3
+
+
+# -- through Vm.apply ----------------------------------------------------------------------------
+def test_apply_set_memory_attributes_on_a_td() -> None:
+    vm = Vm.create(TDX)
+    args = {"address": 2 << 20, "size": 4 << 20, "attributes": PRIVATE, "flags": 0}
+    assert vm.apply("set_memory_attributes", args)["changed"] is True
+    assert vm.memory_attributes() == [{"address": 2 << 20, "size": 4 << 20, "attributes": PRIVATE}]
+    assert vm.apply("set_memory_attributes", args)["changed"] is False  # already so: a no-op
+    vm.apply("set_memory_attributes", {**args, "attributes": 0})
+    assert vm.memory_attributes() == []
+
+
+@pytest.mark.parametrize(
+    "vm_type,args",
+    [
+        (DEFAULT, {"address": 0, "size": PAGE, "attributes": PRIVATE}),
+        (TDX, {"address": 0, "size": PAGE, "attributes": PRIVATE, "flags": 1}),
+        (TDX, {"address": 0, "size": 0, "attributes": PRIVATE}),
+        (TDX, {"address": 0, "size": PAGE, "attributes": 1}),
+        (SW_PROT, {"address": 100, "size": PAGE, "attributes": PRIVATE}),
+        (SW_PROT, {"address": (1 << 64) - PAGE, "size": 2 * PAGE, "attributes": PRIVATE}),
+        (SW_PROT, {"address": -PAGE, "size": PAGE, "attributes": PRIVATE}),
+        (SW_PROT, {"address": 0, "size": PAGE, "attributes": "0x8"}),
+    ],
+)
+def test_apply_rejected_attributes_change_nothing(vm_type: int, args: dict) -> None:
+    vm = Vm.create(vm_type)
+    if vm_type != DEFAULT:
+        vm.apply("set_memory_attributes", {"address": 0, "size": 1 << 20, "attributes": PRIVATE})
+    before = fingerprint(vm)
+    expect(errno.EINVAL, vm.apply, "set_memory_attributes", args)
+    assert fingerprint(vm) == before

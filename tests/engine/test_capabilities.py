@@ -17,7 +17,8 @@ from app.engine.capabilities import (
     quirks_view,
     vm_check_extension,
 )
-from app.engine.errors import KvmError
+from app.engine.vm import Vm
+from tests.engine import expect, fingerprint
 
 Cap = uapi.Cap
 Q = uapi.Quirk
@@ -27,13 +28,6 @@ TDX = int(uapi.VmType.KVM_X86_TDX_VM)
 SLOT_ZAP_ALL = int(Q.KVM_X86_QUIRK_SLOT_ZAP_ALL)
 CD_NW = int(Q.KVM_X86_QUIRK_CD_NW_CLEARED)
 PAT = int(Q.KVM_X86_QUIRK_IGNORE_GUEST_PAT)
-
-
-def expect(err: int, fn, *args, **kwargs) -> KvmError:  # type: ignore[no-untyped-def]
-    with pytest.raises(KvmError) as info:
-        fn(*args, **kwargs)
-    assert info.value.errno == err, info.value
-    return info.value
 
 
 # -- KVM_CHECK_EXTENSION -----------------------------------------------------------------------
@@ -224,3 +218,52 @@ def test_quirks_view_after_disabling_slot_zap_all() -> None:
     view = quirks_view(DEFAULT, disabled)
     assert view["disabled_mask"] == CD_NW | SLOT_ZAP_ALL
     assert not view["enabled_mask"] & SLOT_ZAP_ALL  # type: ignore[operator]
+
+
+# -- through Vm ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("vm_type", [2, 3, 4, 6, "KVM_X86_SNP_VM"])
+def test_vm_create_refuses_unsupported_types(vm_type: object) -> None:
+    expect(errno.EINVAL, Vm.create, vm_type)
+
+
+@pytest.mark.parametrize("vm_type", [DEFAULT, SW_PROT, TDX])
+def test_vm_check_extension_and_initial_quirks(vm_type: int) -> None:
+    vm = Vm.create(vm_type)
+    assert vm.check_extension(int(Cap.KVM_CAP_MULTI_ADDRESS_SPACE)) == (2 if vm_type == 0 else 1)
+    assert vm.quirks()["disabled_mask"] == initial_disabled_quirks(vm_type)
+
+
+def test_apply_disable_quirks2_is_sticky() -> None:
+    vm = Vm.create(DEFAULT)
+    vm.apply("enable_cap", {"cap": "KVM_CAP_DISABLE_QUIRKS2", "args": [SLOT_ZAP_ALL, 0, 0, 0]})
+    vm.apply("enable_cap", {"cap": int(Cap.KVM_CAP_DISABLE_QUIRKS2), "args": [0, 0, 0, 0]})
+    assert vm.quirks()["disabled_mask"] == CD_NW | SLOT_ZAP_ALL
+    assert vm.info()["slot_zap_all_applies"] is False
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"cap": "KVM_CAP_DISABLE_QUIRKS2", "args": [1 << 11, 0, 0, 0]},
+        {"cap": "KVM_CAP_DISABLE_QUIRKS2", "flags": 1, "args": [SLOT_ZAP_ALL]},
+        {"cap": "KVM_CAP_DISABLE_QUIRKS", "flags": 1, "args": [SLOT_ZAP_ALL]},
+        {"cap": "KVM_CAP_DISABLE_QUIRKS2", "args": [SLOT_ZAP_ALL, 0, 0, 0, 0]},
+        {"cap": "KVM_CAP_DISABLE_QUIRKS2", "args": ["0x80"]},
+        {"cap": "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", "args": [2]},
+        {"cap": "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", "flags": 1, "args": [1]},
+        {"cap": "KVM_CAP_NR_MEMSLOTS", "args": [1]},
+        {"cap": "KVM_CAP_WHATEVER", "args": [1]},
+        {"cap": 9999, "args": [1]},
+    ],
+)
+def test_apply_enable_cap_rejected_changes_nothing(args: dict) -> None:
+    vm = Vm.create(DEFAULT)
+    before = fingerprint(vm)
+    expect(errno.EINVAL, vm.apply, "enable_cap", args)
+    assert fingerprint(vm) == before
+
+
+def test_apply_manual_dirty_log_protect() -> None:
+    vm = Vm.create(DEFAULT)
+    vm.apply("enable_cap", {"cap": "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", "args": [3]})
+    assert vm.manual_dirty_log == 3

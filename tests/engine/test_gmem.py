@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from app.engine import uapi
-from app.engine.errors import KvmError
 from app.engine.gmem import (
     FALLOC_FL_COLLAPSE_RANGE,
     FALLOC_FL_INSERT_RANGE,
@@ -24,6 +23,8 @@ from app.engine.gmem import (
     GmemTable,
     supported_gmem_flags,
 )
+from app.engine.vm import Vm
+from tests.engine import expect, fingerprint
 
 DEFAULT = int(uapi.VmType.KVM_X86_DEFAULT_VM)
 SW_PROT = int(uapi.VmType.KVM_X86_SW_PROTECTED_VM)
@@ -34,13 +35,6 @@ PAGE = 4096
 MB = 1 << 20
 KEEP = FALLOC_FL_KEEP_SIZE
 PUNCH = FALLOC_FL_PUNCH_HOLE
-
-
-def expect(err: int, fn, *args, **kwargs) -> KvmError:  # type: ignore[no-untyped-def]
-    with pytest.raises(KvmError) as info:
-        fn(*args, **kwargs)
-    assert info.value.errno == err, info.value
-    return info.value
 
 
 @pytest.fixture
@@ -297,3 +291,99 @@ def test_pfn_owner(table: GmemTable) -> None:
     assert table.pfn_owner(b.pfn(5)) == (b, 5)
     assert table.pfn_owner(a.pfn(255)) == (a, 255)
     assert table.pfn_owner(GMEM_PFN_BASE - 1) is None
+
+
+# -- through Vm.apply ----------------------------------------------------------------------------
+@pytest.fixture
+def vm() -> Vm:
+    return Vm.create(DEFAULT)
+
+
+def test_apply_create_guest_memfd(vm: Vm) -> None:
+    r = vm.apply("create_guest_memfd", {"size": 2 * MB, "flags": MMAP})
+    assert (r["fd"], r["size"], r["flags"]) == (FIRST_GMEM_FD, 2 * MB, MMAP)
+    assert [f["fd"] for f in vm.guest_memfds()] == [FIRST_GMEM_FD]
+
+
+@pytest.mark.parametrize(
+    "vm_type,args",
+    [
+        (TDX, {"size": MB, "flags": MMAP | INIT_SHARED}),
+        (DEFAULT, {"size": MB, "flags": 1 << 2}),
+        (DEFAULT, {"size": 0}),
+        (DEFAULT, {"size": MB + 1}),
+        (DEFAULT, {"size": -MB}),
+        (DEFAULT, {"size": "0x1000"}),
+    ],
+)
+def test_apply_create_guest_memfd_rejected_changes_nothing(vm_type: int, args: dict) -> None:
+    vm = Vm.create(vm_type)
+    before = fingerprint(vm)
+    expect(errno.EINVAL, vm.apply, "create_guest_memfd", args)
+    assert fingerprint(vm) == before
+
+
+def test_apply_fallocate_allocate_and_punch(vm: Vm) -> None:
+    fd = vm.apply("create_guest_memfd", {"size": 2 * MB, "flags": 0})["fd"]
+    args = {"fd": fd, "mode": "allocate", "offset": 0, "len": MB}
+    assert vm.apply("gmem_fallocate", args)["allocated"] == 256
+    assert vm.apply("gmem_fallocate", {**args, "len": 2 * MB})["allocated"] == 256
+    punch = {"fd": fd, "mode": "punch_hole", "offset": MB, "len": 64 * MB}
+    assert vm.apply("gmem_fallocate", punch)["freed"] == 256
+    assert vm.guest_memfds()[0]["allocated_pages"] == 256
+
+
+@pytest.mark.parametrize(
+    "args,err",
+    [
+        ({"fd": 99, "mode": "allocate", "offset": 0, "len": PAGE}, errno.EBADF),
+        ({"mode": "allocate", "offset": -PAGE, "len": PAGE}, errno.EINVAL),
+        ({"mode": "allocate", "offset": 0, "len": 0}, errno.EINVAL),
+        ({"mode": "allocate", "offset": 1, "len": PAGE}, errno.EINVAL),
+        ({"mode": "allocate", "offset": 0, "len": 4 * MB}, errno.EINVAL),
+        ({"mode": "punch_hole", "offset": 0, "len": 100}, errno.EINVAL),
+        ({"mode": PUNCH, "offset": 0, "len": PAGE}, errno.EOPNOTSUPP),
+        ({"mode": 0, "offset": 0, "len": PAGE}, errno.EOPNOTSUPP),
+        ({"mode": KEEP | FALLOC_FL_ZERO_RANGE, "offset": 0, "len": PAGE}, errno.EOPNOTSUPP),
+        ({"mode": KEEP | PUNCH, "offset": 1 << 62, "len": 1 << 62}, errno.EFBIG),
+        ({"mode": "zero_range", "offset": 0, "len": PAGE}, errno.EINVAL),
+        ({"mode": [1], "offset": 0, "len": PAGE}, errno.EINVAL),
+        ({"mode": "allocate", "offset": "0", "len": PAGE}, errno.EINVAL),
+    ],
+)
+def test_apply_fallocate_rejected_changes_nothing(vm: Vm, args: dict, err: int) -> None:
+    fd = vm.apply("create_guest_memfd", {"size": 2 * MB, "flags": 0})["fd"]
+    vm.apply("gmem_fallocate", {"fd": fd, "mode": KEEP, "offset": 0, "len": MB})
+    before = fingerprint(vm)
+    expect(err, vm.apply, "gmem_fallocate", {"fd": fd, **args})
+    assert fingerprint(vm) == before
+
+
+def test_apply_close_then_fd_is_ebadf_and_the_slot_stays(vm: Vm) -> None:
+    fd = vm.apply("create_guest_memfd", {"size": 2 * MB, "flags": 0})["fd"]
+    vm.apply(
+        "set_user_memory_region",
+        {
+            "slot": 0,
+            "flags": 4,
+            "guest_phys_addr": 0,
+            "memory_size": MB,
+            "userspace_addr": 0x7000_0000,
+            "guest_memfd": fd,
+            "guest_memfd_offset": 0,
+        },
+    )
+    vm.apply("gmem_close", {"fd": fd})
+    expect(errno.EBADF, vm.apply, "gmem_close", {"fd": fd})
+    expect(
+        errno.EBADF,
+        vm.apply,
+        "gmem_fallocate",
+        {"fd": fd, "mode": "allocate", "offset": 0, "len": PAGE},
+    )
+    assert [s["guest_memfd"] for s in vm.memslots()] == [fd]
+    r = vm.apply(
+        "set_user_memory_region",
+        {"slot": 0, "memory_size": 0, "flags": 0, "guest_phys_addr": 0, "userspace_addr": 0},
+    )
+    assert r["change"] == "delete"
