@@ -225,7 +225,7 @@ class FaultPath:
         res.pages += touched
         return touched
 
-    # -- 4 KiB leaves -------------------------------------------------------------------------------
+    # -- 4 KiB leaves ----------------------------------------------------------------------------
     def map_4k(
         self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int, gmem: GmemFile | None
     ) -> int:
