@@ -317,7 +317,9 @@ class Vm:
         for root in self.mmu.roots_of(slot.as_id):
             bits = self.gfn_direct_bits if root.role is RootRole.DIRECT else 0
             n = 0
-            for cur, _sl, idx in self.mmu.leaf_iter(root, slot.base_gfn | bits, slot.end_gfn | bits):
+            for cur, _sl, idx in self.mmu.leaf_iter(
+                root, slot.base_gfn | bits, slot.end_gfn | bits
+            ):
                 n += len(idx) * span(cur.level)
             if root.role is RootRole.MIRROR:
                 out["private"] += n
