@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.api.errors import install_error_handlers
+from app.api.errors import install_error_handlers, problem_media_types
 from app.api.log import configure_logging
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.api.router import include_routers
@@ -62,6 +62,12 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
     )
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_media_types(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.service = service
     install_error_handlers(app)

@@ -100,15 +100,31 @@ R_BODY = {
     422: _problem_response(422, "The body or a parameter is not the right shape"),
 }
 R_QUERY = {422: _problem_response(422, "A parameter is not the right shape")}
-R_COMMON = {500: _problem_response(500, "Unexpected failure of the service")}
+# Every route: a parameter may be malformed, and the service may fail.
+R_COMMON = {
+    422: _problem_response(422, "A parameter or the body is not the right shape"),
+    500: _problem_response(500, "Unexpected failure of the service"),
+}
 
 
 def responses(*parts: dict[int, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
-    for part in (*parts, R_COMMON):
+    for part in (R_COMMON, *parts):
         for status, spec in part.items():
             out[status] = spec
     return out
+
+
+def problem_media_types(spec: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI files a response `model` under application/json; error bodies are
+    application/problem+json, so move their schema there (in place; returns `spec`)."""
+    for ops in spec.get("paths", {}).values():
+        for op in ops.values():
+            for code, resp in op.get("responses", {}).items():
+                content = resp.get("content", {})
+                if code[:1] in "45" and PROBLEM_JSON in content and "application/json" in content:
+                    content[PROBLEM_JSON] = content.pop("application/json")
+    return spec
 
 
 def problem(

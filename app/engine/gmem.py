@@ -23,6 +23,7 @@ from .intervals import IntervalSet
 GMEM_PFN_BASE = 1 << 38
 GMEM_PFN_LIMIT = 1 << (uapi.HOST_MAXPHYADDR - uapi.PAGE_SHIFT)
 FIRST_GMEM_FD = 3  # after stdin/stdout/stderr; fds are never reused within a VM
+MAX_LISTED_RUNS = 256
 
 # fallocate(2) mode bits (include/uapi/linux/falloc.h).
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -173,7 +174,9 @@ class GmemFile:
             "flag_names": uapi.flag_names(uapi.GmemFlag, self.flags),
             "base_pfn": self.base_pfn,
             "allocated_pages": self.allocated_pages,
-            "allocated": self.allocated.to_list(),
+            # Runs of allocated pages, bounded: a fragmented file must not make huge answers.
+            "allocated": self.allocated.to_list()[:MAX_LISTED_RUNS],
+            "allocated_runs": len(self.allocated),
             "bindings": [
                 {"offset": start << uapi.PAGE_SHIFT, "npages": n, "as_id": key[0], "id": key[1]}
                 for start, n, key in self.bindings

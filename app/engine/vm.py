@@ -830,11 +830,7 @@ class Vm:
         return self.gmem.create(size, flags, vm_type=self.vm_type).to_dict()
 
     def _gmem_fallocate(self, fd: object, mode: object, offset: object, len: object) -> dict:
-        modes = {"allocate": 0, "punch_hole": 0x03}  # FALLOC_FL_PUNCH_HOLE|KEEP_SIZE
-        if mode not in modes and not isinstance(mode, int):
-            raise einval("mode must be allocate or punch_hole")
-        m = modes[mode] if isinstance(mode, str) else mode
-        file, punch, first, count = self.gmem.check_fallocate(fd, m, offset, len)
+        file, punch, first, count = self.gmem.check_fallocate(fd, mode, offset, len)
         if not punch:
             return {"allocated": file.allocate(first, count), "zap": None}
         zap = self._gmem_invalidate(file, first, first + count, "punch_hole")

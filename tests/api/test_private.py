@@ -44,16 +44,18 @@ async def td(client: httpx.AsyncClient) -> str:
 
 
 async def test_guest_memfd_create_list_and_flags(client: httpx.AsyncClient, swp: str) -> None:
-    fd = await gmem(client, swp, flags=["GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED"])
+    fd = await gmem(client, swp, flags=["GUEST_MEMFD_FLAG_MMAP"])
     files = ok(await client.get(f"/v1/vms/{swp}/guest-memfds"))["items"]
     assert [f["fd"] for f in files] == [fd]
-    assert files[0]["flags"] == 3
+    assert files[0]["flags"] == 1
     assert files[0]["size"] == 4 * MiB
     before = await state(client, swp)
     for body, err in (
         ({"size": 4096 + 1}, errno.EINVAL),
         ({"size": 0}, errno.EINVAL),
         ({"size": 4096, "flags": 1 << 8}, errno.EINVAL),
+        # INIT_SHARED: only where attributes cannot make guest_memfd memory private.
+        ({"size": 4096, "flags": ["GUEST_MEMFD_FLAG_INIT_SHARED"]}, errno.EINVAL),
     ):
         assert_errno(await client.post(f"/v1/vms/{swp}/guest-memfds", json=body), err)
     assert_problem(
@@ -124,7 +126,8 @@ async def test_binding_overlap_is_eexist(client: httpx.AsyncClient, swp: str) ->
     assert await state(client, swp) == before
 
 
-async def test_gmem_read_write(client: httpx.AsyncClient, swp: str) -> None:
+async def test_gmem_read_write(client: httpx.AsyncClient, vm: str) -> None:
+    swp = vm  # a default VM: INIT_SHARED is supported there
     fd = await gmem(client, swp, flags=["GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED"])
     base = f"/v1/vms/{swp}/guest-memfds/{fd}"
     ok(await client.post(f"{base}/write", json={"offset": 8, "data": "0102"}))
@@ -181,13 +184,26 @@ async def test_private_fault_and_conversion(client: httpx.AsyncClient, swp: str)
     ok(await client.post(url, json={"address": 0, "size": 4 * MiB, "attributes": [PRIVATE]}))
     res = ok(await client.post(f"/v1/vms/{swp}/vcpus/0/accesses", json={"gpa": 0, "size": 8192}))
     assert res["mapped"] == 2
-    # A shared access to a private GPA: the guest's outcome is an exit, HTTP 200.
-    res = ok(
-        await client.post(f"/v1/vms/{swp}/vcpus/0/accesses", json={"gpa": 0, "private": False})
-    )
-    assert res["exit"]["reason"] == "KVM_EXIT_MEMORY_FAULT"
+    assert ok(await client.get(f"/v1/vms/{swp}/memslots/0"))["mapped"]["private"] == 2
+    # Private → shared zaps the private mappings.
     conv = ok(await client.post(url, json={"address": 0, "size": 4 * MiB, "attributes": 0}))
     assert conv["zap"]["cause"] == "attributes"
+    assert conv["zap"]["sptes_zapped_total"] == 2
+    assert ok(await client.get(f"/v1/vms/{swp}/memslots/0"))["mapped"]["private"] == 0
+
+
+async def test_td_private_access_to_shared_gpa_exits_memory_fault(
+    client: httpx.AsyncClient, td: str
+) -> None:
+    fd = await gmem(client, td)
+    await gmem_slot(client, td, fd)
+    # GPA 0 has the shared bit clear (a private access) but its attributes say shared: the
+    # guest's outcome is an exit, which is HTTP 200.
+    res = ok(await client.post(f"/v1/vms/{td}/vcpus/0/accesses", json={"gpa": 0}))
+    assert res["exit"]["reason"] == "KVM_EXIT_MEMORY_FAULT"
+    assert res["exit"]["flags"] == 8  # KVM_MEMORY_EXIT_FLAG_PRIVATE
+    loaded = ok(await client.post(f"/v1/vms/{td}/vcpus/0/load", json={"gpa": 0, "len": 8}))
+    assert loaded["exit"]["reason"] == "KVM_EXIT_MEMORY_FAULT"
 
 
 async def test_td_zap_all_private_is_eperm(client: httpx.AsyncClient, td: str) -> None:
@@ -230,7 +246,7 @@ async def _delete_then_punch(client: httpx.AsyncClient, vm: str) -> dict[str, ob
             json={"address": 0, "size": 4 * MiB, "attributes": [PRIVATE]},
         )
     )
-    ok(await client.post(f"/v1/vms/{vm}/vcpus/0/accesses", json={"gpa": 0, "size": 8192}))
+    ok(await client.post(f"/v1/vms/{vm}/vcpus/0/accept", json={"gpa": 0, "size": 8192}))
     ok(await client.delete(f"/v1/vms/{vm}/memslots/0"))
     ok(
         await client.post(
@@ -242,10 +258,10 @@ async def _delete_then_punch(client: httpx.AsyncClient, vm: str) -> dict[str, ob
 
 
 async def test_zap_policy_experiment_shows_use_after_free(client: httpx.AsyncClient) -> None:
-    real = await new_vm(client, vm_type="KVM_X86_SW_PROTECTED_VM")
+    real = await new_vm(client, vm_type="KVM_X86_TDX_VM")
     assert (await _delete_then_punch(client, real))["ok"] is True
 
-    exp = await new_vm(client, vm_type="KVM_X86_SW_PROTECTED_VM")
+    exp = await new_vm(client, vm_type="KVM_X86_TDX_VM")
     ok(await client.post(f"/v1/vms/{exp}/zap-policy", json={"policy": "zap_all_shared_only"}))
     audit = await _delete_then_punch(client, exp)
     assert audit["ok"] is False

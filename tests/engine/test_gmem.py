@@ -285,6 +285,15 @@ def test_close_frees_pages_and_keeps_bindings_for_the_caller(table: GmemTable, f
     assert f.to_dict()["closed"] is True
 
 
+def test_to_dict_bounds_the_listed_runs(table: GmemTable) -> None:
+    f = table.create(64 * MB, 0, vm_type=DEFAULT)
+    for i in range(0, 2000, 2):
+        f.allocate(i, 1)
+    d = f.to_dict()
+    assert d["allocated_runs"] == 1000 and len(d["allocated"]) == 256  # type: ignore[arg-type]
+    assert d["allocated"][:2] == [[0, 1], [2, 3]]  # type: ignore[index]
+
+
 def test_pfn_owner(table: GmemTable) -> None:
     a = table.create(MB, 0, vm_type=DEFAULT)
     b = table.create(MB, 0, vm_type=DEFAULT)

@@ -36,7 +36,7 @@ class GuestMemfd(Open):
 
 class Fallocate(Body):
     mode: Literal["allocate", "punch_hole"] | U32 = Field(
-        description="`allocate` (mode 0), `punch_hole` (FALLOC_FL_PUNCH_HOLE|KEEP_SIZE), or "
+        description="`allocate` (FALLOC_FL_KEEP_SIZE), `punch_hole` (PUNCH_HOLE|KEEP_SIZE), or "
         "raw fallocate(2) mode bits (KVM answers EOPNOTSUPP for the ones it refuses)."
     )
     offset: U64

@@ -1,0 +1,133 @@
+"""Read-only views (translate, mappings, roots, stats, audit), zaps, snapshots and /metrics."""
+
+from __future__ import annotations
+
+import errno
+
+import httpx
+import pytest
+
+from .helpers import MiB, assert_errno, assert_problem, etag, new_vm, ok, put_slot, state
+
+
+@pytest.fixture
+async def mapped(client: httpx.AsyncClient, vm: str) -> str:
+    """Slot 0 (1 MiB at GPA 0) with its first 4 pages mapped."""
+    ok(await put_slot(client, vm, 0, gpa=0, size=MiB))
+    ok(await client.post(f"/v1/vms/{vm}/vcpus/0/accesses", json={"gpa": 0, "size": 4 * 4096}))
+    return vm
+
+
+async def test_reads_do_not_change_the_version(client: httpx.AsyncClient, mapped: str) -> None:
+    vm = mapped
+    v = etag(await client.get(f"/v1/vms/{vm}"))
+    for path in ("translate?gpa=0x1000", "mappings", "roots", "stats", "audit", "memslots"):
+        r = await client.get(f"/v1/vms/{vm}/{path}")
+        assert r.status_code == 200, (path, r.text)
+        assert etag(r) == v
+    assert etag(await client.get(f"/v1/vms/{vm}")) == v
+
+
+async def test_translate(client: httpx.AsyncClient, mapped: str) -> None:
+    t = ok(await client.get(f"/v1/vms/{mapped}/translate", params={"gpa": "0x1000"}))
+    assert t["gpa"] == 0x1000
+    walk = t["roots"][0]["walk"]
+    assert [e["level"] for e in walk] == [4, 3, 2, 1]
+    leaf = walk[-1]
+    assert leaf["leaf"] is True and leaf["present"] is True
+    # Raw SPTEs are hex strings: a u64 does not fit a JSON double.
+    assert all(isinstance(e["raw"], str) and e["raw"].startswith("0x") for e in walk)
+    assert_problem(await client.get(f"/v1/vms/{mapped}/translate", params={"gpa": "-1"}), 422)
+    assert_problem(
+        await client.get(f"/v1/vms/{mapped}/translate", params={"gpa": str(2**64)}), 422
+    )
+
+
+async def test_mappings_paginated(client: httpx.AsyncClient, vm: str) -> None:
+    ok(await put_slot(client, vm, 0, gpa=0, size=4 * MiB))
+    # Three separate runs: pages 0, 2 and 4.
+    for gpa in (0, 2 * 4096, 4 * 4096):
+        ok(await client.post(f"/v1/vms/{vm}/vcpus/0/accesses", json={"gpa": gpa}))
+    full = ok(await client.get(f"/v1/vms/{vm}/mappings"))["items"]
+    assert len(full) == 3
+    got = []
+    cursor = None
+    while True:
+        params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = ok(await client.get(f"/v1/vms/{vm}/mappings", params=params))
+        got += page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert got == full
+
+
+async def test_roots_stats_audit(client: httpx.AsyncClient, mapped: str) -> None:
+    roots = ok(await client.get(f"/v1/vms/{mapped}/roots"))
+    assert roots[0]["role"] == "direct" and roots[0]["valid"] is True
+    stats = ok(await client.get(f"/v1/vms/{mapped}/stats"))
+    assert stats["pages_4k"] == 4
+    for name in ("remote_tlb_flush", "refaults", "zaps_all_fast", "zaps_slot_leafs"):
+        assert isinstance(stats[name], int)
+    audit = ok(await client.get(f"/v1/vms/{mapped}/audit"))
+    assert audit["ok"] is True and audit["violations"] == []
+
+
+async def test_explicit_zaps_and_events(client: httpx.AsyncClient, mapped: str) -> None:
+    vm = mapped
+    z = ok(
+        await client.post(
+            f"/v1/vms/{vm}/zaps",
+            json={"scope": "range", "gpa": 0, "size": "0x2000", "roots": "both"},
+        )
+    )
+    assert z["cause"] == "explicit"
+    assert z["sptes_zapped_total"] == 2
+    z2 = ok(await client.post(f"/v1/vms/{vm}/zaps", json={"scope": "all", "roots": "shared"}))
+    assert z2["path"] == "zap_all_fast"
+    events = ok(await client.get(f"/v1/vms/{vm}/zaps"))["items"]
+    assert [e["seq"] for e in events] == [z2["seq"], z["seq"]]  # newest first
+    page = ok(await client.get(f"/v1/vms/{vm}/zaps", params={"limit": 1}))
+    assert [e["seq"] for e in page["items"]] == [z2["seq"]]
+    rest = ok(await client.get(f"/v1/vms/{vm}/zaps", params={"cursor": page["next_cursor"]}))
+    assert [e["seq"] for e in rest["items"]] == [z["seq"]]
+    before = await state(client, vm)
+    bad = {"scope": "range", "gpa": 1, "size": 4096, "roots": "both"}
+    assert_errno(await client.post(f"/v1/vms/{vm}/zaps", json=bad), errno.EINVAL)
+    assert_problem(await client.post(f"/v1/vms/{vm}/zaps", json={"scope": "some"}), 422)
+    assert await state(client, vm) == before
+
+
+async def test_snapshot_restore_and_fork(client: httpx.AsyncClient, vm: str) -> None:
+    ok(await put_slot(client, vm, 0, gpa=0, size=MiB))
+    ok(await client.post(f"/v1/vms/{vm}/vcpus/0/store", json={"gpa": 0, "data": "aa"}))
+    snap = ok(await client.post(f"/v1/vms/{vm}/snapshots"), 201)
+    ok(await client.post(f"/v1/vms/{vm}/vcpus/0/store", json={"gpa": 0, "data": "bb"}))
+    ok(await client.delete(f"/v1/vms/{vm}/memslots/0"))
+    listed = ok(await client.get(f"/v1/vms/{vm}/snapshots"))["items"]
+    assert snap["id"] in [s["id"] for s in listed]
+
+    fork = ok(await client.post("/v1/vms", json={"from_snapshot": snap["id"]}), 201)["id"]
+    data = ok(await client.post(f"/v1/vms/{fork}/vcpus/0/load", json={"gpa": 0, "len": 1}))
+    assert data == {"data": "aa"}
+
+    r = await client.post(f"/v1/vms/{vm}/snapshots/{snap['id']}/restore")
+    ok(r)
+    assert etag(r)
+    assert [m["slot"] for m in ok(await client.get(f"/v1/vms/{vm}/memslots"))["items"]] == [0]
+    data = ok(await client.post(f"/v1/vms/{vm}/vcpus/0/load", json={"gpa": 0, "len": 1}))
+    assert data == {"data": "aa"}
+
+    assert_problem(await client.post(f"/v1/vms/{vm}/snapshots/snap-nope/restore"), 404)
+    assert_problem(await client.post("/v1/vms", json={"from_snapshot": "snap-nope"}), 404)
+
+
+async def test_metrics_label_loaded_vms(client: httpx.AsyncClient, mapped: str) -> None:
+    other = await new_vm(client)
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert f'vkmmu_vm_pages_4k{{vm="{mapped}"}} 4.0' in text
+    assert f'vkmmu_vm_pages_4k{{vm="{other}"}} 0.0' in text
+    assert "vkmmu_vms_loaded 2.0" in text
