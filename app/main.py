@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
     )
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             app.openapi_schema = problem_media_types(FastAPI.openapi(app))

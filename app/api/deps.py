@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
 from fastapi import Depends, Header, Path, Query, Request, Response
 
 from app.api.errors import ApiProblem
-from app.api.schemas.common import U32, Limit, parse_int
+from app.api.schemas.common import ID_PATTERN, U32, Limit, parse_int
 
 if TYPE_CHECKING:
     from app.engine.vm import Vm
@@ -86,11 +86,12 @@ def _if_match(
 IfMatchDep = Annotated[str | None, Depends(_if_match)]
 
 Cursor = Annotated[
-    str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
+    str | None,
+    Query(pattern=ID_PATTERN, description="`next_cursor` of the previous page."),
 ]
 LimitQ = Annotated[Limit, Query()]
 
-VmId = Annotated[str, Path(description="The VM id (opaque).", max_length=128)]
+VmId = Annotated[str, Path(description="The VM id (opaque).", pattern=ID_PATTERN)]
 Vcpu = Annotated[U32, Path(description="vCPU id.")]
 
 

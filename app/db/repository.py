@@ -7,35 +7,38 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from app.db.models import JournalRecord, SnapshotRow, VmRow, utcnow
 
 
-async def get_vm(session: AsyncSession, vm_id: str, *, lock: bool = False) -> VmRow | None:
-    """The VM row; `lock` takes its row lock (FOR UPDATE on PostgreSQL) until the commit.
+def get_vm(session: Session, vm_id: str, *, lock: bool = False) -> VmRow | None:
+    """The VM row; `lock` takes its row lock until the commit (SQLite: no-op, its writers
+    are serialised by BEGIN IMMEDIATE).
 
+    FOR NO KEY UPDATE rather than FOR UPDATE: we never change the key, and inserts of
+    snapshot and journal rows (their foreign key takes KEY SHARE) need not wait for us.
     `populate_existing` so a row already in the session is re-read, not served from it.
     """
     stmt = select(VmRow).where(VmRow.id == vm_id).execution_options(populate_existing=True)
     if lock:
-        stmt = stmt.with_for_update()
-    return (await session.execute(stmt)).scalar_one_or_none()
+        stmt = stmt.with_for_update(key_share=True)
+    return session.execute(stmt).scalar_one_or_none()
 
 
-async def list_vms(
-    session: AsyncSession, *, limit: int, after: str | None, tenant: str | None
+def list_vms(
+    session: Session, *, limit: int, after: str | None, tenant: str | None
 ) -> Sequence[VmRow]:
     stmt = select(VmRow).where(VmRow.deleted.is_(False)).order_by(VmRow.id).limit(limit)
     if after is not None:
         stmt = stmt.where(VmRow.id > after)
     if tenant is not None:
         stmt = stmt.where(VmRow.tenant == tenant)
-    return (await session.execute(stmt)).scalars().all()
+    return session.execute(stmt).scalars().all()
 
 
-async def journal_after(
-    session: AsyncSession, vm_id: str, after_seq: int, upto_seq: int | None = None
+def journal_after(
+    session: Session, vm_id: str, after_seq: int, upto_seq: int | None = None
 ) -> Sequence[JournalRecord]:
     """Records with `after_seq < seq <= upto_seq`, in order."""
     stmt = (
@@ -45,11 +48,11 @@ async def journal_after(
     )
     if upto_seq is not None:
         stmt = stmt.where(JournalRecord.seq <= upto_seq)
-    return (await session.execute(stmt)).scalars().all()
+    return session.execute(stmt).scalars().all()
 
 
 def append_journal(
-    session: AsyncSession,
+    session: Session,
     *,
     vm_id: str,
     seq: int,
@@ -66,19 +69,19 @@ def append_journal(
     return rec
 
 
-async def get_snapshot(session: AsyncSession, snapshot_id: str) -> SnapshotRow | None:
+def get_snapshot(session: Session, snapshot_id: str) -> SnapshotRow | None:
     stmt = select(SnapshotRow).where(SnapshotRow.id == snapshot_id)
-    return (await session.execute(stmt)).scalar_one_or_none()
+    return session.execute(stmt).scalar_one_or_none()
 
 
-async def snapshot_data(session: AsyncSession, snapshot_id: str) -> bytes | None:
+def snapshot_data(session: Session, snapshot_id: str) -> bytes | None:
     stmt = select(SnapshotRow.data).where(SnapshotRow.id == snapshot_id)
-    data = (await session.execute(stmt)).scalar_one_or_none()
+    data = session.execute(stmt).scalar_one_or_none()
     return None if data is None else bytes(data)
 
 
-async def list_snapshots(
-    session: AsyncSession, vm_id: str, *, upto_seq: int | None = None, newest_first: bool = False
+def list_snapshots(
+    session: Session, vm_id: str, *, upto_seq: int | None = None, newest_first: bool = False
 ) -> Sequence[SnapshotRow]:
     """Snapshot rows (without their data), oldest first unless `newest_first`."""
     stmt = select(SnapshotRow).where(SnapshotRow.vm_id == vm_id)
@@ -88,15 +91,15 @@ async def list_snapshots(
         stmt = stmt.order_by(SnapshotRow.seq.desc(), SnapshotRow.created_at.desc())
     else:
         stmt = stmt.order_by(SnapshotRow.seq, SnapshotRow.created_at)
-    return (await session.execute(stmt)).scalars().all()
+    return session.execute(stmt).scalars().all()
 
 
-async def newest_snapshot_seq(session: AsyncSession, vm_id: str) -> int:
+def newest_snapshot_seq(session: Session, vm_id: str) -> int:
     stmt = select(func.max(SnapshotRow.seq)).where(SnapshotRow.vm_id == vm_id)
-    return int((await session.execute(stmt)).scalar_one_or_none() or 0)
+    return int(session.execute(stmt).scalar_one_or_none() or 0)
 
 
-async def prune_snapshots(session: AsyncSession, vm_id: str, *, keep: int) -> int:
+def prune_snapshots(session: Session, vm_id: str, *, keep: int) -> int:
     """Drop all but the `keep` newest automatic (auto/shutdown) snapshots; manual ones stay."""
     stmt = (
         select(SnapshotRow.id)
@@ -104,7 +107,7 @@ async def prune_snapshots(session: AsyncSession, vm_id: str, *, keep: int) -> in
         .order_by(SnapshotRow.seq.desc(), SnapshotRow.created_at.desc())
         .offset(keep)
     )
-    old = (await session.execute(stmt)).scalars().all()
+    old = session.execute(stmt).scalars().all()
     if old:
-        await session.execute(delete(SnapshotRow).where(SnapshotRow.id.in_(old)))
+        session.execute(delete(SnapshotRow).where(SnapshotRow.id.in_(old)))
     return len(old)

@@ -10,7 +10,7 @@ import numpy as np
 from . import spte as S
 from .paging import ENTRIES, span
 from .roots import Root, RootRole
-from .uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
+from .uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -163,6 +163,14 @@ def _check_leaves(
                 root=root.id,
                 gfn=g,
             )
+            if _page_freed(vm, int(pfns[k]), sp):
+                bad(
+                    "no_freed_page_mapped",
+                    "a leaf maps a page the host freed (use-after-free)",
+                    root=root.id,
+                    gfn=g,
+                    pfn=int(pfns[k]),
+                )
             k += 1
             continue
         m = k
@@ -171,7 +179,12 @@ def _check_leaves(
         sl_g, sl_p = gfns[k:m], pfns[k:m]
         if int(sl_g[-1]) + sp > slot.end_gfn or int(sl_g[0]) < slot.base_gfn:
             bad("leaf_in_live_memslot", "a huge leaf extends beyond its memslot", gfn=g)
-        if level > 1 and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        # With KVM_DIRTY_LOG_INITIALLY_SET huge leaves stay until KVM_CLEAR_DIRTY_LOG splits them.
+        if (
+            level > 1
+            and slot.flags & KVM_MEM_LOG_DIRTY_PAGES
+            and not vm.manual_dirty_log & KVM_DIRTY_LOG_INITIALLY_SET
+        ):
             bad("no_huge_while_logging", "a huge leaf in a dirty-logging slot", gfn=g)
         if slot.flags & KVM_MEM_READONLY and (w[k:m] | hostw[k:m]).any():
             bad("readonly_slot", "a writable leaf in a READONLY slot", gfn=g)
@@ -249,3 +262,11 @@ def _check_leaves(
                         gfn=int(sl_g[hi[0]]),
                     )
         k = m
+
+
+def _page_freed(vm: Vm, pfn: int, npages: int) -> bool:
+    """Whether the host page(s) behind `pfn` are back with the host allocator."""
+    if pfn >= S.GMEM_PFN_BASE:
+        owner = vm.gmem.pfn_owner(pfn)
+        return owner is None or owner[0].closed or not owner[0].is_allocated(owner[1], 1)[0]
+    return bool(len(vm.host.freed)) and vm.host.freed.overlap(pfn, pfn + npages) > 0

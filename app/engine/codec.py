@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
 import struct
 import zlib
@@ -41,7 +42,7 @@ def _pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
             d[0] = flat[0]
             np.subtract(flat[1:], flat[:-1], out=d[1:])  # uint64 wraps: exact round trip
             a = d.reshape(a.shape)
-        raw = zlib.compress(memoryview(a).cast("B"), 1)  # type: ignore[arg-type]
+        raw = zlib.compress(memoryview(a).cast("B") if a.size else b"", 1)  # type: ignore[arg-type]
         meta = f"{name};{a.dtype.str};{','.join(map(str, a.shape))}".encode()
         out.write(struct.pack("<IQ", len(meta), len(raw)))
         out.write(meta)
@@ -102,12 +103,37 @@ def loads(data: bytes) -> Vm:
 
 
 def digest(vm: Vm) -> str:
-    """A hash of the state that replay must reproduce (durations excluded: wall clock)."""
-    saved = [(ev, ev["duration_us"]) for ev in vm.events]
-    try:
-        for ev, _ in saved:
-            ev["duration_us"] = 0
-        return hashlib.sha256(dumps(vm)).hexdigest()
-    finally:
-        for ev, d in saved:
-            ev["duration_us"] = d
+    """A hash of everything replay must reproduce, independent of how objects are shared in
+    memory (pickle bytes are not): tables, then a canonical JSON of the rest of the state.
+    Zap durations are wall clock and left out."""
+    h = hashlib.sha256()
+    for name, arr in sorted(vm.mmu.pool.export().items()):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    events = [{k: v for k, v in ev.items() if k != "duration_us"} for ev in vm.events]
+    state = {
+        "info": vm.info(),
+        "quirks": vm.disabled_quirks,
+        "manual_dirty_log": vm.manual_dirty_log,
+        "vcpus": vm.vcpus_view(),
+        "memslots": vm.memslots(),
+        "generations": [s.generation for s in vm.spaces],
+        "gmem": vm.guest_memfds(),
+        "gmem_contents": {
+            f.fd: {str(i): bytes(b).hex() for i, b in sorted(f.contents.items())} for f in vm.gmem
+        },
+        "attributes": vm.memory_attributes(),
+        "host": {str(p): bytes(b).hex() for p, b in sorted(vm.host.contents.items())},
+        "host_freed": vm.host.freed.to_list(),
+        "host_runs": vm.host.runs(),
+        "roots": vm.roots(),
+        "mmu_valid_gen": vm.mmu.mmu_valid_gen,
+        "stats": vm.stats(),
+        "events": events,
+        "zapped": vm.zapped.to_list(),
+        "dirty": {f"{k[0]}:{k[1]}": v.nonzero()[0].tolist() for k, v in sorted(vm.dirty.items())},
+        "tdx": vm.tdx.to_dict() if vm.tdx is not None else None,
+        "tdx_sets": [vm.tdx.accepted.to_list(), vm.tdx.lost.to_list()] if vm.tdx else None,
+    }
+    h.update(json.dumps(state, sort_keys=True, default=str).encode())
+    return h.hexdigest()

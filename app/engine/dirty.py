@@ -216,13 +216,19 @@ def clear_dirty_log(
     """KVM_CLEAR_DIRTY_LOG (manual protect): clear the given bits and protect those pages."""
     if not vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
         raise einval("KVM_CLEAR_DIRTY_LOG needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
-    s, bm = _logging_slot(vm, slot)
     for name, v in (("first_page", first_page), ("num_pages", num_pages)):
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= uapi.U64_MASK:
             raise einval(f"{name} must be a u64")
     fp, np_ = int(first_page), int(num_pages)  # type: ignore[call-overload]
-    if fp & 63 or (np_ & 63 and fp + np_ != s.npages):
-        raise einval("first_page must be 64-aligned; num_pages too unless it ends the slot")
+    # kvm_clear_dirty_log_protect: slot id range, first_page alignment, then the slot lookup.
+    if isinstance(slot, int) and not isinstance(slot, bool) and 0 <= slot <= 0xFFFFFFFF:
+        if slot >> 16 >= vm.nr_as or slot & 0xFFFF >= uapi.KVM_USER_MEM_SLOTS:
+            raise einval(f"slot {slot:#x}: address space or id out of range")
+    if fp & 63:
+        raise einval("first_page must be a multiple of 64")
+    s, bm = _logging_slot(vm, slot)
+    if np_ & 63 and fp + np_ != s.npages:
+        raise einval("num_pages must be a multiple of 64 unless the range ends the slot")
     if fp > s.npages or np_ > s.npages - fp:
         raise einval("range beyond the slot")
     try:

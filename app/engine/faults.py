@@ -168,13 +168,13 @@ class FaultPath:
             if private:
                 raise memory_fault_exit(gfn, True)
             vm._install_mmio_spte(self.vcpu.as_id, pos, gfn)
-            self.res.pages += 1
             vm.vstat(self.vcpu, "pf_mmio_spte_created")
             at = max(pos << PAGE_SHIFT, self.gpa)
-            raise mmio_exit(at, min(8, byte_end - at), self.write)
+            # KVM reports a TD's shared MMIO GPA without the shared bit.
+            raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), self.write)
         if self.write and slot.flags & _READONLY:
             at = max(pos << PAGE_SHIFT, self.gpa)
-            raise mmio_exit(at, min(8, byte_end - at), True)
+            raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), True)
         gmem = None
         if private or slot.gmem_only:
             gmem = vm.gmem_for_fault(slot, gfn, private)

@@ -39,7 +39,7 @@ class Root:
             "role": self.role.value,
             "level": self.level,
             "valid": self.valid,
-            "obsolete": self.gen != mmu_valid_gen,
+            "obsolete": not self.valid,  # TDP MMU roots: role.invalid, not mmu_valid_gen
             "generation": self.gen,
             "table_pfn": TablePool.pfn(self.table),
             "sptes": {"4k": self.leaves[1], "2m": self.leaves[2], "1g": self.leaves[3]},

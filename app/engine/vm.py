@@ -31,7 +31,7 @@ from .memslots import (
     check_arch_prepare,
     check_region,
 )
-from .paging import span
+from .paging import span, walk
 from .roots import Mmu, Root, RootRole, ZapAcc
 from .tdx import TdxState
 from .uapi import PAGE_SHIFT, PAGE_SIZE, VmType
@@ -385,8 +385,7 @@ class Vm:
             if not root.valid:
                 self.mmu.free_root(root, acc)
         kicks = self._running_vcpus()  # KVM_REQ_MMU_FREE_OBSOLETE_ROOTS to every vCPU
-        for v in self.vcpus.values():
-            v.roots.pop(RootRole.DIRECT, None)
+        # vCPUs keep naming their obsolete root until their next entry reloads it.
         self.stats_extra["zaps_all_fast"] += 1
         path = "zap_all_fast_shared_only" if experiment else "zap_all_fast"
         return self._record(cause, path, gfn_start, gfn_end, acc, invalidated, 0, kicks, t0)
@@ -522,7 +521,8 @@ class Vm:
         if self.is_tdx:
             value &= ~(S.EPT_MMIO_VALUE | S.SUPPRESS_VE)
         ent = self.mmu.pool.entries(table)
-        if not int(ent[pos & 511]) & S.SPTE_MMU_PRESENT:
+        old = int(ent[pos & 511])
+        if not old & S.SPTE_MMU_PRESENT and old != value:
             ent[pos & 511] = np.uint64(value)
             self.stats_extra["mmio_sptes"] += 1
 
@@ -542,8 +542,8 @@ class Vm:
         before = self.mmu.pool.live
         table = self.mmu.table_for(root, gfn, 1, ZapAcc())
         assert self.tdx is not None
-        for _ in range(self.mmu.pool.live - before):
-            self.tdx.sept_add(gfn, 1)
+        for level in range(1, self.mmu.pool.live - before + 1):
+            self.tdx.sept_add(gfn & ~((1 << (9 * level)) - 1), level)
         return table
 
     def vstat(self, vcpu: Vcpu, name: str, n: int = 1) -> None:
@@ -660,7 +660,6 @@ class Vm:
             reached = gfn + res.pages
             if res.exit is not None and res.exit.get("size") != 0:
                 result = res.exit  # not a pending page: a real exit
-                reached = gfn + res.pages - (1 if res.pages else 0)
             stop = reached if result is not None else min(end, max(reached, gfn + 1))
             self._zero_on_accept(gfn, stop)
             a, r = self.tdx.accept(gfn, stop - gfn)
@@ -887,12 +886,11 @@ class Vm:
         zap = None
         to_private = bool(attrs & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
         if self.has_private_mem:
-            # Zap the view being left, widened to whole huge regions that a leaf may cover.
-            w0, w1 = self._widen(start, end)
-            if self.is_tdx:
-                roles = {RootRole.DIRECT} if to_private else {RootRole.MIRROR}
-            else:
-                roles = {RootRole.DIRECT}
+            # Zap the view being left. Direct roots may hold huge leaves straddling the range,
+            # so their zap widens to whole huge regions; mirror leaves are always 4K.
+            leaving_mirror = self.is_tdx and not to_private
+            w0, w1 = (start, end) if leaving_mirror else self._widen(start, end)
+            roles = {RootRole.MIRROR} if leaving_mirror else {RootRole.DIRECT}
             overlapping = any(sp.overlapping(w0, w1 - w0) for sp in self.spaces)
             if overlapping:
                 zap = self._zap_gfn_range([0], w0, w1, roles, "attributes", "zap_gfn_range")
@@ -950,10 +948,20 @@ class Vm:
         for root in self.mmu.roots_of():
             root.valid = False
             before = len(acc.runs)
+            sept = []
+            if root.role is RootRole.MIRROR:
+                # Every S-EPT table but the root (the TDX module owns it), children first.
+                sept = [
+                    (c.base, c.level)
+                    for c in walk(self.mmu.pool, root.table, 0, 1 << 62, post_order=True)
+                    if c.table != root.table
+                ]
             self.mmu.free_root(root, acc)
             if root.role is RootRole.MIRROR and self.tdx is not None:
                 for s, e, _ in acc.runs[before:]:
                     self.tdx.remove_leaves(s, e - s)
+                for gfn, level in sept:
+                    self.tdx.free_table(gfn, level)
         for v in self.vcpus.values():
             v.roots.clear()
         ev = self._record("vm_destroy", "zap_all", 0, self.max_gfn + 1, acc, 0, 0, 0, t0)

@@ -2,13 +2,18 @@
 
 Invariants this module keeps:
 - The journal is the source of truth. A VM's in-memory state (`VmHandle.vm`) is always the
-  state after journal record `VmHandle.applied_seq`; if that can no longer be guaranteed
-  (a failed commit after the engine applied a call, a cancelled worker thread, a replay
-  error) the in-memory VM is discarded and rebuilt from the database on next use.
+  state after journal record `VmHandle.applied_seq`; when that can no longer be guaranteed
+  (the engine applied a call whose record did not commit, a replay failed) the in-memory VM
+  is discarded and rebuilt from the database on next use.
 - A mutating call is answered only after its record is committed, in the same transaction
   that moves the VM row's `last_seq` (its version, and its ETag).
 - Before working on a VM, a process catches up with records other processes appended
   (several `vkmmu serve` on one PostgreSQL); writers hold the VM row lock while they do.
+
+Threading: each call holds the VM's asyncio lock and runs its whole unit of work (database
+transaction and engine call) in one worker thread. The lock is never released while that
+thread runs, even when the caller is cancelled, so two calls never touch one VM at once
+(the engine is not thread-safe).
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from app.db import repository as repo
 from app.db.models import JournalRecord, SnapshotRow, VmRow, utcnow
@@ -42,9 +48,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Calls cheap enough to run on the event loop; every other op runs in a worker thread
-# (faults, zaps and teardown can walk millions of SPTEs).
-LIGHT_OPS = frozenset({"create_vcpu", "enable_cap", "create_guest_memfd", "set_zap_policy"})
 # The service's own journal operation (rewind to a snapshot); never sent to the engine.
 RESTORE_OP = "restore"
 # Results bigger than this (serialised) are journaled as a digest: replay never needs them.
@@ -131,27 +134,16 @@ def _vm_type_name(vm_type: int) -> str:
         return str(vm_type)
 
 
-async def _to_thread_holding_lock(fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn` in a worker thread; if the caller is cancelled, still wait for the thread.
-
-    A thread cannot be interrupted. Returning early would release the VM lock while the
-    thread still touches the VM, and the next call would race it.
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():
-            try:
-                await asyncio.wait({task})
-            except asyncio.CancelledError:
-                continue
-        raise
+# Worker threads for VM calls: one VM uses at most one at a time (its lock), so this bounds
+# how many VMs compute or wait on the database at once.
+WORKER_THREADS = 8
 
 
 @dataclass
 class VmHandle:
-    """One VM as this process knows it. `vm is None`: not loaded (or discarded)."""
+    """One VM as this process knows it. `vm is None`: not loaded (or discarded).
+
+    Touched only by the holder of `lock` (from the worker thread running its call)."""
 
     vm_id: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -179,6 +171,15 @@ class _Replay:
         return cls(rec.seq, rec.op, rec.args, rec.error, us_to_engine_time(datetime_to_us(rec.at)))
 
 
+@dataclass
+class _Outcome:
+    """What a mutating call's worker thread hands back to the event loop."""
+
+    result: Any
+    seq: int
+    error: KvmError | None
+
+
 class VmService:
     def __init__(
         self,
@@ -193,6 +194,7 @@ class VmService:
         self.run_migrations = run_migrations
         self._engine = engine
         self._db: Database | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._handles: dict[str, VmHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -217,6 +219,7 @@ class VmService:
 
             await asyncio.to_thread(migrate, self.database_url)
         self._db = Database(self.database_url)
+        self._pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="vkmmu-vm")
         self._stopping = False
 
     async def stop(self) -> None:
@@ -232,7 +235,10 @@ class VmService:
                 except Exception:
                     log.exception("shutdown snapshot of VM %s failed", h.vm_id)
         self._handles.clear()
-        await self._db.dispose()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._db.dispose()
         self._db = None
 
     async def wait_background(self) -> None:
@@ -242,16 +248,19 @@ class VmService:
 
     async def ready(self) -> dict[str, Any]:
         """Readiness: the database answers and its schema is at Alembic's head."""
-        from app.services.lifecycle import head_revision
+        from app.services.lifecycle import current_revision, head_revision
 
         out: dict[str, Any] = {"loaded_vms": len(self.loaded_vms())}
         if self._db is None:
             return {**out, "ok": False, "database": "not started"}
+
+        def probe() -> str | None:
+            with self.db.read() as s:
+                s.execute(text("SELECT 1"))
+                return current_revision(s.connection())
+
         try:
-            async with self.db.read() as s:
-                await s.execute(text("SELECT 1"))
-                conn = await s.connection()
-                rev = await conn.run_sync(_current_revision)
+            rev = await self._run(probe)
         except Exception as e:  # readiness reports why, it never raises
             return {**out, "ok": False, "database": f"unreachable: {type(e).__name__}: {e}"}
         head = head_revision()
@@ -262,6 +271,14 @@ class VmService:
             "database": "ok",
             "schema": "ok" if ok else f"at {rev}, expected {head}",
         }
+
+    def evict(self, vm_id: str) -> bool:
+        """Drop an idle VM's in-memory state (it reloads lazily); False if it is busy."""
+        h = self._handles.get(vm_id)
+        if h is None or h.lock.locked() or h.users:
+            return False
+        del self._handles[vm_id]
+        return True
 
     def loaded_vms(self) -> dict[str, Vm]:
         return {vm_id: h.vm for vm_id, h in self._handles.items() if h.vm is not None}
@@ -278,47 +295,53 @@ class VmService:
         from_snapshot: str | None,
         tenant: str = "default",
     ) -> tuple[dict[str, Any], str]:
-        create_args: dict[str, Any]
-        if from_snapshot is not None:
-            async with self.db.read() as s:
-                snap = await repo.get_snapshot(s, from_snapshot)
-                if snap is None:
-                    raise SnapshotNotFound(from_snapshot)
-                src = await repo.get_vm(s, snap.vm_id)
-                assert src is not None  # FK
-                vm = await self._state_of_snapshot(s, snap.vm_id, snap.id, snap.seq)
-            vm_type, vcpus, paging_levels = src.vm_type, src.vcpus, src.paging_levels
-            create_args = {
-                "from_snapshot": snap.id,
-                "source_vm": snap.vm_id,
-                "source_seq": snap.seq,
-            }
-        else:
-            create_args = {
-                "vm_type": vm_type,
-                "vcpus": vcpus,
-                "paging_levels": paging_levels,
-                "name": name,
-            }
-            # KvmError (unsupported type, bad levels) passes through; nothing is stored.
-            vm = self.engine.create(
-                vm_type=vm_type, vcpus=vcpus, paging_levels=paging_levels, name=name
+        def work() -> tuple[VmRow, Vm]:
+            create_args: dict[str, Any]
+            nonlocal vm_type, vcpus, paging_levels
+            if from_snapshot is not None:
+                with self.db.read() as s:
+                    snap = repo.get_snapshot(s, from_snapshot)
+                    if snap is None:
+                        raise SnapshotNotFound(from_snapshot)
+                    src = repo.get_vm(s, snap.vm_id)
+                    assert src is not None  # FK
+                    vm = self._state_of_snapshot(s, snap.vm_id, snap.id, snap.seq)
+                # A fork is its source's kind of VM, whatever the request said.
+                vm_type, vcpus, paging_levels = src.vm_type, src.vcpus, src.paging_levels
+                create_args = {
+                    "from_snapshot": snap.id,
+                    "source_vm": snap.vm_id,
+                    "source_seq": snap.seq,
+                }
+            else:
+                create_args = {
+                    "vm_type": vm_type,
+                    "vcpus": vcpus,
+                    "paging_levels": paging_levels,
+                    "name": name,
+                }
+                # KvmError (unsupported type, bad levels) passes through; nothing is stored.
+                vm = self.engine.create(
+                    vm_type=vm_type, vcpus=vcpus, paging_levels=paging_levels, name=name
+                )
+            row = VmRow(
+                id=new_id("vm-"),
+                name=name,
+                tenant=tenant,
+                vm_type=vm_type,
+                vcpus=vcpus,
+                paging_levels=paging_levels,
+                create_args=create_args,
+                summary=_json_copy(vm.info()),
+                created_at=utcnow(),
+                deleted=False,
+                last_seq=0,
             )
-        row = VmRow(
-            id=new_id("vm-"),
-            name=name,
-            tenant=tenant,
-            vm_type=vm_type,
-            vcpus=vcpus,
-            paging_levels=paging_levels,
-            create_args=create_args,
-            summary=_json_copy(vm.info()),
-            created_at=utcnow(),
-            deleted=False,
-            last_seq=0,
-        )
-        async with self.db.write() as s:
-            s.add(row)
+            with self.db.write() as s:
+                s.add(row)
+            return row, vm
+
+        row, vm = await self._run(work)
         self._handles[row.id] = VmHandle(row.id, vm=vm)
         return self._info(row), etag(0)
 
@@ -327,21 +350,28 @@ class VmService:
     ) -> tuple[list[dict[str, Any]], str | None]:
         """VMs ordered by id; the cursor is the last id of the previous page."""
         limit = max(1, limit)
-        async with self.db.read() as s:
-            rows = await repo.list_vms(s, limit=limit + 1, after=cursor, tenant=tenant)
+
+        def work() -> Sequence[VmRow]:
+            with self.db.read() as s:
+                return repo.list_vms(s, limit=limit + 1, after=cursor, tenant=tenant)
+
+        rows = await self._run(work)
         items = [self._info(r) for r in rows[:limit]]
         next_cursor = rows[limit - 1].id if len(rows) > limit else None
         return items, next_cursor
 
     async def get_vm(self, vm_id: str) -> tuple[dict[str, Any], str]:
         # Answered from the row (its summary is `vm.info()` at `last_seq`): no engine load.
-        async with self.db.read() as s:
-            row = await self._live_row(s, vm_id)
+        def work() -> VmRow:
+            with self.db.read() as s:
+                return self._live_row(s, vm_id)
+
+        row = await self._run(work)
         return self._info(row), etag(row.last_seq)
 
     async def delete_vm(self, vm_id: str) -> dict[str, Any]:
         result, _ = await self._mutate(vm_id, "destroy", {}, if_match=None, destroy=True)
-        return result
+        return dict(result)
 
     # ----------------------------------------------------------------- calls
 
@@ -360,89 +390,90 @@ class VmService:
 
     async def _mutate(
         self, vm_id: str, op: str, args: dict[str, Any], *, if_match: str | None, destroy: bool
-    ) -> tuple[dict[str, Any], str]:
+    ) -> tuple[Any, str]:
         args = _json_copy(args)
-        # The engine gets its own copy: whatever it does to it, the journal keeps what came in.
-        engine_args = _json_copy(args)
         async with self._locked(vm_id) as h:
-            # Set once the engine has been entered: from then on, any failure to commit
-            # means memory may hold a change the journal does not.
-            touched = False
-            raised: KvmError | None = None
-            try:
-                async with self.db.write() as s:
-                    row = await self._live_row(s, vm_id, lock=True)
-                    if if_match is not None and not etag_matches(if_match, row.last_seq):
-                        raise PreconditionFailed(if_match, etag(row.last_seq))
-                    vm = await self._catch_up(s, h, row.last_seq)
-                    error: dict[str, Any] | None = None
-                    result: Any = None
-                    at_us = now_us()
-                    at = us_to_engine_time(at_us)
-                    touched = True
-                    try:
-                        if op in LIGHT_OPS:
-                            result = vm.apply(op, engine_args, at=at)
-                        else:
-                            result = await _to_thread_holding_lock(
-                                functools.partial(vm.apply, op, engine_args, at=at)
-                            )
-                    except KvmError as e:
-                        if not getattr(e, "state_changed", False):
-                            touched = False  # the engine guarantees nothing changed
-                            raise
-                        raised, error = e, _error_json(e)
-                    seq = row.last_seq + 1
-                    repo.append_journal(
-                        s,
-                        vm_id=vm_id,
-                        seq=seq,
-                        op=op,
-                        args=args,
-                        result=None if raised else _result_summary(result),
-                        error=error,
-                        at=us_to_datetime(at_us),
-                    )
-                    row.last_seq = seq
-                    row.summary = _json_copy(vm.info())
-                    if destroy:
-                        row.deleted = True
-                        row.deleted_at = utcnow()
-            except BaseException:
-                # Memory must never run ahead of the journal: an applied call whose record
-                # is not known to be committed (or a thread we stopped waiting for) makes
-                # the in-memory VM untrustworthy.
-                if touched:
-                    h.discard()
-                raise
-            h.applied_seq = seq
+            out = await self._run(self._mutate_sync, h, op, args, if_match, destroy)
             if destroy:
-                h.discard()
                 self._handles.pop(vm_id, None)
             else:
                 self._maybe_auto_snapshot(h)
-        if raised is not None:
-            raise raised
-        return result, etag(seq)
+        if out.error is not None:
+            raise out.error
+        return out.result, etag(out.seq)
+
+    def _mutate_sync(
+        self, h: VmHandle, op: str, args: dict[str, Any], if_match: str | None, destroy: bool
+    ) -> _Outcome:
+        # The engine gets its own copy: whatever it does to it, the journal keeps what came in.
+        engine_args = _json_copy(args)
+        # Set once the engine has been entered: from then on, any failure to commit means
+        # memory may hold a change the journal does not.
+        touched = False
+        raised: KvmError | None = None
+        try:
+            with self.db.write() as s:
+                row = self._live_row(s, h.vm_id, lock=True)
+                if if_match is not None and not etag_matches(if_match, row.last_seq):
+                    raise PreconditionFailed(if_match, etag(row.last_seq))
+                vm = self._catch_up(s, h, row.last_seq)
+                at_us = now_us()
+                result: Any = None
+                error: dict[str, Any] | None = None
+                touched = True
+                try:
+                    result = vm.apply(op, engine_args, at=us_to_engine_time(at_us))
+                except KvmError as e:
+                    if not getattr(e, "state_changed", False):
+                        touched = False  # the engine guarantees nothing changed
+                        raise
+                    raised, error = e, _error_json(e)
+                seq = row.last_seq + 1
+                repo.append_journal(
+                    s,
+                    vm_id=h.vm_id,
+                    seq=seq,
+                    op=op,
+                    args=args,
+                    result=None if raised else _result_summary(result),
+                    error=error,
+                    at=us_to_datetime(at_us),
+                )
+                row.last_seq = seq
+                row.summary = _json_copy(vm.info())
+                if destroy:
+                    row.deleted = True
+                    row.deleted_at = utcnow()
+        except BaseException:
+            if touched:
+                h.discard()
+            raise
+        h.applied_seq = seq
+        if destroy:
+            h.discard()
+        return _Outcome(result, seq, raised)
 
     async def read(self, vm_id: str, fn: Callable[[Vm], T]) -> tuple[T, str]:
         """Run a read-only query on the up-to-date VM; answer (value, ETag)."""
+
+        def work(h: VmHandle) -> tuple[T, str]:
+            with self.db.read() as s:
+                row = self._live_row(s, vm_id)
+                vm = self._catch_up(s, h, row.last_seq)
+            return fn(vm), etag(h.applied_seq)
+
         async with self._locked(vm_id) as h:
-            async with self.db.read() as s:
-                row = await self._live_row(s, vm_id)
-                vm = await self._catch_up(s, h, row.last_seq)
-            value = await _to_thread_holding_lock(fn, vm)
-            return value, etag(h.applied_seq)
+            return await self._run(work, h)
 
     # ----------------------------------------------------------------- snapshots
 
     async def create_snapshot(self, vm_id: str, *, kind: str = "manual") -> dict[str, Any]:
-        async with self._locked(vm_id) as h:
-            async with self.db.read() as s:
-                row = await self._live_row(s, vm_id)
-                vm = await self._catch_up(s, h, row.last_seq)
+        def work(h: VmHandle) -> SnapshotRow:
+            with self.db.read() as s:
+                row = self._live_row(s, vm_id)
+                vm = self._catch_up(s, h, row.last_seq)
             seq = h.applied_seq
-            data = await _to_thread_holding_lock(self.engine.dumps, vm)
+            data = self.engine.dumps(vm)
             snap = SnapshotRow(
                 id=new_id("snap-"),
                 vm_id=vm_id,
@@ -453,31 +484,44 @@ class VmService:
                 kind=kind,
                 data=data,
             )
-            async with self.db.write() as s:
+            # A snapshot is the state after record `seq`, which is history: no row lock.
+            with self.db.write() as s:
                 s.add(snap)
                 if kind != "manual":
-                    await repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
+                    repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
             h.snapshot_seq = max(h.snapshot_seq, seq)
-        log.info(
-            "snapshot %s of VM %s at seq %d (%s, %d bytes)", snap.id, vm_id, seq, kind, len(data)
-        )
+            log.info(
+                "snapshot %s of VM %s at seq %d (%s, %d bytes)",
+                snap.id,
+                vm_id,
+                seq,
+                kind,
+                len(data),
+            )
+            return snap
+
+        async with self._locked(vm_id) as h:
+            snap = await self._run(work, h)
         return self._snapshot_info(snap)
 
     async def list_snapshots(self, vm_id: str) -> list[dict[str, Any]]:
-        async with self.db.read() as s:
-            await self._live_row(s, vm_id)
-            snaps = await repo.list_snapshots(s, vm_id)
-        return [self._snapshot_info(sn) for sn in snaps]
+        def work() -> Sequence[SnapshotRow]:
+            with self.db.read() as s:
+                self._live_row(s, vm_id)
+                return repo.list_snapshots(s, vm_id)
+
+        return [self._snapshot_info(sn) for sn in await self._run(work)]
 
     async def restore_snapshot(self, vm_id: str, snapshot_id: str) -> tuple[dict[str, Any], str]:
         """Rewind the VM to a snapshot of its own; journaled as a `restore` record."""
-        async with self._locked(vm_id) as h:
-            async with self.db.write() as s:
-                row = await self._live_row(s, vm_id, lock=True)
-                snap = await repo.get_snapshot(s, snapshot_id)
+
+        def work(h: VmHandle) -> VmRow:
+            with self.db.write() as s:
+                row = self._live_row(s, vm_id, lock=True)
+                snap = repo.get_snapshot(s, snapshot_id)
                 if snap is None or snap.vm_id != vm_id:
                     raise SnapshotNotFound(snapshot_id)
-                vm = await self._state_of_snapshot(s, vm_id, snap.id, snap.seq)
+                vm = self._state_of_snapshot(s, vm_id, snap.id, snap.seq)
                 seq = row.last_seq + 1
                 args = {"snapshot_id": snap.id, "seq": snap.seq}
                 repo.append_journal(
@@ -485,12 +529,37 @@ class VmService:
                 )
                 row.last_seq = seq
                 row.summary = _json_copy(vm.info())
-            # Only now, after the commit: until then `h` still matches the journal.
+            # Only now, after the commit: until then `h` still matched the journal (and if
+            # the commit's fate is unknown, catching up replays the restore record, or not).
             h.vm, h.applied_seq = vm, seq
+            return row
+
+        async with self._locked(vm_id) as h:
+            row = await self._run(work, h)
             self._maybe_auto_snapshot(h)
-            return self._info(row), etag(seq)
+        return self._info(row), etag(row.last_seq)
 
     # ----------------------------------------------------------------- internals
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` in a worker thread; if the caller is cancelled, still wait for it.
+
+        A thread cannot be interrupted. Returning early would release the VM lock while
+        the thread still works on the VM, and the next call would race it. The thread
+        itself keeps the handle consistent with what it committed.
+        """
+        if self._pool is None:
+            raise RuntimeError("VmService.start() has not been called")
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            while not fut.done():
+                try:
+                    await asyncio.wait({fut})
+                except asyncio.CancelledError:
+                    continue
+            raise
 
     @asynccontextmanager
     async def _locked(self, vm_id: str) -> AsyncIterator[VmHandle]:
@@ -501,58 +570,59 @@ class VmService:
         h.users += 1
         try:
             async with h.lock:
-                yield h
+                try:
+                    yield h
+                except VmNotFound:
+                    h.discard()  # deleted, maybe by another process: forget its state
+                    raise
         finally:
             h.users -= 1
             # Do not keep handles for ids that never loaded (unknown ids, failed loads).
             if h.users == 0 and h.vm is None and self._handles.get(vm_id) is h:
                 del self._handles[vm_id]
 
-    async def _live_row(self, s: AsyncSession, vm_id: str, *, lock: bool = False) -> VmRow:
-        row = await repo.get_vm(s, vm_id, lock=lock)
+    def _live_row(self, s: Session, vm_id: str, *, lock: bool = False) -> VmRow:
+        row = repo.get_vm(s, vm_id, lock=lock)
         if row is None or row.deleted:
-            h = self._handles.get(vm_id)
-            if h is not None:
-                h.discard()
             raise VmNotFound(vm_id)
         return row
 
-    async def _catch_up(self, s: AsyncSession, h: VmHandle, target_seq: int) -> Vm:
+    def _catch_up(self, s: Session, h: VmHandle, target_seq: int) -> Vm:
         """Bring `h.vm` to journal record `target_seq`: load it, or replay what it missed."""
         try:
             if h.vm is None or h.applied_seq > target_seq:
-                h.vm = await self._build(s, h.vm_id, target_seq)
-                h.snapshot_seq = await repo.newest_snapshot_seq(s, h.vm_id)
+                h.vm = self._build(s, h.vm_id, target_seq)
+                h.snapshot_seq = repo.newest_snapshot_seq(s, h.vm_id)
             elif h.applied_seq < target_seq:
-                records = await repo.journal_after(s, h.vm_id, h.applied_seq, target_seq)
-                h.vm = await self._replay(s, h.vm_id, h.vm, records)
+                records = repo.journal_after(s, h.vm_id, h.applied_seq, target_seq)
+                h.vm = self._replay(s, h.vm_id, h.vm, records)
         except BaseException:
             h.discard()
             raise
         h.applied_seq = target_seq
         return h.vm
 
-    async def _build(self, s: AsyncSession, vm_id: str, target_seq: int) -> Vm:
-        """The state after record `target_seq`: newest valid snapshot, else creation; + replay."""
+    def _build(self, s: Session, vm_id: str, target_seq: int) -> Vm:
+        """The state after record `target_seq`: newest sound snapshot, else creation; + replay."""
         base: Vm | None = None
         start = 0
-        for snap in await repo.list_snapshots(s, vm_id, upto_seq=target_seq, newest_first=True):
-            base = await self._load_snapshot(s, snap)
+        for snap in repo.list_snapshots(s, vm_id, upto_seq=target_seq, newest_first=True):
+            base = self._load_snapshot(s, snap)
             if base is not None:
                 start = snap.seq
                 break
         if base is None:
-            base = await self._create_base(s, vm_id)
-        records = await repo.journal_after(s, vm_id, start, target_seq)
-        return await self._replay(s, vm_id, base, records)
+            base = self._create_base(s, vm_id)
+        records = repo.journal_after(s, vm_id, start, target_seq)
+        return self._replay(s, vm_id, base, records)
 
-    async def _create_base(self, s: AsyncSession, vm_id: str) -> Vm:
-        row = await repo.get_vm(s, vm_id)
+    def _create_base(self, s: Session, vm_id: str) -> Vm:
+        row = repo.get_vm(s, vm_id)
         if row is None:
             raise VmNotFound(vm_id)
         ca = row.create_args
         if "from_snapshot" in ca:
-            return await self._state_of_snapshot(
+            return self._state_of_snapshot(
                 s, ca["source_vm"], ca["from_snapshot"], ca["source_seq"]
             )
         return self.engine.create(
@@ -562,26 +632,27 @@ class VmService:
             name=ca.get("name"),
         )
 
-    async def _state_of_snapshot(self, s: AsyncSession, vm_id: str, snap_id: str, seq: int) -> Vm:
-        """A snapshot's state: its bytes if they are sound, else rebuilt from the journal."""
-        snap = await repo.get_snapshot(s, snap_id)
+    def _state_of_snapshot(self, s: Session, vm_id: str, snap_id: str, seq: int) -> Vm:
+        """A snapshot's state: its bytes if they are sound, else rebuilt from the journal
+        (the snapshot may be corrupt, or pruned since a restore or fork named it)."""
+        snap = repo.get_snapshot(s, snap_id)
         if snap is not None:
-            vm = await self._load_snapshot(s, snap)
+            vm = self._load_snapshot(s, snap)
             if vm is not None:
                 return vm
-        return await self._build(s, vm_id, seq)
+        return self._build(s, vm_id, seq)
 
-    async def _load_snapshot(self, s: AsyncSession, snap: SnapshotRow) -> Vm | None:
+    def _load_snapshot(self, s: Session, snap: SnapshotRow) -> Vm | None:
         """Decode a snapshot; None (with a warning) when it is corrupt or gone."""
-        data = await repo.snapshot_data(s, snap.id)
+        data = repo.snapshot_data(s, snap.id)
         if data is None:
             return None
-        problem: str | None = None
+        problem: str
         if len(data) != snap.size or hashlib.sha256(data).hexdigest() != snap.checksum:
             problem = f"checksum mismatch ({len(data)} bytes, {snap.size} expected)"
         else:
             try:
-                return await asyncio.to_thread(self.engine.loads, data)
+                return self.engine.loads(data)
             except Exception as e:  # CorruptSnapshot, or anything a damaged blob provokes
                 problem = f"{type(e).__name__}: {e}"
         log.warning(
@@ -594,29 +665,14 @@ class VmService:
         )
         return None
 
-    async def _replay(
-        self, s: AsyncSession, vm_id: str, vm: Vm, records: Sequence[JournalRecord]
-    ) -> Vm:
-        """Re-apply journal records to `vm` (the engine is deterministic); returns the VM,
-        which is a new object after a `restore` record."""
-        batch: list[_Replay] = []
+    def _replay(self, s: Session, vm_id: str, vm: Vm, records: Sequence[JournalRecord]) -> Vm:
+        """Re-apply journal records to `vm` (the engine is deterministic). Returns the VM,
+        a new object after a `restore` record."""
         for rec in records:
             if rec.op == RESTORE_OP:
-                if batch:
-                    await _to_thread_holding_lock(self._apply_batch, vm_id, vm, batch)
-                    batch = []
-                vm = await self._state_of_snapshot(
-                    s, vm_id, rec.args["snapshot_id"], rec.args["seq"]
-                )
-            else:
-                batch.append(_Replay.of(rec))
-        if batch:
-            await _to_thread_holding_lock(self._apply_batch, vm_id, vm, batch)
-        return vm
-
-    @staticmethod
-    def _apply_batch(vm_id: str, vm: Vm, batch: list[_Replay]) -> None:
-        for r in batch:
+                vm = self._state_of_snapshot(s, vm_id, rec.args["snapshot_id"], rec.args["seq"])
+                continue
+            r = _Replay.of(rec)
             try:
                 vm.apply(r.op, _json_copy(r.args), at=r.at)
                 outcome: int | None = None
@@ -632,6 +688,7 @@ class VmService:
                     expected,
                     outcome,
                 )
+        return vm
 
     def _maybe_auto_snapshot(self, h: VmHandle) -> None:
         if (
@@ -649,6 +706,8 @@ class VmService:
                 pass
             except Exception:
                 log.exception("automatic snapshot of VM %s failed", h.vm_id)
+                # Try again after another `snapshot_every` records, not on every call.
+                h.snapshot_seq = h.applied_seq
             finally:
                 h.snapshot_task = None
 
@@ -687,12 +746,6 @@ class VmService:
             "checksum": snap.checksum,
             "created_at": _iso(snap.created_at),
         }
-
-
-def _current_revision(conn: Any) -> str | None:
-    from app.services.lifecycle import current_revision
-
-    return current_revision(conn)
 
 
 def build_service(

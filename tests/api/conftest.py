@@ -6,7 +6,6 @@ service runs Alembic's head schema, as in production, without paying for it ever
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,29 +17,7 @@ import pytest
 from app.config import Settings
 from app.main import create_app
 from app.services.lifecycle import migrate
-from app.services.engine_port import EnginePort
 from app.services.vms import VmService
-
-ENGINE_READY = importlib.util.find_spec("app.engine.vm") is not None
-
-
-def engine_port() -> EnginePort | None:
-    """The real engine port; while `app.engine` does not export `Vm`/`codec` yet, the Vm class
-    with a pickle codec (TEMPORARY: snapshots then are not the engine's format)."""
-    try:
-        from app.services.engine_port import default_engine
-
-        return default_engine()
-    except ImportError:
-        if not ENGINE_READY:
-            return None
-        import pickle
-
-        from app.engine.vm import Vm
-
-        return EnginePort(
-            create=Vm.create, dumps=pickle.dumps, loads=pickle.loads, corrupt_snapshot=Exception
-        )
 
 
 def sqlite_url(path: Path) -> str:
@@ -77,7 +54,6 @@ async def make_client(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
             s.database_url,
             snapshot_every=s.snapshot_every,
             run_migrations=False,
-            engine=engine_port(),
         )
         app = create_app(s, service=svc)
         lifespan = app.router.lifespan_context(app)
@@ -97,8 +73,6 @@ async def make_client(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
 
 @pytest.fixture
 async def client(make_client: Callable[..., Any]) -> httpx.AsyncClient:
-    if not ENGINE_READY:
-        pytest.skip("app.engine.vm is not written yet (temporary)")
     return await make_client()  # type: ignore[no-any-return]
 
 

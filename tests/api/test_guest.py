@@ -79,15 +79,15 @@ async def test_store_then_load_sees_the_bytes(client: httpx.AsyncClient, slot0: 
 async def test_load_store_exits(client: httpx.AsyncClient, slot0: str) -> None:
     vm = slot0
     res = ok(await client.post(f"/v1/vms/{vm}/vcpus/0/load", json={"gpa": 64 * MiB, "len": 8}))
-    assert res == {"exit": {"reason": "KVM_EXIT_MMIO", "gpa": 64 * MiB, "len": 8, "is_write": False}}
+    assert res == {
+        "exit": {"reason": "KVM_EXIT_MMIO", "gpa": 64 * MiB, "len": 8, "is_write": False}
+    }
     ok(
         await put_slot(
             client, vm, 1, gpa=16 * MiB, size=MiB, hva=HVA + 16 * MiB, flags=["KVM_MEM_READONLY"]
         )
     )
-    res = ok(
-        await client.post(f"/v1/vms/{vm}/vcpus/0/store", json={"gpa": 16 * MiB, "data": "01"})
-    )
+    res = ok(await client.post(f"/v1/vms/{vm}/vcpus/0/store", json={"gpa": 16 * MiB, "data": "01"}))
     assert res["exit"]["reason"] == "KVM_EXIT_MMIO"
     assert res["exit"]["is_write"] is True
 
@@ -117,9 +117,7 @@ async def test_store_bad_hex_is_422(client: httpx.AsyncClient, slot0: str) -> No
 
 async def test_pre_fault(client: httpx.AsyncClient, slot0: str) -> None:
     vm = slot0
-    res = ok(
-        await client.post(f"/v1/vms/{vm}/vcpus/0/pre-fault", json={"gpa": MiB, "size": 8192})
-    )
+    res = ok(await client.post(f"/v1/vms/{vm}/vcpus/0/pre-fault", json={"gpa": MiB, "size": 8192}))
     assert res == {"gpa": MiB + 8192, "size": 0}
     # A range running past the slot: progress, then what is left.
     res = ok(
@@ -130,9 +128,7 @@ async def test_pre_fault(client: httpx.AsyncClient, slot0: str) -> None:
     assert res == {"gpa": 5 * MiB, "size": 4096}
     # Nothing can be done at all: the errno.
     assert_errno(
-        await client.post(
-            f"/v1/vms/{vm}/vcpus/0/pre-fault", json={"gpa": 64 * MiB, "size": 4096}
-        ),
+        await client.post(f"/v1/vms/{vm}/vcpus/0/pre-fault", json={"gpa": 64 * MiB, "size": 4096}),
         errno.ENOENT,
     )
     assert_errno(

@@ -38,9 +38,7 @@ async def test_translate(client: httpx.AsyncClient, mapped: str) -> None:
     # Raw SPTEs are hex strings: a u64 does not fit a JSON double.
     assert all(isinstance(e["raw"], str) and e["raw"].startswith("0x") for e in walk)
     assert_problem(await client.get(f"/v1/vms/{mapped}/translate", params={"gpa": "-1"}), 422)
-    assert_problem(
-        await client.get(f"/v1/vms/{mapped}/translate", params={"gpa": str(2**64)}), 422
-    )
+    assert_problem(await client.get(f"/v1/vms/{mapped}/translate", params={"gpa": str(2**64)}), 422)
 
 
 async def test_mappings_paginated(client: httpx.AsyncClient, vm: str) -> None:
@@ -131,3 +129,12 @@ async def test_metrics_label_loaded_vms(client: httpx.AsyncClient, mapped: str) 
     assert f'vkmmu_vm_pages_4k{{vm="{mapped}"}} 4.0' in text
     assert f'vkmmu_vm_pages_4k{{vm="{other}"}} 0.0' in text
     assert "vkmmu_vms_loaded 2.0" in text
+
+
+async def test_mappings_of_one_root(client: httpx.AsyncClient, mapped: str) -> None:
+    root = ok(await client.get(f"/v1/vms/{mapped}/roots"))[0]["id"]
+    mine = ok(await client.get(f"/v1/vms/{mapped}/mappings", params={"root": root}))["items"]
+    assert mine == ok(await client.get(f"/v1/vms/{mapped}/mappings"))["items"]
+    none = ok(await client.get(f"/v1/vms/{mapped}/mappings", params={"root": root + 1000}))
+    assert none["items"] == []
+    assert_problem(await client.get(f"/v1/vms/{mapped}/mappings", params={"root": "x"}), 422)

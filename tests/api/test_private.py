@@ -74,7 +74,9 @@ async def test_fallocate_rules(client: httpx.AsyncClient, swp: str) -> None:
     assert punched["freed"] == 1
     before = await state(client, swp)
     # Raw mode bits: PUNCH_HOLE without KEEP_SIZE, and a mode guest_memfd does not support.
-    assert_errno(await client.post(url, json={"mode": 2, "offset": 0, "len": 4096}), errno.EOPNOTSUPP)
+    assert_errno(
+        await client.post(url, json={"mode": 2, "offset": 0, "len": 4096}), errno.EOPNOTSUPP
+    )
     assert_errno(
         await client.post(url, json={"mode": "0x11", "offset": 0, "len": 4096}), errno.EOPNOTSUPP
     )
@@ -267,3 +269,14 @@ async def test_zap_policy_experiment_shows_use_after_free(client: httpx.AsyncCli
     assert audit["ok"] is False
     assert audit["violations"]
     assert_problem(await client.post(f"/v1/vms/{exp}/zap-policy", json={"policy": "x"}), 422)
+
+
+async def test_service_limit_is_enomem_507(client: httpx.AsyncClient, swp: str) -> None:
+    # A guest_memfd larger than the simulator's pfn space: a limit of the service, not of KVM.
+    before = await state(client, swp)
+    body = assert_errno(
+        await client.post(f"/v1/vms/{swp}/guest-memfds", json={"size": "0x4000000000000000"}),
+        errno.ENOMEM,
+    )
+    assert body["status"] == 507
+    assert await state(client, swp) == before

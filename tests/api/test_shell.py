@@ -253,3 +253,44 @@ async def test_unexpected_exception_is_logged_500_problem(
     assert body["request_id"] == "crash-1"
     assert r.headers["x-request-id"] == "crash-1"
     assert any(rec.exc_info and "internal detail" in str(rec.exc_info[1]) for rec in caplog.records)
+
+
+# --- hostile input: never a 500 --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 100_000,  # nesting deeper than the JSON parser's recursion limit
+        b'{"vcpus": ' + b"9" * 10_000 + b"}",  # more digits than int() converts
+        b'{"vcpus": NaN}',
+        b'{"vcpus": Infinity}',
+        b'{"name": "\xff\xfe"}',  # not UTF-8
+        b"\x00\x01\x02",
+        b'{"name": "a", "name": 5}',
+    ],
+)
+async def test_hostile_bodies_are_client_errors(shell: httpx.AsyncClient, raw: bytes) -> None:
+    r = await shell.post("/v1/vms", content=raw, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert (await shell.get("/v1/vms")).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/vms/vm%00x",
+        "/v1/vms/" + "a" * 129,
+        "/v1/vms/vm x/memslots",
+        "/v1/vms?cursor=%00",
+        "/v1/vms/vm-1/snapshots/snap%0a/restore",
+    ],
+)
+async def test_malformed_ids_are_422(shell: httpx.AsyncClient, path: str) -> None:
+    method = "POST" if path.endswith("restore") else "GET"
+    assert_problem(await shell.request(method, path), 422)
+
+
+async def test_control_characters_in_name_are_422(shell: httpx.AsyncClient) -> None:
+    assert_problem(await shell.post("/v1/vms", json={"name": "a\x00b"}), 422)

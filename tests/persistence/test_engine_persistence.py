@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from app.db import repository as repo
 from app.db.session import Database
@@ -24,14 +24,14 @@ needs_codec = pytest.mark.skipif(
 )
 
 
-@asynccontextmanager
-async def _raw_db(url: str) -> AsyncIterator[AsyncSession]:
+@contextmanager
+def _raw_db(url: str) -> Iterator[Session]:
     db = Database(url)
     try:
-        async with db.read() as s:
+        with db.read() as s:
             yield s
     finally:
-        await db.dispose()
+        db.dispose()
 
 
 async def new_vm(svc: VmService, vm_type: int = 0) -> str:
@@ -141,8 +141,8 @@ async def test_corrupt_snapshots_fall_back(
     newest = [s for s in await _snapshots(db_url, vm_id) if s.kind == "shutdown"][0]
 
     # The codec itself refuses a damaged blob (our row checksum is made to agree here).
-    async with _raw_db(db_url) as s:
-        data = await repo.snapshot_data(s, middle["id"])
+    with _raw_db(db_url) as s:
+        data = repo.snapshot_data(s, middle["id"])
     assert data is not None and codec.loads(data) is not None
     with pytest.raises(codec.CorruptSnapshot):
         codec.loads(data[: len(data) - 100])

@@ -38,8 +38,8 @@ async def state(svc: VmService, vm_id: str) -> bytes:
 
 
 async def journal(svc: VmService, vm_id: str) -> list[JournalRecord]:
-    async with svc.db.read() as s:
-        return list(await repo.journal_after(s, vm_id, 0))
+    with svc.db.read() as s:
+        return list(repo.journal_after(s, vm_id, 0))
 
 
 def region(slot: int, gpa: int, size: int, hva: int) -> dict[str, Any]:
@@ -182,15 +182,15 @@ async def corrupt_snapshot(url: str, snap_id: str, *, fix_checksum: bool) -> Non
     """Damage a stored snapshot: truncated (our checksum sees it), or altered with a matching
     checksum (only the codec's own checksum sees it)."""
     db = Database(url)
-    async with db.write() as s:
-        data = await repo.snapshot_data(s, snap_id)
+    with db.write() as s:
+        data = repo.snapshot_data(s, snap_id)
         assert data is not None
         values: dict[str, Any] = {"data": data[: len(data) // 2]}
         if fix_checksum:
             bad = data[:-1] + bytes([data[-1] ^ 0xFF])
             values = {"data": bad, "size": len(bad), "checksum": hashlib.sha256(bad).hexdigest()}
-        await s.execute(update(SnapshotRow).where(SnapshotRow.id == snap_id).values(**values))
-    await db.dispose()
+        s.execute(update(SnapshotRow).where(SnapshotRow.id == snap_id).values(**values))
+    db.dispose()
 
 
 @pytest.mark.parametrize("fix_checksum", [False, True])
@@ -236,9 +236,9 @@ async def test_corrupt_snapshot_falls_back(
 
 async def _snapshots(url: str, vm_id: str) -> list[SnapshotRow]:
     db = Database(url)
-    async with db.read() as s:
-        rows = list(await repo.list_snapshots(s, vm_id))
-    await db.dispose()
+    with db.read() as s:
+        rows = list(repo.list_snapshots(s, vm_id))
+    db.dispose()
     return rows
 
 
@@ -355,10 +355,15 @@ async def test_cancelled_call_never_overlaps_the_next(
     nxt = asyncio.create_task(svc.mutate(vm_id, "bump", {"by": 10}))
     with pytest.raises(asyncio.CancelledError):
         await task
+    # The worker thread cannot be stopped: it finished (and committed) the slow call before
+    # the VM lock was released, so the next call ran after it, never alongside it.
     _, tag = await nxt
-    # The cancelled call was never journaled, so memory must not show it either.
+    assert tag == '"2"'
+    assert [(r.seq, r.op) for r in await journal(svc, vm_id)] == [(1, "slow"), (2, "bump")]
     counter, _ = await svc.read(vm_id, lambda vm: vm.state["counter"])
-    assert (counter, tag) == (10, '"1"')
+    assert counter == 11
+    other = await make_service(db_url, FAKE_ENGINE)
+    assert await state(other, vm_id) == await state(svc, vm_id)
 
 
 async def test_two_services_one_database(db_url: str, make_service: ServiceFactory) -> None:
@@ -382,3 +387,26 @@ async def test_two_services_one_database(db_url: str, make_service: ServiceFacto
     assert serial.state["counter"] == sum(
         base + i for base in (1000, 2000, 3000, 4000) for i in range(25)
     )
+
+
+async def test_delete_seen_by_another_service(db_url: str, make_service: ServiceFactory) -> None:
+    a = await make_service(db_url, FAKE_ENGINE)
+    b = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(a)
+    await a.mutate(vm_id, "bump", {})
+    await b.mutate(vm_id, "bump", {})  # b loads it (creation + replay of a's record)
+    assert vm_id in a.loaded_vms() and vm_id in b.loaded_vms()
+    await b.delete_vm(vm_id)
+    with pytest.raises(VmNotFound):
+        await a.mutate(vm_id, "bump", {})
+    assert vm_id not in a.loaded_vms()
+
+
+async def test_evict_reloads_lazily(db_url: str, make_service: ServiceFactory) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    await some_calls(svc, vm_id)
+    before = await state(svc, vm_id)
+    assert svc.evict(vm_id) and vm_id not in svc.loaded_vms()
+    assert not svc.evict(vm_id)
+    assert await state(svc, vm_id) == before

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Response
 
 from app.api.deps import Cursor, LimitQ, ServiceDep, VmId, paginate, query
 from app.api.errors import R_KVM, R_NOT_FOUND, R_QUERY, responses
-from app.api.schemas.common import U64, Open
+from app.api.schemas.common import U32, U64, Open
 from app.api.schemas.pages import Page
 
 router = APIRouter(prefix="/v1/vms/{vm}", tags=["introspection"])
@@ -43,7 +43,7 @@ async def list_mappings(
     vm: VmId,
     service: ServiceDep,
     response: Response,
-    root: Annotated[str | None, Query(max_length=100, description="Only this root.")] = None,
+    root: Annotated[U32 | None, Query(description="Only this root (its `id` in …/roots).")] = None,
     limit: LimitQ = 100,
     cursor: Cursor = None,
 ) -> Page[Open]:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Response, status
 
 from app.api.deps import Cursor, LimitQ, ServiceDep, VmId, paginate, set_etag
 from app.api.errors import R_KVM, R_NOT_FOUND, R_QUERY, responses
-from app.api.schemas.common import Open
+from app.api.schemas.common import ID_PATTERN, Open
 from app.api.schemas.pages import Page
 from app.api.schemas.snapshots import Snapshot
 
@@ -42,7 +42,7 @@ async def list_snapshots(
 )
 async def restore_snapshot(
     vm: VmId,
-    snapshot: Annotated[str, Path(max_length=200)],
+    snapshot: Annotated[str, Path(pattern=ID_PATTERN, description="The snapshot id.")],
     service: ServiceDep,
     response: Response,
 ) -> Open:

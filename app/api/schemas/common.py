@@ -16,10 +16,6 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-U64_MAX = (1 << 64) - 1
-U32_MAX = (1 << 32) - 1
-U16_MAX = (1 << 16) - 1
-
 _INT_STR = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|[0-9]+)\s*$")
 INT_STRING_PATTERN = r"^(0[xX][0-9a-fA-F]{1,16}|[0-9]{1,20})$"
 # Python's int() refuses to parse huge decimal strings anyway; this also bounds the work.
@@ -27,8 +23,8 @@ _MAX_INT_STR = 64
 
 
 def parse_int(value: Any) -> Any:
-    """A JSON number, or a decimal / "0x…" string, to an int. Anything else is handed on
-    unchanged so that pydantic reports it with its own error type."""
+    """A JSON number, or a decimal / "0x…" string, to an int; ValueError (→ 422) otherwise.
+    Floats pass only when they are exact integers: 2**64 as a double is not."""
     if isinstance(value, bool):
         raise ValueError("expected an integer, not a boolean")
     if isinstance(value, int):
@@ -77,7 +73,6 @@ def int_schema(bits: int) -> WithJsonSchema:
 
 U64 = Annotated[int, int_validator(64), int_schema(64)]
 U32 = Annotated[int, int_validator(32), int_schema(32)]
-U16 = Annotated[int, int_validator(16), int_schema(16)]
 
 
 # --- named constants ------------------------------------------------------------------
@@ -243,3 +238,9 @@ class Empty(Open):
 
 
 Limit = Annotated[int, Field(ge=1, le=1000, description="Page size (1–1000).")]
+
+# Ids and cursors are opaque, but only ever made of these: anything else (a NUL byte, which
+# PostgreSQL refuses in text, among them) is malformed, not merely unknown.
+ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+# Free text that is stored (VM names): printable, no control characters.
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"

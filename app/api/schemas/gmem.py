@@ -25,6 +25,7 @@ GmemFlags = Annotated[
     flags_schema(_GMEM_FLAGS, 64, "GUEST_MEMFD_FLAG_* flags"),
 ]
 
+
 class GmemCreate(Body):
     size: U64
     flags: GmemFlags = 0

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from app.api.schemas.common import U64, Body, HexData, Open
 
+
 class Access(Body):
     gpa: U64
     size: U64 = 4096

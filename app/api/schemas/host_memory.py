@@ -8,6 +8,7 @@ from pydantic import Field
 
 from app.api.schemas.common import U64, Body, HexData
 
+
 class HostRead(Body):
     userspace_addr: U64
     len: Annotated[U64, Field(description="Bytes; at most 1 MiB at once (else E2BIG).")]

@@ -7,6 +7,8 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from app.api.schemas.common import (
+    ID_PATTERN,
+    TEXT_PATTERN,
     U32,
     Body,
     Open,
@@ -40,13 +42,15 @@ CapArg = Annotated[
 
 
 class VmCreate(Body):
-    name: Annotated[str | None, Field(max_length=200)] = None
+    name: Annotated[str | None, Field(max_length=200, pattern=TEXT_PATTERN)] = None
     vm_type: VmTypeField = 0
     vcpus: Annotated[U32, Field(description="vCPU ids 0…n−1 are created with the VM.")] = 1
     paging_levels: Annotated[U32, Field(description="TDP levels: 4 or 5.")] = 4
     from_snapshot: Annotated[
         str | None,
-        Field(max_length=200, description="Fork: the new VM starts from this snapshot's state."),
+        Field(
+            pattern=ID_PATTERN, description="Fork: the new VM starts from this snapshot's state."
+        ),
     ] = None
 
 

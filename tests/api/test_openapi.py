@@ -1,0 +1,118 @@
+"""The OpenAPI spec: checked in, complete against the contract, errors published per route."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from app.api.errors import PROBLEM_JSON
+from app.main import create_app
+from app.openapi_dump import render
+
+SPEC_FILE = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
+
+# Every call of ../shared/spec/api-contract.md (paths and methods are a contract).
+CONTRACT = {
+    ("get", "/v1/capabilities"),
+    ("post", "/v1/vms"),
+    ("get", "/v1/vms"),
+    ("get", "/v1/vms/{vm}"),
+    ("delete", "/v1/vms/{vm}"),
+    ("get", "/v1/vms/{vm}/capabilities"),
+    ("post", "/v1/vms/{vm}/enable-cap"),
+    ("get", "/v1/vms/{vm}/quirks"),
+    ("post", "/v1/vms/{vm}/vcpus"),
+    ("put", "/v1/vms/{vm}/memslots/{slot}"),
+    ("delete", "/v1/vms/{vm}/memslots/{slot}"),
+    ("get", "/v1/vms/{vm}/memslots"),
+    ("get", "/v1/vms/{vm}/memslots/{slot}"),
+    ("get", "/v1/vms/{vm}/memslots/{slot}/dirty-log"),
+    ("post", "/v1/vms/{vm}/memslots/{slot}/dirty-log/clear"),
+    ("post", "/v1/vms/{vm}/guest-memfds"),
+    ("post", "/v1/vms/{vm}/guest-memfds/{fd}/fallocate"),
+    ("delete", "/v1/vms/{vm}/guest-memfds/{fd}"),
+    ("post", "/v1/vms/{vm}/guest-memfds/{fd}/read"),
+    ("post", "/v1/vms/{vm}/guest-memfds/{fd}/write"),
+    ("post", "/v1/vms/{vm}/memory-attributes"),
+    ("get", "/v1/vms/{vm}/memory-attributes"),
+    ("post", "/v1/vms/{vm}/vcpus/{vcpu}/accesses"),
+    ("post", "/v1/vms/{vm}/vcpus/{vcpu}/load"),
+    ("post", "/v1/vms/{vm}/vcpus/{vcpu}/store"),
+    ("post", "/v1/vms/{vm}/vcpus/{vcpu}/pre-fault"),
+    ("post", "/v1/vms/{vm}/vcpus/{vcpu}/accept"),
+    ("post", "/v1/vms/{vm}/host-memory/read"),
+    ("post", "/v1/vms/{vm}/host-memory/write"),
+    ("post", "/v1/vms/{vm}/host-memory/discard"),
+    ("post", "/v1/vms/{vm}/host-memory/advise"),
+    ("post", "/v1/vms/{vm}/host-memory/map"),
+    ("post", "/v1/vms/{vm}/zaps"),
+    ("get", "/v1/vms/{vm}/zaps"),
+    ("get", "/v1/vms/{vm}/translate"),
+    ("get", "/v1/vms/{vm}/mappings"),
+    ("get", "/v1/vms/{vm}/roots"),
+    ("get", "/v1/vms/{vm}/stats"),
+    ("get", "/v1/vms/{vm}/audit"),
+    ("post", "/v1/vms/{vm}/snapshots"),
+    ("get", "/v1/vms/{vm}/snapshots"),
+    ("post", "/v1/vms/{vm}/snapshots/{snapshot}/restore"),
+    ("get", "/metrics"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+}
+
+
+def operations() -> list[tuple[str, str, dict[str, object]]]:
+    spec = create_app().openapi()
+    return [(m, p, op) for p, ops in spec["paths"].items() for m, op in ops.items()]
+
+
+def test_checked_in_spec_is_current() -> None:
+    assert SPEC_FILE.exists(), "run `make openapi`"
+    assert SPEC_FILE.read_text(encoding="utf-8") == render(), (
+        "openapi/openapi.json differs from create_app().openapi(): run `make openapi`"
+    )
+
+
+def test_every_contract_route_exists() -> None:
+    have = {(m, p) for m, p, _ in operations()}
+    assert CONTRACT - have == set()
+    assert ("post", "/v1/vms/{vm}/zap-policy") in have
+
+
+def test_operation_ids_are_stable_tag_names() -> None:
+    ids = [(op["operationId"], op["tags"]) for _, _, op in operations()]
+    assert len({i for i, _ in ids}) == len(ids)
+    for op_id, tags in ids:
+        assert isinstance(op_id, str) and isinstance(tags, list)
+        assert op_id.startswith(f"{tags[0]}-")
+
+
+def test_v1_routes_publish_problem_bodies() -> None:
+    for method, path, op in operations():
+        if not path.startswith("/v1/"):
+            continue
+        responses = op["responses"]
+        assert isinstance(responses, dict)
+        errors = {code for code in responses if code[0] in "45"}
+        assert {"422", "500"} <= errors, (method, path)
+        if "{vm}" in path:
+            assert "404" in errors, (method, path)
+        for code in errors:
+            content = responses[code]["content"]
+            assert list(content) == [PROBLEM_JSON], (method, path, code)
+            assert content[PROBLEM_JSON]["schema"] == {"$ref": "#/components/schemas/Problem"}
+
+
+def test_kvm_calls_publish_their_errno_statuses() -> None:
+    for method, path, op in operations():
+        if method in ("post", "put", "delete") and "/vms/{vm}/" in path and "snapshots" not in path:
+            assert {"400", "403", "409", "507"} <= set(op["responses"]), (method, path)
+            if not path.endswith("/read"):  # reads by POST are queries: no If-Match
+                assert "412" in op["responses"], (method, path)
+
+
+def test_zap_policy_says_it_is_not_kvm() -> None:
+    op = dict((p, o) for m, p, o in operations() if m == "post")["/v1/vms/{vm}/zap-policy"]
+    text = json.dumps(op)
+    assert "NOT KVM" in text
+    assert "This is not KVM" in text

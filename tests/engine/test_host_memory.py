@@ -1,0 +1,234 @@
+"""The VMM's memory behind userspace_addr: contents, MADV_DONTNEED through KVM's MMU notifier,
+THP advice and hugetlbfs mappings (kvm-memslots.md §5.1 "mmu-notifier invalidation", §8.2;
+kvm-private-tdx.md §7 rule 16)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from app.engine import KvmError, Vm
+
+U = 0x7F00_0000_0000
+KB4, MB, GB = 1 << 12, 1 << 20, 1 << 30
+
+
+def region(vm: Vm, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> dict:
+    return vm.apply(
+        "set_user_memory_region",
+        dict(slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva),
+    )
+
+
+def access(vm: Vm, gpa: int, size: int = KB4, kind: str = "write", vcpu: int = 0) -> dict:
+    return vm.apply("access", dict(vcpu=vcpu, gpa=gpa, size=size, access=kind))
+
+
+def load(vm: Vm, gpa: int, n: int) -> dict:
+    return vm.apply("load", dict(vcpu=0, gpa=gpa, len=n))
+
+
+def discard(vm: Vm, hva: int, n: int) -> dict:
+    return vm.apply("host_discard", dict(userspace_addr=hva, len=n))
+
+
+def leaf(vm: Vm, gpa: int) -> dict | None:
+    (root,) = vm.translate(gpa)["roots"]
+    last = root["walk"][-1]
+    return last if last.get("present") and last.get("leaf") else None
+
+
+def pages(vm: Vm) -> tuple[int, int, int]:
+    s = vm.stats()
+    return s["pages_4k"], s["pages_2m"], s["pages_1g"]
+
+
+def check(vm: Vm) -> None:
+    a = vm.audit()
+    assert a["ok"], a["violations"]
+    s = vm.stats()
+    assert {"4k": s["pages_4k"], "2m": s["pages_2m"], "1g": s["pages_1g"]} == a["checked"][
+        "leaves"
+    ]
+
+
+@pytest.fixture
+def vm() -> Vm:
+    """slot 0 = [0, 4M) at U; slot 1 = [8M, 10M) aliasing U+1M..U+3M; all mapped 4K."""
+    v = Vm.create(0, 1)
+    region(v, 0, 0, 4 * MB, U)
+    region(v, 1, 8 * MB, 2 * MB, U + MB)
+    access(v, 0, 4 * MB)
+    access(v, 8 * MB, 2 * MB, "read")
+    assert pages(v) == (1536, 0, 0)
+    return v
+
+
+# --------------------------------------------------------------------------- contents
+def test_host_write_and_read_round_trip_across_pages() -> None:
+    v = Vm.create(0, 1)
+    data = bytes(range(256)) * 20  # 5120 bytes over two pages
+    assert v.apply("host_write", dict(userspace_addr=U + 0xF00, data=data.hex()))["written"] == 5120
+    assert v.host_read(U + 0xF00, len(data)) == {"data": data.hex()}
+    assert v.host_read(U + 0xE00, 0x100) == {"data": "00" * 0x100}
+
+
+def test_guest_stores_are_host_bytes_and_host_writes_are_guest_loads(vm: Vm) -> None:
+    vm.apply("store", dict(vcpu=0, gpa=0x1_0000, data="a1a2a3"))
+    assert vm.host_read(U + 0x1_0000, 3) == {"data": "a1a2a3"}
+    vm.apply("host_write", dict(userspace_addr=U + MB + 0x20, data="beef"))
+    assert load(vm, MB + 0x20, 2) == {"data": "beef"}
+    assert load(vm, 8 * MB + 0x20, 2) == {"data": "beef"}  # the alias slot
+    check(vm)
+
+
+def test_host_read_over_one_mib_is_e2big() -> None:
+    v = Vm.create(0, 1)
+    with pytest.raises(KvmError) as e:
+        v.host_read(U, MB + 1)
+    assert e.value.errno == errno.E2BIG
+
+
+@pytest.mark.parametrize(
+    "addr, n",
+    [(0x7FFF_FFFF_F000, 2 * KB4), (U, 0)],
+)
+def test_host_range_outside_user_space_or_empty_is_einval(addr: int, n: int) -> None:
+    v = Vm.create(0, 1)
+    with pytest.raises(KvmError) as e:
+        v.apply("host_discard", dict(userspace_addr=addr, len=n))
+    assert e.value.errno == errno.EINVAL
+
+
+# --------------------------------------------------------------------------- notifier
+def test_discard_zaps_exactly_the_sptes_mapping_the_range(vm: Vm) -> None:
+    vm.apply("store", dict(vcpu=0, gpa=0x18_0000, data="aabb"))
+    f0 = vm.stats()["remote_tlb_flush_requests"]
+    z = discard(vm, U + 0x18_0000, 3 * KB4)["zap"]
+    assert (z["cause"], z["path"]) == ("mmu_notifier", "zap_gfn_range")
+    # Three host pages, each mapped by slot 0 and by the alias slot 1.
+    assert z["sptes_zapped"]["4k"] == 6 and z["sptes_zapped_total"] == 6
+    assert z["tlb_flushes"] == 1
+    assert vm.stats()["remote_tlb_flush_requests"] == f0 + 1
+    assert vm.stats()["zaps_notifier"] == 1
+    assert pages(vm) == (1530, 0, 0)
+    for gpa in (0x18_0000, 0x18_2000, 8 * MB + 0x8_0000, 8 * MB + 0x8_2000):
+        assert leaf(vm, gpa) is None
+    for gpa in (0x17_F000, 0x18_3000, 8 * MB + 0x7_F000, 8 * MB + 0x8_3000):
+        assert leaf(vm, gpa) is not None
+    assert vm.roots()[0]["valid"] is True  # not a fast zap
+    check(vm)
+
+
+def test_discarded_memory_reads_back_zero_and_refaults(vm: Vm) -> None:
+    vm.apply("store", dict(vcpu=0, gpa=0x18_0010, data="aabbccdd"))
+    discard(vm, U + 0x18_0000, KB4)
+    assert vm.host_read(U + 0x18_0010, 4) == {"data": "00000000"}
+    r = access(vm, 0x18_0000, KB4, "read")
+    assert (r["mapped"], r["refaults"]) == (1, 1)
+    assert load(vm, 0x18_0010, 4) == {"data": "00000000"}
+    assert load(vm, 8 * MB + 0x8_0010, 4) == {"data": "00000000"}
+    # New bytes after the discard are seen through both GPAs.
+    vm.apply("store", dict(vcpu=0, gpa=8 * MB + 0x8_0010, data="0102"))
+    assert load(vm, 0x18_0010, 2) == {"data": "0102"}
+    check(vm)
+
+
+def test_discard_of_memory_no_slot_maps_is_no_zap(vm: Vm) -> None:
+    assert discard(vm, U + 512 * MB, 16 * KB4) == {"zap": None}
+    assert pages(vm) == (1536, 0, 0)
+    assert vm.zap_events() == []
+
+
+def test_discard_of_unfaulted_slot_memory_zaps_nothing_and_does_not_flush() -> None:
+    v = Vm.create(0, 1)
+    region(v, 0, 0, 4 * MB, U)
+    access(v, 0, KB4)
+    z = discard(v, U + MB, MB)["zap"]
+    assert z is not None and z["sptes_zapped_total"] == 0
+    assert z["tlb_flushes"] == 0
+    assert v.stats()["remote_tlb_flush_requests"] == 0
+    assert pages(v) == (1, 0, 0)
+
+
+def test_discard_inside_a_huge_leaf_zaps_the_whole_leaf() -> None:
+    v = Vm.create(0, 1)
+    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    region(v, 0, 0, 4 * MB, U)
+    access(v, 0, 4 * MB)
+    v.apply("store", dict(vcpu=0, gpa=0x10, data="99"))
+    z = discard(v, U + 2 * MB + 5 * KB4, KB4)["zap"]
+    assert (z["sptes_zapped"]["2m"], z["sptes_zapped"]["4k"]) == (1, 0)
+    assert pages(v) == (0, 1, 0)
+    assert leaf(v, 2 * MB) is None and leaf(v, 0)["level"] == 2
+    assert load(v, 0x10, 1) == {"data": "99"}
+    check(v)
+
+
+def test_discard_whole_slot_then_guest_sees_zeroes() -> None:
+    v = Vm.create(0, 1)
+    region(v, 0, 0, 2 * MB, U)
+    for p in range(0, 512, 37):
+        v.apply("store", dict(vcpu=0, gpa=p * KB4 + 7, data="ff"))
+    z = discard(v, U, 2 * MB)["zap"]
+    assert z["sptes_zapped"]["4k"] == len(range(0, 512, 37))
+    for p in range(0, 512, 37):
+        assert load(v, p * KB4 + 7, 1) == {"data": "00"}
+    check(v)
+
+
+# --------------------------------------------------------------------------- page size
+def test_nohugepage_advice_does_not_split_existing_leaves() -> None:
+    v = Vm.create(0, 1)
+    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    region(v, 0, 0, 4 * MB, U)
+    access(v, 0, 4 * MB)
+    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="nohugepage"))
+    assert pages(v) == (0, 2, 0)
+    # After a zap, refaults follow the new host page size.
+    v.apply("zap", dict(scope="range", gpa=0, size=4 * MB))
+    assert access(v, 0, 4 * MB)["levels"] == {"4k": 1024, "2m": 0, "1g": 0}
+    check(v)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        dict(userspace_addr=U + 0x800, len=2 * MB, advice="hugepage"),  # not page aligned
+        dict(userspace_addr=U, len=2 * MB, advice="huge"),  # unknown advice
+    ],
+)
+def test_bad_advice_is_einval(args: dict) -> None:
+    v = Vm.create(0, 1)
+    with pytest.raises(KvmError) as e:
+        v.apply("host_advise", args)
+    assert e.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize(
+    "addr, n, ps",
+    [
+        (U + 4 * KB4, 2 * MB, 2 * MB),  # address not aligned to the page size
+        (U, 3 * MB, 2 * MB),  # length not a multiple of it
+        (U, 2 * MB, 8 * KB4),  # not a page size
+    ],
+)
+def test_bad_hugetlb_map_is_einval(addr: int, n: int, ps: int) -> None:
+    v = Vm.create(0, 1)
+    with pytest.raises(KvmError) as e:
+        v.apply("host_map", dict(userspace_addr=addr, len=n, page_size=ps))
+    assert e.value.errno == errno.EINVAL
+
+
+def test_hugetlb_map_over_mapped_memory_replaces_it_through_the_notifier() -> None:
+    v = Vm.create(0, 1)
+    region(v, 0, 0, 4 * MB, U)
+    access(v, 0, 4 * MB)
+    v.apply("store", dict(vcpu=0, gpa=0x100, data="42"))
+    z = v.apply("host_map", dict(userspace_addr=U, len=4 * MB, page_size=2 * MB))["zap"]
+    assert z["cause"] == "mmu_notifier" and z["sptes_zapped"]["4k"] == 1024
+    assert pages(v) == (0, 0, 0)
+    assert access(v, 0, 4 * MB)["levels"] == {"4k": 0, "2m": 2, "1g": 0}
+    assert load(v, 0x100, 1) == {"data": "00"}  # a fresh mapping: new, zeroed pages
+    check(v)

@@ -1,0 +1,167 @@
+"""KVM_PRE_FAULT_MEMORY (kvm-private-tdx.md §2.8): progress written back in {gpa, size}, the
+errno rules, and prefetch semantics (no Accessed bit, not a real fault)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from app.engine import KvmError, Vm
+
+U = 0x7F00_0000_0000
+KB4, MB, GB = 1 << 12, 1 << 20, 1 << 30
+RO = 2
+
+
+def region(vm: Vm, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> dict:
+    return vm.apply(
+        "set_user_memory_region",
+        dict(slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva),
+    )
+
+
+def pre_fault(vm: Vm, gpa: int, size: int, flags: int = 0, vcpu: int = 0) -> dict:
+    return vm.apply("pre_fault", dict(vcpu=vcpu, gpa=gpa, size=size, flags=flags))
+
+
+def leaf(vm: Vm, gpa: int) -> dict | None:
+    (root,) = vm.translate(gpa)["roots"]
+    last = root["walk"][-1]
+    return last if last.get("present") and last.get("leaf") else None
+
+
+def pages(vm: Vm) -> tuple[int, int, int]:
+    s = vm.stats()
+    return s["pages_4k"], s["pages_2m"], s["pages_1g"]
+
+
+def check(vm: Vm) -> None:
+    a = vm.audit()
+    assert a["ok"], a["violations"]
+    s = vm.stats()
+    assert {"4k": s["pages_4k"], "2m": s["pages_2m"], "1g": s["pages_1g"]} == a["checked"][
+        "leaves"
+    ]
+
+
+@pytest.fixture
+def vm() -> Vm:
+    v = Vm.create(0, 1)
+    region(v, 0, 0, 4 * MB, U)
+    return v
+
+
+def test_pre_fault_maps_the_whole_range_and_reports_nothing_left(vm: Vm) -> None:
+    assert pre_fault(vm, 0x10000, 16 * KB4) == {"gpa": 0x20000, "size": 0}
+    assert pages(vm) == (16, 0, 0)
+    for p in range(16, 32):
+        assert leaf(vm, p * KB4) is not None
+    assert leaf(vm, 15 * KB4) is None and leaf(vm, 32 * KB4) is None
+    check(vm)
+
+
+def test_pre_fault_leaves_no_accessed_bit(vm: Vm) -> None:
+    pre_fault(vm, 0, KB4)
+    e = leaf(vm, 0)
+    assert e is not None and e["accessed"] is False
+    # A real guest access afterwards is spurious and sets A.
+    r = vm.apply("access", dict(vcpu=0, gpa=0, size=KB4, access="read"))
+    assert (r["mapped"], r["spurious"]) == (0, 1)
+    assert leaf(vm, 0)["accessed"] is True
+    check(vm)
+
+
+def test_pre_fault_is_not_a_guest_page_fault(vm: Vm) -> None:
+    """pf_taken counts real faults only (§2.3 step 3)."""
+    pre_fault(vm, 0, 4 * MB)
+    assert vm.stats()["pf_taken"] == 0
+    assert pages(vm) == (1024, 0, 0)
+
+
+def test_pre_fault_stops_where_the_slot_ends(vm: Vm) -> None:
+    r = pre_fault(vm, 4 * MB - 2 * KB4, 4 * KB4)
+    assert r == {"gpa": 4 * MB, "size": 2 * KB4}
+    assert pages(vm) == (2, 0, 0)
+    check(vm)
+
+
+def test_pre_fault_with_no_slot_at_the_start_is_enoent(vm: Vm) -> None:
+    with pytest.raises(KvmError) as e:
+        pre_fault(vm, 64 * MB, KB4)
+    assert e.value.errno == errno.ENOENT
+    assert pages(vm) == (0, 0, 0)
+
+
+def test_pre_fault_progress_lets_userspace_resume(vm: Vm) -> None:
+    region(vm, 1, 8 * MB, 4 * MB, U + 8 * MB)
+    r = pre_fault(vm, 2 * MB, 8 * MB)  # [2M, 4M) mapped, [4M, 8M) has no slot
+    assert r == {"gpa": 4 * MB, "size": 6 * MB}
+    with pytest.raises(KvmError) as e:
+        pre_fault(vm, r["gpa"], r["size"])
+    assert e.value.errno == errno.ENOENT
+    assert pre_fault(vm, 8 * MB, 2 * MB) == {"gpa": 10 * MB, "size": 0}
+    assert pages(vm) == (1024, 0, 0)
+
+
+def test_pre_fault_steps_by_the_mapped_level() -> None:
+    v = Vm.create(0, 1)
+    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    region(v, 0, 0, 4 * MB, U)
+    assert pre_fault(v, KB4, 3 * MB) == {"gpa": 3 * MB + KB4, "size": 0}
+    assert pages(v) == (0, 2, 0)
+    e = leaf(v, KB4)
+    assert e["level"] == 2 and e["accessed"] is False
+    check(v)
+
+
+def test_pre_fault_on_a_readonly_slot_maps_read_only() -> None:
+    v = Vm.create(0, 1)
+    region(v, 0, 0, MB, U, flags=RO)
+    assert pre_fault(v, 0, 2 * KB4) == {"gpa": 2 * KB4, "size": 0}
+    e = leaf(v, 0)
+    assert e["w"] is False and e["host_writable"] is False
+    check(v)
+
+
+def test_pre_fault_of_a_mapped_range_succeeds_and_maps_nothing_new(vm: Vm) -> None:
+    vm.apply("access", dict(vcpu=0, gpa=0, size=MB, access="write"))
+    assert pre_fault(vm, 0, MB) == {"gpa": MB, "size": 0}
+    assert pages(vm) == (256, 0, 0)
+    assert leaf(vm, 0)["accessed"] is True
+
+
+@pytest.mark.parametrize(
+    "gpa, size, flags",
+    [
+        (0, KB4, 1),  # flags must be 0
+        (0x800, KB4, 0),  # gpa not page aligned
+        (0, 0x800, 0),  # size not page aligned
+        (0, 0, 0),  # size 0: gpa + size <= gpa
+        ((1 << 64) - KB4, 2 * KB4, 0),  # wraps
+    ],
+)
+def test_pre_fault_einval(vm: Vm, gpa: int, size: int, flags: int) -> None:
+    with pytest.raises(KvmError) as e:
+        pre_fault(vm, gpa, size, flags)
+    assert e.value.errno == errno.EINVAL
+    assert pages(vm) == (0, 0, 0)
+
+
+def test_pre_fault_unknown_vcpu_is_enoent(vm: Vm) -> None:
+    with pytest.raises(KvmError) as e:
+        pre_fault(vm, 0, KB4, vcpu=3)
+    assert e.value.errno == errno.ENOENT
+
+
+def test_pre_fault_after_zap_all_uses_the_new_root() -> None:
+    v = Vm.create(0, 1)
+    region(v, 0, 0, 4 * MB, U)
+    region(v, 1, GB, MB, U + GB)
+    pre_fault(v, 0, 4 * MB)
+    region(v, 1, 0, 0, 0)  # DELETE with the quirk: every SPTE gone
+    assert pages(v) == (0, 0, 0)
+    assert pre_fault(v, 0, MB) == {"gpa": MB, "size": 0}
+    assert pages(v) == (256, 0, 0)
+    assert [r["valid"] for r in v.roots()] == [True] * len(v.roots())
+    check(v)

@@ -1,0 +1,412 @@
+"""Random guest/host/memslot sequences against a reference model of memory contents.
+
+The reference knows nothing of page tables: it is a flat dict {host page: bytes} plus the
+memslot layout (id -> gpa, npages, hva, flags). Every guest load must return what it says
+(or an MMIO exit exactly when no slot covers the GPA), every store/access must exit exactly
+where it says, and after every step `vm.audit()` must be clean. Zap paths are checked against
+kvm-memslots.md §4.1 (zap all only for a DEFAULT VM with SLOT_ZAP_ALL enabled), and the dirty
+log against what the guest wrote (no written page may be missing, §3.4/§5.3).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from app.engine import KvmError, Vm
+
+PAGE = 4096
+MB = 1 << 20
+U = 0x7F00_0000_0000  # host region [U, U + 24 MiB)
+HOST_MB = 24
+GPA_MB = 32  # slots live in [0, 32 MiB) of guest physical space
+LOG, RO = 1, 2
+QUIRK_SLOT_ZAP_ALL = 0x80
+MAX_GFN = (1 << 40) - 1
+IDS = [0, 1, 2, 3]
+ZERO = bytes(PAGE)
+
+
+@dataclass
+class SlotM:
+    gpa: int
+    npages: int
+    hva: int
+    flags: int
+    # Dirty-log reference (only while LOG is set): page indexes the guest wrote, and every
+    # page it touched at all, since logging started or the last harvest.
+    written: set[int] = field(default_factory=set)
+    touched: set[int] = field(default_factory=set)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.npages * PAGE
+
+    def covers(self, gpa: int) -> bool:
+        return self.gpa <= gpa < self.end
+
+    def overlaps(self, gpa: int, npages: int) -> bool:
+        return gpa < self.end and self.gpa < gpa + npages * PAGE
+
+
+# Mostly 2 MiB aligned GPAs and HVAs (so THP/hugetlb can give huge leaves), sometimes not.
+slot_gpas = st.one_of(
+    st.integers(0, GPA_MB // 2 - 3).map(lambda n: n * 2 * MB),
+    st.integers(0, GPA_MB // 2 - 3).map(lambda n: n * 2 * MB),
+    st.builds(lambda mb, extra: mb * MB + extra * PAGE, st.integers(0, GPA_MB - 5),
+              st.sampled_from([0, 1, 256])),
+)
+slot_pages = st.sampled_from([1, 16, 256, 512, 512, 768, 1024, 1024])
+slot_hvas = st.one_of(
+    st.integers(0, HOST_MB // 2 - 3).map(lambda n: U + n * 2 * MB),
+    st.integers(0, HOST_MB // 2 - 3).map(lambda n: U + n * 2 * MB),
+    st.builds(lambda mb, extra: U + mb * MB + extra * PAGE, st.integers(0, HOST_MB - 5),
+              st.sampled_from([0, 1])),
+)
+slot_flags = st.sampled_from([0, 0, 0, LOG, RO, RO | LOG])
+kinds = st.sampled_from(["read", "write", "exec"])
+
+
+class MemoryMachine(RuleBasedStateMachine):
+    # ------------------------------------------------------------------ setup / model
+    @initialize(vm_type=st.sampled_from([0, 1]), quirk_disabled=st.booleans(),
+                thp=st.booleans(), data=st.data())
+    def setup(self, vm_type: int, quirk_disabled: bool, thp: bool, data: st.DataObject) -> None:
+        self.vm = Vm.create(vm_type, 2)
+        self.vm_type = vm_type
+        self.quirk = True
+        if quirk_disabled:
+            self.disable_quirk()
+        if thp:
+            self.host_advise(0, HOST_MB // 2, "hugepage")
+        self.slots: dict[int, SlotM] = {}
+        self.mem: dict[int, bytes] = {}  # host page number -> contents (absent = zeroes)
+        # Start with a few slots so that every sequence has memory to work on.
+        for id in IDS[: data.draw(st.integers(1, 3), label="initial_slots")]:
+            self.create_slot(id, data.draw(slot_gpas), data.draw(slot_pages),
+                             data.draw(slot_hvas), data.draw(slot_flags))
+        # ... and with memory mapped, so that the first zap has something to zap.
+        for id, slot in sorted(self.slots.items()):
+            self.do_access(slot.gpa, slot.npages, data.draw(kinds), id % 2)
+
+    def slot_at(self, gpa: int) -> SlotM | None:
+        for s in self.slots.values():
+            if s.covers(gpa):
+                return s
+        return None
+
+    def host_bytes(self, hva: int, n: int) -> bytes:
+        out = bytearray()
+        while n:
+            page, off = divmod(hva, PAGE)
+            k = min(n, PAGE - off)
+            out += self.mem.get(page, ZERO)[off : off + k]
+            hva += k
+            n -= k
+        return bytes(out)
+
+    def host_store(self, hva: int, data: bytes) -> None:
+        while data:
+            page, off = divmod(hva, PAGE)
+            k = min(len(data), PAGE - off)
+            buf = bytearray(self.mem.get(page, ZERO))
+            buf[off : off + k] = data[:k]
+            self.mem[page] = bytes(buf)
+            hva += k
+            data = data[k:]
+
+    def host_drop(self, hva: int, n: int) -> None:
+        for page in range(hva // PAGE, (hva + n + PAGE - 1) // PAGE):
+            self.mem.pop(page, None)
+
+    def zap_all_expected(self) -> bool:
+        return self.vm_type == 0 and self.quirk
+
+    def total_leaves(self) -> int:
+        s = self.vm.stats()
+        return s["pages_4k"] + s["pages_2m"] + s["pages_1g"]
+
+    def region(self, id: int, gpa: int, npages: int, hva: int, flags: int) -> dict:
+        return self.vm.apply(
+            "set_user_memory_region",
+            dict(slot=id, flags=flags, guest_phys_addr=gpa, memory_size=npages * PAGE,
+                 userspace_addr=hva),
+        )
+
+    def pick_gpa(self, data: st.DataObject, span: int = PAGE) -> int:
+        """Mostly a page inside some slot (or just past its end), sometimes anywhere."""
+        if self.slots and data.draw(st.integers(0, 9), label="in_slot") < 8:
+            s = data.draw(st.sampled_from(sorted(self.slots.items())), label="slot")[1]
+            page = data.draw(st.integers(0, s.npages), label="page")
+            return s.gpa + page * PAGE
+        return data.draw(st.integers(0, GPA_MB * MB // PAGE - 1), label="gpa_page") * PAGE
+
+    def touch(self, gpa: int, npages: int, write: bool) -> None:
+        for p in range(npages):
+            s = self.slot_at(gpa + p * PAGE)
+            if s is not None and s.flags & LOG:
+                i = (gpa + p * PAGE - s.gpa) // PAGE
+                s.touched.add(i)
+                if write:
+                    s.written.add(i)
+
+    def expected_exit(self, gpa: int, npages: int, write: bool) -> tuple[int, int] | None:
+        """(page index, gpa) of the first page that exits, or None."""
+        for p in range(npages):
+            s = self.slot_at(gpa + p * PAGE)
+            if s is None or (write and s.flags & RO):
+                return p, gpa + p * PAGE
+        return None
+
+    # ------------------------------------------------------------------ memslots
+    @rule(id=st.sampled_from(IDS), gpa=slot_gpas, npages=slot_pages, hva=slot_hvas,
+          flags=slot_flags)
+    def create_slot(self, id: int, gpa: int, npages: int, hva: int, flags: int) -> None:
+        if id in self.slots:
+            return
+        clash = any(s.overlaps(gpa, npages) for s in self.slots.values())
+        try:
+            r = self.region(id, gpa, npages, hva, flags)
+        except KvmError as e:
+            assert clash and e.errno == errno.EEXIST, e
+            return
+        assert not clash
+        assert r["change"] == "create" and r["zap"] is None
+        self.slots[id] = SlotM(gpa, npages, hva, flags)
+
+    def check_zap(self, z: dict, cause: str, mapped: int, before: int) -> None:
+        assert z["cause"] == cause
+        if self.zap_all_expected():
+            assert z["path"] == "zap_all_fast"
+            assert z["tlb_flushes"] == 0
+            assert self.total_leaves() == 0
+        else:
+            assert z["path"] == "zap_slot_leafs"
+            lv = z["sptes_zapped"]
+            assert lv["4k"] + 512 * lv["2m"] + 262144 * lv["1g"] == mapped
+            assert before - z["sptes_zapped_total"] == self.total_leaves()
+            assert z["tlb_flushes"] == (1 if mapped else 0)
+            assert z["tables_freed"] == 0
+
+    @precondition(lambda self: self.slots)
+    @rule(data=st.data())
+    def delete_slot(self, data: st.DataObject) -> None:
+        id = data.draw(st.sampled_from(sorted(self.slots)), label="id")
+        mapped = self.vm.memslot(id)["mapped"]["total"]
+        before = self.total_leaves()
+        r = self.region(id, 0, 0, 0, 0)
+        assert r["change"] == "delete" and r["memslot"] is None
+        self.check_zap(r["zap"], "memslot_delete", mapped, before)
+        del self.slots[id]
+
+    @precondition(lambda self: self.slots)
+    @rule(data=st.data(), gpa=slot_gpas)
+    def move_slot(self, data: st.DataObject, gpa: int) -> None:
+        id = data.draw(st.sampled_from(sorted(self.slots)), label="id")
+        s = self.slots[id]
+        if gpa == s.gpa:
+            return
+        clash = any(o.overlaps(gpa, s.npages) for k, o in self.slots.items() if k != id)
+        mapped = self.vm.memslot(id)["mapped"]["total"]
+        before = self.total_leaves()
+        try:
+            r = self.region(id, gpa, s.npages, s.hva, s.flags)
+        except KvmError as e:
+            assert clash and e.errno == errno.EEXIST, e
+            return
+        assert not clash
+        assert r["change"] == "move"
+        self.check_zap(r["zap"], "memslot_move", mapped, before)
+        s.gpa = gpa  # the dirty bitmap (page indexes) moves with the slot
+
+    @precondition(lambda self: self.slots)
+    @rule(data=st.data())
+    def move_beyond_max_gfn(self, data: st.DataObject) -> None:
+        """§2.1 V21: the late max-gfn check fails after the zap; the old slot stays."""
+        id = data.draw(st.sampled_from(sorted(self.slots)), label="id")
+        s = self.slots[id]
+        mapped = self.vm.memslot(id)["mapped"]["total"]
+        before = self.total_leaves()
+        gpa = (MAX_GFN + 1 - s.npages // 2) * PAGE if s.npages > 1 else (MAX_GFN + 1) * PAGE
+        try:
+            self.region(id, gpa, s.npages, s.hva, s.flags)
+        except KvmError as e:
+            assert e.errno == errno.EINVAL
+            assert getattr(e, "state_changed", False) is True
+        else:
+            raise AssertionError("a MOVE beyond the max gfn succeeded")
+        self.check_zap(self.vm.zap_events()[0], "memslot_move", mapped, before)
+        assert self.vm.memslot(id)["guest_phys_addr"] == s.gpa
+
+    @precondition(lambda self: self.slots)
+    @rule(data=st.data())
+    def toggle_logging(self, data: st.DataObject) -> None:
+        id = data.draw(st.sampled_from(sorted(self.slots)), label="id")
+        s = self.slots[id]
+        r = self.region(id, s.gpa, s.npages, s.hva, s.flags ^ LOG)
+        assert r["change"] == "flags_only"
+        s.flags ^= LOG
+        s.written, s.touched = set(), set()
+
+    @precondition(lambda self: self.quirk)
+    @rule()
+    def disable_quirk(self) -> None:
+        self.vm.apply("enable_cap", dict(cap="KVM_CAP_DISABLE_QUIRKS2",
+                                         args=[QUIRK_SLOT_ZAP_ALL, 0, 0, 0]))
+        self.quirk = False
+
+    # ------------------------------------------------------------------ guest
+    def do_access(self, gpa: int, npages: int, kind: str, vcpu: int) -> None:
+        write = kind == "write"
+        r = self.vm.apply("access", dict(vcpu=vcpu, gpa=gpa, size=npages * PAGE, access=kind))
+        ex = self.expected_exit(gpa, npages, write)
+        if ex is None:
+            assert r["exit"] is None, r
+            self.touch(gpa, npages, write)
+        else:
+            assert r["exit"] is not None, (r, ex)
+            assert r["exit"]["reason"] == "KVM_EXIT_MMIO"
+            assert (r["exit"]["gpa"], r["exit"]["is_write"]) == (ex[1], write)
+            self.touch(gpa, ex[0], write)
+
+    @rule(data=st.data(), npages=st.sampled_from([1, 3, 64, 512, 1024]), kind=kinds,
+          vcpu=st.sampled_from([0, 1]))
+    def access(self, data: st.DataObject, npages: int, kind: str, vcpu: int) -> None:
+        self.do_access(self.pick_gpa(data), npages, kind, vcpu)
+
+    @rule(data=st.data(), payload=st.binary(min_size=1, max_size=64),
+          vcpu=st.sampled_from([0, 1]))
+    def store(self, data: st.DataObject, payload: bytes, vcpu: int) -> None:
+        gpa = self.pick_gpa(data) + data.draw(st.integers(0, PAGE - len(payload)), label="off")
+        r = self.vm.apply("store", dict(vcpu=vcpu, gpa=gpa, data=payload.hex()))
+        s = self.slot_at(gpa)
+        if s is None or s.flags & RO:
+            assert r == {"exit": {"reason": "KVM_EXIT_MMIO", "gpa": gpa,
+                                  "len": min(len(payload), 8), "is_write": True}}, r
+            return
+        assert r == {}, r
+        self.host_store(s.hva + (gpa - s.gpa), payload)
+        self.touch(gpa & ~(PAGE - 1), 1, True)
+
+    @rule(data=st.data(), n=st.integers(1, 64), vcpu=st.sampled_from([0, 1]))
+    def load(self, data: st.DataObject, n: int, vcpu: int) -> None:
+        gpa = self.pick_gpa(data) + data.draw(st.integers(0, PAGE - n), label="off")
+        r = self.vm.apply("load", dict(vcpu=vcpu, gpa=gpa, len=n))
+        s = self.slot_at(gpa)
+        if s is None:
+            assert r == {"exit": {"reason": "KVM_EXIT_MMIO", "gpa": gpa, "len": min(n, 8),
+                                  "is_write": False}}, r
+            return
+        assert r == {"data": self.host_bytes(s.hva + (gpa - s.gpa), n).hex()}, (r, gpa)
+        self.touch(gpa & ~(PAGE - 1), 1, False)
+
+    @rule(data=st.data(), npages=st.sampled_from([1, 16, 600]))
+    def pre_fault(self, data: st.DataObject, npages: int) -> None:
+        gpa = self.pick_gpa(data)
+        end = gpa + npages * PAGE
+        covered = gpa
+        while covered < end and self.slot_at(covered) is not None:
+            covered += PAGE
+        try:
+            r = self.vm.apply("pre_fault", dict(vcpu=0, gpa=gpa, size=npages * PAGE))
+        except KvmError as e:
+            assert covered == gpa and e.errno == errno.ENOENT, e
+            return
+        assert covered > gpa
+        assert r == {"gpa": covered, "size": end - covered}, (r, covered)
+        self.touch(gpa, (covered - gpa) // PAGE, False)
+
+    @precondition(lambda self: any(s.flags & LOG for s in self.slots.values()))
+    @rule(data=st.data())
+    def get_dirty_log(self, data: st.DataObject) -> None:
+        ids = sorted(k for k, s in self.slots.items() if s.flags & LOG)
+        id = data.draw(st.sampled_from(ids), label="id")
+        s = self.slots[id]
+        log = self.vm.apply("get_dirty_log", dict(slot=id))
+        raw = base64.b64decode(log["bitmap"])
+        bits = {i for i in range(s.npages) if raw[i // 8] >> (i % 8) & 1}
+        assert log["dirty_count"] == len(bits)
+        assert s.written <= bits, ("written pages missing from the dirty log",
+                                   sorted(s.written - bits))
+        assert bits <= s.touched, ("untouched pages reported dirty", sorted(bits - s.touched))
+        s.written, s.touched = set(), set()
+
+    # ------------------------------------------------------------------ host
+    @rule(hpage=st.integers(0, HOST_MB * MB // PAGE - 1), off=st.integers(0, PAGE - 1),
+          payload=st.binary(min_size=1, max_size=96))
+    def host_write(self, hpage: int, off: int, payload: bytes) -> None:
+        hva = U + hpage * PAGE + off
+        self.vm.apply("host_write", dict(userspace_addr=hva, data=payload.hex()))
+        self.host_store(hva, payload)
+
+    @rule(hpage=st.integers(0, HOST_MB * MB // PAGE - 1),
+          npages=st.sampled_from([1, 2, 17, 512]))
+    def host_discard(self, hpage: int, npages: int) -> None:
+        hva = U + hpage * PAGE
+        r = self.vm.apply("host_discard", dict(userspace_addr=hva, len=npages * PAGE))
+        self.host_drop(hva, npages * PAGE)
+        if r["zap"] is not None:
+            assert r["zap"]["cause"] == "mmu_notifier"
+
+    @rule(mb2=st.integers(0, HOST_MB // 2 - 2), n2=st.sampled_from([1, 2]),
+          advice=st.sampled_from(["hugepage", "hugepage", "nohugepage"]))
+    def host_advise(self, mb2: int, n2: int, advice: str) -> None:
+        self.vm.apply("host_advise", dict(userspace_addr=U + mb2 * 2 * MB, len=n2 * 2 * MB,
+                                          advice=advice))
+
+    @rule(mb2=st.integers(0, HOST_MB // 2 - 2), n2=st.sampled_from([1, 2]))
+    def host_map_hugetlb(self, mb2: int, n2: int) -> None:
+        hva, n = U + mb2 * 2 * MB, n2 * 2 * MB
+        self.vm.apply("host_map", dict(userspace_addr=hva, len=n, page_size=2 * MB))
+        self.host_drop(hva, n)  # a fresh mapping: new, zeroed pages
+
+    # ------------------------------------------------------------------ zaps
+    @rule(data=st.data(), npages=st.sampled_from([1, 7, 512, 1024]))
+    def zap_range(self, data: st.DataObject, npages: int) -> None:
+        gpa = self.pick_gpa(data)
+        before = self.total_leaves()
+        z = self.vm.apply("zap", dict(scope="range", gpa=gpa, size=npages * PAGE))
+        assert z["path"] == "zap_gfn_range"
+        assert before - z["sptes_zapped_total"] == self.total_leaves()
+
+    @rule()
+    def zap_all(self) -> None:
+        z = self.vm.apply("zap", dict(scope="all", roots="shared"))
+        assert z["path"] == "zap_all_fast"
+        assert self.total_leaves() == 0
+
+    # ------------------------------------------------------------------ invariants
+    @invariant()
+    def audit_clean(self) -> None:
+        if not hasattr(self, "vm"):
+            return
+        a = self.vm.audit()
+        assert a["ok"], a["violations"]
+        s = self.vm.stats()
+        leaves = {"4k": s["pages_4k"], "2m": s["pages_2m"], "1g": s["pages_1g"]}
+        assert leaves == a["checked"]["leaves"]
+
+    @invariant()
+    def layout_matches(self) -> None:
+        if not hasattr(self, "vm"):
+            return
+        got = {m["slot"]: (m["guest_phys_addr"], m["npages"], m["userspace_addr"], m["flags"])
+               for m in self.vm.memslots()}
+        want = {k: (s.gpa, s.npages, s.hva, s.flags) for k, s in self.slots.items()}
+        assert got == want
+
+
+MemoryMachine.TestCase.settings = settings(
+    max_examples=50,
+    stateful_step_count=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestMemoryMachine = MemoryMachine.TestCase
