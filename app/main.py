@@ -46,7 +46,9 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
             from app.services.vms import build_service
 
             svc = app.state.service = build_service(
-                settings.database_url, snapshot_every=settings.snapshot_every
+                settings.database_url,
+                snapshot_every=settings.snapshot_every,
+                page_table_budget_bytes=settings.page_table_budget_bytes,
             )
         await svc.start()
         try:

@@ -39,13 +39,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (test runners swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Idempotent: installs one JSON handler on the `vkmmu` logger tree."""
     logger = logging.getLogger("vkmmu")
     logger.setLevel(level.upper())
-    if not any(getattr(h, "_vkmmu", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
-        handler._vkmmu = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.propagate = False

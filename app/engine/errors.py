@@ -9,12 +9,16 @@ class KvmError(Exception):
     """A rejected call: `errno` is what the ioctl would set, `detail` says which rule."""
 
     def __init__(self, errno: int, detail: str) -> None:
-        super().__init__(f"{_errno.errorcode.get(errno, str(errno))}: {detail}")
         self.errno = errno
         self.detail = detail
+        self.state_changed = False  # a rejection that still changed state, as the kernel does
+        super().__init__(f"{self.errno_name}: {detail}")
 
     @property
     def errno_name(self) -> str:
+        # Python names 95 ENOTSUP; the kernel's uapi and KVM's documentation say EOPNOTSUPP.
+        if self.errno == _errno.EOPNOTSUPP:
+            return "EOPNOTSUPP"
         return _errno.errorcode.get(self.errno, str(self.errno))
 
 

@@ -284,7 +284,7 @@ class Vm:
                 # The kernel restores the old slot; the zap is not undone (§2.1 V21).
                 old.invalid = False
                 self._swap(old.as_id)
-                e.state_changed = True  # type: ignore[attr-defined]
+                e.state_changed = True
                 raise
             space.remove(old.id)
             space.install(new)
@@ -1036,6 +1036,16 @@ class Vm:
         for r in self.mmu.roots.values():
             key = "private" if r.role is RootRole.MIRROR else "shared"
             by_role[key] = [a + b for a, b in zip(by_role[key], r.leaves, strict=True)]
+        if self.has_private_mem and not self.is_tdx:
+            # One root holds both views: guest_memfd pfns are the private leaves (all 4K).
+            priv = 0
+            for r in self.mmu.roots.values():
+                for cur, sl, idx in self.mmu.leaf_iter(r):
+                    if cur.level == 1:
+                        pfns = (sl[idx] & S.U_ADDR) >> S.U_SHIFT
+                        priv += int(np.count_nonzero(pfns >= S.GMEM_PFN_BASE))
+            by_role["private"][1] += priv
+            by_role["shared"][1] -= priv
         for key, v in by_role.items():
             out[f"{key}_pages_4k"], out[f"{key}_pages_2m"], out[f"{key}_pages_1g"] = v[1:4]
         out["zapped_not_refaulted"] = self.zapped.total()

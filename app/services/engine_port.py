@@ -24,13 +24,27 @@ class EnginePort:
     corrupt_snapshot: type[Exception]
 
 
-def default_engine() -> EnginePort:
+def default_engine(page_table_budget_bytes: int | None = None) -> EnginePort:
+    """The real engine; `page_table_budget_bytes` caps each VM's page tables (ENOMEM past it)."""
     from app.engine import codec
+    from app.engine.vm import DEFAULT_TABLE_BUDGET
     from app.engine.vm import Vm as _Vm
 
+    budget = DEFAULT_TABLE_BUDGET
+    if page_table_budget_bytes is not None:
+        budget = max(1, page_table_budget_bytes // 4096)
+
+    def create(**kw: Any) -> Vm:
+        return _Vm.create(**kw, table_budget=budget)
+
+    def loads(data: bytes) -> Vm:
+        vm = codec.loads(data)
+        vm.table_budget = budget  # the service's setting, not the one at snapshot time
+        return vm
+
     return EnginePort(
-        create=_Vm.create,
+        create=create,
         dumps=codec.dumps,
-        loads=codec.loads,
+        loads=loads,
         corrupt_snapshot=codec.CorruptSnapshot,
     )

@@ -749,7 +749,16 @@ class VmService:
 
 
 def build_service(
-    database_url: str, *, snapshot_every: int = 1000, run_migrations: bool = True
+    database_url: str,
+    *,
+    snapshot_every: int = 1000,
+    run_migrations: bool = True,
+    page_table_budget_bytes: int | None = None,
 ) -> VmService:
     """A service on `database_url`; `start()` upgrades the schema first when `run_migrations`."""
-    return VmService(database_url, snapshot_every=snapshot_every, run_migrations=run_migrations)
+    return VmService(
+        database_url,
+        snapshot_every=snapshot_every,
+        run_migrations=run_migrations,
+        engine=default_engine(page_table_budget_bytes),
+    )

@@ -280,3 +280,18 @@ async def test_service_limit_is_enomem_507(client: httpx.AsyncClient, swp: str) 
     )
     assert body["status"] == 507
     assert await state(client, swp) == before
+
+
+async def test_tdx_state(client: httpx.AsyncClient, td: str, vm: str) -> None:
+    fd = await gmem(client, td)
+    await gmem_slot(client, td, fd)
+    ok(
+        await client.post(
+            f"/v1/vms/{td}/memory-attributes",
+            json={"address": 0, "size": 4 * MiB, "attributes": [PRIVATE]},
+        )
+    )
+    ok(await client.post(f"/v1/vms/{td}/vcpus/0/accept", json={"gpa": 0, "size": 4096}))
+    tdx = ok(await client.get(f"/v1/vms/{td}/tdx"))
+    assert isinstance(tdx["ops"], dict) and tdx["ops"]
+    assert_errno(await client.get(f"/v1/vms/{vm}/tdx"), errno.EINVAL)

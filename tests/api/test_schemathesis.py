@@ -7,6 +7,7 @@ bodies reach the engine instead of stopping at 404.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -22,9 +23,8 @@ from app.main import create_app
 # The app is built at import (cheap: its database is opened only when the lifespan starts,
 # at the first call); the schema comes from the app itself, as `make openapi` writes it.
 _DB_DIR = tempfile.mkdtemp(prefix="vkmmu-fuzz-")
-APP = create_app(
-    Settings(database_url=f"sqlite+aiosqlite:///{_DB_DIR}/vkmmu.db", log_level="WARNING")
-)
+atexit.register(shutil.rmtree, _DB_DIR, True)  # also when the test is deselected
+APP = create_app(Settings(database_url=f"sqlite+aiosqlite:///{_DB_DIR}/vkmmu.db"))
 schema = schemathesis.openapi.from_dict(APP.openapi())
 schema.app = APP
 VMS: dict[str, str] = {}
@@ -47,7 +47,6 @@ def vms() -> Iterator[dict[str, str]]:
         assert r.status_code == 201, r.text
     yield VMS
     asgi.shutdown_lifespans()
-    shutil.rmtree(_DB_DIR, ignore_errors=True)
 
 
 @schema.parametrize()

@@ -18,12 +18,20 @@ KB4, MB, GB = 1 << 12, 1 << 20, 1 << 30
 OPS: list[tuple[str, dict]] = [
     ("enable_cap", dict(cap="KVM_CAP_DISABLE_QUIRKS2", args=[0x80, 0, 0, 0])),
     ("host_advise", dict(userspace_addr=U + GB, len=4 * MB, advice="hugepage")),
-    ("set_user_memory_region", dict(slot=0, flags=0, guest_phys_addr=0, memory_size=4 * MB,
-                                    userspace_addr=U)),
-    ("set_user_memory_region", dict(slot=1, flags=0, guest_phys_addr=GB, memory_size=6 * MB,
-                                    userspace_addr=U + GB)),
-    ("set_user_memory_region", dict(slot=2, flags=1, guest_phys_addr=2 * GB, memory_size=2 * MB,
-                                    userspace_addr=U + 2 * GB)),
+    (
+        "set_user_memory_region",
+        dict(slot=0, flags=0, guest_phys_addr=0, memory_size=4 * MB, userspace_addr=U),
+    ),
+    (
+        "set_user_memory_region",
+        dict(slot=1, flags=0, guest_phys_addr=GB, memory_size=6 * MB, userspace_addr=U + GB),
+    ),
+    (
+        "set_user_memory_region",
+        dict(
+            slot=2, flags=1, guest_phys_addr=2 * GB, memory_size=2 * MB, userspace_addr=U + 2 * GB
+        ),
+    ),
     ("access", dict(vcpu=0, gpa=0, size=4 * MB, access="write")),
     ("access", dict(vcpu=1, gpa=GB, size=6 * MB, access="read")),
     ("access", dict(vcpu=0, gpa=2 * GB, size=MB, access="write")),
@@ -32,8 +40,10 @@ OPS: list[tuple[str, dict]] = [
     ("host_write", dict(userspace_addr=U + GB + 0x40, data="feedface")),
     ("host_discard", dict(userspace_addr=U + 0x8000, len=2 * KB4)),
     ("get_dirty_log", dict(slot=2)),
-    ("set_user_memory_region", dict(slot=0, flags=0, guest_phys_addr=64 * MB,
-                                    memory_size=4 * MB, userspace_addr=U)),
+    (
+        "set_user_memory_region",
+        dict(slot=0, flags=0, guest_phys_addr=64 * MB, memory_size=4 * MB, userspace_addr=U),
+    ),
 ]
 
 
@@ -76,8 +86,10 @@ def test_loaded_vm_behaves_like_the_original() -> None:
     more = [
         ("load", dict(vcpu=0, gpa=64 * MB + 0x1230, len=10)),
         ("access", dict(vcpu=1, gpa=64 * MB, size=4 * MB, access="write")),
-        ("set_user_memory_region", dict(slot=1, flags=0, guest_phys_addr=0, memory_size=0,
-                                        userspace_addr=0)),
+        (
+            "set_user_memory_region",
+            dict(slot=1, flags=0, guest_phys_addr=0, memory_size=0, userspace_addr=0),
+        ),
         ("get_dirty_log", dict(slot=2)),
     ]
     for i, (op, args) in enumerate(more):
@@ -121,9 +133,16 @@ def test_a_fresh_vm_without_page_tables_round_trips(vm_type: int, vcpus: int, le
 
 
 def test_a_vm_whose_tables_were_all_freed_round_trips() -> None:
-    vm = build(OPS[2:3] + [("access", dict(vcpu=0, gpa=0, size=MB, access="write")),
-                           ("set_user_memory_region", dict(slot=0, flags=0, guest_phys_addr=0,
-                                                           memory_size=0, userspace_addr=0))])
+    vm = build(
+        OPS[2:3]
+        + [
+            ("access", dict(vcpu=0, gpa=0, size=MB, access="write")),
+            (
+                "set_user_memory_region",
+                dict(slot=0, flags=0, guest_phys_addr=0, memory_size=0, userspace_addr=0),
+            ),
+        ]
+    )
     assert vm.stats()["page_tables"] == 0  # zap all freed every table
     back = codec.loads(codec.dumps(vm))
     assert views(back) == views(vm)
@@ -161,4 +180,4 @@ def test_trailing_garbage_is_rejected() -> None:
 
 def test_not_a_snapshot_is_rejected() -> None:
     with pytest.raises(codec.CorruptSnapshot):
-        codec.loads(b"{\"vm_type\": 0}" * 8)
+        codec.loads(b'{"vm_type": 0}' * 8)

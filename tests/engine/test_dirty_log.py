@@ -72,16 +72,16 @@ def check(vm: Vm) -> None:
     a = vm.audit()
     assert a["ok"], a["violations"]
     s = vm.stats()
-    assert {"4k": s["pages_4k"], "2m": s["pages_2m"], "1g": s["pages_1g"]} == a["checked"][
-        "leaves"
-    ]
+    assert {"4k": s["pages_4k"], "2m": s["pages_2m"], "1g": s["pages_1g"]} == a["checked"]["leaves"]
 
 
 def huge_vm(manual: int = 0) -> Vm:
     """slot 0 = [0, 4M) on THP, fully written: two 2M leaves, three tables."""
     vm = Vm.create(0, 1)
     if manual:
-        vm.apply("enable_cap", dict(cap="KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", args=[manual, 0, 0, 0]))
+        vm.apply(
+            "enable_cap", dict(cap="KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", args=[manual, 0, 0, 0])
+        )
     vm.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
     region(vm, 0, 0, 4 * MB, U)
     access(vm, 0, 4 * MB)

@@ -61,9 +61,7 @@ def check(vm: Vm) -> None:
     a = vm.audit()
     assert a["ok"], a["violations"]
     s = vm.stats()
-    assert {"4k": s["pages_4k"], "2m": s["pages_2m"], "1g": s["pages_1g"]} == a["checked"][
-        "leaves"
-    ]
+    assert {"4k": s["pages_4k"], "2m": s["pages_2m"], "1g": s["pages_1g"]} == a["checked"]["leaves"]
 
 
 def layout(vm_type: int = DEFAULT, quirk: bool = True) -> Vm:
@@ -98,8 +96,9 @@ def change(op: str, vm: Vm, slot: int) -> dict:
     if op == "delete":
         return delete(vm, slot)
     s = vm.memslot(slot)
-    return region(vm, slot, s["guest_phys_addr"] + 64 * GB, s["memory_size"],
-                  s["userspace_addr"], s["flags"])
+    return region(
+        vm, slot, s["guest_phys_addr"] + 64 * GB, s["memory_size"], s["userspace_addr"], s["flags"]
+    )
 
 
 # =========================================================================== zap all
@@ -116,7 +115,10 @@ def test_zap_all_fast_drops_every_spte_of_the_vm(op: str) -> None:
     assert z["roots_invalidated"] == 1
     # Every leaf of the VM, slot 0 included, not just the slot's.
     assert (z["sptes_zapped"]["4k"], z["sptes_zapped"]["2m"], z["sptes_zapped"]["1g"]) == (
-        1536, 2, 0)
+        1536,
+        2,
+        0,
+    )
     assert z["sptes_zapped_total"] == 1538
     # No remote TLB flush with only the TDP MMU (§4.3): vCPUs flush locally on the new root.
     assert z["tlb_flushes"] == 0
@@ -231,7 +233,10 @@ def test_zap_slot_leafs_zaps_only_the_slot(vm_type: int, quirk: bool, op: str) -
     assert z["path"] == "zap_slot_leafs"
     assert z["cause"] == f"memslot_{op}"
     assert (z["sptes_zapped"]["4k"], z["sptes_zapped"]["2m"], z["sptes_zapped"]["1g"]) == (
-        512, 2, 0)
+        512,
+        2,
+        0,
+    )
     assert z["sptes_zapped_total"] == 514
     assert (z["gfn_start"], z["gfn_end"]) == (GB >> 12, (GB + 6 * MB) >> 12)
     assert z["roots_invalidated"] == 0
@@ -353,8 +358,9 @@ def test_moved_slot_shows_the_same_host_bytes_at_the_new_gpa(vm_type: int, quirk
     assert load(vm, 8 * GB + 3 * MB + 8, 8) == {"data": b"huge-one".hex()}
     assert load(vm, 8 * GB + 5 * MB, 9, vcpu=1) == {"data": b"small-one".hex()}
     old = load(vm, GB + 3 * MB + 8, 8)
-    assert old == {"exit": {"reason": "KVM_EXIT_MMIO", "gpa": GB + 3 * MB + 8, "len": 8,
-                            "is_write": False}}
+    assert old == {
+        "exit": {"reason": "KVM_EXIT_MMIO", "gpa": GB + 3 * MB + 8, "len": 8, "is_write": False}
+    }
     assert load(vm, 0x1234, 9) == {"data": b"slot-zero".hex()}
     # Host writes after the move are seen at the new GPA.
     vm.apply("host_write", dict(userspace_addr=U + GB + 0x10, data="abcdef"))
@@ -373,8 +379,7 @@ def test_deleted_gpa_exits_and_a_new_slot_there_never_shows_stale_bytes(
     delete(vm, 1)
     assert load(vm, 0x2000, 4)["exit"]["reason"] == "KVM_EXIT_MMIO"
     st = store(vm, GB + 0x10, b"x")
-    assert st == {"exit": {"reason": "KVM_EXIT_MMIO", "gpa": GB + 0x10, "len": 1,
-                           "is_write": True}}
+    assert st == {"exit": {"reason": "KVM_EXIT_MMIO", "gpa": GB + 0x10, "len": 1, "is_write": True}}
     # The host memory itself is untouched by a memslot delete.
     assert vm.host_read(U + 0x2000, 9) == {"data": b"old-bytes".hex()}
     # New slots over the old GPAs, backed by other host memory: their bytes, not the old ones.
@@ -419,7 +424,11 @@ def test_explicit_zap_all_is_the_fast_zap() -> None:
     vm = layout()
     z = vm.apply("zap", dict(scope="all", roots="shared"))
     assert (z["cause"], z["path"], z["roots_invalidated"], z["tlb_flushes"]) == (
-        "explicit", "zap_all_fast", 1, 0)
+        "explicit",
+        "zap_all_fast",
+        1,
+        0,
+    )
     assert z["sptes_zapped_total"] == 1538
     assert pages(vm) == (0, 0, 0)
     check(vm)

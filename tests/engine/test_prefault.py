@@ -40,9 +40,7 @@ def check(vm: Vm) -> None:
     a = vm.audit()
     assert a["ok"], a["violations"]
     s = vm.stats()
-    assert {"4k": s["pages_4k"], "2m": s["pages_2m"], "1g": s["pages_1g"]} == a["checked"][
-        "leaves"
-    ]
+    assert {"4k": s["pages_4k"], "2m": s["pages_2m"], "1g": s["pages_1g"]} == a["checked"]["leaves"]
 
 
 @pytest.fixture

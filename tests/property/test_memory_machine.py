@@ -58,15 +58,21 @@ class SlotM:
 slot_gpas = st.one_of(
     st.integers(0, GPA_MB // 2 - 3).map(lambda n: n * 2 * MB),
     st.integers(0, GPA_MB // 2 - 3).map(lambda n: n * 2 * MB),
-    st.builds(lambda mb, extra: mb * MB + extra * PAGE, st.integers(0, GPA_MB - 5),
-              st.sampled_from([0, 1, 256])),
+    st.builds(
+        lambda mb, extra: mb * MB + extra * PAGE,
+        st.integers(0, GPA_MB - 5),
+        st.sampled_from([0, 1, 256]),
+    ),
 )
 slot_pages = st.sampled_from([1, 16, 256, 512, 512, 768, 1024, 1024])
 slot_hvas = st.one_of(
     st.integers(0, HOST_MB // 2 - 3).map(lambda n: U + n * 2 * MB),
     st.integers(0, HOST_MB // 2 - 3).map(lambda n: U + n * 2 * MB),
-    st.builds(lambda mb, extra: U + mb * MB + extra * PAGE, st.integers(0, HOST_MB - 5),
-              st.sampled_from([0, 1])),
+    st.builds(
+        lambda mb, extra: U + mb * MB + extra * PAGE,
+        st.integers(0, HOST_MB - 5),
+        st.sampled_from([0, 1]),
+    ),
 )
 slot_flags = st.sampled_from([0, 0, 0, LOG, RO, RO | LOG])
 kinds = st.sampled_from(["read", "write", "exec"])
@@ -74,8 +80,12 @@ kinds = st.sampled_from(["read", "write", "exec"])
 
 class MemoryMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ setup / model
-    @initialize(vm_type=st.sampled_from([0, 1]), quirk_disabled=st.booleans(),
-                thp=st.booleans(), data=st.data())
+    @initialize(
+        vm_type=st.sampled_from([0, 1]),
+        quirk_disabled=st.booleans(),
+        thp=st.booleans(),
+        data=st.data(),
+    )
     def setup(self, vm_type: int, quirk_disabled: bool, thp: bool, data: st.DataObject) -> None:
         self.vm = Vm.create(vm_type, 2)
         self.vm_type = vm_type
@@ -88,8 +98,13 @@ class MemoryMachine(RuleBasedStateMachine):
         self.mem: dict[int, bytes] = {}  # host page number -> contents (absent = zeroes)
         # Start with a few slots so that every sequence has memory to work on.
         for id in IDS[: data.draw(st.integers(1, 3), label="initial_slots")]:
-            self.create_slot(id, data.draw(slot_gpas), data.draw(slot_pages),
-                             data.draw(slot_hvas), data.draw(slot_flags))
+            self.create_slot(
+                id,
+                data.draw(slot_gpas),
+                data.draw(slot_pages),
+                data.draw(slot_hvas),
+                data.draw(slot_flags),
+            )
         # ... and with memory mapped, so that the first zap has something to zap.
         for id, slot in sorted(self.slots.items()):
             self.do_access(slot.gpa, slot.npages, data.draw(kinds), id % 2)
@@ -134,8 +149,13 @@ class MemoryMachine(RuleBasedStateMachine):
     def region(self, id: int, gpa: int, npages: int, hva: int, flags: int) -> dict:
         return self.vm.apply(
             "set_user_memory_region",
-            dict(slot=id, flags=flags, guest_phys_addr=gpa, memory_size=npages * PAGE,
-                 userspace_addr=hva),
+            dict(
+                slot=id,
+                flags=flags,
+                guest_phys_addr=gpa,
+                memory_size=npages * PAGE,
+                userspace_addr=hva,
+            ),
         )
 
     def pick_gpa(self, data: st.DataObject, span: int = PAGE) -> int:
@@ -164,8 +184,9 @@ class MemoryMachine(RuleBasedStateMachine):
         return None
 
     # ------------------------------------------------------------------ memslots
-    @rule(id=st.sampled_from(IDS), gpa=slot_gpas, npages=slot_pages, hva=slot_hvas,
-          flags=slot_flags)
+    @rule(
+        id=st.sampled_from(IDS), gpa=slot_gpas, npages=slot_pages, hva=slot_hvas, flags=slot_flags
+    )
     def create_slot(self, id: int, gpa: int, npages: int, hva: int, flags: int) -> None:
         if id in self.slots:
             return
@@ -256,8 +277,9 @@ class MemoryMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.quirk)
     @rule()
     def disable_quirk(self) -> None:
-        self.vm.apply("enable_cap", dict(cap="KVM_CAP_DISABLE_QUIRKS2",
-                                         args=[QUIRK_SLOT_ZAP_ALL, 0, 0, 0]))
+        self.vm.apply(
+            "enable_cap", dict(cap="KVM_CAP_DISABLE_QUIRKS2", args=[QUIRK_SLOT_ZAP_ALL, 0, 0, 0])
+        )
         self.quirk = False
 
     # ------------------------------------------------------------------ guest
@@ -274,20 +296,29 @@ class MemoryMachine(RuleBasedStateMachine):
             assert (r["exit"]["gpa"], r["exit"]["is_write"]) == (ex[1], write)
             self.touch(gpa, ex[0], write)
 
-    @rule(data=st.data(), npages=st.sampled_from([1, 3, 64, 512, 1024]), kind=kinds,
-          vcpu=st.sampled_from([0, 1]))
+    @rule(
+        data=st.data(),
+        npages=st.sampled_from([1, 3, 64, 512, 1024]),
+        kind=kinds,
+        vcpu=st.sampled_from([0, 1]),
+    )
     def access(self, data: st.DataObject, npages: int, kind: str, vcpu: int) -> None:
         self.do_access(self.pick_gpa(data), npages, kind, vcpu)
 
-    @rule(data=st.data(), payload=st.binary(min_size=1, max_size=64),
-          vcpu=st.sampled_from([0, 1]))
+    @rule(data=st.data(), payload=st.binary(min_size=1, max_size=64), vcpu=st.sampled_from([0, 1]))
     def store(self, data: st.DataObject, payload: bytes, vcpu: int) -> None:
         gpa = self.pick_gpa(data) + data.draw(st.integers(0, PAGE - len(payload)), label="off")
         r = self.vm.apply("store", dict(vcpu=vcpu, gpa=gpa, data=payload.hex()))
         s = self.slot_at(gpa)
         if s is None or s.flags & RO:
-            assert r == {"exit": {"reason": "KVM_EXIT_MMIO", "gpa": gpa,
-                                  "len": min(len(payload), 8), "is_write": True}}, r
+            assert r == {
+                "exit": {
+                    "reason": "KVM_EXIT_MMIO",
+                    "gpa": gpa,
+                    "len": min(len(payload), 8),
+                    "is_write": True,
+                }
+            }, r
             return
         assert r == {}, r
         self.host_store(s.hva + (gpa - s.gpa), payload)
@@ -299,8 +330,9 @@ class MemoryMachine(RuleBasedStateMachine):
         r = self.vm.apply("load", dict(vcpu=vcpu, gpa=gpa, len=n))
         s = self.slot_at(gpa)
         if s is None:
-            assert r == {"exit": {"reason": "KVM_EXIT_MMIO", "gpa": gpa, "len": min(n, 8),
-                                  "is_write": False}}, r
+            assert r == {
+                "exit": {"reason": "KVM_EXIT_MMIO", "gpa": gpa, "len": min(n, 8), "is_write": False}
+            }, r
             return
         assert r == {"data": self.host_bytes(s.hva + (gpa - s.gpa), n).hex()}, (r, gpa)
         self.touch(gpa & ~(PAGE - 1), 1, False)
@@ -331,21 +363,25 @@ class MemoryMachine(RuleBasedStateMachine):
         raw = base64.b64decode(log["bitmap"])
         bits = {i for i in range(s.npages) if raw[i // 8] >> (i % 8) & 1}
         assert log["dirty_count"] == len(bits)
-        assert s.written <= bits, ("written pages missing from the dirty log",
-                                   sorted(s.written - bits))
+        assert s.written <= bits, (
+            "written pages missing from the dirty log",
+            sorted(s.written - bits),
+        )
         assert bits <= s.touched, ("untouched pages reported dirty", sorted(bits - s.touched))
         s.written, s.touched = set(), set()
 
     # ------------------------------------------------------------------ host
-    @rule(hpage=st.integers(0, HOST_MB * MB // PAGE - 1), off=st.integers(0, PAGE - 1),
-          payload=st.binary(min_size=1, max_size=96))
+    @rule(
+        hpage=st.integers(0, HOST_MB * MB // PAGE - 1),
+        off=st.integers(0, PAGE - 1),
+        payload=st.binary(min_size=1, max_size=96),
+    )
     def host_write(self, hpage: int, off: int, payload: bytes) -> None:
         hva = U + hpage * PAGE + off
         self.vm.apply("host_write", dict(userspace_addr=hva, data=payload.hex()))
         self.host_store(hva, payload)
 
-    @rule(hpage=st.integers(0, HOST_MB * MB // PAGE - 1),
-          npages=st.sampled_from([1, 2, 17, 512]))
+    @rule(hpage=st.integers(0, HOST_MB * MB // PAGE - 1), npages=st.sampled_from([1, 2, 17, 512]))
     def host_discard(self, hpage: int, npages: int) -> None:
         hva = U + hpage * PAGE
         r = self.vm.apply("host_discard", dict(userspace_addr=hva, len=npages * PAGE))
@@ -353,11 +389,15 @@ class MemoryMachine(RuleBasedStateMachine):
         if r["zap"] is not None:
             assert r["zap"]["cause"] == "mmu_notifier"
 
-    @rule(mb2=st.integers(0, HOST_MB // 2 - 2), n2=st.sampled_from([1, 2]),
-          advice=st.sampled_from(["hugepage", "hugepage", "nohugepage"]))
+    @rule(
+        mb2=st.integers(0, HOST_MB // 2 - 2),
+        n2=st.sampled_from([1, 2]),
+        advice=st.sampled_from(["hugepage", "hugepage", "nohugepage"]),
+    )
     def host_advise(self, mb2: int, n2: int, advice: str) -> None:
-        self.vm.apply("host_advise", dict(userspace_addr=U + mb2 * 2 * MB, len=n2 * 2 * MB,
-                                          advice=advice))
+        self.vm.apply(
+            "host_advise", dict(userspace_addr=U + mb2 * 2 * MB, len=n2 * 2 * MB, advice=advice)
+        )
 
     @rule(mb2=st.integers(0, HOST_MB // 2 - 2), n2=st.sampled_from([1, 2]))
     def host_map_hugetlb(self, mb2: int, n2: int) -> None:
@@ -395,8 +435,10 @@ class MemoryMachine(RuleBasedStateMachine):
     def layout_matches(self) -> None:
         if not hasattr(self, "vm"):
             return
-        got = {m["slot"]: (m["guest_phys_addr"], m["npages"], m["userspace_addr"], m["flags"])
-               for m in self.vm.memslots()}
+        got = {
+            m["slot"]: (m["guest_phys_addr"], m["npages"], m["userspace_addr"], m["flags"])
+            for m in self.vm.memslots()
+        }
         want = {k: (s.gpa, s.npages, s.hva, s.flags) for k, s in self.slots.items()}
         assert got == want
 

@@ -78,3 +78,13 @@ async def get_stats(vm: VmId, service: ServiceDep, response: Response) -> dict[s
 )
 async def audit(vm: VmId, service: ServiceDep, response: Response) -> Audit:
     return Audit.model_validate(await query(service, vm, lambda v: v.audit(), response))
+
+
+@router.get(
+    "/tdx",
+    summary="A TD's modelled TDX module state: S-EPT, SEAMCALL-like operation counts, accepts",
+    description="EINVAL (400) for a VM that is not a TD.",
+    responses=responses(R_KVM, R_NOT_FOUND),
+)
+async def get_tdx_state(vm: VmId, service: ServiceDep, response: Response) -> Open:
+    return Open.model_validate(await query(service, vm, lambda v: v.tdx_state(), response))
