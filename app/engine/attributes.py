@@ -11,7 +11,7 @@ from bisect import bisect_left, bisect_right
 import numpy as np
 
 from . import uapi
-from .errors import einval
+from .errors import check_u64, einval
 from .intervals import IntervalSet
 
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -25,12 +25,6 @@ def supported_attributes(vm_type: int | None) -> int:
     return 0
 
 
-def _u64(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= uapi.U64_MASK:
-        raise einval(f"{name} does not fit a u64: {value!r}")
-    return value
-
-
 class MemoryAttributes:
     def __init__(self) -> None:
         self.private = IntervalSet()  # GFN ranges with KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -39,10 +33,10 @@ class MemoryAttributes:
         self, address: object, size: object, attributes: object, flags: object, *, vm_type: int
     ) -> tuple[int, int]:
         """The ioctl's argument rules in kernel order; returns the GFN range [start, end)."""
-        address = _u64(address, "address")
-        size = _u64(size, "size")
-        attributes = _u64(attributes, "attributes")
-        flags = _u64(flags, "flags")
+        address = check_u64(address, "address")
+        size = check_u64(size, "size")
+        attributes = check_u64(attributes, "attributes")
+        flags = check_u64(flags, "flags")
         if flags:
             raise einval("flags must be 0")
         if attributes & ~supported_attributes(vm_type):

@@ -183,6 +183,7 @@ def _check_leaves(
         if (
             level > 1
             and slot.flags & KVM_MEM_LOG_DIRTY_PAGES
+            and not slot.flags & KVM_MEM_READONLY  # never dirtied: its huge leaves stay
             and not vm.manual_dirty_log & KVM_DIRTY_LOG_INITIALLY_SET
         ):
             bad("no_huge_while_logging", "a huge leaf in a dirty-logging slot", gfn=g)

@@ -19,6 +19,7 @@ from . import uapi
 from .errors import KvmError, einval
 from .paging import span
 from .roots import Root, RootRole, ZapAcc
+from .zap import flush_tlbs, record, running_vcpus
 
 if TYPE_CHECKING:
     from .memslots import Memslot
@@ -99,8 +100,9 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
         for root in _direct_roots(vm, new.as_id):
             split += split_huge(vm, root, new.base_gfn, new.end_gfn)
             wp += write_protect(vm, root, new.base_gfn, new.end_gfn)
-        flushes = vm._flush_tlbs()  # unconditional on enable (§3.4 d)
-        ev = vm._record(
+        flushes = flush_tlbs(vm)  # unconditional on enable (§3.4 d)
+        ev = record(
+            vm,
             "dirty_log",
             "enable_dirty_logging",
             new.base_gfn,
@@ -108,7 +110,7 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
             acc,
             0,
             flushes,
-            vm._running_vcpus(),
+            running_vcpus(vm),
             t0,
         )
         ev.update(huge_pages_split=split, sptes_write_protected=wp)
@@ -117,8 +119,9 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
     recovered = 0
     for root in _direct_roots(vm, new.as_id):
         recovered += recover_huge_pages(vm, root, new, acc)
-    flushes = vm._flush_tlbs() if recovered else 0
-    ev = vm._record(
+    flushes = flush_tlbs(vm) if recovered else 0
+    ev = record(
+        vm,
         "dirty_log",
         "recover_huge_pages",
         new.base_gfn,
@@ -126,7 +129,7 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
         acc,
         0,
         flushes,
-        vm._running_vcpus() if flushes else 0,
+        running_vcpus(vm) if flushes else 0,
         t0,
     )
     ev.update(huge_pages_recovered=recovered)
@@ -205,7 +208,7 @@ def get_dirty_log(vm: Vm, slot: object) -> dict:
     wp = 0
     for root in _direct_roots(vm, s.as_id):
         wp += write_protect(vm, root, s.base_gfn, s.end_gfn, harvested, s.base_gfn)
-    vm._flush_tlbs()
+    flush_tlbs(vm)
     out["sptes_write_protected"] = wp
     return out
 
@@ -248,5 +251,5 @@ def clear_dirty_log(
         if vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
             split_huge(vm, root, s.base_gfn + fp, s.base_gfn + fp + np_)
         wp += write_protect(vm, root, s.base_gfn, s.end_gfn, mask, s.base_gfn)
-    vm._flush_tlbs()
+    flush_tlbs(vm)
     return {"cleared": int(np.count_nonzero(mask)), "sptes_write_protected": wp}

@@ -24,3 +24,10 @@ class KvmError(Exception):
 
 def einval(detail: str) -> KvmError:
     return KvmError(_errno.EINVAL, detail)
+
+
+def check_u64(value: object, name: str) -> int:
+    """An argument that must fit a __u64 field (JSON can say anything)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= (1 << 64) - 1:
+        raise einval(f"{name} must be an integer in [0, 2**64): {value!r}")
+    return value

@@ -26,6 +26,7 @@ from .uapi import (
     PAGE_SIZE,
     ExitReason,
 )
+from .zap import account_fault_zaps
 
 if TYPE_CHECKING:
     from .gmem import GmemFile
@@ -153,7 +154,7 @@ class FaultPath:
         except Exit as e:
             self.res.exit = e.info
         finally:
-            self.vm._account_fault_zaps(self.acc)
+            account_fault_zaps(self.vm, self.acc)
         return self.res
 
     def chunk(self, pos: int, end: int, byte_end: int, private_hint: bool | None) -> int:

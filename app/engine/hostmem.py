@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
+from .errors import einval
 from .intervals import IntervalSet
 from .uapi import PAGE_SHIFT, PAGE_SIZE
 
@@ -85,9 +86,24 @@ class HostMemory:
         self.touch(hva >> PAGE_SHIFT, (hva + len(data) + PAGE_SIZE - 1) >> PAGE_SHIFT)
 
     def touch(self, first: int, end: int) -> None:
-        """Pages faulted in again after a discard are new, populated pages."""
+        """Pages faulted in again after a discard are new, populated pages; a huge host page
+        (THP, hugetlbfs) is populated whole."""
         if len(self.freed):
+            lo = self.mapping_level(first)
+            hi = self.mapping_level(end - 1)
+            first &= ~((1 << (9 * (lo - 1))) - 1)
+            n = 1 << (9 * (hi - 1))
+            end = -(-end // n) * n
             self.freed.remove(first, end)
+
+    def check_discard(self, first: int, end: int) -> None:
+        """madvise(MADV_DONTNEED) on hugetlbfs must cover whole huge pages (EINVAL)."""
+        for s, e, lv, kind in self._runs:
+            if kind != "hugetlb" or e <= first or s >= end:
+                continue
+            n = 1 << (9 * (lv - 1))
+            if (max(first, s) - s) % n or (min(end, e) - s) % n:
+                raise einval("MADV_DONTNEED on hugetlbfs needs whole huge pages")
 
     def discard(self, first: int, end: int) -> int:
         """MADV_DONTNEED: drop contents, mark freed; returns pages that held data."""
@@ -101,4 +117,17 @@ class HostMemory:
                 if self.contents.pop(page, None) is not None:
                     dropped += 1
         self.freed.add(first, end)
+        self._split_thp(first, end)
         return dropped
+
+    def _split_thp(self, first: int, end: int) -> None:
+        """Discarding part of a transparent huge page splits it: that 2M region is mapped
+        with 4K pages from now on (a wholly discarded one may be a THP again)."""
+        n = 512
+        for s, e, _lv, kind in list(self._runs):
+            if kind != "thp" or e <= first or s >= end:
+                continue
+            for edge in {first, end}:
+                region = edge & ~(n - 1)
+                if s <= region < e and region < edge < region + n:
+                    self.set_page_size(region, region + n, 1, "thp")

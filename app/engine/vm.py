@@ -18,7 +18,7 @@ from . import capabilities as caps
 from . import spte as S
 from . import uapi
 from .attributes import MemoryAttributes
-from .errors import KvmError, einval
+from .errors import KvmError, check_u64, einval
 from .faults import ACCESS_KINDS, FaultPath, check_access_range, memory_fault_exit
 from .gmem import GmemFile, GmemTable
 from .hostmem import LEVEL_OF_SIZE, HostMemory
@@ -31,46 +31,24 @@ from .memslots import (
     check_arch_prepare,
     check_region,
 )
-from .paging import span, walk
+from .paging import span
 from .roots import Mmu, Root, RootRole, ZapAcc
+from .stats import KVM_STAT_NAMES, VCPU_STAT_NAMES, stats_view
 from .tdx import TdxState
 from .uapi import PAGE_SHIFT, PAGE_SIZE, VmType
+from .zap import (
+    destroy,
+    explicit_zap,
+    flush_memslot,
+    gmem_invalidate,
+    notifier_invalidate,
+    zap_all_fast,
+    zap_gfn_range,
+)
 
-KVM_STAT_NAMES = (
-    "remote_tlb_flush",
-    "remote_tlb_flush_requests",
-    "mmu_shadow_zapped",
-    "mmu_pte_write",
-    "mmu_pde_zapped",
-    "mmu_flooded",
-    "mmu_recycled",
-    "mmu_cache_miss",
-    "mmu_unsync",
-    "pages_4k",
-    "pages_2m",
-    "pages_1g",
-    "nx_lpage_splits",
-    "max_mmu_rmap_size",
-    "max_mmu_page_hash_collisions",
-)
-VCPU_STAT_NAMES = (
-    "pf_taken",
-    "pf_fixed",
-    "pf_fast",
-    "pf_spurious",
-    "pf_mmio_spte_created",
-    "pf_emulate",
-    "root_reloads",
-)
 ZAP_POLICIES = ("kvm", "zap_all_shared_only")
 MAX_ACCESS_BYTES = 1 << 40  # one call may touch at most 1 TiB
 DEFAULT_TABLE_BUDGET = 1 << 20  # page-table pages per VM (4 GiB of tables)
-
-
-def _u64(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= uapi.U64_MASK:
-        raise einval(f"{name} must be an integer in [0, 2**64): {value!r}")
-    return value
 
 
 def _hex_bytes(value: object, name: str = "data") -> bytes:
@@ -273,7 +251,7 @@ class Vm:
         old.invalid = True
         self._swap(old.as_id)
         cause = "memslot_delete" if kind is ChangeKind.DELETE else "memslot_move"
-        zap = self._flush_memslot(old, cause)
+        zap = flush_memslot(self, old, cause)
         if kind is ChangeKind.MOVE:
             assert new is not None
             try:
@@ -342,172 +320,9 @@ class Vm:
         gen = space.generation & ~(self.nr_as - 1) & ((1 << 19) - 1)
         if gen == 0:
             self.stats_extra["memslot_generation_wraps"] += 1
-            self._zap_all_fast("mmio_gen_wrap", 0, self.max_gfn + 1)
+            zap_all_fast(self, "mmio_gen_wrap", 0, self.max_gfn + 1)
 
     # ------------------------------------------------------------------ zapping
-    def _flush_memslot(self, slot: Memslot, cause: str) -> dict:
-        """kvm_arch_flush_shadow_memslot: the SLOT_ZAP_ALL quirk decides (§4.1)."""
-        if self.zap_policy == "zap_all_shared_only":
-            return self._zap_all_fast(cause, slot.base_gfn, slot.end_gfn, experiment=True)
-        if self.vm_type == VmType.KVM_X86_DEFAULT_VM and self.quirk_zap_all:
-            return self._zap_all_fast(cause, slot.base_gfn, slot.end_gfn)
-        return self._zap_slot_leafs(slot, cause)
-
-    def _running_vcpus(self) -> int:
-        return sum(1 for v in self.vcpus.values() if v.running)
-
-    def _flush_tlbs(self) -> int:
-        """kvm_flush_remote_tlbs: a request always; an IPI only if a vCPU is in the guest."""
-        self.stats_kvm["remote_tlb_flush_requests"] += 1
-        if self._running_vcpus():
-            self.stats_kvm["remote_tlb_flush"] += 1
-        if self.tdx is not None:
-            self.tdx.epoch += 1
-            self.tdx._op("TDH.MEM.TRACK", 0, 0)
-        return 1
-
-    def _zap_all_fast(
-        self, cause: str, gfn_start: int, gfn_end: int, experiment: bool = False
-    ) -> dict:
-        """kvm_mmu_zap_all_fast: invalidate every direct root; vCPUs load new ones (§4.3, §5).
-
-        Mirror roots are never touched. With only the TDP MMU there is no remote flush: each
-        vCPU flushes locally when it switches to its new root.
-        """
-        t0 = time.perf_counter()
-        acc = ZapAcc()
-        invalidated = 0
-        self.mmu.mmu_valid_gen ^= 1
-        for root in self.mmu.roots_of(role=RootRole.DIRECT, only_valid=True):
-            root.valid = False
-            invalidated += 1
-        for root in self.mmu.roots_of(role=RootRole.DIRECT):
-            if not root.valid:
-                self.mmu.free_root(root, acc)
-        kicks = self._running_vcpus()  # KVM_REQ_MMU_FREE_OBSOLETE_ROOTS to every vCPU
-        # vCPUs keep naming their obsolete root until their next entry reloads it.
-        self.stats_extra["zaps_all_fast"] += 1
-        path = "zap_all_fast_shared_only" if experiment else "zap_all_fast"
-        return self._record(cause, path, gfn_start, gfn_end, acc, invalidated, 0, kicks, t0)
-
-    def _zap_slot_leafs(self, slot: Memslot, cause: str) -> dict:
-        """kvm_tdp_mmu_unmap_gfn_range over the slot: every root of its address space, valid or
-        not, direct and mirror; leaves only; one flush if a valid root lost something (§4.4)."""
-        t0 = time.perf_counter()
-        acc = ZapAcc()
-        for root in self.mmu.roots_of(slot.as_id):
-            self._zap_root_range(root, slot.base_gfn, slot.end_gfn, acc)
-        flushes = self._flush_tlbs() if acc.flush else 0
-        self.stats_extra["zaps_slot_leafs"] += 1
-        kicks = self._running_vcpus() if flushes else 0
-        return self._record(
-            cause, "zap_slot_leafs", slot.base_gfn, slot.end_gfn, acc, 0, flushes, kicks, t0
-        )
-
-    def _zap_root_range(self, root: Root, start: int, end: int, acc: ZapAcc) -> None:
-        if root.role is RootRole.DIRECT:
-            bits = self.gfn_direct_bits
-            self.mmu.zap_range(root, start | bits, end | bits, acc, leafs_only=True)
-        else:
-            before = len(acc.runs)
-            self.mmu.zap_range(root, start, end, acc, leafs_only=True)
-            assert self.tdx is not None
-            for s, e, _ in acc.runs[before:]:
-                self.tdx.remove_leaves(s, e - s)
-
-    def _zap_gfn_range(
-        self, as_ids: list[int], start: int, end: int, roles: set[RootRole], cause: str, path: str
-    ) -> dict:
-        """kvm_unmap_gfn_range for notifier, attribute and guest_memfd invalidations."""
-        t0 = time.perf_counter()
-        acc = ZapAcc()
-        for as_id in as_ids:
-            for root in self.mmu.roots_of(as_id):
-                if root.role in roles:
-                    self._zap_root_range(root, start, end, acc)
-        flushes = self._flush_tlbs() if acc.flush else 0
-        kicks = self._running_vcpus() if flushes else 0
-        return self._record(cause, path, start, end, acc, 0, flushes, kicks, t0)
-
-    def _record(
-        self,
-        cause: str,
-        path: str,
-        gfn_start: int,
-        gfn_end: int,
-        acc: ZapAcc,
-        invalidated: int,
-        flushes: int,
-        kicks: int,
-        t0: float,
-    ) -> dict:
-        bits = self.gfn_direct_bits
-        for s, e, _role in acc.runs:
-            if bits and s & bits:
-                s, e = s & ~bits, ((e - 1) & ~bits) + 1
-            self.zapped.add(s, e)
-        total = acc.total()
-        self.stats_extra["zaps_total_sptes"] += total
-        self.event_seq += 1
-        ev = {
-            "seq": self.event_seq,
-            "at": self.now,
-            "cause": cause,
-            "path": path,
-            "gfn_start": gfn_start,
-            "gfn_end": gfn_end,
-            "sptes_zapped": acc.by_level(),
-            "sptes_zapped_total": total,
-            "tables_freed": acc.tables_freed,
-            "roots_invalidated": invalidated,
-            "tlb_flushes": flushes,
-            "vcpu_kicks": kicks,
-            "duration_us": int((time.perf_counter() - t0) * 1e6),
-        }
-        self.events.append(ev)
-        if len(self.events) > 10000:
-            del self.events[: len(self.events) - 10000]
-        return ev
-
-    def _account_fault_zaps(self, acc: ZapAcc) -> None:
-        """Huge leaves a fault replaced by tables are zapped too (and may refault)."""
-        if acc.total():
-            for s, e, _ in acc.runs:
-                self.zapped.add(s & ~self.gfn_direct_bits, ((e - 1) & ~self.gfn_direct_bits) + 1)
-            if acc.flush:
-                self._flush_tlbs()
-
-    def _zap(
-        self,
-        scope: object = "range",
-        gpa: object = None,
-        size: object = None,
-        roots: object = "both",
-    ) -> dict:
-        if scope not in ("all", "range") or roots not in ("shared", "private", "both"):
-            raise einval("scope must be all|range and roots shared|private|both")
-        if roots in ("private", "both") and self.is_tdx and scope == "all":
-            raise KvmError(errno.EPERM, "the private (mirror) root of a live TD is never zapped")
-        if scope == "all":
-            if roots == "private" and not self.is_tdx:
-                raise einval("this VM has no private (mirror) root")
-            return self._zap_all_fast("explicit", 0, self.max_gfn + 1)
-        g = _u64(gpa, "gpa")
-        n = _u64(size, "size")
-        if n == 0 or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n > self.gpa_limit:
-            raise einval("gpa/size must be page aligned, non-empty, inside the GPA space")
-        sel = {RootRole.DIRECT, RootRole.MIRROR}
-        if self.is_tdx and roots == "shared":
-            sel = {RootRole.DIRECT}
-        elif self.is_tdx and roots == "private":
-            sel = {RootRole.MIRROR}
-        start = (g >> PAGE_SHIFT) & ~self.gfn_direct_bits
-        end = start + (n >> PAGE_SHIFT)
-        self.stats_extra["zaps_range"] += 1
-        return self._zap_gfn_range(
-            list(range(self.nr_as)), start, end, sel, "explicit", "zap_gfn_range"
-        )
-
     # ------------------------------------------------------------------ MMIO SPTEs
     def _install_mmio_spte(self, as_id: int, pos: int, gfn: int) -> None:
         """Cache 'no memslot' for the GFN in the direct root (§1.5.3); TDX value is 0."""
@@ -603,7 +418,7 @@ class Vm:
     def _pre_fault(self, vcpu: object, gpa: object, size: object, flags: object = 0) -> dict:
         """KVM_PRE_FAULT_MEMORY (§2.8): returns what is left of the range."""
         v = self.vcpu(vcpu)
-        g, n, f = _u64(gpa, "gpa"), _u64(size, "size"), _u64(flags, "flags")
+        g, n, f = check_u64(gpa, "gpa"), check_u64(size, "size"), check_u64(flags, "flags")
         if f or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n <= g:
             raise einval("flags must be 0; gpa/size page aligned; size > 0, no wrap")
         if (g >> PAGE_SHIFT) & self.gfn_direct_bits:
@@ -644,7 +459,7 @@ class Vm:
         if self.tdx is None:
             raise einval("TDG.MEM.PAGE.ACCEPT exists only in a TD (KVM_X86_TDX_VM)")
         v = self.vcpu(vcpu)
-        g, n = _u64(gpa, "gpa"), _u64(size, "size")
+        g, n = check_u64(gpa, "gpa"), check_u64(size, "size")
         if n == 0 or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n > self.gpa_limit:
             raise einval("gpa/size must be page aligned, non-empty, inside the GPA space")
         if (g >> PAGE_SHIFT) & self.gfn_direct_bits:
@@ -688,7 +503,7 @@ class Vm:
 
     # ------------------------------------------------------------------ load / store
     def _load(self, vcpu: object, gpa: object, len: object, private: object = None) -> dict:
-        length = _u64(len, "len")
+        length = check_u64(len, "len")
         if not 0 < length <= PAGE_SIZE:
             raise einval("len must be in [1, 4096]")
         return self._data_access(vcpu, gpa, length, None, private)
@@ -740,7 +555,7 @@ class Vm:
 
     # ------------------------------------------------------------------ host memory
     def _host_range(self, addr: object, length: object) -> tuple[int, int]:
-        a, n = _u64(addr, "userspace_addr"), _u64(length, "len")
+        a, n = check_u64(addr, "userspace_addr"), check_u64(length, "len")
         if n == 0 or a + n > self.user_addr_end:
             raise einval("range must be non-empty and inside the user address space")
         return a, n
@@ -765,40 +580,10 @@ class Vm:
         if a & (PAGE_SIZE - 1):
             raise einval("madvise needs a page-aligned address")
         first, end = a >> PAGE_SHIFT, (a + n + PAGE_SIZE - 1) >> PAGE_SHIFT
-        zap = self._notifier_invalidate(first, end)
+        self.host.check_discard(first, end)
+        zap = notifier_invalidate(self, first, end)
         self.host.discard(first, end)
         return {"zap": zap}
-
-    def _notifier_invalidate(self, first: int, end: int) -> dict | None:
-        """kvm_mmu_notifier_invalidate_range_start: every slot whose HVA range intersects,
-        shared (direct) roots only — host mm events never touch TDX mirror roots (§3.6)."""
-        zap = None
-        t0 = time.perf_counter()
-        acc = ZapAcc()
-        lo_gfn, hi_gfn = None, None
-        for space in self.spaces:
-            for slot in space.by_gfn():
-                if slot.gmem_only:
-                    continue
-                s_first = slot.userspace_addr >> PAGE_SHIFT
-                s_end = s_first + slot.npages
-                lo, hi = max(first, s_first), min(end, s_end)
-                if lo >= hi:
-                    continue
-                g0 = slot.base_gfn + (lo - s_first)
-                g1 = slot.base_gfn + (hi - s_first)
-                for root in self.mmu.roots_of(space.as_id, RootRole.DIRECT):
-                    self._zap_root_range(root, g0, g1, acc)
-                lo_gfn = g0 if lo_gfn is None else min(lo_gfn, g0)
-                hi_gfn = g1 if hi_gfn is None else max(hi_gfn, g1)
-        if lo_gfn is not None:
-            flushes = self._flush_tlbs() if acc.flush else 0
-            kicks = self._running_vcpus() if flushes else 0
-            self.stats_extra["zaps_notifier"] += 1
-            zap = self._record(
-                "mmu_notifier", "zap_gfn_range", lo_gfn, hi_gfn or 0, acc, 0, flushes, kicks, t0
-            )
-        return zap
 
     def _host_advise(self, userspace_addr: object, len: object, advice: object) -> dict:
         a, n = self._host_range(userspace_addr, len)
@@ -817,7 +602,7 @@ class Vm:
         ps = int(page_size)
         if a % ps or n % ps:
             raise einval("hugetlbfs mappings are aligned to their page size")
-        zap = self._notifier_invalidate(a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT)
+        zap = notifier_invalidate(self, a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT)
         self.host.discard(a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT)
         self.host.set_page_size(
             a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT, LEVEL_OF_SIZE[ps], "hugetlb"
@@ -832,31 +617,19 @@ class Vm:
         file, punch, first, count = self.gmem.check_fallocate(fd, mode, offset, len)
         if not punch:
             return {"allocated": file.allocate(first, count), "zap": None}
-        zap = self._gmem_invalidate(file, first, first + count, "punch_hole")
+        zap = gmem_invalidate(self, file, first, first + count, "punch_hole")
         return {"freed": file.punch(first, count), "zap": zap}
-
-    def _gmem_invalidate(self, file: GmemFile, first: int, end: int, cause: str) -> dict | None:
-        """kvm_gmem_invalidate: zap the private mappings of every slot bound to the range."""
-        zap = None
-        for start, n, key in file.bindings_in(first, end):
-            slot = self.spaces[key[0]].get(key[1])
-            if slot is None:
-                continue
-            g0 = slot.base_gfn + (start - slot.gmem_pgoff)
-            roles = {RootRole.MIRROR} if self.is_tdx else {RootRole.DIRECT}
-            zap = self._zap_gfn_range([key[0]], g0, g0 + n, roles, cause, "zap_gfn_range")
-        return zap
 
     def _gmem_close(self, fd: object) -> dict:
         file = self.gmem.get(fd)
-        zap = self._gmem_invalidate(file, 0, file.npages, "gmem_close")
+        zap = gmem_invalidate(self, file, 0, file.npages, "gmem_close")
         self.gmem.close(fd)
         return {"zap": zap}
 
     def _gmem_write(self, fd: object, offset: object, data: object) -> dict:
         file = self._mappable(fd)
         payload = _hex_bytes(data)
-        off = _u64(offset, "offset")
+        off = check_u64(offset, "offset")
         if off + len(payload) > file.size:
             raise einval("write beyond the end of the file")
         file.write(off, payload)
@@ -864,7 +637,7 @@ class Vm:
 
     def gmem_read(self, fd: object, offset: object, len: object) -> dict:
         file = self._mappable(fd)
-        off, n = _u64(offset, "offset"), _u64(len, "len")
+        off, n = check_u64(offset, "offset"), check_u64(len, "len")
         if off + n > file.size or n > 1 << 20:
             raise einval("read beyond the end of the file (or over 1 MiB)")
         return {"data": file.read(off, n).hex()}
@@ -893,7 +666,7 @@ class Vm:
             roles = {RootRole.MIRROR} if leaving_mirror else {RootRole.DIRECT}
             overlapping = any(sp.overlapping(w0, w1 - w0) for sp in self.spaces)
             if overlapping:
-                zap = self._zap_gfn_range([0], w0, w1, roles, "attributes", "zap_gfn_range")
+                zap = zap_gfn_range(self, [0], w0, w1, roles, "attributes", "zap_gfn_range")
         self.attrs.set(start, end, attrs)
         return {"zap": zap, "changed": True}
 
@@ -939,35 +712,6 @@ class Vm:
         return dirty.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
 
     # ------------------------------------------------------------------ teardown
-    def _destroy(self) -> dict:
-        """VM destruction: HKID released first for a TD, then every root torn down."""
-        t0 = time.perf_counter()
-        acc = ZapAcc()
-        if self.tdx is not None:
-            self.tdx.hkid_assigned = False
-        for root in self.mmu.roots_of():
-            root.valid = False
-            before = len(acc.runs)
-            sept = []
-            if root.role is RootRole.MIRROR:
-                # Every S-EPT table but the root (the TDX module owns it), children first.
-                sept = [
-                    (c.base, c.level)
-                    for c in walk(self.mmu.pool, root.table, 0, 1 << 62, post_order=True)
-                    if c.table != root.table
-                ]
-            self.mmu.free_root(root, acc)
-            if root.role is RootRole.MIRROR and self.tdx is not None:
-                for s, e, _ in acc.runs[before:]:
-                    self.tdx.remove_leaves(s, e - s)
-                for gfn, level in sept:
-                    self.tdx.free_table(gfn, level)
-        for v in self.vcpus.values():
-            v.roots.clear()
-        ev = self._record("vm_destroy", "zap_all", 0, self.max_gfn + 1, acc, 0, 0, 0, t0)
-        self.destroyed = True
-        return ev
-
     # ------------------------------------------------------------------ queries
     def info(self) -> dict:
         return {
@@ -1027,37 +771,7 @@ class Vm:
         return [r.to_dict(self.mmu.mmu_valid_gen) for r in self.mmu.roots_of()]
 
     def stats(self) -> dict:
-        out: dict[str, Any] = dict(self.stats_kvm)
-        out["pages_4k"], out["pages_2m"], out["pages_1g"] = self.mmu.pages[1:4]
-        out.update(self.stats_extra)
-        out["page_tables"] = self.mmu.pool.live
-        out["roots"] = len(self.mmu.roots)
-        by_role = {"shared": [0, 0, 0, 0], "private": [0, 0, 0, 0]}
-        for r in self.mmu.roots.values():
-            key = "private" if r.role is RootRole.MIRROR else "shared"
-            by_role[key] = [a + b for a, b in zip(by_role[key], r.leaves, strict=True)]
-        if self.has_private_mem and not self.is_tdx:
-            # One root holds both views: guest_memfd pfns are the private leaves (all 4K).
-            priv = 0
-            for r in self.mmu.roots.values():
-                for cur, sl, idx in self.mmu.leaf_iter(r):
-                    if cur.level == 1:
-                        pfns = (sl[idx] & S.U_ADDR) >> S.U_SHIFT
-                        priv += int(np.count_nonzero(pfns >= S.GMEM_PFN_BASE))
-            by_role["private"][1] += priv
-            by_role["shared"][1] -= priv
-        for key, v in by_role.items():
-            out[f"{key}_pages_4k"], out[f"{key}_pages_2m"], out[f"{key}_pages_1g"] = v[1:4]
-        out["zapped_not_refaulted"] = self.zapped.total()
-        for name in VCPU_STAT_NAMES:
-            out[name] = sum(v.stats[name] for v in self.vcpus.values())
-        if self.tdx is not None:
-            t = self.tdx.to_dict()
-            for op, n in t["ops"].items():  # type: ignore[attr-defined]
-                out["tdx_" + op.lower().replace(".", "_")] = n
-            out["tdx_reaccepts"] = self.tdx.reaccepts
-            out["tdx_accepted_pages"] = self.tdx.accepted.total()
-        return out
+        return stats_view(self)
 
     def tdx_state(self) -> dict:
         if self.tdx is None:
@@ -1122,11 +836,11 @@ _OPS: dict[str, Callable[..., dict]] = {
     "host_discard": Vm._host_discard,
     "host_advise": Vm._host_advise,
     "host_map": Vm._host_map,
-    "zap": Vm._zap,
+    "zap": explicit_zap,
     "get_dirty_log": Vm._get_dirty_log,
     "clear_dirty_log": Vm._clear_dirty_log,
     "set_zap_policy": Vm._set_zap_policy,
-    "destroy": Vm._destroy,
+    "destroy": destroy,
 }
 OPS = tuple(_OPS)
 _SIGS = {name: inspect.signature(fn) for name, fn in _OPS.items()}

@@ -277,6 +277,38 @@ def test_disabling_recovers_a_region_with_holes_but_not_an_empty_table() -> None
     check(vm)
 
 
+def test_enabling_logging_on_a_readonly_slot_keeps_its_huge_leaves() -> None:
+    """§3.4: "If the slot is READONLY: nothing more" — no split, no write-protect; a
+    read-only page can never be dirtied, so its huge leaves stay (and are legal)."""
+    vm = Vm.create(0, 1)
+    vm.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    region(vm, 0, 0, 4 * MB, U, flags=2)
+    access(vm, 0, 4 * MB, "read")
+    assert pages(vm) == (0, 2, 0)
+    f0 = flushes(vm)
+    r = region(vm, 0, 0, 4 * MB, U, flags=2 | LOG)
+    assert r["change"] == "flags_only"
+    assert pages(vm) == (0, 2, 0)
+    assert flushes(vm) == f0
+    assert get_log(vm)["dirty_count"] == 0
+    check(vm)
+
+
+def test_recovery_never_maps_a_discarded_host_page() -> None:
+    """MADV_DONTNEED of one 4K page inside a THP splits the host huge mapping, so the host
+    mapping level of that 2M region drops to 4K (§8.2) and it cannot be recovered."""
+    vm = huge_vm()
+    region(vm, 0, 0, 4 * MB, U, flags=LOG)
+    vm.apply("host_discard", dict(userspace_addr=U + 5 * KB4, len=KB4))
+    assert pages(vm) == (1023, 0, 0)
+    r = region(vm, 0, 0, 4 * MB, U, flags=0)
+    assert r["zap"]["huge_pages_recovered"] == 1
+    assert pages(vm) == (511, 1, 0)
+    assert leaf(vm, 0)["level"] == 1 and leaf(vm, 2 * MB)["level"] == 2
+    assert vm.apply("load", dict(vcpu=0, gpa=5 * KB4, len=4)) == {"data": "00000000"}
+    check(vm)
+
+
 # --------------------------------------------------------------------------- manual protect
 def test_manual_protect_get_is_not_destructive() -> None:
     vm = huge_vm(MANUAL)

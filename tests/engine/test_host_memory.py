@@ -164,6 +164,35 @@ def test_discard_inside_a_huge_leaf_zaps_the_whole_leaf() -> None:
     check(v)
 
 
+def test_discard_inside_a_thp_splits_the_host_huge_page() -> None:
+    """MADV_DONTNEED on part of a THP splits its PMD: from then on the host maps that 2M
+    region with 4K pages, so KVM's host mapping level there is 4K (§8.2)."""
+    v = Vm.create(0, 1)
+    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    region(v, 0, 0, 4 * MB, U)
+    access(v, 0, 4 * MB)
+    discard(v, U + 5 * KB4, KB4)
+    r = access(v, 0, 4 * MB, "read")
+    assert r["levels"] == {"4k": 512, "2m": 0, "1g": 0}
+    assert r["spurious"] == 512  # the second 2M leaf was untouched
+    assert pages(v) == (512, 1, 0)
+    check(v)
+
+
+def test_one_touch_populates_a_whole_hugetlb_page() -> None:
+    """A hugetlbfs page is populated whole: after one 4K fault (dirty logging forces 4K
+    SPTEs) the host maps the full 2M page, so recovering a 2M leaf later maps no freed page."""
+    v = Vm.create(0, 1)
+    v.apply("host_map", dict(userspace_addr=U, len=2 * MB, page_size=2 * MB))
+    region(v, 0, 0, 2 * MB, U, flags=1)
+    assert load(v, 0, 1) == {"data": "00"}
+    r = region(v, 0, 0, 2 * MB, U, flags=0)
+    assert r["zap"]["huge_pages_recovered"] == 1
+    assert pages(v) == (0, 1, 0)
+    assert load(v, MB, 1) == {"data": "00"}
+    check(v)
+
+
 def test_discard_whole_slot_then_guest_sees_zeroes() -> None:
     v = Vm.create(0, 1)
     region(v, 0, 0, 2 * MB, U)

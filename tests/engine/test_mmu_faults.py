@@ -136,6 +136,17 @@ def test_no_slot_installs_a_4k_mmio_spte_not_a_leaf(vm: Vm) -> None:
     check(vm)
 
 
+def test_a_slot_created_over_a_cached_mmio_spte_maps_memory(vm: Vm) -> None:
+    """§3.1 step 7: CREATE zaps nothing; the stale MMIO SPTE is dead by its generation."""
+    assert access(vm, 64 * MB, KB4, "read")["exit"] is not None
+    r = region(vm, 1, 64 * MB, MB, U + 64 * MB)
+    assert r["zap"] is None
+    r = access(vm, 64 * MB, KB4, "read")
+    assert (r["exit"], r["mapped"]) == (None, 1)
+    assert leaf(vm, 64 * MB)["pfn"] == (U + 64 * MB) >> 12
+    check(vm)
+
+
 def test_access_stops_at_the_first_exit(vm: Vm) -> None:
     r = access(vm, 4 * MB - 2 * KB4, 4 * KB4, "write")  # two pages in the slot, then none
     assert r["mapped"] == 2

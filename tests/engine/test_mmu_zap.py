@@ -287,6 +287,46 @@ def test_zap_slot_leafs_of_a_4k_slot_exact_counts(vm_type: int, quirk: bool) -> 
     check(vm)
 
 
+def test_zap_slot_refaults_when_the_slot_comes_back() -> None:
+    vm = layout(DEFAULT, quirk=False)
+    delete(vm, 1)
+    region(vm, 1, GB, 6 * MB, U + GB)
+    r = access(vm, GB, 6 * MB, vcpu=1)
+    assert r["levels"] == {"4k": 512, "2m": 2, "1g": 0}
+    assert (r["mapped"], r["refaults"]) == (1536, 1536)
+    assert vm.stats()["refaults"] == 1536
+    check(vm)
+
+
+def test_flush_request_without_an_ipi_when_no_vcpu_is_in_the_guest() -> None:
+    """§7: remote_tlb_flush_requests counts every flush; remote_tlb_flush only when a vCPU had
+    to be IPI'd. Pre-faulted memory, vCPUs never ran: a request, no IPI."""
+    vm = Vm.create(DEFAULT, 2)
+    disable_quirk(vm)
+    region(vm, 0, 0, 4 * MB, U)
+    vm.apply("pre_fault", dict(vcpu=0, gpa=0, size=4 * MB))
+    z = delete(vm, 0)["zap"]
+    assert z["tlb_flushes"] == 1 and z["vcpu_kicks"] == 0
+    s = vm.stats()
+    assert (s["remote_tlb_flush_requests"], s["remote_tlb_flush"]) == (1, 0)
+
+
+@pytest.mark.parametrize("quirk, path, left", [(True, "zap_all_fast", (0, 0, 0)),
+                                                (False, "zap_slot_leafs", (1536, 2, 0))])
+def test_deleting_an_smm_slot(quirk: bool, path: str, left: tuple[int, int, int]) -> None:
+    """A DEFAULT VM has two address spaces; zap all drops the SPTEs of both, the targeted zap
+    only touches roots of the slot's own address space (as_id 1, never entered here)."""
+    vm = layout(DEFAULT, quirk)
+    smm = (1 << 16) | 0
+    region(vm, smm, 0, 4 * MB, U + 32 * GB)
+    before = vm.stats()["remote_tlb_flush_requests"]
+    z = delete(vm, smm)["zap"]
+    assert z["path"] == path
+    assert pages(vm) == left
+    assert vm.stats()["remote_tlb_flush_requests"] == before
+    check(vm)
+
+
 def test_empty_tables_left_by_zap_slot_are_freed_when_huge_leaves_replace_them() -> None:
     vm = layout(DEFAULT, quirk=False)
     delete(vm, 0)

@@ -1,0 +1,269 @@
+"""Zapping: the fast zap of every root, the slot's leaves, a GFN range, and teardown.
+
+Each returns the zap event it recorded (cause, path, GFN range, SPTEs by root and level,
+tables freed, roots invalidated, flushes, kicks), which is also appended to the VM's list.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from typing import TYPE_CHECKING
+
+from .errors import KvmError, check_u64, einval
+from .paging import walk
+from .roots import Root, RootRole, ZapAcc
+from .uapi import PAGE_SHIFT, PAGE_SIZE, VmType
+
+if TYPE_CHECKING:
+    from .gmem import GmemFile
+    from .memslots import Memslot
+    from .vm import Vm
+
+MAX_EVENTS = 10000
+
+
+def flush_memslot(vm: Vm, slot: Memslot, cause: str) -> dict:
+    """kvm_arch_flush_shadow_memslot: the SLOT_ZAP_ALL quirk decides (§4.1)."""
+    if vm.zap_policy == "zap_all_shared_only":
+        return zap_all_fast(vm, cause, slot.base_gfn, slot.end_gfn, experiment=True)
+    if vm.vm_type == VmType.KVM_X86_DEFAULT_VM and vm.quirk_zap_all:
+        return zap_all_fast(vm, cause, slot.base_gfn, slot.end_gfn)
+    return zap_slot_leafs(vm, slot, cause)
+
+
+def running_vcpus(vm: Vm) -> int:
+    return sum(1 for v in vm.vcpus.values() if v.running)
+
+
+def flush_tlbs(vm: Vm) -> int:
+    """kvm_flush_remote_tlbs: a request always; an IPI only if a vCPU is in the guest."""
+    vm.stats_kvm["remote_tlb_flush_requests"] += 1
+    if running_vcpus(vm):
+        vm.stats_kvm["remote_tlb_flush"] += 1
+    if vm.tdx is not None:
+        vm.tdx.epoch += 1
+        vm.tdx._op("TDH.MEM.TRACK", 0, 0)
+    return 1
+
+
+def zap_all_fast(
+    vm: Vm, cause: str, gfn_start: int, gfn_end: int, experiment: bool = False
+) -> dict:
+    """kvm_mmu_zap_all_fast: invalidate every direct root; vCPUs load new ones (§4.3, §5).
+
+    Mirror roots are never touched. With only the TDP MMU there is no remote flush: each
+    vCPU flushes locally when it switches to its new root.
+    """
+    t0 = time.perf_counter()
+    acc = ZapAcc()
+    invalidated = 0
+    vm.mmu.mmu_valid_gen ^= 1
+    for root in vm.mmu.roots_of(role=RootRole.DIRECT, only_valid=True):
+        root.valid = False
+        invalidated += 1
+    for root in vm.mmu.roots_of(role=RootRole.DIRECT):
+        if not root.valid:
+            vm.mmu.free_root(root, acc)
+    kicks = running_vcpus(vm)  # KVM_REQ_MMU_FREE_OBSOLETE_ROOTS to every vCPU
+    # vCPUs keep naming their obsolete root until their next entry reloads it.
+    vm.stats_extra["zaps_all_fast"] += 1
+    path = "zap_all_fast_shared_only" if experiment else "zap_all_fast"
+    return record(vm, cause, path, gfn_start, gfn_end, acc, invalidated, 0, kicks, t0)
+
+
+def zap_slot_leafs(vm: Vm, slot: Memslot, cause: str) -> dict:
+    """kvm_tdp_mmu_unmap_gfn_range over the slot: every root of its address space, valid or
+    not, direct and mirror; leaves only; one flush if a valid root lost something (§4.4)."""
+    t0 = time.perf_counter()
+    acc = ZapAcc()
+    for root in vm.mmu.roots_of(slot.as_id):
+        zap_root_range(vm, root, slot.base_gfn, slot.end_gfn, acc)
+    flushes = flush_tlbs(vm) if acc.flush else 0
+    vm.stats_extra["zaps_slot_leafs"] += 1
+    kicks = running_vcpus(vm) if flushes else 0
+    return record(
+        vm, cause, "zap_slot_leafs", slot.base_gfn, slot.end_gfn, acc, 0, flushes, kicks, t0
+    )
+
+
+def zap_root_range(vm: Vm, root: Root, start: int, end: int, acc: ZapAcc) -> None:
+    if root.role is RootRole.DIRECT:
+        bits = vm.gfn_direct_bits
+        vm.mmu.zap_range(root, start | bits, end | bits, acc, leafs_only=True)
+    else:
+        before = len(acc.runs)
+        vm.mmu.zap_range(root, start, end, acc, leafs_only=True)
+        assert vm.tdx is not None
+        for s, e, _ in acc.runs[before:]:
+            vm.tdx.remove_leaves(s, e - s)
+
+
+def zap_gfn_range(
+    vm: Vm, as_ids: list[int], start: int, end: int, roles: set[RootRole], cause: str, path: str
+) -> dict:
+    """kvm_unmap_gfn_range for notifier, attribute and guest_memfd invalidations."""
+    t0 = time.perf_counter()
+    acc = ZapAcc()
+    for as_id in as_ids:
+        for root in vm.mmu.roots_of(as_id):
+            if root.role in roles:
+                zap_root_range(vm, root, start, end, acc)
+    flushes = flush_tlbs(vm) if acc.flush else 0
+    kicks = running_vcpus(vm) if flushes else 0
+    return record(vm, cause, path, start, end, acc, 0, flushes, kicks, t0)
+
+
+def record(
+    vm: Vm,
+    cause: str,
+    path: str,
+    gfn_start: int,
+    gfn_end: int,
+    acc: ZapAcc,
+    invalidated: int,
+    flushes: int,
+    kicks: int,
+    t0: float,
+) -> dict:
+    bits = vm.gfn_direct_bits
+    for s, e, _role in acc.runs:
+        if bits and s & bits:
+            s, e = s & ~bits, ((e - 1) & ~bits) + 1
+        vm.zapped.add(s, e)
+    total = acc.total()
+    vm.stats_extra["zaps_total_sptes"] += total
+    vm.event_seq += 1
+    ev = {
+        "seq": vm.event_seq,
+        "at": vm.now,
+        "cause": cause,
+        "path": path,
+        "gfn_start": gfn_start,
+        "gfn_end": gfn_end,
+        "sptes_zapped": acc.by_level(),
+        "sptes_zapped_total": total,
+        "tables_freed": acc.tables_freed,
+        "roots_invalidated": invalidated,
+        "tlb_flushes": flushes,
+        "vcpu_kicks": kicks,
+        "duration_us": int((time.perf_counter() - t0) * 1e6),
+    }
+    vm.events.append(ev)
+    if len(vm.events) > MAX_EVENTS:
+        del vm.events[: len(vm.events) - MAX_EVENTS]
+    return ev
+
+
+def account_fault_zaps(vm: Vm, acc: ZapAcc) -> None:
+    """Huge leaves a fault replaced by tables are zapped too (and may refault)."""
+    if acc.total():
+        for s, e, _ in acc.runs:
+            vm.zapped.add(s & ~vm.gfn_direct_bits, ((e - 1) & ~vm.gfn_direct_bits) + 1)
+        if acc.flush:
+            flush_tlbs(vm)
+
+
+def explicit_zap(
+    vm: Vm,
+    scope: object = "range",
+    gpa: object = None,
+    size: object = None,
+    roots: object = "both",
+) -> dict:
+    if scope not in ("all", "range") or roots not in ("shared", "private", "both"):
+        raise einval("scope must be all|range and roots shared|private|both")
+    if roots in ("private", "both") and vm.is_tdx and scope == "all":
+        raise KvmError(errno.EPERM, "the private (mirror) root of a live TD is never zapped")
+    if scope == "all":
+        if roots == "private" and not vm.is_tdx:
+            raise einval("this VM has no private (mirror) root")
+        return zap_all_fast(vm, "explicit", 0, vm.max_gfn + 1)
+    g = check_u64(gpa, "gpa")
+    n = check_u64(size, "size")
+    if n == 0 or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n > vm.gpa_limit:
+        raise einval("gpa/size must be page aligned, non-empty, inside the GPA space")
+    sel = {RootRole.DIRECT, RootRole.MIRROR}
+    if vm.is_tdx and roots == "shared":
+        sel = {RootRole.DIRECT}
+    elif vm.is_tdx and roots == "private":
+        sel = {RootRole.MIRROR}
+    start = (g >> PAGE_SHIFT) & ~vm.gfn_direct_bits
+    end = start + (n >> PAGE_SHIFT)
+    vm.stats_extra["zaps_range"] += 1
+    return zap_gfn_range(vm, list(range(vm.nr_as)), start, end, sel, "explicit", "zap_gfn_range")
+
+
+def notifier_invalidate(vm: Vm, first: int, end: int) -> dict | None:
+    """kvm_mmu_notifier_invalidate_range_start: every slot whose HVA range intersects,
+    shared (direct) roots only — host mm events never touch TDX mirror roots (§3.6)."""
+    zap = None
+    t0 = time.perf_counter()
+    acc = ZapAcc()
+    lo_gfn, hi_gfn = None, None
+    for space in vm.spaces:
+        for slot in space.by_gfn():
+            if slot.gmem_only:
+                continue
+            s_first = slot.userspace_addr >> PAGE_SHIFT
+            s_end = s_first + slot.npages
+            lo, hi = max(first, s_first), min(end, s_end)
+            if lo >= hi:
+                continue
+            g0 = slot.base_gfn + (lo - s_first)
+            g1 = slot.base_gfn + (hi - s_first)
+            for root in vm.mmu.roots_of(space.as_id, RootRole.DIRECT):
+                zap_root_range(vm, root, g0, g1, acc)
+            lo_gfn = g0 if lo_gfn is None else min(lo_gfn, g0)
+            hi_gfn = g1 if hi_gfn is None else max(hi_gfn, g1)
+    if lo_gfn is not None:
+        flushes = flush_tlbs(vm) if acc.flush else 0
+        kicks = running_vcpus(vm) if flushes else 0
+        vm.stats_extra["zaps_notifier"] += 1
+        zap = record(
+            vm, "mmu_notifier", "zap_gfn_range", lo_gfn, hi_gfn or 0, acc, 0, flushes, kicks, t0
+        )
+    return zap
+
+
+def gmem_invalidate(vm: Vm, file: GmemFile, first: int, end: int, cause: str) -> dict | None:
+    """kvm_gmem_invalidate: zap the private mappings of every slot bound to the range."""
+    zap = None
+    for start, n, key in file.bindings_in(first, end):
+        slot = vm.spaces[key[0]].get(key[1])
+        if slot is None:
+            continue
+        g0 = slot.base_gfn + (start - slot.gmem_pgoff)
+        roles = {RootRole.MIRROR} if vm.is_tdx else {RootRole.DIRECT}
+        zap = zap_gfn_range(vm, [key[0]], g0, g0 + n, roles, cause, "zap_gfn_range")
+    return zap
+
+
+def destroy(vm: Vm) -> dict:
+    """VM destruction: HKID released first for a TD, then every root torn down."""
+    t0 = time.perf_counter()
+    acc = ZapAcc()
+    if vm.tdx is not None:
+        vm.tdx.hkid_assigned = False
+    for root in vm.mmu.roots_of():
+        root.valid = False
+        before = len(acc.runs)
+        sept = []
+        if root.role is RootRole.MIRROR:
+            # Every S-EPT table but the root (the TDX module owns it), children first.
+            sept = [
+                (c.base, c.level)
+                for c in walk(vm.mmu.pool, root.table, 0, 1 << 62, post_order=True)
+                if c.table != root.table
+            ]
+        vm.mmu.free_root(root, acc)
+        if root.role is RootRole.MIRROR and vm.tdx is not None:
+            for s, e, _ in acc.runs[before:]:
+                vm.tdx.remove_leaves(s, e - s)
+            for gfn, level in sept:
+                vm.tdx.free_table(gfn, level)
+    for v in vm.vcpus.values():
+        v.roots.clear()
+    ev = record(vm, "vm_destroy", "zap_all", 0, vm.max_gfn + 1, acc, 0, 0, 0, t0)
+    vm.destroyed = True
+    return ev
