@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import Cursor, IfMatchDep, LimitQ, ServiceDep, VmId, mutate, paginate, query
 from app.api.errors import R_BODY, R_KVM, R_NOT_FOUND, R_PRECONDITION, R_QUERY, responses
@@ -42,6 +49,57 @@ async def list_zaps(
     return Page[ZapEvent].model_validate(
         paginate(items, lambda e: e["seq"], limit, cursor, descending=True)
     )
+
+
+STREAM_POLL_S = 0.25
+STREAM_HEARTBEAT_S = 10.0
+
+
+@router.get(
+    "/zaps/stream",
+    summary="Zap events as they happen (Server-Sent Events)",
+    description=(
+        "A `text/event-stream` of zap events (`event: zap`, `id:` = `seq`, `data:` = the event "
+        "as in `GET …/zaps`), oldest first, starting after `after` (or the `Last-Event-ID` "
+        "header). The stream ends by itself after `timeout` seconds; reconnect with the last "
+        "id to resume without gaps."
+    ),
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **responses(R_NOT_FOUND, R_QUERY)},
+)
+async def stream_zaps(
+    vm: VmId,
+    service: ServiceDep,
+    after: Annotated[int | None, Query(ge=0, description="last seq already seen")] = None,
+    timeout: Annotated[float, Query(gt=0, le=300, description="seconds")] = 30.0,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    start = after
+    if start is None and last_event_id is not None and last_event_id.isdigit():
+        start = int(last_event_id)
+    if start is None:
+        start = 0
+    # Fail before streaming when the VM does not exist (a 404 problem, not a broken stream).
+    await service.read(vm, lambda v: None)
+
+    async def events() -> AsyncIterator[bytes]:
+        seen = start
+        deadline = time.monotonic() + timeout
+        beat = time.monotonic()
+        while time.monotonic() < deadline:
+            new, _ = await service.read(
+                vm,
+                lambda v: [e for e in v.events if e["seq"] > seen],  # noqa: B023
+            )
+            for ev in new:
+                seen = ev["seq"]
+                yield b"event: zap\nid: %d\ndata: %s\n\n" % (seen, orjson.dumps(ev))
+            if time.monotonic() - beat > STREAM_HEARTBEAT_S:
+                beat = time.monotonic()
+                yield b": keep-alive\n\n"
+            await asyncio.sleep(STREAM_POLL_S)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 @router.post(
