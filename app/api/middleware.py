@@ -119,6 +119,10 @@ class BodyLimitMiddleware:
         self.app = app
         self.limit = max_body_bytes
 
+    async def _too_large(self, send: Send, scope: Scope, rid: str | None) -> None:
+        detail = f"request body exceeds {self.limit} bytes"
+        await _send_problem(send, 413, "Content Too Large", detail, "http-413", scope, rid)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -132,15 +136,7 @@ class BodyLimitMiddleware:
                     declared = -1
                 if declared > self.limit:
                     # Refuse before reading a byte of it.
-                    await _send_problem(
-                        send,
-                        413,
-                        "Content Too Large",
-                        f"request body exceeds {self.limit} bytes",
-                        "http-413",
-                        scope,
-                        rid,
-                    )
+                    await self._too_large(send, scope, rid)
                     return
                 break
 
@@ -168,12 +164,4 @@ class BodyLimitMiddleware:
             # Reached only when the app read the body outside FastAPI's body parser.
             if started:
                 raise
-            await _send_problem(
-                send,
-                413,
-                "Content Too Large",
-                f"request body exceeds {self.limit} bytes",
-                "http-413",
-                scope,
-                rid,
-            )
+            await self._too_large(send, scope, rid)

@@ -16,7 +16,7 @@ import numpy as np
 from . import spte as S
 from .errors import KvmError, einval
 from .paging import span
-from .roots import Root, RootRole, ZapAcc
+from .roots import Root, RootRole, ZapAcc, index_runs
 from .uapi import (
     KVM_MAX_HUGEPAGE_LEVEL,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -274,7 +274,7 @@ class FaultPath:
             mmu.pages[1] += len(new)
             if host_w and slot.flags & _LOG_DIRTY:
                 vm.mark_dirty(slot, gfn + new)
-            for a, b in [(0, count)] if fresh else _runs(new):
+            for a, b in [(0, count)] if fresh else index_runs(new):
                 self._mapped(gfn + a, gfn + b, 1)
         if len(new) < count:
             self._touch_present(root, table, lo, count, 1, slot, gfn, count, skip=new)
@@ -380,15 +380,6 @@ class FaultPath:
             return k + 1  # pre-fault maps; it never touches the page
         # The guest touches a PENDING page: 6.18+ exits with MEMORY_FAULT, size 0 (§5.5).
         raise memory_fault_exit(g, True, size=0)
-
-
-def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
-    if len(idx) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) != 1)
-    starts = np.concatenate(([0], breaks + 1))
-    ends = np.concatenate((breaks, [len(idx) - 1]))
-    return [(int(idx[s]), int(idx[e]) + 1) for s, e in zip(starts, ends, strict=True)]
 
 
 def check_access_range(vm: Vm, gpa: object, size: object, max_bytes: int) -> tuple[int, int]:

@@ -41,6 +41,19 @@ class HostMemory:
             kept.append((first, end, level, kind))
         self._runs = sorted(kept)
 
+    def advise(self, first: int, end: int, hugepage: bool) -> None:
+        """MADV_(NO)HUGEPAGE: THP on or off where the range is ordinary memory; hugetlbfs
+        mappings ignore THP advice."""
+        pos = first
+        for s, e, _lv, kind in list(self._runs):
+            if kind != "hugetlb" or e <= first or s >= end:
+                continue
+            if pos < s:
+                self.set_page_size(pos, s, 2 if hugepage else 1, "thp")
+            pos = max(pos, e)
+        if pos < end:
+            self.set_page_size(pos, end, 2 if hugepage else 1, "thp")
+
     def mapping_level(self, page: int) -> int:
         """Host page-table level backing `page` (THP/hugetlb only where a whole huge page fits)."""
         i = bisect_right(self._runs, (page, 1 << 62)) - 1
@@ -96,14 +109,18 @@ class HostMemory:
             end = -(-end // n) * n
             self.freed.remove(first, end)
 
-    def check_discard(self, first: int, end: int) -> None:
-        """madvise(MADV_DONTNEED) on hugetlbfs must cover whole huge pages (EINVAL)."""
+    def dontneed_range(self, first: int, end: int) -> tuple[int, int]:
+        """MADV_DONTNEED on hugetlbfs: the start must be huge-page aligned (EINVAL) and the end
+        is rounded down to a whole huge page (mm/madvise.c); elsewhere the range stands."""
         for s, e, lv, kind in self._runs:
             if kind != "hugetlb" or e <= first or s >= end:
                 continue
             n = 1 << (9 * (lv - 1))
-            if (max(first, s) - s) % n or (min(end, e) - s) % n:
-                raise einval("MADV_DONTNEED on hugetlbfs needs whole huge pages")
+            if s <= first < e and (first - s) % n:
+                raise einval("MADV_DONTNEED on hugetlbfs needs a huge-page-aligned start")
+            if s < end <= e:
+                end = max(first, s + (end - s) // n * n)
+        return first, end
 
     def discard(self, first: int, end: int) -> int:
         """MADV_DONTNEED: drop contents, mark freed; returns pages that held data."""

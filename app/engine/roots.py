@@ -72,7 +72,7 @@ class ZapAcc:
         return out
 
 
-def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+def index_runs(idx: np.ndarray) -> list[tuple[int, int]]:
     """Consecutive runs [a, b) in a sorted index array."""
     if len(idx) == 0:
         return []
@@ -200,7 +200,7 @@ class Mmu:
             acc.flush = True
         base = self.pool.gfn(table) + lo * span(level)
         sp = span(level)
-        for a, b in _runs(idx):
+        for a, b in index_runs(idx):
             acc.runs.append((base + a * sp, base + b * sp, root.role))
 
     def zap_range(self, root: Root, start: int, end: int, acc: ZapAcc, *, leafs_only: bool) -> None:

@@ -580,7 +580,9 @@ class Vm:
         if a & (PAGE_SIZE - 1):
             raise einval("madvise needs a page-aligned address")
         first, end = a >> PAGE_SHIFT, (a + n + PAGE_SIZE - 1) >> PAGE_SHIFT
-        self.host.check_discard(first, end)
+        first, end = self.host.dontneed_range(first, end)
+        if first >= end:
+            return {"zap": None}
         zap = notifier_invalidate(self, first, end)
         self.host.discard(first, end)
         return {"zap": zap}
@@ -591,7 +593,7 @@ class Vm:
             raise einval("page-aligned address; advice hugepage|nohugepage")
         first, end = a >> PAGE_SHIFT, (a + n + PAGE_SIZE - 1) >> PAGE_SHIFT
         # MADV_NOHUGEPAGE does not split existing THPs; KVM's SPTEs stay as they are.
-        self.host.set_page_size(first, end, 2 if advice == "hugepage" else 1, "thp")
+        self.host.advise(first, end, advice == "hugepage")
         return {}
 
     def _host_map(self, userspace_addr: object, len: object, page_size: object) -> dict:

@@ -219,6 +219,39 @@ def test_nohugepage_advice_does_not_split_existing_leaves() -> None:
     check(v)
 
 
+def test_discard_on_hugetlbfs_rounds_the_end_down_to_whole_huge_pages() -> None:
+    """mm/madvise.c (madvise_dontneed_free_valid_vma, since the 2023 "fix unexpected data loss
+    with MADV_DONTNEED on hugetlbfs", also in stable): the start must be huge-page aligned
+    (EINVAL), the end is rounded DOWN to a huge page, and an empty result frees nothing."""
+    v = Vm.create(0, 1)
+    v.apply("host_map", dict(userspace_addr=U, len=4 * MB, page_size=2 * MB))
+    region(v, 0, 0, 4 * MB, U)
+    v.apply("store", dict(vcpu=0, gpa=0x10, data="11"))
+    v.apply("store", dict(vcpu=0, gpa=2 * MB + 0x10, data="22"))
+    with pytest.raises(KvmError) as e:
+        discard(v, U + KB4, 2 * MB)
+    assert e.value.errno == errno.EINVAL
+    assert discard(v, U, KB4) == {"zap": None}  # rounds down to nothing
+    assert load(v, 0x10, 1) == {"data": "11"}
+    z = discard(v, U, 2 * MB + KB4)["zap"]  # only the first huge page goes
+    assert z["sptes_zapped"]["2m"] == 1
+    assert load(v, 0x10, 1) == {"data": "00"}
+    assert load(v, 2 * MB + 0x10, 1) == {"data": "22"}
+    check(v)
+
+
+@pytest.mark.parametrize("advice", ["nohugepage", "hugepage"])
+def test_thp_advice_does_not_change_a_hugetlbfs_mapping(advice: str) -> None:
+    """THP advice acts on anonymous/shmem memory; a hugetlbfs mapping keeps its page size,
+    so KVM's host mapping level there stays 1G (§8.2)."""
+    v = Vm.create(0, 1)
+    v.apply("host_map", dict(userspace_addr=U, len=GB, page_size=GB))
+    v.apply("host_advise", dict(userspace_addr=U, len=GB, advice=advice))
+    region(v, 0, 0, GB, U)
+    assert access(v, 0, GB)["levels"] == {"4k": 0, "2m": 0, "1g": 1}
+    check(v)
+
+
 @pytest.mark.parametrize(
     "args",
     [

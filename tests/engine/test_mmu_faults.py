@@ -127,7 +127,7 @@ def test_no_slot_is_an_mmio_exit_with_gpa_len_is_write(vm: Vm) -> None:
 
 
 def test_no_slot_installs_a_4k_mmio_spte_not_a_leaf(vm: Vm) -> None:
-    """kvm-private-tdx.md §2.3.1 step 4: KVM_PFN_NOSLOT → an MMIO SPTE at 4K (no hugepage adjust)."""
+    """kvm-private-tdx.md §2.3.1 step 4: KVM_PFN_NOSLOT → an MMIO SPTE at 4K (no huge adjust)."""
     access(vm, 64 * MB, KB4, "read")
     walk = vm.translate(64 * MB)["roots"][0]["walk"]
     assert walk[-1]["level"] == 1

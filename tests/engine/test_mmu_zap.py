@@ -311,8 +311,10 @@ def test_flush_request_without_an_ipi_when_no_vcpu_is_in_the_guest() -> None:
     assert (s["remote_tlb_flush_requests"], s["remote_tlb_flush"]) == (1, 0)
 
 
-@pytest.mark.parametrize("quirk, path, left", [(True, "zap_all_fast", (0, 0, 0)),
-                                                (False, "zap_slot_leafs", (1536, 2, 0))])
+@pytest.mark.parametrize(
+    "quirk, path, left",
+    [(True, "zap_all_fast", (0, 0, 0)), (False, "zap_slot_leafs", (1536, 2, 0))],
+)
 def test_deleting_an_smm_slot(quirk: bool, path: str, left: tuple[int, int, int]) -> None:
     """A DEFAULT VM has two address spaces; zap all drops the SPTEs of both, the targeted zap
     only touches roots of the slot's own address space (as_id 1, never entered here)."""
@@ -429,6 +431,22 @@ def test_deleted_gpa_exits_and_a_new_slot_there_never_shows_stale_bytes(
     assert load(vm, GB + 0x10, 8) == {"data": "00" * 8}
     vm.apply("host_write", dict(userspace_addr=U + 17 * GB + 0x10, data="77"))
     assert load(vm, GB + 0x10, 1) == {"data": "77"}
+    check(vm)
+
+
+@pytest.mark.parametrize("vm_type, quirk", DATA_VMS)
+def test_move_onto_its_own_old_range_never_shows_stale_bytes(vm_type: int, quirk: bool) -> None:
+    """Moving [1G, 1G+6M) up by 2 MiB: GPA 1G+2M used to map HVA U+1G+2M (a 2M leaf); after the
+    move it must map U+1G. A leaf left over from the old layout would show the wrong bytes."""
+    vm = layout(vm_type, quirk)
+    vm.apply("host_write", dict(userspace_addr=U + GB + 0x10, data=b"first-2M".hex()))
+    vm.apply("host_write", dict(userspace_addr=U + GB + 2 * MB + 0x10, data=b"second2M".hex()))
+    assert load(vm, GB + 2 * MB + 0x10, 8) == {"data": b"second2M".hex()}
+    r = region(vm, 1, GB + 2 * MB, 6 * MB, U + GB)
+    assert r["change"] == "move"
+    assert load(vm, GB + 2 * MB + 0x10, 8) == {"data": b"first-2M".hex()}
+    assert load(vm, GB + 4 * MB + 0x10, 8) == {"data": b"second2M".hex()}
+    assert load(vm, GB + 0x10, 8)["exit"]["reason"] == "KVM_EXIT_MMIO"
     check(vm)
 
 

@@ -96,6 +96,7 @@ class MemoryMachine(RuleBasedStateMachine):
             self.host_advise(0, HOST_MB // 2, "hugepage")
         self.slots: dict[int, SlotM] = {}
         self.mem: dict[int, bytes] = {}  # host page number -> contents (absent = zeroes)
+        self.hugetlb: set[int] = set()  # 2 MiB host regions (hva >> 21) mapped from hugetlbfs
         # Start with a few slots so that every sequence has memory to work on.
         for id in IDS[: data.draw(st.integers(1, 3), label="initial_slots")]:
             self.create_slot(
@@ -383,9 +384,12 @@ class MemoryMachine(RuleBasedStateMachine):
 
     @rule(hpage=st.integers(0, HOST_MB * MB // PAGE - 1), npages=st.sampled_from([1, 2, 17, 512]))
     def host_discard(self, hpage: int, npages: int) -> None:
-        hva = U + hpage * PAGE
-        r = self.vm.apply("host_discard", dict(userspace_addr=hva, len=npages * PAGE))
-        self.host_drop(hva, npages * PAGE)
+        hva, end = U + hpage * PAGE, U + (hpage + npages) * PAGE
+        # hugetlbfs pages are discarded whole: widen the range over any it touches.
+        if any(r in self.hugetlb for r in range(hva >> 21, ((end - 1) >> 21) + 1)):
+            hva, end = hva & ~(2 * MB - 1), -(-end // (2 * MB)) * 2 * MB
+        r = self.vm.apply("host_discard", dict(userspace_addr=hva, len=end - hva))
+        self.host_drop(hva, end - hva)
         if r["zap"] is not None:
             assert r["zap"]["cause"] == "mmu_notifier"
 
@@ -404,6 +408,7 @@ class MemoryMachine(RuleBasedStateMachine):
         hva, n = U + mb2 * 2 * MB, n2 * 2 * MB
         self.vm.apply("host_map", dict(userspace_addr=hva, len=n, page_size=2 * MB))
         self.host_drop(hva, n)  # a fresh mapping: new, zeroed pages
+        self.hugetlb.update(range(hva >> 21, (hva + n) >> 21))
 
     # ------------------------------------------------------------------ zaps
     @rule(data=st.data(), npages=st.sampled_from([1, 7, 512, 1024]))
