@@ -19,6 +19,7 @@ from . import uapi
 from .errors import KvmError, einval
 from .paging import span
 from .roots import Root, RootRole, ZapAcc
+from .uapi import PAGE_SHIFT
 from .zap import flush_tlbs, record, running_vcpus
 
 if TYPE_CHECKING:
@@ -112,8 +113,9 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
             flushes,
             running_vcpus(vm),
             t0,
+            huge_pages_split=split,
+            sptes_write_protected=wp,
         )
-        ev.update(huge_pages_split=split, sptes_write_protected=wp)
         return ev
     vm.dirty.pop(key, None)
     recovered = 0
@@ -131,8 +133,8 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
         flushes,
         running_vcpus(vm) if flushes else 0,
         t0,
+        huge_pages_recovered=recovered,
     )
-    ev.update(huge_pages_recovered=recovered)
     return ev
 
 
@@ -153,6 +155,10 @@ def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
             if region < slot.base_gfn or region + n > slot.end_gfn:
                 continue
             if fp.max_level(slot, region, False) < level:
+                continue
+            # Host pages discarded there are not a huge page the host maps (still PTE-mapped).
+            hva = slot.hva(region) >> PAGE_SHIFT
+            if len(vm.host.freed) and vm.host.freed.overlap(hva, hva + n):
                 continue
             first = int(sl[idx[0]])
             at = mmu.entry_at(root, region, level)
@@ -216,9 +222,8 @@ def get_dirty_log(vm: Vm, slot: object) -> dict:
 def clear_dirty_log(
     vm: Vm, slot: object, first_page: object, num_pages: object, bitmap: object
 ) -> dict:
-    """KVM_CLEAR_DIRTY_LOG (manual protect): clear the given bits and protect those pages."""
-    if not vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
-        raise einval("KVM_CLEAR_DIRTY_LOG needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+    """KVM_CLEAR_DIRTY_LOG: clear the given bits and protect those pages. The kernel does not
+    require manual protect for it (kvm_clear_dirty_log_protect has no such check)."""
     for name, v in (("first_page", first_page), ("num_pages", num_pages)):
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= uapi.U64_MASK:
             raise einval(f"{name} must be a u64")

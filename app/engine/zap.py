@@ -6,6 +6,7 @@ tables freed, roots invalidated, flushes, kicks), which is also appended to the 
 
 from __future__ import annotations
 
+import copy
 import errno
 import time
 from typing import TYPE_CHECKING
@@ -125,7 +126,9 @@ def record(
     flushes: int,
     kicks: int,
     t0: float,
+    **extra: int,
 ) -> dict:
+    """Append the zap event to the VM's log; the caller gets its own copy."""
     bits = vm.gfn_direct_bits
     for s, e, _role in acc.runs:
         if bits and s & bits:
@@ -148,11 +151,12 @@ def record(
         "tlb_flushes": flushes,
         "vcpu_kicks": kicks,
         "duration_us": int((time.perf_counter() - t0) * 1e6),
+        **extra,
     }
     vm.events.append(ev)
     if len(vm.events) > MAX_EVENTS:
         del vm.events[: len(vm.events) - MAX_EVENTS]
-    return ev
+    return copy.deepcopy(ev)
 
 
 def account_fault_zaps(vm: Vm, acc: ZapAcc) -> None:

@@ -309,6 +309,22 @@ def test_recovery_never_maps_a_discarded_host_page() -> None:
     check(vm)
 
 
+def test_recovery_after_late_thp_advice_never_maps_a_discarded_page() -> None:
+    """The 4K host pages were populated (and one discarded) before MADV_HUGEPAGE: nothing may
+    map the discarded page afterwards (kvm-private-tdx.md §7 rule 16), and it reads as zero.
+    (Linux keeps such a range PTE-mapped until khugepaged collapses it.)"""
+    vm = Vm.create(0, 1)
+    region(vm, 0, 0, 2 * MB, U)
+    access(vm, 0, 2 * MB, "read")
+    region(vm, 0, 0, 2 * MB, U, flags=LOG)
+    vm.apply("host_discard", dict(userspace_addr=U, len=KB4))
+    vm.apply("host_advise", dict(userspace_addr=U, len=2 * MB, advice="hugepage"))
+    region(vm, 0, 0, 2 * MB, U, flags=0)
+    check(vm)
+    assert vm.apply("load", dict(vcpu=0, gpa=0x10, len=4)) == {"data": "00000000"}
+    check(vm)
+
+
 # --------------------------------------------------------------------------- manual protect
 def test_manual_protect_get_is_not_destructive() -> None:
     vm = huge_vm(MANUAL)
