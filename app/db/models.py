@@ -86,6 +86,8 @@ class JournalRecord(Base):
     result: Mapped[Any | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # What replay must reuse rather than re-measure: {"durations": [zap event duration_us, …]}.
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class SnapshotRow(Base):

@@ -61,9 +61,17 @@ def append_journal(
     result: Any,
     error: dict[str, Any] | None,
     at: datetime | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> JournalRecord:
     rec = JournalRecord(
-        vm_id=vm_id, seq=seq, op=op, args=args, result=result, error=error, at=at or utcnow()
+        vm_id=vm_id,
+        seq=seq,
+        op=op,
+        args=args,
+        result=result,
+        error=error,
+        at=at or utcnow(),
+        meta=meta,
     )
     session.add(rec)
     return rec

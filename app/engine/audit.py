@@ -10,7 +10,7 @@ import numpy as np
 from . import spte as S
 from .paging import ENTRIES, span
 from .roots import Root, RootRole
-from .uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
+from .uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -184,7 +184,7 @@ def _check_leaves(
             level > 1
             and slot.flags & KVM_MEM_LOG_DIRTY_PAGES
             and not slot.flags & KVM_MEM_READONLY  # never dirtied: its huge leaves stay
-            and not vm.manual_dirty_log & KVM_DIRTY_LOG_INITIALLY_SET
+            and (slot.as_id, slot.id) not in vm.dirty_initially_set
         ):
             bad("no_huge_while_logging", "a huge leaf in a dirty-logging slot", gfn=g)
         if slot.flags & KVM_MEM_READONLY and (w[k:m] | hostw[k:m]).any():
@@ -254,9 +254,13 @@ def _check_leaves(
                 and not mirror
                 and vm.attrs.private.overlap(int(sl_g[hi[0]]), int(sl_g[hi[-1]]) + sp)
             ):
-                priv = vm.attrs.private_mask(int(sl_g[hi[0]]), int(sl_g[hi[-1]]) + 1)
-                rel = (sl_g[hi] - sl_g[hi[0]]).astype(np.int64)
-                if priv[rel].any():
+                if level > 1:
+                    # A huge leaf must not cover a PRIVATE gfn anywhere in its span.
+                    hit = any(vm.attrs.private.overlap(int(g), int(g) + sp) for g in sl_g[hi])
+                else:
+                    priv = vm.attrs.private_mask(int(sl_g[hi[0]]), int(sl_g[hi[-1]]) + 1)
+                    hit = bool(priv[(sl_g[hi] - sl_g[hi[0]]).astype(np.int64)].any())
+                if hit:
                     bad(
                         "shared_leaf_attribute",
                         "a shared leaf on a PRIVATE gfn",

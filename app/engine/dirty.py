@@ -87,6 +87,8 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
     key = (new.as_id, new.id)
     logging_old = bool(old.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES)
     logging_new = bool(new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES)
+    if not logging_new:
+        vm.free_dirty(key)  # the bitmap goes whenever logging is off (§2.3)
     if logging_old == logging_new or new.flags & uapi.KVM_MEM_READONLY:
         if logging_new and key not in vm.dirty:
             vm._alloc_dirty(new)
@@ -117,7 +119,6 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
             sptes_write_protected=wp,
         )
         return ev
-    vm.dirty.pop(key, None)
     recovered = 0
     for root in _direct_roots(vm, new.as_id):
         recovered += recover_huge_pages(vm, root, new, acc)
@@ -252,9 +253,29 @@ def clear_dirty_log(
         return {"cleared": 0}
     bm[mask] = False
     wp = 0
+    spans = _word_spans(mask) if vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET else []
     for root in _direct_roots(vm, s.as_id):
-        if vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
-            split_huge(vm, root, s.base_gfn + fp, s.base_gfn + fp + np_)
+        for a, b in spans:
+            split_huge(vm, root, s.base_gfn + a, s.base_gfn + b)
         wp += write_protect(vm, root, s.base_gfn, s.end_gfn, mask, s.base_gfn)
     flush_tlbs(vm)
     return {"cleared": int(np.count_nonzero(mask)), "sptes_write_protected": wp}
+
+
+def _word_spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Per 64-page word with bits set, [first set, last set] (what the kernel splits with
+    INITIALLY_SET: kvm_arch_mmu_enable_log_dirty_pt_masked), touching spans merged."""
+    words = -(-len(mask) // 64)
+    padded = np.zeros(words * 64, dtype=bool)
+    padded[: len(mask)] = mask
+    grid = padded.reshape(words, 64)
+    rows = np.flatnonzero(grid.any(axis=1))
+    first = rows * 64 + np.argmax(grid[rows], axis=1)
+    last = rows * 64 + 63 - np.argmax(grid[rows, ::-1], axis=1)
+    spans: list[tuple[int, int]] = []
+    for a, b in zip(first.tolist(), (last + 1).tolist(), strict=True):
+        if spans and spans[-1][1] == a:
+            spans[-1] = (spans[-1][0], b)
+        else:
+            spans.append((a, b))
+    return spans

@@ -168,8 +168,9 @@ class FaultPath:
         if slot is None:
             if private:
                 raise memory_fault_exit(gfn, True)
-            vm._install_mmio_spte(self.vcpu.as_id, pos, gfn)
-            vm.vstat(self.vcpu, "pf_mmio_spte_created")
+            if vm._install_mmio_spte(self.vcpu.as_id, pos, gfn) and not self.prefetch:
+                vm.vstat(self.vcpu, "pf_mmio_spte_created")
+                self.fault()
             at = max(pos << PAGE_SHIFT, self.gpa)
             # KVM reports a TD's shared MMIO GPA without the shared bit.
             raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), self.write)
@@ -186,6 +187,12 @@ class FaultPath:
         level = self.max_level(slot, gfn, private)
         if vm.is_tdx and private:
             return self.tdx_private(slot, gfn, stop, gmem)
+        if vm.is_tdx and self.exec_:
+            # A TD cannot execute from shared memory: tdx_handle_ept_violation's KVM_BUG_ON.
+            vm.bugged = f"instruction fetch from shared GPA {pos << PAGE_SHIFT:#x}"
+            err = KvmError(errno.EIO, f"KVM_BUG_ON: {vm.bugged}; the VM is dead")
+            err.state_changed = True
+            raise err
         root = vm.root_for(self.vcpu, RootRole.DIRECT)
         if level > 1:
             return self.map_huge(root, slot, gfn, shared_bits, stop, level)
@@ -206,8 +213,16 @@ class FaultPath:
         table = mmu.table_for(root, rs | sbits, level, self.acc)
         i = ((rs | sbits) >> (9 * (level - 1))) & 511
         old = int(mmu.pool.entries(table)[i])
-        if old & S.SPTE_MMU_PRESENT:  # an (emptied) table where the huge leaf goes
+        if old & S.SPTE_MMU_PRESENT:  # a table (maybe emptied by a precise zap) is in the way
+            if self.prefetch:
+                res.spurious += touched  # a prefetch never replaces a present SPTE
+                res.pages += touched
+                return touched
+            before = len(self.acc.runs)
             mmu.free_table(root, mmu.pool.child(old), self.acc)
+            del self.acc.runs[before:]  # remapped at once by the huge leaf: nothing to refault
+            self.acc.flush = True  # a present SPTE was replaced: the kernel flushes
+            self.fault()
         host_w = not slot.flags & _READONLY
         bits = S.leaf_bits(
             level=level,
@@ -294,13 +309,16 @@ class FaultPath:
         skip: np.ndarray | None = None,
     ) -> None:
         """The guest touches already-present leaves: hardware sets A (and D on a write);
-        a write to a write-protected leaf takes the fast page-fault path (§2.6)."""
+        a write to a write-protected leaf takes the fast page-fault path (§2.6). A prefetch
+        leaves present SPTEs alone (RET_PF_SPURIOUS)."""
         vm, res = self.vm, self.res
         ent = vm.mmu.pool.entries(table)[lo : lo + count]
         mask = np.ones(len(ent), dtype=bool)
         if skip is not None:
             mask[skip] = False
-        if self.write:
+        if self.prefetch:
+            pass
+        elif self.write:
             wp = mask & ((ent & S.U_W) == 0)
             if np.any(wp):
                 if np.any(wp & ((ent & S.U_MMU_WRITABLE) == 0)):
@@ -310,6 +328,7 @@ class FaultPath:
                 n = len(idx) * span(level)
                 res.wp_fixed += n
                 vm.vstat(self.vcpu, "pf_fast", len(idx))
+                self.fault(len(idx))
                 if slot.flags & _LOG_DIRTY and level == 1:
                     vm.mark_dirty(slot, gfn + idx)
             ent[mask] |= S.U_A | S.U_D
@@ -330,37 +349,63 @@ class FaultPath:
             res.refaults += ref
             self.vm.zapped.remove(start, end)
             self.vm.stats_extra["refaults"] += ref
-        self.vm.vstat(self.vcpu, "pf_fixed")
+        faults = 1 if level > 1 else n  # one EPT violation per leaf installed
+        if not self.prefetch:
+            self.vm.vstat(self.vcpu, "pf_fixed", faults)
+            self.fault(faults)
+
+    def fault(self, n: int = 1) -> None:
+        """vcpu->stat.pf_taken: real faults only (a pre-fault is not one)."""
+        if not self.prefetch:
+            self.vm.vstat(self.vcpu, "pf_taken", n)
 
     # -- TDX private ------------------------------------------------------------------------------
     def tdx_private(self, slot: Memslot, gfn: int, stop: int, gmem: GmemFile | None) -> int:
-        """Private GPAs of a TD go through the mirror root and the TDX module (§5)."""
+        """Private GPAs of a TD go through the mirror root and the TDX module (§5).
+
+        Mirror SPTEs only ever go non-present → present → non-present (§5.4): a guest touch
+        of an accepted page changes nothing in them.
+        """
         vm, mmu, res, tdx = self.vm, self.vm.mmu, self.res, self.vm.tdx
-        assert tdx is not None
+        assert tdx is not None and gmem is not None
         root = vm.root_for(self.vcpu, RootRole.MIRROR)
         count = min(stop - gfn, 512 - (gfn & 511))
         table = vm.mirror_table(root, gfn)
         lo = gfn & 511
         ent = mmu.pool.entries(table)[lo : lo + count]
         present = (ent & S.U_PRESENT) != 0
+        if self.prefetch:
+            # Pre-fault / accept: AUG every missing page of the run (they are PENDING).
+            self._aug(root, table, slot, gmem, gfn, np.flatnonzero(~present))
+            res.spurious += int(np.count_nonzero(present))
+            res.pages += count
+            return count
         # Accepted pages are plain accesses; the first page that is not stops the run.
         ok = present & tdx.accepted_mask(gfn, count)
         k = count if ok.all() else int(np.argmin(ok))
-        if k:
-            if not self.prefetch:
-                ent[:k] |= S.U_A
-            res.spurious += k
-            res.pages += k
+        res.spurious += k
+        res.pages += k
         if k == count:
             return count
-        g = gfn + k
         if not present[k]:
-            # EPT violation on a private GPA: TDH.MEM.PAGE.AUG of one page; it is PENDING.
-            assert gmem is not None
-            index = slot.gmem_index(g)
-            vm.gmem_allocate(gmem, index, 1)
-            pfn = gmem.base_pfn + index
-            bits = S.leaf_bits(
+            # EPT violation on a private GPA: TDH.MEM.PAGE.AUG of that page; it is PENDING.
+            self._aug(root, table, slot, gmem, gfn, np.array([k]))
+            res.pages += 1
+        # The guest touches a PENDING page: 6.18+ exits with MEMORY_FAULT, size 0 (§5.5).
+        raise memory_fault_exit(gfn + k, True, size=0)
+
+    def _aug(
+        self, root: Root, table: int, slot: Memslot, gmem: GmemFile, gfn: int, idx: np.ndarray
+    ) -> None:
+        """Install mirror leaves at entries `idx` of the run starting at `gfn`, one PAGE.AUG
+        per page; their pfns are the slot's guest_memfd pages."""
+        if not len(idx):
+            return
+        vm, lo = self.vm, gfn & 511
+        first = slot.gmem_index(gfn)
+        vm.gmem_allocate(gmem, first + int(idx[0]), int(idx[-1] - idx[0]) + 1)
+        bits = np.uint64(
+            S.leaf_bits(
                 level=1,
                 writable=True,
                 host_writable=True,
@@ -368,22 +413,27 @@ class FaultPath:
                 ipat=False,
                 accessed=not self.prefetch,
             )
-            mmu.set_leaves(
-                root, table, lo + k, np.array([bits | (pfn << S.PFN_SHIFT)], dtype=np.uint64), 1
-            )
-            tdx.aug(g, 1)
-            self._mapped(g, g + 1, 1)
-            res.pages += 1
-            if self.prefetch:
-                return k + 1
-        if self.prefetch:
-            return k + 1  # pre-fault maps; it never touches the page
-        # The guest touches a PENDING page: 6.18+ exits with MEMORY_FAULT, size 0 (§5.5).
-        raise memory_fault_exit(g, True, size=0)
+        )
+        pfns = np.uint64(gmem.base_pfn + first) + idx.astype(np.uint64)
+        ent = vm.mmu.pool.entries(table)
+        ent[lo + idx] = bits | (pfns << S.U_SHIFT)
+        root.leaves[1] += len(idx)
+        vm.mmu.pages[1] += len(idx)
+        for a, b in index_runs(idx):
+            assert vm.tdx is not None
+            vm.tdx.aug(gfn + a, b - a)
+            self._mapped(gfn + a, gfn + b, 1)
 
 
 def check_access_range(vm: Vm, gpa: object, size: object, max_bytes: int) -> tuple[int, int]:
-    if not isinstance(gpa, int) or not isinstance(size, int) or gpa < 0 or size <= 0:
+    if (
+        isinstance(gpa, bool)
+        or isinstance(size, bool)
+        or not isinstance(gpa, int)
+        or not isinstance(size, int)
+        or gpa < 0
+        or size <= 0
+    ):
         raise einval("gpa and size must be non-negative integers, size > 0")
     if gpa + size > vm.gpa_limit:
         raise einval(f"range ends beyond the guest physical address space ({vm.gpa_limit:#x})")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 
+import numpy as np
+
 
 class IntervalSet:
     __slots__ = ("starts", "ends")
@@ -57,6 +59,22 @@ class IntervalSet:
         self.starts[i:j] = new_s
         self.ends[i:j] = new_e
         return removed
+
+    def clipped(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of the set inside [start, end), found by bisection."""
+        i = bisect_right(self.ends, start)
+        out = []
+        while i < len(self.starts) and self.starts[i] < end:
+            out.append((max(self.starts[i], start), min(self.ends[i], end)))
+            i += 1
+        return out
+
+    def mask(self, start: int, count: int) -> np.ndarray:
+        """bool[count]: which of start … start+count-1 are in the set."""
+        out = np.zeros(count, dtype=bool)
+        for s, e in self.clipped(start, start + count):
+            out[s - start : e - start] = True
+        return out
 
     def overlap(self, start: int, end: int) -> int:
         i = bisect_right(self.ends, start)

@@ -53,15 +53,7 @@ class TdxState:
         self._op("TDH.MEM.PAGE.AUG", gfn, gfn + n, n)
 
     def accepted_mask(self, gfn: int, count: int) -> np.ndarray:
-        mask = np.zeros(count, dtype=bool)
-        end = gfn + count
-        for s, e in self.accepted:
-            if e <= gfn:
-                continue
-            if s >= end:
-                break
-            mask[max(s, gfn) - gfn : min(e, end) - gfn] = True
-        return mask
+        return self.accepted.mask(gfn, count)
 
     def accept(self, gfn: int, n: int) -> tuple[int, int]:
         """The guest accepts PENDING pages; returns (accepted, re-accepted)."""
@@ -89,13 +81,9 @@ class TdxState:
             self._op("TDH.MEM.PAGE.REMOVE", gfn, gfn + n, n)
             self._op("TDH.PHYMEM.PAGE.WBINVD", gfn, gfn + n, n)
             self.blocked.remove(gfn, gfn + n)
-        accepted = self.accepted.overlap(gfn, gfn + n)
-        if accepted:
-            for s, e in list(self.accepted):
-                lo, hi = max(s, gfn), min(e, gfn + n)
-                if lo < hi:
-                    self.lost.add(lo, hi)
-            self.accepted.remove(gfn, gfn + n)
+        for lo, hi in self.accepted.clipped(gfn, gfn + n):
+            self.lost.add(lo, hi)
+        self.accepted.remove(gfn, gfn + n)
 
     def free_table(self, gfn: int, level: int) -> None:
         if self.hkid_assigned:

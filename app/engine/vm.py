@@ -48,6 +48,7 @@ from .zap import (
 
 ZAP_POLICIES = ("kvm", "zap_all_shared_only")
 MAX_ACCESS_BYTES = 1 << 40  # one call may touch at most 1 TiB
+MAX_DATA_BYTES = 1 << 20  # bytes one host/guest_memfd read or write may carry
 DEFAULT_TABLE_BUDGET = 1 << 20  # page-table pages per VM (4 GiB of tables)
 
 
@@ -113,6 +114,9 @@ class Vm:
         self.mmu = Mmu(paging_levels)
         self.tdx = TdxState() if self.is_tdx else None
         self.dirty: dict[tuple[int, int], np.ndarray] = {}  # slot key -> bool[npages]
+        # Slots whose logging began with KVM_DIRTY_LOG_INITIALLY_SET: huge leaves may stay
+        # until KVM_CLEAR_DIRTY_LOG splits them.
+        self.dirty_initially_set: set[tuple[int, int]] = set()
         self.zapped = IntervalSet()  # GFNs whose mapping a zap removed and no fault restored
         self.stats_kvm = dict.fromkeys(KVM_STAT_NAMES, 0)
         self.stats_extra: dict[str, int] = {
@@ -128,7 +132,10 @@ class Vm:
         self.events: list[dict[str, Any]] = []
         self.event_seq = 0
         self.destroyed = False
+        self.bugged: str | None = None  # KVM_BUG_ON fired: every later ioctl fails with EIO
         self.now = 0.0
+        self.replay_durations: list[int] = []
+        self.last_durations: list[int] = []
         for i in range(nr_vcpus):
             self.vcpus[i] = Vcpu(i)
 
@@ -160,13 +167,27 @@ class Vm:
         return not self.disabled_quirks & uapi.Quirk.KVM_X86_QUIRK_IGNORE_GUEST_PAT
 
     # ------------------------------------------------------------------ dispatch
-    def apply(self, op: str, args: dict[str, Any] | None = None, at: float | None = None) -> dict:
-        """The one entry point of every mutating call (journaled by the service)."""
-        handler: Callable[..., dict] | None = _OPS.get(op)
+    def apply(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        at: float | None = None,
+        durations: list[int] | None = None,
+    ) -> dict:
+        """The one entry point of every mutating call (journaled by the service).
+
+        `at` stamps the call's zap events; `durations`, on replay, gives back the zap durations
+        measured the first time (`last_durations` after the call), so replay is exact.
+        """
+        handler: Callable[..., dict] | None = _OPS.get(op) if isinstance(op, str) else None
         if handler is None:
             raise einval(f"unknown operation {op!r}")
+        if not isinstance(op, str):
+            raise einval("op must be a string")
         if self.destroyed and op != "destroy":
             raise KvmError(errno.EIO, "the VM has been destroyed")
+        if self.bugged and op != "destroy":
+            raise KvmError(errno.EIO, f"the VM is dead (KVM_BUG_ON: {self.bugged})")
         if not isinstance(args, dict | type(None)):
             raise einval("args must be an object")
         try:
@@ -174,6 +195,8 @@ class Vm:
         except TypeError as e:
             raise einval(f"{op}: {e}") from None
         self.now = time.time() if at is None else at
+        self.replay_durations = list(durations or [])
+        self.last_durations = []
         return handler(self, **(args or {}))
 
     # ------------------------------------------------------------------ vCPUs / caps
@@ -213,8 +236,27 @@ class Vm:
         return {}
 
     # ------------------------------------------------------------------ memslots
-    def _set_user_memory_region(self, **args: Any) -> dict:
-        req = RegionRequest.from_args(args)
+    def _set_user_memory_region(
+        self,
+        slot: object,
+        flags: object = 0,
+        guest_phys_addr: object = 0,
+        memory_size: object = 0,
+        userspace_addr: object = 0,
+        guest_memfd: object = 0,
+        guest_memfd_offset: object = 0,
+    ) -> dict:
+        req = RegionRequest.from_args(
+            dict(
+                slot=slot,
+                flags=flags,
+                guest_phys_addr=guest_phys_addr,
+                memory_size=memory_size,
+                userspace_addr=userspace_addr,
+                guest_memfd=guest_memfd,
+                guest_memfd_offset=guest_memfd_offset,
+            )
+        )
         change = check_region(
             req,
             vm_type=self.vm_type,
@@ -268,13 +310,13 @@ class Vm:
             space.install(new)
             key = (old.as_id, old.id)
             if not new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
-                self.dirty.pop(key, None)
+                self.free_dirty(key)
             elif key not in self.dirty:
                 self._alloc_dirty(new)
             self._swap(new.as_id)
             return {"change": kind.value, "memslot": self._slot_dict(new), "zap": zap}
         space.remove(old.id)
-        self.dirty.pop((old.as_id, old.id), None)
+        self.free_dirty((old.as_id, old.id))
         if old.guest_memfd is not None:
             self.gmem.unbind(old.guest_memfd, (old.as_id, old.id))
         self._swap(old.as_id)
@@ -324,22 +366,26 @@ class Vm:
 
     # ------------------------------------------------------------------ zapping
     # ------------------------------------------------------------------ MMIO SPTEs
-    def _install_mmio_spte(self, as_id: int, pos: int, gfn: int) -> None:
-        """Cache 'no memslot' for the GFN in the direct root (§1.5.3); TDX value is 0."""
-        if pos > self.max_gfn:
-            return
+    def _install_mmio_spte(self, as_id: int, pos: int, gfn: int) -> bool:
+        """Cache 'no memslot' for the GFN in the direct root (§1.5.3); TDX value is 0.
+
+        Returns whether a new SPTE was written: a hit on a valid cached one takes KVM's MMIO
+        fast path (no page fault at all).
+        """
+        if pos > self.max_gfn or self.mmu.pool.live + self.paging_levels > self.table_budget:
+            return False  # KVM then emulates without caching an MMIO SPTE
         vcpu_root = self.mmu.get_root(as_id, RootRole.DIRECT)
-        self._check_budget(self.paging_levels)
         table = self.mmu.table_for(vcpu_root, pos, 1, ZapAcc())
-        gen = self.spaces[as_id].generation
-        value = S.mmio_spte(gfn, gen)
+        value = S.mmio_spte(gfn, self.spaces[as_id].generation)
         if self.is_tdx:
             value &= ~(S.EPT_MMIO_VALUE | S.SUPPRESS_VE)
         ent = self.mmu.pool.entries(table)
         old = int(ent[pos & 511])
-        if not old & S.SPTE_MMU_PRESENT and old != value:
-            ent[pos & 511] = np.uint64(value)
-            self.stats_extra["mmio_sptes"] += 1
+        if old & S.SPTE_MMU_PRESENT or old == value:
+            return False
+        ent[pos & 511] = np.uint64(value)
+        self.stats_extra["mmio_sptes"] += 1
+        return True
 
     # ------------------------------------------------------------------ faults
     def root_for(self, vcpu: Vcpu, role: RootRole) -> Root:
@@ -383,8 +429,10 @@ class Vm:
             raise KvmError(errno.ENOMEM, "the service's page-table budget for this VM is spent")
 
     def _budget_for(self, size: int) -> int:
+        """Tables a call over `size` bytes may build at most: its leaf tables plus one path
+        per level above them (checked before anything is allocated)."""
         pages = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
-        return (pages >> 9) + (pages >> 18) + self.paging_levels + 2
+        return -(-pages // 512) + -(-pages // (512 * 512)) + self.paging_levels - 1
 
     def _access(
         self,
@@ -401,7 +449,6 @@ class Vm:
         self._check_private_hint(private, g)
         self._check_budget(self._budget_for(n))
         v.running = True
-        self.vstat(v, "pf_taken")
         return FaultPath(self, v, str(access)).run(g, n).to_dict()
 
     def _check_private_hint(self, private: object, gpa: int) -> None:
@@ -425,34 +472,32 @@ class Vm:
             raise einval("the GPA is a shared-bit alias")
         if g + n > self.gpa_limit:
             raise einval("range beyond the guest physical address space")
+        if n > MAX_ACCESS_BYTES:
+            raise KvmError(errno.E2BIG, f"one call covers at most {MAX_ACCESS_BYTES:#x} bytes")
         self._check_budget(self._budget_for(n))
-        done = 0
-        while n:
-            gfn = g >> PAGE_SHIFT
-            private = self.has_private_mem and self.attrs.get(gfn) != 0
-            pos = gfn if private or not self.is_tdx else gfn | self.gfn_direct_bits
+        start, end = g >> PAGE_SHIFT, (g + n) >> PAGE_SHIFT
+        gfn = start
+        err: KvmError | None = None
+        # One prefetch walk per run of equal privacy: private runs map through the mirror
+        # root (TDX) or from guest_memfd, shared ones through the direct root (§2.8 step 4).
+        for a, b, attrs in self.attrs.pieces(start, end):
+            private = self.has_private_mem and attrs != 0
+            bits = self.gfn_direct_bits if not private else 0
             fp = FaultPath(self, v, "write" if private else "read", prefetch=True)
-            slot = self.spaces[v.as_id].find(gfn)
-            if slot is None:
-                err = KvmError(errno.ENOENT, f"no memslot at gpa {g:#x}")
+            res = fp.run((a | bits) << PAGE_SHIFT, (b - a) << PAGE_SHIFT)
+            gfn = a + res.pages
+            if res.exit is not None:
+                reason = res.exit["reason"]
+                err = (
+                    KvmError(errno.ENOENT, f"no memslot at gpa {gfn << PAGE_SHIFT:#x}")
+                    if reason == "KVM_EXIT_MMIO"
+                    else KvmError(errno.EFAULT, f"pre-fault at {gfn << PAGE_SHIFT:#x}: {reason}")
+                )
                 break
-            fp.run(pos << PAGE_SHIFT, PAGE_SIZE)
-            if fp.res.exit is not None:
-                err = KvmError(errno.EFAULT, f"pre-fault at {g:#x} ended in {fp.res.exit}")
-                break
-            _t, _i, level, _e = self.mmu.lookup(
-                self.root_for(v, RootRole.MIRROR if self.is_tdx and private else RootRole.DIRECT),
-                pos,
-            )
-            step = min(n, (span(level) << PAGE_SHIFT) - (g & ((span(level) << PAGE_SHIFT) - 1)))
-            g += step
-            n -= step
-            done += 1
-        else:
-            return {"gpa": g, "size": 0}
-        if done:
-            return {"gpa": g, "size": n}
-        raise err
+        left = (end - gfn) << PAGE_SHIFT
+        if err is not None and gfn == start:
+            raise err
+        return {"gpa": gfn << PAGE_SHIFT, "size": left}
 
     def _accept(self, vcpu: object, gpa: object, size: object = PAGE_SIZE) -> dict:
         """A TD guest's TDG.MEM.PAGE.ACCEPT: AUG the page if it is missing, then accept it."""
@@ -464,25 +509,18 @@ class Vm:
             raise einval("gpa/size must be page aligned, non-empty, inside the GPA space")
         if (g >> PAGE_SHIFT) & self.gfn_direct_bits:
             raise einval("only private GPAs are accepted")
+        if n > MAX_ACCESS_BYTES:
+            raise KvmError(errno.E2BIG, f"one call covers at most {MAX_ACCESS_BYTES:#x} bytes")
         self._check_budget(self._budget_for(n))
         v.running = True
-        gfn, end = g >> PAGE_SHIFT, (g + n) >> PAGE_SHIFT
-        accepted = reaccepted = 0
-        result = None
-        while gfn < end:
-            fp = FaultPath(self, v, "write", prefetch=True)
-            res = fp.run(gfn << PAGE_SHIFT, (end - gfn) << PAGE_SHIFT)
-            reached = gfn + res.pages
-            if res.exit is not None and res.exit.get("size") != 0:
-                result = res.exit  # not a pending page: a real exit
-            stop = reached if result is not None else min(end, max(reached, gfn + 1))
-            self._zero_on_accept(gfn, stop)
-            a, r = self.tdx.accept(gfn, stop - gfn)
-            accepted += a
-            reaccepted += r
-            if result is not None:
-                break
-            gfn = stop
+        gfn = g >> PAGE_SHIFT
+        # ACCEPT of a missing page is an EPT violation: KVM AUGs it (a prefetch-like walk that
+        # maps without touching), then the module accepts it.
+        res = FaultPath(self, v, "write", prefetch=True).run(g, n)
+        stop = gfn + res.pages
+        self._zero_on_accept(gfn, stop)
+        accepted, reaccepted = self.tdx.accept(gfn, stop - gfn)
+        result = res.exit
         return {"accepted": accepted, "reaccepted": reaccepted, "exit": result}
 
     def _zero_on_accept(self, gfn: int, end: int) -> None:
@@ -493,13 +531,14 @@ class Vm:
             return
         fresh = ~self.tdx.accepted_mask(gfn, end - gfn)
         for a, b in _bool_runs(fresh):
-            slot = self.spaces[0].find(gfn + a)
-            file = self.gmem.lookup(slot.guest_memfd) if slot is not None else None
-            if slot is None or file is None or not file.contents:
-                continue
-            lo, hi = slot.gmem_index(gfn + a), slot.gmem_index(min(gfn + b, slot.end_gfn))
-            for index in [i for i in file.contents if lo <= i < hi]:
-                del file.contents[index]
+            for slot in self.spaces[0].overlapping(gfn + a, b - a):
+                file = self.gmem.lookup(slot.guest_memfd)
+                if file is None or not file.contents:
+                    continue
+                g0, g1 = max(gfn + a, slot.base_gfn), min(gfn + b, slot.end_gfn)
+                lo, hi = slot.gmem_index(g0), slot.gmem_index(g1)
+                for index in [i for i in file.contents if lo <= i < hi]:
+                    del file.contents[index]
 
     # ------------------------------------------------------------------ load / store
     def _load(self, vcpu: object, gpa: object, len: object, private: object = None) -> dict:
@@ -520,6 +559,7 @@ class Vm:
         v = self.vcpu(vcpu)
         g, _ = check_access_range(self, gpa, length, PAGE_SIZE)
         self._check_private_hint(private, g)
+        self._check_budget(self._budget_for(length))
         v.running = True
         res = FaultPath(self, v, "read" if payload is None else "write").run(g, length)
         if res.exit is not None:
@@ -562,12 +602,14 @@ class Vm:
 
     def host_read(self, userspace_addr: object, len: object) -> dict:
         a, n = self._host_range(userspace_addr, len)
-        if n > 1 << 20:
+        if n > MAX_DATA_BYTES:
             raise KvmError(errno.E2BIG, "read at most 1 MiB at once")
         return {"data": self.host.read(a, n).hex()}
 
     def _host_write(self, userspace_addr: object, data: object) -> dict:
         payload = _hex_bytes(data)
+        if len(payload) > MAX_DATA_BYTES:
+            raise KvmError(errno.E2BIG, "write at most 1 MiB at once")
         a, _ = self._host_range(userspace_addr, max(1, len(payload)))
         if payload:
             # A write through the VMM's mapping breaks nothing KVM maps: same pfn, new bytes.
@@ -599,7 +641,11 @@ class Vm:
     def _host_map(self, userspace_addr: object, len: object, page_size: object) -> dict:
         """An mmap of hugetlbfs: the range is backed by pages of `page_size`."""
         a, n = self._host_range(userspace_addr, len)
-        if page_size not in LEVEL_OF_SIZE or isinstance(page_size, bool):
+        if (
+            not isinstance(page_size, int)
+            or isinstance(page_size, bool)
+            or (page_size not in LEVEL_OF_SIZE)
+        ):
             raise einval("page_size must be 4096, 2097152 or 1073741824")
         ps = int(page_size)
         if a % ps or n % ps:
@@ -631,6 +677,8 @@ class Vm:
     def _gmem_write(self, fd: object, offset: object, data: object) -> dict:
         file = self._mappable(fd)
         payload = _hex_bytes(data)
+        if len(payload) > MAX_DATA_BYTES:
+            raise KvmError(errno.E2BIG, "write at most 1 MiB at once")
         off = check_u64(offset, "offset")
         if off + len(payload) > file.size:
             raise einval("write beyond the end of the file")
@@ -648,6 +696,9 @@ class Vm:
         file = self.gmem.get(fd)
         if not file.flags & uapi.GmemFlag.GUEST_MEMFD_FLAG_MMAP or file.closed:
             raise KvmError(errno.ENODEV, "only MMAP guest_memfd files can be read or written")
+        if not file.flags & uapi.GmemFlag.GUEST_MEMFD_FLAG_INIT_SHARED:
+            # kvm_gmem_fault_user_mapping: SIGBUS unless the memory is shared.
+            raise KvmError(errno.EFAULT, "guest_memfd memory is not shared (no INIT_SHARED)")
         return file
 
     # ------------------------------------------------------------------ attributes
@@ -661,40 +712,28 @@ class Vm:
         zap = None
         to_private = bool(attrs & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
         if self.has_private_mem:
-            # Zap the view being left. Direct roots may hold huge leaves straddling the range,
-            # so their zap widens to whole huge regions; mirror leaves are always 4K.
+            # Zap the view being left, exactly [start, end): a huge leaf straddling the range
+            # intersects it and goes too (mmu.c: only the head/tail huge regions join the
+            # in-progress invalidation, the unmap itself is the changed range).
             leaving_mirror = self.is_tdx and not to_private
-            w0, w1 = (start, end) if leaving_mirror else self._widen(start, end)
             roles = {RootRole.MIRROR} if leaving_mirror else {RootRole.DIRECT}
-            overlapping = any(sp.overlapping(w0, w1 - w0) for sp in self.spaces)
-            if overlapping:
-                zap = zap_gfn_range(self, [0], w0, w1, roles, "attributes", "zap_gfn_range")
+            if any(sp.overlapping(start, end - start) for sp in self.spaces):
+                zap = zap_gfn_range(self, [0], start, end, roles, "attributes", "zap_gfn_range")
         self.attrs.set(start, end, attrs)
         return {"zap": zap, "changed": True}
 
-    def _widen(self, start: int, end: int) -> tuple[int, int]:
-        """Head and tail grow to the enclosing huge region when a huge leaf may map it: the
-        region lies inside one memslot and its attributes are not mixed (§3.4)."""
-        for level in (2, 3):
-            n = span(level)
-            for region in {start & ~(n - 1), (end - 1) & ~(n - 1)}:
-                if region < start or region + n > end:
-                    slot = self.spaces[0].find(region)
-                    if (
-                        slot is not None
-                        and slot.base_gfn <= region
-                        and region + n <= slot.end_gfn
-                        and self.attrs.is_uniform(region, region + n)
-                    ):
-                        start, end = min(start, region), max(end, region + n)
-        return start, end
-
     # ------------------------------------------------------------------ dirty logging
     def _alloc_dirty(self, slot: Memslot) -> None:
-        initially_set = self.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET
-        self.dirty[(slot.as_id, slot.id)] = (
-            np.ones(slot.npages, dtype=bool) if initially_set else np.zeros(slot.npages, bool)
-        )
+        key = (slot.as_id, slot.id)
+        if self.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
+            self.dirty[key] = np.ones(slot.npages, dtype=bool)
+            self.dirty_initially_set.add(key)
+        else:
+            self.dirty[key] = np.zeros(slot.npages, dtype=bool)
+
+    def free_dirty(self, key: tuple[int, int]) -> None:
+        self.dirty.pop(key, None)
+        self.dirty_initially_set.discard(key)
 
     def _apply_dirty_flags(self, old: Memslot, new: Memslot) -> dict | None:
         from . import dirty

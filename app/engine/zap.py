@@ -42,9 +42,8 @@ def flush_tlbs(vm: Vm) -> int:
     vm.stats_kvm["remote_tlb_flush_requests"] += 1
     if running_vcpus(vm):
         vm.stats_kvm["remote_tlb_flush"] += 1
-    if vm.tdx is not None:
-        vm.tdx.epoch += 1
-        vm.tdx._op("TDH.MEM.TRACK", 0, 0)
+    # A TD's flush is an INVEPT of the shared EPT (tdx_flush_tlb_all); TDH.MEM.TRACK happens
+    # only per private page removed, in TdxState.remove_leaves.
     return 1
 
 
@@ -104,15 +103,32 @@ def zap_gfn_range(
     vm: Vm, as_ids: list[int], start: int, end: int, roles: set[RootRole], cause: str, path: str
 ) -> dict:
     """kvm_unmap_gfn_range for notifier, attribute and guest_memfd invalidations."""
+    return zap_gfn_ranges(vm, [(a, start, end) for a in as_ids], roles, cause, path)
+
+
+def zap_gfn_ranges(
+    vm: Vm, ranges: list[tuple[int, int, int]], roles: set[RootRole], cause: str, path: str
+) -> dict:
+    """Several (as_id, start, end) ranges as one invalidation: one flush if anything went,
+    one event (what a guest_memfd invalidation over several bindings does)."""
     t0 = time.perf_counter()
     acc = ZapAcc()
-    for as_id in as_ids:
+    for as_id, s, e in ranges:
         for root in vm.mmu.roots_of(as_id):
             if root.role in roles:
-                zap_root_range(vm, root, start, end, acc)
+                zap_root_range(vm, root, s, e, acc)
+    start = min(s for _, s, _ in ranges)
+    end = max(e for _, _, e in ranges)
     flushes = flush_tlbs(vm) if acc.flush else 0
     kicks = running_vcpus(vm) if flushes else 0
     return record(vm, cause, path, start, end, acc, 0, flushes, kicks, t0)
+
+
+def measured_duration(vm: Vm, t0: float) -> int:
+    """Wall-clock time of a zap; on replay, the time measured when the call first ran."""
+    d = vm.replay_durations.pop(0) if vm.replay_durations else int((time.perf_counter() - t0) * 1e6)
+    vm.last_durations.append(d)
+    return d
 
 
 def record(
@@ -150,7 +166,7 @@ def record(
         "roots_invalidated": invalidated,
         "tlb_flushes": flushes,
         "vcpu_kicks": kicks,
-        "duration_us": int((time.perf_counter() - t0) * 1e6),
+        "duration_us": measured_duration(vm, t0),
         **extra,
     }
     vm.events.append(ev)
@@ -160,12 +176,13 @@ def record(
 
 
 def account_fault_zaps(vm: Vm, acc: ZapAcc) -> None:
-    """Huge leaves a fault replaced by tables are zapped too (and may refault)."""
-    if acc.total():
-        for s, e, _ in acc.runs:
-            vm.zapped.add(s & ~vm.gfn_direct_bits, ((e - 1) & ~vm.gfn_direct_bits) + 1)
-        if acc.flush:
-            flush_tlbs(vm)
+    """What a fault zapped on its way (a huge leaf split into a table may refault; a table
+    replaced by a huge leaf is remapped at once) and the flush that replacing a present SPTE
+    needs."""
+    for s, e, _ in acc.runs:
+        vm.zapped.add(s & ~vm.gfn_direct_bits, ((e - 1) & ~vm.gfn_direct_bits) + 1)
+    if acc.flush:
+        flush_tlbs(vm)
 
 
 def explicit_zap(
@@ -231,16 +248,18 @@ def notifier_invalidate(vm: Vm, first: int, end: int) -> dict | None:
 
 
 def gmem_invalidate(vm: Vm, file: GmemFile, first: int, end: int, cause: str) -> dict | None:
-    """kvm_gmem_invalidate: zap the private mappings of every slot bound to the range."""
-    zap = None
+    """kvm_gmem_invalidate: zap the private mappings of every slot bound to the range, as
+    one invalidation (the flush flag is ORed over the bindings: one flush, one event)."""
+    ranges = []
     for start, n, key in file.bindings_in(first, end):
         slot = vm.spaces[key[0]].get(key[1])
-        if slot is None:
-            continue
-        g0 = slot.base_gfn + (start - slot.gmem_pgoff)
-        roles = {RootRole.MIRROR} if vm.is_tdx else {RootRole.DIRECT}
-        zap = zap_gfn_range(vm, [key[0]], g0, g0 + n, roles, cause, "zap_gfn_range")
-    return zap
+        if slot is not None:
+            g0 = slot.base_gfn + (start - slot.gmem_pgoff)
+            ranges.append((key[0], g0, g0 + n))
+    if not ranges:
+        return None
+    roles = {RootRole.MIRROR} if vm.is_tdx else {RootRole.DIRECT}
+    return zap_gfn_ranges(vm, ranges, roles, cause, "zap_gfn_range")
 
 
 def destroy(vm: Vm) -> dict:

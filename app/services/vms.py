@@ -165,10 +165,13 @@ class _Replay:
     args: dict[str, Any]
     error: dict[str, Any] | None
     at: float
+    durations: list[int] | None = None
 
     @classmethod
     def of(cls, rec: JournalRecord) -> _Replay:
-        return cls(rec.seq, rec.op, rec.args, rec.error, us_to_engine_time(datetime_to_us(rec.at)))
+        at = us_to_engine_time(datetime_to_us(rec.at))
+        durations = (rec.meta or {}).get("durations")
+        return cls(rec.seq, rec.op, rec.args, rec.error, at, durations)
 
 
 @dataclass
@@ -438,6 +441,7 @@ class VmService:
                     result=None if raised else _result_summary(result),
                     error=error,
                     at=us_to_datetime(at_us),
+                    meta={"durations": vm.last_durations} if vm.last_durations else None,
                 )
                 row.last_seq = seq
                 row.summary = _json_copy(vm.info())
@@ -674,7 +678,7 @@ class VmService:
                 continue
             r = _Replay.of(rec)
             try:
-                vm.apply(r.op, _json_copy(r.args), at=r.at)
+                vm.apply(r.op, _json_copy(r.args), at=r.at, durations=r.durations)
                 outcome: int | None = None
             except KvmError as e:
                 outcome = e.errno

@@ -57,8 +57,9 @@ async def drive(svc: VmService, vm_id: str) -> None:
 
 
 def fingerprint(vm: Any) -> dict[str, Any]:
-    """Everything a client can observe of a VM (zap durations are wall-clock, not state)."""
-    events = [{k: v for k, v in e.items() if k != "duration_us"} for e in vm.zap_events()]
+    """Everything a client can observe of a VM, zap durations included (the journal keeps the
+    measured ones, so replay gives them back bit for bit)."""
+    events = vm.zap_events()
     # Deep copy: some views hand out live engine dicts that later calls keep changing.
     return copy.deepcopy(
         {

@@ -46,7 +46,15 @@ class FakeVm:
             raise KvmError(errno.EINVAL, "unsupported")
         return cls(vm_type, vcpus, paging_levels, name)
 
-    def apply(self, op: str, args: dict[str, Any], at: float | None = None) -> dict[str, Any]:
+    last_durations: list[int] = []  # the fake measures nothing
+
+    def apply(
+        self,
+        op: str,
+        args: dict[str, Any],
+        at: float | None = None,
+        durations: list[int] | None = None,
+    ) -> dict[str, Any]:
         st = self.state
         # Like the engine's zap events: state stamped with the call's time.
         st["last_at"] = at
