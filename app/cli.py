@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
+
+from pydantic import ValidationError
 
 from app.config import Settings
 
+# The exit status of a command given bad arguments or settings (as argparse uses).
+EXIT_USAGE = 2
+# Settings that also have a command-line option.
+_OPTIONS = ("host", "port")
 
-def _serve(args: argparse.Namespace) -> int:
+
+def _describe(e: ValidationError) -> str:
+    """One line naming each bad setting the way the operator set it."""
+    parts = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        where = f"VKMMU_{field.upper()}"
+        if field in _OPTIONS:
+            where = f"--{field} / {where}"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def _serve(settings: Settings) -> int:
     import uvicorn
 
     from app.main import create_app
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = Settings(**overrides)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -25,10 +44,9 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _migrate(args: argparse.Namespace) -> int:
+def _migrate(settings: Settings) -> int:
     from app.services import lifecycle
 
-    settings = Settings()
     lifecycle.migrate(settings.database_url)
     print(f"database schema at head: {settings.database_url}")
     return 0
@@ -44,7 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     migrate = sub.add_parser("migrate", help="bring the database schema up to date (Alembic)")
     migrate.set_defaults(func=_migrate)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    overrides: dict[str, Any] = {
+        k: v for k in _OPTIONS if (v := getattr(args, k, None)) is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        # A setting out of range is the operator's mistake: say which, in one line.
+        print(f"vkmmu: invalid settings: {_describe(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    return int(args.func(settings))
 
 
 if __name__ == "__main__":

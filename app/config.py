@@ -20,8 +20,12 @@ class Settings(BaseSettings):
     snapshot_every: int = Field(default=1000, ge=1)
     # Request bodies above this many bytes are refused with 413 before they are parsed.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
-    # Page-table memory the whole service may spend; work beyond it answers ENOMEM (507).
+    # Page-table memory the whole service may spend: all loaded VMs together, not each VM.
+    # A call that would take the service past it answers ENOMEM (507) and changes nothing.
     page_table_budget_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=0)
+    # VMs held in memory at once; past it the least recently used idle ones are evicted
+    # (they reload from their newest snapshot and the journal on next use).
+    max_loaded_vms: int = Field(default=64, ge=1)
     log_level: str = "INFO"
 
 

@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
                 settings.database_url,
                 snapshot_every=settings.snapshot_every,
                 page_table_budget_bytes=settings.page_table_budget_bytes,
+                max_loaded_vms=settings.max_loaded_vms,
             )
         await svc.start()
         try:

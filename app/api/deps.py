@@ -6,9 +6,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 
 from app.api.errors import ApiProblem
-from app.api.schemas.common import ID_PATTERN, U32, Limit, parse_int
+from app.api.schemas.common import ID_PATTERN, INT_STRING_PATTERN, U32, Limit, parse_int
 
 if TYPE_CHECKING:
     from app.engine.vm import Vm
@@ -26,10 +27,10 @@ class VmServiceLike(Protocol):
         self,
         *,
         name: str | None,
-        vm_type: int,
-        vcpus: int,
-        paging_levels: int,
-        from_snapshot: str | None,
+        vm_type: int | None = None,
+        vcpus: int | None = None,
+        paging_levels: int | None = None,
+        from_snapshot: str | None = None,
         tenant: str = "default",
     ) -> tuple[dict[str, Any], str]: ...
 
@@ -39,7 +40,7 @@ class VmServiceLike(Protocol):
 
     async def get_vm(self, vm_id: str) -> tuple[dict[str, Any], str]: ...
 
-    async def delete_vm(self, vm_id: str) -> dict[str, Any]: ...
+    async def delete_vm(self, vm_id: str, *, if_match: str | None = None) -> dict[str, Any]: ...
 
     async def mutate(
         self, vm_id: str, op: str, args: dict[str, Any], *, if_match: str | None = None
@@ -52,8 +53,12 @@ class VmServiceLike(Protocol):
     async def list_snapshots(self, vm_id: str) -> list[dict[str, Any]]: ...
 
     async def restore_snapshot(
-        self, vm_id: str, snapshot_id: str
+        self, vm_id: str, snapshot_id: str, *, if_match: str | None = None
     ) -> tuple[dict[str, Any], str]: ...
+
+    async def stats_summaries(self) -> dict[str, dict[str, Any]]: ...
+
+    def loaded_vms(self) -> dict[str, Any]: ...
 
 
 def get_service(request: Request) -> VmServiceLike:
@@ -85,9 +90,23 @@ def _if_match(
 
 IfMatchDep = Annotated[str | None, Depends(_if_match)]
 
+# A cursor is the key of the last item of the previous page, so each list knows what one
+# looks like; anything else is malformed (422 naming query.cursor), whether or not the list
+# is empty. Integer keys (slot, fd, seq, id, address, position) come back in decimal.
 Cursor = Annotated[
     str | None,
-    Query(pattern=ID_PATTERN, description="`next_cursor` of the previous page."),
+    Query(
+        pattern=INT_STRING_PATTERN,
+        description="`next_cursor` of the previous page (an integer key).",
+    ),
+]
+VmCursor = Annotated[
+    str | None,
+    Query(pattern=r"^vm-[0-9a-f]{1,64}$", description="`next_cursor` of the previous page."),
+]
+SnapshotCursor = Annotated[
+    str | None,
+    Query(pattern=r"^snap-[0-9a-f]{1,64}$", description="`next_cursor` of the previous page."),
 ]
 LimitQ = Annotated[Limit, Query()]
 
@@ -116,9 +135,7 @@ def paginate(
             try:
                 after = parse_int(cursor)
             except ValueError:
-                raise ApiProblem(
-                    422, "Bad cursor", "cursor is not one this API returned", "validation"
-                ) from None
+                raise bad_cursor() from None
         start = len(items)
         for i, it in enumerate(items):
             k = key(it)
@@ -128,6 +145,19 @@ def paginate(
     page = list(items[start : start + limit])
     more = start + limit < len(items)
     return {"items": page, "next_cursor": str(key(page[-1])) if more and page else None}
+
+
+def bad_cursor() -> RequestValidationError:
+    """The 422 a malformed cursor gets, shaped like any other bad parameter."""
+    return RequestValidationError(
+        [
+            {
+                "loc": ("query", "cursor"),
+                "msg": "not a cursor this list returned",
+                "type": "cursor_invalid",
+            }
+        ]
+    )
 
 
 async def mutate(
@@ -153,6 +183,8 @@ async def query(service: VmServiceLike, vm_id: str, fn: Callable[[Vm], T], respo
 
 __all__ = [
     "Cursor",
+    "SnapshotCursor",
+    "VmCursor",
     "IfMatchDep",
     "LimitQ",
     "ServiceDep",

@@ -37,6 +37,12 @@ def list_vms(
     return session.execute(stmt).scalars().all()
 
 
+def vm_summaries(session: Session) -> Sequence[tuple[str, dict[str, Any] | None]]:
+    """(id, summary) of every live VM, by id: what /metrics reports without loading VMs."""
+    stmt = select(VmRow.id, VmRow.summary).where(VmRow.deleted.is_(False)).order_by(VmRow.id)
+    return [(vm_id, summary) for vm_id, summary in session.execute(stmt).all()]
+
+
 def journal_after(
     session: Session, vm_id: str, after_seq: int, upto_seq: int | None = None
 ) -> Sequence[JournalRecord]:

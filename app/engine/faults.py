@@ -168,7 +168,7 @@ class FaultPath:
         if slot is None:
             if private:
                 raise memory_fault_exit(gfn, True)
-            if vm._install_mmio_spte(self.vcpu.as_id, pos, gfn) and not self.prefetch:
+            if vm._install_mmio_spte(self.vcpu, pos, gfn) and not self.prefetch:
                 vm.vstat(self.vcpu, "pf_mmio_spte_created")
                 self.fault()
             at = max(pos << PAGE_SHIFT, self.gpa)
@@ -207,9 +207,17 @@ class FaultPath:
         rs = gfn & ~(n - 1)
         touched = min(stop, rs + n) - gfn
         table, i, found_level, e = mmu.lookup(root, gfn | sbits)
-        if e & S.SPTE_MMU_PRESENT and (found_level == 1 or e & S.EPT_PS):
+        if e & S.SPTE_MMU_PRESENT and e & S.EPT_PS:
             self._touch_present(root, table, i, 1, found_level, slot, gfn, touched)
             return touched
+        if e & S.SPTE_MMU_PRESENT:
+            # 4K leaves mapped before a huge page became possible: touching them is no fault.
+            ent = mmu.pool.entries(table)[i : i + min(stop - gfn, 512 - i)]
+            present = (ent & S.U_PRESENT) != 0
+            k = len(ent) if present.all() else int(np.argmin(present))
+            self._touch_present(root, table, i, k, 1, slot, gfn, k)
+            res.pages += k
+            return k
         table = mmu.table_for(root, rs | sbits, level, self.acc)
         i = ((rs | sbits) >> (9 * (level - 1))) & 511
         old = int(mmu.pool.entries(table)[i])

@@ -366,7 +366,7 @@ class Vm:
 
     # ------------------------------------------------------------------ zapping
     # ------------------------------------------------------------------ MMIO SPTEs
-    def _install_mmio_spte(self, as_id: int, pos: int, gfn: int) -> bool:
+    def _install_mmio_spte(self, vcpu: Vcpu, pos: int, gfn: int) -> bool:
         """Cache 'no memslot' for the GFN in the direct root (§1.5.3); TDX value is 0.
 
         Returns whether a new SPTE was written: a hit on a valid cached one takes KVM's MMIO
@@ -374,9 +374,8 @@ class Vm:
         """
         if pos > self.max_gfn or self.mmu.pool.live + self.paging_levels > self.table_budget:
             return False  # KVM then emulates without caching an MMIO SPTE
-        vcpu_root = self.mmu.get_root(as_id, RootRole.DIRECT)
-        table = self.mmu.table_for(vcpu_root, pos, 1, ZapAcc())
-        value = S.mmio_spte(gfn, self.spaces[as_id].generation)
+        table = self.mmu.table_for(self.root_for(vcpu, RootRole.DIRECT), pos, 1, ZapAcc())
+        value = S.mmio_spte(gfn, self.spaces[vcpu.as_id].generation)
         if self.is_tdx:
             value &= ~(S.EPT_MMIO_VALUE | S.SUPPRESS_VE)
         ent = self.mmu.pool.entries(table)
@@ -496,6 +495,9 @@ class Vm:
                 break
         left = (end - gfn) << PAGE_SHIFT
         if err is not None and gfn == start:
+            # The walk may have built a root, tables or an MMIO SPTE before failing, as the
+            # kernel's does: the service journals such an error like a success.
+            err.state_changed = True
             raise err
         return {"gpa": gfn << PAGE_SHIFT, "size": left}
 

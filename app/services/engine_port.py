@@ -15,6 +15,17 @@ if TYPE_CHECKING:
 else:
     Vm = Any
 
+# Bytes per page-table page: budgets are set in bytes, the engine counts tables.
+TABLE_BYTES = 4096
+
+
+def _no_tables(vm: Vm) -> int:
+    return 0
+
+
+def _no_budget(vm: Vm, tables: int) -> None:
+    return None
+
 
 @dataclass(frozen=True)
 class EnginePort:
@@ -22,29 +33,29 @@ class EnginePort:
     dumps: Callable[[Vm], bytes]
     loads: Callable[[bytes], Vm]
     corrupt_snapshot: type[Exception]
+    # Page-table accounting: the tables a VM holds now, and the most it may hold during its
+    # next call (the engine answers ENOMEM, before allocating, past it). An engine without
+    # page tables (a test double) keeps the defaults: nothing to count, nothing to cap.
+    tables_live: Callable[[Vm], int] = _no_tables
+    set_table_budget: Callable[[Vm, int], None] = _no_budget
 
 
-def default_engine(page_table_budget_bytes: int | None = None) -> EnginePort:
-    """The real engine; `page_table_budget_bytes` caps each VM's page tables (ENOMEM past it)."""
+def default_engine() -> EnginePort:
+    """The real engine. Its page-table budget is set by the service before every call."""
     from app.engine import codec
-    from app.engine.vm import DEFAULT_TABLE_BUDGET
     from app.engine.vm import Vm as _Vm
 
-    budget = DEFAULT_TABLE_BUDGET
-    if page_table_budget_bytes is not None:
-        budget = max(1, page_table_budget_bytes // 4096)
+    def tables_live(vm: Vm) -> int:
+        return int(vm.mmu.pool.live)
 
-    def create(**kw: Any) -> Vm:
-        return _Vm.create(**kw, table_budget=budget)
-
-    def loads(data: bytes) -> Vm:
-        vm = codec.loads(data)
-        vm.table_budget = budget  # the service's setting, not the one at snapshot time
-        return vm
+    def set_table_budget(vm: Vm, tables: int) -> None:
+        vm.table_budget = tables
 
     return EnginePort(
-        create=create,
+        create=_Vm.create,
         dumps=codec.dumps,
-        loads=loads,
+        loads=codec.loads,
         corrupt_snapshot=codec.CorruptSnapshot,
+        tables_live=tables_live,
+        set_table_budget=set_table_budget,
     )

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -41,8 +42,15 @@ from app.db.models import JournalRecord, SnapshotRow, VmRow, utcnow
 from app.db.session import Database
 from app.engine.errors import KvmError
 from app.engine.uapi import VmType
-from app.services.engine_port import EnginePort, Vm, default_engine
-from app.services.errors import PreconditionFailed, SnapshotNotFound, VmNotFound
+from app.services.engine_port import TABLE_BYTES, EnginePort, Vm, default_engine
+from app.services.errors import (
+    ForkMismatch,
+    PreconditionFailed,
+    ServiceUnavailable,
+    SnapshotNotFound,
+    VmNotFound,
+    attach_etag,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,23 @@ RESTORE_OP = "restore"
 RESULT_INLINE_MAX = 16 * 1024
 # Automatic snapshots kept per VM (manual ones are kept until deleted with the VM).
 AUTO_SNAPSHOTS_KEPT = 2
+# Page-table memory of the whole service (all loaded VMs together), unless configured.
+DEFAULT_PAGE_TABLE_BUDGET_BYTES = 4 * 1024 * 1024 * 1024
+# VMs held in memory at once; past it the least recently used idle ones are evicted.
+DEFAULT_MAX_LOADED_VMS = 64
+# Where the VM row's summary keeps `vm.stats()` (read by /metrics without loading the VM).
+STATS_KEY = "stats"
+# A VM's creation defaults (KVM_CREATE_VM with type 0, one vCPU, 4-level EPT).
+CREATE_DEFAULTS = {"vm_type": 0, "vcpus": 1, "paging_levels": 4}
+
+# Database failures that mean "not reachable now", not "this request is wrong": the call is
+# answered 503 (retry) instead of 500. Integrity and data errors are bugs or bad input.
+_DB_OUTAGE: tuple[type[BaseException], ...] = (
+    sa_exc.DBAPIError,
+    sa_exc.TimeoutError,  # no pooled connection came free in time
+    sa_exc.DisconnectionError,
+)
+_DB_NOT_OUTAGE: tuple[type[BaseException], ...] = (sa_exc.IntegrityError, sa_exc.DataError)
 
 
 def new_id(prefix: str) -> str:
@@ -66,14 +91,12 @@ def etag(seq: int) -> str:
 
 
 def etag_matches(if_match: str, seq: int) -> bool:
-    """RFC 9110 If-Match: a list of entity tags or `*` (weak tags compared by value)."""
+    """RFC 9110 If-Match: `*`, or a list of entity tags compared strongly: a weak tag
+    (`W/"…"`) never matches, nor does anything that is not a quoted tag."""
+    current = etag(seq)
     for tag in if_match.split(","):
         tag = tag.strip()
-        if tag == "*":
-            return True
-        if tag.startswith("W/"):
-            tag = tag[2:]
-        if tag.strip('"') == str(seq):
+        if tag == "*" or tag == current:
             return True
     return False
 
@@ -127,6 +150,16 @@ def _error_json(e: KvmError) -> dict[str, Any]:
     return {"errno": e.errno, "errno_name": e.errno_name, "detail": e.detail}
 
 
+def _is_outage(e: BaseException) -> bool:
+    return isinstance(e, _DB_OUTAGE) and not isinstance(e, _DB_NOT_OUTAGE)
+
+
+def _outage_reason(e: BaseException) -> str:
+    orig = getattr(e, "orig", None) or e
+    first = (str(orig).strip().splitlines() or [""])[0]
+    return f"{type(orig).__name__}: {first}"[:300]
+
+
 def _vm_type_name(vm_type: int) -> str:
     try:
         return VmType(vm_type).name
@@ -152,6 +185,8 @@ class VmHandle:
     snapshot_seq: int = 0
     users: int = 0
     snapshot_task: asyncio.Task[None] | None = None
+    # When a call last held the VM (monotonic): the least recently used idle VMs are evicted.
+    last_used: float = field(default_factory=time.monotonic)
 
     def discard(self) -> None:
         self.vm = None
@@ -166,12 +201,22 @@ class _Replay:
     error: dict[str, Any] | None
     at: float
     durations: list[int] | None = None
+    # The page-table budget the call ran with (None: journaled before budgets were recorded).
+    table_budget: int | None = None
 
     @classmethod
     def of(cls, rec: JournalRecord) -> _Replay:
         at = us_to_engine_time(datetime_to_us(rec.at))
-        durations = (rec.meta or {}).get("durations")
-        return cls(rec.seq, rec.op, rec.args, rec.error, at, durations)
+        meta = rec.meta or {}
+        return cls(
+            rec.seq,
+            rec.op,
+            rec.args,
+            rec.error,
+            at,
+            meta.get("durations"),
+            meta.get("table_budget"),
+        )
 
 
 @dataclass
@@ -191,11 +236,16 @@ class VmService:
         snapshot_every: int = 1000,
         run_migrations: bool = True,
         engine: EnginePort | None = None,
+        page_table_budget_bytes: int = DEFAULT_PAGE_TABLE_BUDGET_BYTES,
+        max_loaded_vms: int = DEFAULT_MAX_LOADED_VMS,
     ) -> None:
         self.database_url = database_url
         self.snapshot_every = snapshot_every
         self.run_migrations = run_migrations
         self._engine = engine
+        # Page tables all loaded VMs together may hold (the service's budget, in tables).
+        self.budget_tables = max(0, page_table_budget_bytes) // TABLE_BYTES
+        self.max_loaded_vms = max(1, max_loaded_vms)
         self._db: Database | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._handles: dict[str, VmHandle] = {}
@@ -286,56 +336,114 @@ class VmService:
     def loaded_vms(self) -> dict[str, Vm]:
         return {vm_id: h.vm for vm_id, h in self._handles.items() if h.vm is not None}
 
+    def _evict_over_limit(self) -> None:
+        """Keep at most `max_loaded_vms` VMs in memory: evict the least recently used idle
+        ones (they reload lazily from their snapshot and journal)."""
+        loaded = [h for h in self._handles.values() if h.vm is not None]
+        excess = len(loaded) - self.max_loaded_vms
+        if excess <= 0:
+            return
+        for h in sorted(loaded, key=lambda h: h.last_used):
+            if excess <= 0:
+                break
+            # A pending automatic snapshot would only load it again.
+            if h.snapshot_task is None and self.evict(h.vm_id):
+                excess -= 1
+
+    def _grant_tables(self, vm: Vm) -> int:
+        """The page-table budget for `vm`'s next call: what it holds plus what the whole
+        service has left (`budget_tables` minus the tables of every loaded VM).
+
+        Runs in a worker thread while other VMs' calls may run in others: each reads the
+        others' counts as they are, so concurrent calls on different VMs may together pass
+        the budget by what they allocate at that very moment, never more."""
+        port = self.engine
+        mine = port.tables_live(vm)
+        held = mine
+        for other in tuple(self._handles.values()):
+            if other.vm is not None and other.vm is not vm:
+                held += port.tables_live(other.vm)
+        return mine + max(0, self.budget_tables - held)
+
+    async def stats_summaries(self) -> dict[str, dict[str, Any]]:
+        """Every live VM's stats as of its last journaled call (from the VM rows: no VM is
+        loaded). A VM whose row predates the summary answers from memory if loaded."""
+
+        def work() -> dict[str, dict[str, Any] | None]:
+            with self.db.read() as s:
+                return {
+                    vm_id: (summary or {}).get(STATS_KEY) for vm_id, summary in repo.vm_summaries(s)
+                }
+
+        out: dict[str, dict[str, Any]] = {}
+        for vm_id, stats in (await self._run(work)).items():
+            if stats is not None:
+                out[vm_id] = stats
+            elif vm_id in self.loaded_vms():
+                try:
+                    out[vm_id], _ = await self.read(vm_id, lambda v: v.stats())
+                except VmNotFound:
+                    pass  # deleted meanwhile
+        return out
+
     # ----------------------------------------------------------------- VMs
 
     async def create_vm(
         self,
         *,
         name: str | None,
-        vm_type: int,
-        vcpus: int,
-        paging_levels: int,
-        from_snapshot: str | None,
+        vm_type: int | None = None,
+        vcpus: int | None = None,
+        paging_levels: int | None = None,
+        from_snapshot: str | None = None,
         tenant: str = "default",
     ) -> tuple[dict[str, Any], str]:
+        """KVM_CREATE_VM, or a fork of a snapshot. A fork is its snapshot's kind of VM:
+        `vm_type`, `vcpus`, `paging_levels` may be left out (None) or must be the source
+        VM's (ForkMismatch otherwise). A snapshot of a deleted VM is gone (SnapshotNotFound)."""
+        requested = {"vm_type": vm_type, "vcpus": vcpus, "paging_levels": paging_levels}
+
         def work() -> tuple[VmRow, Vm]:
             create_args: dict[str, Any]
-            nonlocal vm_type, vcpus, paging_levels
             if from_snapshot is not None:
                 with self.db.read() as s:
                     snap = repo.get_snapshot(s, from_snapshot)
-                    if snap is None:
+                    src = None if snap is None else repo.get_vm(s, snap.vm_id)
+                    if snap is None or src is None or src.deleted:
                         raise SnapshotNotFound(from_snapshot)
-                    src = repo.get_vm(s, snap.vm_id)
-                    assert src is not None  # FK
+                    source = {
+                        "vm_type": src.vm_type,
+                        "vcpus": src.vcpus,
+                        "paging_levels": src.paging_levels,
+                    }
+                    wrong = {
+                        k: (v, source[k])
+                        for k, v in requested.items()
+                        if v is not None and v != source[k]
+                    }
+                    if wrong:
+                        raise ForkMismatch(wrong)
                     vm = self._state_of_snapshot(s, snap.vm_id, snap.id, snap.seq)
-                # A fork is its source's kind of VM, whatever the request said.
-                vm_type, vcpus, paging_levels = src.vm_type, src.vcpus, src.paging_levels
+                kind = source
                 create_args = {
                     "from_snapshot": snap.id,
                     "source_vm": snap.vm_id,
                     "source_seq": snap.seq,
                 }
             else:
-                create_args = {
-                    "vm_type": vm_type,
-                    "vcpus": vcpus,
-                    "paging_levels": paging_levels,
-                    "name": name,
-                }
+                kind = {k: CREATE_DEFAULTS[k] if v is None else v for k, v in requested.items()}
+                create_args = {**kind, "name": name}
                 # KvmError (unsupported type, bad levels) passes through; nothing is stored.
-                vm = self.engine.create(
-                    vm_type=vm_type, vcpus=vcpus, paging_levels=paging_levels, name=name
-                )
+                vm = self.engine.create(**kind, name=name)
             row = VmRow(
                 id=new_id("vm-"),
                 name=name,
                 tenant=tenant,
-                vm_type=vm_type,
-                vcpus=vcpus,
-                paging_levels=paging_levels,
+                vm_type=kind["vm_type"],
+                vcpus=kind["vcpus"],
+                paging_levels=kind["paging_levels"],
                 create_args=create_args,
-                summary=_json_copy(vm.info()),
+                summary=self._summary(vm),
                 created_at=utcnow(),
                 deleted=False,
                 last_seq=0,
@@ -346,6 +454,7 @@ class VmService:
 
         row, vm = await self._run(work)
         self._handles[row.id] = VmHandle(row.id, vm=vm)
+        self._evict_over_limit()
         return self._info(row), etag(0)
 
     async def list_vms(
@@ -372,8 +481,8 @@ class VmService:
         row = await self._run(work)
         return self._info(row), etag(row.last_seq)
 
-    async def delete_vm(self, vm_id: str) -> dict[str, Any]:
-        result, _ = await self._mutate(vm_id, "destroy", {}, if_match=None, destroy=True)
+    async def delete_vm(self, vm_id: str, *, if_match: str | None = None) -> dict[str, Any]:
+        result, _ = await self._mutate(vm_id, "destroy", {}, if_match=if_match, destroy=True)
         return dict(result)
 
     # ----------------------------------------------------------------- calls
@@ -402,6 +511,8 @@ class VmService:
             else:
                 self._maybe_auto_snapshot(h)
         if out.error is not None:
+            # Journaled: the client must learn the version it moved the VM to.
+            attach_etag(out.error, etag(out.seq))
             raise out.error
         return out.result, etag(out.seq)
 
@@ -423,6 +534,9 @@ class VmService:
                 at_us = now_us()
                 result: Any = None
                 error: dict[str, Any] | None = None
+                # Journaled with the call: replay must run it under the very same budget.
+                budget = self._grant_tables(vm)
+                self.engine.set_table_budget(vm, budget)
                 touched = True
                 try:
                     result = vm.apply(op, engine_args, at=us_to_engine_time(at_us))
@@ -441,10 +555,10 @@ class VmService:
                     result=None if raised else _result_summary(result),
                     error=error,
                     at=us_to_datetime(at_us),
-                    meta={"durations": vm.last_durations} if vm.last_durations else None,
+                    meta=_meta(vm, budget),
                 )
                 row.last_seq = seq
-                row.summary = _json_copy(vm.info())
+                row.summary = self._summary(vm)
                 if destroy:
                     row.deleted = True
                     row.deleted_at = utcnow()
@@ -516,12 +630,16 @@ class VmService:
 
         return [self._snapshot_info(sn) for sn in await self._run(work)]
 
-    async def restore_snapshot(self, vm_id: str, snapshot_id: str) -> tuple[dict[str, Any], str]:
+    async def restore_snapshot(
+        self, vm_id: str, snapshot_id: str, *, if_match: str | None = None
+    ) -> tuple[dict[str, Any], str]:
         """Rewind the VM to a snapshot of its own; journaled as a `restore` record."""
 
         def work(h: VmHandle) -> VmRow:
             with self.db.write() as s:
                 row = self._live_row(s, vm_id, lock=True)
+                if if_match is not None and not etag_matches(if_match, row.last_seq):
+                    raise PreconditionFailed(if_match, etag(row.last_seq))
                 snap = repo.get_snapshot(s, snapshot_id)
                 if snap is None or snap.vm_id != vm_id:
                     raise SnapshotNotFound(snapshot_id)
@@ -532,7 +650,7 @@ class VmService:
                     s, vm_id=vm_id, seq=seq, op=RESTORE_OP, args=args, result=args, error=None
                 )
                 row.last_seq = seq
-                row.summary = _json_copy(vm.info())
+                row.summary = self._summary(vm)
             # Only now, after the commit: until then `h` still matched the journal (and if
             # the commit's fate is unknown, catching up replays the restore record, or not).
             h.vm, h.applied_seq = vm, seq
@@ -554,7 +672,9 @@ class VmService:
         """
         if self._pool is None:
             raise RuntimeError("VmService.start() has not been called")
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._pool, functools.partial(self._outage_guard, fn, *args)
+        )
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -565,6 +685,19 @@ class VmService:
                     continue
             raise
 
+    @staticmethod
+    def _outage_guard(fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn`; a database that does not answer becomes ServiceUnavailable (503, retry),
+        whatever the call was doing (the handle is already consistent: see `_mutate_sync`)."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            if not _is_outage(e):
+                raise
+            reason = _outage_reason(e)
+            log.warning("database unavailable: %s", reason)
+            raise ServiceUnavailable(reason) from e
+
     @asynccontextmanager
     async def _locked(self, vm_id: str) -> AsyncIterator[VmHandle]:
         """The VM's handle with its lock held (the VM's `slots_lock`)."""
@@ -572,6 +705,7 @@ class VmService:
         if h is None:
             h = self._handles[vm_id] = VmHandle(vm_id)
         h.users += 1
+        h.last_used = time.monotonic()
         try:
             async with h.lock:
                 try:
@@ -584,6 +718,7 @@ class VmService:
             # Do not keep handles for ids that never loaded (unknown ids, failed loads).
             if h.users == 0 and h.vm is None and self._handles.get(vm_id) is h:
                 del self._handles[vm_id]
+            self._evict_over_limit()
 
     def _live_row(self, s: Session, vm_id: str, *, lock: bool = False) -> VmRow:
         row = repo.get_vm(s, vm_id, lock=lock)
@@ -677,6 +812,11 @@ class VmService:
                 vm = self._state_of_snapshot(s, vm_id, rec.args["snapshot_id"], rec.args["seq"])
                 continue
             r = _Replay.of(rec)
+            # The budget the call first ran with (it decides ENOMEM, and whether an MMIO SPTE
+            # is cached): same state + same budget = same outcome. Records from before budgets
+            # were journaled ran with the whole service's.
+            budget = self.budget_tables if r.table_budget is None else r.table_budget
+            self.engine.set_table_budget(vm, budget)
             try:
                 vm.apply(r.op, _json_copy(r.args), at=r.at, durations=r.durations)
                 outcome: int | None = None
@@ -721,6 +861,12 @@ class VmService:
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
+    def _summary(vm: Vm) -> dict[str, Any]:
+        """What the VM row keeps of the state at `last_seq`: `vm.info()`, and `vm.stats()`
+        (flat numbers) for /metrics."""
+        return _json_copy({**vm.info(), STATS_KEY: vm.stats()})
+
+    @staticmethod
     def _info(row: VmRow) -> dict[str, Any]:
         info: dict[str, Any] = {
             "vm_type": row.vm_type,
@@ -729,7 +875,7 @@ class VmService:
             "paging_levels": row.paging_levels,
         }
         # The engine's view of live state wins for what it reports; identity is ours.
-        info.update(row.summary or {})
+        info.update({k: v for k, v in (row.summary or {}).items() if k != STATS_KEY})
         info.update(
             id=row.id,
             name=row.name,
@@ -752,17 +898,29 @@ class VmService:
         }
 
 
+def _meta(vm: Vm, budget: int) -> dict[str, Any]:
+    """What replay must reuse rather than recompute: measured zap durations, the budget."""
+    meta: dict[str, Any] = {"table_budget": budget}
+    durations = getattr(vm, "last_durations", None)
+    if durations:
+        meta["durations"] = list(durations)
+    return meta
+
+
 def build_service(
     database_url: str,
     *,
     snapshot_every: int = 1000,
     run_migrations: bool = True,
-    page_table_budget_bytes: int | None = None,
+    page_table_budget_bytes: int = DEFAULT_PAGE_TABLE_BUDGET_BYTES,
+    max_loaded_vms: int = DEFAULT_MAX_LOADED_VMS,
 ) -> VmService:
     """A service on `database_url`; `start()` upgrades the schema first when `run_migrations`."""
     return VmService(
         database_url,
         snapshot_every=snapshot_every,
         run_migrations=run_migrations,
-        engine=default_engine(page_table_budget_bytes),
+        engine=default_engine(),
+        page_table_budget_bytes=page_table_budget_bytes,
+        max_loaded_vms=max_loaded_vms,
     )

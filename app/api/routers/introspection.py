@@ -56,10 +56,20 @@ async def list_mappings(
 
 
 @router.get(
-    "/roots", summary="TDP roots: role, valid/obsolete, generation, SPTE counts", responses=_READ
+    "/roots",
+    summary="TDP roots: role, valid/obsolete, generation, SPTE counts; ordered by root id",
+    responses=_READ,
 )
-async def list_roots(vm: VmId, service: ServiceDep, response: Response) -> Any:
-    return await query(service, vm, lambda v: v.roots(), response)
+async def list_roots(
+    vm: VmId,
+    service: ServiceDep,
+    response: Response,
+    limit: LimitQ = 100,
+    cursor: Cursor = None,
+) -> Page[Open]:
+    items = await query(service, vm, lambda v: v.roots(), response)
+    items = sorted(items, key=lambda r: r["id"])
+    return Page[Open].model_validate(paginate(items, lambda r: r["id"], limit, cursor))
 
 
 @router.get(

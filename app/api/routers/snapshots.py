@@ -6,8 +6,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
-from app.api.deps import Cursor, LimitQ, ServiceDep, VmId, paginate, set_etag
-from app.api.errors import R_KVM, R_NOT_FOUND, R_QUERY, responses
+from app.api.deps import (
+    IfMatchDep,
+    LimitQ,
+    ServiceDep,
+    SnapshotCursor,
+    VmId,
+    paginate,
+    set_etag,
+)
+from app.api.errors import R_KVM, R_NOT_FOUND, R_PRECONDITION, R_QUERY, responses
 from app.api.schemas.common import ID_PATTERN, Open
 from app.api.schemas.pages import Page
 from app.api.schemas.snapshots import Snapshot
@@ -29,7 +37,7 @@ async def create_snapshot(vm: VmId, service: ServiceDep) -> Snapshot:
     "", summary="The VM's snapshots, ordered by id", responses=responses(R_NOT_FOUND, R_QUERY)
 )
 async def list_snapshots(
-    vm: VmId, service: ServiceDep, limit: LimitQ = 100, cursor: Cursor = None
+    vm: VmId, service: ServiceDep, limit: LimitQ = 100, cursor: SnapshotCursor = None
 ) -> Page[Snapshot]:
     items = sorted(await service.list_snapshots(vm), key=lambda s: s["id"])
     return Page[Snapshot].model_validate(paginate(items, lambda s: s["id"], limit, cursor))
@@ -38,14 +46,15 @@ async def list_snapshots(
 @router.post(
     "/{snapshot}/restore",
     summary="Put the VM back in the snapshot's state",
-    responses=responses(R_NOT_FOUND, R_KVM),
+    responses=responses(R_NOT_FOUND, R_KVM, R_PRECONDITION),
 )
 async def restore_snapshot(
     vm: VmId,
     snapshot: Annotated[str, Path(pattern=ID_PATTERN, description="The snapshot id.")],
     service: ServiceDep,
+    if_match: IfMatchDep,
     response: Response,
 ) -> Open:
-    info, etag = await service.restore_snapshot(vm, snapshot)
+    info, etag = await service.restore_snapshot(vm, snapshot, if_match=if_match)
     set_etag(response, etag)
     return Open.model_validate(info)

@@ -11,6 +11,7 @@ from app.api.deps import (
     IfMatchDep,
     LimitQ,
     ServiceDep,
+    VmCursor,
     VmId,
     mutate,
     paginate,
@@ -33,20 +34,21 @@ router = APIRouter(prefix="/v1/vms", tags=["vms"])
     responses=responses(R_KVM, R_BODY, R_NOT_FOUND),
 )
 async def create_vm(body: VmCreate, service: ServiceDep, response: Response) -> VmInfo:
-    info, etag = await service.create_vm(
-        name=body.name,
-        vm_type=body.vm_type,
-        vcpus=body.vcpus,
-        paging_levels=body.paging_levels,
-        from_snapshot=body.from_snapshot,
-    )
+    kind = {"vm_type": body.vm_type, "vcpus": body.vcpus, "paging_levels": body.paging_levels}
+    if body.from_snapshot is not None:
+        # A fork takes them from its snapshot: pass on only what the client actually sent,
+        # for the service to check against the snapshot's VM (422 when they differ).
+        kind = {k: v for k, v in kind.items() if k in body.model_fields_set}
+    info, etag = await service.create_vm(name=body.name, from_snapshot=body.from_snapshot, **kind)
     set_etag(response, etag)
     response.headers["Location"] = f"/v1/vms/{info['id']}"
     return VmInfo.model_validate(info)
 
 
 @router.get("", summary="List VMs, ordered by id", responses=responses(R_QUERY))
-async def list_vms(service: ServiceDep, limit: LimitQ = 100, cursor: Cursor = None) -> Page[VmInfo]:
+async def list_vms(
+    service: ServiceDep, limit: LimitQ = 100, cursor: VmCursor = None
+) -> Page[VmInfo]:
     items, next_cursor = await service.list_vms(limit=limit, cursor=cursor)
     return Page[VmInfo].model_validate({"items": items, "next_cursor": next_cursor})
 
@@ -61,10 +63,10 @@ async def get_vm(vm: VmId, service: ServiceDep, response: Response) -> VmInfo:
 @router.delete(
     "/{vm}",
     summary="Destroy the VM (every root is zapped); answers the teardown's zap summary",
-    responses=responses(R_NOT_FOUND),
+    responses=responses(R_NOT_FOUND, R_PRECONDITION),
 )
-async def delete_vm(vm: VmId, service: ServiceDep) -> DeletedVm:
-    return DeletedVm.model_validate(await service.delete_vm(vm))
+async def delete_vm(vm: VmId, service: ServiceDep, if_match: IfMatchDep) -> DeletedVm:
+    return DeletedVm.model_validate(await service.delete_vm(vm, if_match=if_match))
 
 
 @router.get(

@@ -17,6 +17,7 @@ from app.api.schemas.common import Empty
 from app.api.schemas.memslots import ZapSummary
 from app.api.schemas.pages import Page
 from app.api.schemas.zaps import ZapEvent, ZapPolicy, ZapRequest
+from app.services.errors import ServiceUnavailable, VmNotFound
 
 router = APIRouter(prefix="/v1/vms/{vm}", tags=["zaps"])
 _MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION)
@@ -53,6 +54,7 @@ async def list_zaps(
 
 STREAM_POLL_S = 0.25
 STREAM_HEARTBEAT_S = 10.0
+_END = b'event: end\ndata: {"reason": "%s"}\n\n'
 
 
 @router.get(
@@ -62,7 +64,9 @@ STREAM_HEARTBEAT_S = 10.0
         "A `text/event-stream` of zap events (`event: zap`, `id:` = `seq`, `data:` = the event "
         "as in `GET …/zaps`), oldest first, starting after `after` (or the `Last-Event-ID` "
         "header). The stream ends by itself after `timeout` seconds; reconnect with the last "
-        "id to resume without gaps."
+        "id to resume without gaps. It also ends, with a last `event: end` whose data says "
+        'why (`{"reason": "vm_deleted"}` or `"service_unavailable"`), when the VM is deleted '
+        "or the database stops answering."
     ),
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}, **responses(R_NOT_FOUND, R_QUERY)},
@@ -87,10 +91,19 @@ async def stream_zaps(
         deadline = time.monotonic() + timeout
         beat = time.monotonic()
         while time.monotonic() < deadline:
-            new, _ = await service.read(
-                vm,
-                lambda v: [e for e in v.events if e["seq"] > seen],  # noqa: B023
-            )
+            # The answer has started: a failure can no longer be a problem+json, so the
+            # stream says why in a last event and ends normally (a complete chunked body).
+            try:
+                new, _ = await service.read(
+                    vm,
+                    lambda v: [e for e in v.events if e["seq"] > seen],  # noqa: B023
+                )
+            except VmNotFound:
+                yield _END % b"vm_deleted"
+                return
+            except ServiceUnavailable:
+                yield _END % b"service_unavailable"
+                return
             for ev in new:
                 seen = ev["seq"]
                 yield b"event: zap\nid: %d\ndata: %s\n\n" % (seen, orjson.dumps(ev))
