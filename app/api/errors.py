@@ -76,6 +76,12 @@ class Problem(BaseModel):
         default=None, description="The errno KVM would set, for a call KVM would reject."
     )
     errno_name: str | None = Field(default=None, description='e.g. "EINVAL".')
+    state_changed: bool | None = Field(
+        default=None,
+        description="True when KVM rejected the call after it had already changed state (a "
+        "memslot MOVE whose late check failed after the zap): the call was journaled and the "
+        "answer's ETag is the VM's new version. Absent otherwise.",
+    )
     errors: list[ValidationIssue] | None = Field(
         default=None, description="For 422: each field at fault."
     )
@@ -100,11 +106,20 @@ R_BODY = {
     422: _problem_response(422, "The body or a parameter is not the right shape"),
 }
 R_QUERY = {422: _problem_response(422, "A parameter is not the right shape")}
-# Every route: a parameter may be malformed, and the service may fail.
+# Every route: a parameter may be malformed, the database may be out (retry), and the
+# service may fail.
 R_COMMON = {
     422: _problem_response(422, "A parameter or the body is not the right shape"),
     500: _problem_response(500, "Unexpected failure of the service"),
+    503: {
+        **_problem_response(503, "The database is unavailable; retry after `Retry-After`"),
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+        },
+    },
 }
+# Seconds a client should wait before retrying a call the database could not serve.
+RETRY_AFTER_S = 1
 
 
 def responses(*parts: dict[int, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
@@ -162,7 +177,12 @@ class ApiProblem(Exception):
 
 
 def kvm_problem(request: Request | None, exc: KvmError) -> JSONResponse:
-    return problem(
+    """A KVM rejection. One that still changed state (`state_changed`, e.g. a memslot MOVE
+    whose late check failed after the zap) was journaled: it says so, with the new ETag."""
+    from app.services.errors import attached_etag
+
+    changed = bool(getattr(exc, "state_changed", False))
+    resp = problem(
         request,
         errno_status(exc.errno),
         f"KVM rejected the call: {errno_name(exc.errno)}",
@@ -170,6 +190,26 @@ def kvm_problem(request: Request | None, exc: KvmError) -> JSONResponse:
         "kvm-errno",
         errno=exc.errno,
         errno_name=errno_name(exc.errno),
+        state_changed=True if changed else None,
+    )
+    tag = attached_etag(exc) if changed else None
+    if tag is not None:
+        resp.headers["ETag"] = tag
+    return resp
+
+
+def validation_problem(
+    request: Request | None, issues: list[dict[str, Any]], detail: str | None = None
+) -> JSONResponse:
+    """The 422 of a request that is not the right shape, with each field at fault."""
+    where = ", ".join(".".join(str(p) for p in i["loc"]) for i in issues[:5])
+    return problem(
+        request,
+        422,
+        "Request is not the right shape",
+        detail or (f"invalid: {where}" if where else "invalid request"),
+        "validation",
+        errors=issues,
     )
 
 
@@ -185,13 +225,51 @@ def validation_issues(errors: Any) -> list[dict[str, Any]]:
     ]
 
 
+# RFC 9110's names where Python's HTTPStatus still has the older ones (3.11: "Request
+# Entity Too Large"), so a 413 has one title whichever layer answers it.
+_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
+
+
 def _status_title(status: int) -> str:
     from http import HTTPStatus
 
+    if status in _TITLES:
+        return _TITLES[status]
     try:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Error"
+
+
+# FastAPI answers a body its JSON reader could not even decode (not UTF-8, an integer over
+# Python's digit limit, nesting over the recursion limit) with this 400; it is a malformed
+# body like any other, so it becomes the same 422.
+_BODY_PARSE_DETAIL = "There was an error parsing the body"
+
+
+def _body_parse_issue(cause: BaseException | None) -> dict[str, Any]:
+    if isinstance(cause, UnicodeError):
+        msg = "the body is not valid UTF-8"
+    elif isinstance(cause, RecursionError):
+        msg = "the JSON body nests too deeply"
+    elif isinstance(cause, ValueError) and "digit" in str(cause):
+        msg = "a number in the body has too many digits"
+    else:
+        msg = "the body is not valid JSON"
+    return {"loc": ["body"], "msg": msg, "type": "json_invalid"}
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's own 405 names only the
+    first route it finds, and each FastAPI route has one method)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -204,19 +282,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        issues = validation_issues(exc.errors())
-        where = ", ".join(".".join(str(p) for p in i["loc"]) for i in issues[:5])
-        return problem(
-            request,
-            422,
-            "Request is not the right shape",
-            f"invalid: {where}" if where else "invalid request",
-            "validation",
-            errors=issues,
-        )
+        return validation_problem(request, validation_issues(exc.errors()))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400 and exc.detail == _BODY_PARSE_DETAIL:
+            return validation_problem(request, [_body_parse_issue(exc.__cause__)])
         resp = problem(
             request,
             exc.status_code,
@@ -226,6 +297,10 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         for k, v in (exc.headers or {}).items():
             resp.headers[k] = v
+        if exc.status_code == 405:
+            allowed = _allowed_methods(request)
+            if allowed:
+                resp.headers["Allow"] = ", ".join(allowed)
         return resp
 
     async def on_api_problem(request: Request, exc: Exception) -> JSONResponse:
@@ -241,13 +316,41 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     async def on_precondition(request: Request, exc: Exception) -> JSONResponse:
-        return problem(
+        assert isinstance(exc, svc_errors.PreconditionFailed)
+        resp = problem(
             request,
             412,
             "Precondition failed",
             str(exc) or "If-Match does not match the VM's state version",
             "precondition-failed",
         )
+        # The version to retry against, without another GET.
+        resp.headers["ETag"] = exc.current
+        return resp
+
+    async def on_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The reason (host names, driver messages) is in the service's log, not the answer.
+        resp = problem(
+            request,
+            503,
+            "Service Unavailable",
+            "the database is unavailable; retry shortly",
+            "unavailable",
+        )
+        resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return resp
+
+    async def on_fork_mismatch(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, svc_errors.ForkMismatch)
+        issues = [
+            {
+                "loc": ["body", name],
+                "msg": f"a fork takes {name} from its snapshot: {src} there, {given} asked",
+                "type": "fork_mismatch",
+            }
+            for name, (given, src) in exc.fields.items()
+        ]
+        return validation_problem(request, issues, detail=str(exc))
 
     app.add_exception_handler(KvmError, on_kvm)
     app.add_exception_handler(RequestValidationError, on_validation)
@@ -256,3 +359,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(svc_errors.VmNotFound, on_vm_not_found)
     app.add_exception_handler(svc_errors.SnapshotNotFound, on_snapshot_not_found)
     app.add_exception_handler(svc_errors.PreconditionFailed, on_precondition)
+    app.add_exception_handler(svc_errors.ServiceUnavailable, on_unavailable)
+    app.add_exception_handler(svc_errors.ForkMismatch, on_fork_mismatch)

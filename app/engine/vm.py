@@ -67,7 +67,7 @@ class Vcpu:
 
     def __init__(self, id: int) -> None:
         self.id = id
-        self.as_id = 0  # SMM (as_id 1) is not entered by the accesses we model
+        self.as_id = 0  # 1 while the vCPU is in SMM (set_vcpu_smm)
         self.roots: dict[RootRole, int] = {}
         self.running = False  # inside KVM_RUN once it has touched memory: flushes IPI it
         self.stats = dict.fromkeys(VCPU_STAT_NAMES, 0)
@@ -76,6 +76,7 @@ class Vcpu:
         return {
             "id": self.id,
             "as_id": self.as_id,
+            "smm": self.as_id == 1,
             "running": self.running,
             "roots": {r.value: rid for r, rid in self.roots.items()},
             "stats": self.stats,
@@ -209,6 +210,17 @@ class Vm:
             raise einval("KVM_MAX_VCPUS reached")
         self.vcpus[id] = Vcpu(id)
         return {"id": id}
+
+    def _set_vcpu_smm(self, vcpu: object, smm: object) -> dict:
+        """KVM_SET_VCPU_EVENTS(smm.smm): the vCPU enters or leaves SMM, so its accesses use
+        memslot address space 1 and the SMM roots (VMs without private memory only)."""
+        v = self.vcpu(vcpu)
+        if not isinstance(smm, bool):
+            raise einval("smm must be true or false")
+        if smm and self.nr_as < 2:
+            raise einval("this VM type has no SMM address space")
+        v.as_id = 1 if smm else 0
+        return v.to_dict()
 
     def vcpu(self, id: object) -> Vcpu:
         if isinstance(id, bool) or not isinstance(id, int) or id not in self.vcpus:
@@ -388,10 +400,12 @@ class Vm:
 
     # ------------------------------------------------------------------ faults
     def root_for(self, vcpu: Vcpu, role: RootRole) -> Root:
+        """The root the vCPU runs on: reloaded when it became obsolete (counted), switched
+        when the vCPU entered or left SMM (another address space, another root)."""
         rid = vcpu.roots.get(role)
         root = self.mmu.roots.get(rid) if rid is not None else None
-        if root is None or not root.valid:
-            if rid is not None:
+        if root is None or not root.valid or root.as_id != vcpu.as_id:
+            if rid is not None and (root is None or not root.valid):
                 vcpu.stats["root_reloads"] += 1
             root = self.mmu.get_root(vcpu.as_id, role)
             vcpu.roots[role] = root.id
@@ -863,6 +877,7 @@ class _Backing:
 
 _OPS: dict[str, Callable[..., dict]] = {
     "create_vcpu": Vm._create_vcpu,
+    "set_vcpu_smm": Vm._set_vcpu_smm,
     "enable_cap": Vm._enable_cap,
     "set_user_memory_region": Vm._set_user_memory_region,
     "create_guest_memfd": Vm._create_guest_memfd,

@@ -1,53 +1,87 @@
-"""`GET /metrics`: Prometheus text format, one series per VM stat with a `vm` label."""
+"""`GET /metrics`: Prometheus text format, one series per VM stat with a `vm` label.
+
+Cumulative stats (events counted since the VM was created: TLB flushes, zaps, page faults,
+refaults, …) are counters (`…_total`); stats that say how things are now (pages mapped by
+size, page tables, roots, peaks) are gauges. Every live VM is reported, loaded in memory or
+not: the service keeps each VM's stats on its row with every journaled call, so a scrape
+never loads (replays) a VM nor waits for one's lock.
+"""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from app.api.deps import ServiceDep, VmServiceLike
+from app.api.deps import ServiceDep
 
 router = APIRouter(tags=["metrics"])
 
 _NAME_OK = re.compile(r"[^a-zA-Z0-9_]")
 
+# The kernel's cumulative stats (binary stats of type COUNTER) and vkmmu's own event counts.
+# The kernel's instant and peak stats (pages_*, mmu_unsync, nx_lpage_splits, max_*) and the
+# views of present state (page_tables, roots, *_pages_*, zapped_not_refaulted, …) are gauges.
+_COUNTERS = frozenset(
+    {
+        "remote_tlb_flush",
+        "remote_tlb_flush_requests",
+        "mmu_shadow_zapped",
+        "mmu_pte_write",
+        "mmu_pde_zapped",
+        "mmu_flooded",
+        "mmu_recycled",
+        "mmu_cache_miss",
+        "refaults",
+        "mmio_sptes",
+        "memslot_generation_wraps",
+        "root_reloads",
+        "tdx_reaccepts",
+    }
+)
+_COUNTER_PREFIXES = ("zaps_", "pf_", "tdx_")
+# Present state despite a counter-like prefix.
+_GAUGES = frozenset({"tdx_accepted_pages"})
 
-async def _loaded_vm_ids(service: VmServiceLike) -> list[str]:
-    # Only VMs the service already holds in memory: a scrape must never load (replay) a VM.
-    loaded = getattr(service, "loaded_vms", None)
-    if loaded is not None:
-        return sorted(loaded())
-    out: list[str] = []
-    cursor: str | None = None
-    while True:
-        items, cursor = await service.list_vms(limit=1000, cursor=cursor)
-        out.extend(str(i["id"]) for i in items if i.get("loaded", True))
-        if cursor is None:
-            return out
+
+def is_counter(name: str) -> bool:
+    if name in _GAUGES:
+        return False
+    return name in _COUNTERS or name.startswith(_COUNTER_PREFIXES)
 
 
 class _Snapshot:
     """A one-shot collector over stats gathered before `generate_latest` runs."""
 
-    def __init__(self, per_vm: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, per_vm: dict[str, dict[str, Any]], loaded: int) -> None:
         self.per_vm = per_vm
+        self.loaded = loaded
 
     def collect(self) -> Any:
-        families: dict[str, GaugeMetricFamily] = {}
-        vms = GaugeMetricFamily("vkmmu_vms_loaded", "VMs held in memory by this process")
+        vms = GaugeMetricFamily("vkmmu_vms", "Live VMs (loaded in memory or not)")
         vms.add_metric([], len(self.per_vm))
         yield vms
+        loaded = GaugeMetricFamily("vkmmu_vms_loaded", "VMs held in memory by this process")
+        loaded.add_metric([], self.loaded)
+        yield loaded
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for vm_id, stats in sorted(self.per_vm.items()):
             for name, value in sorted(_flatten(stats).items()):
                 fam = families.get(name)
                 if fam is None:
-                    fam = families[name] = GaugeMetricFamily(
-                        f"vkmmu_vm_{name}", f"KVM VM stat {name}", labels=["vm"]
-                    )
+                    if is_counter(name):
+                        # The client library appends `_total` to a counter's samples.
+                        fam = CounterMetricFamily(
+                            f"vkmmu_vm_{name}", f"KVM VM stat {name} (cumulative)", labels=["vm"]
+                        )
+                    else:
+                        fam = GaugeMetricFamily(
+                            f"vkmmu_vm_{name}", f"KVM VM stat {name}", labels=["vm"]
+                        )
+                    families[name] = fam
                 fam.add_metric([vm_id], float(value))
         yield from families.values()
 
@@ -67,20 +101,12 @@ def _flatten(stats: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 @router.get(
     "/metrics",
-    summary="Prometheus metrics: the stats of every loaded VM, labelled by VM id",
+    summary="Prometheus metrics: every live VM's stats, labelled by VM id",
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
 )
-async def metrics(request: Request, service: ServiceDep) -> Response:
-    from app.services.errors import VmNotFound
-
-    per_vm: dict[str, dict[str, Any]] = {}
-    for vm_id in await _loaded_vm_ids(service):
-        try:
-            stats, _ = await service.read(vm_id, lambda v: v.stats())
-        except VmNotFound:
-            continue  # deleted while we scraped
-        per_vm[vm_id] = stats
+async def metrics(service: ServiceDep) -> Response:
+    per_vm = await service.stats_summaries()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(per_vm))
+    registry.register(_Snapshot(per_vm, len(service.loaded_vms())))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

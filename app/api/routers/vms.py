@@ -34,12 +34,20 @@ router = APIRouter(prefix="/v1/vms", tags=["vms"])
     responses=responses(R_KVM, R_BODY, R_NOT_FOUND),
 )
 async def create_vm(body: VmCreate, service: ServiceDep, response: Response) -> VmInfo:
-    kind = {"vm_type": body.vm_type, "vcpus": body.vcpus, "paging_levels": body.paging_levels}
-    if body.from_snapshot is not None:
-        # A fork takes them from its snapshot: pass on only what the client actually sent,
-        # for the service to check against the snapshot's VM (422 when they differ).
-        kind = {k: v for k, v in kind.items() if k in body.model_fields_set}
-    info, etag = await service.create_vm(name=body.name, from_snapshot=body.from_snapshot, **kind)
+    # A fork takes these from its snapshot: pass on only what the client actually sent, for
+    # the service to check against the snapshot's VM (422 when they differ).
+    fork = body.from_snapshot is not None
+
+    def given(field: str, value: int) -> int | None:
+        return None if fork and field not in body.model_fields_set else value
+
+    info, etag = await service.create_vm(
+        name=body.name,
+        vm_type=given("vm_type", body.vm_type),
+        vcpus=given("vcpus", body.vcpus),
+        paging_levels=given("paging_levels", body.paging_levels),
+        from_snapshot=body.from_snapshot,
+    )
     set_etag(response, etag)
     response.headers["Location"] = f"/v1/vms/{info['id']}"
     return VmInfo.model_validate(info)
