@@ -143,6 +143,18 @@ class FaultPath:
         nxt = iv.starts[i + 1] if i + 1 < len(iv.starts) else end
         return min(end, nxt)
 
+    def leaf_bits(self, level: int, host_writable: bool, ipat: bool) -> int:
+        """A TDP fault passes ACC_ALL: writable whenever the host mapping is; a prefetch
+        leaves the Accessed bit clear (§1.6.1)."""
+        return S.leaf_bits(
+            level=level,
+            writable=True,
+            host_writable=host_writable,
+            exec_=True,
+            ipat=ipat,
+            accessed=not self.prefetch,
+        )
+
     # -- the walk -----------------------------------------------------------------------------
     def run(self, gpa: int, size: int, private_hint: bool | None = None) -> FaultResult:
         self.gpa = gpa
@@ -232,14 +244,7 @@ class FaultPath:
             self.acc.flush = True  # a present SPTE was replaced: the kernel flushes
             self.fault()
         host_w = not slot.flags & _READONLY
-        bits = S.leaf_bits(
-            level=level,
-            writable=True,
-            host_writable=host_w,
-            exec_=True,
-            ipat=vm.ipat,
-            accessed=not self.prefetch,
-        )
+        bits = self.leaf_bits(level, host_w, vm.ipat)
         pfn = slot.hva(rs) >> PAGE_SHIFT
         mmu.set_leaves(
             root, table, i, np.array([bits | (pfn << S.PFN_SHIFT)], dtype=np.uint64), level
@@ -271,16 +276,7 @@ class FaultPath:
         new = _ARANGE_I[:count] if fresh else np.flatnonzero(~present)
         if len(new):
             host_w = not slot.flags & _READONLY
-            bits = np.uint64(
-                S.leaf_bits(
-                    level=1,
-                    writable=True,
-                    host_writable=host_w,
-                    exec_=True,
-                    ipat=vm.ipat,
-                    accessed=not self.prefetch,
-                )
-            )
+            bits = np.uint64(self.leaf_bits(1, host_w, vm.ipat))
             if gmem is not None:
                 first = slot.gmem_index(gfn)
                 vm.gmem_allocate(gmem, first, count)
@@ -412,16 +408,7 @@ class FaultPath:
         vm, lo = self.vm, gfn & 511
         first = slot.gmem_index(gfn)
         vm.gmem_allocate(gmem, first + int(idx[0]), int(idx[-1] - idx[0]) + 1)
-        bits = np.uint64(
-            S.leaf_bits(
-                level=1,
-                writable=True,
-                host_writable=True,
-                exec_=True,
-                ipat=False,
-                accessed=not self.prefetch,
-            )
-        )
+        bits = np.uint64(self.leaf_bits(1, True, False))
         pfns = np.uint64(gmem.base_pfn + first) + idx.astype(np.uint64)
         ent = vm.mmu.pool.entries(table)
         ent[lo + idx] = bits | (pfns << S.U_SHIFT)
