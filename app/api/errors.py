@@ -260,15 +260,11 @@ def _body_parse_issue(cause: BaseException | None) -> dict[str, Any]:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at this path (Starlette's own 405 names only the
-    first route it finds, and each FastAPI route has one method)."""
-    from starlette.routing import Match
-
+    """Every method some route serves at this path (`include_routers` lists them)."""
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
+    for regex, route_methods in getattr(request.app.state, "allowed_methods", ()):
+        if regex.match(request.scope.get("path", "")):
+            methods |= route_methods
     return sorted(methods)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from app.api.routers import (
     attributes,
@@ -38,3 +41,12 @@ ROUTERS = (
 def include_routers(app: FastAPI) -> None:
     for r in ROUTERS:
         app.include_router(r)
+    # For the `Allow` header of a 405: each route serves one method, and the router's own
+    # 405 names only the first route whose path matched.
+    allowed: dict[str, tuple[re.Pattern[str], set[str]]] = {}
+    for r in ROUTERS:
+        for route in r.routes:
+            if isinstance(route, APIRoute):
+                _, methods = allowed.setdefault(route.path, (route.path_regex, set()))
+                methods.update(route.methods or ())
+    app.state.allowed_methods = list(allowed.values())

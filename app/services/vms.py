@@ -10,6 +10,12 @@ Invariants this module keeps:
 - Before working on a VM, a process catches up with records other processes appended
   (several `vkmmu serve` on one PostgreSQL); writers hold the VM row lock while they do.
 
+Memory: the page-table budget is the whole service's. Before each engine call the VM is
+granted what it holds plus what every loaded VM together leaves free (ENOMEM past it); the
+grant is journaled with the call, so replay runs it under the same budget and ends in the same
+state. At most `max_loaded_vms` VMs stay in memory; idle ones are evicted least recently used
+first and reload from their newest snapshot and the journal.
+
 Threading: each call holds the VM's asyncio lock and runs its whole unit of work (database
 transaction and engine call) in one worker thread. The lock is never released while that
 thread runs, even when the caller is cancelled, so two calls never touch one VM at once
@@ -376,10 +382,11 @@ class VmService:
                 }
 
         out: dict[str, dict[str, Any]] = {}
+        loaded = self.loaded_vms()
         for vm_id, stats in (await self._run(work)).items():
             if stats is not None:
                 out[vm_id] = stats
-            elif vm_id in self.loaded_vms():
+            elif vm_id in loaded:
                 try:
                     out[vm_id], _ = await self.read(vm_id, lambda v: v.stats())
                 except VmNotFound:
@@ -848,8 +855,11 @@ class VmService:
                 await self.create_snapshot(h.vm_id, kind="auto")
             except VmNotFound:
                 pass
-            except Exception:
-                log.exception("automatic snapshot of VM %s failed", h.vm_id)
+            except Exception as e:
+                if isinstance(e, ServiceUnavailable):  # an outage, already logged: no trace
+                    log.warning("automatic snapshot of VM %s skipped: %s", h.vm_id, e)
+                else:
+                    log.exception("automatic snapshot of VM %s failed", h.vm_id)
                 # Try again after another `snapshot_every` records, not on every call.
                 h.snapshot_seq = h.applied_seq
             finally:

@@ -54,6 +54,8 @@ async def make_client(settings: Settings) -> AsyncIterator[Callable[..., Any]]:
             s.database_url,
             snapshot_every=s.snapshot_every,
             run_migrations=False,
+            page_table_budget_bytes=s.page_table_budget_bytes,
+            max_loaded_vms=s.max_loaded_vms,
         )
         app = create_app(s, service=svc)
         lifespan = app.router.lifespan_context(app)

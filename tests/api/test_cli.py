@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +52,48 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VKMMU_PORT", "70000")
     with pytest.raises(ValueError):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["serve", "--port", "99999"], {}, "--port / VKMMU_PORT"),
+        (["serve"], {"VKMMU_SNAPSHOT_EVERY": "-1"}, "VKMMU_SNAPSHOT_EVERY"),
+        (["serve"], {"VKMMU_PORT": "http"}, "VKMMU_PORT"),
+        (["migrate"], {"VKMMU_MAX_BODY_BYTES": "0"}, "VKMMU_MAX_BODY_BYTES"),
+    ],
+)
+def test_bad_settings_are_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    env: dict[str, str],
+    named: str,
+) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vkmmu: invalid settings: ")
+    assert named in lines[0]
+    assert "Traceback" not in out.err and out.out == ""
+
+
+def test_bad_settings_from_the_console_script(tmp_path: Path) -> None:
+    """The real command: exit status 2, one line on stderr, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VKMMU_")}
+    env["VKMMU_SNAPSHOT_EVERY"] = "-1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--port", "99999"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "--port / VKMMU_PORT" in lines[0] and "VKMMU_SNAPSHOT_EVERY" in lines[0]
+    assert "Traceback" not in proc.stderr

@@ -61,7 +61,7 @@ async def test_mappings_paginated(client: httpx.AsyncClient, vm: str) -> None:
 
 
 async def test_roots_stats_audit(client: httpx.AsyncClient, mapped: str) -> None:
-    roots = ok(await client.get(f"/v1/vms/{mapped}/roots"))
+    roots = ok(await client.get(f"/v1/vms/{mapped}/roots"))["items"]
     assert roots[0]["role"] == "direct" and roots[0]["valid"] is True
     stats = ok(await client.get(f"/v1/vms/{mapped}/stats"))
     assert stats["pages_4k"] == 4
@@ -132,9 +132,49 @@ async def test_metrics_label_loaded_vms(client: httpx.AsyncClient, mapped: str) 
 
 
 async def test_mappings_of_one_root(client: httpx.AsyncClient, mapped: str) -> None:
-    root = ok(await client.get(f"/v1/vms/{mapped}/roots"))[0]["id"]
+    root = ok(await client.get(f"/v1/vms/{mapped}/roots"))["items"][0]["id"]
     mine = ok(await client.get(f"/v1/vms/{mapped}/mappings", params={"root": root}))["items"]
     assert mine == ok(await client.get(f"/v1/vms/{mapped}/mappings"))["items"]
     none = ok(await client.get(f"/v1/vms/{mapped}/mappings", params={"root": root + 1000}))
     assert none["items"] == []
     assert_problem(await client.get(f"/v1/vms/{mapped}/mappings", params={"root": "x"}), 422)
+
+
+async def test_range_zap_needs_gpa_and_size(client: httpx.AsyncClient, mapped: str) -> None:
+    vm = mapped
+    before = await state(client, vm)
+    for body, missing in (
+        ({"scope": "range", "roots": "shared"}, {"gpa", "size"}),
+        ({"scope": "range", "gpa": 0, "roots": "shared"}, {"size"}),
+        ({"scope": "range", "size": 4096, "gpa": None, "roots": "shared"}, {"gpa"}),
+    ):
+        problem = assert_problem(await client.post(f"/v1/vms/{vm}/zaps", json=body), 422)
+        assert "errno" not in problem
+        assert {tuple(e["loc"]) for e in problem["errors"]} == {("body", f) for f in missing}
+    assert await state(client, vm) == before
+    # `all` needs neither.
+    z = ok(await client.post(f"/v1/vms/{vm}/zaps", json={"scope": "all", "roots": "shared"}))
+    assert z["path"] == "zap_all_fast"
+
+
+async def test_fork_takes_its_kind_of_vm_from_the_snapshot(client: httpx.AsyncClient) -> None:
+    src = await new_vm(client, vcpus=2, paging_levels=5)
+    snap = ok(await client.post(f"/v1/vms/{src}/snapshots"), 201)
+    for body, fields in (
+        ({"vcpus": 1}, {"vcpus"}),
+        ({"vm_type": "KVM_X86_TDX_VM", "paging_levels": 4}, {"vm_type", "paging_levels"}),
+    ):
+        r = await client.post("/v1/vms", json={"from_snapshot": snap["id"], **body})
+        problem = assert_problem(r, 422)
+        assert {tuple(e["loc"]) for e in problem["errors"]} == {("body", f) for f in fields}
+        assert "snapshot" in problem["detail"]
+    assert [v["id"] for v in ok(await client.get("/v1/vms"))["items"]] == [src]
+    # The same values, or none, fork.
+    same = {"from_snapshot": snap["id"], "vm_type": 0, "vcpus": 2, "paging_levels": 5}
+    fork = ok(await client.post("/v1/vms", json=same), 201)
+    assert (fork["vcpus"], fork["paging_levels"]) == (2, 5)
+    ok(await client.post("/v1/vms", json={"from_snapshot": snap["id"]}), 201)
+    # The snapshots of a deleted VM are gone with it: 404, as for their list.
+    ok(await client.delete(f"/v1/vms/{src}"))
+    assert_problem(await client.get(f"/v1/vms/{src}/snapshots"), 404)
+    assert_problem(await client.post("/v1/vms", json={"from_snapshot": snap["id"]}), 404)

@@ -182,8 +182,14 @@ async def test_if_match(client: httpx.AsyncClient, vm: str) -> None:
     assert v3 != v2
     r = await client.delete(f"/v1/vms/{vm}/memslots/1", headers={"If-Match": "*"})
     ok(r)
-    weak = "W/" + etag(r)
-    r = await client.post(f"/v1/vms/{vm}/vcpus", json={"id": 3}, headers={"If-Match": weak})
+    # RFC 9110: If-Match compares strongly; a weak tag never matches, even the current one.
+    current = etag(r)
+    r = await client.post(
+        f"/v1/vms/{vm}/vcpus", json={"id": 3}, headers={"If-Match": "W/" + current}
+    )
+    assert_problem(r, 412)
+    assert etag(r) == current  # the 412 says which version to retry against
+    r = await client.post(f"/v1/vms/{vm}/vcpus", json={"id": 3}, headers={"If-Match": current})
     ok(r, 201)
 
 

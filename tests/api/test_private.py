@@ -230,11 +230,11 @@ async def test_td_accept_and_slot_delete_keeps_mirror_root(
     )
     acc = ok(await client.post(f"/v1/vms/{td}/vcpus/0/accept", json={"gpa": 0, "size": 8192}))
     assert acc["accepted"] == 2
-    roles = {r["role"] for r in ok(await client.get(f"/v1/vms/{td}/roots"))}
+    roles = {r["role"] for r in ok(await client.get(f"/v1/vms/{td}/roots"))["items"]}
     assert "mirror" in roles
     gone = ok(await client.delete(f"/v1/vms/{td}/memslots/0"))
     assert gone["zap"]["path"] == "zap_slot_leafs"
-    roots = ok(await client.get(f"/v1/vms/{td}/roots"))
+    roots = ok(await client.get(f"/v1/vms/{td}/roots"))["items"]
     assert any(r["role"] == "mirror" and r["valid"] for r in roots)
     assert ok(await client.get(f"/v1/vms/{td}/audit"))["ok"] is True
 
@@ -295,3 +295,29 @@ async def test_tdx_state(client: httpx.AsyncClient, td: str, vm: str) -> None:
     tdx = ok(await client.get(f"/v1/vms/{td}/tdx"))
     assert isinstance(tdx["ops"], dict) and tdx["ops"]
     assert_errno(await client.get(f"/v1/vms/{vm}/tdx"), errno.EINVAL)
+
+
+async def test_roots_are_a_paginated_list_by_id(client: httpx.AsyncClient, td: str) -> None:
+    fd = await gmem(client, td)
+    await gmem_slot(client, td, fd)
+    ok(
+        await client.post(
+            f"/v1/vms/{td}/memory-attributes",
+            json={"address": 0, "size": 2 * MiB, "attributes": [PRIVATE]},
+        )
+    )
+    ok(await client.post(f"/v1/vms/{td}/vcpus/0/accept", json={"gpa": 0, "size": 4096}))
+    # A shared page, by its alias (GPA bit 47 set on a 4-level TD): the direct root.
+    shared = {"gpa": (1 << 47) | 2 * MiB, "private": False}
+    ok(await client.post(f"/v1/vms/{td}/vcpus/0/accesses", json=shared))
+    full = ok(await client.get(f"/v1/vms/{td}/roots"))
+    assert set(full) == {"items", "next_cursor"} and full["next_cursor"] is None
+    ids = [r["id"] for r in full["items"]]
+    assert len(ids) == 2 and ids == sorted(ids)
+    assert {r["role"] for r in full["items"]} == {"direct", "mirror"}
+    first = ok(await client.get(f"/v1/vms/{td}/roots", params={"limit": 1}))
+    assert [r["id"] for r in first["items"]] == ids[:1] and first["next_cursor"] == str(ids[0])
+    rest = ok(
+        await client.get(f"/v1/vms/{td}/roots", params={"limit": 1, "cursor": first["next_cursor"]})
+    )
+    assert [r["id"] for r in rest["items"]] == ids[1:] and rest["next_cursor"] is None

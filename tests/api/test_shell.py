@@ -294,3 +294,160 @@ async def test_malformed_ids_are_422(shell: httpx.AsyncClient, path: str) -> Non
 
 async def test_control_characters_in_name_are_422(shell: httpx.AsyncClient) -> None:
     assert_problem(await shell.post("/v1/vms", json={"name": "a\x00b"}), 422)
+
+
+# --- bodies the JSON reader cannot decode: 422 like any malformed body ----------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b'{"name": "\xff\xfe"}', "UTF-8"),
+        (b'{"vcpus": ' + b"9" * 5000 + b"}", "digits"),
+        (b"[" * 50_000, "nests"),
+        (b'{"a":' * 5000 + b"1" + b"}" * 5000, "nests"),
+    ],
+)
+async def test_undecodable_bodies_are_422_with_the_field_list(
+    shell: httpx.AsyncClient, raw: bytes, why: str
+) -> None:
+    r = await shell.post("/v1/vms", content=raw, headers={"content-type": "application/json"})
+    body = assert_problem(r, 422)
+    assert body["type"] == "urn:vkmmu:problem:validation"
+    assert body["errors"] and body["errors"][0]["loc"] == ["body"]
+    assert body["errors"][0]["type"] == "json_invalid"
+    assert why in body["errors"][0]["msg"]
+    assert (await shell.get("/v1/vms")).json()["items"] == []
+
+
+# --- 413 and 405 say the same thing whichever way they are reached --------------------------
+
+
+async def test_413_title_is_the_same_for_declared_and_chunked_bodies(
+    make_client: Callable[..., Any],
+) -> None:
+    client = await make_client(max_body_bytes=1024)
+    declared = await client.post(
+        "/v1/vms",
+        content=json.dumps({"name": "x" * 2000}).encode(),
+        headers={"content-type": "application/json"},
+    )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"name": "'
+        for _ in range(10):
+            yield b"y" * 200
+        yield b'"}'
+
+    chunked = await client.post(
+        "/v1/vms", content=chunks(), headers={"content-type": "application/json"}
+    )
+    titles = {assert_problem(r, 413)["title"] for r in (declared, chunked)}
+    assert titles == {"Content Too Large"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PATCH", "/v1/vms", {"GET", "POST"}),
+        ("PUT", "/v1/vms/vm-x", {"GET", "DELETE"}),
+        ("POST", "/v1/vms/vm-x/memslots/0", {"GET", "PUT", "DELETE"}),
+    ],
+)
+async def test_405_allow_lists_every_method(
+    shell: httpx.AsyncClient, method: str, path: str, allowed: set[str]
+) -> None:
+    r = await shell.request(method, path)
+    assert_problem(r, 405)
+    assert {m.strip() for m in r.headers["allow"].split(",")} == allowed
+
+
+# --- cursors: malformed is 422 naming query.cursor, on every list ---------------------------
+
+LISTS = (
+    "/v1/vms",
+    "/v1/vms/{vm}/vcpus",
+    "/v1/vms/{vm}/memslots",
+    "/v1/vms/{vm}/guest-memfds",
+    "/v1/vms/{vm}/memory-attributes",
+    "/v1/vms/{vm}/zaps",
+    "/v1/vms/{vm}/mappings",
+    "/v1/vms/{vm}/roots",
+    "/v1/vms/{vm}/snapshots",
+)
+
+
+@pytest.mark.parametrize("path", LISTS)
+@pytest.mark.parametrize("populated", [False, True])
+async def test_malformed_cursor_is_422_on_every_list(
+    shell: httpx.AsyncClient, path: str, populated: bool
+) -> None:
+    vm = (await shell.post("/v1/vms", json={"vm_type": "KVM_X86_SW_PROTECTED_VM"})).json()["id"]
+    if populated:
+        slot = {"memory_size": 1 << 20, "userspace_addr": 0x7F00_0000_0000}
+        assert (await shell.put(f"/v1/vms/{vm}/memslots/0", json=slot)).status_code == 200
+        for call, body in (
+            ("vcpus/0/accesses", {"gpa": 0, "size": 8192}),
+            ("zaps", {"scope": "all", "roots": "shared"}),
+            ("vcpus/0/accesses", {"gpa": 0}),
+            ("guest-memfds", {"size": 1 << 20}),
+            ("memory-attributes", {"address": 0x80000, "size": 4096, "attributes": 8}),
+            ("snapshots", None),
+        ):
+            r = await shell.post(f"/v1/vms/{vm}/{call}", json=body)
+            assert r.status_code in (200, 201), r.text
+        assert (await shell.get(path.format(vm=vm))).json()["items"]
+    for cursor in ("zz", "-1", "1.5", "vm-", "snap-xyz", "0x", "9" * 30):
+        r = await shell.get(path.format(vm=vm), params={"cursor": cursor})
+        body = assert_problem(r, 422)
+        assert ["query", "cursor"] in [e["loc"] for e in body["errors"]], (cursor, body)
+
+
+async def test_cursors_returned_are_accepted(shell: httpx.AsyncClient) -> None:
+    ids = sorted([(await shell.post("/v1/vms", json={})).json()["id"] for _ in range(3)])
+    page = (await shell.get("/v1/vms", params={"limit": 1})).json()
+    assert page["next_cursor"] == ids[0]
+    page = (await shell.get("/v1/vms", params={"limit": 1, "cursor": ids[0]})).json()
+    assert [v["id"] for v in page["items"]] == [ids[1]]
+
+
+# --- a database outage is 503 + Retry-After, never 500 -------------------------------------
+
+
+async def test_database_outage_is_503_with_retry_after(
+    make_client: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    from app.db.session import Database
+
+    client = await make_client()
+    service = client.app.state.service  # type: ignore[attr-defined]
+    vm = (await client.post("/v1/vms", json={})).json()["id"]
+    working = service._db
+    # Nothing listens on port 1: every connection is refused.
+    down = Database("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    service._db = down
+    try:
+        calls = [
+            ("GET", "/v1/vms", None),
+            ("POST", "/v1/vms", {}),
+            ("GET", f"/v1/vms/{vm}", None),
+            ("GET", f"/v1/vms/{vm}/stats", None),
+            ("POST", f"/v1/vms/{vm}/vcpus", {"id": 3}),
+            ("DELETE", f"/v1/vms/{vm}", None),
+            ("POST", f"/v1/vms/{vm}/snapshots", None),
+            ("GET", "/metrics", None),
+        ]
+        with caplog.at_level(logging.WARNING):
+            for method, path, body in calls:
+                r = await client.request(method, path, json=body)
+                problem = assert_problem(r, 503)
+                assert r.headers["retry-after"] == "1", path
+                assert "127.0.0.1" not in problem["detail"]
+        assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    finally:
+        service._db = working
+        down.dispose()
+    # Back up: nothing happened meanwhile, and the VM works.
+    r = await client.post(f"/v1/vms/{vm}/vcpus", json={"id": 3})
+    assert r.status_code == 201, r.text
+    assert r.headers["etag"] == '"1"'

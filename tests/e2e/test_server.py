@@ -138,3 +138,25 @@ def test_vm_memslot_access_delete_flow_survives_restart(server: Server) -> None:
         assert f'vm="{vm}"' in c.get("/metrics").text
         assert c.delete(f"/v1/vms/{vm}").status_code == 200
         assert c.get(f"/v1/vms/{vm}").status_code == 404
+
+
+def test_zap_stream_ends_cleanly_when_its_vm_is_deleted(server: Server) -> None:
+    with httpx.Client(base_url=server.base, timeout=30) as c:
+        vm = c.post("/v1/vms", json={}).json()["id"]
+        slot = {"memory_size": 2 * MiB, "userspace_addr": hex(HVA)}
+        assert c.put(f"/v1/vms/{vm}/memslots/0", json=slot).status_code == 200
+        assert c.post(f"/v1/vms/{vm}/vcpus/0/accesses", json={"gpa": 0}).status_code == 200
+        zap = {"scope": "all", "roots": "shared"}
+        assert c.post(f"/v1/vms/{vm}/zaps", json=zap).status_code == 200
+        chunks: list[bytes] = []
+        with c.stream("GET", f"/v1/vms/{vm}/zaps/stream", params={"timeout": 60}) as r:
+            assert r.status_code == 200
+            for chunk in r.iter_raw():
+                chunks.append(chunk)
+                if b"event: zap" in b"".join(chunks) and len(chunks) == 1:
+                    assert c.delete(f"/v1/vms/{vm}").status_code == 200
+        # The whole chunked body arrived (no RemoteProtocolError), ending with why.
+        body = b"".join(chunks).decode()
+        assert body.endswith('event: end\ndata: {"reason": "vm_deleted"}\n\n'), body
+    log = server.log.read_text()
+    assert '"level": "ERROR"' not in log and "Traceback" not in log, log[-3000:]

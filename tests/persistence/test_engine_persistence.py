@@ -4,6 +4,7 @@ snapshots, restore and fork keep state, stats and memory contents."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib.util
 import logging
 from collections.abc import Iterator
@@ -71,9 +72,8 @@ async def test_restart_snapshot_restore_fork(db_url: str, make_service: ServiceF
 
     svc2 = await make_service(db_url, snapshot_every=4)
     assert await fp(svc2, vm_id) == live
-    fork, _ = await svc2.create_vm(
-        name="fork", vm_type=0, vcpus=1, paging_levels=4, from_snapshot=snap["id"]
-    )
+    # A fork takes its kind of VM from the snapshot.
+    fork, _ = await svc2.create_vm(name="fork", from_snapshot=snap["id"])
     fork_fp = await fp(svc2, fork["id"])
     assert {k: v for k, v in fork_fp.items() if k != "info"} == {
         k: v for k, v in at_snap.items() if k != "info"
@@ -159,3 +159,51 @@ async def test_corrupt_snapshots_fall_back(
         assert await fp(svc2, vm_id) == live
     warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert newest.id in warned and middle["id"] in warned and oldest["id"] not in warned
+
+
+TABLE = 4096
+
+
+async def test_page_table_budget_is_service_wide_and_replayed_as_it_was(
+    db_url: str, make_service: ServiceFactory
+) -> None:
+    from app.db.models import JournalRecord
+    from app.engine.errors import KvmError
+
+    region = {"slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": 4 * MIB}
+    # 8 tables for the whole service: 4 MiB mapped in 4 KiB pages takes 5, a 2 MiB access
+    # may need 5. Each VM alone fits; the second one, next to the first, does not.
+    svc = await make_service(db_url, snapshot_every=0, page_table_budget_bytes=8 * TABLE)
+    a, b = await new_vm(svc), await new_vm(svc)
+    for vm_id in (a, b):
+        await svc.mutate(vm_id, "set_user_memory_region", {**region, "userspace_addr": HVA})
+    await svc.mutate(a, "access", {"vcpu": 0, "gpa": 0, "size": 4 * MIB, "access": "write"})
+    b_before = await fp(svc, b)
+    with pytest.raises(KvmError) as enomem:
+        await svc.mutate(b, "access", {"vcpu": 0, "gpa": 0, "size": 2 * MIB, "access": "write"})
+    assert enomem.value.errno == errno.ENOMEM
+    assert not getattr(enomem.value, "state_changed", False)
+    assert await fp(svc, b) == b_before
+    assert (await svc.get_vm(b))[1] == '"1"'  # no record
+
+    # The budget each call ran with is journaled with it.
+    with _raw_db(db_url) as s:
+        recs: list[JournalRecord] = list(repo.journal_after(s, a, 0))
+    assert [r.meta["table_budget"] for r in recs if r.meta] == [8, 8]
+
+    # A VM evicted from memory holds no tables: the other one's call fits now.
+    a_live = await fp(svc, a)
+    assert svc.evict(a)
+    await svc.mutate(b, "access", {"vcpu": 0, "gpa": 0, "size": 2 * MIB, "access": "write"})
+    b_live = await fp(svc, b)
+    await svc.stop()
+
+    # Restarted with a budget smaller than what A already holds: replay runs each call
+    # under the budget it first ran with, so it rebuilds the same state (no ENOMEM).
+    tight = await make_service(db_url, snapshot_every=0, page_table_budget_bytes=TABLE)
+    assert await fp(tight, a) == a_live
+    assert await fp(tight, b) == b_live
+    # New calls get what is left of the new budget: nothing.
+    with pytest.raises(KvmError) as full:
+        await tight.mutate(a, "access", {"vcpu": 1, "gpa": 3 * MIB, "size": MIB})
+    assert full.value.errno == errno.ENOMEM

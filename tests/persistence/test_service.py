@@ -11,12 +11,20 @@ from typing import Any
 
 import pytest
 from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 
 from app.db import repository as repo
 from app.db.models import JournalRecord, SnapshotRow
 from app.db.session import Database
 from app.engine.errors import KvmError
-from app.services.errors import PreconditionFailed, SnapshotNotFound, VmNotFound
+from app.services.errors import (
+    ForkMismatch,
+    PreconditionFailed,
+    ServiceUnavailable,
+    SnapshotNotFound,
+    VmNotFound,
+    attached_etag,
+)
 from app.services.vms import VmService, datetime_to_us, us_to_engine_time
 from tests.persistence.conftest import ServiceFactory
 from tests.persistence.fake_engine import FAKE_ENGINE, FakeVm, dumps
@@ -226,9 +234,7 @@ async def test_corrupt_snapshot_falls_back(
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
 
     # A fork from a damaged snapshot is rebuilt from its source's journal.
-    info, _ = await svc3.create_vm(
-        name="f", vm_type=0, vcpus=1, paging_levels=4, from_snapshot=old["id"]
-    )
+    info, _ = await svc3.create_vm(name="f", from_snapshot=old["id"])
     before_bump, _ = await svc3.read(vm_id, lambda vm: vm.state["counter"])
     fork_counter, _ = await svc3.read(info["id"], lambda vm: vm.state["counter"])
     assert fork_counter == before_bump - 1000
@@ -277,9 +283,15 @@ async def test_fork(db_url: str, make_service: ServiceFactory) -> None:
     await some_calls(svc, src)
     snap = await svc.create_snapshot(src)
     at_snap = await state(svc, src)
-    info, tag = await svc.create_vm(
-        name="fork", vm_type=1, vcpus=9, paging_levels=5, from_snapshot=snap["id"]
-    )
+    # A fork is its snapshot's kind of VM: asking for another kind is refused, naming what
+    # differs; asking for the same kind (or nothing) forks.
+    with pytest.raises(ForkMismatch) as mismatch:
+        await svc.create_vm(
+            name="fork", vm_type=1, vcpus=2, paging_levels=5, from_snapshot=snap["id"]
+        )
+    assert mismatch.value.fields == {"vm_type": (1, 0), "paging_levels": (5, 4)}
+    assert len((await svc.list_vms(limit=100, cursor=None))[0]) == 1
+    info, tag = await svc.create_vm(name="fork", vcpus=2, from_snapshot=snap["id"])
     fork = info["id"]
     assert tag == '"0"' and (info["vm_type"], info["vcpus"], info["name"]) == (0, 2, "fork")
     assert await state(svc, fork) == at_snap
@@ -292,6 +304,12 @@ async def test_fork(db_url: str, make_service: ServiceFactory) -> None:
     assert await state(svc2, fork) == s_fork and await state(svc2, src) == s_src
     with pytest.raises(SnapshotNotFound):
         await svc2.create_vm(name=None, vm_type=0, vcpus=1, paging_levels=4, from_snapshot="x")
+    # The snapshots of a deleted VM went with it: no fork from them (like their list).
+    await svc2.delete_vm(src)
+    with pytest.raises(SnapshotNotFound):
+        await svc2.create_vm(name=None, from_snapshot=snap["id"])
+    with pytest.raises(VmNotFound):
+        await svc2.list_snapshots(src)
 
 
 async def test_delete(db_url: str, make_service: ServiceFactory) -> None:
@@ -410,3 +428,113 @@ async def test_evict_reloads_lazily(db_url: str, make_service: ServiceFactory) -
     assert svc.evict(vm_id) and vm_id not in svc.loaded_vms()
     assert not svc.evict(vm_id)
     assert await state(svc, vm_id) == before
+
+
+async def test_state_changing_error_carries_the_new_etag(
+    db_url: str, make_service: ServiceFactory
+) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    await svc.mutate(vm_id, "bump", {})
+    with pytest.raises(KvmError) as changed:
+        await svc.mutate(vm_id, "bump_then_fail", {})
+    assert attached_etag(changed.value) == '"2"' == (await svc.get_vm(vm_id))[1]
+    with pytest.raises(KvmError) as unchanged:
+        await svc.mutate(vm_id, "create_vcpu", {"id": 0})
+    assert attached_etag(unchanged.value) is None
+
+
+async def test_delete_and_restore_honour_if_match(
+    db_url: str, make_service: ServiceFactory
+) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    snap = await svc.create_snapshot(vm_id)
+    await svc.mutate(vm_id, "bump", {})
+    with pytest.raises(PreconditionFailed) as stale:
+        await svc.restore_snapshot(vm_id, snap["id"], if_match='"0"')
+    assert stale.value.current == '"1"'
+    with pytest.raises(PreconditionFailed):
+        await svc.delete_vm(vm_id, if_match='W/"1"')  # weak: never matches
+    assert [r.op for r in await journal(svc, vm_id)] == ["bump"]
+    _, tag = await svc.restore_snapshot(vm_id, snap["id"], if_match='"1"')
+    await svc.delete_vm(vm_id, if_match=tag)
+    with pytest.raises(VmNotFound):
+        await svc.get_vm(vm_id)
+
+
+async def test_loaded_vms_are_capped_lru(db_url: str, make_service: ServiceFactory) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE, max_loaded_vms=2)
+    ids = [await new_vm(svc, f"vm{i}") for i in range(4)]
+    assert sorted(svc.loaded_vms()) == sorted(ids[2:])  # the two created last
+    for i, vm_id in enumerate(ids):
+        await svc.mutate(vm_id, "bump", {"by": i + 1})
+        assert len(svc.loaded_vms()) <= 2
+    assert sorted(svc.loaded_vms()) == sorted(ids[2:])
+    await svc.read(ids[0], lambda vm: None)  # ids[2] is now the least recently used
+    assert sorted(svc.loaded_vms()) == sorted([ids[0], ids[3]])
+    for i, vm_id in enumerate(ids):  # evicted VMs come back from their journal intact
+        counter, _ = await svc.read(vm_id, lambda vm: vm.state["counter"])
+        assert counter == i + 1
+
+
+async def test_stats_summaries_cover_vms_not_loaded(
+    db_url: str, make_service: ServiceFactory
+) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    a, b = await new_vm(svc, "a"), await new_vm(svc, "b")
+    await svc.mutate(a, "bump", {"by": 5})
+    await svc.mutate(b, "create_vcpu", {"id": 9})
+    assert svc.evict(a)
+    assert await svc.stats_summaries() == {
+        a: {"counter": 5, "vcpus": 2},
+        b: {"counter": 0, "vcpus": 3},
+    }
+    assert a not in svc.loaded_vms()  # answered from the rows
+    assert "stats" not in (await svc.get_vm(a))[0]
+    other = await make_service(db_url, FAKE_ENGINE)  # another process sees the same
+    assert (await other.stats_summaries())[a] == {"counter": 5, "vcpus": 2}
+    await svc.delete_vm(b)
+    assert list(await svc.stats_summaries()) == [a]
+
+
+async def test_database_outage_is_service_unavailable(
+    db_url: str, make_service: ServiceFactory
+) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    await svc.mutate(vm_id, "bump", {"by": 1})
+    working = svc._db
+    down = Database("postgresql+psycopg://nobody@127.0.0.1:1/none")  # connection refused
+    svc._db = down
+    try:
+        for call in (
+            svc.mutate(vm_id, "bump", {"by": 100}),
+            svc.get_vm(vm_id),
+            svc.list_vms(limit=10, cursor=None),
+            svc.create_vm(name="x"),
+            svc.create_snapshot(vm_id),
+            svc.stats_summaries(),
+        ):
+            with pytest.raises(ServiceUnavailable) as e:
+                await call
+            assert "OperationalError" in e.value.reason
+        assert (await svc.ready())["ok"] is False
+    finally:
+        svc._db = working
+        down.dispose()
+    # Nothing was applied while the database was out.
+    counter, tag = await svc.read(vm_id, lambda vm: vm.state["counter"])
+    assert (counter, tag) == (1, '"1"')
+    assert len((await svc.list_vms(limit=10, cursor=None))[0]) == 1
+
+
+async def test_integrity_errors_are_not_outages(
+    db_url: str, make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = await make_service(db_url, FAKE_ENGINE)
+    vm_id = await new_vm(svc)
+    # Two records with one sequence number: a bug, not the database being away.
+    monkeypatch.setattr("app.services.vms.new_id", lambda prefix: vm_id)
+    with pytest.raises(IntegrityError):
+        await svc.create_vm(name="dup")
