@@ -30,6 +30,7 @@ def audit(vm: Vm) -> dict:
     reachable: set[int] = set()
     for root in mmu.roots_of():
         per_root = [0, 0, 0, 0]
+        gmem_leaves = 0
         if root.role is RootRole.MIRROR and not root.valid and vm.tdx and vm.tdx.hkid_assigned:
             bad("mirror_root_valid", "the mirror root of a live TD was invalidated", root=root.id)
         stack = [root.table]
@@ -75,7 +76,16 @@ def audit(vm: Vm) -> dict:
             if not len(idx):
                 continue
             per_root[level] += len(idx)
+            if level == 1 and mmu.count_gmem:
+                pfns = (ent[idx] & S.U_ADDR) >> S.U_SHIFT
+                gmem_leaves += int(np.count_nonzero(pfns >= np.uint64(S.GMEM_PFN_BASE)))
             _check_leaves(vm, root, t, level, idx, ent, bad)
+        if mmu.count_gmem and gmem_leaves != root.gmem_leaves:
+            bad(
+                "stats_match_leaves",
+                f"root {root.id} counts {root.gmem_leaves} private "
+                f"leaves, tables hold {gmem_leaves}",
+            )
         for lv in (1, 2, 3):
             counted[lv] += per_root[lv]
             if per_root[lv] != root.leaves[lv]:

@@ -281,6 +281,8 @@ class FaultPath:
                 first = slot.gmem_index(gfn)
                 vm.gmem_allocate(gmem, first, count)
                 pfn0 = gmem.base_pfn + first
+                if mmu.count_gmem:
+                    root.gmem_leaves += len(new)
             else:
                 pfn0 = slot.hva(gfn) >> PAGE_SHIFT
                 vm.host.touch(pfn0, pfn0 + count)

@@ -31,6 +31,7 @@ class Root:
     gen: int
     valid: bool = True
     leaves: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # by level 1..3
+    gmem_leaves: int = 0  # 4K leaves mapping guest_memfd pages (kept when Mmu.count_gmem)
 
     def to_dict(self, mmu_valid_gen: int) -> dict[str, object]:
         return {
@@ -90,6 +91,9 @@ class Mmu:
         self.next_root_id = 1
         self.mmu_valid_gen = 0
         self.pages = [0, 0, 0, 0]  # present leaves by level, every root (pages_4k/2m/1g)
+        # SW_PROTECTED-like VMs hold private (guest_memfd) and shared leaves in one root: count
+        # the guest_memfd ones as they come and go so stats need no walk.
+        self.count_gmem = False
 
     # -- roots --------------------------------------------------------------------------------
     def valid_root(self, as_id: int, role: RootRole) -> Root | None:
@@ -192,6 +196,9 @@ class Mmu:
         n = len(idx)
         if not n:
             return
+        if self.count_gmem and level == 1:
+            pfns = (ent[idx] & S.U_ADDR) >> S.U_SHIFT
+            root.gmem_leaves -= int(np.count_nonzero(pfns >= np.uint64(S.GMEM_PFN_BASE)))
         ent[idx] = S.NONPRESENT
         root.leaves[level] -= n
         self.pages[level] -= n

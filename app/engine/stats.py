@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from . import spte as S
 from .roots import RootRole
 
 if TYPE_CHECKING:
@@ -53,12 +50,7 @@ def stats_view(vm: Vm) -> dict:
         by_role[key] = [a + b for a, b in zip(by_role[key], r.leaves, strict=True)]
     if vm.has_private_mem and not vm.is_tdx:
         # One root holds both views: guest_memfd pfns are the private leaves (all 4K).
-        priv = 0
-        for r in vm.mmu.roots.values():
-            for cur, sl, idx in vm.mmu.leaf_iter(r):
-                if cur.level == 1:
-                    pfns = (sl[idx] & S.U_ADDR) >> S.U_SHIFT
-                    priv += int(np.count_nonzero(pfns >= S.GMEM_PFN_BASE))
+        priv = sum(r.gmem_leaves for r in vm.mmu.roots.values())
         by_role["private"][1] += priv
         by_role["shared"][1] -= priv
     for key, v in by_role.items():

@@ -113,6 +113,7 @@ class Vm:
         self.attrs = MemoryAttributes()
         self.host = HostMemory()
         self.mmu = Mmu(paging_levels)
+        self.mmu.count_gmem = self.has_private_mem and not self.is_tdx
         self.tdx = TdxState() if self.is_tdx else None
         self.dirty: dict[tuple[int, int], np.ndarray] = {}  # slot key -> bool[npages]
         # Slots whose logging began with KVM_DIRTY_LOG_INITIALLY_SET: huge leaves may stay
