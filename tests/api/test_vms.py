@@ -205,3 +205,22 @@ async def test_manual_dirty_log_protect_by_names(client: httpx.AsyncClient, vm: 
     ok(await client.post(f"/v1/vms/{vm}/enable-cap", json=body))
     bad = {"cap": "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", "args": [4]}
     assert_errno(await client.post(f"/v1/vms/{vm}/enable-cap", json=bad), errno.EINVAL)
+
+
+async def test_vcpu_enters_smm_and_uses_address_space_1(client: httpx.AsyncClient, vm: str) -> None:
+    """SMM slots (slot = 1 << 16 | id) serve a vCPU in SMM; private-memory VMs have none."""
+    smram = {"guest_phys_addr": 0, "memory_size": 1 << 20, "userspace_addr": "0x7e0000000000"}
+    r = await client.put(f"/v1/vms/{vm}/memslots/{1 << 16}", json=smram)
+    assert r.status_code == 200, r.text
+    host = {"userspace_addr": "0x7e0000000000", "data": "5a"}
+    assert (await client.post(f"/v1/vms/{vm}/host-memory/write", json=host)).status_code == 200
+    r = await client.post(f"/v1/vms/{vm}/vcpus/0/smm", json={"smm": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["as_id"] == 1 and r.json()["smm"] is True
+    r = await client.post(f"/v1/vms/{vm}/vcpus/0/load", json={"gpa": 0, "len": 1})
+    assert r.json() == {"data": "5a"}
+    r = await client.post(f"/v1/vms/{vm}/vcpus/0/smm", json={"smm": "yes"})
+    assert r.status_code == 422
+    td = (await client.post("/v1/vms", json={"vm_type": "KVM_X86_TDX_VM"})).json()["id"]
+    r = await client.post(f"/v1/vms/{td}/vcpus/0/smm", json={"smm": True})
+    assert r.status_code == 400 and r.json()["errno_name"] == "EINVAL"

@@ -11,6 +11,7 @@ from app.api.deps import (
     IfMatchDep,
     LimitQ,
     ServiceDep,
+    Vcpu,
     VmCursor,
     VmId,
     mutate,
@@ -21,7 +22,16 @@ from app.api.deps import (
 from app.api.errors import R_BODY, R_KVM, R_NOT_FOUND, R_PRECONDITION, R_QUERY, responses
 from app.api.schemas.common import Empty
 from app.api.schemas.pages import Page
-from app.api.schemas.vms import DeletedVm, EnableCap, Quirks, VcpuCreate, VcpuInfo, VmCreate, VmInfo
+from app.api.schemas.vms import (
+    DeletedVm,
+    EnableCap,
+    Quirks,
+    VcpuCreate,
+    VcpuInfo,
+    VcpuSmm,
+    VmCreate,
+    VmInfo,
+)
 from app.engine import uapi
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
@@ -121,6 +131,26 @@ async def create_vcpu(
 ) -> VcpuInfo:
     result = await mutate(service, vm, "create_vcpu", {"id": body.id}, if_match, response)
     return VcpuInfo.model_validate(result)
+
+
+@router.post(
+    "/{vm}/vcpus/{vcpu}/smm",
+    summary="Enter or leave SMM (KVM_SET_VCPU_EVENTS smm): SMM uses address space 1",
+    description="Refused with EINVAL on VM types with private memory (they have no SMM).",
+    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION),
+)
+async def set_vcpu_smm(
+    vm: VmId,
+    vcpu: Vcpu,
+    body: VcpuSmm,
+    service: ServiceDep,
+    if_match: IfMatchDep,
+    response: Response,
+) -> VcpuInfo:
+    args = {"vcpu": vcpu, "smm": body.smm}
+    return VcpuInfo.model_validate(
+        await mutate(service, vm, "set_vcpu_smm", args, if_match, response)
+    )
 
 
 @router.get(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from app.api.schemas.common import (
     ID_PATTERN,
@@ -68,6 +68,13 @@ class VcpuCreate(Body):
 
 class VcpuInfo(Open):
     id: int
+
+
+class VcpuSmm(Body):
+    """`KVM_SET_VCPU_EVENTS` with `smm.smm`: in SMM the vCPU's accesses use memslot address
+    space 1 and its own TDP roots."""
+
+    smm: StrictBool
 
 
 class EnableCap(Body):
