@@ -88,7 +88,8 @@ def extensions(vm_type: int | None = None) -> dict[str, int]:
 
 # -- VM types --------------------------------------------------------------------------------
 def check_vm_type(vm_type: object) -> int:
-    """KVM_CREATE_VM's type: a type this Intel host does not support (AMD ones) → EINVAL."""
+    """KVM_CREATE_VM's type: a type this Intel host does not support (AMD ones) → EINVAL
+    (kvm-memslots.md §1.2)."""
     if isinstance(vm_type, str):
         try:
             vm_type = int(uapi.VmType.__members__[vm_type])
@@ -102,7 +103,8 @@ def check_vm_type(vm_type: object) -> int:
 
 # -- quirks ----------------------------------------------------------------------------------
 def initial_disabled_quirks(vm_type: int) -> int:
-    """Quirks disabled at creation: the vendor's inapplicable ones; a TD also IGNORE_GUEST_PAT."""
+    """Quirks disabled at creation: the vendor's inapplicable ones; a TD also IGNORE_GUEST_PAT
+    (kvm-memslots.md §4.2; tdx_vm_init, kvm-private-tdx.md §5.1)."""
     disabled = uapi.INAPPLICABLE_QUIRKS_INTEL & uapi.SUPPORTED_QUIRKS
     if vm_type == uapi.VmType.KVM_X86_TDX_VM:
         disabled |= int(Quirk.KVM_X86_QUIRK_IGNORE_GUEST_PAT)
@@ -150,7 +152,8 @@ def disable_quirks(current: int, cap: int | str, flags: object, args: object) ->
 def check_manual_dirty_log(flags: object, args: object) -> int:
     """KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): the new mode (it is assigned, not ORed).
 
-    INITIALLY_SET is accepted only together with MANUAL_PROTECT_ENABLE.
+    INITIALLY_SET is accepted only together with MANUAL_PROTECT_ENABLE
+    (kvm_vm_ioctl_enable_cap_generic, KVM_DIRTY_LOG_MANUAL_CAPS).
     """
     value = _cap_args(args)[0]
     allowed = uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE

@@ -35,7 +35,9 @@ def _direct_roots(vm: Vm, as_id: int) -> list[Root]:
 
 def split_huge(vm: Vm, root: Root, start: int, end: int) -> int:
     """Eager page split: every huge leaf in [start, end) becomes a table of smaller leaves with
-    the same attributes (W and D kept). Returns the huge leaves split."""
+    the same attributes (W and D kept). Returns the huge leaves split. Like the kernel's,
+    splitting just stops when no table can be allocated (kvm-memslots.md §3.4 b): here, when
+    the page-table budget is spent."""
     mmu = vm.mmu
     split = 0
     for level in (3, 2):
@@ -47,6 +49,8 @@ def split_huge(vm: Vm, root: Root, start: int, end: int) -> int:
                 e = int(mmu.pool.entries(cur.table)[i])
                 if not e & S.EPT_PS:
                     continue
+                if mmu.pool.live >= vm.table_budget:
+                    return split
                 gfn = cur.base + i * span(level)
                 child = mmu.pool.alloc(level - 1, gfn, root.id)
                 small = np.uint64(e & ~S.SPTE_BASE_ADDR_MASK)
@@ -182,6 +186,7 @@ def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
 
 
 def _logging_slot(vm: Vm, slot: object) -> tuple[Memslot, np.ndarray]:
+    """The slot and its bitmap: no slot, or no dirty bitmap → ENOENT (kvm_get_dirty_log)."""
     s = vm._lookup_slot(slot)
     bm = vm.dirty.get((s.as_id, s.id))
     if bm is None:
@@ -199,7 +204,8 @@ def _pack(bits: np.ndarray) -> tuple[str, int]:
 
 
 def get_dirty_log(vm: Vm, slot: object) -> dict:
-    """KVM_GET_DIRTY_LOG: without manual protect it is destructive and re-arms protection."""
+    """KVM_GET_DIRTY_LOG: without manual protect it is destructive and re-arms protection
+    (kvm-memslots.md §5.3; kvm_get_dirty_log_protect)."""
     s, bm = _logging_slot(vm, slot)
     bitmap, count = _pack(bm)
     out: dict[str, object] = {

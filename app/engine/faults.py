@@ -177,7 +177,7 @@ class FaultPath:
         if vm.has_private_mem and private != (vm.attrs.get(gfn) != 0):
             raise memory_fault_exit(gfn, private)  # §2.3.1 step 3
         slot = vm.spaces[self.vcpu.as_id].find(gfn)
-        if slot is None:
+        if slot is None:  # kvm_handle_noslot_fault (kvm-private-tdx.md §2.3.1 step 4)
             if private:
                 raise memory_fault_exit(gfn, True)
             if vm._install_mmio_spte(self.vcpu, pos, gfn) and not self.prefetch:
@@ -186,7 +186,7 @@ class FaultPath:
             at = max(pos << PAGE_SHIFT, self.gpa)
             # KVM reports a TD's shared MMIO GPA without the shared bit.
             raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), self.write)
-        if self.write and slot.flags & _READONLY:
+        if self.write and slot.flags & _READONLY:  # emulated as MMIO (kvm-private-tdx.md §2.3.2)
             at = max(pos << PAGE_SHIFT, self.gpa)
             raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), True)
         gmem = None

@@ -155,7 +155,8 @@ class Mmu:
     def table_for(self, root: Root, pos: int, level: int, acc: ZapAcc) -> int:
         """The table at `level` covering `pos`, building missing tables on the way.
 
-        A huge leaf in the way is zapped and replaced by a table (what the TDP MMU map path does).
+        A huge leaf in the way is zapped and replaced by a table (kvm_tdp_mmu_map,
+        kvm-private-tdx.md §2.5).
         """
         pool = self.pool
         table, lv = root.table, root.level

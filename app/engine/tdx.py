@@ -67,7 +67,8 @@ class TdxState:
         return new, re
 
     def remove_leaves(self, gfn: int, n: int) -> None:
-        """BLOCK → TRACK → REMOVE → WBINVD for each private page leaving the S-EPT."""
+        """BLOCK → TRACK → REMOVE → WBINVD for each private page leaving the S-EPT; after the
+        HKID is released, a plain RECLAIM (kvm-private-tdx.md §5.3)."""
         if not self.hkid_assigned:
             self._op("TDH.PHYMEM.PAGE.RECLAIM", gfn, gfn + n, n)
         else:
@@ -86,6 +87,7 @@ class TdxState:
         self.accepted.remove(gfn, gfn + n)
 
     def free_table(self, gfn: int, level: int) -> None:
+        """An S-EPT table page goes back only after the HKID is released (§5.4 rule 1)."""
         if self.hkid_assigned:
             raise TdxOrderError("S-EPT table freed while the TD's HKID is assigned")
         self._op("TDH.PHYMEM.PAGE.RECLAIM", gfn, gfn + (1 << (9 * level)))

@@ -165,7 +165,8 @@ class Vm:
 
     @property
     def ipat(self) -> bool:
-        # WB with IPAT while IGNORE_GUEST_PAT is active and no non-coherent DMA (§1.6.3).
+        # WB with IPAT while IGNORE_GUEST_PAT is active and no non-coherent DMA
+        # (kvm-private-tdx.md §1.6.3).
         return not self.disabled_quirks & uapi.Quirk.KVM_X86_QUIRK_IGNORE_GUEST_PAT
 
     # ------------------------------------------------------------------ dispatch
@@ -203,6 +204,8 @@ class Vm:
 
     # ------------------------------------------------------------------ vCPUs / caps
     def _create_vcpu(self, id: object) -> dict:
+        """KVM_CREATE_VCPU: id < KVM_MAX_VCPU_IDS (4096, x86), at most KVM_MAX_VCPUS (1024)
+        vCPUs, an id only once (EEXIST) — kvm_vm_ioctl_create_vcpu."""
         if isinstance(id, bool) or not isinstance(id, int) or not 0 <= id < 4096:
             raise einval("vCPU id must be in [0, 4096)")
         if id in self.vcpus:
@@ -314,7 +317,8 @@ class Vm:
                     change, max_gfn=self.max_gfn, gfn_direct_bits=self.gfn_direct_bits
                 )
             except KvmError as e:
-                # The kernel restores the old slot; the zap is not undone (§2.1 V21).
+                # The kernel restores the old slot; the zap is not undone
+                # (kvm-memslots.md §2.1 V21).
                 old.invalid = False
                 self._swap(old.as_id)
                 e.state_changed = True
@@ -369,7 +373,8 @@ class Vm:
         return out
 
     def _swap(self, as_id: int) -> None:
-        """A new memslot array is published: generation += nr_as; MMIO generation wrap check."""
+        """A new memslot array is published: generation += nr_as (kvm-memslots.md §2.3); if the
+        MMIO generation wraps to 0, a fast zap (kvm-memslots.md §5.4)."""
         space = self.spaces[as_id]
         space.generation += self.nr_as
         gen = space.generation & ~(self.nr_as - 1) & ((1 << 19) - 1)
@@ -380,7 +385,8 @@ class Vm:
     # ------------------------------------------------------------------ zapping
     # ------------------------------------------------------------------ MMIO SPTEs
     def _install_mmio_spte(self, vcpu: Vcpu, pos: int, gfn: int) -> bool:
-        """Cache 'no memslot' for the GFN in the direct root (§1.5.3); TDX value is 0.
+        """Cache 'no memslot' for the GFN in the direct root (kvm-private-tdx.md
+        §1.5.3); TDX value is 0.
 
         Returns whether a new SPTE was written: a hit on a valid cached one takes KVM's MMIO
         fast path (no page fault at all).
@@ -425,6 +431,8 @@ class Vm:
         vcpu.stats[name] += n
 
     def gmem_for_fault(self, slot: Memslot, gfn: int, private: bool) -> GmemFile:
+        """No guest_memfd behind the slot, or the file is gone → KVM_EXIT_MEMORY_FAULT
+        (kvm-private-tdx.md §2.3.1 step 8; §4.5 for a closed file)."""
         file = self.gmem.lookup(slot.guest_memfd)
         if slot.guest_memfd is None or file is None or file.closed:
             raise memory_fault_exit(gfn, private)
@@ -466,6 +474,8 @@ class Vm:
         return FaultPath(self, v, str(access)).run(g, n).to_dict()
 
     def _check_private_hint(self, private: object, gpa: int) -> None:
+        """vkmmu's check of the API's `private` flag against how KVM classifies the access
+        (kvm-private-tdx.md §2.1): the GPA's shared bit on a TD, attributes otherwise."""
         if private is None:
             return
         if not isinstance(private, bool):
@@ -477,7 +487,7 @@ class Vm:
             raise einval("this VM type has no private memory")
 
     def _pre_fault(self, vcpu: object, gpa: object, size: object, flags: object = 0) -> dict:
-        """KVM_PRE_FAULT_MEMORY (§2.8): returns what is left of the range."""
+        """KVM_PRE_FAULT_MEMORY (kvm-private-tdx.md §2.8): returns what is left of the range."""
         v = self.vcpu(vcpu)
         g, n, f = check_u64(gpa, "gpa"), check_u64(size, "size"), check_u64(flags, "flags")
         if f or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n <= g:
@@ -493,7 +503,8 @@ class Vm:
         gfn = start
         err: KvmError | None = None
         # One prefetch walk per run of equal privacy: private runs map through the mirror
-        # root (TDX) or from guest_memfd, shared ones through the direct root (§2.8 step 4).
+        # root (TDX) or from guest_memfd, shared ones through the direct root
+        # (kvm-private-tdx.md §2.8 step 4).
         for a, b, attrs in self.attrs.pieces(start, end):
             private = self.has_private_mem and attrs != 0
             bits = self.gfn_direct_bits if not private else 0
@@ -705,13 +716,16 @@ class Vm:
     def gmem_read(self, fd: object, offset: object, len: object) -> dict:
         file = self._mappable(fd)
         off, n = check_u64(offset, "offset"), check_u64(len, "len")
-        if off + n > file.size or n > 1 << 20:
-            raise einval("read beyond the end of the file (or over 1 MiB)")
+        if n > MAX_DATA_BYTES:
+            raise KvmError(errno.E2BIG, "read at most 1 MiB at once")
+        if off + n > file.size:
+            raise einval("read beyond the end of the file")
         return {"data": file.read(off, n).hex()}
 
     def _mappable(self, fd: object) -> GmemFile:
         file = self.gmem.get(fd)
         if not file.flags & uapi.GmemFlag.GUEST_MEMFD_FLAG_MMAP or file.closed:
+            # mmap() of a guest_memfd without GUEST_MEMFD_FLAG_MMAP fails with ENODEV.
             raise KvmError(errno.ENODEV, "only MMAP guest_memfd files can be read or written")
         if not file.flags & uapi.GmemFlag.GUEST_MEMFD_FLAG_INIT_SHARED:
             # kvm_gmem_fault_user_mapping: SIGBUS unless the memory is shared.
@@ -725,7 +739,8 @@ class Vm:
         start, end = self.attrs.check(address, size, attributes, flags, vm_type=self.vm_type)
         attrs = int(attributes)  # type: ignore[call-overload]
         if self.attrs.pieces(start, end) == [(start, end, attrs)]:
-            return {"zap": None, "changed": False}  # identical: no invalidation at all
+            # Identical attributes: no invalidation at all (kvm-private-tdx.md §3.2 step 5).
+            return {"zap": None, "changed": False}
         zap = None
         to_private = bool(attrs & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
         if self.has_private_mem:

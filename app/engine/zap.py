@@ -25,7 +25,7 @@ MAX_EVENTS = 10000
 
 
 def flush_memslot(vm: Vm, slot: Memslot, cause: str) -> dict:
-    """kvm_arch_flush_shadow_memslot: the SLOT_ZAP_ALL quirk decides (§4.1)."""
+    """kvm_arch_flush_shadow_memslot: the SLOT_ZAP_ALL quirk decides (kvm-memslots.md §4.1)."""
     if vm.zap_policy == "zap_all_shared_only":
         return zap_all_fast(vm, cause, slot.base_gfn, slot.end_gfn, experiment=True)
     if vm.vm_type == VmType.KVM_X86_DEFAULT_VM and vm.quirk_zap_all:
@@ -50,7 +50,8 @@ def flush_tlbs(vm: Vm) -> int:
 def zap_all_fast(
     vm: Vm, cause: str, gfn_start: int, gfn_end: int, experiment: bool = False
 ) -> dict:
-    """kvm_mmu_zap_all_fast: invalidate every direct root; vCPUs load new ones (§4.3, §5).
+    """kvm_mmu_zap_all_fast: invalidate every direct root; vCPUs load new ones
+    (kvm-memslots.md §4.3, §5).
 
     Mirror roots are never touched. With only the TDP MMU there is no remote flush: each
     vCPU flushes locally when it switches to its new root.
@@ -74,7 +75,8 @@ def zap_all_fast(
 
 def zap_slot_leafs(vm: Vm, slot: Memslot, cause: str) -> dict:
     """kvm_tdp_mmu_unmap_gfn_range over the slot: every root of its address space, valid or
-    not, direct and mirror; leaves only; one flush if a valid root lost something (§4.4)."""
+    not, direct and mirror; leaves only; one flush if a valid root lost something
+    (kvm-memslots.md §4.4)."""
     t0 = time.perf_counter()
     acc = ZapAcc()
     for root in vm.mmu.roots_of(slot.as_id):
@@ -194,6 +196,8 @@ def explicit_zap(
 ) -> dict:
     if scope not in ("all", "range") or roots not in ("shared", "private", "both"):
         raise einval("scope must be all|range and roots shared|private|both")
+    # vkmmu's rule (api-contract.md): KVM never zaps a live TD's mirror root
+    # (kvm-private-tdx.md §5.4 rule 2), so a diagnostic "zap all" of it is refused.
     if roots in ("private", "both") and vm.is_tdx and scope == "all":
         raise KvmError(errno.EPERM, "the private (mirror) root of a live TD is never zapped")
     if scope == "all":
@@ -217,7 +221,8 @@ def explicit_zap(
 
 def notifier_invalidate(vm: Vm, first: int, end: int) -> dict | None:
     """kvm_mmu_notifier_invalidate_range_start: every slot whose HVA range intersects,
-    shared (direct) roots only — host mm events never touch TDX mirror roots (§3.6)."""
+    shared (direct) roots only — host mm events never touch TDX mirror roots
+    (kvm-private-tdx.md §3.6)."""
     zap = None
     t0 = time.perf_counter()
     acc = ZapAcc()
@@ -225,7 +230,7 @@ def notifier_invalidate(vm: Vm, first: int, end: int) -> dict | None:
     for space in vm.spaces:
         for slot in space.by_gfn():
             if slot.gmem_only:
-                continue
+                continue  # no HVA behind it: mm events cannot reach guest_memfd memory
             s_first = slot.userspace_addr >> PAGE_SHIFT
             s_end = s_first + slot.npages
             lo, hi = max(first, s_first), min(end, s_end)
@@ -263,7 +268,8 @@ def gmem_invalidate(vm: Vm, file: GmemFile, first: int, end: int, cause: str) ->
 
 
 def destroy(vm: Vm) -> dict:
-    """VM destruction: HKID released first for a TD, then every root torn down."""
+    """VM destruction: HKID released first for a TD, then every root torn down, leaves before
+    S-EPT tables, pages reclaimed (kvm-private-tdx.md §5.1 teardown, §5.3, §5.4 rule 1)."""
     t0 = time.perf_counter()
     acc = ZapAcc()
     if vm.tdx is not None:
