@@ -200,7 +200,8 @@ class FaultPath:
         if vm.is_tdx and private:
             return self.tdx_private(slot, gfn, stop, gmem)
         if vm.is_tdx and self.exec_:
-            # A TD cannot execute from shared memory: tdx_handle_ept_violation's KVM_BUG_ON.
+            # A TD cannot execute from shared memory: tdx_handle_ept_violation's KVM_BUG_ON
+            # (kvm-private-tdx.md §5.5).
             vm.bugged = f"instruction fetch from shared GPA {pos << PAGE_SHIFT:#x}"
             err = KvmError(errno.EIO, f"KVM_BUG_ON: {vm.bugged}; the VM is dead")
             err.state_changed = True
