@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# No flags: VKMMU_HOST / VKMMU_PORT apply (default 127.0.0.1:8000).
 run: install
-	$(VENV)/bin/vkmmu serve --host 127.0.0.1 --port 8000
+	$(VENV)/bin/vkmmu serve
 
 test: install
 	$(PY) -m pytest

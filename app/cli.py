@@ -44,11 +44,23 @@ def _serve(settings: Settings) -> int:
     return 0
 
 
+def _display_url(url: str) -> str:
+    """The database URL with its password masked: the line may end up in a CI log."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        # Not a URL SQLAlchemy can parse, so it cannot be split: show none of it.
+        return "the configured database"
+
+
 def _migrate(settings: Settings) -> int:
     from app.services import lifecycle
 
     lifecycle.migrate(settings.database_url)
-    print(f"database schema at head: {settings.database_url}")
+    print(f"database schema at head: {_display_url(settings.database_url)}")
     return 0
 
 

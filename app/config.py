@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     # Request bodies above this many bytes are refused with 413 before they are parsed.
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
     # Page-table memory the whole service may spend: all loaded VMs together, not each VM.
-    # A call that would take the service past it answers ENOMEM (507) and changes nothing.
+    # A call that could need more tables than are left (the worst case for its range) answers
+    # ENOMEM (507) before allocating; eager page splitting stops at the budget; calls running
+    # at once on different VMs may overshoot by what they allocate at that moment.
     page_table_budget_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=0)
     # VMs held in memory at once; past it the least recently used idle ones are evicted
     # (they reload from their newest snapshot and the journal on next use).

@@ -16,9 +16,12 @@ from app.api.router import include_routers
 from app.config import Settings
 
 API_DESCRIPTION = """\
-vkmmu simulates the x86 MMU half of Linux KVM: VMs of every x86 VM type, memslots set
-exactly as `KVM_SET_USER_MEMORY_REGION2` sets them, quirks, guest page faults that build
-real EPT page tables, and the zaps that tear them down.
+vkmmu simulates the x86 MMU half of Linux KVM on an Intel host: VMs of the x86 VM types
+such a host offers (`KVM_X86_DEFAULT_VM`, `KVM_X86_SW_PROTECTED_VM`, `KVM_X86_TDX_VM`),
+memslots set exactly as `KVM_SET_USER_MEMORY_REGION2` sets them, quirks, guest page faults
+that build real EPT page tables, and the zaps that tear them down. The AMD VM types
+(`KVM_X86_SEV_VM`, `KVM_X86_SEV_ES_VM`, `KVM_X86_SNP_VM`) are known by name and number and
+refused with `EINVAL`, as KVM_CREATE_VM refuses them on an Intel host.
 
 Integers in requests may be JSON numbers or `"0x…"` strings; constants are accepted by
 kernel name or number. A call KVM would reject answers `application/problem+json` with

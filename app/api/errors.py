@@ -78,9 +78,11 @@ class Problem(BaseModel):
     errno_name: str | None = Field(default=None, description='e.g. "EINVAL".')
     state_changed: bool | None = Field(
         default=None,
-        description="True when KVM rejected the call after it had already changed state (a "
-        "memslot MOVE whose late check failed after the zap): the call was journaled and the "
-        "answer's ETag is the VM's new version. Absent otherwise.",
+        description="True when the call was rejected but still changed state, as the kernel's "
+        "does: a memslot MOVE whose late check fails after the zap; a pre-fault that fails on "
+        "its first page (its walk may have built tables or an MMIO SPTE); a TD instruction "
+        "fetch from a shared GPA (KVM_BUG_ON: the VM dies, EIO). The call was journaled and "
+        "the answer's ETag is the VM's new version. Absent otherwise.",
     )
     errors: list[ValidationIssue] | None = Field(
         default=None, description="For 422: each field at fault."
@@ -100,7 +102,25 @@ R_KVM = {
     507: _problem_response(507, "A limit of the service was reached (ENOMEM)"),
 }
 R_NOT_FOUND = {404: _problem_response(404, "No such VM or object (or ENOENT/ENXIO from KVM)")}
-R_PRECONDITION = {412: _problem_response(412, "If-Match does not match the VM's state version")}
+
+
+def _etag_header(description: str) -> dict[str, Any]:
+    return {"ETag": {"description": description, "schema": {"type": "string"}}}
+
+
+R_PRECONDITION = {
+    412: {
+        **_problem_response(412, "If-Match does not match the VM's state version"),
+        "headers": _etag_header("The VM's current state version, to retry against"),
+    }
+}
+_ETAG = _etag_header(
+    "The VM's state version this answer reflects (a strong entity tag); send it back in "
+    "If-Match to apply a call only to that version"
+)
+# The success answer of a route about one VM carries its ETag (`deps.set_etag`).
+R_ETAG = {200: {"headers": _ETAG}}
+R_ETAG_CREATED = {201: {"headers": _ETAG}}
 R_BODY = {
     413: _problem_response(413, "Request body too large"),
     422: _problem_response(422, "The body or a parameter is not the right shape"),

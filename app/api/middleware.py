@@ -60,7 +60,7 @@ class RequestContextMiddleware:
         for k, v in scope.get("headers", []):
             if k == b"x-request-id":
                 cand = v.decode("latin-1")
-                if _SAFE_REQUEST_ID.match(cand):
+                if _SAFE_REQUEST_ID.fullmatch(cand):
                     rid = cand
                 break
         rid = rid or uuid.uuid4().hex

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
+from app.cli import _display_url, main
 from app.config import Settings
 from app.services.lifecycle import head_revision
 
@@ -26,6 +26,22 @@ def test_migrate_brings_the_schema_to_head(
     assert rev == head_revision()
     assert "head" in capsys.readouterr().out
     assert main(["migrate"]) == 0  # idempotent
+
+
+def test_migrate_never_prints_the_database_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _display_url("postgresql+psycopg://app:s3cret@db:5432/vkmmu") == (
+        "postgresql+psycopg://app:***@db:5432/vkmmu"
+    )
+    assert "s3cret" not in _display_url("postgresql://app:s3cret@db/x?sslmode=require")
+    assert _display_url("not a url") == "the configured database"
+    # The command itself, with the migration stubbed out (no PostgreSQL needed).
+    monkeypatch.setenv("VKMMU_DATABASE_URL", "postgresql+psycopg://app:s3cret@db/vkmmu")
+    monkeypatch.setattr("app.services.lifecycle.migrate", lambda url: None)
+    assert main(["migrate"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out and "app:***@db/vkmmu" in out
 
 
 def test_bad_arguments_exit_with_usage() -> None:

@@ -36,7 +36,10 @@ async def test_accesses_map_pages(client: httpx.AsyncClient, slot0: str) -> None
 
 async def test_access_without_slot_exits_mmio(client: httpx.AsyncClient, slot0: str) -> None:
     res = ok(await client.post(f"/v1/vms/{slot0}/vcpus/0/accesses", json={"gpa": 64 * MiB}))
-    assert res["exit"]["reason"] == "KVM_EXIT_MMIO"
+    # A read of the first bytes at the GPA, no page mapped on the way.
+    assert res["exit"] == {"reason": "KVM_EXIT_MMIO", "gpa": 64 * MiB, "len": 8, "is_write": False}
+    assert res["pages"] == 0
+    assert res["mapped"] == 0
 
 
 async def test_access_rejections(client: httpx.AsyncClient, slot0: str) -> None:

@@ -98,8 +98,11 @@ async def test_explicit_zaps_and_events(client: httpx.AsyncClient, mapped: str) 
 
 async def test_snapshot_restore_and_fork(client: httpx.AsyncClient, vm: str) -> None:
     ok(await put_slot(client, vm, 0, gpa=0, size=MiB))
-    ok(await client.post(f"/v1/vms/{vm}/vcpus/0/store", json={"gpa": 0, "data": "aa"}))
-    snap = ok(await client.post(f"/v1/vms/{vm}/snapshots"), 201)
+    stored = await client.post(f"/v1/vms/{vm}/vcpus/0/store", json={"gpa": 0, "data": "aa"})
+    taken = await client.post(f"/v1/vms/{vm}/snapshots")
+    snap = ok(taken, 201)
+    # A snapshot moves no version: its ETag is the version it captured.
+    assert etag(taken) == etag(stored) == f'"{snap["seq"]}"'
     ok(await client.post(f"/v1/vms/{vm}/vcpus/0/store", json={"gpa": 0, "data": "bb"}))
     ok(await client.delete(f"/v1/vms/{vm}/memslots/0"))
     listed = ok(await client.get(f"/v1/vms/{vm}/snapshots"))["items"]

@@ -111,6 +111,29 @@ def test_kvm_calls_publish_their_errno_statuses() -> None:
                 assert "412" in op["responses"], (method, path)
 
 
+# Routes about one VM whose answer carries no ETag: the VM is gone, a list of snapshots
+# (history, not state), an event stream.
+NO_ETAG = {
+    ("delete", "/v1/vms/{vm}"),
+    ("get", "/v1/vms/{vm}/snapshots"),
+    ("get", "/v1/vms/{vm}/zaps/stream"),
+}
+
+
+def test_vm_routes_declare_their_etag_header() -> None:
+    for method, path, op in operations():
+        if not (path.startswith("/v1/vms/{vm}") or (method, path) == ("post", "/v1/vms")):
+            continue
+        responses = op["responses"]
+        assert isinstance(responses, dict)
+        success = [code for code in responses if code[0] == "2"]
+        assert len(success) == 1, (method, path, success)
+        headers = responses[success[0]].get("headers", {})
+        assert ("ETag" in headers) is ((method, path) not in NO_ETAG), (method, path)
+        if "412" in responses:
+            assert "ETag" in responses["412"]["headers"], (method, path)
+
+
 def test_zap_policy_says_it_is_not_kvm() -> None:
     op = dict((p, o) for m, p, o in operations() if m == "post")["/v1/vms/{vm}/zap-policy"]
     text = json.dumps(op)

@@ -291,9 +291,15 @@ async def test_tdx_state(client: httpx.AsyncClient, td: str, vm: str) -> None:
             json={"address": 0, "size": 4 * MiB, "attributes": [PRIVATE]},
         )
     )
-    ok(await client.post(f"/v1/vms/{td}/vcpus/0/accept", json={"gpa": 0, "size": 4096}))
+    acc = ok(await client.post(f"/v1/vms/{td}/vcpus/0/accept", json={"gpa": 0, "size": 4096}))
+    assert acc == {"accepted": 1, "reaccepted": 0, "exit": None}
     tdx = ok(await client.get(f"/v1/vms/{td}/tdx"))
-    assert isinstance(tdx["ops"], dict) and tdx["ops"]
+    # The missing page was AUGmented, then accepted once; nothing was removed.
+    assert tdx["ops"]["TDH.MEM.PAGE.AUG"] == 1
+    assert tdx["ops"]["TDG.MEM.PAGE.ACCEPT"] == 1
+    assert tdx["ops"]["TDH.MEM.PAGE.REMOVE"] == 0
+    assert tdx["accepted_pages"] == 1
+    assert tdx["pending_reaccept_pages"] == 0
     assert_errno(await client.get(f"/v1/vms/{vm}/tdx"), errno.EINVAL)
 
 

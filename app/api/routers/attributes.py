@@ -5,7 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from app.api.deps import Cursor, IfMatchDep, LimitQ, ServiceDep, VmId, mutate, paginate, query
-from app.api.errors import R_BODY, R_KVM, R_NOT_FOUND, R_PRECONDITION, R_QUERY, responses
+from app.api.errors import (
+    R_BODY,
+    R_ETAG,
+    R_KVM,
+    R_NOT_FOUND,
+    R_PRECONDITION,
+    R_QUERY,
+    responses,
+)
 from app.api.schemas.attributes import AttributeRange, AttributesResult, SetAttributes
 from app.api.schemas.pages import Page
 
@@ -15,7 +23,7 @@ router = APIRouter(prefix="/v1/vms/{vm}/memory-attributes", tags=["memory-attrib
 @router.post(
     "",
     summary="KVM_SET_MEMORY_ATTRIBUTES (a conversion zaps the view being left)",
-    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION),
+    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG),
 )
 async def set_memory_attributes(
     vm: VmId, body: SetAttributes, service: ServiceDep, if_match: IfMatchDep, response: Response
@@ -29,7 +37,7 @@ async def set_memory_attributes(
 @router.get(
     "",
     summary="Ranges with non-zero attributes, ordered by address",
-    responses=responses(R_NOT_FOUND, R_QUERY),
+    responses=responses(R_NOT_FOUND, R_QUERY, R_ETAG),
 )
 async def get_memory_attributes(
     vm: VmId, service: ServiceDep, response: Response, limit: LimitQ = 100, cursor: Cursor = None

@@ -7,7 +7,16 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response, status
 
 from app.api.deps import Cursor, IfMatchDep, LimitQ, ServiceDep, VmId, mutate, paginate, query
-from app.api.errors import R_BODY, R_KVM, R_NOT_FOUND, R_PRECONDITION, R_QUERY, responses
+from app.api.errors import (
+    R_BODY,
+    R_ETAG,
+    R_ETAG_CREATED,
+    R_KVM,
+    R_NOT_FOUND,
+    R_PRECONDITION,
+    R_QUERY,
+    responses,
+)
 from app.api.schemas.common import U32, Empty, Open
 from app.api.schemas.gmem import Data, Fallocate, GmemCreate, GmemRead, GmemWrite, GuestMemfd
 from app.api.schemas.pages import Page
@@ -15,14 +24,15 @@ from app.api.schemas.pages import Page
 router = APIRouter(prefix="/v1/vms/{vm}/guest-memfds", tags=["guest-memfds"])
 
 Fd = Annotated[U32, Path(description="The guest_memfd's fd number.")]
-_MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION)
+_ERRORS = (R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION)
+_MUTATION = responses(*_ERRORS, R_ETAG)
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     summary="KVM_CREATE_GUEST_MEMFD",
-    responses=_MUTATION,
+    responses=responses(*_ERRORS, R_ETAG_CREATED),
 )
 async def create_guest_memfd(
     vm: VmId, body: GmemCreate, service: ServiceDep, if_match: IfMatchDep, response: Response
@@ -33,8 +43,8 @@ async def create_guest_memfd(
 
 @router.get(
     "",
-    summary="The VM's open guest_memfd files, ordered by fd",
-    responses=responses(R_NOT_FOUND, R_QUERY),
+    summary="The VM's guest_memfd files, ordered by fd (closed ones too, marked `closed`)",
+    responses=responses(R_NOT_FOUND, R_QUERY, R_ETAG),
 )
 async def list_guest_memfds(
     vm: VmId, service: ServiceDep, response: Response, limit: LimitQ = 100, cursor: Cursor = None
@@ -79,7 +89,7 @@ async def close_guest_memfd(
 @router.post(
     "/{fd}/read",
     summary="Read through the mapping of an MMAP|INIT_SHARED guest_memfd",
-    responses=responses(R_KVM, R_BODY, R_NOT_FOUND),
+    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_ETAG),
 )
 async def read_guest_memfd(
     vm: VmId, fd: Fd, body: GmemRead, service: ServiceDep, response: Response

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 
 from app.api.deps import IfMatchDep, ServiceDep, Vcpu, VmId, mutate
-from app.api.errors import R_BODY, R_KVM, R_NOT_FOUND, R_PRECONDITION, responses
+from app.api.errors import R_BODY, R_ETAG, R_KVM, R_NOT_FOUND, R_PRECONDITION, responses
 from app.api.schemas.common import Open
 from app.api.schemas.guest import (
     Accept,
@@ -24,7 +24,7 @@ from app.api.schemas.guest import (
 )
 
 router = APIRouter(prefix="/v1/vms/{vm}/vcpus/{vcpu}", tags=["guest"])
-_MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION)
+_MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
 
 
 def _args(body: Any, vcpu: int) -> dict[str, Any]:

@@ -5,19 +5,19 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from app.api.deps import IfMatchDep, ServiceDep, VmId, mutate, query
-from app.api.errors import R_BODY, R_KVM, R_NOT_FOUND, R_PRECONDITION, responses
+from app.api.errors import R_BODY, R_ETAG, R_KVM, R_NOT_FOUND, R_PRECONDITION, responses
 from app.api.schemas.common import Open
 from app.api.schemas.gmem import Data
 from app.api.schemas.host_memory import HostAdvise, HostDiscard, HostMap, HostRead, HostWrite
 
 router = APIRouter(prefix="/v1/vms/{vm}/host-memory", tags=["host-memory"])
-_MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION)
+_MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
 
 
 @router.post(
     "/read",
     summary="Read host memory at an HVA (what the VMM sees)",
-    responses=responses(R_KVM, R_BODY, R_NOT_FOUND),
+    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_ETAG),
 )
 async def read_host_memory(
     vm: VmId, body: HostRead, service: ServiceDep, response: Response

@@ -7,12 +7,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Response
 
 from app.api.deps import Cursor, LimitQ, ServiceDep, VmId, paginate, query
-from app.api.errors import R_KVM, R_NOT_FOUND, R_QUERY, responses
+from app.api.errors import R_ETAG, R_KVM, R_NOT_FOUND, R_QUERY, responses
 from app.api.schemas.common import U32, U64, Open
 from app.api.schemas.pages import Page
 
 router = APIRouter(prefix="/v1/vms/{vm}", tags=["introspection"])
-_READ = responses(R_NOT_FOUND, R_QUERY)
+_READ = responses(R_NOT_FOUND, R_QUERY, R_ETAG)
 
 
 class Audit(Open):
@@ -23,7 +23,7 @@ class Audit(Open):
 @router.get(
     "/translate",
     summary="Walk the page tables for a GPA: per root, the entry at each level (raw hex)",
-    responses=responses(R_KVM, R_NOT_FOUND, R_QUERY),
+    responses=responses(R_KVM, R_NOT_FOUND, R_QUERY, R_ETAG),
 )
 async def translate(
     vm: VmId,
@@ -94,7 +94,7 @@ async def audit(vm: VmId, service: ServiceDep, response: Response) -> Audit:
     "/tdx",
     summary="A TD's modelled TDX module state: S-EPT, SEAMCALL-like operation counts, accepts",
     description="EINVAL (400) for a VM that is not a TD.",
-    responses=responses(R_KVM, R_NOT_FOUND),
+    responses=responses(R_KVM, R_NOT_FOUND, R_ETAG),
 )
 async def get_tdx_state(vm: VmId, service: ServiceDep, response: Response) -> Open:
     return Open.model_validate(await query(service, vm, lambda v: v.tdx_state(), response))

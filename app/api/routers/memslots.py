@@ -18,6 +18,7 @@ from app.api.deps import (
 )
 from app.api.errors import (
     R_BODY,
+    R_ETAG,
     R_KVM,
     R_NOT_FOUND,
     R_PRECONDITION,
@@ -35,7 +36,7 @@ Slot = Annotated[
     U32,
     Path(description="The kernel's 32-bit `slot`: `as_id << 16 | id` (decimal or 0x…)."),
 ]
-_MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION)
+_MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
 
 
 @router.put(
@@ -76,7 +77,7 @@ async def delete_memslot(
 @router.get(
     "",
     summary="The VM's memslots, ordered by slot (KVM's internal slots are never listed)",
-    responses=responses(R_NOT_FOUND, R_QUERY),
+    responses=responses(R_NOT_FOUND, R_QUERY, R_ETAG),
 )
 async def list_memslots(
     vm: VmId, service: ServiceDep, response: Response, limit: LimitQ = 100, cursor: Cursor = None
@@ -86,14 +87,19 @@ async def list_memslots(
     return Page[Memslot].model_validate(paginate(items, lambda m: m["slot"], limit, cursor))
 
 
-@router.get("/{slot}", summary="One memslot", responses=responses(R_KVM, R_NOT_FOUND, R_QUERY))
+@router.get(
+    "/{slot}", summary="One memslot", responses=responses(R_KVM, R_NOT_FOUND, R_QUERY, R_ETAG)
+)
 async def get_memslot(vm: VmId, slot: Slot, service: ServiceDep, response: Response) -> Memslot:
     return Memslot.model_validate(await query(service, vm, lambda v: v.memslot(slot), response))
 
 
 @router.get(
     "/{slot}/dirty-log",
-    summary="KVM_GET_DIRTY_LOG: destructive (it re-arms write protection), hence journaled",
+    summary="KVM_GET_DIRTY_LOG: without manual protect and when something was dirty, it "
+    "clears the log and re-protects those pages (hence journaled)",
+    description="With KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled, or when no page was dirty, it "
+    "only reads the log; clearing is then KVM_CLEAR_DIRTY_LOG's job.",
     responses=_MUTATION,
 )
 async def get_dirty_log(
@@ -105,7 +111,9 @@ async def get_dirty_log(
 
 @router.post(
     "/{slot}/dirty-log/clear",
-    summary="KVM_CLEAR_DIRTY_LOG (needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)",
+    summary="KVM_CLEAR_DIRTY_LOG: clear the given dirty bits and write-protect those pages",
+    description="Allowed without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, as in the kernel (which "
+    "does not check for it).",
     responses=_MUTATION,
 )
 async def clear_dirty_log(

@@ -15,7 +15,15 @@ from app.api.deps import (
     paginate,
     set_etag,
 )
-from app.api.errors import R_KVM, R_NOT_FOUND, R_PRECONDITION, R_QUERY, responses
+from app.api.errors import (
+    R_ETAG,
+    R_ETAG_CREATED,
+    R_KVM,
+    R_NOT_FOUND,
+    R_PRECONDITION,
+    R_QUERY,
+    responses,
+)
 from app.api.schemas.common import ID_PATTERN, Open
 from app.api.schemas.pages import Page
 from app.api.schemas.snapshots import Snapshot
@@ -27,10 +35,17 @@ router = APIRouter(prefix="/v1/vms/{vm}/snapshots", tags=["snapshots"])
     "",
     status_code=status.HTTP_201_CREATED,
     summary="Snapshot the VM's state now",
-    responses=responses(R_NOT_FOUND, R_KVM),
+    description="A snapshot does not move the VM's version: the ETag is the version captured.",
+    responses=responses(R_NOT_FOUND, R_KVM, R_ETAG_CREATED),
 )
-async def create_snapshot(vm: VmId, service: ServiceDep) -> Snapshot:
-    return Snapshot.model_validate(await service.create_snapshot(vm))
+async def create_snapshot(vm: VmId, service: ServiceDep, response: Response) -> Snapshot:
+    info = await service.create_snapshot(vm)
+    # `seq` is the journal record the snapshot holds the state after: the VM's version then
+    # (taken under the VM lock, so no call moved it in between).
+    seq = info.get("seq")
+    if isinstance(seq, int):
+        set_etag(response, str(seq))
+    return Snapshot.model_validate(info)
 
 
 @router.get(
@@ -46,7 +61,7 @@ async def list_snapshots(
 @router.post(
     "/{snapshot}/restore",
     summary="Put the VM back in the snapshot's state",
-    responses=responses(R_NOT_FOUND, R_KVM, R_PRECONDITION),
+    responses=responses(R_NOT_FOUND, R_KVM, R_PRECONDITION, R_ETAG),
 )
 async def restore_snapshot(
     vm: VmId,

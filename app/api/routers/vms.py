@@ -19,7 +19,16 @@ from app.api.deps import (
     query,
     set_etag,
 )
-from app.api.errors import R_BODY, R_KVM, R_NOT_FOUND, R_PRECONDITION, R_QUERY, responses
+from app.api.errors import (
+    R_BODY,
+    R_ETAG,
+    R_ETAG_CREATED,
+    R_KVM,
+    R_NOT_FOUND,
+    R_PRECONDITION,
+    R_QUERY,
+    responses,
+)
 from app.api.schemas.common import Empty
 from app.api.schemas.pages import Page
 from app.api.schemas.vms import (
@@ -41,7 +50,7 @@ router = APIRouter(prefix="/v1/vms", tags=["vms"])
     "",
     status_code=status.HTTP_201_CREATED,
     summary="KVM_CREATE_VM (or fork a snapshot with `from_snapshot`)",
-    responses=responses(R_KVM, R_BODY, R_NOT_FOUND),
+    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_ETAG_CREATED),
 )
 async def create_vm(body: VmCreate, service: ServiceDep, response: Response) -> VmInfo:
     # A fork takes these from its snapshot: pass on only what the client actually sent, for
@@ -71,7 +80,7 @@ async def list_vms(
     return Page[VmInfo].model_validate({"items": items, "next_cursor": next_cursor})
 
 
-@router.get("/{vm}", summary="One VM", responses=responses(R_NOT_FOUND))
+@router.get("/{vm}", summary="One VM", responses=responses(R_NOT_FOUND, R_ETAG))
 async def get_vm(vm: VmId, service: ServiceDep, response: Response) -> VmInfo:
     info, etag = await service.get_vm(vm)
     set_etag(response, etag)
@@ -81,6 +90,7 @@ async def get_vm(vm: VmId, service: ServiceDep, response: Response) -> VmInfo:
 @router.delete(
     "/{vm}",
     summary="Destroy the VM (every root is zapped); answers the teardown's zap summary",
+    description="The answer has no ETag: the VM has no version any more (later calls: 404).",
     responses=responses(R_NOT_FOUND, R_PRECONDITION),
 )
 async def delete_vm(vm: VmId, service: ServiceDep, if_match: IfMatchDep) -> DeletedVm:
@@ -90,7 +100,7 @@ async def delete_vm(vm: VmId, service: ServiceDep, if_match: IfMatchDep) -> Dele
 @router.get(
     "/{vm}/capabilities",
     summary="KVM_CHECK_EXTENSION on the VM fd (answers depend on the VM type)",
-    responses=responses(R_NOT_FOUND),
+    responses=responses(R_NOT_FOUND, R_ETAG),
 )
 async def get_vm_capabilities(vm: VmId, service: ServiceDep, response: Response) -> dict[str, int]:
     def caps(v: Any) -> dict[str, int]:
@@ -102,7 +112,7 @@ async def get_vm_capabilities(vm: VmId, service: ServiceDep, response: Response)
 @router.post(
     "/{vm}/enable-cap",
     summary="KVM_ENABLE_CAP (DISABLE_QUIRKS, DISABLE_QUIRKS2, MANUAL_DIRTY_LOG_PROTECT2, …)",
-    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION),
+    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG),
 )
 async def enable_cap(
     vm: VmId, body: EnableCap, service: ServiceDep, if_match: IfMatchDep, response: Response
@@ -114,7 +124,7 @@ async def enable_cap(
 @router.get(
     "/{vm}/quirks",
     summary="Each KVM_X86_QUIRK_* with whether it is enabled and whether it applies to this VM",
-    responses=responses(R_NOT_FOUND),
+    responses=responses(R_NOT_FOUND, R_ETAG),
 )
 async def get_quirks(vm: VmId, service: ServiceDep, response: Response) -> Quirks:
     return Quirks.model_validate(await query(service, vm, lambda v: v.quirks(), response))
@@ -124,7 +134,7 @@ async def get_quirks(vm: VmId, service: ServiceDep, response: Response) -> Quirk
     "/{vm}/vcpus",
     status_code=status.HTTP_201_CREATED,
     summary="KVM_CREATE_VCPU",
-    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION),
+    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG_CREATED),
 )
 async def create_vcpu(
     vm: VmId, body: VcpuCreate, service: ServiceDep, if_match: IfMatchDep, response: Response
@@ -137,7 +147,7 @@ async def create_vcpu(
     "/{vm}/vcpus/{vcpu}/smm",
     summary="Enter or leave SMM (KVM_SET_VCPU_EVENTS smm): SMM uses address space 1",
     description="Refused with EINVAL on VM types with private memory (they have no SMM).",
-    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION),
+    responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG),
 )
 async def set_vcpu_smm(
     vm: VmId,
@@ -156,7 +166,7 @@ async def set_vcpu_smm(
 @router.get(
     "/{vm}/vcpus",
     summary="The VM's vCPUs, ordered by id",
-    responses=responses(R_NOT_FOUND, R_QUERY),
+    responses=responses(R_NOT_FOUND, R_QUERY, R_ETAG),
 )
 async def list_vcpus(
     vm: VmId,

@@ -12,7 +12,15 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import Cursor, IfMatchDep, LimitQ, ServiceDep, VmId, mutate, paginate, query
-from app.api.errors import R_BODY, R_KVM, R_NOT_FOUND, R_PRECONDITION, R_QUERY, responses
+from app.api.errors import (
+    R_BODY,
+    R_ETAG,
+    R_KVM,
+    R_NOT_FOUND,
+    R_PRECONDITION,
+    R_QUERY,
+    responses,
+)
 from app.api.schemas.common import Empty
 from app.api.schemas.memslots import ZapSummary
 from app.api.schemas.pages import Page
@@ -20,13 +28,15 @@ from app.api.schemas.zaps import ZapEvent, ZapPolicy, ZapRequest
 from app.services.errors import ServiceUnavailable, VmNotFound
 
 router = APIRouter(prefix="/v1/vms/{vm}", tags=["zaps"])
-_MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION)
+_MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
 
 
 @router.post(
     "/zaps",
     summary="Zap now: `all` is KVM's fast zap (direct roots only); `range` zaps [gpa, gpa+size)",
-    description="Wiping a live TD's private (mirror) root is refused with EPERM, as in KVM.",
+    description="Wiping a live TD's private (mirror) root is refused with EPERM. That is "
+    "vkmmu's rule, not an ioctl's answer: KVM never zaps a live TD's mirror root "
+    "(kvm-private-tdx.md §5.4), so there is no KVM errno to copy.",
     responses=_MUTATION,
 )
 async def create_zap(
@@ -40,7 +50,7 @@ async def create_zap(
 @router.get(
     "/zaps",
     summary="Zap events, newest first",
-    responses=responses(R_NOT_FOUND, R_QUERY),
+    responses=responses(R_NOT_FOUND, R_QUERY, R_ETAG),
 )
 async def list_zaps(
     vm: VmId, service: ServiceDep, response: Response, limit: LimitQ = 100, cursor: Cursor = None

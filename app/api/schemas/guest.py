@@ -8,16 +8,23 @@ from pydantic import Field
 
 from app.api.schemas.common import U64, Body, HexData, Open
 
+# The engine only checks the flag (`_check_private_hint`); what is private comes from the
+# GPA (TDX) or the memory attributes (SW_PROTECTED), never from the flag.
+Private = Annotated[
+    bool | None,
+    Field(
+        description="Optional check, not a switch: on a TD it must agree with the GPA's shared "
+        "bit (EINVAL otherwise); a DEFAULT VM accepts only false; on SW_PROTECTED KVM takes "
+        "privacy from the memory attributes, so the flag is accepted and ignored."
+    ),
+]
+
 
 class Access(Body):
     gpa: U64
     size: U64 = 4096
     access: Literal["read", "write", "exec"] = "read"
-    private: bool | None = Field(
-        default=None,
-        description="Force a private (true) or shared (false) access; default: what the "
-        "guest would do (TDX: the GPA's shared bit; SW_PROTECTED: the attributes).",
-    )
+    private: Private = None
 
 
 class Exit(Open):
@@ -36,13 +43,13 @@ class AccessResult(Open):
 class Load(Body):
     gpa: U64
     len: Annotated[U64, Field(description="Bytes, 1…4096 (else EINVAL, as the engine rules).")]
-    private: bool | None = None
+    private: Private = None
 
 
 class Store(Body):
     gpa: U64
     data: Annotated[HexData, Field(description="1…4096 bytes as hex.")]
-    private: bool | None = None
+    private: Private = None
 
 
 class LoadStoreResult(Open):
