@@ -37,6 +37,37 @@ VCPU_STAT_NAMES = (
 )
 
 
+# Cumulative stats (the kernel's binary-stats type CUMULATIVE, and vkmmu's own event counts);
+# the kernel's INSTANT and PEAK stats (pages_*, mmu_unsync, nx_lpage_splits, max_*) and views
+# of present state (page_tables, roots, *_pages_*, zapped_not_refaulted, …) are not.
+_CUMULATIVE = frozenset(
+    {
+        "remote_tlb_flush",
+        "remote_tlb_flush_requests",
+        "mmu_shadow_zapped",
+        "mmu_pte_write",
+        "mmu_pde_zapped",
+        "mmu_flooded",
+        "mmu_recycled",
+        "mmu_cache_miss",
+        "refaults",
+        "mmio_sptes",
+        "memslot_generation_wraps",
+        "root_reloads",
+        "tdx_reaccepts",
+    }
+)
+_CUMULATIVE_PREFIXES = ("zaps_", "pf_", "tdx_")
+_PRESENT_STATE = frozenset({"tdx_accepted_pages"})
+
+
+def is_cumulative(name: str) -> bool:
+    """Whether a stat only ever grows (a Prometheus counter) rather than describing state."""
+    if name in _PRESENT_STATE:
+        return False
+    return name in _CUMULATIVE or name.startswith(_CUMULATIVE_PREFIXES)
+
+
 def stats_view(vm: Vm) -> dict:
     """The binary-stats names of the kernel first, then vkmmu's own counters."""
     out: dict[str, Any] = dict(vm.stats_kvm)

@@ -10,17 +10,12 @@ import pytest
 
 from app.engine import KvmError, Vm
 
+from .mmu import check, pages, region
+
 U = 0x7F00_0000_0000
 KB4, MB = 1 << 12, 1 << 20
 LOG = 1
 MANUAL, INITIALLY_SET = 1, 2
-
-
-def region(vm: Vm, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> dict:
-    return vm.apply(
-        "set_user_memory_region",
-        dict(slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva),
-    )
 
 
 def access(vm: Vm, gpa: int, size: int = KB4, kind: str = "write") -> dict:
@@ -31,11 +26,6 @@ def leaf(vm: Vm, gpa: int) -> dict | None:
     (root,) = [r for r in vm.translate(gpa)["roots"] if r["valid"]]
     last = root["walk"][-1]
     return last if last.get("present") and last.get("leaf") else None
-
-
-def pages(vm: Vm) -> tuple[int, int, int]:
-    s = vm.stats()
-    return s["pages_4k"], s["pages_2m"], s["pages_1g"]
 
 
 def flushes(vm: Vm) -> int:
@@ -66,13 +56,6 @@ def get_log(vm: Vm, slot: int = 0) -> dict:
 
 def clear_log(vm: Vm, first: int, num: int, bm: str, slot: int = 0) -> dict:
     return vm.apply("clear_dirty_log", dict(slot=slot, first_page=first, num_pages=num, bitmap=bm))
-
-
-def check(vm: Vm) -> None:
-    a = vm.audit()
-    assert a["ok"], a["violations"]
-    s = vm.stats()
-    assert {"4k": s["pages_4k"], "2m": s["pages_2m"], "1g": s["pages_1g"]} == a["checked"]["leaves"]
 
 
 def huge_vm(manual: int = 0) -> Vm:

@@ -9,16 +9,11 @@ import pytest
 
 from app.engine import KvmError, Vm
 
+from .mmu import region
+
 U = 0x7F00_0000_0000  # 1 GiB aligned, so GPA and HVA are congruent when offsets match
 KB4, MB, GB = 1 << 12, 1 << 20, 1 << 30
 LOG, RO = 1, 2
-
-
-def region(vm: Vm, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> dict:
-    return vm.apply(
-        "set_user_memory_region",
-        dict(slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva),
-    )
 
 
 def access(vm: Vm, gpa: int, size: int = KB4, kind: str = "write", vcpu: int = 0) -> dict:

@@ -10,18 +10,13 @@ import pytest
 
 from app.engine import KvmError, Vm
 
+from .mmu import check, pages, region
+
 U = 0x7F00_0000_0000
 KB4, MB, GB = 1 << 12, 1 << 20, 1 << 30
 DEFAULT, SW_PROTECTED = 0, 1
 QUIRK_SLOT_ZAP_ALL = 0x80
 MAX_GFN = (1 << 40) - 1
-
-
-def region(vm: Vm, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> dict:
-    return vm.apply(
-        "set_user_memory_region",
-        dict(slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva),
-    )
 
 
 def delete(vm: Vm, slot: int) -> dict:
@@ -50,18 +45,6 @@ def leaf(vm: Vm, gpa: int) -> dict | None:
         if root["valid"] and last.get("present") and last.get("leaf"):
             return last
     return None
-
-
-def pages(vm: Vm) -> tuple[int, int, int]:
-    s = vm.stats()
-    return s["pages_4k"], s["pages_2m"], s["pages_1g"]
-
-
-def check(vm: Vm) -> None:
-    a = vm.audit()
-    assert a["ok"], a["violations"]
-    s = vm.stats()
-    assert {"4k": s["pages_4k"], "2m": s["pages_2m"], "1g": s["pages_1g"]} == a["checked"]["leaves"]
 
 
 def layout(vm_type: int = DEFAULT, quirk: bool = True) -> Vm:

@@ -9,38 +9,15 @@ import pytest
 
 from app.engine import KvmError, Vm
 
+from .mmu import check, leaf, pages, region
+
 U = 0x7F00_0000_0000
 KB4, MB, GB = 1 << 12, 1 << 20, 1 << 30
 RO = 2
 
 
-def region(vm: Vm, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> dict:
-    return vm.apply(
-        "set_user_memory_region",
-        dict(slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva),
-    )
-
-
 def pre_fault(vm: Vm, gpa: int, size: int, flags: int = 0, vcpu: int = 0) -> dict:
     return vm.apply("pre_fault", dict(vcpu=vcpu, gpa=gpa, size=size, flags=flags))
-
-
-def leaf(vm: Vm, gpa: int) -> dict | None:
-    (root,) = vm.translate(gpa)["roots"]
-    last = root["walk"][-1]
-    return last if last.get("present") and last.get("leaf") else None
-
-
-def pages(vm: Vm) -> tuple[int, int, int]:
-    s = vm.stats()
-    return s["pages_4k"], s["pages_2m"], s["pages_1g"]
-
-
-def check(vm: Vm) -> None:
-    a = vm.audit()
-    assert a["ok"], a["violations"]
-    s = vm.stats()
-    assert {"4k": s["pages_4k"], "2m": s["pages_2m"], "1g": s["pages_1g"]} == a["checked"]["leaves"]
 
 
 @pytest.fixture

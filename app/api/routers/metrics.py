@@ -17,40 +17,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from app.api.deps import ServiceDep
+from app.engine.stats import is_cumulative
 
 router = APIRouter(tags=["metrics"])
 
 _NAME_OK = re.compile(r"[^a-zA-Z0-9_]")
-
-# The kernel's cumulative stats (binary stats of type COUNTER) and vkmmu's own event counts.
-# The kernel's instant and peak stats (pages_*, mmu_unsync, nx_lpage_splits, max_*) and the
-# views of present state (page_tables, roots, *_pages_*, zapped_not_refaulted, …) are gauges.
-_COUNTERS = frozenset(
-    {
-        "remote_tlb_flush",
-        "remote_tlb_flush_requests",
-        "mmu_shadow_zapped",
-        "mmu_pte_write",
-        "mmu_pde_zapped",
-        "mmu_flooded",
-        "mmu_recycled",
-        "mmu_cache_miss",
-        "refaults",
-        "mmio_sptes",
-        "memslot_generation_wraps",
-        "root_reloads",
-        "tdx_reaccepts",
-    }
-)
-_COUNTER_PREFIXES = ("zaps_", "pf_", "tdx_")
-# Present state despite a counter-like prefix.
-_GAUGES = frozenset({"tdx_accepted_pages"})
-
-
-def is_counter(name: str) -> bool:
-    if name in _GAUGES:
-        return False
-    return name in _COUNTERS or name.startswith(_COUNTER_PREFIXES)
 
 
 class _Snapshot:
@@ -72,7 +43,7 @@ class _Snapshot:
             for name, value in sorted(_flatten(stats).items()):
                 fam = families.get(name)
                 if fam is None:
-                    if is_counter(name):
+                    if is_cumulative(name):
                         # The client library appends `_total` to a counter's samples.
                         fam = CounterMetricFamily(
                             f"vkmmu_vm_{name}", f"KVM VM stat {name} (cumulative)", labels=["vm"]
