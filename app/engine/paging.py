@@ -83,19 +83,8 @@ class TablePool:
     def pfn(idx: int) -> int:
         return S.TABLE_PFN_BASE + idx
 
-    @staticmethod
-    def index_of_pfn(pfn: int) -> int:
-        return pfn - S.TABLE_PFN_BASE
-
     def child(self, entry: int) -> int:
         return S.pfn_of(entry) - S.TABLE_PFN_BASE
-
-    def live_indexes(self) -> Iterator[int]:
-        for c, lv in enumerate(self._level):
-            for r in np.flatnonzero(lv):
-                idx = (c << CHUNK_SHIFT) + int(r)
-                if idx < self._top:
-                    yield idx
 
     # -- snapshots --------------------------------------------------------------------------
     def export(self) -> dict[str, np.ndarray]:

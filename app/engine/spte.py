@@ -82,10 +82,6 @@ def mmio_generation(spte: int) -> int:
     return ((spte >> 3) & 0xFF) | (((spte >> 52) & 0x7FF) << 8)
 
 
-def is_present(spte: int) -> bool:
-    return bool(spte & SPTE_MMU_PRESENT)
-
-
 def is_mmio(spte: int) -> bool:
     return (spte & EPT_MMIO_MASK) == EPT_MMIO_VALUE
 

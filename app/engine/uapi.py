@@ -132,10 +132,6 @@ KVM_MAX_HUGEPAGE_LEVEL = PG_LEVEL_1G
 PT64_ROOT_MAX_LEVEL = 5
 
 
-def pages_per_hpage(level: int) -> int:
-    return 1 << (9 * (level - 1))
-
-
 def vm_has_private_mem(vm_type: int) -> bool:
     return vm_type in PRIVATE_MEM_VM_TYPES
 
