@@ -9,7 +9,8 @@ from .roots import RootRole
 if TYPE_CHECKING:
     from .vm import Vm
 
-KVM_STAT_NAMES = (
+# The kernel's x86 VM stats in descriptor order, split by binary-stats type.
+KVM_CUMULATIVE_STATS = (
     "remote_tlb_flush",
     "remote_tlb_flush_requests",
     "mmu_shadow_zapped",
@@ -18,6 +19,8 @@ KVM_STAT_NAMES = (
     "mmu_flooded",
     "mmu_recycled",
     "mmu_cache_miss",
+)
+KVM_STAT_NAMES = KVM_CUMULATIVE_STATS + (
     "mmu_unsync",
     "pages_4k",
     "pages_2m",
@@ -40,16 +43,8 @@ VCPU_STAT_NAMES = (
 # Cumulative stats (the kernel's binary-stats type CUMULATIVE, and vkmmu's own event counts);
 # the kernel's INSTANT and PEAK stats (pages_*, mmu_unsync, nx_lpage_splits, max_*) and views
 # of present state (page_tables, roots, *_pages_*, zapped_not_refaulted, …) are not.
-_CUMULATIVE = frozenset(
+_CUMULATIVE = frozenset(KVM_CUMULATIVE_STATS) | frozenset(
     {
-        "remote_tlb_flush",
-        "remote_tlb_flush_requests",
-        "mmu_shadow_zapped",
-        "mmu_pte_write",
-        "mmu_pde_zapped",
-        "mmu_flooded",
-        "mmu_recycled",
-        "mmu_cache_miss",
         "refaults",
         "mmio_sptes",
         "memslot_generation_wraps",

@@ -17,6 +17,15 @@ async def gmem(client: httpx.AsyncClient, vm: str, size: int = 4 * MiB, flags: o
     return int(ok(r, 201)["fd"])
 
 
+async def private_gmem_slot(client: httpx.AsyncClient, vm: str) -> int:
+    """A 4 MiB guest_memfd bound to slot 0 at GPA 0, all of it PRIVATE; returns the fd."""
+    fd = await gmem(client, vm)
+    await gmem_slot(client, vm, fd)
+    url = f"/v1/vms/{vm}/memory-attributes"
+    ok(await client.post(url, json={"address": 0, "size": 4 * MiB, "attributes": [PRIVATE]}))
+    return fd
+
+
 async def gmem_slot(
     client: httpx.AsyncClient, vm: str, fd: int, *, slot: int = 0, gpa: int = 0, size: int = 4 * MiB
 ) -> dict[str, object]:
@@ -180,14 +189,12 @@ async def test_attributes_refused_without_private_memory(
 
 
 async def test_private_fault_and_conversion(client: httpx.AsyncClient, swp: str) -> None:
-    fd = await gmem(client, swp)
-    await gmem_slot(client, swp, fd)
-    url = f"/v1/vms/{swp}/memory-attributes"
-    ok(await client.post(url, json={"address": 0, "size": 4 * MiB, "attributes": [PRIVATE]}))
+    await private_gmem_slot(client, swp)
     res = ok(await client.post(f"/v1/vms/{swp}/vcpus/0/accesses", json={"gpa": 0, "size": 8192}))
     assert res["mapped"] == 2
     assert ok(await client.get(f"/v1/vms/{swp}/memslots/0"))["mapped"]["private"] == 2
     # Private → shared zaps the private mappings.
+    url = f"/v1/vms/{swp}/memory-attributes"
     conv = ok(await client.post(url, json={"address": 0, "size": 4 * MiB, "attributes": 0}))
     assert conv["zap"]["cause"] == "attributes"
     assert conv["zap"]["sptes_zapped_total"] == 2
@@ -220,14 +227,7 @@ async def test_td_zap_all_private_is_eperm(client: httpx.AsyncClient, td: str) -
 async def test_td_accept_and_slot_delete_keeps_mirror_root(
     client: httpx.AsyncClient, td: str
 ) -> None:
-    fd = await gmem(client, td)
-    await gmem_slot(client, td, fd)
-    ok(
-        await client.post(
-            f"/v1/vms/{td}/memory-attributes",
-            json={"address": 0, "size": 4 * MiB, "attributes": [PRIVATE]},
-        )
-    )
+    await private_gmem_slot(client, td)
     acc = ok(await client.post(f"/v1/vms/{td}/vcpus/0/accept", json={"gpa": 0, "size": 8192}))
     assert acc["accepted"] == 2
     roles = {r["role"] for r in ok(await client.get(f"/v1/vms/{td}/roots"))["items"]}
@@ -240,14 +240,7 @@ async def test_td_accept_and_slot_delete_keeps_mirror_root(
 
 
 async def _delete_then_punch(client: httpx.AsyncClient, vm: str) -> dict[str, object]:
-    fd = await gmem(client, vm)
-    await gmem_slot(client, vm, fd)
-    ok(
-        await client.post(
-            f"/v1/vms/{vm}/memory-attributes",
-            json={"address": 0, "size": 4 * MiB, "attributes": [PRIVATE]},
-        )
-    )
+    fd = await private_gmem_slot(client, vm)
     ok(await client.post(f"/v1/vms/{vm}/vcpus/0/accept", json={"gpa": 0, "size": 8192}))
     ok(await client.delete(f"/v1/vms/{vm}/memslots/0"))
     ok(
@@ -283,14 +276,7 @@ async def test_service_limit_is_enomem_507(client: httpx.AsyncClient, swp: str) 
 
 
 async def test_tdx_state(client: httpx.AsyncClient, td: str, vm: str) -> None:
-    fd = await gmem(client, td)
-    await gmem_slot(client, td, fd)
-    ok(
-        await client.post(
-            f"/v1/vms/{td}/memory-attributes",
-            json={"address": 0, "size": 4 * MiB, "attributes": [PRIVATE]},
-        )
-    )
+    await private_gmem_slot(client, td)
     acc = ok(await client.post(f"/v1/vms/{td}/vcpus/0/accept", json={"gpa": 0, "size": 4096}))
     assert acc == {"accepted": 1, "reaccepted": 0, "exit": None}
     tdx = ok(await client.get(f"/v1/vms/{td}/tdx"))
