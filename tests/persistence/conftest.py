@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from app.db.session import sync_url
 from app.services.engine_port import EnginePort
 from app.services.vms import VmService
+from tests.conftest import require
 
 PG_URL = os.environ.get("VKMMU_TEST_PG_URL")
 BACKENDS = ["sqlite", "postgresql"]
@@ -68,16 +69,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield sqlite_url(tmp_path)
         return
-    if not PG_URL:
-        pytest.skip("VKMMU_TEST_PG_URL is not set")
+    require(bool(PG_URL), "PostgreSQL (VKMMU_TEST_PG_URL)")
     with scratch_pg_database(PG_URL) as url:
         yield url
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    if not PG_URL:
-        pytest.skip("VKMMU_TEST_PG_URL is not set")
+    require(bool(PG_URL), "PostgreSQL (VKMMU_TEST_PG_URL)")
     with scratch_pg_database(PG_URL) as url:
         yield url
 
