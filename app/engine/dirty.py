@@ -119,6 +119,7 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
             flushes,
             running_vcpus(vm),
             t0,
+            trigger=new,
             huge_pages_split=split,
             sptes_write_protected=wp,
         )
@@ -138,6 +139,7 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
         flushes,
         running_vcpus(vm) if flushes else 0,
         t0,
+        trigger=new,
         huge_pages_recovered=recovered,
     )
     return ev

@@ -66,7 +66,8 @@ class ZapAcc:
     def by_level(self) -> dict[str, object]:
         out: dict[str, object] = {}
         tot = [0, 0, 0, 0]
-        for role, v in sorted(self.leaves.items()):
+        for role in sorted(r.value for r in RootRole):
+            v = self.leaves.get(role, [0, 0, 0, 0])
             out[role] = {"4k": v[1], "2m": v[2], "1g": v[3]}
             tot = [a + b for a, b in zip(tot, v, strict=True)]
         out.update({"4k": tot[1], "2m": tot[2], "1g": tot[3]})

@@ -380,7 +380,7 @@ class Vm:
         gen = space.generation & ~(self.nr_as - 1) & ((1 << 19) - 1)
         if gen == 0:
             self.stats_extra["memslot_generation_wraps"] += 1
-            zap_all_fast(self, "mmio_gen_wrap", 0, self.max_gfn + 1)
+            zap_all_fast(self, "mmio_gen_wrap")
 
     # ------------------------------------------------------------------ zapping
     # ------------------------------------------------------------------ MMIO SPTEs

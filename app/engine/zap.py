@@ -22,15 +22,22 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 MAX_EVENTS = 10000
+# Counts only some paths produce; every event carries them all (0 where they do not apply).
+EVENT_EXTRAS = ("huge_pages_split", "sptes_write_protected", "huge_pages_recovered")
 
 
 def flush_memslot(vm: Vm, slot: Memslot, cause: str) -> dict:
     """kvm_arch_flush_shadow_memslot: the SLOT_ZAP_ALL quirk decides (kvm-memslots.md §4.1)."""
     if vm.zap_policy == "zap_all_shared_only":
-        return zap_all_fast(vm, cause, slot.base_gfn, slot.end_gfn, experiment=True)
-    if vm.vm_type == VmType.KVM_X86_DEFAULT_VM and vm.quirk_zap_all:
-        return zap_all_fast(vm, cause, slot.base_gfn, slot.end_gfn)
+        return zap_all_fast(vm, cause, slot, experiment=True)
+    if slot_zap_all(vm):
+        return zap_all_fast(vm, cause, slot)
     return zap_slot_leafs(vm, slot, cause)
+
+
+def slot_zap_all(vm: Vm) -> bool:
+    """Whether KVM_X86_QUIRK_SLOT_ZAP_ALL is in force: enabled, and the VM is a default VM."""
+    return vm.vm_type == VmType.KVM_X86_DEFAULT_VM and vm.quirk_zap_all
 
 
 def running_vcpus(vm: Vm) -> int:
@@ -47,9 +54,7 @@ def flush_tlbs(vm: Vm) -> int:
     return 1
 
 
-def zap_all_fast(
-    vm: Vm, cause: str, gfn_start: int, gfn_end: int, experiment: bool = False
-) -> dict:
+def zap_all_fast(vm: Vm, cause: str, slot: Memslot | None = None, experiment: bool = False) -> dict:
     """kvm_mmu_zap_all_fast: invalidate every direct root; vCPUs load new ones
     (kvm-memslots.md §4.3, §5).
 
@@ -70,7 +75,8 @@ def zap_all_fast(
     # vCPUs keep naming their obsolete root until their next entry reloads it.
     vm.stats_extra["zaps_all_fast"] += 1
     path = "zap_all_fast_shared_only" if experiment else "zap_all_fast"
-    return record(vm, cause, path, gfn_start, gfn_end, acc, invalidated, 0, kicks, t0)
+    # Every root of every address space goes: the event covers the whole GFN space.
+    return record(vm, cause, path, 0, vm.max_gfn + 1, acc, invalidated, 0, kicks, t0, trigger=slot)
 
 
 def zap_slot_leafs(vm: Vm, slot: Memslot, cause: str) -> dict:
@@ -85,7 +91,17 @@ def zap_slot_leafs(vm: Vm, slot: Memslot, cause: str) -> dict:
     vm.stats_extra["zaps_slot_leafs"] += 1
     kicks = running_vcpus(vm) if flushes else 0
     return record(
-        vm, cause, "zap_slot_leafs", slot.base_gfn, slot.end_gfn, acc, 0, flushes, kicks, t0
+        vm,
+        cause,
+        "zap_slot_leafs",
+        slot.base_gfn,
+        slot.end_gfn,
+        acc,
+        0,
+        flushes,
+        kicks,
+        t0,
+        trigger=slot,
     )
 
 
@@ -144,9 +160,15 @@ def record(
     flushes: int,
     kicks: int,
     t0: float,
+    trigger: Memslot | None = None,
     **extra: int,
 ) -> dict:
-    """Append the zap event to the VM's log; the caller gets its own copy."""
+    """Append the zap event to the VM's log; the caller gets its own copy.
+
+    Every event has one shape (docs/engine.md, "Zap events"): both root roles and every
+    level in `sptes_zapped`, the VM type and SLOT_ZAP_ALL state the path was chosen from,
+    the memslot that triggered it (if one did), and every optional count (0 when unused).
+    """
     bits = vm.gfn_direct_bits
     for s, e, _role in acc.runs:
         if bits and s & bits:
@@ -155,11 +177,17 @@ def record(
     total = acc.total()
     vm.stats_extra["zaps_total_sptes"] += total
     vm.event_seq += 1
+    unknown = set(extra) - set(EVENT_EXTRAS)
+    assert not unknown, f"zap event fields outside the fixed shape: {unknown}"
     ev = {
         "seq": vm.event_seq,
         "at": vm.now,
         "cause": cause,
         "path": path,
+        "vm_type": vm.vm_type.name,
+        "slot_zap_all": slot_zap_all(vm),
+        "as_id": None if trigger is None else trigger.as_id,
+        "slot": None if trigger is None else trigger.id,
         "gfn_start": gfn_start,
         "gfn_end": gfn_end,
         "sptes_zapped": acc.by_level(),
@@ -169,7 +197,7 @@ def record(
         "tlb_flushes": flushes,
         "vcpu_kicks": kicks,
         "duration_us": measured_duration(vm, t0),
-        **extra,
+        **{k: extra.get(k, 0) for k in EVENT_EXTRAS},
     }
     vm.events.append(ev)
     if len(vm.events) > MAX_EVENTS:
@@ -203,7 +231,7 @@ def explicit_zap(
     if scope == "all":
         if roots == "private" and not vm.is_tdx:
             raise einval("this VM has no private (mirror) root")
-        return zap_all_fast(vm, "explicit", 0, vm.max_gfn + 1)
+        return zap_all_fast(vm, "explicit")
     g = check_u64(gpa, "gpa")
     n = check_u64(size, "size")
     if n == 0 or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n > vm.gpa_limit:

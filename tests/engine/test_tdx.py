@@ -347,7 +347,7 @@ def test_to_private_zaps_the_shared_alias_including_huge_leaves() -> None:
     assert zap["sptes_zapped"]["direct"]["2m"] == 1
     # The unmap is the changed range; the 2M leaf intersects it, so it goes whole.
     assert (zap["gfn_start"], zap["gfn_end"]) == (1, 2)
-    assert "mirror" not in zap["sptes_zapped"]
+    assert zap["sptes_zapped"]["mirror"] == {"4k": 0, "2m": 0, "1g": 0}
     assert diff(ops(td), before) == {}  # no S-EPT removal, no TRACK
     assert access(td, S47 | PAGE)["exit"] == mem_fault(PAGE, False)
     res = access(td, S47, PAGE)
@@ -393,7 +393,13 @@ def test_punch_hole_removes_private_pages_and_guest_reads_zeros_after_reaccept()
     assert res["freed"] == 4
     zap = res["zap"]
     assert zap["cause"] == "punch_hole"
-    assert zap["sptes_zapped"] == {"mirror": {"4k": 4, "2m": 0, "1g": 0}, "4k": 4, "2m": 0, "1g": 0}
+    assert zap["sptes_zapped"] == {
+        "direct": {"4k": 0, "2m": 0, "1g": 0},
+        "mirror": {"4k": 4, "2m": 0, "1g": 0},
+        "4k": 4,
+        "2m": 0,
+        "1g": 0,
+    }
     d = diff(ops(td), before)
     assert (d[BLOCK], d[REMOVE], d[WBINVD]) == (4, 4, 4)
     assert_clean(td)
@@ -410,7 +416,13 @@ def test_gmem_close_removes_private_pages_and_later_private_faults_exit() -> Non
     zap = td.apply("gmem_close", {"fd": fd})["zap"]
     assert zap["cause"] == "gmem_close"
     # On a TD the PRIVATE filter selects the mirror root only (§2.7.1).
-    assert zap["sptes_zapped"] == {"mirror": {"4k": 3, "2m": 0, "1g": 0}, "4k": 3, "2m": 0, "1g": 0}
+    assert zap["sptes_zapped"] == {
+        "direct": {"4k": 0, "2m": 0, "1g": 0},
+        "mirror": {"4k": 3, "2m": 0, "1g": 0},
+        "4k": 3,
+        "2m": 0,
+        "1g": 0,
+    }
     assert td.stats()["shared_pages_4k"] == 2
     assert ops(td)[REMOVE] == 3
     assert_clean(td)
@@ -533,7 +545,7 @@ def test_shared_zap_all_never_touches_the_mirror_root() -> None:
     zap = td.apply("zap", {"scope": "all", "roots": "shared"})
     assert zap["path"] == "zap_all_fast"
     assert zap["roots_invalidated"] == 1
-    assert "mirror" not in zap["sptes_zapped"]
+    assert zap["sptes_zapped"]["mirror"] == {"4k": 0, "2m": 0, "1g": 0}
     assert diff(ops(td), before).get(REMOVE, 0) == 0
     after = roots_by_role(td)["mirror"]
     assert after["id"] == mirror["id"]
@@ -601,7 +613,11 @@ def _uaf_scenario(policy: str) -> tuple[Vm, dict[str, Any]]:
 
 def test_zap_all_shared_only_then_punch_is_a_use_after_free() -> None:
     td, zap = _uaf_scenario("zap_all_shared_only")
-    assert "mirror" not in zap["sptes_zapped"]  # private pages stayed mapped
+    assert zap["sptes_zapped"]["mirror"] == {
+        "4k": 0,
+        "2m": 0,
+        "1g": 0,
+    }  # private pages stayed mapped
     report = td.audit()
     assert report["ok"] is False
     rules = {v["rule"] for v in report["violations"]}
