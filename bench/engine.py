@@ -26,6 +26,7 @@ import numpy as np
 
 from app.engine import Vm, codec
 from app.engine import spte as S
+from app.engine.ops import parse
 
 HVA = 0x7F00_0000_0000
 PAGE = 4096
@@ -40,26 +41,38 @@ def mapped_vm(size: int, *, zap_all_quirk: bool = True, table_budget: int | None
     vm = Vm.create(0, 1, **kw)
     if not zap_all_quirk:
         vm.apply(
-            "enable_cap",
-            {"cap": DISABLE_QUIRKS2, "flags": 0, "args": [QUIRK_SLOT_ZAP_ALL, 0, 0, 0]},
+            parse(
+                "enable_cap",
+                {"cap": DISABLE_QUIRKS2, "flags": 0, "args": [QUIRK_SLOT_ZAP_ALL, 0, 0, 0]},
+            ),
         )
     vm.apply(
-        "set_user_memory_region",
-        {"slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": size, "userspace_addr": HVA},
+        parse(
+            "set_user_memory_region",
+            {
+                "slot": 0,
+                "flags": 0,
+                "guest_phys_addr": 0,
+                "memory_size": size,
+                "userspace_addr": HVA,
+            },
+        ),
     )
     return vm
 
 
 def fault_all(vm: Vm, size: int) -> dict[str, Any]:
-    res = vm.apply("access", {"vcpu": 0, "gpa": 0, "size": size, "access": "write"})
+    res = vm.apply(parse("access", {"vcpu": 0, "gpa": 0, "size": size, "access": "write"}))
     assert res["exit"] is None and res["levels"]["4k"] == size // PAGE, res  # sanity, not time
     return res
 
 
 def delete_slot(vm: Vm) -> dict[str, Any]:
     return vm.apply(
-        "set_user_memory_region",
-        {"slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": 0, "userspace_addr": HVA},
+        parse(
+            "set_user_memory_region",
+            {"slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": 0, "userspace_addr": HVA},
+        ),
     )
 
 
@@ -144,7 +157,7 @@ def memory_child(sptes: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     for gpa in range(0, size, 64 * GIB):  # one call per 64 GiB (16M SPTEs: a single call)
         n = min(64 * GIB, size - gpa)
-        res = vm.apply("access", {"vcpu": 0, "gpa": gpa, "size": n, "access": "write"})
+        res = vm.apply(parse("access", {"vcpu": 0, "gpa": gpa, "size": n, "access": "write"}))
         assert res["exit"] is None
     t_fault = time.perf_counter() - t0
     after = rss_bytes()

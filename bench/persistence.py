@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from app.engine import codec
+from app.engine.ops import parse
 from app.engine.vm import Vm
 from app.services.vms import VmService
 
@@ -31,18 +32,22 @@ def _mapped_vm(sptes: int) -> Vm:
     size = sptes * 4096
     slot_size = max(size, 1 << 21)
     vm.apply(
-        "set_user_memory_region",
-        {
-            "slot": 0,
-            "flags": 0,
-            "guest_phys_addr": 0,
-            "memory_size": slot_size,
-            "userspace_addr": HVA,
-        },
+        parse(
+            "set_user_memory_region",
+            {
+                "slot": 0,
+                "flags": 0,
+                "guest_phys_addr": 0,
+                "memory_size": slot_size,
+                "userspace_addr": HVA,
+            },
+        ),
     )
     for gpa in range(0, size, CHUNK):
         vm.apply(
-            "access", {"vcpu": 0, "gpa": gpa, "size": min(CHUNK, size - gpa), "access": "write"}
+            parse(
+                "access", {"vcpu": 0, "gpa": gpa, "size": min(CHUNK, size - gpa), "access": "write"}
+            )
         )
     return vm
 
@@ -117,7 +122,7 @@ async def bench_journal(calls: int, db_dir: Path) -> None:
     direct = []
     for i in range(calls):
         t0 = time.perf_counter()
-        vm.apply("set_user_memory_region", region(i, 0 if (i // 64) % 2 else 1 << 21))
+        vm.apply(parse("set_user_memory_region", region(i, 0 if (i // 64) % 2 else 1 << 21)))
         direct.append(time.perf_counter() - t0)
 
     svc = VmService(f"sqlite+aiosqlite:///{db_dir / 'journal.db'}", snapshot_every=0)

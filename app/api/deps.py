@@ -12,6 +12,7 @@ from app.api.errors import ApiProblem
 from app.api.schemas.common import ID_PATTERN, INT_STRING_PATTERN, U32, Limit, parse_int
 
 if TYPE_CHECKING:
+    from app.engine.op import Op
     from app.engine.vm import Vm
 
 T = TypeVar("T")
@@ -43,7 +44,7 @@ class VmServiceLike(Protocol):
     async def delete_vm(self, vm_id: str, *, if_match: str | None = None) -> dict[str, Any]: ...
 
     async def mutate(
-        self, vm_id: str, op: str, args: dict[str, Any], *, if_match: str | None = None
+        self, vm_id: str, op: Op, args: None = None, *, if_match: str | None = None
     ) -> tuple[dict[str, Any], str]: ...
 
     async def read(self, vm_id: str, fn: Callable[[Vm], T]) -> tuple[T, str]: ...
@@ -163,13 +164,13 @@ def bad_cursor() -> RequestValidationError:
 async def mutate(
     service: VmServiceLike,
     vm_id: str,
-    op: str,
-    args: dict[str, Any],
+    op: Op,
     if_match: str | None,
     response: Response,
 ) -> dict[str, Any]:
-    """One engine op through the service (locked, journaled); the answer carries the ETag."""
-    result, etag = await service.mutate(vm_id, op, args, if_match=if_match)
+    """One engine operation through the service (locked, journaled); the answer carries the
+    ETag."""
+    result, etag = await service.mutate(vm_id, op, if_match=if_match)
     set_etag(response, etag)
     return result
 

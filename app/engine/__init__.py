@@ -2,6 +2,8 @@
 
 from .capabilities import kvm_check_extension
 from .errors import KvmError
-from .vm import OPS, Vm
+from .ops import NAMES as OPS
+from .ops import Op, parse
+from .vm import Vm
 
-__all__ = ["OPS", "KvmError", "Vm", "kvm_check_extension"]
+__all__ = ["OPS", "KvmError", "Op", "Vm", "kvm_check_extension", "parse"]

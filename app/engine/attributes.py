@@ -13,6 +13,7 @@ import numpy as np
 from . import uapi
 from .errors import check_u64, einval
 from .intervals import IntervalSet
+from .op import Op, operation
 
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
 _PAGE_MASK = uapi.PAGE_SIZE - 1
@@ -120,3 +121,13 @@ class MemoryAttributes:
             }
             for s, e in self.private
         ]
+
+
+@operation("set_memory_attributes")
+class SetMemoryAttributes(Op):
+    """KVM_SET_MEMORY_ATTRIBUTES over [address, address + size)."""
+
+    address: int
+    size: int
+    attributes: int
+    flags: int = 0

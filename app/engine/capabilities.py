@@ -12,6 +12,7 @@ from . import uapi
 from .attributes import supported_attributes
 from .errors import einval
 from .gmem import supported_gmem_flags
+from .op import Op, operation
 
 Cap = uapi.Cap
 Quirk = uapi.Quirk
@@ -190,3 +191,12 @@ def quirks_view(vm_type: int, disabled: int) -> dict[str, object]:
             for q in Quirk
         ],
     }
+
+
+@operation("enable_cap")
+class EnableCap(Op):
+    """KVM_ENABLE_CAP on the VM (capability by number or name)."""
+
+    cap: int | str
+    flags: int = 0
+    args: list[int] | None = None

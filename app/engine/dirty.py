@@ -17,6 +17,7 @@ import numpy as np
 from . import spte as S
 from . import uapi
 from .errors import KvmError, einval
+from .op import Op, operation
 from .paging import span
 from .roots import Root, RootRole, ZapAcc
 from .uapi import PAGE_SHIFT
@@ -287,3 +288,20 @@ def _word_spans(mask: np.ndarray) -> list[tuple[int, int]]:
         else:
             spans.append((a, b))
     return spans
+
+
+@operation("get_dirty_log")
+class GetDirtyLog(Op):
+    """KVM_GET_DIRTY_LOG."""
+
+    slot: int
+
+
+@operation("clear_dirty_log")
+class ClearDirtyLog(Op):
+    """KVM_CLEAR_DIRTY_LOG (bitmap as hex or base64, as the API gives it)."""
+
+    slot: int
+    first_page: int
+    num_pages: int
+    bitmap: str

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import spte as S
 from .errors import KvmError, einval
+from .op import Op, operation
 from .paging import span
 from .roots import Root, RootRole, ZapAcc, index_runs
 from .uapi import (
@@ -438,3 +439,53 @@ def check_access_range(vm: Vm, gpa: object, size: object, max_bytes: int) -> tup
     if size > max_bytes:
         raise KvmError(errno.E2BIG, f"one access call covers at most {max_bytes:#x} bytes")
     return gpa, size
+
+
+@operation("access")
+class Access(Op):
+    """A vCPU touches [gpa, gpa + size): the TDP fault path for every page not mapped."""
+
+    vcpu: int
+    gpa: int
+    size: int = PAGE_SIZE
+    access: str = "read"
+    private: bool | None = None
+
+
+@operation("load")
+class Load(Op):
+    """A vCPU reads `len` bytes (at most one page) at `gpa`."""
+
+    vcpu: int
+    gpa: int
+    len: int
+    private: bool | None = None
+
+
+@operation("store")
+class Store(Op):
+    """A vCPU writes `data` (hex, at most one page) at `gpa`."""
+
+    vcpu: int
+    gpa: int
+    data: str
+    private: bool | None = None
+
+
+@operation("pre_fault")
+class PreFault(Op):
+    """KVM_PRE_FAULT_MEMORY."""
+
+    vcpu: int
+    gpa: int
+    size: int
+    flags: int = 0
+
+
+@operation("accept")
+class Accept(Op):
+    """A TD guest's TDG.MEM.PAGE.ACCEPT (AUG first where the page is missing)."""
+
+    vcpu: int
+    gpa: int
+    size: int = PAGE_SIZE

@@ -17,6 +17,7 @@ import numpy as np
 from . import uapi
 from .errors import KvmError, einval
 from .intervals import IntervalSet
+from .op import Op, operation
 
 # pfn layout of the simulated host: host (HVA-backed) pages < 1<<35, page tables in
 # [1<<36, 1<<38), guest_memfd pages from 1<<38 up to the 40-bit pfn field of an EPT entry.
@@ -339,3 +340,37 @@ class GmemTable:
         file.closed = True
         file.release()
         return file
+
+
+@operation("create_guest_memfd")
+class CreateGuestMemfd(Op):
+    """KVM_CREATE_GUEST_MEMFD."""
+
+    size: int
+    flags: int = 0
+
+
+@operation("gmem_fallocate")
+class GmemFallocate(Op):
+    """fallocate() on a guest_memfd: allocate, or punch a hole (and invalidate)."""
+
+    fd: int
+    mode: int
+    offset: int
+    len: int
+
+
+@operation("gmem_close")
+class GmemClose(Op):
+    """The last reference to a guest_memfd goes: every private mapping of it is zapped."""
+
+    fd: int
+
+
+@operation("gmem_write")
+class GmemWrite(Op):
+    """A write through the mmap() of an MMAP | INIT_SHARED guest_memfd."""
+
+    fd: int
+    offset: int
+    data: str

@@ -11,6 +11,7 @@ from bisect import bisect_right
 
 from .errors import einval
 from .intervals import IntervalSet
+from .op import Op, operation
 from .uapi import PAGE_SHIFT, PAGE_SIZE
 
 SIZE_4K = 1 << 12
@@ -148,3 +149,37 @@ class HostMemory:
                 region = edge & ~(n - 1)
                 if s <= region < e and region < edge < region + n:
                     self.set_page_size(region, region + n, 1, "thp")
+
+
+@operation("host_write")
+class HostWrite(Op):
+    """The VMM writes through its own mapping of guest memory."""
+
+    userspace_addr: int
+    data: str
+
+
+@operation("host_discard")
+class HostDiscard(Op):
+    """madvise(MADV_DONTNEED) on the VMM's mapping."""
+
+    userspace_addr: int
+    len: int
+
+
+@operation("host_advise")
+class HostAdvise(Op):
+    """madvise(MADV_HUGEPAGE / MADV_NOHUGEPAGE)."""
+
+    userspace_addr: int
+    len: int
+    advice: str
+
+
+@operation("host_map")
+class HostMap(Op):
+    """mmap() of hugetlbfs pages of `page_size` over the range."""
+
+    userspace_addr: int
+    len: int
+    page_size: int

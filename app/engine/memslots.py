@@ -11,12 +11,13 @@ from __future__ import annotations
 import enum
 import errno
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import uapi
 from .errors import KvmError, einval
+from .op import Op, operation
 
 if TYPE_CHECKING:
     from .gmem import GmemTable
@@ -162,32 +163,19 @@ class MemslotSet:
         return slot
 
 
-@dataclass(slots=True)
-class RegionRequest:
-    """struct kvm_userspace_memory_region2, fields as a JSON client sent them (not yet checked)."""
+@operation("set_user_memory_region")
+class SetUserMemoryRegion(Op):
+    """KVM_SET_USER_MEMORY_REGION2: struct kvm_userspace_memory_region2 as a client sent it
+    (checked by `check_region`); memory_size 0 deletes the slot. Absent optional fields are
+    zero, as in a zeroed struct."""
 
     slot: int
-    flags: int
-    guest_phys_addr: int
-    memory_size: int
-    userspace_addr: int
-    guest_memfd: int = 0
+    flags: int = 0
+    guest_phys_addr: int = 0
+    memory_size: int = 0
+    userspace_addr: int = 0
+    guest_memfd: int | None = 0
     guest_memfd_offset: int = 0
-
-    @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> RegionRequest:
-        """Build from `apply` args; absent optional fields are zero, as in a zeroed struct."""
-        if not isinstance(args, Mapping) or "slot" not in args:
-            raise einval("a memory region request needs a slot")
-        return cls(
-            slot=args["slot"],
-            flags=args.get("flags", 0),
-            guest_phys_addr=args.get("guest_phys_addr", 0),
-            memory_size=args.get("memory_size", 0),
-            userspace_addr=args.get("userspace_addr", 0),
-            guest_memfd=args.get("guest_memfd", 0),
-            guest_memfd_offset=args.get("guest_memfd_offset", 0),
-        )
 
 
 @dataclass(slots=True)
@@ -205,7 +193,7 @@ def _fit(value: object, max_value: int, name: str) -> int:
 
 
 def check_region(
-    req: RegionRequest,
+    req: SetUserMemoryRegion,
     *,
     vm_type: int,
     spaces: list[MemslotSet],

@@ -7,7 +7,6 @@ the engine is deterministic given the same calls and the same `at` timestamps.
 from __future__ import annotations
 
 import errno
-import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,26 +16,43 @@ import numpy as np
 from . import capabilities as caps
 from . import spte as S
 from . import uapi
-from .attributes import MemoryAttributes
+from .attributes import MemoryAttributes, SetMemoryAttributes
+from .capabilities import EnableCap
+from .dirty import ClearDirtyLog, GetDirtyLog
 from .errors import KvmError, check_u64, einval
-from .faults import ACCESS_KINDS, FaultPath, check_access_range, memory_fault_exit
-from .gmem import GmemFile, GmemTable
-from .hostmem import LEVEL_OF_SIZE, HostMemory
+from .faults import (
+    ACCESS_KINDS,
+    Accept,
+    Access,
+    FaultPath,
+    Load,
+    PreFault,
+    Store,
+    check_access_range,
+    memory_fault_exit,
+)
+from .gmem import CreateGuestMemfd, GmemClose, GmemFallocate, GmemFile, GmemTable, GmemWrite
+from .hostmem import LEVEL_OF_SIZE, HostAdvise, HostDiscard, HostMap, HostMemory, HostWrite
 from .intervals import IntervalSet
 from .memslots import (
     ChangeKind,
     Memslot,
     MemslotSet,
-    RegionRequest,
+    SetUserMemoryRegion,
     check_arch_prepare,
     check_region,
 )
+from .op import Op
 from .paging import span
 from .roots import Mmu, Root, RootRole, ZapAcc
-from .stats import KVM_STAT_NAMES, VCPU_STAT_NAMES, stats_view
+from .stats import KVM_STAT_NAMES, stats_view
 from .tdx import TdxState
 from .uapi import PAGE_SHIFT, PAGE_SIZE, VmType
+from .vcpu import CreateVcpu, SetVcpuSmm, Vcpu
 from .zap import (
+    Destroy,
+    ExplicitZap,
+    SetZapPolicy,
     destroy,
     explicit_zap,
     flush_memslot,
@@ -60,27 +76,6 @@ def _hex_bytes(value: object, name: str = "data") -> bytes:
         return bytes.fromhex(s)
     except ValueError:
         raise einval(f"{name} is not valid hex") from None
-
-
-class Vcpu:
-    __slots__ = ("id", "as_id", "roots", "running", "stats")
-
-    def __init__(self, id: int) -> None:
-        self.id = id
-        self.as_id = 0  # 1 while the vCPU is in SMM (set_vcpu_smm)
-        self.roots: dict[RootRole, int] = {}
-        self.running = False  # inside KVM_RUN once it has touched memory: flushes IPI it
-        self.stats = dict.fromkeys(VCPU_STAT_NAMES, 0)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "as_id": self.as_id,
-            "smm": self.as_id == 1,
-            "running": self.running,
-            "roots": {r.value: rid for r, rid in self.roots.items()},
-            "stats": self.stats,
-        }
 
 
 class Vm:
@@ -170,42 +165,29 @@ class Vm:
         return not self.disabled_quirks & uapi.Quirk.KVM_X86_QUIRK_IGNORE_GUEST_PAT
 
     # ------------------------------------------------------------------ dispatch
-    def apply(
-        self,
-        op: str,
-        args: dict[str, Any] | None = None,
-        at: float | None = None,
-        durations: list[int] | None = None,
-    ) -> dict:
+    def apply(self, op: Op, at: float | None = None, durations: list[int] | None = None) -> dict:
         """The one entry point of every mutating call (journaled by the service).
 
         `at` stamps the call's zap events; `durations`, on replay, gives back the zap durations
         measured the first time (`last_durations` after the call), so replay is exact.
         """
-        handler: Callable[..., dict] | None = _OPS.get(op) if isinstance(op, str) else None
+        handler = _HANDLERS.get(type(op))
         if handler is None:
             raise einval(f"unknown operation {op!r}")
-        if not isinstance(op, str):
-            raise einval("op must be a string")
-        if self.destroyed and op != "destroy":
+        if self.destroyed and handler is not _destroy:
             raise KvmError(errno.EIO, "the VM has been destroyed")
-        if self.bugged and op != "destroy":
+        if self.bugged and handler is not _destroy:
             raise KvmError(errno.EIO, f"the VM is dead (KVM_BUG_ON: {self.bugged})")
-        if not isinstance(args, dict | type(None)):
-            raise einval("args must be an object")
-        try:
-            _SIGS[op].bind(self, **(args or {}))
-        except TypeError as e:
-            raise einval(f"{op}: {e}") from None
         self.now = time.time() if at is None else at
         self.replay_durations = list(durations or [])
         self.last_durations = []
-        return handler(self, **(args or {}))
+        return handler(self, op)
 
     # ------------------------------------------------------------------ vCPUs / caps
-    def _create_vcpu(self, id: object) -> dict:
+    def _create_vcpu(self, op: CreateVcpu) -> dict:
         """KVM_CREATE_VCPU: id < KVM_MAX_VCPU_IDS (4096, x86), at most KVM_MAX_VCPUS (1024)
         vCPUs, an id only once (EEXIST) — kvm_vm_ioctl_create_vcpu."""
+        id = op.id
         if isinstance(id, bool) or not isinstance(id, int) or not 0 <= id < 4096:
             raise einval("vCPU id must be in [0, 4096)")
         if id in self.vcpus:
@@ -215,9 +197,10 @@ class Vm:
         self.vcpus[id] = Vcpu(id)
         return {"id": id}
 
-    def _set_vcpu_smm(self, vcpu: object, smm: object) -> dict:
+    def _set_vcpu_smm(self, op: SetVcpuSmm) -> dict:
         """KVM_SET_VCPU_EVENTS(smm.smm): the vCPU enters or leaves SMM, so its accesses use
         memslot address space 1 and the SMM roots (VMs without private memory only)."""
+        vcpu, smm = op.vcpu, op.smm
         v = self.vcpu(vcpu)
         if not isinstance(smm, bool):
             raise einval("smm must be true or false")
@@ -231,8 +214,9 @@ class Vm:
             raise KvmError(errno.ENOENT, f"no vCPU {id!r}")
         return self.vcpus[id]
 
-    def _enable_cap(self, cap: object, flags: object = 0, args: object = None) -> dict:
-        number = caps.cap_number(cap)  # type: ignore[arg-type]
+    def _enable_cap(self, op: EnableCap) -> dict:
+        cap, flags, args = op.cap, op.flags, op.args
+        number = caps.cap_number(cap)
         args = [0, 0, 0, 0] if args is None else args
         if number in (uapi.Cap.KVM_CAP_DISABLE_QUIRKS, uapi.Cap.KVM_CAP_DISABLE_QUIRKS2):
             self.disabled_quirks = caps.disable_quirks(self.disabled_quirks, number, flags, args)
@@ -245,36 +229,17 @@ class Vm:
     def check_extension(self, cap: object) -> int:
         return caps.vm_check_extension(cap, self.vm_type)  # type: ignore[arg-type]
 
-    def _set_zap_policy(self, policy: object) -> dict:
+    def _set_zap_policy(self, op: SetZapPolicy) -> dict:
+        policy = op.policy
         if policy not in ZAP_POLICIES:
             raise einval(f"policy must be one of {ZAP_POLICIES}")
         self.zap_policy = str(policy)
         return {}
 
     # ------------------------------------------------------------------ memslots
-    def _set_user_memory_region(
-        self,
-        slot: object,
-        flags: object = 0,
-        guest_phys_addr: object = 0,
-        memory_size: object = 0,
-        userspace_addr: object = 0,
-        guest_memfd: object = 0,
-        guest_memfd_offset: object = 0,
-    ) -> dict:
-        req = RegionRequest.from_args(
-            dict(
-                slot=slot,
-                flags=flags,
-                guest_phys_addr=guest_phys_addr,
-                memory_size=memory_size,
-                userspace_addr=userspace_addr,
-                guest_memfd=guest_memfd,
-                guest_memfd_offset=guest_memfd_offset,
-            )
-        )
+    def _set_user_memory_region(self, op: SetUserMemoryRegion) -> dict:
         change = check_region(
-            req,
+            op,
             vm_type=self.vm_type,
             spaces=self.spaces,
             gmem=self.gmem,
@@ -456,14 +421,8 @@ class Vm:
         pages = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
         return -(-pages // 512) + -(-pages // (512 * 512)) + self.paging_levels - 1
 
-    def _access(
-        self,
-        vcpu: object,
-        gpa: object,
-        size: object = PAGE_SIZE,
-        access: object = "read",
-        private: object = None,
-    ) -> dict:
+    def _access(self, op: Access) -> dict:
+        vcpu, gpa, size, access, private = op.vcpu, op.gpa, op.size, op.access, op.private
         v = self.vcpu(vcpu)
         if access not in ACCESS_KINDS:
             raise einval("access must be read, write or exec")
@@ -486,8 +445,9 @@ class Vm:
         elif private and not self.has_private_mem:
             raise einval("this VM type has no private memory")
 
-    def _pre_fault(self, vcpu: object, gpa: object, size: object, flags: object = 0) -> dict:
+    def _pre_fault(self, op: PreFault) -> dict:
         """KVM_PRE_FAULT_MEMORY (kvm-private-tdx.md §2.8): returns what is left of the range."""
+        vcpu, gpa, size, flags = op.vcpu, op.gpa, op.size, op.flags
         v = self.vcpu(vcpu)
         g, n, f = check_u64(gpa, "gpa"), check_u64(size, "size"), check_u64(flags, "flags")
         if f or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n <= g:
@@ -527,8 +487,9 @@ class Vm:
             raise err
         return {"gpa": gfn << PAGE_SHIFT, "size": left}
 
-    def _accept(self, vcpu: object, gpa: object, size: object = PAGE_SIZE) -> dict:
+    def _accept(self, op: Accept) -> dict:
         """A TD guest's TDG.MEM.PAGE.ACCEPT: AUG the page if it is missing, then accept it."""
+        vcpu, gpa, size = op.vcpu, op.gpa, op.size
         if self.tdx is None:
             raise einval("TDG.MEM.PAGE.ACCEPT exists only in a TD (KVM_X86_TDX_VM)")
         v = self.vcpu(vcpu)
@@ -569,13 +530,15 @@ class Vm:
                     del file.contents[index]
 
     # ------------------------------------------------------------------ load / store
-    def _load(self, vcpu: object, gpa: object, len: object, private: object = None) -> dict:
-        length = check_u64(len, "len")
+    def _load(self, op: Load) -> dict:
+        vcpu, gpa, private = op.vcpu, op.gpa, op.private
+        length = check_u64(op.len, "len")
         if not 0 < length <= PAGE_SIZE:
             raise einval("len must be in [1, 4096]")
         return self._data_access(vcpu, gpa, length, None, private)
 
-    def _store(self, vcpu: object, gpa: object, data: object, private: object = None) -> dict:
+    def _store(self, op: Store) -> dict:
+        vcpu, gpa, data, private = op.vcpu, op.gpa, op.data, op.private
         payload = _hex_bytes(data)
         if not 0 < len(payload) <= PAGE_SIZE:
             raise einval("data must hold 1 to 4096 bytes")
@@ -634,7 +597,8 @@ class Vm:
             raise KvmError(errno.E2BIG, "read at most 1 MiB at once")
         return {"data": self.host.read(a, n).hex()}
 
-    def _host_write(self, userspace_addr: object, data: object) -> dict:
+    def _host_write(self, op: HostWrite) -> dict:
+        userspace_addr, data = op.userspace_addr, op.data
         payload = _hex_bytes(data)
         if len(payload) > MAX_DATA_BYTES:
             raise KvmError(errno.E2BIG, "write at most 1 MiB at once")
@@ -644,8 +608,9 @@ class Vm:
             self.host.write(a, payload)
         return {"written": len(payload)}
 
-    def _host_discard(self, userspace_addr: object, len: object) -> dict:
+    def _host_discard(self, op: HostDiscard) -> dict:
         """madvise(MADV_DONTNEED): the MMU notifier zaps every SPTE mapping the range."""
+        userspace_addr, len = op.userspace_addr, op.len
         a, n = self._host_range(userspace_addr, len)
         if a & (PAGE_SIZE - 1):
             raise einval("madvise needs a page-aligned address")
@@ -657,7 +622,8 @@ class Vm:
         self.host.discard(first, end)
         return {"zap": zap}
 
-    def _host_advise(self, userspace_addr: object, len: object, advice: object) -> dict:
+    def _host_advise(self, op: HostAdvise) -> dict:
+        userspace_addr, len, advice = op.userspace_addr, op.len, op.advice
         a, n = self._host_range(userspace_addr, len)
         if a & (PAGE_SIZE - 1) or advice not in ("hugepage", "nohugepage"):
             raise einval("page-aligned address; advice hugepage|nohugepage")
@@ -666,8 +632,9 @@ class Vm:
         self.host.advise(first, end, advice == "hugepage")
         return {}
 
-    def _host_map(self, userspace_addr: object, len: object, page_size: object) -> dict:
+    def _host_map(self, op: HostMap) -> dict:
         """An mmap of hugetlbfs: the range is backed by pages of `page_size`."""
+        userspace_addr, len, page_size = op.userspace_addr, op.len, op.page_size
         a, n = self._host_range(userspace_addr, len)
         if (
             not isinstance(page_size, int)
@@ -686,23 +653,27 @@ class Vm:
         return {"zap": zap}
 
     # ------------------------------------------------------------------ guest_memfd
-    def _create_guest_memfd(self, size: object, flags: object = 0) -> dict:
+    def _create_guest_memfd(self, op: CreateGuestMemfd) -> dict:
+        size, flags = op.size, op.flags
         return self.gmem.create(size, flags, vm_type=self.vm_type).to_dict()
 
-    def _gmem_fallocate(self, fd: object, mode: object, offset: object, len: object) -> dict:
+    def _gmem_fallocate(self, op: GmemFallocate) -> dict:
+        fd, mode, offset, len = op.fd, op.mode, op.offset, op.len
         file, punch, first, count = self.gmem.check_fallocate(fd, mode, offset, len)
         if not punch:
             return {"allocated": file.allocate(first, count), "zap": None}
         zap = gmem_invalidate(self, file, first, first + count, "punch_hole")
         return {"freed": file.punch(first, count), "zap": zap}
 
-    def _gmem_close(self, fd: object) -> dict:
+    def _gmem_close(self, op: GmemClose) -> dict:
+        fd = op.fd
         file = self.gmem.get(fd)
         zap = gmem_invalidate(self, file, 0, file.npages, "gmem_close")
         self.gmem.close(fd)
         return {"zap": zap}
 
-    def _gmem_write(self, fd: object, offset: object, data: object) -> dict:
+    def _gmem_write(self, op: GmemWrite) -> dict:
+        fd, offset, data = op.fd, op.offset, op.data
         file = self._mappable(fd)
         payload = _hex_bytes(data)
         if len(payload) > MAX_DATA_BYTES:
@@ -733,11 +704,10 @@ class Vm:
         return file
 
     # ------------------------------------------------------------------ attributes
-    def _set_memory_attributes(
-        self, address: object, size: object, attributes: object, flags: object = 0
-    ) -> dict:
+    def _set_memory_attributes(self, op: SetMemoryAttributes) -> dict:
+        address, size, attributes, flags = op.address, op.size, op.attributes, op.flags
         start, end = self.attrs.check(address, size, attributes, flags, vm_type=self.vm_type)
-        attrs = int(attributes)  # type: ignore[call-overload]
+        attrs = int(attributes)
         if self.attrs.pieces(start, end) == [(start, end, attrs)]:
             # Identical attributes: no invalidation at all (kvm-private-tdx.md §3.2 step 5).
             return {"zap": None, "changed": False}
@@ -772,14 +742,13 @@ class Vm:
 
         return dirty.apply_flags(self, old, new)
 
-    def _get_dirty_log(self, slot: object) -> dict:
+    def _get_dirty_log(self, op: GetDirtyLog) -> dict:
         from . import dirty
 
-        return dirty.get_dirty_log(self, slot)
+        return dirty.get_dirty_log(self, op.slot)
 
-    def _clear_dirty_log(
-        self, slot: object, first_page: object, num_pages: object, bitmap: object
-    ) -> dict:
+    def _clear_dirty_log(self, op: ClearDirtyLog) -> dict:
+        slot, first_page, num_pages, bitmap = op.slot, op.first_page, op.num_pages, op.bitmap
         from . import dirty
 
         return dirty.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
@@ -891,30 +860,33 @@ class _Backing:
             self.vm.host.write((self.page << PAGE_SHIFT) + self.off, data)
 
 
-_OPS: dict[str, Callable[..., dict]] = {
-    "create_vcpu": Vm._create_vcpu,
-    "set_vcpu_smm": Vm._set_vcpu_smm,
-    "enable_cap": Vm._enable_cap,
-    "set_user_memory_region": Vm._set_user_memory_region,
-    "create_guest_memfd": Vm._create_guest_memfd,
-    "gmem_fallocate": Vm._gmem_fallocate,
-    "gmem_close": Vm._gmem_close,
-    "gmem_write": Vm._gmem_write,
-    "set_memory_attributes": Vm._set_memory_attributes,
-    "access": Vm._access,
-    "load": Vm._load,
-    "store": Vm._store,
-    "pre_fault": Vm._pre_fault,
-    "accept": Vm._accept,
-    "host_write": Vm._host_write,
-    "host_discard": Vm._host_discard,
-    "host_advise": Vm._host_advise,
-    "host_map": Vm._host_map,
-    "zap": explicit_zap,
-    "get_dirty_log": Vm._get_dirty_log,
-    "clear_dirty_log": Vm._clear_dirty_log,
-    "set_zap_policy": Vm._set_zap_policy,
-    "destroy": destroy,
+def _destroy(vm: Vm, op: Destroy) -> dict:
+    return destroy(vm)
+
+
+# Operation type -> its handler: dispatch is one dict lookup, no argument binding.
+_HANDLERS: dict[type[Op], Callable[[Vm, Any], dict]] = {
+    CreateVcpu: Vm._create_vcpu,
+    SetVcpuSmm: Vm._set_vcpu_smm,
+    EnableCap: Vm._enable_cap,
+    SetUserMemoryRegion: Vm._set_user_memory_region,
+    CreateGuestMemfd: Vm._create_guest_memfd,
+    GmemFallocate: Vm._gmem_fallocate,
+    GmemClose: Vm._gmem_close,
+    GmemWrite: Vm._gmem_write,
+    SetMemoryAttributes: Vm._set_memory_attributes,
+    Access: Vm._access,
+    Load: Vm._load,
+    Store: Vm._store,
+    PreFault: Vm._pre_fault,
+    Accept: Vm._accept,
+    HostWrite: Vm._host_write,
+    HostDiscard: Vm._host_discard,
+    HostAdvise: Vm._host_advise,
+    HostMap: Vm._host_map,
+    ExplicitZap: explicit_zap,
+    GetDirtyLog: Vm._get_dirty_log,
+    ClearDirtyLog: Vm._clear_dirty_log,
+    SetZapPolicy: Vm._set_zap_policy,
+    Destroy: _destroy,
 }
-OPS = tuple(_OPS)
-_SIGS = {name: inspect.signature(fn) for name, fn in _OPS.items()}

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .errors import KvmError, check_u64, einval
+from .op import Op, operation
 from .paging import walk
 from .roots import Root, RootRole, ZapAcc
 from .uapi import PAGE_SHIFT, PAGE_SIZE, VmType
@@ -215,13 +216,8 @@ def account_fault_zaps(vm: Vm, acc: ZapAcc) -> None:
         flush_tlbs(vm)
 
 
-def explicit_zap(
-    vm: Vm,
-    scope: object = "range",
-    gpa: object = None,
-    size: object = None,
-    roots: object = "both",
-) -> dict:
+def explicit_zap(vm: Vm, op: ExplicitZap) -> dict:
+    scope, gpa, size, roots = op.scope, op.gpa, op.size, op.roots
     if scope not in ("all", "range") or roots not in ("shared", "private", "both"):
         raise einval("scope must be all|range and roots shared|private|both")
     # vkmmu's rule (api-contract.md): KVM never zaps a live TD's mirror root
@@ -324,3 +320,25 @@ def destroy(vm: Vm) -> dict:
     ev = record(vm, "vm_destroy", "zap_all", 0, vm.max_gfn + 1, acc, 0, 0, 0, t0)
     vm.destroyed = True
     return ev
+
+
+@operation("zap")
+class ExplicitZap(Op):
+    """A diagnostic zap: everything (fast zap) or a GPA range of the chosen roots."""
+
+    scope: str = "range"
+    gpa: int | None = None
+    size: int | None = None
+    roots: str = "both"
+
+
+@operation("set_zap_policy")
+class SetZapPolicy(Op):
+    """vkmmu's choice of what a memslot delete zaps (see docs/engine.md)."""
+
+    policy: str
+
+
+@operation("destroy")
+class Destroy(Op):
+    """The last reference to the VM goes: every root torn down."""

@@ -6,14 +6,45 @@ fails on purpose.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from app.engine.vm import Vm
 else:
     Vm = Any
+
+
+class OpLike(Protocol):
+    """An operation as the service journals it: `name` (the journal's `op`) and its args."""
+
+    @property
+    def name(self) -> str: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class JsonOp:
+    """A call as a name and JSON args, for an engine that takes its calls by name (a test
+    double); the real engine parses records into typed operations (`app.engine.ops`)."""
+
+    name: str
+    args: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.args
+
+
+def _parse_json(name: str, args: Any) -> JsonOp:
+    return JsonOp(name, copy.deepcopy(dict(args or {})))
+
+
+def _apply_by_name(vm: Any, op: Any, at: float | None, durations: list[int] | None) -> Any:
+    return vm.apply(op.name, op.to_json(), at=at, durations=durations)
+
 
 # Bytes per page-table page: budgets are set in bytes, the engine counts tables.
 TABLE_BYTES = 4096
@@ -33,6 +64,10 @@ class EnginePort:
     dumps: Callable[[Vm], bytes]
     loads: Callable[[bytes], Vm]
     corrupt_snapshot: type[Exception]
+    # A journal record (`op`, `args`) as an operation, and an operation applied to a VM at a
+    # time (`durations`: the zap durations journaled with it, on replay).
+    parse: Callable[[str, Any], OpLike] = _parse_json
+    apply: Callable[[Vm, Any, float | None, list[int] | None], Any] = _apply_by_name
     # Page-table accounting: the tables a VM holds now, and the most it may hold during its
     # next call (the engine answers ENOMEM, before allocating, past it). An engine without
     # page tables (a test double) keeps the defaults: nothing to count, nothing to cap.
@@ -42,8 +77,11 @@ class EnginePort:
 
 def default_engine() -> EnginePort:
     """The real engine. Its page-table budget is set by the service before every call."""
-    from app.engine import codec
+    from app.engine import codec, ops
     from app.engine.vm import Vm as _Vm
+
+    def apply(vm: Vm, op: Any, at: float | None, durations: list[int] | None) -> Any:
+        return vm.apply(op, at=at, durations=durations)
 
     def tables_live(vm: Vm) -> int:
         return int(vm.mmu.pool.live)
@@ -56,6 +94,8 @@ def default_engine() -> EnginePort:
         dumps=codec.dumps,
         loads=codec.loads,
         corrupt_snapshot=codec.CorruptSnapshot,
+        parse=ops.parse,
+        apply=apply,
         tables_live=tables_live,
         set_table_budget=set_table_budget,
     )

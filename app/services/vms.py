@@ -48,7 +48,7 @@ from app.db.models import JournalRecord, SnapshotRow, VmRow, utcnow
 from app.db.session import Database
 from app.engine.errors import KvmError
 from app.engine.uapi import VmType
-from app.services.engine_port import TABLE_BYTES, EnginePort, Vm, default_engine
+from app.services.engine_port import TABLE_BYTES, EnginePort, OpLike, Vm, default_engine
 from app.services.errors import (
     ForkMismatch,
     PreconditionFailed,
@@ -489,30 +489,38 @@ class VmService:
         return self._info(row), etag(row.last_seq)
 
     async def delete_vm(self, vm_id: str, *, if_match: str | None = None) -> dict[str, Any]:
-        result, _ = await self._mutate(vm_id, "destroy", {}, if_match=if_match, destroy=True)
+        op = self.engine.parse("destroy", {})
+        result, _ = await self._mutate(vm_id, op, if_match=if_match, destroy=True)
         return dict(result)
 
     # ----------------------------------------------------------------- calls
 
     async def mutate(
-        self, vm_id: str, op: str, args: dict[str, Any], *, if_match: str | None = None
+        self,
+        vm_id: str,
+        op: OpLike | str,
+        args: dict[str, Any] | None = None,
+        *,
+        if_match: str | None = None,
     ) -> tuple[dict[str, Any], str]:
-        """Apply one engine call, journal it, commit, answer (result, ETag).
+        """Apply one engine operation, journal it (`op.name`, `op.to_json()`), commit, answer
+        (result, ETag). A name with JSON `args` is parsed first, as a journal record is.
 
         A `KvmError` that changed nothing is re-raised and leaves no record. One with
         `state_changed` is journaled with its error, then re-raised after the commit.
         """
-        if op in (RESTORE_OP, "destroy"):
+        if isinstance(op, str):
+            op = self.engine.parse(op, args)
+        if op.name in (RESTORE_OP, "destroy"):
             # Both have their own entry points, which keep the VM row consistent.
-            raise KvmError(errno.EINVAL, f"operation {op!r} is not available through mutate()")
-        return await self._mutate(vm_id, op, args, if_match=if_match, destroy=False)
+            raise KvmError(errno.EINVAL, f"operation {op.name!r} is not available through mutate()")
+        return await self._mutate(vm_id, op, if_match=if_match, destroy=False)
 
     async def _mutate(
-        self, vm_id: str, op: str, args: dict[str, Any], *, if_match: str | None, destroy: bool
+        self, vm_id: str, op: OpLike, *, if_match: str | None, destroy: bool
     ) -> tuple[Any, str]:
-        args = _json_copy(args)
         async with self._locked(vm_id) as h:
-            out = await self._run(self._mutate_sync, h, op, args, if_match, destroy)
+            out = await self._run(self._mutate_sync, h, op, if_match, destroy)
             if destroy:
                 self._handles.pop(vm_id, None)
             else:
@@ -524,10 +532,10 @@ class VmService:
         return out.result, etag(out.seq)
 
     def _mutate_sync(
-        self, h: VmHandle, op: str, args: dict[str, Any], if_match: str | None, destroy: bool
+        self, h: VmHandle, op: OpLike, if_match: str | None, destroy: bool
     ) -> _Outcome:
-        # The engine gets its own copy: whatever it does to it, the journal keeps what came in.
-        engine_args = _json_copy(args)
+        # Taken before the call: the journal keeps the operation as it came in.
+        args = _json_copy(op.to_json())
         # Set once the engine has been entered: from then on, any failure to commit means
         # memory may hold a change the journal does not.
         touched = False
@@ -546,7 +554,7 @@ class VmService:
                 self.engine.set_table_budget(vm, budget)
                 touched = True
                 try:
-                    result = vm.apply(op, engine_args, at=us_to_engine_time(at_us))
+                    result = self.engine.apply(vm, op, us_to_engine_time(at_us), None)
                 except KvmError as e:
                     if not getattr(e, "state_changed", False):
                         touched = False  # the engine guarantees nothing changed
@@ -557,7 +565,7 @@ class VmService:
                     s,
                     vm_id=h.vm_id,
                     seq=seq,
-                    op=op,
+                    op=op.name,
                     args=args,
                     result=None if raised else _result_summary(result),
                     error=error,
@@ -825,7 +833,7 @@ class VmService:
             budget = self.budget_tables if r.table_budget is None else r.table_budget
             self.engine.set_table_budget(vm, budget)
             try:
-                vm.apply(r.op, _json_copy(r.args), at=r.at, durations=r.durations)
+                self.engine.apply(vm, self.engine.parse(r.op, r.args), r.at, r.durations)
                 outcome: int | None = None
             except KvmError as e:
                 outcome = e.errno

@@ -9,8 +9,10 @@ import pytest
 
 from app.engine import uapi
 from app.engine.attributes import PRIVATE, MemoryAttributes, supported_attributes
+from app.engine.ops import parse
 from app.engine.vm import Vm
 from tests.engine import expect, fingerprint
+from tests.engine.mmu import apply_json
 
 DEFAULT = int(uapi.VmType.KVM_X86_DEFAULT_VM)
 SW_PROT = int(uapi.VmType.KVM_X86_SW_PROTECTED_VM)
@@ -146,10 +148,10 @@ def test_huge_ranges_are_stored_as_ranges(attrs: MemoryAttributes) -> None:
 def test_apply_set_memory_attributes_on_a_td() -> None:
     vm = Vm.create(TDX)
     args = {"address": 2 << 20, "size": 4 << 20, "attributes": PRIVATE, "flags": 0}
-    assert vm.apply("set_memory_attributes", args)["changed"] is True
+    assert vm.apply(parse("set_memory_attributes", args))["changed"] is True
     assert vm.memory_attributes() == [{"address": 2 << 20, "size": 4 << 20, "attributes": PRIVATE}]
-    assert vm.apply("set_memory_attributes", args)["changed"] is False  # already so: a no-op
-    vm.apply("set_memory_attributes", {**args, "attributes": 0})
+    assert vm.apply(parse("set_memory_attributes", args))["changed"] is False  # already so: a no-op
+    vm.apply(parse("set_memory_attributes", {**args, "attributes": 0}))
     assert vm.memory_attributes() == []
 
 
@@ -169,7 +171,9 @@ def test_apply_set_memory_attributes_on_a_td() -> None:
 def test_apply_rejected_attributes_change_nothing(vm_type: int, args: dict) -> None:
     vm = Vm.create(vm_type)
     if vm_type != DEFAULT:
-        vm.apply("set_memory_attributes", {"address": 0, "size": 1 << 20, "attributes": PRIVATE})
+        vm.apply(
+            parse("set_memory_attributes", {"address": 0, "size": 1 << 20, "attributes": PRIVATE})
+        )
     before = fingerprint(vm)
-    expect(errno.EINVAL, vm.apply, "set_memory_attributes", args)
+    expect(errno.EINVAL, apply_json, vm, "set_memory_attributes", args)
     assert fingerprint(vm) == before

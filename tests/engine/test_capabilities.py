@@ -17,8 +17,10 @@ from app.engine.capabilities import (
     quirks_view,
     vm_check_extension,
 )
+from app.engine.ops import parse
 from app.engine.vm import Vm
 from tests.engine import expect, fingerprint
+from tests.engine.mmu import apply_json
 
 Cap = uapi.Cap
 Q = uapi.Quirk
@@ -235,8 +237,10 @@ def test_vm_check_extension_and_initial_quirks(vm_type: int) -> None:
 
 def test_apply_disable_quirks2_is_sticky() -> None:
     vm = Vm.create(DEFAULT)
-    vm.apply("enable_cap", {"cap": "KVM_CAP_DISABLE_QUIRKS2", "args": [SLOT_ZAP_ALL, 0, 0, 0]})
-    vm.apply("enable_cap", {"cap": int(Cap.KVM_CAP_DISABLE_QUIRKS2), "args": [0, 0, 0, 0]})
+    vm.apply(
+        parse("enable_cap", {"cap": "KVM_CAP_DISABLE_QUIRKS2", "args": [SLOT_ZAP_ALL, 0, 0, 0]})
+    )
+    vm.apply(parse("enable_cap", {"cap": int(Cap.KVM_CAP_DISABLE_QUIRKS2), "args": [0, 0, 0, 0]}))
     assert vm.quirks()["disabled_mask"] == CD_NW | SLOT_ZAP_ALL
     assert vm.info()["slot_zap_all_applies"] is False
 
@@ -259,11 +263,11 @@ def test_apply_disable_quirks2_is_sticky() -> None:
 def test_apply_enable_cap_rejected_changes_nothing(args: dict) -> None:
     vm = Vm.create(DEFAULT)
     before = fingerprint(vm)
-    expect(errno.EINVAL, vm.apply, "enable_cap", args)
+    expect(errno.EINVAL, apply_json, vm, "enable_cap", args)
     assert fingerprint(vm) == before
 
 
 def test_apply_manual_dirty_log_protect() -> None:
     vm = Vm.create(DEFAULT)
-    vm.apply("enable_cap", {"cap": "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", "args": [3]})
+    vm.apply(parse("enable_cap", {"cap": "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", "args": [3]}))
     assert vm.manual_dirty_log == 3

@@ -8,6 +8,7 @@ import copy
 import pytest
 
 from app.engine import Vm, codec
+from app.engine.ops import parse
 
 U = 0x7F00_0000_0000
 KB4, MB, GB = 1 << 12, 1 << 20, 1 << 30
@@ -50,7 +51,7 @@ OPS: list[tuple[str, dict]] = [
 def build(ops: list[tuple[str, dict]] = OPS) -> Vm:
     vm = Vm.create(0, 2)
     for i, (op, args) in enumerate(ops):
-        vm.apply(op, args, at=1000.0 + i)
+        vm.apply(parse(op, args), at=1000.0 + i)
     return vm
 
 
@@ -93,8 +94,8 @@ def test_loaded_vm_behaves_like_the_original() -> None:
         ("get_dirty_log", dict(slot=2)),
     ]
     for i, (op, args) in enumerate(more):
-        a = copy.deepcopy(vm.apply(op, args, at=2000.0 + i))
-        b = copy.deepcopy(back.apply(op, args, at=2000.0 + i))
+        a = copy.deepcopy(vm.apply(parse(op, args), at=2000.0 + i))
+        b = copy.deepcopy(back.apply(parse(op, args), at=2000.0 + i))
         for r in (a, b):
             if isinstance(r.get("zap"), dict):
                 r["zap"].pop("duration_us")
@@ -110,7 +111,7 @@ def test_replaying_the_same_calls_gives_the_same_digest() -> None:
 def test_digest_changes_with_the_state() -> None:
     vm = build()
     d0 = codec.digest(vm)
-    vm.apply("store", dict(vcpu=0, gpa=64 * MB, data="01"), at=5000.0)
+    vm.apply(parse("store", dict(vcpu=0, gpa=64 * MB, data="01")), at=5000.0)
     assert codec.digest(vm) != d0
 
 
@@ -120,7 +121,7 @@ def test_dumps_does_not_disturb_the_vm() -> None:
     codec.dumps(vm)
     codec.digest(vm)
     assert views(vm) == before
-    vm.apply("access", dict(vcpu=0, gpa=64 * MB, size=MB, access="read"))
+    vm.apply(parse("access", dict(vcpu=0, gpa=64 * MB, size=MB, access="read")))
     assert vm.audit()["ok"]
 
 

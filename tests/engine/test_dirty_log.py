@@ -9,6 +9,7 @@ import errno
 import pytest
 
 from app.engine import KvmError, Vm
+from app.engine.ops import parse
 
 from .mmu import check, pages, region
 
@@ -19,7 +20,7 @@ MANUAL, INITIALLY_SET = 1, 2
 
 
 def access(vm: Vm, gpa: int, size: int = KB4, kind: str = "write") -> dict:
-    return vm.apply("access", dict(vcpu=0, gpa=gpa, size=size, access=kind))
+    return vm.apply(parse("access", dict(vcpu=0, gpa=gpa, size=size, access=kind)))
 
 
 def leaf(vm: Vm, gpa: int) -> dict | None:
@@ -51,11 +52,13 @@ def bitmap(nbits: int, set_bits: list[int]) -> str:
 
 
 def get_log(vm: Vm, slot: int = 0) -> dict:
-    return vm.apply("get_dirty_log", dict(slot=slot))
+    return vm.apply(parse("get_dirty_log", dict(slot=slot)))
 
 
 def clear_log(vm: Vm, first: int, num: int, bm: str, slot: int = 0) -> dict:
-    return vm.apply("clear_dirty_log", dict(slot=slot, first_page=first, num_pages=num, bitmap=bm))
+    return vm.apply(
+        parse("clear_dirty_log", dict(slot=slot, first_page=first, num_pages=num, bitmap=bm))
+    )
 
 
 def huge_vm(manual: int = 0) -> Vm:
@@ -63,9 +66,11 @@ def huge_vm(manual: int = 0) -> Vm:
     vm = Vm.create(0, 1)
     if manual:
         vm.apply(
-            "enable_cap", dict(cap="KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", args=[manual, 0, 0, 0])
+            parse(
+                "enable_cap", dict(cap="KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", args=[manual, 0, 0, 0])
+            )
         )
-    vm.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    vm.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage")))
     region(vm, 0, 0, 4 * MB, U)
     access(vm, 0, 4 * MB)
     assert pages(vm) == (0, 2, 0) and vm.stats()["page_tables"] == 3
@@ -107,7 +112,7 @@ def test_enabling_flushes_even_when_nothing_is_mapped() -> None:
 
 def test_faults_in_a_logging_slot_are_4k_and_writes_mark_pages_dirty() -> None:
     vm = Vm.create(0, 1)
-    vm.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    vm.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage")))
     region(vm, 0, 0, 4 * MB, U, flags=LOG)
     r = access(vm, 0x5000, 2 * KB4, "write")
     assert r["levels"] == {"4k": 2, "2m": 0, "1g": 0}
@@ -248,8 +253,8 @@ def test_disabling_recovers_a_region_with_holes_but_not_an_empty_table() -> None
     with no present leaf at all is skipped (§3.4, "recover huge pages")."""
     vm = huge_vm()
     region(vm, 0, 0, 4 * MB, U, flags=LOG)
-    vm.apply("zap", dict(scope="range", gpa=0, size=KB4))  # a hole in the first 2M
-    vm.apply("zap", dict(scope="range", gpa=2 * MB, size=2 * MB))  # the second 2M emptied
+    vm.apply(parse("zap", dict(scope="range", gpa=0, size=KB4)))  # a hole in the first 2M
+    vm.apply(parse("zap", dict(scope="range", gpa=2 * MB, size=2 * MB)))  # the second 2M emptied
     assert pages(vm) == (511, 0, 0)
     r = region(vm, 0, 0, 4 * MB, U, flags=0)
     assert r["zap"]["huge_pages_recovered"] == 1
@@ -264,7 +269,7 @@ def test_enabling_logging_on_a_readonly_slot_keeps_its_huge_leaves() -> None:
     """§3.4: "If the slot is READONLY: nothing more" — no split, no write-protect; a
     read-only page can never be dirtied, so its huge leaves stay (and are legal)."""
     vm = Vm.create(0, 1)
-    vm.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    vm.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage")))
     region(vm, 0, 0, 4 * MB, U, flags=2)
     access(vm, 0, 4 * MB, "read")
     assert pages(vm) == (0, 2, 0)
@@ -282,13 +287,13 @@ def test_recovery_never_maps_a_discarded_host_page() -> None:
     mapping level of that 2M region drops to 4K (§8.2) and it cannot be recovered."""
     vm = huge_vm()
     region(vm, 0, 0, 4 * MB, U, flags=LOG)
-    vm.apply("host_discard", dict(userspace_addr=U + 5 * KB4, len=KB4))
+    vm.apply(parse("host_discard", dict(userspace_addr=U + 5 * KB4, len=KB4)))
     assert pages(vm) == (1023, 0, 0)
     r = region(vm, 0, 0, 4 * MB, U, flags=0)
     assert r["zap"]["huge_pages_recovered"] == 1
     assert pages(vm) == (511, 1, 0)
     assert leaf(vm, 0)["level"] == 1 and leaf(vm, 2 * MB)["level"] == 2
-    assert vm.apply("load", dict(vcpu=0, gpa=5 * KB4, len=4)) == {"data": "00000000"}
+    assert vm.apply(parse("load", dict(vcpu=0, gpa=5 * KB4, len=4))) == {"data": "00000000"}
     check(vm)
 
 
@@ -300,11 +305,11 @@ def test_recovery_after_late_thp_advice_never_maps_a_discarded_page() -> None:
     region(vm, 0, 0, 2 * MB, U)
     access(vm, 0, 2 * MB, "read")
     region(vm, 0, 0, 2 * MB, U, flags=LOG)
-    vm.apply("host_discard", dict(userspace_addr=U, len=KB4))
-    vm.apply("host_advise", dict(userspace_addr=U, len=2 * MB, advice="hugepage"))
+    vm.apply(parse("host_discard", dict(userspace_addr=U, len=KB4)))
+    vm.apply(parse("host_advise", dict(userspace_addr=U, len=2 * MB, advice="hugepage")))
     region(vm, 0, 0, 2 * MB, U, flags=0)
     check(vm)
-    assert vm.apply("load", dict(vcpu=0, gpa=0x10, len=4)) == {"data": "00000000"}
+    assert vm.apply(parse("load", dict(vcpu=0, gpa=0x10, len=4))) == {"data": "00000000"}
     check(vm)
 
 
@@ -383,7 +388,9 @@ def test_clear_dirty_log_range_rules(first: int, num: int, err: int) -> None:
 
 def test_clear_dirty_log_num_pages_may_be_unaligned_when_it_ends_the_slot() -> None:
     vm = Vm.create(0, 1)
-    vm.apply("enable_cap", dict(cap="KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", args=[MANUAL, 0, 0, 0]))
+    vm.apply(
+        parse("enable_cap", dict(cap="KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", args=[MANUAL, 0, 0, 0]))
+    )
     region(vm, 0, 0, 100 * KB4, U, flags=LOG)
     access(vm, 99 * KB4, KB4, "write")
     assert clear_log(vm, 64, 36, bitmap(36, [35]))["cleared"] == 1

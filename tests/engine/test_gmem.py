@@ -23,8 +23,10 @@ from app.engine.gmem import (
     GmemTable,
     supported_gmem_flags,
 )
+from app.engine.ops import parse
 from app.engine.vm import Vm
 from tests.engine import expect, fingerprint
+from tests.engine.mmu import apply_json
 
 DEFAULT = int(uapi.VmType.KVM_X86_DEFAULT_VM)
 SW_PROT = int(uapi.VmType.KVM_X86_SW_PROTECTED_VM)
@@ -309,7 +311,7 @@ def vm() -> Vm:
 
 
 def test_apply_create_guest_memfd(vm: Vm) -> None:
-    r = vm.apply("create_guest_memfd", {"size": 2 * MB, "flags": MMAP})
+    r = vm.apply(parse("create_guest_memfd", {"size": 2 * MB, "flags": MMAP}))
     assert (r["fd"], r["size"], r["flags"]) == (FIRST_GMEM_FD, 2 * MB, MMAP)
     assert [f["fd"] for f in vm.guest_memfds()] == [FIRST_GMEM_FD]
 
@@ -328,17 +330,17 @@ def test_apply_create_guest_memfd(vm: Vm) -> None:
 def test_apply_create_guest_memfd_rejected_changes_nothing(vm_type: int, args: dict) -> None:
     vm = Vm.create(vm_type)
     before = fingerprint(vm)
-    expect(errno.EINVAL, vm.apply, "create_guest_memfd", args)
+    expect(errno.EINVAL, apply_json, vm, "create_guest_memfd", args)
     assert fingerprint(vm) == before
 
 
 def test_apply_fallocate_allocate_and_punch(vm: Vm) -> None:
-    fd = vm.apply("create_guest_memfd", {"size": 2 * MB, "flags": 0})["fd"]
+    fd = vm.apply(parse("create_guest_memfd", {"size": 2 * MB, "flags": 0}))["fd"]
     args = {"fd": fd, "mode": "allocate", "offset": 0, "len": MB}
-    assert vm.apply("gmem_fallocate", args)["allocated"] == 256
-    assert vm.apply("gmem_fallocate", {**args, "len": 2 * MB})["allocated"] == 256
+    assert vm.apply(parse("gmem_fallocate", args))["allocated"] == 256
+    assert vm.apply(parse("gmem_fallocate", {**args, "len": 2 * MB}))["allocated"] == 256
     punch = {"fd": fd, "mode": "punch_hole", "offset": MB, "len": 64 * MB}
-    assert vm.apply("gmem_fallocate", punch)["freed"] == 256
+    assert vm.apply(parse("gmem_fallocate", punch))["freed"] == 256
     assert vm.guest_memfds()[0]["allocated_pages"] == 256
 
 
@@ -361,38 +363,43 @@ def test_apply_fallocate_allocate_and_punch(vm: Vm) -> None:
     ],
 )
 def test_apply_fallocate_rejected_changes_nothing(vm: Vm, args: dict, err: int) -> None:
-    fd = vm.apply("create_guest_memfd", {"size": 2 * MB, "flags": 0})["fd"]
-    vm.apply("gmem_fallocate", {"fd": fd, "mode": KEEP, "offset": 0, "len": MB})
+    fd = vm.apply(parse("create_guest_memfd", {"size": 2 * MB, "flags": 0}))["fd"]
+    vm.apply(parse("gmem_fallocate", {"fd": fd, "mode": KEEP, "offset": 0, "len": MB}))
     before = fingerprint(vm)
-    expect(err, vm.apply, "gmem_fallocate", {"fd": fd, **args})
+    expect(err, apply_json, vm, "gmem_fallocate", {"fd": fd, **args})
     assert fingerprint(vm) == before
 
 
 def test_apply_close_then_fd_is_ebadf_and_the_slot_stays(vm: Vm) -> None:
-    fd = vm.apply("create_guest_memfd", {"size": 2 * MB, "flags": 0})["fd"]
+    fd = vm.apply(parse("create_guest_memfd", {"size": 2 * MB, "flags": 0}))["fd"]
     vm.apply(
-        "set_user_memory_region",
-        {
-            "slot": 0,
-            "flags": 4,
-            "guest_phys_addr": 0,
-            "memory_size": MB,
-            "userspace_addr": 0x7000_0000,
-            "guest_memfd": fd,
-            "guest_memfd_offset": 0,
-        },
+        parse(
+            "set_user_memory_region",
+            {
+                "slot": 0,
+                "flags": 4,
+                "guest_phys_addr": 0,
+                "memory_size": MB,
+                "userspace_addr": 0x7000_0000,
+                "guest_memfd": fd,
+                "guest_memfd_offset": 0,
+            },
+        ),
     )
-    vm.apply("gmem_close", {"fd": fd})
-    expect(errno.EBADF, vm.apply, "gmem_close", {"fd": fd})
+    vm.apply(parse("gmem_close", {"fd": fd}))
+    expect(errno.EBADF, apply_json, vm, "gmem_close", {"fd": fd})
     expect(
         errno.EBADF,
-        vm.apply,
+        apply_json,
+        vm,
         "gmem_fallocate",
         {"fd": fd, "mode": "allocate", "offset": 0, "len": PAGE},
     )
     assert [s["guest_memfd"] for s in vm.memslots()] == [fd]
     r = vm.apply(
-        "set_user_memory_region",
-        {"slot": 0, "memory_size": 0, "flags": 0, "guest_phys_addr": 0, "userspace_addr": 0},
+        parse(
+            "set_user_memory_region",
+            {"slot": 0, "memory_size": 0, "flags": 0, "guest_phys_addr": 0, "userspace_addr": 0},
+        ),
     )
     assert r["change"] == "delete"

@@ -9,6 +9,7 @@ import errno
 import pytest
 
 from app.engine import KvmError, Vm
+from app.engine.ops import parse
 
 from .mmu import check, leaf, pages, region
 
@@ -17,15 +18,15 @@ KB4, MB, GB = 1 << 12, 1 << 20, 1 << 30
 
 
 def access(vm: Vm, gpa: int, size: int = KB4, kind: str = "write", vcpu: int = 0) -> dict:
-    return vm.apply("access", dict(vcpu=vcpu, gpa=gpa, size=size, access=kind))
+    return vm.apply(parse("access", dict(vcpu=vcpu, gpa=gpa, size=size, access=kind)))
 
 
 def load(vm: Vm, gpa: int, n: int) -> dict:
-    return vm.apply("load", dict(vcpu=0, gpa=gpa, len=n))
+    return vm.apply(parse("load", dict(vcpu=0, gpa=gpa, len=n)))
 
 
 def discard(vm: Vm, hva: int, n: int) -> dict:
-    return vm.apply("host_discard", dict(userspace_addr=hva, len=n))
+    return vm.apply(parse("host_discard", dict(userspace_addr=hva, len=n)))
 
 
 @pytest.fixture
@@ -44,15 +45,18 @@ def vm() -> Vm:
 def test_host_write_and_read_round_trip_across_pages() -> None:
     v = Vm.create(0, 1)
     data = bytes(range(256)) * 20  # 5120 bytes over two pages
-    assert v.apply("host_write", dict(userspace_addr=U + 0xF00, data=data.hex()))["written"] == 5120
+    assert (
+        v.apply(parse("host_write", dict(userspace_addr=U + 0xF00, data=data.hex())))["written"]
+        == 5120
+    )
     assert v.host_read(U + 0xF00, len(data)) == {"data": data.hex()}
     assert v.host_read(U + 0xE00, 0x100) == {"data": "00" * 0x100}
 
 
 def test_guest_stores_are_host_bytes_and_host_writes_are_guest_loads(vm: Vm) -> None:
-    vm.apply("store", dict(vcpu=0, gpa=0x1_0000, data="a1a2a3"))
+    vm.apply(parse("store", dict(vcpu=0, gpa=0x1_0000, data="a1a2a3")))
     assert vm.host_read(U + 0x1_0000, 3) == {"data": "a1a2a3"}
-    vm.apply("host_write", dict(userspace_addr=U + MB + 0x20, data="beef"))
+    vm.apply(parse("host_write", dict(userspace_addr=U + MB + 0x20, data="beef")))
     assert load(vm, MB + 0x20, 2) == {"data": "beef"}
     assert load(vm, 8 * MB + 0x20, 2) == {"data": "beef"}  # the alias slot
     check(vm)
@@ -72,13 +76,13 @@ def test_host_read_over_one_mib_is_e2big() -> None:
 def test_host_range_outside_user_space_or_empty_is_einval(addr: int, n: int) -> None:
     v = Vm.create(0, 1)
     with pytest.raises(KvmError) as e:
-        v.apply("host_discard", dict(userspace_addr=addr, len=n))
+        v.apply(parse("host_discard", dict(userspace_addr=addr, len=n)))
     assert e.value.errno == errno.EINVAL
 
 
 # --------------------------------------------------------------------------- notifier
 def test_discard_zaps_exactly_the_sptes_mapping_the_range(vm: Vm) -> None:
-    vm.apply("store", dict(vcpu=0, gpa=0x18_0000, data="aabb"))
+    vm.apply(parse("store", dict(vcpu=0, gpa=0x18_0000, data="aabb")))
     f0 = vm.stats()["remote_tlb_flush_requests"]
     z = discard(vm, U + 0x18_0000, 3 * KB4)["zap"]
     assert (z["cause"], z["path"]) == ("mmu_notifier", "zap_gfn_range")
@@ -97,7 +101,7 @@ def test_discard_zaps_exactly_the_sptes_mapping_the_range(vm: Vm) -> None:
 
 
 def test_discarded_memory_reads_back_zero_and_refaults(vm: Vm) -> None:
-    vm.apply("store", dict(vcpu=0, gpa=0x18_0010, data="aabbccdd"))
+    vm.apply(parse("store", dict(vcpu=0, gpa=0x18_0010, data="aabbccdd")))
     discard(vm, U + 0x18_0000, KB4)
     assert vm.host_read(U + 0x18_0010, 4) == {"data": "00000000"}
     r = access(vm, 0x18_0000, KB4, "read")
@@ -105,7 +109,7 @@ def test_discarded_memory_reads_back_zero_and_refaults(vm: Vm) -> None:
     assert load(vm, 0x18_0010, 4) == {"data": "00000000"}
     assert load(vm, 8 * MB + 0x8_0010, 4) == {"data": "00000000"}
     # New bytes after the discard are seen through both GPAs.
-    vm.apply("store", dict(vcpu=0, gpa=8 * MB + 0x8_0010, data="0102"))
+    vm.apply(parse("store", dict(vcpu=0, gpa=8 * MB + 0x8_0010, data="0102")))
     assert load(vm, 0x18_0010, 2) == {"data": "0102"}
     check(vm)
 
@@ -129,10 +133,10 @@ def test_discard_of_unfaulted_slot_memory_zaps_nothing_and_does_not_flush() -> N
 
 def test_discard_inside_a_huge_leaf_zaps_the_whole_leaf() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage")))
     region(v, 0, 0, 4 * MB, U)
     access(v, 0, 4 * MB)
-    v.apply("store", dict(vcpu=0, gpa=0x10, data="99"))
+    v.apply(parse("store", dict(vcpu=0, gpa=0x10, data="99")))
     z = discard(v, U + 2 * MB + 5 * KB4, KB4)["zap"]
     assert (z["sptes_zapped"]["2m"], z["sptes_zapped"]["4k"]) == (1, 0)
     assert pages(v) == (0, 1, 0)
@@ -145,7 +149,7 @@ def test_discard_inside_a_thp_splits_the_host_huge_page() -> None:
     """MADV_DONTNEED on part of a THP splits its PMD: from then on the host maps that 2M
     region with 4K pages, so KVM's host mapping level there is 4K (§8.2)."""
     v = Vm.create(0, 1)
-    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage")))
     region(v, 0, 0, 4 * MB, U)
     access(v, 0, 4 * MB)
     discard(v, U + 5 * KB4, KB4)
@@ -160,7 +164,7 @@ def test_one_touch_populates_a_whole_hugetlb_page() -> None:
     """A hugetlbfs page is populated whole: after one 4K fault (dirty logging forces 4K
     SPTEs) the host maps the full 2M page, so recovering a 2M leaf later maps no freed page."""
     v = Vm.create(0, 1)
-    v.apply("host_map", dict(userspace_addr=U, len=2 * MB, page_size=2 * MB))
+    v.apply(parse("host_map", dict(userspace_addr=U, len=2 * MB, page_size=2 * MB)))
     region(v, 0, 0, 2 * MB, U, flags=1)
     assert load(v, 0, 1) == {"data": "00"}
     r = region(v, 0, 0, 2 * MB, U, flags=0)
@@ -174,7 +178,7 @@ def test_discard_whole_slot_then_guest_sees_zeroes() -> None:
     v = Vm.create(0, 1)
     region(v, 0, 0, 2 * MB, U)
     for p in range(0, 512, 37):
-        v.apply("store", dict(vcpu=0, gpa=p * KB4 + 7, data="ff"))
+        v.apply(parse("store", dict(vcpu=0, gpa=p * KB4 + 7, data="ff")))
     z = discard(v, U, 2 * MB)["zap"]
     assert z["sptes_zapped"]["4k"] == len(range(0, 512, 37))
     for p in range(0, 512, 37):
@@ -185,13 +189,13 @@ def test_discard_whole_slot_then_guest_sees_zeroes() -> None:
 # --------------------------------------------------------------------------- page size
 def test_nohugepage_advice_does_not_split_existing_leaves() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage")))
     region(v, 0, 0, 4 * MB, U)
     access(v, 0, 4 * MB)
-    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="nohugepage"))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="nohugepage")))
     assert pages(v) == (0, 2, 0)
     # After a zap, refaults follow the new host page size.
-    v.apply("zap", dict(scope="range", gpa=0, size=4 * MB))
+    v.apply(parse("zap", dict(scope="range", gpa=0, size=4 * MB)))
     assert access(v, 0, 4 * MB)["levels"] == {"4k": 1024, "2m": 0, "1g": 0}
     check(v)
 
@@ -201,10 +205,10 @@ def test_discard_on_hugetlbfs_rounds_the_end_down_to_whole_huge_pages() -> None:
     with MADV_DONTNEED on hugetlbfs", also in stable): the start must be huge-page aligned
     (EINVAL), the end is rounded DOWN to a huge page, and an empty result frees nothing."""
     v = Vm.create(0, 1)
-    v.apply("host_map", dict(userspace_addr=U, len=4 * MB, page_size=2 * MB))
+    v.apply(parse("host_map", dict(userspace_addr=U, len=4 * MB, page_size=2 * MB)))
     region(v, 0, 0, 4 * MB, U)
-    v.apply("store", dict(vcpu=0, gpa=0x10, data="11"))
-    v.apply("store", dict(vcpu=0, gpa=2 * MB + 0x10, data="22"))
+    v.apply(parse("store", dict(vcpu=0, gpa=0x10, data="11")))
+    v.apply(parse("store", dict(vcpu=0, gpa=2 * MB + 0x10, data="22")))
     with pytest.raises(KvmError) as e:
         discard(v, U + KB4, 2 * MB)
     assert e.value.errno == errno.EINVAL
@@ -222,8 +226,8 @@ def test_thp_advice_does_not_change_a_hugetlbfs_mapping(advice: str) -> None:
     """THP advice acts on anonymous/shmem memory; a hugetlbfs mapping keeps its page size,
     so KVM's host mapping level there stays 1G (§8.2)."""
     v = Vm.create(0, 1)
-    v.apply("host_map", dict(userspace_addr=U, len=GB, page_size=GB))
-    v.apply("host_advise", dict(userspace_addr=U, len=GB, advice=advice))
+    v.apply(parse("host_map", dict(userspace_addr=U, len=GB, page_size=GB)))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=GB, advice=advice)))
     region(v, 0, 0, GB, U)
     assert access(v, 0, GB)["levels"] == {"4k": 0, "2m": 0, "1g": 1}
     check(v)
@@ -239,7 +243,7 @@ def test_thp_advice_does_not_change_a_hugetlbfs_mapping(advice: str) -> None:
 def test_bad_advice_is_einval(args: dict) -> None:
     v = Vm.create(0, 1)
     with pytest.raises(KvmError) as e:
-        v.apply("host_advise", args)
+        v.apply(parse("host_advise", args))
     assert e.value.errno == errno.EINVAL
 
 
@@ -254,7 +258,7 @@ def test_bad_advice_is_einval(args: dict) -> None:
 def test_bad_hugetlb_map_is_einval(addr: int, n: int, ps: int) -> None:
     v = Vm.create(0, 1)
     with pytest.raises(KvmError) as e:
-        v.apply("host_map", dict(userspace_addr=addr, len=n, page_size=ps))
+        v.apply(parse("host_map", dict(userspace_addr=addr, len=n, page_size=ps)))
     assert e.value.errno == errno.EINVAL
 
 
@@ -262,8 +266,8 @@ def test_hugetlb_map_over_mapped_memory_replaces_it_through_the_notifier() -> No
     v = Vm.create(0, 1)
     region(v, 0, 0, 4 * MB, U)
     access(v, 0, 4 * MB)
-    v.apply("store", dict(vcpu=0, gpa=0x100, data="42"))
-    z = v.apply("host_map", dict(userspace_addr=U, len=4 * MB, page_size=2 * MB))["zap"]
+    v.apply(parse("store", dict(vcpu=0, gpa=0x100, data="42")))
+    z = v.apply(parse("host_map", dict(userspace_addr=U, len=4 * MB, page_size=2 * MB)))["zap"]
     assert z["cause"] == "mmu_notifier" and z["sptes_zapped"]["4k"] == 1024
     assert pages(v) == (0, 0, 0)
     assert access(v, 0, 4 * MB)["levels"] == {"4k": 0, "2m": 2, "1g": 0}

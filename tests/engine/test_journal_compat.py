@@ -16,6 +16,7 @@ import pytest
 
 from app.engine import Vm, codec
 from app.engine.errors import KvmError
+from app.engine.ops import parse
 
 FIXTURE = json.loads((Path(__file__).parent / "data" / "journal_v1.json").read_text())
 
@@ -25,7 +26,8 @@ def replay(create: dict[str, Any], records: list[dict[str, Any]]) -> Vm:
     for r in records:
         vm.table_budget = r["meta"]["table_budget"]
         try:
-            vm.apply(r["op"], r["args"], at=r["at"], durations=r["meta"].get("durations"))
+            op = parse(r["op"], r["args"])
+            vm.apply(op, at=r["at"], durations=r["meta"].get("durations"))
             outcome = None
         except KvmError as e:
             outcome = e.errno

@@ -15,10 +15,11 @@ from app.engine.memslots import (
     Memslot,
     MemslotChange,
     MemslotSet,
-    RegionRequest,
+    SetUserMemoryRegion,
     check_arch_prepare,
     check_region,
 )
+from app.engine.ops import parse
 from app.engine.vm import Vm
 from tests.engine import expect, fingerprint
 
@@ -44,7 +45,7 @@ class Env:
         self.gmem = GmemTable(owner="vm-a")
 
     def check(self, v2: bool = True, user_addr_end: int = END4, **fields: object) -> MemslotChange:
-        req = RegionRequest.from_args(
+        req = SetUserMemoryRegion.from_json(
             {"flags": 0, "guest_phys_addr": 0, "memory_size": 0, "userspace_addr": 0, **fields}
         )
         return check_region(
@@ -129,7 +130,7 @@ def test_v1_values_that_do_not_fit_are_einval(env: Env, field: str, value: objec
 
 
 def test_v1_missing_slot_is_einval() -> None:
-    expect(errno.EINVAL, RegionRequest.from_args, {"memory_size": PAGE})
+    expect(errno.EINVAL, SetUserMemoryRegion.from_json, {"memory_size": PAGE})
 
 
 # -- V2: the v1 ioctl --------------------------------------------------------------------------
@@ -637,13 +638,13 @@ def test_memslot_set_scales_without_per_page_work() -> None:
 
 
 def test_region_request_defaults() -> None:
-    req = RegionRequest.from_args({"slot": 3})
+    req = SetUserMemoryRegion.from_json({"slot": 3})
     assert (req.flags, req.memory_size, req.guest_memfd, req.guest_memfd_offset) == (0, 0, 0, 0)
 
 
 # -- through Vm.apply ----------------------------------------------------------------------------
 def put(vm: Vm, **fields: object) -> dict:
-    return vm.apply("set_user_memory_region", {**region(), **fields})
+    return vm.apply(parse("set_user_memory_region", {**region(), **fields}))
 
 
 @pytest.fixture
@@ -671,7 +672,7 @@ def test_apply_reports_every_change_kind(vm: Vm) -> None:
 
 def test_apply_delete_takes_the_slot_path_once_the_quirk_is_disabled(vm: Vm) -> None:
     put(vm)
-    vm.apply("enable_cap", {"cap": "KVM_CAP_DISABLE_QUIRKS2", "args": [0x80, 0, 0, 0]})
+    vm.apply(parse("enable_cap", {"cap": "KVM_CAP_DISABLE_QUIRKS2", "args": [0x80, 0, 0, 0]}))
     assert put(vm, memory_size=0)["zap"]["path"] == "zap_slot_leafs"
 
 
@@ -722,7 +723,7 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("fields,err", BAD_REQUESTS)
 def test_apply_rejected_request_changes_nothing(vm: Vm, fields: dict, err: int) -> None:
     put(vm)
-    fd = vm.apply("create_guest_memfd", {"size": 2 * MB, "flags": 0})["fd"]
+    fd = vm.apply(parse("create_guest_memfd", {"size": 2 * MB, "flags": 0}))["fd"]
     assert fd == 3
     before = fingerprint(vm)
     error = expect(err, put, vm, **fields)
@@ -731,7 +732,7 @@ def test_apply_rejected_request_changes_nothing(vm: Vm, fields: dict, err: int) 
 
 
 def test_apply_gmem_binding_overlap_is_eexist_and_changes_nothing(vm: Vm) -> None:
-    fd = vm.apply("create_guest_memfd", {"size": 2 * MB, "flags": 0})["fd"]
+    fd = vm.apply(parse("create_guest_memfd", {"size": 2 * MB, "flags": 0}))["fd"]
     put(vm, flags=GMEM, guest_memfd=fd)
     before = fingerprint(vm)
     expect(

@@ -8,6 +8,7 @@ import errno
 import pytest
 
 from app.engine import KvmError, Vm
+from app.engine.ops import parse
 
 from .mmu import region
 
@@ -17,7 +18,7 @@ LOG, RO = 1, 2
 
 
 def access(vm: Vm, gpa: int, size: int = KB4, kind: str = "write", vcpu: int = 0) -> dict:
-    return vm.apply("access", dict(vcpu=vcpu, gpa=gpa, size=size, access=kind))
+    return vm.apply(parse("access", dict(vcpu=vcpu, gpa=gpa, size=size, access=kind)))
 
 
 def leaf(vm: Vm, gpa: int) -> dict | None:
@@ -107,10 +108,10 @@ def test_five_level_paging_builds_five_tables_for_one_page() -> None:
 # --------------------------------------------------------------------------- exits
 def test_no_slot_is_an_mmio_exit_with_gpa_len_is_write(vm: Vm) -> None:
     gpa = 64 * MB + 0x10
-    assert vm.apply("load", dict(vcpu=0, gpa=gpa, len=4)) == {
+    assert vm.apply(parse("load", dict(vcpu=0, gpa=gpa, len=4))) == {
         "exit": {"reason": "KVM_EXIT_MMIO", "gpa": gpa, "len": 4, "is_write": False}
     }
-    assert vm.apply("store", dict(vcpu=0, gpa=gpa, data="abcd")) == {
+    assert vm.apply(parse("store", dict(vcpu=0, gpa=gpa, data="abcd"))) == {
         "exit": {"reason": "KVM_EXIT_MMIO", "gpa": gpa, "len": 2, "is_write": True}
     }
     r = access(vm, 64 * MB, KB4, "read")
@@ -157,7 +158,7 @@ def test_write_to_readonly_slot_is_an_mmio_write_exit() -> None:
     r = access(v, 16 * MB, 2 * KB4, "write")
     assert r["exit"] == {"reason": "KVM_EXIT_MMIO", "gpa": 16 * MB, "len": 8, "is_write": True}
     assert r["mapped"] == 0 and v.stats()["pages_4k"] == 0
-    assert v.apply("store", dict(vcpu=0, gpa=16 * MB + 8, data="0102")) == {
+    assert v.apply(parse("store", dict(vcpu=0, gpa=16 * MB + 8, data="0102"))) == {
         "exit": {"reason": "KVM_EXIT_MMIO", "gpa": 16 * MB + 8, "len": 2, "is_write": True}
     }
     assert v.host_read(U + 16 * MB + 8, 2) == {"data": "0000"}
@@ -167,13 +168,13 @@ def test_write_to_readonly_slot_is_an_mmio_write_exit() -> None:
 def test_read_of_readonly_slot_maps_read_only_and_a_later_write_still_exits() -> None:
     v = Vm.create(0, 1)
     region(v, 3, 16 * MB, MB, U + 16 * MB, flags=RO)
-    v.apply("host_write", dict(userspace_addr=U + 16 * MB + 0x1000, data="c0ffee"))
+    v.apply(parse("host_write", dict(userspace_addr=U + 16 * MB + 0x1000, data="c0ffee")))
     r = access(v, 16 * MB, 2 * KB4, "read")
     assert (r["mapped"], r["exit"]) == (2, None)
     e = leaf(v, 16 * MB)
     assert e is not None
     assert (e["r"], e["w"], e["host_writable"], e["mmu_writable"]) == (True, False, False, False)
-    assert v.apply("load", dict(vcpu=0, gpa=16 * MB + 0x1000, len=3)) == {"data": "c0ffee"}
+    assert v.apply(parse("load", dict(vcpu=0, gpa=16 * MB + 0x1000, len=3))) == {"data": "c0ffee"}
     r = access(v, 16 * MB, KB4, "write")
     assert r["exit"]["reason"] == "KVM_EXIT_MMIO" and r["exit"]["is_write"] is True
     assert leaf(v, 16 * MB)["w"] is False
@@ -183,7 +184,7 @@ def test_read_of_readonly_slot_maps_read_only_and_a_later_write_still_exits() ->
 # --------------------------------------------------------------------------- huge pages
 def test_thp_on_congruent_aligned_slot_maps_2m_leaves() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_advise", dict(userspace_addr=U, len=8 * MB, advice="hugepage"))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=8 * MB, advice="hugepage")))
     region(v, 0, 0, 4 * MB, U)
     r = access(v, 0, 4 * MB)
     assert r["levels"] == {"4k": 0, "2m": 2, "1g": 0}
@@ -199,7 +200,7 @@ def test_thp_on_congruent_aligned_slot_maps_2m_leaves() -> None:
 
 def test_one_touch_maps_the_whole_2m_page() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage")))
     region(v, 0, 0, 4 * MB, U)
     r = access(v, 0x3000, KB4, "read")
     assert r["levels"] == {"4k": 0, "2m": 1, "1g": 0}
@@ -211,7 +212,7 @@ def test_one_touch_maps_the_whole_2m_page() -> None:
 
 def test_thp_with_hva_not_congruent_to_gpa_maps_4k() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_advise", dict(userspace_addr=U, len=8 * MB, advice="hugepage"))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=8 * MB, advice="hugepage")))
     region(v, 0, 0, 4 * MB, U + KB4)  # gfn ^ hva_pfn has low bits set: every region disallowed
     r = access(v, 0, 4 * MB)
     assert r["levels"] == {"4k": 1024, "2m": 0, "1g": 0}
@@ -220,7 +221,7 @@ def test_thp_with_hva_not_congruent_to_gpa_maps_4k() -> None:
 
 def test_huge_leaves_only_where_the_slot_covers_the_whole_region() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_advise", dict(userspace_addr=U, len=8 * MB, advice="hugepage"))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=8 * MB, advice="hugepage")))
     region(v, 0, 1 * MB, 4 * MB, U + 1 * MB)  # [1M, 5M): head and tail regions partial
     r = access(v, 1 * MB, 4 * MB)
     assert r["levels"] == {"4k": 512, "2m": 1, "1g": 0}
@@ -235,14 +236,14 @@ def test_without_host_huge_pages_everything_is_4k() -> None:
     region(v, 0, 0, 4 * MB, U)
     assert access(v, 0, 4 * MB)["levels"] == {"4k": 1024, "2m": 0, "1g": 0}
     v2 = Vm.create(0, 1)
-    v2.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="nohugepage"))
+    v2.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="nohugepage")))
     region(v2, 0, 0, 4 * MB, U)
     assert access(v2, 0, 4 * MB)["levels"] == {"4k": 1024, "2m": 0, "1g": 0}
 
 
 def test_hugetlb_1g_maps_1g_leaves() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_map", dict(userspace_addr=U, len=2 * GB, page_size=GB))
+    v.apply(parse("host_map", dict(userspace_addr=U, len=2 * GB, page_size=GB)))
     region(v, 0, 0, 2 * GB, U)
     r = access(v, 0, 2 * GB)
     assert r["levels"] == {"4k": 0, "2m": 0, "1g": 2}
@@ -256,7 +257,7 @@ def test_hugetlb_1g_maps_1g_leaves() -> None:
 
 def test_hugetlb_1g_but_slot_not_covering_a_1g_region_maps_2m() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_map", dict(userspace_addr=U, len=2 * GB, page_size=GB))
+    v.apply(parse("host_map", dict(userspace_addr=U, len=2 * GB, page_size=GB)))
     region(v, 0, 2 * MB, GB, U + 2 * MB)
     r = access(v, 2 * MB, GB)
     assert r["levels"] == {"4k": 0, "2m": 512, "1g": 0}
@@ -265,7 +266,7 @@ def test_hugetlb_1g_but_slot_not_covering_a_1g_region_maps_2m() -> None:
 
 def test_hugetlb_1g_with_hva_congruent_only_mod_2m_maps_2m() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_map", dict(userspace_addr=U, len=4 * GB, page_size=GB))
+    v.apply(parse("host_map", dict(userspace_addr=U, len=4 * GB, page_size=GB)))
     region(v, 0, 4 * GB, GB, U + GB + 4 * MB)
     r = access(v, 4 * GB, GB)
     assert r["levels"] == {"4k": 0, "2m": 512, "1g": 0}
@@ -274,7 +275,7 @@ def test_hugetlb_1g_with_hva_congruent_only_mod_2m_maps_2m() -> None:
 
 def test_hugetlb_2m_pages_cap_the_level_at_2m() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_map", dict(userspace_addr=U, len=GB, page_size=2 * MB))
+    v.apply(parse("host_map", dict(userspace_addr=U, len=GB, page_size=2 * MB)))
     region(v, 0, 0, GB, U)
     r = access(v, 0, GB)
     assert r["levels"] == {"4k": 0, "2m": 512, "1g": 0}
@@ -283,7 +284,7 @@ def test_hugetlb_2m_pages_cap_the_level_at_2m() -> None:
 
 def test_dirty_logging_slot_never_gets_huge_leaves() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage")))
     region(v, 0, 0, 4 * MB, U, flags=LOG)
     r = access(v, 0, 4 * MB)
     assert r["levels"] == {"4k": 1024, "2m": 0, "1g": 0}
@@ -293,7 +294,7 @@ def test_dirty_logging_slot_never_gets_huge_leaves() -> None:
 # --------------------------------------------------------------------------- refaults
 def test_refaults_count_pages_a_zap_removed(vm: Vm) -> None:
     access(vm, 0, 4 * MB)
-    z = vm.apply("zap", dict(scope="range", gpa=MB, size=16 * KB4))
+    z = vm.apply(parse("zap", dict(scope="range", gpa=MB, size=16 * KB4)))
     assert z["sptes_zapped"]["4k"] == 16
     r = access(vm, 0, 4 * MB)
     assert (r["mapped"], r["refaults"], r["spurious"]) == (16, 16, 1008)
@@ -306,10 +307,10 @@ def test_refaults_count_pages_a_zap_removed(vm: Vm) -> None:
 
 def test_refault_of_a_zapped_huge_leaf_counts_its_4k_pages() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage")))
     region(v, 0, 0, 4 * MB, U)
     access(v, 0, 4 * MB)
-    z = v.apply("zap", dict(scope="range", gpa=0x1000, size=KB4))  # inside the first 2M leaf
+    z = v.apply(parse("zap", dict(scope="range", gpa=0x1000, size=KB4)))  # inside the first 2M leaf
     assert (z["sptes_zapped"]["2m"], z["sptes_zapped"]["4k"]) == (1, 0)
     r = access(v, 0x1000, KB4, "read")
     assert (r["mapped"], r["refaults"], r["levels"]["2m"]) == (512, 512, 1)
@@ -319,32 +320,32 @@ def test_refault_of_a_zapped_huge_leaf_counts_its_4k_pages() -> None:
 # --------------------------------------------------------------------------- data
 def test_store_load_and_host_memory_agree(vm: Vm) -> None:
     data = bytes(range(16)).hex()
-    assert vm.apply("store", dict(vcpu=0, gpa=0x1FF8, data=data)) == {}  # crosses a page
-    assert vm.apply("load", dict(vcpu=1, gpa=0x1FF8, len=16)) == {"data": data}
+    assert vm.apply(parse("store", dict(vcpu=0, gpa=0x1FF8, data=data))) == {}  # crosses a page
+    assert vm.apply(parse("load", dict(vcpu=1, gpa=0x1FF8, len=16))) == {"data": data}
     assert vm.host_read(U + 0x1FF8, 16) == {"data": data}
-    vm.apply("host_write", dict(userspace_addr=U + 0x3000, data="c0ffee"))
-    assert vm.apply("load", dict(vcpu=0, gpa=0x3000, len=3)) == {"data": "c0ffee"}
-    assert vm.apply("load", dict(vcpu=0, gpa=0x2000 - 0x10, len=8)) == {"data": "00" * 8}
+    vm.apply(parse("host_write", dict(userspace_addr=U + 0x3000, data="c0ffee")))
+    assert vm.apply(parse("load", dict(vcpu=0, gpa=0x3000, len=3))) == {"data": "c0ffee"}
+    assert vm.apply(parse("load", dict(vcpu=0, gpa=0x2000 - 0x10, len=8))) == {"data": "00" * 8}
     check(vm)
 
 
 def test_host_write_after_mapping_is_seen_by_the_guest(vm: Vm) -> None:
     access(vm, 0, 4 * MB)
-    vm.apply("host_write", dict(userspace_addr=U + 0x7000, data="11223344"))
-    assert vm.apply("load", dict(vcpu=0, gpa=0x7000, len=4)) == {"data": "11223344"}
+    vm.apply(parse("host_write", dict(userspace_addr=U + 0x7000, data="11223344")))
+    assert vm.apply(parse("load", dict(vcpu=0, gpa=0x7000, len=4))) == {"data": "11223344"}
     check(vm)
 
 
 def test_two_slots_aliasing_one_hva_see_the_same_bytes(vm: Vm) -> None:
     region(vm, 1, GB, MB, U + MB)  # GPA 1G aliases GPA 1M
-    vm.apply("store", dict(vcpu=0, gpa=MB + 0x40, data="5a5a"))
-    assert vm.apply("load", dict(vcpu=1, gpa=GB + 0x40, len=2)) == {"data": "5a5a"}
+    vm.apply(parse("store", dict(vcpu=0, gpa=MB + 0x40, data="5a5a")))
+    assert vm.apply(parse("load", dict(vcpu=1, gpa=GB + 0x40, len=2))) == {"data": "5a5a"}
     assert leaf(vm, GB + 0x40)["pfn"] == leaf(vm, MB + 0x40)["pfn"]
     check(vm)
 
 
 def test_load_running_off_the_slot_ends_in_an_mmio_exit(vm: Vm) -> None:
-    r = vm.apply("load", dict(vcpu=0, gpa=4 * MB - 4, len=8))
+    r = vm.apply(parse("load", dict(vcpu=0, gpa=4 * MB - 4, len=8)))
     assert r["exit"]["reason"] == "KVM_EXIT_MMIO"
     assert r["exit"]["gpa"] == 4 * MB and r["exit"]["is_write"] is False
 
@@ -362,7 +363,7 @@ def test_load_running_off_the_slot_ends_in_an_mmio_exit(vm: Vm) -> None:
 )
 def test_bad_access_requests(vm: Vm, args: dict, err: int) -> None:
     with pytest.raises(KvmError) as e:
-        vm.apply("access", args)
+        vm.apply(parse("access", args))
     assert e.value.errno == err
 
 
@@ -377,5 +378,5 @@ def test_bad_access_requests(vm: Vm, args: dict, err: int) -> None:
 )
 def test_bad_load_store_requests(vm: Vm, op: str, args: dict) -> None:
     with pytest.raises(KvmError) as e:
-        vm.apply(op, args)
+        vm.apply(parse(op, args))
     assert e.value.errno == errno.EINVAL

@@ -9,6 +9,7 @@ import errno
 import pytest
 
 from app.engine import KvmError, Vm
+from app.engine.ops import parse
 
 from .mmu import check, pages, region
 
@@ -24,19 +25,19 @@ def delete(vm: Vm, slot: int) -> dict:
 
 
 def access(vm: Vm, gpa: int, size: int = KB4, kind: str = "write", vcpu: int = 0) -> dict:
-    return vm.apply("access", dict(vcpu=vcpu, gpa=gpa, size=size, access=kind))
+    return vm.apply(parse("access", dict(vcpu=vcpu, gpa=gpa, size=size, access=kind)))
 
 
 def load(vm: Vm, gpa: int, n: int, vcpu: int = 0) -> dict:
-    return vm.apply("load", dict(vcpu=vcpu, gpa=gpa, len=n))
+    return vm.apply(parse("load", dict(vcpu=vcpu, gpa=gpa, len=n)))
 
 
 def store(vm: Vm, gpa: int, data: bytes, vcpu: int = 0) -> dict:
-    return vm.apply("store", dict(vcpu=vcpu, gpa=gpa, data=data.hex()))
+    return vm.apply(parse("store", dict(vcpu=vcpu, gpa=gpa, data=data.hex())))
 
 
 def disable_quirk(vm: Vm, cap: str = "KVM_CAP_DISABLE_QUIRKS2") -> None:
-    vm.apply("enable_cap", dict(cap=cap, flags=0, args=[QUIRK_SLOT_ZAP_ALL, 0, 0, 0]))
+    vm.apply(parse("enable_cap", dict(cap=cap, flags=0, args=[QUIRK_SLOT_ZAP_ALL, 0, 0, 0])))
 
 
 def leaf(vm: Vm, gpa: int) -> dict | None:
@@ -55,7 +56,7 @@ def layout(vm_type: int = DEFAULT, quirk: bool = True) -> Vm:
     vm = Vm.create(vm_type, 2)
     if not quirk:
         disable_quirk(vm)
-    vm.apply("host_advise", dict(userspace_addr=U + GB, len=4 * MB, advice="hugepage"))
+    vm.apply(parse("host_advise", dict(userspace_addr=U + GB, len=4 * MB, advice="hugepage")))
     region(vm, 0, 0, 4 * MB, U)
     region(vm, 1, GB, 6 * MB, U + GB)
     region(vm, 2, 2 * GB, 2 * MB, U + 2 * GB)
@@ -287,7 +288,7 @@ def test_flush_request_without_an_ipi_when_no_vcpu_is_in_the_guest() -> None:
     vm = Vm.create(DEFAULT, 2)
     disable_quirk(vm)
     region(vm, 0, 0, 4 * MB, U)
-    vm.apply("pre_fault", dict(vcpu=0, gpa=0, size=4 * MB))
+    vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=4 * MB)))
     z = delete(vm, 0)["zap"]
     assert z["tlb_flushes"] == 1 and z["vcpu_kicks"] == 0
     s = vm.stats()
@@ -316,7 +317,7 @@ def test_empty_tables_left_by_zap_slot_are_freed_when_huge_leaves_replace_them()
     vm = layout(DEFAULT, quirk=False)
     delete(vm, 0)
     assert vm.stats()["page_tables"] == 7  # two empty L1 tables remain linked
-    vm.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    vm.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage")))
     region(vm, 0, 0, 4 * MB, U)
     r = access(vm, 0, 4 * MB)
     assert r["levels"] == {"4k": 0, "2m": 2, "1g": 0}
@@ -388,7 +389,7 @@ def test_moved_slot_shows_the_same_host_bytes_at_the_new_gpa(vm_type: int, quirk
     }
     assert load(vm, 0x1234, 9) == {"data": b"slot-zero".hex()}
     # Host writes after the move are seen at the new GPA.
-    vm.apply("host_write", dict(userspace_addr=U + GB + 0x10, data="abcdef"))
+    vm.apply(parse("host_write", dict(userspace_addr=U + GB + 0x10, data="abcdef")))
     assert load(vm, 8 * GB + 0x10, 3) == {"data": "abcdef"}
     check(vm)
 
@@ -412,7 +413,7 @@ def test_deleted_gpa_exits_and_a_new_slot_there_never_shows_stale_bytes(
     region(vm, 1, GB, 6 * MB, U + 17 * GB)
     assert load(vm, 0x2000, 9) == {"data": "00" * 9}
     assert load(vm, GB + 0x10, 8) == {"data": "00" * 8}
-    vm.apply("host_write", dict(userspace_addr=U + 17 * GB + 0x10, data="77"))
+    vm.apply(parse("host_write", dict(userspace_addr=U + 17 * GB + 0x10, data="77")))
     assert load(vm, GB + 0x10, 1) == {"data": "77"}
     check(vm)
 
@@ -422,8 +423,10 @@ def test_move_onto_its_own_old_range_never_shows_stale_bytes(vm_type: int, quirk
     """Moving [1G, 1G+6M) up by 2 MiB: GPA 1G+2M used to map HVA U+1G+2M (a 2M leaf); after the
     move it must map U+1G. A leaf left over from the old layout would show the wrong bytes."""
     vm = layout(vm_type, quirk)
-    vm.apply("host_write", dict(userspace_addr=U + GB + 0x10, data=b"first-2M".hex()))
-    vm.apply("host_write", dict(userspace_addr=U + GB + 2 * MB + 0x10, data=b"second2M".hex()))
+    vm.apply(parse("host_write", dict(userspace_addr=U + GB + 0x10, data=b"first-2M".hex())))
+    vm.apply(
+        parse("host_write", dict(userspace_addr=U + GB + 2 * MB + 0x10, data=b"second2M".hex()))
+    )
     assert load(vm, GB + 2 * MB + 0x10, 8) == {"data": b"second2M".hex()}
     r = region(vm, 1, GB + 2 * MB, 6 * MB, U + GB)
     assert r["change"] == "move"
@@ -449,21 +452,21 @@ def test_move_back_and_forth_keeps_data(vm_type: int, quirk: bool) -> None:
 def test_explicit_range_zap_counts_and_whole_huge_leaf() -> None:
     vm = layout()
     before = vm.stats()
-    z = vm.apply("zap", dict(scope="range", gpa=GB + MB, size=2 * MB, roots="both"))
+    z = vm.apply(parse("zap", dict(scope="range", gpa=GB + MB, size=2 * MB, roots="both")))
     # [1G+1M, 1G+3M) intersects both 2M leaves: each is zapped whole; no 4K leaf there.
     assert (z["cause"], z["path"]) == ("explicit", "zap_gfn_range")
     assert (z["sptes_zapped"]["4k"], z["sptes_zapped"]["2m"]) == (0, 2)
     assert z["tlb_flushes"] == 1
     assert vm.stats()["remote_tlb_flush_requests"] == before["remote_tlb_flush_requests"] + 1
     assert pages(vm) == (1536, 0, 0)
-    z = vm.apply("zap", dict(scope="range", gpa=16 * GB, size=MB, roots="both"))
+    z = vm.apply(parse("zap", dict(scope="range", gpa=16 * GB, size=MB, roots="both")))
     assert z["sptes_zapped_total"] == 0 and z["tlb_flushes"] == 0
     check(vm)
 
 
 def test_explicit_zap_all_is_the_fast_zap() -> None:
     vm = layout()
-    z = vm.apply("zap", dict(scope="all", roots="shared"))
+    z = vm.apply(parse("zap", dict(scope="all", roots="shared")))
     assert (z["cause"], z["path"], z["roots_invalidated"], z["tlb_flushes"]) == (
         "explicit",
         "zap_all_fast",
@@ -488,7 +491,7 @@ def test_explicit_zap_all_is_the_fast_zap() -> None:
 def test_explicit_zap_rejects_bad_requests(args: dict) -> None:
     vm = layout()
     with pytest.raises(KvmError) as e:
-        vm.apply("zap", args)
+        vm.apply(parse("zap", args))
     assert e.value.errno == errno.EINVAL
     assert pages(vm) == (1536, 2, 0)
 

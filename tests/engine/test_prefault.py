@@ -8,6 +8,7 @@ import errno
 import pytest
 
 from app.engine import KvmError, Vm
+from app.engine.ops import parse
 
 from .mmu import check, leaf, pages, region
 
@@ -17,7 +18,7 @@ RO = 2
 
 
 def pre_fault(vm: Vm, gpa: int, size: int, flags: int = 0, vcpu: int = 0) -> dict:
-    return vm.apply("pre_fault", dict(vcpu=vcpu, gpa=gpa, size=size, flags=flags))
+    return vm.apply(parse("pre_fault", dict(vcpu=vcpu, gpa=gpa, size=size, flags=flags)))
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def test_pre_fault_leaves_no_accessed_bit(vm: Vm) -> None:
     e = leaf(vm, 0)
     assert e is not None and e["accessed"] is False
     # A real guest access afterwards is spurious and sets A.
-    r = vm.apply("access", dict(vcpu=0, gpa=0, size=KB4, access="read"))
+    r = vm.apply(parse("access", dict(vcpu=0, gpa=0, size=KB4, access="read")))
     assert (r["mapped"], r["spurious"]) == (0, 1)
     assert leaf(vm, 0)["accessed"] is True
     check(vm)
@@ -81,7 +82,7 @@ def test_pre_fault_progress_lets_userspace_resume(vm: Vm) -> None:
 
 def test_pre_fault_steps_by_the_mapped_level() -> None:
     v = Vm.create(0, 1)
-    v.apply("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage"))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage")))
     region(v, 0, 0, 4 * MB, U)
     assert pre_fault(v, KB4, 3 * MB) == {"gpa": 3 * MB + KB4, "size": 0}
     assert pages(v) == (0, 2, 0)
@@ -100,7 +101,7 @@ def test_pre_fault_on_a_readonly_slot_maps_read_only() -> None:
 
 
 def test_pre_fault_of_a_mapped_range_succeeds_and_maps_nothing_new(vm: Vm) -> None:
-    vm.apply("access", dict(vcpu=0, gpa=0, size=MB, access="write"))
+    vm.apply(parse("access", dict(vcpu=0, gpa=0, size=MB, access="write")))
     assert pre_fault(vm, 0, MB) == {"gpa": MB, "size": 0}
     assert pages(vm) == (256, 0, 0)
     assert leaf(vm, 0)["accessed"] is True

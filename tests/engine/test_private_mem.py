@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from app.engine import KvmError, Vm
+from app.engine.ops import parse
+from tests.engine.mmu import apply_json
 
 SW_PROT, TDX, DEFAULT = 1, 5, 0
 PRIVATE = 8  # KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -32,54 +34,60 @@ def gmem_vm(
 ) -> tuple[Vm, int]:
     """A VM with guest_memfd-bound slot 0 of `size` bytes at `gpa` (HVA backs the shared half)."""
     vm = Vm.create(vm_type, 1)
-    fd = vm.apply("create_guest_memfd", {"size": size, "flags": 0})["fd"]
+    fd = vm.apply(parse("create_guest_memfd", {"size": size, "flags": 0}))["fd"]
     if huge_host:
-        vm.apply("host_map", {"userspace_addr": HVA, "len": size, "page_size": 2 * MB})
+        vm.apply(parse("host_map", {"userspace_addr": HVA, "len": size, "page_size": 2 * MB}))
     vm.apply(
-        "set_user_memory_region",
-        {
-            "slot": 0,
-            "flags": GMEM,
-            "guest_phys_addr": gpa,
-            "memory_size": size,
-            "userspace_addr": HVA,
-            "guest_memfd": fd,
-            "guest_memfd_offset": 0,
-        },
+        parse(
+            "set_user_memory_region",
+            {
+                "slot": 0,
+                "flags": GMEM,
+                "guest_phys_addr": gpa,
+                "memory_size": size,
+                "userspace_addr": HVA,
+                "guest_memfd": fd,
+                "guest_memfd_offset": 0,
+            },
+        ),
     )
     return vm, fd
 
 
 def plain_slot(vm: Vm, slot: int, gpa: int, size: int, hva: int) -> None:
     vm.apply(
-        "set_user_memory_region",
-        {
-            "slot": slot,
-            "flags": 0,
-            "guest_phys_addr": gpa,
-            "memory_size": size,
-            "userspace_addr": hva,
-        },
+        parse(
+            "set_user_memory_region",
+            {
+                "slot": slot,
+                "flags": 0,
+                "guest_phys_addr": gpa,
+                "memory_size": size,
+                "userspace_addr": hva,
+            },
+        ),
     )
 
 
 def attrs(vm: Vm, address: int, size: int, private: bool) -> dict[str, Any]:
     return vm.apply(
-        "set_memory_attributes",
-        {"address": address, "size": size, "attributes": PRIVATE if private else 0, "flags": 0},
+        parse(
+            "set_memory_attributes",
+            {"address": address, "size": size, "attributes": PRIVATE if private else 0, "flags": 0},
+        ),
     )
 
 
 def access(vm: Vm, gpa: int, size: int = PAGE, kind: str = "read") -> dict[str, Any]:
-    return vm.apply("access", {"vcpu": 0, "gpa": gpa, "size": size, "access": kind})
+    return vm.apply(parse("access", {"vcpu": 0, "gpa": gpa, "size": size, "access": kind}))
 
 
 def load(vm: Vm, gpa: int, n: int) -> dict[str, Any]:
-    return vm.apply("load", {"vcpu": 0, "gpa": gpa, "len": n})
+    return vm.apply(parse("load", {"vcpu": 0, "gpa": gpa, "len": n}))
 
 
 def store(vm: Vm, gpa: int, data: bytes) -> dict[str, Any]:
-    return vm.apply("store", {"vcpu": 0, "gpa": gpa, "data": data.hex()})
+    return vm.apply(parse("store", {"vcpu": 0, "gpa": gpa, "data": data.hex()}))
 
 
 def mapped(vm: Vm, slot: int = 0) -> dict[str, int]:
@@ -196,7 +204,7 @@ def test_private_to_shared_keeps_the_host_view() -> None:
     """The shared view reads host memory, the private view the guest_memfd; a conversion moves
     the guest between them and touches neither (§3.5: conversion never frees or copies)."""
     vm, fd = gmem_vm()
-    vm.apply("host_write", {"userspace_addr": HVA, "data": (b"\x11" * 8).hex()})
+    vm.apply(parse("host_write", {"userspace_addr": HVA, "data": (b"\x11" * 8).hex()}))
     assert load(vm, 0, 8) == {"data": (b"\x11" * 8).hex()}
     store(vm, 8, b"\x22" * 8)  # shared store: lands in host memory
     host_before = vm.host_read(HVA, 16)["data"]
@@ -267,7 +275,7 @@ def test_faults_follow_attributes_on_sw_protected() -> None:
     vm, _ = gmem_vm()
     attrs(vm, 0, PAGE, True)
     res = vm.apply(
-        "access", {"vcpu": 0, "gpa": 0, "size": PAGE, "access": "read", "private": False}
+        parse("access", {"vcpu": 0, "gpa": 0, "size": PAGE, "access": "read", "private": False})
     )
     assert res["exit"] is None
     assert mapped(vm) == {"shared": 0, "private": 1, "total": 1}
@@ -281,7 +289,9 @@ def test_punch_hole_zaps_private_sptes_then_frees() -> None:
     access(vm, 0, 8 * PAGE, "write")
     store(vm, 2 * PAGE, b"\xab" * 32)
     assert vm.guest_memfds()[0]["allocated_pages"] == 8
-    res = vm.apply("gmem_fallocate", {"fd": fd, "mode": "punch_hole", "offset": 0, "len": 4 * PAGE})
+    res = vm.apply(
+        parse("gmem_fallocate", {"fd": fd, "mode": "punch_hole", "offset": 0, "len": 4 * PAGE})
+    )
     assert res["freed"] == 4
     zap = res["zap"]
     assert zap["cause"] == "punch_hole"
@@ -298,23 +308,27 @@ def test_punch_hole_zaps_private_sptes_then_frees() -> None:
 
 def test_punch_hole_of_unbound_pages_frees_without_zap() -> None:
     vm = Vm.create(SW_PROT, 1)
-    fd = vm.apply("create_guest_memfd", {"size": 4 * MB, "flags": 0})["fd"]
+    fd = vm.apply(parse("create_guest_memfd", {"size": 4 * MB, "flags": 0}))["fd"]
     vm.apply(
-        "set_user_memory_region",
-        {
-            "slot": 0,
-            "flags": GMEM,
-            "guest_phys_addr": 0,
-            "memory_size": MB,
-            "userspace_addr": HVA,
-            "guest_memfd": fd,
-            "guest_memfd_offset": 0,
-        },
+        parse(
+            "set_user_memory_region",
+            {
+                "slot": 0,
+                "flags": GMEM,
+                "guest_phys_addr": 0,
+                "memory_size": MB,
+                "userspace_addr": HVA,
+                "guest_memfd": fd,
+                "guest_memfd_offset": 0,
+            },
+        ),
     )
-    vm.apply("gmem_fallocate", {"fd": fd, "mode": "allocate", "offset": 2 * MB, "len": 8 * PAGE})
+    vm.apply(
+        parse("gmem_fallocate", {"fd": fd, "mode": "allocate", "offset": 2 * MB, "len": 8 * PAGE})
+    )
     events = len(vm.zap_events())
     res = vm.apply(
-        "gmem_fallocate", {"fd": fd, "mode": "punch_hole", "offset": 2 * MB, "len": 8 * PAGE}
+        parse("gmem_fallocate", {"fd": fd, "mode": "punch_hole", "offset": 2 * MB, "len": 8 * PAGE})
     )
     assert res == {"freed": 8, "zap": None}
     assert len(vm.zap_events()) == events
@@ -329,7 +343,7 @@ def test_punch_hole_on_a_single_root_vm_zaps_shared_leaves_of_the_range_too() ->
     access(vm, 0, 4 * PAGE)
     assert mapped(vm) == {"shared": 2, "private": 2, "total": 4}
     zap = vm.apply(
-        "gmem_fallocate", {"fd": fd, "mode": "punch_hole", "offset": 0, "len": 4 * PAGE}
+        parse("gmem_fallocate", {"fd": fd, "mode": "punch_hole", "offset": 0, "len": 4 * PAGE})
     )["zap"]
     assert zap["sptes_zapped_total"] == 4
     assert mapped(vm)["total"] == 0
@@ -354,7 +368,11 @@ def test_fallocate_bad_input_changes_nothing(
     access(vm, 0)
     before = vm.guest_memfds()
     expect_errno(
-        err, vm.apply, "gmem_fallocate", {"fd": fd, "mode": mode, "offset": offset, "len": length}
+        err,
+        apply_json,
+        vm,
+        "gmem_fallocate",
+        {"fd": fd, "mode": mode, "offset": offset, "len": length},
     )
     assert vm.guest_memfds() == before
     assert mapped(vm)["private"] == 1
@@ -366,7 +384,7 @@ def test_gmem_close_zaps_and_later_private_faults_exit() -> None:
     attrs(vm, 0, 2 * MB, True)
     access(vm, 0, 3 * PAGE, "write")
     access(vm, 2 * MB, 2 * PAGE)  # shared, HVA-backed
-    res = vm.apply("gmem_close", {"fd": fd})
+    res = vm.apply(parse("gmem_close", {"fd": fd}))
     zap = res["zap"]
     assert zap["cause"] == "gmem_close"
     # The whole bound range with the PRIVATE filter, which outside TDX selects the single
@@ -381,7 +399,8 @@ def test_gmem_close_zaps_and_later_private_faults_exit() -> None:
     assert mapped(vm)["shared"] == 3
     expect_errno(
         errno.EBADF,
-        vm.apply,
+        apply_json,
+        vm,
         "gmem_fallocate",
         {"fd": fd, "mode": "punch_hole", "offset": 0, "len": PAGE},
     )
@@ -396,8 +415,10 @@ def test_slot_delete_on_sw_protected_zaps_slot_leafs_and_keeps_gmem_memory() -> 
     store(vm, 0, b"\x5a" * 4)
     access(vm, PAGE, 3 * PAGE)
     zap = vm.apply(
-        "set_user_memory_region",
-        {"slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": 0, "userspace_addr": HVA},
+        parse(
+            "set_user_memory_region",
+            {"slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": 0, "userspace_addr": HVA},
+        ),
     )["zap"]
     assert zap["path"] == "zap_slot_leafs" and zap["cause"] == "memslot_delete"
     assert zap["sptes_zapped_total"] == 4
@@ -407,16 +428,18 @@ def test_slot_delete_on_sw_protected_zaps_slot_leafs_and_keeps_gmem_memory() -> 
     assert_clean(vm)
     assert access(vm, 0)["exit"] == mem_fault(0, True)  # private, no slot: never MMIO
     vm.apply(
-        "set_user_memory_region",
-        {
-            "slot": 0,
-            "flags": GMEM,
-            "guest_phys_addr": 0,
-            "memory_size": 8 * MB,
-            "userspace_addr": HVA,
-            "guest_memfd": fd,
-            "guest_memfd_offset": 0,
-        },
+        parse(
+            "set_user_memory_region",
+            {
+                "slot": 0,
+                "flags": GMEM,
+                "guest_phys_addr": 0,
+                "memory_size": 8 * MB,
+                "userspace_addr": HVA,
+                "guest_memfd": fd,
+                "guest_memfd_offset": 0,
+            },
+        ),
     )
     assert load(vm, 0, 4) == {"data": (b"\x5a" * 4).hex()}
     assert_clean(vm)
@@ -426,13 +449,15 @@ def test_slot_delete_on_sw_protected_zaps_slot_leafs_and_keeps_gmem_memory() -> 
 def test_stats_and_events_separate_private_from_shared_on_a_td() -> None:
     vm, _ = gmem_vm(TDX)
     attrs(vm, 0, 2 * MB, True)
-    vm.apply("accept", {"vcpu": 0, "gpa": 0, "size": 4 * PAGE})
+    vm.apply(parse("accept", {"vcpu": 0, "gpa": 0, "size": 4 * PAGE}))
     access(vm, S47 | 2 * MB, 3 * PAGE)
     st = vm.stats()
     assert (st["private_pages_4k"], st["shared_pages_4k"], st["pages_4k"]) == (4, 3, 7)
     zap = vm.apply(
-        "set_user_memory_region",
-        {"slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": 0, "userspace_addr": HVA},
+        parse(
+            "set_user_memory_region",
+            {"slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": 0, "userspace_addr": HVA},
+        ),
     )["zap"]
     assert zap["sptes_zapped"]["mirror"]["4k"] == 4
     assert zap["sptes_zapped"]["direct"]["4k"] == 3
@@ -463,7 +488,8 @@ def test_attribute_bad_input_is_einval_and_changes_nothing(
     events = len(vm.zap_events())
     expect_errno(
         errno.EINVAL,
-        vm.apply,
+        apply_json,
+        vm,
         "set_memory_attributes",
         {"address": address, "size": size, "attributes": attributes, "flags": flags},
     )

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from app.engine import KvmError, Vm, codec
+from app.engine.ops import parse
 
 DEFAULT, SW_PROTECTED, TDX = 0, 1, 5
 PRIVATE = 8
@@ -33,29 +34,31 @@ def region(vm: Vm, slot: int, gpa: int, size: int, hva: int, flags: int = 0, **k
     args = dict(
         slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva, **kw
     )
-    return vm.apply("set_user_memory_region", args)
+    return vm.apply(parse("set_user_memory_region", args))
 
 
 def access(vm: Vm, gpa: int, size: int = PAGE, kind: str = "read") -> dict:
-    return vm.apply("access", dict(vcpu=0, gpa=gpa, size=size, access=kind))
+    return vm.apply(parse("access", dict(vcpu=0, gpa=gpa, size=size, access=kind)))
 
 
 def attrs(vm: Vm, address: int, size: int, private: bool) -> dict:
     return vm.apply(
-        "set_memory_attributes",
-        dict(address=address, size=size, attributes=PRIVATE if private else 0),
+        parse(
+            "set_memory_attributes",
+            dict(address=address, size=size, attributes=PRIVATE if private else 0),
+        ),
     )
 
 
 def hugepage(vm: Vm, hva: int, size: int) -> None:
-    vm.apply("host_advise", dict(userspace_addr=hva, len=size, advice="hugepage"))
+    vm.apply(parse("host_advise", dict(userspace_addr=hva, len=size, advice="hugepage")))
 
 
 def rejected(vm: Vm, op: Any, args: Any) -> KvmError:
     """Apply a call KVM must reject without changing state; return the error."""
     before = codec.digest(vm)
     with pytest.raises(KvmError) as info:
-        vm.apply(op, args)
+        vm.apply(parse(op, args))
     assert info.value.state_changed is False
     assert codec.digest(vm) == before
     return info.value
@@ -65,7 +68,7 @@ def td_with_gmem(size: int, slots: int = 1) -> tuple[Vm, int]:
     """A TD whose guest_memfd of `size` bytes is split evenly over `slots` adjacent slots,
     all PRIVATE."""
     td = Vm.create(TDX)
-    fd = td.apply("create_guest_memfd", dict(size=size))["fd"]
+    fd = td.apply(parse("create_guest_memfd", dict(size=size)))["fd"]
     part = size // slots
     for s in range(slots):
         region(
@@ -153,7 +156,7 @@ def test_budget_rejection_is_up_front_and_changes_nothing(budget: int) -> None:
 @pytest.mark.parametrize(("vm_type", "flags"), [(TDX, MMAP), (DEFAULT, MMAP), (SW_PROTECTED, MMAP)])
 def test_gmem_host_io_of_mmap_file_without_init_shared_is_efault(vm_type: int, flags: int) -> None:
     vm = Vm.create(vm_type)
-    fd = vm.apply("create_guest_memfd", dict(size=MB, flags=flags))["fd"]
+    fd = vm.apply(parse("create_guest_memfd", dict(size=MB, flags=flags)))["fd"]
     before = codec.digest(vm)
     with pytest.raises(KvmError) as info:
         vm.gmem_read(fd, 0, 3)
@@ -165,22 +168,22 @@ def test_gmem_host_io_of_mmap_file_without_init_shared_is_efault(vm_type: int, f
 
 def test_gmem_host_io_after_td_store_is_efault() -> None:
     td = Vm.create(TDX)
-    fd = td.apply("create_guest_memfd", dict(size=MB, flags=MMAP))["fd"]
+    fd = td.apply(parse("create_guest_memfd", dict(size=MB, flags=MMAP)))["fd"]
     region(td, 0, 0, MB, HVA, GMEM, guest_memfd=fd)
     attrs(td, 0, MB, True)
-    td.apply("accept", dict(vcpu=0, gpa=0, size=PAGE))
-    td.apply("store", dict(vcpu=0, gpa=0, data="5ec2e7"))
+    td.apply(parse("accept", dict(vcpu=0, gpa=0, size=PAGE)))
+    td.apply(parse("store", dict(vcpu=0, gpa=0, data="5ec2e7")))
     with pytest.raises(KvmError) as info:
         td.gmem_read(fd, 0, 3)
     assert info.value.errno == errno.EFAULT
     assert rejected(td, "gmem_write", dict(fd=fd, offset=0, data="ff")).errno == errno.EFAULT
-    assert td.apply("load", dict(vcpu=0, gpa=0, len=3))["data"] == "5ec2e7"
+    assert td.apply(parse("load", dict(vcpu=0, gpa=0, len=3)))["data"] == "5ec2e7"
 
 
 @pytest.mark.parametrize("vm_type", [TDX, DEFAULT])
 def test_gmem_host_io_without_mmap_is_enodev(vm_type: int) -> None:
     vm = Vm.create(vm_type)
-    fd = vm.apply("create_guest_memfd", dict(size=MB, flags=0))["fd"]
+    fd = vm.apply(parse("create_guest_memfd", dict(size=MB, flags=0)))["fd"]
     with pytest.raises(KvmError) as info:
         vm.gmem_read(fd, 0, 3)
     assert info.value.errno == errno.ENODEV
@@ -189,8 +192,8 @@ def test_gmem_host_io_without_mmap_is_enodev(vm_type: int) -> None:
 
 def test_gmem_host_io_with_mmap_and_init_shared_works() -> None:
     vm = Vm.create(DEFAULT)
-    fd = vm.apply("create_guest_memfd", dict(size=MB, flags=MMAP | INIT_SHARED))["fd"]
-    assert vm.apply("gmem_write", dict(fd=fd, offset=0, data="ab"))["written"] == 1
+    fd = vm.apply(parse("create_guest_memfd", dict(size=MB, flags=MMAP | INIT_SHARED)))["fd"]
+    assert vm.apply(parse("gmem_write", dict(fd=fd, offset=0, data="ab")))["written"] == 1
     assert vm.gmem_read(fd, 0, 2) == {"data": "ab00"}
 
 
@@ -199,7 +202,7 @@ def test_logging_off_on_readonly_slot_frees_the_bitmap() -> None:
     vm = Vm.create(DEFAULT)
     region(vm, 0, 0, MB, HVA, READONLY | LOG_DIRTY)
     assert vm.memslot(0)["dirty_logging"] is True
-    assert vm.apply("get_dirty_log", dict(slot=0))["num_pages"] == 256
+    assert vm.apply(parse("get_dirty_log", dict(slot=0)))["num_pages"] == 256
     region(vm, 0, 0, MB, HVA, READONLY)  # FLAGS_ONLY: logging off
     assert vm.memslot(0)["dirty_logging"] is False
     assert rejected(vm, "get_dirty_log", dict(slot=0)).errno == errno.ENOENT
@@ -208,8 +211,8 @@ def test_logging_off_on_readonly_slot_frees_the_bitmap() -> None:
 # -- 5. r_emptytable_flush ---------------------------------------------------------------------
 def test_huge_leaf_replacing_an_empty_table_costs_one_flush_request() -> None:
     vm = Vm.create(DEFAULT)
-    vm.apply("enable_cap", dict(cap=DISABLE_QUIRKS2, args=[SLOT_ZAP_ALL]))  # precise zaps
-    vm.apply("host_map", dict(userspace_addr=HVA, len=M2, page_size=M2))
+    vm.apply(parse("enable_cap", dict(cap=DISABLE_QUIRKS2, args=[SLOT_ZAP_ALL])))  # precise zaps
+    vm.apply(parse("host_map", dict(userspace_addr=HVA, len=M2, page_size=M2)))
     region(vm, 0, 0, M2, HVA)
     access(vm, 0)  # one 2M leaf at gfn 0
     region(vm, 1, 4 * MB, PAGE, 2 * HVA)
@@ -217,7 +220,7 @@ def test_huge_leaf_replacing_an_empty_table_costs_one_flush_request() -> None:
     assert vm.stats()["page_tables"] == 4
     region(vm, 1, 0, 0, 0)  # precise zap: the emptied table stays
     assert vm.stats()["page_tables"] == 4
-    vm.apply("host_map", dict(userspace_addr=2 * HVA, len=M2, page_size=M2))
+    vm.apply(parse("host_map", dict(userspace_addr=2 * HVA, len=M2, page_size=M2)))
     region(vm, 1, 4 * MB, M2, 2 * HVA)
     before = vm.stats()["remote_tlb_flush_requests"]
     r = access(vm, 4 * MB)
@@ -231,9 +234,9 @@ def test_huge_leaf_replacing_an_empty_table_costs_one_flush_request() -> None:
 # -- 6. r_gmem_multibind_flush -----------------------------------------------------------------
 def test_td_punch_of_file_bound_to_two_slots_is_one_flush_and_one_zap_event() -> None:
     td, fd = td_with_gmem(M2, slots=2)
-    td.apply("accept", dict(vcpu=0, gpa=0, size=M2))
+    td.apply(parse("accept", dict(vcpu=0, gpa=0, size=M2)))
     st0, events0 = td.stats(), len(td.zap_events())
-    r = td.apply("gmem_fallocate", dict(fd=fd, mode="punch_hole", offset=0, len=M2))
+    r = td.apply(parse("gmem_fallocate", dict(fd=fd, mode="punch_hole", offset=0, len=M2)))
     st1 = td.stats()
     assert st1["remote_tlb_flush_requests"] - st0["remote_tlb_flush_requests"] == 1
     assert st1["tdx_tdh_mem_track"] - st0["tdx_tdh_mem_track"] == 512
@@ -251,7 +254,7 @@ def test_td_shared_only_zap_adds_no_track() -> None:
     attrs(td, 0, MB, False)
     access(td, S47)  # one shared leaf through the direct root
     ops0, st0 = td.tdx_state()["ops"], td.stats()
-    zap = td.apply("host_discard", dict(userspace_addr=HVA, len=PAGE))["zap"]
+    zap = td.apply(parse("host_discard", dict(userspace_addr=HVA, len=PAGE)))["zap"]
     assert zap["sptes_zapped_total"] == 1 and zap["sptes_zapped"]["direct"]["4k"] == 1
     st1 = td.stats()
     assert td.tdx_state()["ops"] == ops0  # no TDH.MEM.TRACK (nor any other SEAMCALL)
@@ -261,7 +264,7 @@ def test_td_shared_only_zap_adds_no_track() -> None:
 
 def test_td_private_zap_still_costs_one_track() -> None:
     td, _ = td_with_gmem(2 * MB)
-    td.apply("accept", dict(vcpu=0, gpa=0, size=2 * PAGE))
+    td.apply(parse("accept", dict(vcpu=0, gpa=0, size=2 * PAGE)))
     ops0 = td.tdx_state()["ops"]
     attrs(td, 0, PAGE, False)  # to shared: S-EPT BLOCK/TRACK/REMOVE of one page
     ops1 = td.tdx_state()["ops"]
@@ -275,7 +278,7 @@ def test_prefault_of_private_gfn_without_memslot_is_efault(vm_type: int) -> None
     vm = Vm.create(vm_type)
     attrs(vm, 0, PAGE, True)
     with pytest.raises(KvmError) as info:
-        vm.apply("pre_fault", dict(vcpu=0, gpa=0, size=PAGE))
+        vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=PAGE)))
     assert info.value.errno == errno.EFAULT
     exit_ = access(vm, 0)["exit"]
     assert exit_ == {"reason": "KVM_EXIT_MEMORY_FAULT", "gpa": 0, "size": PAGE, "flags": PRIVATE}
@@ -287,7 +290,7 @@ def test_prefault_of_shared_hole_is_enoent(vm_type: int) -> None:
     if vm_type != DEFAULT:
         attrs(vm, 0, PAGE, True)
     with pytest.raises(KvmError) as info:
-        vm.apply("pre_fault", dict(vcpu=0, gpa=0x10000, size=PAGE))
+        vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0x10000, size=PAGE)))
     assert info.value.errno == errno.ENOENT
 
 
@@ -295,7 +298,7 @@ def test_prefault_of_shared_hole_is_enoent(vm_type: int) -> None:
 def test_prefault_of_1gib_maps_every_page() -> None:
     vm = Vm.create(DEFAULT)
     region(vm, 0, 0, GB, GB)
-    assert vm.apply("pre_fault", dict(vcpu=0, gpa=0, size=GB)) == {"gpa": GB, "size": 0}
+    assert vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=GB))) == {"gpa": GB, "size": 0}
     s = vm.stats()
     # 4K host pages: 262144 leaves in 512 level-1 tables under one PD, PDPT and PML4.
     assert (s["pages_4k"], s["pages_2m"], s["page_tables"]) == (GB // PAGE, 0, 515)
@@ -304,7 +307,7 @@ def test_prefault_of_1gib_maps_every_page() -> None:
 def test_tdx_accept_of_256mib_maps_and_accepts_every_page() -> None:
     size = GB // 4
     td, _ = td_with_gmem(size)
-    r = td.apply("accept", dict(vcpu=0, gpa=0, size=size))
+    r = td.apply(parse("accept", dict(vcpu=0, gpa=0, size=size)))
     n = size // PAGE
     assert r == {"accepted": n, "reaccepted": 0, "exit": None}
     s = td.stats()
@@ -318,12 +321,14 @@ def test_accept_every_other_page_then_punch_is_consistent() -> None:
     n = 1 << 14
     td, fd = td_with_gmem(n * PAGE)
     for g in range(0, n, 2):
-        td.apply("accept", dict(vcpu=0, gpa=g * PAGE, size=PAGE))
+        td.apply(parse("accept", dict(vcpu=0, gpa=g * PAGE, size=PAGE)))
     state = td.tdx_state()
     assert state["accepted_pages"] == n // 2
     assert state["ops"]["TDH.MEM.PAGE.AUG"] == n // 2
     assert td.stats()["private_pages_4k"] == n // 2
-    zap = td.apply("gmem_fallocate", dict(fd=fd, mode="punch_hole", offset=0, len=n * PAGE))["zap"]
+    zap = td.apply(parse("gmem_fallocate", dict(fd=fd, mode="punch_hole", offset=0, len=n * PAGE)))[
+        "zap"
+    ]
     assert (zap["gfn_start"], zap["gfn_end"], zap["sptes_zapped_total"]) == (0, n, n // 2)
     state = td.tdx_state()
     assert state["accepted_pages"] == 0
@@ -333,33 +338,35 @@ def test_accept_every_other_page_then_punch_is_consistent() -> None:
     assert (s["pages_4k"], s["private_pages_4k"], s["tdx_accepted_pages"]) == (0, 0, 0)
     assert td.audit()["ok"] is True
     # A later accept of a punched (previously accepted) page and a never-accepted one.
-    assert td.apply("accept", dict(vcpu=0, gpa=0, size=2 * PAGE)) == {
+    assert td.apply(parse("accept", dict(vcpu=0, gpa=0, size=2 * PAGE))) == {
         "accepted": 2,
         "reaccepted": 1,
         "exit": None,
     }
-    assert td.apply("load", dict(vcpu=0, gpa=0, len=1))["data"] == "00"
+    assert td.apply(parse("load", dict(vcpu=0, gpa=0, len=1)))["data"] == "00"
 
 
 # -- 11. r_accept_zero -------------------------------------------------------------------------
 def test_reaccept_zeroes_pages_in_every_slot_of_the_range() -> None:
     td, _ = td_with_gmem(M2, slots=2)  # two adjacent gmem slots, 1 MiB each
     a, b = MB - PAGE, MB  # last page of slot 0, first page of slot 1
-    td.apply("accept", dict(vcpu=0, gpa=a, size=2 * PAGE))
-    td.apply("store", dict(vcpu=0, gpa=a, data="aa"))
-    td.apply("store", dict(vcpu=0, gpa=b, data="bb"))
+    td.apply(parse("accept", dict(vcpu=0, gpa=a, size=2 * PAGE)))
+    td.apply(parse("store", dict(vcpu=0, gpa=a, data="aa")))
+    td.apply(parse("store", dict(vcpu=0, gpa=b, data="bb")))
     attrs(td, a, 2 * PAGE, False)  # to shared: S-EPT REMOVE
     attrs(td, a, 2 * PAGE, True)  # back to private
-    r = td.apply("accept", dict(vcpu=0, gpa=a, size=2 * PAGE))
+    r = td.apply(parse("accept", dict(vcpu=0, gpa=a, size=2 * PAGE)))
     assert r == {"accepted": 2, "reaccepted": 2, "exit": None}
-    assert td.apply("load", dict(vcpu=0, gpa=a, len=1))["data"] == "00"
-    assert td.apply("load", dict(vcpu=0, gpa=b, len=1))["data"] == "00"
+    assert td.apply(parse("load", dict(vcpu=0, gpa=a, len=1)))["data"] == "00"
+    assert td.apply(parse("load", dict(vcpu=0, gpa=b, len=1)))["data"] == "00"
 
 
 # -- 12. r_clear_split -------------------------------------------------------------------------
 def test_clear_dirty_log_splits_only_huge_pages_under_set_bits() -> None:
     vm = Vm.create(DEFAULT)
-    vm.apply("enable_cap", dict(cap=MANUAL_PROTECT_CAP, args=[3]))  # MANUAL_PROTECT | INIT_SET
+    vm.apply(
+        parse("enable_cap", dict(cap=MANUAL_PROTECT_CAP, args=[3]))
+    )  # MANUAL_PROTECT | INIT_SET
     hugepage(vm, HVA, 4 * M2)
     region(vm, 0, 0, 4 * M2, HVA)
     access(vm, 0, 4 * M2)  # 4 x 2M leaves
@@ -368,8 +375,10 @@ def test_clear_dirty_log_splits_only_huge_pages_under_set_bits() -> None:
     bm = bytearray(2048 // 8)
     bm[0] = 1  # clear only page 0
     out = vm.apply(
-        "clear_dirty_log",
-        dict(slot=0, first_page=0, num_pages=2048, bitmap=base64.b64encode(bm).decode()),
+        parse(
+            "clear_dirty_log",
+            dict(slot=0, first_page=0, num_pages=2048, bitmap=base64.b64encode(bm).decode()),
+        ),
     )
     assert out == {"cleared": 1, "sptes_write_protected": 1}
     s = vm.stats()
@@ -385,7 +394,10 @@ def test_prefault_never_replaces_a_present_table() -> None:
     access(vm, 0)  # one 4K leaf -> a level-1 table
     hugepage(vm, HVA, M2)
     tables = vm.stats()["page_tables"]
-    assert vm.apply("pre_fault", dict(vcpu=0, gpa=PAGE, size=PAGE)) == {"gpa": 2 * PAGE, "size": 0}
+    assert vm.apply(parse("pre_fault", dict(vcpu=0, gpa=PAGE, size=PAGE))) == {
+        "gpa": 2 * PAGE,
+        "size": 0,
+    }
     s = vm.stats()
     assert (s["pages_4k"], s["pages_2m"], s["page_tables"]) == (1, 0, tables)
     assert vm.translate(0)["roots"][0]["leaf"]["level"] == 1
@@ -398,7 +410,10 @@ def test_prefault_leaves_accessed_dirty_of_present_leaves_untouched(kind: str) -
     access(vm, 0, PAGE, kind)
     before = vm.translate(0)["roots"][0]["walk"][-1]
     assert before["accessed"] is True
-    assert vm.apply("pre_fault", dict(vcpu=0, gpa=0, size=2 * PAGE)) == {"gpa": 2 * PAGE, "size": 0}
+    assert vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=2 * PAGE))) == {
+        "gpa": 2 * PAGE,
+        "size": 0,
+    }
     after = vm.translate(0)["roots"][0]["walk"][-1]
     assert after["raw"] == before["raw"]
     # The newly prefetched neighbour has no Accessed bit.
@@ -425,13 +440,13 @@ def test_huge_leaf_replacing_a_table_is_not_zapped_not_refaulted() -> None:
 # -- 15. r_audit_fp ----------------------------------------------------------------------------
 def test_no_false_no_huge_while_logging_after_manual_protect_cap_change() -> None:
     vm = Vm.create(DEFAULT)
-    vm.apply("enable_cap", dict(cap=MANUAL_PROTECT_CAP, args=[3]))
+    vm.apply(parse("enable_cap", dict(cap=MANUAL_PROTECT_CAP, args=[3])))
     hugepage(vm, HVA, M2)
     region(vm, 0, 0, M2, HVA)
     access(vm, 0)  # one 2M leaf
     region(vm, 0, 0, M2, HVA, LOG_DIRTY)  # INITIALLY_SET: the huge leaf stays
     assert vm.stats()["pages_2m"] == 1
-    vm.apply("enable_cap", dict(cap=MANUAL_PROTECT_CAP, args=[1]))  # legal at any time
+    vm.apply(parse("enable_cap", dict(cap=MANUAL_PROTECT_CAP, args=[1])))  # legal at any time
     audit = vm.audit()
     assert audit["violations"] == []
     assert audit["ok"] is True
@@ -485,8 +500,8 @@ def test_set_user_memory_region_with_unknown_key_is_einval_and_adds_no_slot() ->
 # -- 19. r_tdx_misc (b), (c) -------------------------------------------------------------------
 def test_mirror_spte_never_changes_present_to_present() -> None:
     td, _ = td_with_gmem(MB)
-    assert td.apply("pre_fault", dict(vcpu=0, gpa=0, size=PAGE)) == {"gpa": PAGE, "size": 0}
-    td.apply("accept", dict(vcpu=0, gpa=0, size=PAGE))
+    assert td.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=PAGE))) == {"gpa": PAGE, "size": 0}
+    td.apply(parse("accept", dict(vcpu=0, gpa=0, size=PAGE)))
     raw = mirror_leaf_raw(td, 0)
     r = access(td, 0)
     assert (r["mapped"], r["spurious"]) == (0, 1)
@@ -512,7 +527,7 @@ def test_td_exec_from_shared_gpa_kills_the_vm_with_eio() -> None:
     ]
     for op, args in later:
         with pytest.raises(KvmError) as info:
-            td.apply(op, args)
+            td.apply(parse(op, args))
         assert info.value.errno == errno.EIO, op
 
 
@@ -542,8 +557,8 @@ def test_present_4k_leaves_under_later_thp_advice_are_plain_touches() -> None:
     vm = Vm.create(DEFAULT, 1)
     region(vm, 0, 0, M2, HVA)
     access(vm, 0, 2 * PAGE)
-    vm.apply("host_advise", dict(userspace_addr=HVA, len=M2, advice="hugepage"))
-    assert vm.apply("pre_fault", dict(vcpu=0, gpa=0, size=PAGE)) == {"gpa": PAGE, "size": 0}
+    vm.apply(parse("host_advise", dict(userspace_addr=HVA, len=M2, advice="hugepage")))
+    assert vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=PAGE))) == {"gpa": PAGE, "size": 0}
     r = access(vm, 0, 2 * PAGE)
     assert (r["pages"], r["spurious"], r["mapped"]) == (2, 2, 0)
     flushes = vm.stats()["remote_tlb_flush_requests"]
@@ -560,7 +575,7 @@ def test_failed_pre_fault_that_built_tables_says_state_changed() -> None:
     vm = Vm.create(DEFAULT, 1)
     d0 = codec.digest(vm)
     with pytest.raises(KvmError) as e:
-        vm.apply("pre_fault", dict(vcpu=0, gpa=0, size=PAGE))
+        vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=PAGE)))
     assert e.value.errno == errno.ENOENT and e.value.state_changed
     assert codec.digest(vm) != d0
     assert vm.vcpus_view()[0]["roots"] == {"direct": vm.roots()[0]["id"]}

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from app.engine import KvmError, Vm
+from app.engine.ops import parse
+from tests.engine.mmu import apply_json
 
 TDX, DEFAULT = 5, 0
 PRIVATE = 8
@@ -36,20 +38,22 @@ def make_td(
 ) -> tuple[Vm, int]:
     """A TD with guest_memfd slot 0 at GPA 0 whose first `private` bytes are PRIVATE."""
     td = Vm.create(TDX, 1, paging_levels=levels)
-    fd = td.apply("create_guest_memfd", {"size": size, "flags": 0})["fd"]
+    fd = td.apply(parse("create_guest_memfd", {"size": size, "flags": 0}))["fd"]
     if huge_host:
-        td.apply("host_map", {"userspace_addr": HVA, "len": size, "page_size": 2 * MB})
+        td.apply(parse("host_map", {"userspace_addr": HVA, "len": size, "page_size": 2 * MB}))
     td.apply(
-        "set_user_memory_region",
-        {
-            "slot": 0,
-            "flags": GMEM,
-            "guest_phys_addr": 0,
-            "memory_size": size,
-            "userspace_addr": HVA,
-            "guest_memfd": fd,
-            "guest_memfd_offset": 0,
-        },
+        parse(
+            "set_user_memory_region",
+            {
+                "slot": 0,
+                "flags": GMEM,
+                "guest_phys_addr": 0,
+                "memory_size": size,
+                "userspace_addr": HVA,
+                "guest_memfd": fd,
+                "guest_memfd_offset": 0,
+            },
+        ),
     )
     if private:
         attrs(td, 0, private, True)
@@ -58,31 +62,41 @@ def make_td(
 
 def attrs(vm: Vm, address: int, size: int, private: bool) -> dict[str, Any]:
     return vm.apply(
-        "set_memory_attributes",
-        {"address": address, "size": size, "attributes": PRIVATE if private else 0, "flags": 0},
+        parse(
+            "set_memory_attributes",
+            {"address": address, "size": size, "attributes": PRIVATE if private else 0, "flags": 0},
+        ),
     )
 
 
 def access(vm: Vm, gpa: int, size: int = PAGE, kind: str = "read") -> dict[str, Any]:
-    return vm.apply("access", {"vcpu": 0, "gpa": gpa, "size": size, "access": kind})
+    return vm.apply(parse("access", {"vcpu": 0, "gpa": gpa, "size": size, "access": kind}))
 
 
 def accept(vm: Vm, gpa: int, size: int = PAGE) -> dict[str, Any]:
-    return vm.apply("accept", {"vcpu": 0, "gpa": gpa, "size": size})
+    return vm.apply(parse("accept", {"vcpu": 0, "gpa": gpa, "size": size}))
 
 
 def load(vm: Vm, gpa: int, n: int) -> dict[str, Any]:
-    return vm.apply("load", {"vcpu": 0, "gpa": gpa, "len": n})
+    return vm.apply(parse("load", {"vcpu": 0, "gpa": gpa, "len": n}))
 
 
 def store(vm: Vm, gpa: int, data: bytes) -> dict[str, Any]:
-    return vm.apply("store", {"vcpu": 0, "gpa": gpa, "data": data.hex()})
+    return vm.apply(parse("store", {"vcpu": 0, "gpa": gpa, "data": data.hex()}))
 
 
 def delete_slot(vm: Vm, slot: int = 0) -> dict[str, Any]:
     return vm.apply(
-        "set_user_memory_region",
-        {"slot": slot, "flags": 0, "guest_phys_addr": 0, "memory_size": 0, "userspace_addr": HVA},
+        parse(
+            "set_user_memory_region",
+            {
+                "slot": slot,
+                "flags": 0,
+                "guest_phys_addr": 0,
+                "memory_size": 0,
+                "userspace_addr": HVA,
+            },
+        ),
     )
 
 
@@ -167,14 +181,16 @@ def test_shared_access_to_a_private_gfn_is_a_memory_fault_without_shared_bit() -
 def test_private_access_to_slot_without_guest_memfd_is_a_memory_fault_never_mmio() -> None:
     td, _ = make_td()
     td.apply(
-        "set_user_memory_region",
-        {
-            "slot": 1,
-            "flags": 0,
-            "guest_phys_addr": 64 * MB,
-            "memory_size": MB,
-            "userspace_addr": HVA + 64 * MB,
-        },
+        parse(
+            "set_user_memory_region",
+            {
+                "slot": 1,
+                "flags": 0,
+                "guest_phys_addr": 64 * MB,
+                "memory_size": MB,
+                "userspace_addr": HVA + 64 * MB,
+            },
+        ),
     )
     attrs(td, 64 * MB, PAGE, True)
     assert access(td, 64 * MB)["exit"] == mem_fault(64 * MB, True)
@@ -259,7 +275,7 @@ def test_destroy_reclaims_every_leaf_then_every_sept_table() -> None:
     accept(td, 0, 4 * PAGE)
     before = ops(td)
     tables = before[SEPT_ADD]
-    td.apply("destroy", {})
+    td.apply(parse("destroy", {}))
     assert td.tdx_state()["hkid_assigned"] is False
     assert diff(ops(td), before) == {RECLAIM: 4 + tables}
     reclaims = [e for e in td.tdx_state()["recent"] if e["op"] == RECLAIM]
@@ -287,7 +303,7 @@ def test_pending_page_exits_until_accepted() -> None:
 def test_zapped_accepted_page_needs_reaccept() -> None:
     td, _ = make_td()
     accept(td, 0, 4 * PAGE)
-    zap = td.apply("zap", {"scope": "range", "gpa": PAGE, "size": PAGE, "roots": "private"})
+    zap = td.apply(parse("zap", {"scope": "range", "gpa": PAGE, "size": PAGE, "roots": "private"}))
     assert zap["sptes_zapped"]["mirror"]["4k"] == 1
     assert td.tdx_state()["pending_reaccept_pages"] == 1
     assert access(td, 0)["exit"] is None  # untouched neighbours stay accepted
@@ -312,11 +328,11 @@ def test_accept_stops_at_the_first_exit_after_accepting_the_pages_before_it() ->
 
 def test_accept_bad_input() -> None:
     td, _ = make_td()
-    expect_errno(errno.EINVAL, td.apply, "accept", {"vcpu": 0, "gpa": S47, "size": PAGE})
-    expect_errno(errno.EINVAL, td.apply, "accept", {"vcpu": 0, "gpa": 0x800, "size": PAGE})
-    expect_errno(errno.EINVAL, td.apply, "accept", {"vcpu": 0, "gpa": 0, "size": 0})
+    expect_errno(errno.EINVAL, apply_json, td, "accept", {"vcpu": 0, "gpa": S47, "size": PAGE})
+    expect_errno(errno.EINVAL, apply_json, td, "accept", {"vcpu": 0, "gpa": 0x800, "size": PAGE})
+    expect_errno(errno.EINVAL, apply_json, td, "accept", {"vcpu": 0, "gpa": 0, "size": 0})
     vm = Vm.create(1, 1)
-    expect_errno(errno.EINVAL, vm.apply, "accept", {"vcpu": 0, "gpa": 0, "size": PAGE})
+    expect_errno(errno.EINVAL, apply_json, vm, "accept", {"vcpu": 0, "gpa": 0, "size": PAGE})
     assert ops(td)[ACCEPT] == 0
 
 
@@ -357,7 +373,7 @@ def test_to_private_zaps_the_shared_alias_including_huge_leaves() -> None:
 
 def test_private_and_shared_views_and_contents_across_conversions() -> None:
     td, _ = make_td()
-    td.apply("host_write", {"userspace_addr": HVA, "data": (b"\x11" * 16).hex()})
+    td.apply(parse("host_write", {"userspace_addr": HVA, "data": (b"\x11" * 16).hex()}))
     accept(td, 0)
     assert load(td, 0, 16) == {"data": bytes(16).hex()}  # an accepted page starts zeroed
     store(td, 0, b"\xaa" * 16)
@@ -389,7 +405,9 @@ def test_punch_hole_removes_private_pages_and_guest_reads_zeros_after_reaccept()
     accept(td, 0, 8 * PAGE)
     store(td, 2 * PAGE, b"\xcd" * 8)
     before = ops(td)
-    res = td.apply("gmem_fallocate", {"fd": fd, "mode": "punch_hole", "offset": 0, "len": 4 * PAGE})
+    res = td.apply(
+        parse("gmem_fallocate", {"fd": fd, "mode": "punch_hole", "offset": 0, "len": 4 * PAGE})
+    )
     assert res["freed"] == 4
     zap = res["zap"]
     assert zap["cause"] == "punch_hole"
@@ -413,7 +431,7 @@ def test_gmem_close_removes_private_pages_and_later_private_faults_exit() -> Non
     td, fd = make_td()
     accept(td, 0, 3 * PAGE)
     access(td, S47 | 2 * MB, 2 * PAGE)
-    zap = td.apply("gmem_close", {"fd": fd})["zap"]
+    zap = td.apply(parse("gmem_close", {"fd": fd}))["zap"]
     assert zap["cause"] == "gmem_close"
     # On a TD the PRIVATE filter selects the mirror root only (§2.7.1).
     assert zap["sptes_zapped"] == {
@@ -467,26 +485,30 @@ def test_td_slot_move_takes_slot_leafs_and_keeps_the_mirror_root() -> None:
     td, _ = make_td()
     accept(td, 0, 2 * PAGE)
     td.apply(
-        "set_user_memory_region",
-        {
-            "slot": 1,
-            "flags": 0,
-            "guest_phys_addr": 64 * MB,
-            "memory_size": 2 * MB,
-            "userspace_addr": HVA + 64 * MB,
-        },
+        parse(
+            "set_user_memory_region",
+            {
+                "slot": 1,
+                "flags": 0,
+                "guest_phys_addr": 64 * MB,
+                "memory_size": 2 * MB,
+                "userspace_addr": HVA + 64 * MB,
+            },
+        ),
     )
     access(td, S47 | 64 * MB, 2 * MB, "write")
     mirror_id = roots_by_role(td)["mirror"]["id"]
     res = td.apply(
-        "set_user_memory_region",
-        {
-            "slot": 1,
-            "flags": 0,
-            "guest_phys_addr": 128 * MB,
-            "memory_size": 2 * MB,
-            "userspace_addr": HVA + 64 * MB,
-        },
+        parse(
+            "set_user_memory_region",
+            {
+                "slot": 1,
+                "flags": 0,
+                "guest_phys_addr": 128 * MB,
+                "memory_size": 2 * MB,
+                "userspace_addr": HVA + 64 * MB,
+            },
+        ),
     )
     assert res["change"] == "move"
     zap = res["zap"]
@@ -506,7 +528,8 @@ def test_gmem_slot_cannot_be_moved() -> None:
     for flags, extra in ((GMEM, {"guest_memfd": fd, "guest_memfd_offset": 0}), (0, {})):
         expect_errno(
             errno.EINVAL,
-            td.apply,
+            apply_json,
+            td,
             "set_user_memory_region",
             {
                 "slot": 0,
@@ -528,7 +551,7 @@ def test_explicit_zap_all_of_the_private_root_is_eperm(roots: str) -> None:
     td, _ = make_td()
     accept(td, 0, 2 * PAGE)
     before, events = ops(td), len(td.zap_events())
-    expect_errno(EPERM, td.apply, "zap", {"scope": "all", "roots": roots})
+    expect_errno(EPERM, apply_json, td, "zap", {"scope": "all", "roots": roots})
     assert ops(td) == before and len(td.zap_events()) == events
     assert roots_by_role(td)["mirror"]["sptes"]["4k"] == 2
     assert_clean(td)
@@ -542,7 +565,7 @@ def test_shared_zap_all_never_touches_the_mirror_root() -> None:
     access(td, S47 | 2 * MB, 4 * PAGE)
     mirror = roots_by_role(td)["mirror"]
     before = ops(td)
-    zap = td.apply("zap", {"scope": "all", "roots": "shared"})
+    zap = td.apply(parse("zap", {"scope": "all", "roots": "shared"}))
     assert zap["path"] == "zap_all_fast"
     assert zap["roots_invalidated"] == 1
     assert zap["sptes_zapped"]["mirror"] == {"4k": 0, "2m": 0, "1g": 0}
@@ -561,7 +584,8 @@ def test_smm_address_space_is_einval() -> None:
     td, _ = make_td()
     expect_errno(
         errno.EINVAL,
-        td.apply,
+        apply_json,
+        td,
         "set_user_memory_region",
         {
             "slot": (1 << 16) | 1,
@@ -586,7 +610,7 @@ def test_readonly_slot_is_einval(flags: int) -> None:
     }
     if flags & GMEM:
         args.update(guest_memfd=fd, guest_memfd_offset=0)
-    expect_errno(errno.EINVAL, td.apply, "set_user_memory_region", args)
+    expect_errno(errno.EINVAL, apply_json, td, "set_user_memory_region", args)
     assert len(td.memslots()) == 1
 
 
@@ -605,9 +629,9 @@ def _uaf_scenario(policy: str) -> tuple[Vm, dict[str, Any]]:
     td, fd = make_td()
     accept(td, 0, 8 * PAGE)
     access(td, S47 | 2 * MB, 8 * PAGE, "write")
-    assert td.apply("set_zap_policy", {"policy": policy}) == {}
+    assert td.apply(parse("set_zap_policy", {"policy": policy})) == {}
     zap = delete_slot(td)["zap"]
-    td.apply("gmem_fallocate", {"fd": fd, "mode": "punch_hole", "offset": 0, "len": 8 * MB})
+    td.apply(parse("gmem_fallocate", {"fd": fd, "mode": "punch_hole", "offset": 0, "len": 8 * MB}))
     return td, zap
 
 
@@ -634,5 +658,5 @@ def test_kvm_policy_delete_then_punch_stays_clean() -> None:
 
 def test_unknown_zap_policy_is_einval() -> None:
     td, _ = make_td()
-    expect_errno(errno.EINVAL, td.apply, "set_zap_policy", {"policy": "zap_all"})
+    expect_errno(errno.EINVAL, apply_json, td, "set_zap_policy", {"policy": "zap_all"})
     assert td.info()["zap_policy"] == "kvm"

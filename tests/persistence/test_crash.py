@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
+from app.engine.ops import parse
+
 HVA = 0x7F00_0000_0000
 SLOT_SIZE = 64 << 20
 ROUNDS = 3  # kills per test
@@ -223,7 +225,7 @@ def _serial_replay(db_url: str, vm: str) -> Any:
     assert [r.seq for r in recs] == list(range(1, len(recs) + 1))
     for r in recs:
         try:
-            serial.apply(r.op, r.args, at=us_to_engine_time(datetime_to_us(r.at)))
+            serial.apply(parse(r.op, r.args), at=us_to_engine_time(datetime_to_us(r.at)))
         except Exception as e:  # a journaled error must come back on replay
             assert r.error is not None and r.error["errno"] == getattr(e, "errno", None)
     return serial

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from app.engine import KvmError, Vm
+from app.engine.ops import parse
 
 PAGE = 4096
 MB = 1 << 20
@@ -149,13 +150,15 @@ class MemoryMachine(RuleBasedStateMachine):
 
     def region(self, id: int, gpa: int, npages: int, hva: int, flags: int) -> dict:
         return self.vm.apply(
-            "set_user_memory_region",
-            dict(
-                slot=id,
-                flags=flags,
-                guest_phys_addr=gpa,
-                memory_size=npages * PAGE,
-                userspace_addr=hva,
+            parse(
+                "set_user_memory_region",
+                dict(
+                    slot=id,
+                    flags=flags,
+                    guest_phys_addr=gpa,
+                    memory_size=npages * PAGE,
+                    userspace_addr=hva,
+                ),
             ),
         )
 
@@ -279,14 +282,19 @@ class MemoryMachine(RuleBasedStateMachine):
     @rule()
     def disable_quirk(self) -> None:
         self.vm.apply(
-            "enable_cap", dict(cap="KVM_CAP_DISABLE_QUIRKS2", args=[QUIRK_SLOT_ZAP_ALL, 0, 0, 0])
+            parse(
+                "enable_cap",
+                dict(cap="KVM_CAP_DISABLE_QUIRKS2", args=[QUIRK_SLOT_ZAP_ALL, 0, 0, 0]),
+            )
         )
         self.quirk = False
 
     # ------------------------------------------------------------------ guest
     def do_access(self, gpa: int, npages: int, kind: str, vcpu: int) -> None:
         write = kind == "write"
-        r = self.vm.apply("access", dict(vcpu=vcpu, gpa=gpa, size=npages * PAGE, access=kind))
+        r = self.vm.apply(
+            parse("access", dict(vcpu=vcpu, gpa=gpa, size=npages * PAGE, access=kind))
+        )
         ex = self.expected_exit(gpa, npages, write)
         if ex is None:
             assert r["exit"] is None, r
@@ -309,7 +317,7 @@ class MemoryMachine(RuleBasedStateMachine):
     @rule(data=st.data(), payload=st.binary(min_size=1, max_size=64), vcpu=st.sampled_from([0, 1]))
     def store(self, data: st.DataObject, payload: bytes, vcpu: int) -> None:
         gpa = self.pick_gpa(data) + data.draw(st.integers(0, PAGE - len(payload)), label="off")
-        r = self.vm.apply("store", dict(vcpu=vcpu, gpa=gpa, data=payload.hex()))
+        r = self.vm.apply(parse("store", dict(vcpu=vcpu, gpa=gpa, data=payload.hex())))
         s = self.slot_at(gpa)
         if s is None or s.flags & RO:
             assert r == {
@@ -328,7 +336,7 @@ class MemoryMachine(RuleBasedStateMachine):
     @rule(data=st.data(), n=st.integers(1, 64), vcpu=st.sampled_from([0, 1]))
     def load(self, data: st.DataObject, n: int, vcpu: int) -> None:
         gpa = self.pick_gpa(data) + data.draw(st.integers(0, PAGE - n), label="off")
-        r = self.vm.apply("load", dict(vcpu=vcpu, gpa=gpa, len=n))
+        r = self.vm.apply(parse("load", dict(vcpu=vcpu, gpa=gpa, len=n)))
         s = self.slot_at(gpa)
         if s is None:
             assert r == {
@@ -346,7 +354,7 @@ class MemoryMachine(RuleBasedStateMachine):
         while covered < end and self.slot_at(covered) is not None:
             covered += PAGE
         try:
-            r = self.vm.apply("pre_fault", dict(vcpu=0, gpa=gpa, size=npages * PAGE))
+            r = self.vm.apply(parse("pre_fault", dict(vcpu=0, gpa=gpa, size=npages * PAGE)))
         except KvmError as e:
             assert covered == gpa and e.errno == errno.ENOENT, e
             return
@@ -360,7 +368,7 @@ class MemoryMachine(RuleBasedStateMachine):
         ids = sorted(k for k, s in self.slots.items() if s.flags & LOG)
         id = data.draw(st.sampled_from(ids), label="id")
         s = self.slots[id]
-        log = self.vm.apply("get_dirty_log", dict(slot=id))
+        log = self.vm.apply(parse("get_dirty_log", dict(slot=id)))
         raw = base64.b64decode(log["bitmap"])
         bits = {i for i in range(s.npages) if raw[i // 8] >> (i % 8) & 1}
         assert log["dirty_count"] == len(bits)
@@ -379,7 +387,7 @@ class MemoryMachine(RuleBasedStateMachine):
     )
     def host_write(self, hpage: int, off: int, payload: bytes) -> None:
         hva = U + hpage * PAGE + off
-        self.vm.apply("host_write", dict(userspace_addr=hva, data=payload.hex()))
+        self.vm.apply(parse("host_write", dict(userspace_addr=hva, data=payload.hex())))
         self.host_store(hva, payload)
 
     @rule(hpage=st.integers(0, HOST_MB * MB // PAGE - 1), npages=st.sampled_from([1, 2, 17, 512]))
@@ -388,7 +396,7 @@ class MemoryMachine(RuleBasedStateMachine):
         # hugetlbfs pages are discarded whole: widen the range over any it touches.
         if any(r in self.hugetlb for r in range(hva >> 21, ((end - 1) >> 21) + 1)):
             hva, end = hva & ~(2 * MB - 1), -(-end // (2 * MB)) * 2 * MB
-        r = self.vm.apply("host_discard", dict(userspace_addr=hva, len=end - hva))
+        r = self.vm.apply(parse("host_discard", dict(userspace_addr=hva, len=end - hva)))
         self.host_drop(hva, end - hva)
         if r["zap"] is not None:
             assert r["zap"]["cause"] == "mmu_notifier"
@@ -400,13 +408,15 @@ class MemoryMachine(RuleBasedStateMachine):
     )
     def host_advise(self, mb2: int, n2: int, advice: str) -> None:
         self.vm.apply(
-            "host_advise", dict(userspace_addr=U + mb2 * 2 * MB, len=n2 * 2 * MB, advice=advice)
+            parse(
+                "host_advise", dict(userspace_addr=U + mb2 * 2 * MB, len=n2 * 2 * MB, advice=advice)
+            )
         )
 
     @rule(mb2=st.integers(0, HOST_MB // 2 - 2), n2=st.sampled_from([1, 2]))
     def host_map_hugetlb(self, mb2: int, n2: int) -> None:
         hva, n = U + mb2 * 2 * MB, n2 * 2 * MB
-        self.vm.apply("host_map", dict(userspace_addr=hva, len=n, page_size=2 * MB))
+        self.vm.apply(parse("host_map", dict(userspace_addr=hva, len=n, page_size=2 * MB)))
         self.host_drop(hva, n)  # a fresh mapping: new, zeroed pages
         self.hugetlb.update(range(hva >> 21, (hva + n) >> 21))
 
@@ -415,13 +425,13 @@ class MemoryMachine(RuleBasedStateMachine):
     def zap_range(self, data: st.DataObject, npages: int) -> None:
         gpa = self.pick_gpa(data)
         before = self.total_leaves()
-        z = self.vm.apply("zap", dict(scope="range", gpa=gpa, size=npages * PAGE))
+        z = self.vm.apply(parse("zap", dict(scope="range", gpa=gpa, size=npages * PAGE)))
         assert z["path"] == "zap_gfn_range"
         assert before - z["sptes_zapped_total"] == self.total_leaves()
 
     @rule()
     def zap_all(self) -> None:
-        z = self.vm.apply("zap", dict(scope="all", roots="shared"))
+        z = self.vm.apply(parse("zap", dict(scope="all", roots="shared")))
         assert z["path"] == "zap_all_fast"
         assert self.total_leaves() == 0
 

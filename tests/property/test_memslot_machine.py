@@ -19,7 +19,7 @@ from app.engine.gmem import GmemTable
 from app.engine.memslots import (
     ChangeKind,
     MemslotSet,
-    RegionRequest,
+    SetUserMemoryRegion,
     check_arch_prepare,
     check_region,
 )
@@ -77,7 +77,7 @@ class MemslotMachine(RuleBasedStateMachine):
         self.ref: dict[tuple[int, int], Entry] = {}
 
     # -- the reference model ------------------------------------------------------------
-    def expected(self, r: RegionRequest) -> int | str:
+    def expected(self, r: SetUserMemoryRegion) -> int | str:
         """errno or change kind, from the rules restated as plain predicates."""
         fields = [(r.slot, 32), (r.flags, 32), (r.guest_phys_addr, 64), (r.memory_size, 64)]
         fields += [(r.userspace_addr, 64), (r.guest_memfd, 32), (r.guest_memfd_offset, 64)]
@@ -135,7 +135,7 @@ class MemslotMachine(RuleBasedStateMachine):
             return errno.EINVAL  # V21 (arch prepare)
         return kind
 
-    def model_apply(self, r: RegionRequest, kind: str) -> None:
+    def model_apply(self, r: SetUserMemoryRegion, kind: str) -> None:
         key = (r.slot >> 16, r.slot & 0xFFFF)
         if kind == "delete":
             del self.ref[key]
@@ -154,7 +154,7 @@ class MemslotMachine(RuleBasedStateMachine):
             self.ref[key] = (r.guest_phys_addr, size, uaddr, r.flags, fd, off)
 
     # -- the engine, performing a change the way vm.py does (minus the MMU) ---------------
-    def engine(self, r: RegionRequest) -> int | str:
+    def engine(self, r: SetUserMemoryRegion) -> int | str:
         try:
             change = check_region(
                 r, vm_type=self.vm_type, spaces=self.spaces, gmem=self.gmem, user_addr_end=USER_END
@@ -178,7 +178,7 @@ class MemslotMachine(RuleBasedStateMachine):
             self.spaces[new.as_id].install(new)
         return change.kind.value
 
-    def step(self, r: RegionRequest) -> None:
+    def step(self, r: SetUserMemoryRegion) -> None:
         want = self.expected(r)
         got = self.engine(r)
         assert got == want, (r, got, want)
@@ -196,7 +196,7 @@ class MemslotMachine(RuleBasedStateMachine):
         off=offsets,
     )
     def any_request(self, slot, gpa, size, uaddr, flags, fd, off) -> None:  # type: ignore[no-untyped-def]
-        self.step(RegionRequest(slot, flags, gpa, size, uaddr, fd, off))
+        self.step(SetUserMemoryRegion(slot, flags, gpa, size, uaddr, fd, off))
 
     @rule(
         id=st.integers(0, 7),
@@ -210,7 +210,7 @@ class MemslotMachine(RuleBasedStateMachine):
     )
     def well_formed_request(self, id, smm, gpa, size, uaddr, flags, fd, off) -> None:  # type: ignore[no-untyped-def]
         slot = ((1 << 16) if smm and self.nr_as > 1 else 0) | id
-        self.step(RegionRequest(slot, flags, gpa, size, uaddr, fd, off))
+        self.step(SetUserMemoryRegion(slot, flags, gpa, size, uaddr, fd, off))
 
     def pick(self, data: st.DataObject) -> tuple[int, Entry]:
         (as_id, id), entry = data.draw(st.sampled_from(sorted(self.ref.items())))
@@ -220,19 +220,21 @@ class MemslotMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def toggle_dirty_logging(self, data: st.DataObject) -> None:
         slot, (gpa, size, uaddr, flags, fd, off) = self.pick(data)
-        self.step(RegionRequest(slot, flags ^ LOG, gpa, size, uaddr, fd or 0, off))
+        self.step(SetUserMemoryRegion(slot, flags ^ LOG, gpa, size, uaddr, fd or 0, off))
 
     @precondition(lambda self: bool(self.ref))
     @rule(data=st.data(), gpa=pages(0, 64), flip_log=st.booleans())
     def move_existing(self, data: st.DataObject, gpa: int, flip_log: bool) -> None:
         slot, (_, size, uaddr, flags, fd, off) = self.pick(data)
-        self.step(RegionRequest(slot, flags ^ (LOG * flip_log), gpa, size, uaddr, fd or 0, off))
+        self.step(
+            SetUserMemoryRegion(slot, flags ^ (LOG * flip_log), gpa, size, uaddr, fd or 0, off)
+        )
 
     @precondition(lambda self: bool(self.ref))
     @rule(data=st.data())
     def delete_existing(self, data: st.DataObject) -> None:
         slot, (gpa, _, uaddr, flags, fd, off) = self.pick(data)
-        self.step(RegionRequest(slot, flags, gpa, 0, uaddr, fd or 0, off))
+        self.step(SetUserMemoryRegion(slot, flags, gpa, 0, uaddr, fd or 0, off))
 
     @precondition(lambda self: bool(self.ref))
     @rule(data=st.data(), how=st.sampled_from(["same", "flags", "resize", "uaddr"]))
@@ -244,7 +246,7 @@ class MemslotMachine(RuleBasedStateMachine):
             size = data.draw(pages(1, 16))
         elif how == "uaddr":
             uaddr = data.draw(st.sampled_from(UADDRS))
-        self.step(RegionRequest(slot, flags, gpa, size, uaddr, fd or 0, off))
+        self.step(SetUserMemoryRegion(slot, flags, gpa, size, uaddr, fd or 0, off))
 
     @precondition(lambda self: len(self.closed) < 2)
     @rule(which=st.integers(0, 1))

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from app.engine import Vm
+from app.engine.ops import parse
 
 SW_PROT, TDX = 1, 5
 PRIVATE = 8
@@ -59,7 +60,9 @@ class PrivateMachine(RuleBasedStateMachine):
         self.tdx = vm_type == TDX
         self.vm = Vm.create(vm_type, 1, paging_levels=levels if self.tdx else 4)
         self.shared_bit = (1 << (47 if levels == 4 else 51)) if self.tdx else 0
-        self.fd = self.vm.apply("create_guest_memfd", {"size": FILE_PAGES * PAGE, "flags": 0})["fd"]
+        self.fd = self.vm.apply(
+            parse("create_guest_memfd", {"size": FILE_PAGES * PAGE, "flags": 0})
+        )["fd"]
         self.private: set[int] = set()
         self.slots: dict[int, int | None] = {}  # slot id -> guest_memfd offset in pages
         self.host: dict[int, bytearray] = {}  # HVA page -> bytes
@@ -82,7 +85,7 @@ class PrivateMachine(RuleBasedStateMachine):
         }
         if off is not None:
             args.update(guest_memfd=self.fd, guest_memfd_offset=off * PAGE)
-        res = self.vm.apply("set_user_memory_region", args)
+        res = self.vm.apply(parse("set_user_memory_region", args))
         assert res["change"] == "create"
         self.slots[sid] = off
 
@@ -155,13 +158,15 @@ class PrivateMachine(RuleBasedStateMachine):
         rng = range(start, start + n)
         changed = any((g in self.private) != private for g in rng)
         res = self.vm.apply(
-            "set_memory_attributes",
-            {
-                "address": start * PAGE,
-                "size": n * PAGE,
-                "attributes": PRIVATE if private else 0,
-                "flags": 0,
-            },
+            parse(
+                "set_memory_attributes",
+                {
+                    "address": start * PAGE,
+                    "size": n * PAGE,
+                    "attributes": PRIVATE if private else 0,
+                    "flags": 0,
+                },
+            ),
         )
         assert res["changed"] is changed
         if not changed:
@@ -186,13 +191,15 @@ class PrivateMachine(RuleBasedStateMachine):
         except Stop as e:
             want = e.exit
         res = self.vm.apply(
-            "access",
-            {
-                "vcpu": 0,
-                "gpa": self.gpa(start, shared),
-                "size": n * PAGE,
-                "access": "write" if write else "read",
-            },
+            parse(
+                "access",
+                {
+                    "vcpu": 0,
+                    "gpa": self.gpa(start, shared),
+                    "size": n * PAGE,
+                    "access": "write" if write else "read",
+                },
+            ),
         )
         self.same_exit(res["exit"], want)
 
@@ -205,7 +212,7 @@ class PrivateMachine(RuleBasedStateMachine):
         except Stop as e:
             want = e.exit
         res = self.vm.apply(
-            "store", {"vcpu": 0, "gpa": self.gpa(gfn, shared, offset), "data": data.hex()}
+            parse("store", {"vcpu": 0, "gpa": self.gpa(gfn, shared, offset), "data": data.hex()})
         )
         self.same_exit(res.get("exit"), want)
 
@@ -217,7 +224,9 @@ class PrivateMachine(RuleBasedStateMachine):
             want_data = bytes(self.page(gfn, index)[offset : offset + n]).hex()
         except Stop as e:
             want_exit = e.exit
-        res = self.vm.apply("load", {"vcpu": 0, "gpa": self.gpa(gfn, shared, offset), "len": n})
+        res = self.vm.apply(
+            parse("load", {"vcpu": 0, "gpa": self.gpa(gfn, shared, offset), "len": n})
+        )
         self.same_exit(res.get("exit"), want_exit)
         if want_exit is None:
             assert res["data"] == want_data, (gfn, offset, n)
@@ -240,7 +249,7 @@ class PrivateMachine(RuleBasedStateMachine):
         except Stop as e:
             want = e.exit
         self.reaccepts += re
-        res = self.vm.apply("accept", {"vcpu": 0, "gpa": start * PAGE, "size": n * PAGE})
+        res = self.vm.apply(parse("accept", {"vcpu": 0, "gpa": start * PAGE, "size": n * PAGE}))
         assert (res["accepted"], res["reaccepted"]) == (new, re), res
         self.same_exit(res["exit"], want)
 
@@ -249,8 +258,10 @@ class PrivateMachine(RuleBasedStateMachine):
         n = min(n, FILE_PAGES - first)
         hole = range(first, first + n)
         res = self.vm.apply(
-            "gmem_fallocate",
-            {"fd": self.fd, "mode": "punch_hole", "offset": first * PAGE, "len": n * PAGE},
+            parse(
+                "gmem_fallocate",
+                {"fd": self.fd, "mode": "punch_hole", "offset": first * PAGE, "len": n * PAGE},
+            ),
         )
         if res["zap"] is not None:
             assert res["zap"]["cause"] == "punch_hole"
@@ -263,14 +274,16 @@ class PrivateMachine(RuleBasedStateMachine):
         """Delete the slot if it exists, else create it again (slot 0 at either file offset)."""
         if sid in self.slots:
             res = self.vm.apply(
-                "set_user_memory_region",
-                {
-                    "slot": sid,
-                    "flags": 0,
-                    "guest_phys_addr": 0,
-                    "memory_size": 0,
-                    "userspace_addr": HVA[sid],
-                },
+                parse(
+                    "set_user_memory_region",
+                    {
+                        "slot": sid,
+                        "flags": 0,
+                        "guest_phys_addr": 0,
+                        "memory_size": 0,
+                        "userspace_addr": HVA[sid],
+                    },
+                ),
             )
             assert res["change"] == "delete"
             assert res["zap"]["path"] == "zap_slot_leafs"
@@ -283,7 +296,7 @@ class PrivateMachine(RuleBasedStateMachine):
     @rule(sid=st.sampled_from([0, 1]), page=st.integers(0, 3), offset=offsets, data=payloads)
     def host_write(self, sid: int, page: int, offset: int, data: bytes) -> None:
         hva = HVA[sid] + page * PAGE + offset
-        self.vm.apply("host_write", {"userspace_addr": hva, "data": data.hex()})
+        self.vm.apply(parse("host_write", {"userspace_addr": hva, "data": data.hex()}))
         buf = self.host.setdefault((HVA[sid] >> 12) + page, bytearray(PAGE))
         buf[offset : offset + len(data)] = data
 

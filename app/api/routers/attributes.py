@@ -16,6 +16,7 @@ from app.api.errors import (
 )
 from app.api.schemas.attributes import AttributeRange, AttributesResult, SetAttributes
 from app.api.schemas.pages import Page
+from app.engine import ops
 
 router = APIRouter(prefix="/v1/vms/{vm}/memory-attributes", tags=["memory-attributes"])
 
@@ -29,7 +30,7 @@ async def set_memory_attributes(
     vm: VmId, body: SetAttributes, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> AttributesResult:
     result = await mutate(
-        service, vm, "set_memory_attributes", body.model_dump(), if_match, response
+        service, vm, ops.SetMemoryAttributes.from_json(body.model_dump()), if_match, response
     )
     return AttributesResult.model_validate(result)
 

@@ -20,6 +20,7 @@ from app.api.errors import (
 from app.api.schemas.common import U32, Empty, Open
 from app.api.schemas.gmem import Data, Fallocate, GmemCreate, GmemRead, GmemWrite, GuestMemfd
 from app.api.schemas.pages import Page
+from app.engine import ops
 
 router = APIRouter(prefix="/v1/vms/{vm}/guest-memfds", tags=["guest-memfds"])
 
@@ -37,7 +38,9 @@ _MUTATION = responses(*_ERRORS, R_ETAG)
 async def create_guest_memfd(
     vm: VmId, body: GmemCreate, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> GuestMemfd:
-    result = await mutate(service, vm, "create_guest_memfd", body.model_dump(), if_match, response)
+    result = await mutate(
+        service, vm, ops.CreateGuestMemfd.from_json(body.model_dump()), if_match, response
+    )
     return GuestMemfd.model_validate(result)
 
 
@@ -69,7 +72,7 @@ async def fallocate_guest_memfd(
 ) -> Open:
     args = {"fd": fd, **body.model_dump()}
     return Open.model_validate(
-        await mutate(service, vm, "gmem_fallocate", args, if_match, response)
+        await mutate(service, vm, ops.GmemFallocate.from_json(args), if_match, response)
     )
 
 
@@ -81,9 +84,7 @@ async def fallocate_guest_memfd(
 async def close_guest_memfd(
     vm: VmId, fd: Fd, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> Open:
-    return Open.model_validate(
-        await mutate(service, vm, "gmem_close", {"fd": fd}, if_match, response)
-    )
+    return Open.model_validate(await mutate(service, vm, ops.GmemClose(fd=fd), if_match, response))
 
 
 @router.post(
@@ -112,4 +113,6 @@ async def write_guest_memfd(
     response: Response,
 ) -> Empty:
     args = {"fd": fd, **body.model_dump()}
-    return Empty.model_validate(await mutate(service, vm, "gmem_write", args, if_match, response))
+    return Empty.model_validate(
+        await mutate(service, vm, ops.GmemWrite.from_json(args), if_match, response)
+    )

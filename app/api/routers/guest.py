@@ -22,6 +22,7 @@ from app.api.schemas.guest import (
     PreFaultResult,
     Store,
 )
+from app.engine import ops
 
 router = APIRouter(prefix="/v1/vms/{vm}/vcpus/{vcpu}", tags=["guest"])
 _MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
@@ -44,7 +45,7 @@ async def access_memory(
     if_match: IfMatchDep,
     response: Response,
 ) -> AccessResult:
-    result = await mutate(service, vm, "access", _args(body, vcpu), if_match, response)
+    result = await mutate(service, vm, ops.Access.from_json(_args(body, vcpu)), if_match, response)
     return AccessResult.model_validate(result)
 
 
@@ -57,7 +58,7 @@ async def access_memory(
 async def load(
     vm: VmId, vcpu: Vcpu, body: Load, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> LoadStoreResult:
-    result = await mutate(service, vm, "load", _args(body, vcpu), if_match, response)
+    result = await mutate(service, vm, ops.Load.from_json(_args(body, vcpu)), if_match, response)
     return LoadStoreResult.model_validate(result)
 
 
@@ -75,7 +76,7 @@ async def store(
     if_match: IfMatchDep,
     response: Response,
 ) -> LoadStoreResult:
-    result = await mutate(service, vm, "store", _args(body, vcpu), if_match, response)
+    result = await mutate(service, vm, ops.Store.from_json(_args(body, vcpu)), if_match, response)
     return LoadStoreResult.model_validate(result)
 
 
@@ -92,7 +93,9 @@ async def pre_fault(
     if_match: IfMatchDep,
     response: Response,
 ) -> PreFaultResult:
-    result = await mutate(service, vm, "pre_fault", _args(body, vcpu), if_match, response)
+    result = await mutate(
+        service, vm, ops.PreFault.from_json(_args(body, vcpu)), if_match, response
+    )
     return PreFaultResult.model_validate(result)
 
 
@@ -110,5 +113,5 @@ async def accept(
     response: Response,
 ) -> Open:
     return Open.model_validate(
-        await mutate(service, vm, "accept", _args(body, vcpu), if_match, response)
+        await mutate(service, vm, ops.Accept.from_json(_args(body, vcpu)), if_match, response)
     )

@@ -9,6 +9,7 @@ from app.api.errors import R_BODY, R_ETAG, R_KVM, R_NOT_FOUND, R_PRECONDITION, r
 from app.api.schemas.common import Open
 from app.api.schemas.gmem import Data
 from app.api.schemas.host_memory import HostAdvise, HostDiscard, HostMap, HostRead, HostWrite
+from app.engine import ops
 
 router = APIRouter(prefix="/v1/vms/{vm}/host-memory", tags=["host-memory"])
 _MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
@@ -33,7 +34,7 @@ async def write_host_memory(
     vm: VmId, body: HostWrite, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> Open:
     return Open.model_validate(
-        await mutate(service, vm, "host_write", body.model_dump(), if_match, response)
+        await mutate(service, vm, ops.HostWrite.from_json(body.model_dump()), if_match, response)
     )
 
 
@@ -46,7 +47,7 @@ async def discard_host_memory(
     vm: VmId, body: HostDiscard, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> Open:
     return Open.model_validate(
-        await mutate(service, vm, "host_discard", body.model_dump(), if_match, response)
+        await mutate(service, vm, ops.HostDiscard.from_json(body.model_dump()), if_match, response)
     )
 
 
@@ -59,7 +60,7 @@ async def advise_host_memory(
     vm: VmId, body: HostAdvise, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> Open:
     return Open.model_validate(
-        await mutate(service, vm, "host_advise", body.model_dump(), if_match, response)
+        await mutate(service, vm, ops.HostAdvise.from_json(body.model_dump()), if_match, response)
     )
 
 
@@ -72,5 +73,5 @@ async def map_host_memory(
     vm: VmId, body: HostMap, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> Open:
     return Open.model_validate(
-        await mutate(service, vm, "host_map", body.model_dump(), if_match, response)
+        await mutate(service, vm, ops.HostMap.from_json(body.model_dump()), if_match, response)
     )

@@ -29,6 +29,7 @@ from app.api.errors import (
 from app.api.schemas.common import U32, Open
 from app.api.schemas.memslots import DirtyLog, DirtyLogClear, MemoryRegion, Memslot, MemslotChange
 from app.api.schemas.pages import Page
+from app.engine import ops
 
 router = APIRouter(prefix="/v1/vms/{vm}/memslots", tags=["memslots"])
 
@@ -57,7 +58,7 @@ async def set_memslot(
             422, "Slot mismatch", "body `slot` differs from the slot in the path", "validation"
         )
     args = body.engine_args(slot)
-    result = await mutate(service, vm, "set_user_memory_region", args, if_match, response)
+    result = await mutate(service, vm, ops.SetUserMemoryRegion.from_json(args), if_match, response)
     return MemslotChange.model_validate(result)
 
 
@@ -70,7 +71,7 @@ async def delete_memslot(
     vm: VmId, slot: Slot, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> MemslotChange:
     args = MemoryRegion(memory_size=0).engine_args(slot)
-    result = await mutate(service, vm, "set_user_memory_region", args, if_match, response)
+    result = await mutate(service, vm, ops.SetUserMemoryRegion.from_json(args), if_match, response)
     return MemslotChange.model_validate(result)
 
 
@@ -105,7 +106,7 @@ async def get_memslot(vm: VmId, slot: Slot, service: ServiceDep, response: Respo
 async def get_dirty_log(
     vm: VmId, slot: Slot, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> DirtyLog:
-    result = await mutate(service, vm, "get_dirty_log", {"slot": slot}, if_match, response)
+    result = await mutate(service, vm, ops.GetDirtyLog(slot=slot), if_match, response)
     return DirtyLog.model_validate(result)
 
 
@@ -125,5 +126,5 @@ async def clear_dirty_log(
     response: Response,
 ) -> Open:
     args = {"slot": slot, **body.model_dump()}
-    result = await mutate(service, vm, "clear_dirty_log", args, if_match, response)
+    result = await mutate(service, vm, ops.ClearDirtyLog.from_json(args), if_match, response)
     return Open.model_validate(result)

@@ -41,7 +41,7 @@ from app.api.schemas.vms import (
     VmCreate,
     VmInfo,
 )
-from app.engine import uapi
+from app.engine import ops, uapi
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
 
@@ -117,7 +117,9 @@ async def get_vm_capabilities(vm: VmId, service: ServiceDep, response: Response)
 async def enable_cap(
     vm: VmId, body: EnableCap, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> Empty:
-    result = await mutate(service, vm, "enable_cap", body.engine_args(), if_match, response)
+    result = await mutate(
+        service, vm, ops.EnableCap.from_json(body.engine_args()), if_match, response
+    )
     return Empty.model_validate(result)
 
 
@@ -139,7 +141,7 @@ async def get_quirks(vm: VmId, service: ServiceDep, response: Response) -> Quirk
 async def create_vcpu(
     vm: VmId, body: VcpuCreate, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> VcpuInfo:
-    result = await mutate(service, vm, "create_vcpu", {"id": body.id}, if_match, response)
+    result = await mutate(service, vm, ops.CreateVcpu(id=body.id), if_match, response)
     return VcpuInfo.model_validate(result)
 
 
@@ -159,7 +161,7 @@ async def set_vcpu_smm(
 ) -> VcpuInfo:
     args = {"vcpu": vcpu, "smm": body.smm}
     return VcpuInfo.model_validate(
-        await mutate(service, vm, "set_vcpu_smm", args, if_match, response)
+        await mutate(service, vm, ops.SetVcpuSmm.from_json(args), if_match, response)
     )
 
 

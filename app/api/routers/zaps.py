@@ -25,6 +25,7 @@ from app.api.schemas.common import Empty
 from app.api.schemas.memslots import ZapSummary
 from app.api.schemas.pages import Page
 from app.api.schemas.zaps import ZapEvent, ZapPolicy, ZapRequest
+from app.engine import ops
 from app.services.errors import ServiceUnavailable, VmNotFound
 
 router = APIRouter(prefix="/v1/vms/{vm}", tags=["zaps"])
@@ -43,7 +44,7 @@ async def create_zap(
     vm: VmId, body: ZapRequest, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> ZapSummary:
     return ZapSummary.model_validate(
-        await mutate(service, vm, "zap", body.model_dump(), if_match, response)
+        await mutate(service, vm, ops.ExplicitZap.from_json(body.model_dump()), if_match, response)
     )
 
 
@@ -142,5 +143,5 @@ async def set_zap_policy(
     vm: VmId, body: ZapPolicy, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> Empty:
     return Empty.model_validate(
-        await mutate(service, vm, "set_zap_policy", body.model_dump(), if_match, response)
+        await mutate(service, vm, ops.SetZapPolicy.from_json(body.model_dump()), if_match, response)
     )
