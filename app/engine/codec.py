@@ -1,83 +1,281 @@
-"""Engine state to bytes and back (snapshots).
+"""Engine state to bytes and back (snapshots): versioned data, never pickle.
 
 Layout: MAGIC (8) | version u32 | flags u32 | sha256 of the body (32) | body.
-Body: zlib-compressed pieces. Page-table pages are delta-encoded along each row first (a run
-of leaves differs by one pfn step, so rows compress to almost nothing, and fast); the rest of
-the state is small and is pickled. The checksum is verified before anything is decoded.
+
+VERSION 2 body: a sequence of sections, each `u32 meta length | u64 data length | meta | data`
+with meta `name;dtype;shape` and data the zlib-compressed array. The first section, `state`,
+is the JSON document (uint8) of everything but bulk data, under `"schema": 2`; its keys are
+the snapshot's own names, not Python attribute names, so renaming an attribute does not
+invalidate stored snapshots. Then the page tables, one section group per pool chunk (rows
+delta-encoded along each row first: a run of leaves differs by one pfn step, so rows compress
+to almost nothing), the dirty bitmaps and the written host / guest_memfd pages.
+
+Writing reads the live VM and changes nothing in it (other threads may be reading it, e.g. for
+the service's page-table budget); the tables go out one chunk at a time, so a snapshot never
+holds a second full copy of them.
+
+VERSION 1 bodies were pickles. Unpickling bytes read back from a database would run whatever
+they say, so they are refused (`CorruptSnapshot`) and the service rebuilds the VM from the
+journal instead. The checksum is verified before anything is decoded.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import pickle
 import struct
 import zlib
-from typing import TYPE_CHECKING
+from collections import Counter, deque
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
+from .gmem import GmemFile
+from .intervals import IntervalSet
+from .memslots import Memslot
 from .paging import TablePool
-
-if TYPE_CHECKING:
-    from .vm import Vm
+from .roots import Root, RootRole
+from .tdx import TdxState
+from .vcpu import Vcpu
+from .vm import Vm
 
 MAGIC = b"VKMMUSN\x00"
-VERSION = 1
+VERSION = 2
+SCHEMA = 2
 _HEADER = struct.Struct("<8sII32s")
+_SECTION = struct.Struct("<IQ")
 
 
 class CorruptSnapshot(ValueError):
     """The bytes are not a snapshot this version can load (bad magic, version or checksum)."""
 
 
-def _pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
-    out = io.BytesIO()
-    for name, arr in arrays.items():
-        a = np.ascontiguousarray(arr)
-        if name == "entries" and a.size:
-            flat = a.ravel()
-            d = np.empty_like(flat)
-            d[0] = flat[0]
-            np.subtract(flat[1:], flat[:-1], out=d[1:])  # uint64 wraps: exact round trip
-            a = d.reshape(a.shape)
-        raw = zlib.compress(memoryview(a).cast("B") if a.size else b"", 1)  # type: ignore[arg-type]
-        meta = f"{name};{a.dtype.str};{','.join(map(str, a.shape))}".encode()
-        out.write(struct.pack("<IQ", len(meta), len(raw)))
-        out.write(meta)
-        out.write(raw)
-    return out.getvalue()
+# ---------------------------------------------------------------------------- sections
+def _section(name: str, arr: np.ndarray, delta: bool = False) -> bytes:
+    a = np.ascontiguousarray(arr)
+    if delta and a.size:
+        flat = a.ravel()
+        d = np.empty_like(flat)
+        d[0] = flat[0]
+        np.subtract(flat[1:], flat[:-1], out=d[1:])  # uint64 wraps: exact round trip
+        a = d.reshape(a.shape)
+    raw = zlib.compress(memoryview(a).cast("B") if a.size else b"", 1)  # type: ignore[arg-type]
+    meta = f"{name};{a.dtype.str};{','.join(map(str, a.shape))}".encode()
+    return _SECTION.pack(len(meta), len(raw)) + meta + raw
 
 
-def _unpack_arrays(buf: memoryview) -> dict[str, np.ndarray]:
-    arrays: dict[str, np.ndarray] = {}
+def _sections(body: memoryview) -> Iterator[tuple[str, np.ndarray]]:
     pos = 0
-    while pos < len(buf):
-        mlen, rlen = struct.unpack_from("<IQ", buf, pos)
-        pos += 12
-        name, dtype, shape_s = bytes(buf[pos : pos + mlen]).decode().split(";")
+    while pos < len(body):
+        mlen, rlen = _SECTION.unpack_from(body, pos)
+        pos += _SECTION.size
+        name, dtype, shape_s = bytes(body[pos : pos + mlen]).decode().split(";")
         pos += mlen
+        dt = np.dtype(dtype)
+        if dt.hasobject:
+            raise ValueError("object arrays are not data")
         shape = tuple(int(x) for x in shape_s.split(",") if x)
-        a = np.frombuffer(zlib.decompress(buf[pos : pos + rlen]), dtype=np.dtype(dtype))
-        a = a.reshape(shape).copy()
+        a = np.frombuffer(zlib.decompress(body[pos : pos + rlen]), dtype=dt).reshape(shape)
         pos += rlen
-        if name == "entries" and a.size:
-            flat = a.ravel()
-            np.cumsum(flat, dtype=np.uint64, out=flat)
-        arrays[name] = a
-    return arrays
+        if name.endswith("/entries") and a.size:
+            a = np.cumsum(a.ravel(), dtype=np.uint64).reshape(shape)
+        yield name, a
 
 
+def _pages(d: dict[int, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    keys = sorted(d)
+    blob = b"".join(bytes(d[k]) for k in keys)
+    return (
+        np.array(keys, dtype=np.int64),
+        np.array([len(d[k]) for k in keys], dtype=np.int64),
+        np.frombuffer(blob, dtype=np.uint8),
+    )
+
+
+def _unpages(keys: np.ndarray, lens: np.ndarray, blob: np.ndarray) -> list[tuple[int, bytes]]:
+    out, pos, raw = [], 0, blob.tobytes()
+    for k, n in zip(keys.tolist(), lens.tolist(), strict=True):
+        out.append((int(k), raw[pos : pos + n]))
+        pos += n
+    return out
+
+
+# ---------------------------------------------------------------------------- state document
+def _slot_json(s: Memslot) -> dict[str, Any]:
+    return {
+        "as_id": s.as_id,
+        "id": s.id,
+        "base_gfn": s.base_gfn,
+        "npages": s.npages,
+        "flags": s.flags,
+        "userspace_addr": s.userspace_addr,
+        "guest_memfd": s.guest_memfd,
+        "guest_memfd_offset": s.guest_memfd_offset,
+        "invalid": s.invalid,
+        "gmem_only": s.gmem_only,
+    }
+
+
+def _slot_of(d: dict[str, Any]) -> Memslot:
+    return Memslot(
+        as_id=d["as_id"],
+        id=d["id"],
+        base_gfn=d["base_gfn"],
+        npages=d["npages"],
+        flags=d["flags"],
+        userspace_addr=d["userspace_addr"],
+        guest_memfd=d["guest_memfd"],
+        guest_memfd_offset=d["guest_memfd_offset"],
+        invalid=d["invalid"],
+        gmem_only=d["gmem_only"],
+    )
+
+
+def _root_json(r: Root) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "as_id": r.as_id,
+        "role": r.role.value,
+        "level": r.level,
+        "table": r.table,
+        "gen": r.gen,
+        "valid": r.valid,
+        "leaves": list(r.leaves),
+        "gmem_leaves": r.gmem_leaves,
+    }
+
+
+def _root_of(d: dict[str, Any]) -> Root:
+    return Root(
+        id=d["id"],
+        as_id=d["as_id"],
+        role=RootRole(d["role"]),
+        level=d["level"],
+        table=d["table"],
+        gen=d["gen"],
+        valid=d["valid"],
+        leaves=list(d["leaves"]),
+        gmem_leaves=d["gmem_leaves"],
+    )
+
+
+def _tdx_json(t: TdxState) -> dict[str, Any]:
+    return {
+        "ops": dict(t.ops),
+        "epoch": t.epoch,
+        "hkid_assigned": t.hkid_assigned,
+        "accepted": t.accepted.to_list(),
+        "blocked": t.blocked.to_list(),
+        "lost": t.lost.to_list(),
+        "reaccepts": t.reaccepts,
+        "log": [list(x) for x in t.log],
+    }
+
+
+def _tdx_of(d: dict[str, Any]) -> TdxState:
+    t = TdxState()
+    t.ops = Counter(d["ops"])
+    t.epoch = d["epoch"]
+    t.hkid_assigned = d["hkid_assigned"]
+    t.accepted = _intervals(d["accepted"])
+    t.blocked = _intervals(d["blocked"])
+    t.lost = _intervals(d["lost"])
+    t.reaccepts = d["reaccepts"]
+    t.log = deque((str(a), int(b), int(c)) for a, b, c in d["log"])
+    t.log = deque(t.log, maxlen=256)
+    return t
+
+
+def _intervals(pairs: list[list[int]]) -> IntervalSet:
+    return IntervalSet([(int(a), int(b)) for a, b in pairs])
+
+
+def _gmem_json(f: GmemFile) -> dict[str, Any]:
+    return {
+        "fd": f.fd,
+        "size": f.size,
+        "flags": f.flags,
+        "base_pfn": f.base_pfn,
+        "allocated": f.allocated.to_list(),
+        "bindings": [[a, n, list(key)] for a, n, key in f.bindings],
+        "closed": f.closed,
+    }
+
+
+def _state_json(vm: Vm) -> dict[str, Any]:
+    mmu, gmem = vm.mmu, vm.gmem
+    return {
+        "schema": SCHEMA,
+        "vm_type": int(vm.vm_type),
+        "name": vm.name,
+        "paging_levels": vm.paging_levels,
+        "table_budget": vm.table_budget,
+        "disabled_quirks": vm.disabled_quirks,
+        "manual_dirty_log": vm.manual_dirty_log,
+        "zap_policy": vm.zap_policy,
+        "destroyed": vm.destroyed,
+        "bugged": vm.bugged,
+        "now": vm.now,
+        "vcpus": [
+            {
+                "id": v.id,
+                "as_id": v.as_id,
+                "running": v.running,
+                "roots": {r.value: rid for r, rid in v.roots.items()},
+                "stats": dict(v.stats),
+            }
+            for v in vm.vcpus.values()
+        ],
+        "spaces": [
+            {"generation": sp.generation, "slots": [_slot_json(s) for s in sp.by_gfn()]}
+            for sp in vm.spaces
+        ],
+        "gmem": {
+            "first_fd": gmem.first_fd,
+            "next_fd": gmem.next_fd,
+            "next_pfn": gmem.next_pfn,
+            "files": [_gmem_json(f) for f in gmem],
+        },
+        "private": vm.attrs.private.to_list(),
+        "host": {"freed": vm.host.freed.to_list(), "runs": [list(r) for r in vm.host.runs()]},
+        "mmu": {
+            "next_root_id": mmu.next_root_id,
+            "mmu_valid_gen": mmu.mmu_valid_gen,
+            "pages": list(mmu.pages),
+            "count_gmem": mmu.count_gmem,
+            "roots": [_root_json(r) for r in mmu.roots.values()],
+            "tables_top": mmu.pool.top,
+            "tables_free": mmu.pool.free_rows,
+        },
+        "tdx": _tdx_json(vm.tdx) if vm.tdx is not None else None,
+        "dirty": [list(k) for k in vm.dirty],
+        "dirty_initially_set": sorted(list(k) for k in vm.dirty_initially_set),
+        "zapped": vm.zapped.to_list(),
+        "stats_kvm": dict(vm.stats_kvm),
+        "stats_extra": dict(vm.stats_extra),
+        "events": vm.events,
+        "event_seq": vm.event_seq,
+    }
+
+
+# ---------------------------------------------------------------------------- dumps / loads
 def dumps(vm: Vm) -> bytes:
-    pool = vm.mmu.pool
-    vm.mmu.pool = None  # type: ignore[assignment]
-    try:
-        state = zlib.compress(pickle.dumps(vm, protocol=pickle.HIGHEST_PROTOCOL), 1)
-    finally:
-        vm.mmu.pool = pool
-    tables = _pack_arrays(pool.export())
-    body = struct.pack("<Q", len(state)) + state + tables
+    """The VM as VERSION 2 bytes. Reads only: the live VM is never detached or changed."""
+    doc = json.dumps(_state_json(vm), sort_keys=True, separators=(",", ":")).encode()
+    parts = [_section("state", np.frombuffer(doc, dtype=np.uint8))]
+    for c, chunk in enumerate(vm.mmu.pool.export_chunks()):
+        for key, arr in chunk.items():
+            parts.append(_section(f"tables/{c}/{key}", arr, delta=key == "entries"))
+    for i, bm in enumerate(vm.dirty.values()):
+        parts.append(_section(f"dirty/{i}", np.packbits(bm)))
+    for name, contents in [("host", vm.host.contents)] + [
+        (f"gmem/{f.fd}", f.contents) for f in vm.gmem
+    ]:
+        keys, lens, blob = _pages(contents)
+        parts += [_section(f"{name}/keys", keys), _section(f"{name}/lens", lens)]
+        parts.append(_section(f"{name}/data", blob))
+    body = b"".join(parts)
     digest = hashlib.sha256(body).digest()
     return _HEADER.pack(MAGIC, VERSION, 0, digest) + body
 
@@ -88,23 +286,122 @@ def loads(data: bytes) -> Vm:
     magic, version, _flags, digest = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise CorruptSnapshot("not a vkmmu snapshot (bad magic)")
+    if version == 1:
+        raise CorruptSnapshot("a VERSION 1 (pickle) snapshot is not unpickled; replay instead")
     if version != VERSION:
         raise CorruptSnapshot(f"snapshot version {version}, this build reads {VERSION}")
     body = memoryview(data)[_HEADER.size :]
     if hashlib.sha256(body).digest() != digest:
         raise CorruptSnapshot("snapshot checksum mismatch (corrupt or truncated)")
     try:
-        (slen,) = struct.unpack_from("<Q", body)
-        vm = pickle.loads(zlib.decompress(body[8 : 8 + slen]))
-        vm.mmu.pool = TablePool.restore(_unpack_arrays(body[8 + slen :]))
+        return _decode(body)
     except Exception as e:  # a checksum-valid body that does not decode: same outcome
         raise CorruptSnapshot(f"snapshot body does not decode: {e}") from e
+
+
+_TABLE_KEYS = ("idx", "entries", "level", "gfn", "root")
+
+
+def _table_chunks(
+    sections: Iterator[tuple[str, np.ndarray]], rest: dict[str, np.ndarray]
+) -> Iterator[dict[str, np.ndarray]]:
+    """The page-table chunks, one at a time as they are decompressed (they go straight into
+    the pool); every other section lands in `rest`."""
+    chunk: dict[str, np.ndarray] = {}
+    for name, arr in sections:
+        if not name.startswith("tables/"):
+            rest[name] = arr
+            continue
+        chunk[name.rsplit("/", 1)[1]] = arr
+        if len(chunk) == len(_TABLE_KEYS):
+            yield chunk
+            chunk = {}
+    if chunk:
+        raise ValueError("a page-table chunk is incomplete")
+
+
+def _decode(body: memoryview) -> Vm:
+    sections = _sections(body)
+    name, doc = next(sections)
+    if name != "state":
+        raise ValueError("the state document does not come first")
+    st = json.loads(doc.tobytes())
+    if st.get("schema") != SCHEMA:
+        raise ValueError(f"state schema {st.get('schema')!r}, this build reads {SCHEMA}")
+    vm = Vm(st["vm_type"], 0, st["paging_levels"], st["name"], st["table_budget"])
+    arrays: dict[str, np.ndarray] = {}
+    _decode_mmu(vm, st["mmu"], _table_chunks(sections, arrays))
+    arrays.update(sections)
+    vm.disabled_quirks = st["disabled_quirks"]
+    vm.manual_dirty_log = st["manual_dirty_log"]
+    vm.zap_policy = st["zap_policy"]
+    vm.destroyed = st["destroyed"]
+    vm.bugged = st["bugged"]
+    vm.now = st["now"]
+    for v in st["vcpus"]:
+        vcpu = Vcpu(v["id"])
+        vcpu.as_id = v["as_id"]
+        vcpu.running = v["running"]
+        vcpu.roots = {RootRole(k): rid for k, rid in v["roots"].items()}
+        vcpu.stats.update(v["stats"])
+        vm.vcpus[vcpu.id] = vcpu
+    for space, sp in zip(vm.spaces, st["spaces"], strict=True):
+        space.generation = sp["generation"]
+        for s in sp["slots"]:
+            space.install(_slot_of(s))
+    _decode_gmem(vm, st["gmem"], arrays)
+    vm.attrs.private = _intervals(st["private"])
+    vm.host.freed = _intervals(st["host"]["freed"])
+    vm.host.set_runs([(int(a), int(b), int(c), str(d)) for a, b, c, d in st["host"]["runs"]])
+    for page, raw in _unpages(arrays["host/keys"], arrays["host/lens"], arrays["host/data"]):
+        vm.host.contents[page] = bytearray(raw)
+    vm.tdx = _tdx_of(st["tdx"]) if st["tdx"] is not None else None
+    for i, (as_id, sid) in enumerate(st["dirty"]):
+        slot = vm.spaces[as_id].get(sid)
+        assert slot is not None, "a dirty bitmap without its slot"
+        vm.dirty[(as_id, sid)] = np.unpackbits(arrays[f"dirty/{i}"], count=slot.npages).astype(bool)
+    vm.dirty_initially_set = {(int(a), int(b)) for a, b in st["dirty_initially_set"]}
+    vm.zapped = _intervals(st["zapped"])
+    vm.stats_kvm.update(st["stats_kvm"])
+    vm.stats_extra.update(st["stats_extra"])
+    vm.events = st["events"]
+    vm.event_seq = st["event_seq"]
     return vm
+
+
+def _decode_gmem(vm: Vm, g: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    vm.gmem.first_fd, vm.gmem.next_fd, vm.gmem.next_pfn = g["first_fd"], g["next_fd"], g["next_pfn"]
+    for f in g["files"]:
+        file = GmemFile(
+            fd=f["fd"],
+            size=f["size"],
+            flags=f["flags"],
+            owner_vm=vm.gmem.owner,
+            base_pfn=f["base_pfn"],
+            allocated=_intervals(f["allocated"]),
+            bindings=[(int(a), int(n), (int(k[0]), int(k[1]))) for a, n, k in f["bindings"]],
+            closed=f["closed"],
+        )
+        p = f"gmem/{file.fd}"
+        file.contents = dict(
+            _unpages(arrays[f"{p}/keys"], arrays[f"{p}/lens"], arrays[f"{p}/data"])
+        )
+        vm.gmem.files[file.fd] = file
+
+
+def _decode_mmu(vm: Vm, m: dict[str, Any], chunks: Iterator[dict[str, np.ndarray]]) -> None:
+    mmu = vm.mmu
+    mmu.next_root_id = m["next_root_id"]
+    mmu.mmu_valid_gen = m["mmu_valid_gen"]
+    mmu.pages = list(m["pages"])
+    mmu.count_gmem = m["count_gmem"]
+    mmu.roots = {r["id"]: _root_of(r) for r in m["roots"]}
+    mmu.pool = TablePool.restore_chunks(m["tables_top"], m["tables_free"], chunks)
 
 
 def digest(vm: Vm) -> str:
     """A hash of everything replay must reproduce, independent of how objects are shared in
-    memory (pickle bytes are not): tables, then a canonical JSON of the rest of the state.
+    memory: tables, then a canonical JSON of the rest of the state.
     Zap durations are wall clock and left out."""
     h = hashlib.sha256()
     for name, arr in sorted(vm.mmu.pool.export().items()):

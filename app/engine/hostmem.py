@@ -74,6 +74,10 @@ class HostMemory:
     def runs(self) -> list[tuple[int, int, int, str]]:
         return list(self._runs)
 
+    def set_runs(self, runs: list[tuple[int, int, int, str]]) -> None:
+        """Back from a snapshot: the page-size runs `runs()` gave."""
+        self._runs = sorted(runs)
+
     # -- contents -------------------------------------------------------------------------
     def read(self, hva: int, length: int) -> bytes:
         out = bytearray(length)

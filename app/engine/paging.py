@@ -7,7 +7,7 @@ TABLE_PFN_BASE + its row index, which is what a non-leaf SPTE points to.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +87,61 @@ class TablePool:
         return S.pfn_of(entry) - S.TABLE_PFN_BASE
 
     # -- snapshots --------------------------------------------------------------------------
+    def export_chunks(self) -> Iterator[dict[str, np.ndarray]]:
+        """The live rows chunk by chunk (views where a chunk is full): a snapshot writes them
+        one chunk at a time and never holds a second copy of every table."""
+        for c in range(len(self._entries)):
+            n = min(CHUNK, self._top - (c << CHUNK_SHIFT))
+            if n <= 0:
+                break
+            live = np.flatnonzero(self._level[c][:n])
+            sel: slice | np.ndarray = slice(0, n) if len(live) == n else live
+            yield {
+                "idx": live + (c << CHUNK_SHIFT),
+                "entries": self._entries[c][sel],
+                "level": self._level[c][sel],
+                "gfn": self._gfn[c][sel],
+                "root": self._root[c][sel],
+            }
+
+    @property
+    def top(self) -> int:
+        return self._top
+
+    @property
+    def free_rows(self) -> list[int]:
+        return list(self._free)
+
+    @classmethod
+    def restore_chunks(
+        cls, top: int, free: list[int], chunks: Iterable[dict[str, np.ndarray]]
+    ) -> TablePool:
+        """The pool `export_chunks` wrote, rows back at their indexes."""
+        pool = cls()
+        for _ in range((top + CHUNK - 1) >> CHUNK_SHIFT):
+            pool._entries.append(np.empty((CHUNK, ENTRIES), dtype=np.uint64))
+            pool._level.append(np.zeros(CHUNK, dtype=np.uint8))
+            pool._gfn.append(np.zeros(CHUNK, dtype=np.uint64))
+            pool._root.append(np.zeros(CHUNK, dtype=np.int32))
+        live = 0
+        for d in chunks:
+            idx = d["idx"].astype(np.int64)
+            if not len(idx):
+                continue
+            c = int(idx[0]) >> CHUNK_SHIFT
+            if c >= len(pool._entries) or np.any((idx >> CHUNK_SHIFT) != c):
+                raise ValueError("table rows outside their chunk")
+            r = idx & _CHUNK_MASK
+            pool._entries[c][r] = d["entries"]
+            pool._level[c][r] = d["level"]
+            pool._gfn[c][r] = d["gfn"]
+            pool._root[c][r] = d["root"]
+            live += len(idx)
+        pool._top = top
+        pool._free = [int(x) for x in free]
+        pool.live = live
+        return pool
+
     def export(self) -> dict[str, np.ndarray]:
         """Live rows only, copied chunk by chunk (no per-table Python work)."""
         ent, lv, gf, rt, idx = [], [], [], [], []

@@ -4,6 +4,12 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import pickle
+import struct
+import zlib
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +188,53 @@ def test_trailing_garbage_is_rejected() -> None:
 def test_not_a_snapshot_is_rejected() -> None:
     with pytest.raises(codec.CorruptSnapshot):
         codec.loads(b'{"vm_type": 0}' * 8)
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_a_stored_version_2_snapshot_still_loads_to_its_digest() -> None:
+    """Written once (by `dumps` of `build()`) and kept: a later rename of an attribute, a
+    module or a class must leave it loadable, since the format names none of them."""
+    expected = json.loads((DATA / "snapshot_v2.json").read_text())
+    back = codec.loads((DATA / "snapshot_v2.bin").read_bytes())
+    assert codec.digest(back) == expected["digest"] == codec.digest(build())
+
+
+def test_the_state_document_names_no_python_attribute_or_class() -> None:
+    body = memoryview(codec.dumps(build()))[codec._HEADER.size :]
+    sections = dict(codec._sections(body))
+    doc = sections["state"].tobytes().decode()
+    assert "app.engine" not in doc and "__" not in doc
+
+    def keys(node: object) -> set[str]:
+        if isinstance(node, dict):
+            return set(node) | set().union(*(keys(v) for v in node.values()))
+        if isinstance(node, list):
+            return set().union(*(keys(v) for v in node)) if node else set()
+        return set()
+
+    state = json.loads(doc)
+    # Private attribute names (`_by_id`, `_runs`, `_entries`, …) never reach the format.
+    assert not [k for k in keys({k: v for k, v in state.items() if k != "events"}) if k[:1] == "_"]
+    assert state["schema"] == codec.SCHEMA
+
+
+class _Boom:
+    ran = False
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_Boom._fire, ())
+
+    @staticmethod
+    def _fire() -> None:
+        _Boom.ran = True
+
+
+def test_a_version_1_pickle_is_refused_without_being_unpickled() -> None:
+    state = zlib.compress(pickle.dumps(_Boom()))
+    body = struct.pack("<Q", len(state)) + state
+    blob = codec._HEADER.pack(codec.MAGIC, 1, 0, hashlib.sha256(body).digest()) + body
+    with pytest.raises(codec.CorruptSnapshot, match="VERSION 1"):
+        codec.loads(blob)
+    assert not _Boom.ran

@@ -44,3 +44,11 @@ def test_a_journal_of_the_string_op_era_replays_to_its_digest(case: dict[str, An
 def test_the_fixture_covers_every_operation() -> None:
     seen = {r["op"] for case in FIXTURE["vms"] for r in case["records"]}
     assert len(seen) == 23
+
+
+@pytest.mark.parametrize("case", FIXTURE["vms"], ids=lambda c: c["name"])
+def test_every_kind_of_vm_state_survives_a_snapshot(case: dict[str, Any]) -> None:
+    vm = replay(case["create"], case["records"])
+    back = codec.loads(codec.dumps(vm))
+    assert codec.digest(back) == case["digest"]
+    assert back.audit() == vm.audit()
