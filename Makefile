@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint fmt openapi bench clean
+.PHONY: install run test lint fmt openapi bench clean constraints
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ openapi: install
 
 bench: install
 	$(PY) bench/run.py
+
+# deploy/constraints.txt (the image's pinned dependencies) from this venv.
+constraints: install
+	$(PY) deploy/constraints.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
