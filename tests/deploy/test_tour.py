@@ -76,3 +76,14 @@ def test_readme_links_work_from_a_clone() -> None:
         link for link in local if not (REPO / link).exists() and link not in ADDED_BY_OTHER_ISSUES
     ]
     assert not missing, missing
+
+
+def test_configuration_table_lists_every_setting() -> None:
+    """The README's configuration table: one row per Settings field, no row for anything else."""
+    from app.config import Settings
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Configuration") :]
+    section = section[: section.index("\n## ", 1)]
+    rows = re.findall(r"(?m)^\| `(VKMMU_[A-Z_]+)` \|", section)
+    assert sorted(rows) == sorted(f"VKMMU_{name.upper()}" for name in Settings.model_fields)
