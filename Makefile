@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint fmt openapi bench clean
+.PHONY: install run test lint fmt openapi bench clean constraints readme-tour demo
 
 install: $(STAMP)
 
@@ -33,6 +33,18 @@ openapi: install
 
 bench: install
 	$(PY) bench/run.py
+
+# deploy/constraints.txt (the image's pinned dependencies) from this venv.
+constraints: install
+	$(PY) deploy/constraints.py
+
+# Run docs/tour.sh against a fresh server and rewrite the README's tour block.
+readme-tour: install
+	$(PY) docs/tour.py --write
+
+# The tour against an in-process app, as tables.
+demo: install
+	$(VENV)/bin/vkmmu demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""The `vkmmu` console script: `vkmmu serve --host --port`, `vkmmu migrate`."""
+"""The `vkmmu` console script: `vkmmu serve --host --port`, `vkmmu migrate`, `vkmmu demo`,
+`vkmmu --version`."""
 
 from __future__ import annotations
 
@@ -64,8 +65,31 @@ def _migrate(settings: Settings) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("vkmmu")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def _add_demo(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="the README's tour against an in-process app, as tables")
+    demo.add_argument("--no-color", action="store_true", help="plain text (also: NO_COLOR=1)")
+    demo.set_defaults(func=_demo)
+
+
+def _demo(settings: Settings, no_color: bool = False) -> int:
+    # The demo uses its own throw-away database, never the configured one.
+    from app import demo
+
+    return demo.main(no_color=no_color)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vkmmu", description="The KVM x86 MMU over HTTP")
+    parser.add_argument("--version", action="version", version=f"vkmmu {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the API (settings from VKMMU_* variables)")
     serve.add_argument("--host", default=None, help="listen address (VKMMU_HOST)")
@@ -73,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=_serve)
     migrate = sub.add_parser("migrate", help="bring the database schema up to date (Alembic)")
     migrate.set_defaults(func=_migrate)
+    _add_demo(sub)
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {
         k: v for k in _OPTIONS if (v := getattr(args, k, None)) is not None
@@ -83,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         # A setting out of range is the operator's mistake: say which, in one line.
         print(f"vkmmu: invalid settings: {_describe(e)}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "demo":
+        return _demo(settings, no_color=args.no_color)
     return int(args.func(settings))
 
 
