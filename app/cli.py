@@ -33,15 +33,36 @@ def _serve(settings: Settings) -> int:
 
     from app.main import create_app
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         # The app logs one structured line per request itself.
         access_log=False,
     )
+    _server(config, app).run()
     return 0
+
+
+def _end_streams(app: Any) -> None:
+    service = getattr(app.state, "service", None)
+    if service is not None:
+        service.events.close()
+
+
+def _server(config: Any, app: Any) -> Any:
+    """A uvicorn server that ends the event streams when its shutdown starts: uvicorn waits
+    for open answers before the app's own shutdown runs, and a stream never ends by itself."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            _end_streams(app)  # each stream sends `end {"reason": "shutdown"}` and closes
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 def _display_url(url: str) -> str:

@@ -10,6 +10,7 @@ from fastapi.routing import APIRoute
 from app.api.routers import (
     attributes,
     capabilities,
+    events,
     gmem,
     guest,
     health,
@@ -35,6 +36,7 @@ ROUTERS = (
     introspection.router,
     snapshots.router,
     metrics.router,
+    events.router,
 )
 
 
