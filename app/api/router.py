@@ -10,6 +10,7 @@ from fastapi.routing import APIRoute
 from app.api.routers import (
     attributes,
     capabilities,
+    dashboard,
     events,
     gmem,
     guest,
@@ -37,6 +38,7 @@ ROUTERS = (
     snapshots.router,
     metrics.router,
     events.router,
+    dashboard.router,
 )
 
 
