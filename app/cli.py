@@ -1,4 +1,4 @@
-"""The `vkmmu` console script: `vkmmu serve --host --port`, `vkmmu migrate`."""
+"""The `vkmmu` console script: `vkmmu serve --host --port`, `vkmmu migrate`, `vkmmu top`."""
 
 from __future__ import annotations
 
@@ -85,6 +85,19 @@ def _migrate(settings: Settings) -> int:
     return 0
 
 
+def _top(args: argparse.Namespace) -> int:
+    import urllib.error
+
+    from app.top import run
+
+    url = args.url or f"http://{Settings().host}:{Settings().port}"
+    try:
+        return run(url, args.vm, interval=args.interval, once=args.once, max_vms=args.max_vms)
+    except (urllib.error.URLError, OSError) as e:
+        print(f"vkmmu top: {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vkmmu", description="The KVM x86 MMU over HTTP")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,7 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=_serve)
     migrate = sub.add_parser("migrate", help="bring the database schema up to date (Alembic)")
     migrate.set_defaults(func=_migrate)
+    top = sub.add_parser("top", help="the MMU stats of a running service, like kvm_stat")
+    top.add_argument("--url", default=None, help="the service (default http://VKMMU_HOST:PORT)")
+    top.add_argument("--vm", default=None, help="one VM only (default: all, summed)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--max-vms", type=int, default=50, help="VMs summed, newest first")
+    top.add_argument("--once", action="store_true", help="print one refresh and exit")
+    top.set_defaults(func=_top)
     args = parser.parse_args(argv)
+    if args.command == "top":
+        return _top(args)
     overrides: dict[str, Any] = {
         k: v for k in _OPTIONS if (v := getattr(args, k, None)) is not None
     }
