@@ -1,5 +1,5 @@
-"""The `vkmmu` console script: `vkmmu serve --host --port`, `vkmmu migrate`, `vkmmu demo`,
-`vkmmu --version`."""
+"""The `vkmmu` console script: `vkmmu serve --host --port`, `vkmmu migrate`, `vkmmu top`,
+`vkmmu demo`, `vkmmu --version`."""
 
 from __future__ import annotations
 
@@ -34,15 +34,36 @@ def _serve(settings: Settings) -> int:
 
     from app.main import create_app
 
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         # The app logs one structured line per request itself.
         access_log=False,
     )
+    _server(config, app).run()
     return 0
+
+
+def _end_streams(app: Any) -> None:
+    service = getattr(app.state, "service", None)
+    if service is not None:
+        service.events.close()
+
+
+def _server(config: Any, app: Any) -> Any:
+    """A uvicorn server that ends the event streams when its shutdown starts: uvicorn waits
+    for open answers before the app's own shutdown runs, and a stream never ends by itself."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            _end_streams(app)  # each stream sends `end {"reason": "shutdown"}` and closes
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 def _display_url(url: str) -> str:
@@ -87,6 +108,19 @@ def _demo(settings: Settings, no_color: bool = False) -> int:
     return demo.main(no_color=no_color)
 
 
+def _top(args: argparse.Namespace) -> int:
+    import urllib.error
+
+    from app.top import run
+
+    url = args.url or f"http://{Settings().host}:{Settings().port}"
+    try:
+        return run(url, args.vm, interval=args.interval, once=args.once, max_vms=args.max_vms)
+    except (urllib.error.URLError, OSError) as e:
+        print(f"vkmmu top: {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vkmmu", description="The KVM x86 MMU over HTTP")
     parser.add_argument("--version", action="version", version=f"vkmmu {_version()}")
@@ -98,7 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     migrate = sub.add_parser("migrate", help="bring the database schema up to date (Alembic)")
     migrate.set_defaults(func=_migrate)
     _add_demo(sub)
+    top = sub.add_parser("top", help="the MMU stats of a running service, like kvm_stat")
+    top.add_argument("--url", default=None, help="the service (default http://VKMMU_HOST:PORT)")
+    top.add_argument("--vm", default=None, help="one VM only (default: all, summed)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--max-vms", type=int, default=50, help="VMs summed, newest first")
+    top.add_argument("--once", action="store_true", help="print one refresh and exit")
+    top.set_defaults(func=_top)
     args = parser.parse_args(argv)
+    if args.command == "top":
+        return _top(args)
     overrides: dict[str, Any] = {
         k: v for k in _OPTIONS if (v := getattr(args, k, None)) is not None
     }

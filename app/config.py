@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     # (they reload from their newest snapshot and the journal on next use).
     max_loaded_vms: int = Field(default=64, ge=1)
     log_level: str = "INFO"
+    # Observability (docs/metrics.md): per-VM series on /metrics for at most this many VMs,
+    # newest first; events buffered per stream client before it is dropped as too slow.
+    metrics_max_vms: int = Field(default=100, ge=0)
+    events_queue_max: int = Field(default=1024, ge=1)
 
 
 @lru_cache(maxsize=1)

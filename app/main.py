@@ -10,8 +10,10 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from app.api.errors import install_error_handlers, problem_media_types
+from app.api.http_metrics import HttpMetricsMiddleware
 from app.api.log import configure_logging
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from app.api.mmu_metrics import MmuMetrics
 from app.api.router import include_routers
 from app.config import Settings
 
@@ -54,6 +56,8 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
                 page_table_budget_bytes=settings.page_table_budget_bytes,
                 max_loaded_vms=settings.max_loaded_vms,
             )
+        svc.events.queue_max = settings.events_queue_max
+        app.state.metrics.attach(svc.events, svc.budget_tables * 4096)
         await svc.start()
         try:
             yield
@@ -77,9 +81,11 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
     app.openapi = openapi  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.service = service
+    app.state.metrics = MmuMetrics(max_vms=settings.metrics_max_vms)
     install_error_handlers(app)
     include_routers(app)
     # Added last = outermost: the request id exists before the body limit answers.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
     return app

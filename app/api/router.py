@@ -10,6 +10,8 @@ from fastapi.routing import APIRoute
 from app.api.routers import (
     attributes,
     capabilities,
+    dashboard,
+    events,
     gmem,
     guest,
     health,
@@ -35,6 +37,8 @@ ROUTERS = (
     introspection.router,
     snapshots.router,
     metrics.router,
+    events.router,
+    dashboard.router,
 )
 
 

@@ -57,6 +57,7 @@ from app.services.errors import (
     VmNotFound,
     attach_etag,
 )
+from app.services.events import EventBus
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +258,8 @@ class VmService:
         self._handles: dict[str, VmHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        # Typed events of committed calls, for /v1/events, the dashboard and /metrics.
+        self.events = EventBus()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -286,6 +289,7 @@ class VmService:
         if self._db is None:
             return
         self._stopping = True
+        self.events.close()
         await self.wait_background()
         for h in list(self._handles.values()):
             if h.vm is not None and h.applied_seq > h.snapshot_seq:
@@ -370,6 +374,15 @@ class VmService:
             if other.vm is not None and other.vm is not vm:
                 held += port.tables_live(other.vm)
         return mine + max(0, self.budget_tables - held)
+
+    async def vm_summaries(self) -> dict[str, dict[str, Any]]:
+        """Every live VM's row summary (`vm.info()` and stats at its last call), by id."""
+
+        def work() -> dict[str, dict[str, Any]]:
+            with self.db.read() as s:
+                return {vm_id: summary or {} for vm_id, summary in repo.vm_summaries(s)}
+
+        return await self._run(work)
 
     async def stats_summaries(self) -> dict[str, dict[str, Any]]:
         """Every live VM's stats as of its last journaled call (from the VM rows: no VM is
@@ -462,7 +475,9 @@ class VmService:
         row, vm = await self._run(work)
         self._handles[row.id] = VmHandle(row.id, vm=vm)
         self._evict_over_limit()
-        return self._info(row), etag(0)
+        info = self._info(row)
+        self.events.publish("vm_created", row.id, {"vm": info})
+        return info, etag(0)
 
     async def list_vms(
         self, *, limit: int, cursor: str | None, tenant: str | None = None
@@ -491,6 +506,8 @@ class VmService:
     async def delete_vm(self, vm_id: str, *, if_match: str | None = None) -> dict[str, Any]:
         op = self.engine.parse("destroy", {})
         result, _ = await self._mutate(vm_id, op, if_match=if_match, destroy=True)
+        self.events.publish("vm_deleted", vm_id, {})
+        self.events.end_vm(vm_id)
         return dict(result)
 
     # ----------------------------------------------------------------- calls
@@ -521,6 +538,9 @@ class VmService:
     ) -> tuple[Any, str]:
         async with self._locked(vm_id) as h:
             out = await self._run(self._mutate_sync, h, op, if_match, destroy)
+            if out.error is None:  # committed: tell the streams (under the lock: in order)
+                info = None if h.vm is None else h.vm.info()
+                self.events.publish_call(vm_id, op.name, op.to_json(), out.result, info)
             if destroy:
                 self._handles.pop(vm_id, None)
             else:
@@ -635,7 +655,9 @@ class VmService:
 
         async with self._locked(vm_id) as h:
             snap = await self._run(work, h)
-        return self._snapshot_info(snap)
+        info = self._snapshot_info(snap)
+        self.events.publish("snapshot", vm_id, {"action": "created", "snapshot": info})
+        return info
 
     async def list_snapshots(self, vm_id: str) -> list[dict[str, Any]]:
         def work() -> Sequence[SnapshotRow]:
@@ -674,6 +696,7 @@ class VmService:
         async with self._locked(vm_id) as h:
             row = await self._run(work, h)
             self._maybe_auto_snapshot(h)
+        self.events.publish("snapshot", vm_id, {"action": "restored", "snapshot_id": snapshot_id})
         return self._info(row), etag(row.last_seq)
 
     # ----------------------------------------------------------------- internals

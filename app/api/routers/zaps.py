@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import Cursor, IfMatchDep, LimitQ, ServiceDep, VmId, mutate, paginate, query
@@ -26,7 +25,7 @@ from app.api.schemas.memslots import ZapSummary
 from app.api.schemas.pages import Page
 from app.api.schemas.zaps import ZapEvent, ZapPolicy, ZapRequest
 from app.engine import ops
-from app.services.errors import ServiceUnavailable, VmNotFound
+from app.services.events import Control
 
 router = APIRouter(prefix="/v1/vms/{vm}", tags=["zaps"])
 _MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
@@ -63,8 +62,13 @@ async def list_zaps(
     )
 
 
-STREAM_POLL_S = 0.25
 STREAM_HEARTBEAT_S = 10.0
+
+
+def _seq(e: dict) -> int:
+    return int(e["seq"])
+
+
 _END = b'event: end\ndata: {"reason": "%s"}\n\n'
 
 
@@ -76,13 +80,16 @@ _END = b'event: end\ndata: {"reason": "%s"}\n\n'
         "as in `GET …/zaps`), oldest first, starting after `after` (or the `Last-Event-ID` "
         "header). The stream ends by itself after `timeout` seconds; reconnect with the last "
         "id to resume without gaps. It also ends, with a last `event: end` whose data says "
-        'why (`{"reason": "vm_deleted"}` or `"service_unavailable"`), when the VM is deleted '
-        "or the database stops answering."
+        'why (`{"reason": "vm_deleted"}`, `"shutdown"` or `"slow_client"`), when the VM is '
+        "deleted, the service stops, or the client reads too slowly. It is the `zap` events "
+        "of `GET …/events`, keyed by the zap's `seq`; the VM's earlier zaps come from its "
+        "state first, so no `after` is too old."
     ),
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}, **responses(R_NOT_FOUND, R_QUERY)},
 )
 async def stream_zaps(
+    request: Request,
     vm: VmId,
     service: ServiceDep,
     after: Annotated[int | None, Query(ge=0, description="last seq already seen")] = None,
@@ -94,34 +101,42 @@ async def stream_zaps(
         start = int(last_event_id)
     if start is None:
         start = 0
-    # Fail before streaming when the VM does not exist (a 404 problem, not a broken stream).
-    await service.read(vm, lambda v: None)
+    bus = request.app.state.service.events
+    # Subscribed before the history is read: nothing committed in between is missed (the
+    # seq check drops what both hold).
+    sub = bus.subscribe(vm=vm, types=("zap", "vm_deleted"))
+    mark = bus.ring[-1].id if bus.ring else 0
+    try:
+        history, _ = await service.read(
+            vm, lambda v: sorted((e for e in v.zap_events() if e["seq"] > start), key=_seq)
+        )
+    except BaseException:
+        bus.unsubscribe(sub)
+        raise
+    deadline = time.monotonic() + timeout
 
     async def events() -> AsyncIterator[bytes]:
         seen = start
-        deadline = time.monotonic() + timeout
-        beat = time.monotonic()
-        while time.monotonic() < deadline:
-            # The answer has started: a failure can no longer be a problem+json, so the
-            # stream says why in a last event and ends normally (a complete chunked body).
-            try:
-                new, _ = await service.read(
-                    vm,
-                    lambda v: [e for e in v.events if e["seq"] > seen],  # noqa: B023
-                )
-            except VmNotFound:
+        for ev in history:
+            seen = ev["seq"]
+            yield b"event: zap\nid: %d\ndata: %s\n\n" % (seen, orjson.dumps(ev))
+        live = bus.stream(sub, after=mark, heartbeat_s=STREAM_HEARTBEAT_S, deadline=deadline)
+        async for item in live:
+            if item is None:
+                yield b": keep-alive\n\n"
+            elif isinstance(item, Control):
+                reason = "slow_client" if item.type == "dropped" else item.data.get("reason")
+                if item.type != "gap":
+                    yield _END % str(reason).encode()
+                    return
+            elif item.type == "vm_deleted":
                 yield _END % b"vm_deleted"
                 return
-            except ServiceUnavailable:
-                yield _END % b"service_unavailable"
-                return
-            for ev in new:
-                seen = ev["seq"]
-                yield b"event: zap\nid: %d\ndata: %s\n\n" % (seen, orjson.dumps(ev))
-            if time.monotonic() - beat > STREAM_HEARTBEAT_S:
-                beat = time.monotonic()
-                yield b": keep-alive\n\n"
-            await asyncio.sleep(STREAM_POLL_S)
+            elif item.data["seq"] > seen and item.data.get("cause") != "vm_destroy":
+                # A deleted VM's teardown zap is on `GET /v1/events` only, as `GET …/zaps`
+                # of a deleted VM is a 404.
+                seen = item.data["seq"]
+                yield b"event: zap\nid: %d\ndata: %s\n\n" % (seen, orjson.dumps(item.data))
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
