@@ -1,4 +1,5 @@
-"""The `vkmmu` console script: `vkmmu serve --host --port`, `vkmmu migrate`."""
+"""The `vkmmu` console script: `vkmmu serve --host --port`, `vkmmu migrate`, `vkmmu replay`,
+`vkmmu compare`."""
 
 from __future__ import annotations
 
@@ -64,6 +65,13 @@ def _migrate(settings: Settings) -> int:
     return 0
 
 
+def _add_replay(sub: Any) -> None:
+    """`vkmmu replay FILE` and `vkmmu compare TRACE` (app/replay_cli.py)."""
+    from app.replay_cli import add_commands
+
+    add_commands(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vkmmu", description="The KVM x86 MMU over HTTP")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=_serve)
     migrate = sub.add_parser("migrate", help="bring the database schema up to date (Alembic)")
     migrate.set_defaults(func=_migrate)
+    _add_replay(sub)
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {
         k: v for k in _OPTIONS if (v := getattr(args, k, None)) is not None
@@ -83,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         # A setting out of range is the operator's mistake: say which, in one line.
         print(f"vkmmu: invalid settings: {_describe(e)}", file=sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "wants_args", False):
+        return int(args.func(settings, args))
     return int(args.func(settings))
 
 

@@ -17,6 +17,7 @@ from app.api.routers import (
     introspection,
     memslots,
     metrics,
+    replay,
     snapshots,
     vms,
     zaps,
@@ -34,6 +35,7 @@ ROUTERS = (
     zaps.router,
     introspection.router,
     snapshots.router,
+    replay.router,
     metrics.router,
 )
 
