@@ -25,6 +25,14 @@ from typing import Any
 EVENT = "kvm_set_user_memory"
 KVM_MEM_GUEST_MEMFD = 1 << 2
 
+_NUM = r"(0[xX][0-9a-fA-F]+|\d+)"
+# The whole line as QEMU prints it (either format): the fast path. Anything else goes
+# through the field-by-field parser, which says what is wrong.
+_EXACT = re.compile(
+    r"^\s*(?:\d+@\d+(?:\.\d+)?:\s*)?kvm_set_user_memory\s+(?:AddrSpace#(\d+)\s+)?Slot#(\d+)"
+    rf"\s+flags={_NUM}\s+gpa={_NUM}\s+size={_NUM}\s+ua={_NUM}"
+    rf"(?:\s+guest_memfd=(-?\d+)\s+guest_memfd_offset={_NUM})?\s+ret=(-?\d+)\s*$"
+)
 _PREFIX = re.compile(r"^\s*(?:\d+@\d+(?:\.\d+)?:\s*)?kvm_set_user_memory\b\s*(?P<rest>.*)$")
 _ADDRSPACE = re.compile(r"^AddrSpace#(?P<as>\d+)\s+")
 _SLOT = re.compile(r"^Slot#(?P<slot>\d+)\s+")
@@ -98,6 +106,32 @@ def _int(text: str) -> int:
 def parse_line(text: str, line: int) -> TraceCall | None:
     """One trace line: a TraceCall, None when the line is not a `kvm_set_user_memory` event
     (ignored), TraceLineError when it is one but does not parse."""
+    if EVENT not in text:
+        return None
+    e = _EXACT.match(text)
+    if e is not None:
+        as_s, slot_s, fl, gpa, size, ua, fd, fd_off, ret = e.groups()
+        slot = int(slot_s)
+        if as_s is not None:
+            if slot > 0xFFFF or int(as_s) > 0xFFFF:
+                raise TraceLineError("AddrSpace# and Slot# are 16-bit each")
+            slot |= int(as_s) << 16
+        call = TraceCall(
+            line=line,
+            slot=slot,
+            flags=_int(fl),
+            gpa=_int(gpa),
+            size=_int(size),
+            ua=_int(ua),
+            ret=int(ret),
+            guest_memfd=None if fd is None else int(fd),
+            guest_memfd_offset=0 if fd_off is None else _int(fd_off),
+        )
+        if call.slot > _U32 or call.flags > _U32:
+            raise TraceLineError("slot and flags are 32-bit")
+        if max(call.gpa, call.size, call.ua, call.guest_memfd_offset) > _U64:
+            raise TraceLineError("gpa, size, ua and guest_memfd_offset are unsigned 64-bit")
+        return call
     m = _PREFIX.match(text)
     if m is None:
         return None

@@ -539,7 +539,7 @@ class VmService:
                 vm = self._catch_up(s, h, row.last_seq)
                 seq = row.last_seq
                 while n < max_calls and (call := feed.next_call()) is not None:
-                    op, args = call[0], _json_copy(call[1])
+                    op, args = call  # the feed's own dict: it hands out a fresh one
                     if op in (RESTORE_OP, "destroy"):
                         feed.record(KvmError(errno.EINVAL, f"{op!r} is not available here"))
                         continue
