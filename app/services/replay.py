@@ -326,14 +326,17 @@ async def replay(
     *,
     progress: Progress | None = None,
     batch: int = REPLAY_BATCH,
+    if_match: str | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Replay `trace` onto the stored VM `vm_id` (journaled, a batch per transaction).
-    Answers (the replay answer, the VM's ETag after it)."""
+    `if_match`: the VM's version the replay must start from (412 otherwise). Answers (the
+    replay answer, the VM's ETag after it)."""
     plan = ReplayPlan(trace.calls, touch)
     tag = ""
     total = len(trace.calls)
     while True:
-        n, tag = await service.mutate_many(vm_id, plan, max_calls=batch)
+        n, tag = await service.mutate_many(vm_id, plan, max_calls=batch, if_match=if_match)
+        if_match = None  # the version is checked before the first batch only
         if progress is not None:
             await progress(plan.done, total)
         if n < batch:  # the feed ran out within this batch

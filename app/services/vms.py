@@ -517,25 +517,30 @@ class VmService:
         return await self._mutate(vm_id, op, args, if_match=if_match, destroy=False)
 
     async def mutate_many(
-        self, vm_id: str, feed: CallFeed, *, max_calls: int = 1000
+        self, vm_id: str, feed: CallFeed, *, max_calls: int = 1000, if_match: str | None = None
     ) -> tuple[int, str]:
         """Apply the calls `feed` hands out, in order, under one lock and one transaction,
         each journaled as its own record exactly as `mutate` journals it (trace replay: one
         commit per batch instead of one per call). `feed.record` receives each outcome (the
         result, or the `KvmError`: a rejected call does not stop the batch) before the next
         call is asked for, so what comes next may depend on it. Stops after `max_calls`
-        calls or when the feed has none left. Answers (calls applied, ETag)."""
+        calls or when the feed has none left. `if_match` as in `mutate`, checked before the
+        first call. Answers (calls applied, ETag)."""
         async with self._locked(vm_id) as h:
-            n, seq = await self._run(self._mutate_many_sync, h, feed, max(1, max_calls))
+            n, seq = await self._run(self._mutate_many_sync, h, feed, max(1, max_calls), if_match)
             self._maybe_auto_snapshot(h)
         return n, etag(seq)
 
-    def _mutate_many_sync(self, h: VmHandle, feed: CallFeed, max_calls: int) -> tuple[int, int]:
+    def _mutate_many_sync(
+        self, h: VmHandle, feed: CallFeed, max_calls: int, if_match: str | None
+    ) -> tuple[int, int]:
         touched = False
         n = 0
         try:
             with self.db.write() as s:
                 row = self._live_row(s, h.vm_id, lock=True)
+                if if_match is not None and not etag_matches(if_match, row.last_seq):
+                    raise PreconditionFailed(if_match, etag(row.last_seq))
                 vm = self._catch_up(s, h, row.last_seq)
                 seq = row.last_seq
                 while n < max_calls and (call := feed.next_call()) is not None:

@@ -24,6 +24,8 @@ from typing import Any
 from app.engine.errors import KvmError
 from app.services import cost_model
 from app.services.qemu_trace import Trace
+from app.services.vms import etag_matches
+from app.services.errors import PreconditionFailed
 from app.services.replay import OpError, ReplayPlan, Touch, engine_call, errno_name, run_local
 
 DEFAULT_MAX_VARIANTS = 8
@@ -242,6 +244,7 @@ async def what_if(
     max_variants: int = DEFAULT_MAX_VARIANTS,
     max_ops: int = DEFAULT_MAX_OPS,
     progress: Any = None,
+    if_match: str | None = None,
 ) -> dict[str, Any]:
     if not variants:
         raise WhatIfError("at least one variant")
@@ -274,6 +277,8 @@ async def what_if(
         return engine.dumps(vm), int(engine.tables_live(vm)), src
 
     (base, tables, source), tag = await service.read(vm_id, copy)
+    if if_match is not None and not etag_matches(if_match, int(tag.strip('"'))):
+        raise PreconditionFailed(if_match, tag)
     for v in variants:
         if v.vm_type is not None and v.vm_type != source["vm_type"] and source["memslots"]:
             raise WhatIfError(

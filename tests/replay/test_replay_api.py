@@ -226,3 +226,15 @@ async def test_progress_streams_as_server_sent_events(
         "/v1/vms/vm-nope/replay", content=b"", headers={"Accept": "text/event-stream"}
     )
     assert r.status_code == 404
+
+
+async def test_if_match_names_the_version_the_replay_starts_from(
+    client: httpx.AsyncClient,
+) -> None:
+    vm = await _vm(client)
+    line = "kvm_set_user_memory Slot#0 flags=0x0 gpa=0x0 size=0x100000 ua=0x7f0000000000 ret=0\n"
+    r = await client.post(f"/v1/vms/{vm}/replay", content=line, headers={"If-Match": '"7"'})
+    assert r.status_code == 412 and r.headers["ETag"] == '"0"'
+    assert (await client.get(f"/v1/vms/{vm}/memslots")).json()["items"] == []
+    r = await client.post(f"/v1/vms/{vm}/replay", content=line, headers={"If-Match": '"0"'})
+    assert r.status_code == 200 and r.headers["ETag"] == '"1"'

@@ -231,3 +231,12 @@ async def test_forks_count_against_the_page_table_budget(
     assert r.status_code == 507, r.text
     assert r.json()["errno_name"] == "ENOMEM"
     assert await _digest(client, vm) == before
+
+
+async def test_if_match_names_the_version_to_copy(client: httpx.AsyncClient) -> None:
+    vm = await _vm(client)
+    body = {"ops": [{"op": "access", "gpa": 0, "size": 4096}], "variants": [{"name": "v"}]}
+    r = await client.post(f"/v1/vms/{vm}/what-if", json=body, headers={"If-Match": '"3"'})
+    assert r.status_code == 412 and r.headers["ETag"] == '"0"'
+    r = await client.post(f"/v1/vms/{vm}/what-if", json=body, headers={"If-Match": '"0"'})
+    assert r.status_code == 200 and r.headers["ETag"] == '"0"'

@@ -11,8 +11,16 @@ import orjson
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import ServiceDep, VmId, set_etag
-from app.api.errors import R_BODY, R_ETAG, R_KVM, R_NOT_FOUND, ApiProblem, responses
+from app.api.deps import IfMatchDep, ServiceDep, VmId, set_etag
+from app.api.errors import (
+    R_BODY,
+    R_ETAG,
+    R_KVM,
+    R_NOT_FOUND,
+    R_PRECONDITION,
+    ApiProblem,
+    responses,
+)
 from app.api.schemas.replay import ReplayProgress, ReplayResult, WhatIfRequest, WhatIfResult
 from app.engine.errors import KvmError
 from app.services import qemu_trace, replay, whatif
@@ -116,7 +124,6 @@ def parse_json_lines(text: str, first_line: int) -> qemu_trace.Trace:
 
 @router.post(
     "/replay",
-    operation_id="replay_run",
     response_model=ReplayResult,
     summary="Replay a QEMU kvm_set_user_memory trace onto the VM (journaled)",
     description=(
@@ -134,7 +141,7 @@ def parse_json_lines(text: str, first_line: int) -> qemu_trace.Trace:
     ),
     openapi_extra={"requestBody": _TRACE_BODY},
     responses={
-        **responses(R_BODY, R_NOT_FOUND, R_KVM, R_ETAG),
+        **responses(R_BODY, R_NOT_FOUND, R_KVM, R_PRECONDITION, R_ETAG),
         200: {
             "content": {"text/event-stream": {}},
             "description": "the replay (JSON), or its progress as Server-Sent Events",
@@ -146,6 +153,7 @@ async def replay_run(
     request: Request,
     service: ServiceDep,
     response: Response,
+    if_match: IfMatchDep,
     touch: Annotated[
         str | None,
         Query(
@@ -174,14 +182,16 @@ async def replay_run(
     if "text/event-stream" in request.headers.get("accept", ""):
         # Fail before streaming when the VM does not exist (a 404 problem, not a stream).
         await service.read(vm, lambda v: None)
-        return StreamingResponse(_stream(service, vm, trace, mode), media_type="text/event-stream")
-    answer, tag = await replay.replay(service, vm, trace, mode)
+        return StreamingResponse(
+            _stream(service, vm, trace, mode, if_match), media_type="text/event-stream"
+        )
+    answer, tag = await replay.replay(service, vm, trace, mode, if_match=if_match)
     set_etag(response, tag)
     return ReplayResult.model_validate(answer)
 
 
 async def _stream(
-    service: Any, vm: str, trace: qemu_trace.Trace, mode: replay.Touch
+    service: Any, vm: str, trace: qemu_trace.Trace, mode: replay.Touch, if_match: str | None
 ) -> AsyncIterator[bytes]:
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 
@@ -191,7 +201,9 @@ async def _stream(
 
     async def run() -> None:
         try:
-            answer, _ = await replay.replay(service, vm, trace, mode, progress=progress)
+            answer, _ = await replay.replay(
+                service, vm, trace, mode, progress=progress, if_match=if_match
+            )
             body = ReplayResult.model_validate(answer).model_dump_json(by_alias=True)
             await queue.put(b"event: result\ndata: %s\n\n" % body.encode())
         except (KvmError, ServiceError) as e:
@@ -216,7 +228,6 @@ _TASKS: set[asyncio.Task[None]] = set()
 
 @router.post(
     "/what-if",
-    operation_id="whatif_run",
     summary="Run operations on in-memory forks of the VM, one per variant, and compare",
     description=(
         "The VM is copied under its lock and never changed. Each variant's fork gets its "
@@ -229,10 +240,15 @@ _TASKS: set[asyncio.Task[None]] = set()
         "or ops than the service allows (VKMMU_WHATIF_MAX_VARIANTS, VKMMU_WHATIF_MAX_OPS) "
         "is a 422, and so is a `host` profile: host profiles are not modelled yet."
     ),
-    responses=responses(R_BODY, R_NOT_FOUND, R_KVM, R_ETAG),
+    responses=responses(R_BODY, R_NOT_FOUND, R_KVM, R_PRECONDITION, R_ETAG),
 )
 async def whatif_run(
-    vm: VmId, body: WhatIfRequest, request: Request, service: ServiceDep, response: Response
+    vm: VmId,
+    body: WhatIfRequest,
+    request: Request,
+    service: ServiceDep,
+    response: Response,
+    if_match: IfMatchDep,
 ) -> WhatIfResult:
     settings = request.app.state.settings
     for v in body.variants:
@@ -268,6 +284,7 @@ async def whatif_run(
             costs=body.costs,
             max_variants=settings.whatif_max_variants,
             max_ops=settings.whatif_max_ops,
+            if_match=if_match,
         )
     except (whatif.WhatIfError, replay.OpError) as e:
         raise ApiProblem(422, "Bad what-if", str(e), "validation") from None
