@@ -145,6 +145,7 @@ def parse_json_lines(text: str, first_line: int) -> qemu_trace.Trace:
         200: {
             "content": {"text/event-stream": {}},
             "description": "the replay (JSON), or its progress as Server-Sent Events",
+            "headers": R_ETAG[200]["headers"],
         },
     },
 )
