@@ -193,9 +193,7 @@ class ReplayPlan:
                     )
                 )
                 continue
-            op = call.to_op()
-            name = op.pop("op")
-            self._queue.append((call, (name, op)))
+            self._queue.append((call, engine_call(call.to_op())))
         item, c = self._queue.popleft()
         self._pending, self._pending_is_touch = item, item is None
         return c
@@ -277,8 +275,8 @@ class ReplayPlan:
             if fresh or hit:
                 spans.extend(self._wanted(slot, span))
         for a, b in spans:
-            args = {"vcpu": 0, "gpa": a, "size": b - a, "access": "read"}
-            self._queue.append((None, ("access", args)))
+            op = {"op": "access", "vcpu": 0, "gpa": a, "size": b - a, "access": "read"}
+            self._queue.append((None, engine_call(op)))
 
     def _record_touch(self, outcome: Any) -> None:
         t = self.touches

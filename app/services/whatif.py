@@ -23,10 +23,10 @@ from typing import Any
 
 from app.engine.errors import KvmError
 from app.services import cost_model
-from app.services.qemu_trace import Trace
-from app.services.vms import etag_matches
 from app.services.errors import PreconditionFailed
+from app.services.qemu_trace import Trace
 from app.services.replay import OpError, ReplayPlan, Touch, engine_call, errno_name, run_local
+from app.services.vms import etag_matches
 
 DEFAULT_MAX_VARIANTS = 8
 DEFAULT_MAX_OPS = 100_000
