@@ -1,5 +1,5 @@
 """The `vkmmu` console script: `vkmmu serve --host --port`, `vkmmu migrate`, `vkmmu top`,
-`vkmmu demo`, `vkmmu --version`."""
+`vkmmu replay`, `vkmmu compare`, `vkmmu demo`, `vkmmu gc`, `vkmmu --version`."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _describe(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
@@ -78,7 +78,7 @@ def _display_url(url: str) -> str:
         return "the configured database"
 
 
-def _migrate(settings: Settings) -> int:
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     from app.services import lifecycle
 
     lifecycle.migrate(settings.database_url)
@@ -101,24 +101,31 @@ def _add_demo(sub: Any) -> None:
     demo.set_defaults(func=_demo)
 
 
-def _demo(settings: Settings, no_color: bool = False) -> int:
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
     # The demo uses its own throw-away database, never the configured one.
     from app import demo
 
-    return demo.main(no_color=no_color)
+    return demo.main(no_color=args.no_color)
 
 
-def _top(args: argparse.Namespace) -> int:
+def _top(settings: Settings, args: argparse.Namespace) -> int:
     import urllib.error
 
     from app.top import run
 
-    url = args.url or f"http://{Settings().host}:{Settings().port}"
+    url = args.url or f"http://{settings.host}:{settings.port}"
     try:
         return run(url, args.vm, interval=args.interval, once=args.once, max_vms=args.max_vms)
     except (urllib.error.URLError, OSError) as e:
         print(f"vkmmu top: {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
         return 1
+
+
+def _add_replay(sub: Any) -> None:
+    """`vkmmu replay FILE` and `vkmmu compare TRACE` (app/replay_cli.py)."""
+    from app.replay_cli import add_commands
+
+    add_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     top.add_argument("--max-vms", type=int, default=50, help="VMs summed, newest first")
     top.add_argument("--once", action="store_true", help="print one refresh and exit")
     top.set_defaults(func=_top)
+    _add_replay(sub)
     args = parser.parse_args(argv)
-    if args.command == "top":
-        return _top(args)
     overrides: dict[str, Any] = {
         k: v for k in _OPTIONS if (v := getattr(args, k, None)) is not None
     }
@@ -151,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         # A setting out of range is the operator's mistake: say which, in one line.
         print(f"vkmmu: invalid settings: {_describe(e)}", file=sys.stderr)
         return EXIT_USAGE
-    if args.command == "demo":
-        return _demo(settings, no_color=args.no_color)
-    return int(args.func(settings))
+    return int(args.func(settings, args))
 
 
 if __name__ == "__main__":

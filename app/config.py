@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     # VMs held in memory at once; past it the least recently used idle ones are evicted
     # (they reload from their newest snapshot and the journal on next use).
     max_loaded_vms: int = Field(default=64, ge=1)
+    # What-if (POST …/what-if): variants and operations one request may ask for (422 past).
+    whatif_max_variants: int = Field(default=8, ge=1, le=64)
+    whatif_max_ops: int = Field(default=100_000, ge=1)
     log_level: str = "INFO"
     # Observability (docs/metrics.md): per-VM series on /metrics for at most this many VMs,
     # newest first; events buffered per stream client before it is dropped as too slow.

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
@@ -233,6 +233,15 @@ class _Outcome:
     result: Any
     seq: int
     error: KvmError | None
+
+
+class CallFeed(Protocol):
+    """Engine calls handed out one at a time (`mutate_many`): each outcome is recorded
+    before the next call is asked for."""
+
+    def next_call(self) -> tuple[str, dict[str, Any]] | None: ...
+
+    def record(self, outcome: Any) -> None: ...
 
 
 class VmService:
@@ -532,6 +541,76 @@ class VmService:
             # Both have their own entry points, which keep the VM row consistent.
             raise KvmError(errno.EINVAL, f"operation {op.name!r} is not available through mutate()")
         return await self._mutate(vm_id, op, if_match=if_match, destroy=False)
+
+    async def mutate_many(
+        self, vm_id: str, feed: CallFeed, *, max_calls: int = 1000, if_match: str | None = None
+    ) -> tuple[int, str]:
+        """Apply the calls `feed` hands out, in order, under one lock and one transaction,
+        each journaled as its own record exactly as `mutate` journals it (trace replay: one
+        commit per batch instead of one per call). `feed.record` receives each outcome (the
+        result, or the `KvmError`: a rejected call does not stop the batch) before the next
+        call is asked for, so what comes next may depend on it. Stops after `max_calls`
+        calls or when the feed has none left. `if_match` as in `mutate`, checked before the
+        first call. Answers (calls applied, ETag)."""
+        async with self._locked(vm_id) as h:
+            n, seq = await self._run(self._mutate_many_sync, h, feed, max(1, max_calls), if_match)
+            self._maybe_auto_snapshot(h)
+        return n, etag(seq)
+
+    def _mutate_many_sync(
+        self, h: VmHandle, feed: CallFeed, max_calls: int, if_match: str | None
+    ) -> tuple[int, int]:
+        touched = False
+        n = 0
+        try:
+            with self.db.write() as s:
+                row = self._live_row(s, h.vm_id, lock=True)
+                if if_match is not None and not etag_matches(if_match, row.last_seq):
+                    raise PreconditionFailed(if_match, etag(row.last_seq))
+                vm = self._catch_up(s, h, row.last_seq)
+                seq = row.last_seq
+                while n < max_calls and (call := feed.next_call()) is not None:
+                    op, args = call  # the feed's own dict: it hands out a fresh one
+                    if op in (RESTORE_OP, "destroy"):
+                        feed.record(KvmError(errno.EINVAL, f"{op!r} is not available here"))
+                        continue
+                    n += 1
+                    at_us = now_us()
+                    budget = self._grant_tables(vm)
+                    self.engine.set_table_budget(vm, budget)
+                    touched = True
+                    error: dict[str, Any] | None = None
+                    result: Any = None
+                    try:
+                        call_op = self.engine.parse(op, _json_copy(args))
+                        result = self.engine.apply(vm, call_op, us_to_engine_time(at_us), None)
+                    except KvmError as e:
+                        feed.record(e)
+                        if not getattr(e, "state_changed", False):
+                            continue  # nothing changed: no record, as in `mutate`
+                        error = _error_json(e)
+                    else:
+                        feed.record(result)
+                    seq += 1
+                    repo.append_journal(
+                        s,
+                        vm_id=h.vm_id,
+                        seq=seq,
+                        op=call_op.name,
+                        args=call_op.to_json(),
+                        result=None if error else _result_summary(result),
+                        error=error,
+                        at=us_to_datetime(at_us),
+                        meta=_meta(vm, budget),
+                    )
+                row.last_seq = seq
+                row.summary = self._summary(vm)
+        except BaseException:
+            if touched:
+                h.discard()
+            raise
+        h.applied_seq = seq
+        return n, seq
 
     async def _mutate(
         self, vm_id: str, op: OpLike, *, if_match: str | None, destroy: bool
