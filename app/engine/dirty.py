@@ -17,6 +17,7 @@ import numpy as np
 from . import spte as S
 from . import uapi
 from .errors import KvmError, einval
+from .faults import FaultPath
 from .op import Op, operation
 from .paging import span
 from .roots import Root, RootRole, ZapAcc
@@ -96,12 +97,12 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
         vm.free_dirty(key)  # the bitmap goes whenever logging is off (§2.3)
     if logging_old == logging_new or new.flags & uapi.KVM_MEM_READONLY:
         if logging_new and key not in vm.dirty:
-            vm._alloc_dirty(new)
+            vm.alloc_dirty(new)
         return None
     t0 = time.perf_counter()
     acc = ZapAcc()
     if logging_new:
-        vm._alloc_dirty(new)
+        vm.alloc_dirty(new)
         if vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
             return None  # protection happens later, on KVM_CLEAR_DIRTY_LOG
         split = wp = 0
@@ -149,8 +150,6 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
 def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
     """kvm_tdp_mmu_recover_huge_pages: a table fully inside the slot whose GFNs may now be
     mapped at its parent's level is replaced by one huge leaf (2M first, then 1G)."""
-    from .faults import FaultPath
-
     mmu = vm.mmu
     fp = FaultPath(vm, next(iter(vm.vcpus.values())) if vm.vcpus else None, "read")  # type: ignore[arg-type]
     recovered = 0
@@ -190,7 +189,7 @@ def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
 
 def _logging_slot(vm: Vm, slot: object) -> tuple[Memslot, np.ndarray]:
     """The slot and its bitmap: no slot, or no dirty bitmap → ENOENT (kvm_get_dirty_log)."""
-    s = vm._lookup_slot(slot)
+    s = vm.lookup_slot(slot)
     bm = vm.dirty.get((s.as_id, s.id))
     if bm is None:
         raise KvmError(errno.ENOENT, f"memslot {slot:#x} does not log dirty pages")

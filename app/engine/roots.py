@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import spte as S
-from .paging import ENTRIES, TablePool, clip, span
+from .paging import ENTRIES, TablePool, clip, span, walk
 
 
 class RootRole(enum.StrEnum):
@@ -260,8 +260,6 @@ class Mmu:
 
     def leaf_iter(self, root: Root, start: int = 0, end: int = 1 << 62):
         """(position of first GFN, level, entries array, indexes of present leaves) per table."""
-        from .paging import walk
-
         for cur in walk(self.pool, root.table, start, end):
             sl = self.pool.entries(cur.table)[cur.lo : cur.hi]
             leaf = (sl & S.U_PRESENT) != 0

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from . import capabilities as caps
+from . import dirty, introspect, uapi
 from . import spte as S
-from . import uapi
 from .attributes import MemoryAttributes, SetMemoryAttributes
+from .audit import audit as audit_vm
 from .capabilities import EnableCap
 from .dirty import ClearDirtyLog, GetDirtyLog
 from .errors import KvmError, check_u64, einval
@@ -258,7 +259,7 @@ class Vm:
             self.spaces[new.as_id].install(new)
             self._swap(new.as_id)
             if new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
-                self._alloc_dirty(new)
+                self.alloc_dirty(new)
             return {"change": kind.value, "memslot": self._slot_dict(new), "zap": None}
         if kind is ChangeKind.FLAGS_ONLY:
             assert old is not None and new is not None
@@ -294,7 +295,7 @@ class Vm:
             if not new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
                 self.free_dirty(key)
             elif key not in self.dirty:
-                self._alloc_dirty(new)
+                self.alloc_dirty(new)
             self._swap(new.as_id)
             return {"change": kind.value, "memslot": self._slot_dict(new), "zap": zap}
         space.remove(old.id)
@@ -349,7 +350,7 @@ class Vm:
 
     # ------------------------------------------------------------------ zapping
     # ------------------------------------------------------------------ MMIO SPTEs
-    def _install_mmio_spte(self, vcpu: Vcpu, pos: int, gfn: int) -> bool:
+    def install_mmio_spte(self, vcpu: Vcpu, pos: int, gfn: int) -> bool:
         """Cache 'no memslot' for the GFN in the direct root (kvm-private-tdx.md
         §1.5.3); TDX value is 0.
 
@@ -725,7 +726,7 @@ class Vm:
         return {"zap": zap, "changed": True}
 
     # ------------------------------------------------------------------ dirty logging
-    def _alloc_dirty(self, slot: Memslot) -> None:
+    def alloc_dirty(self, slot: Memslot) -> None:
         key = (slot.as_id, slot.id)
         if self.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
             self.dirty[key] = np.ones(slot.npages, dtype=bool)
@@ -738,19 +739,13 @@ class Vm:
         self.dirty_initially_set.discard(key)
 
     def _apply_dirty_flags(self, old: Memslot, new: Memslot) -> dict | None:
-        from . import dirty
-
         return dirty.apply_flags(self, old, new)
 
     def _get_dirty_log(self, op: GetDirtyLog) -> dict:
-        from . import dirty
-
         return dirty.get_dirty_log(self, op.slot)
 
     def _clear_dirty_log(self, op: ClearDirtyLog) -> dict:
         slot, first_page, num_pages, bitmap = op.slot, op.first_page, op.num_pages, op.bitmap
-        from . import dirty
-
         return dirty.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
 
     # ------------------------------------------------------------------ teardown
@@ -783,10 +778,10 @@ class Vm:
         return sorted(out, key=lambda d: d["slot"])
 
     def memslot(self, slot: object) -> dict:
-        s = self._lookup_slot(slot)
+        s = self.lookup_slot(slot)
         return self._slot_dict(s)  # type: ignore[return-value]
 
-    def _lookup_slot(self, slot: object) -> Memslot:
+    def lookup_slot(self, slot: object) -> Memslot:
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot <= 0xFFFFFFFF:
             raise einval("slot must be a u32")
         as_id, id = slot >> 16, slot & 0xFFFF
@@ -821,19 +816,13 @@ class Vm:
         return self.tdx.to_dict()
 
     def translate(self, gpa: object) -> dict:
-        from .introspect import translate
-
-        return translate(self, gpa)
+        return introspect.translate(self, gpa)
 
     def mappings(self, root: object = None) -> list[dict]:
-        from .introspect import mappings
-
-        return mappings(self, root)
+        return introspect.mappings(self, root)
 
     def audit(self) -> dict:
-        from .audit import audit
-
-        return audit(self)
+        return audit_vm(self)
 
 
 def _bool_runs(mask: np.ndarray) -> list[tuple[int, int]]:
