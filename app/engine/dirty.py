@@ -22,7 +22,7 @@ from .op import Op, operation
 from .paging import span
 from .roots import Root, RootRole, ZapAcc
 from .uapi import PAGE_SHIFT
-from .zap import flush_tlbs, record, running_vcpus
+from .zap import finish, flush_tlbs
 
 if TYPE_CHECKING:
     from .memslots import Memslot
@@ -109,42 +109,32 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
         for root in _direct_roots(vm, new.as_id):
             split += split_huge(vm, root, new.base_gfn, new.end_gfn)
             wp += write_protect(vm, root, new.base_gfn, new.end_gfn)
-        flushes = flush_tlbs(vm)  # unconditional on enable (§3.4 d)
-        ev = record(
+        return finish(
             vm,
+            acc,
             "dirty_log",
             "enable_dirty_logging",
-            new.base_gfn,
-            new.end_gfn,
-            acc,
-            0,
-            flushes,
-            running_vcpus(vm),
+            (new.base_gfn, new.end_gfn),
             t0,
+            flush=True,  # unconditional on enable (§3.4 d)
             trigger=new,
             huge_pages_split=split,
             sptes_write_protected=wp,
         )
-        return ev
     recovered = 0
     for root in _direct_roots(vm, new.as_id):
         recovered += recover_huge_pages(vm, root, new, acc)
-    flushes = flush_tlbs(vm) if recovered else 0
-    ev = record(
+    return finish(
         vm,
+        acc,
         "dirty_log",
         "recover_huge_pages",
-        new.base_gfn,
-        new.end_gfn,
-        acc,
-        0,
-        flushes,
-        running_vcpus(vm) if flushes else 0,
+        (new.base_gfn, new.end_gfn),
         t0,
+        flush=recovered > 0,
         trigger=new,
         huge_pages_recovered=recovered,
     )
-    return ev
 
 
 def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import errno
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 from .errors import KvmError, check_u64, einval
 from .op import Op, operation
@@ -25,6 +26,36 @@ if TYPE_CHECKING:
 MAX_EVENTS = 10000
 # Counts only some paths produce; every event carries them all (0 where they do not apply).
 EVENT_EXTRAS = ("huge_pages_split", "sptes_write_protected", "huge_pages_recovered")
+
+
+@dataclass(frozen=True, slots=True)
+class ZapEvent:
+    """One zap, in the fixed shape of docs/engine.md "Zap events" (`to_json` keeps its key
+    order); the VM's log and every answer hold the JSON form."""
+
+    seq: int
+    at: float
+    cause: str
+    path: str
+    vm_type: str
+    slot_zap_all: bool
+    as_id: int | None
+    slot: int | None
+    gfn_start: int
+    gfn_end: int
+    sptes_zapped: dict[str, Any]
+    sptes_zapped_total: int
+    tables_freed: int
+    roots_invalidated: int
+    tlb_flushes: int
+    vcpu_kicks: int
+    duration_us: int
+    huge_pages_split: int = 0
+    sptes_write_protected: int = 0
+    huge_pages_recovered: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def flush_memslot(vm: Vm, slot: Memslot, cause: str) -> dict:
@@ -86,27 +117,18 @@ def zap_slot_leafs(vm: Vm, slot: Memslot, cause: str) -> dict:
     (kvm-memslots.md §4.4)."""
     t0 = time.perf_counter()
     acc = ZapAcc()
+    flush = False
     for root in vm.mmu.roots_of(slot.as_id):
-        zap_root_range(vm, root, slot.base_gfn, slot.end_gfn, acc)
-    flushes = flush_tlbs(vm) if acc.flush else 0
+        flush |= zap_root_range(vm, root, slot.base_gfn, slot.end_gfn, acc)
     vm.stats_extra["zaps_slot_leafs"] += 1
-    kicks = running_vcpus(vm) if flushes else 0
-    return record(
-        vm,
-        cause,
-        "zap_slot_leafs",
-        slot.base_gfn,
-        slot.end_gfn,
-        acc,
-        0,
-        flushes,
-        kicks,
-        t0,
-        trigger=slot,
-    )
+    span = (slot.base_gfn, slot.end_gfn)
+    return finish(vm, acc, cause, "zap_slot_leafs", span, t0, flush=flush, trigger=slot)
 
 
-def zap_root_range(vm: Vm, root: Root, start: int, end: int, acc: ZapAcc) -> None:
+def zap_root_range(vm: Vm, root: Root, start: int, end: int, acc: ZapAcc) -> bool:
+    """Zap the leaves of [start, end) in one root; returns whether a TLB flush is needed
+    (a valid root lost a present SPTE), as kvm_tdp_mmu_zap_leafs does."""
+    before_flush, acc.flush = acc.flush, False
     if root.role is RootRole.DIRECT:
         bits = vm.gfn_direct_bits
         vm.mmu.zap_range(root, start | bits, end | bits, acc, leafs_only=True)
@@ -116,6 +138,9 @@ def zap_root_range(vm: Vm, root: Root, start: int, end: int, acc: ZapAcc) -> Non
         assert vm.tdx is not None
         for s, e, _ in acc.runs[before:]:
             vm.tdx.remove_leaves(s, e - s)
+    flush = acc.flush
+    acc.flush = before_flush or flush
+    return flush
 
 
 def zap_gfn_range(
@@ -132,15 +157,32 @@ def zap_gfn_ranges(
     one event (what a guest_memfd invalidation over several bindings does)."""
     t0 = time.perf_counter()
     acc = ZapAcc()
+    flush = False
     for as_id, s, e in ranges:
         for root in vm.mmu.roots_of(as_id):
             if root.role in roles:
-                zap_root_range(vm, root, s, e, acc)
-    start = min(s for _, s, _ in ranges)
-    end = max(e for _, _, e in ranges)
-    flushes = flush_tlbs(vm) if acc.flush else 0
+                flush |= zap_root_range(vm, root, s, e, acc)
+    span = (min(s for _, s, _ in ranges), max(e for _, _, e in ranges))
+    return finish(vm, acc, cause, path, span, t0, flush=flush)
+
+
+def finish(
+    vm: Vm,
+    acc: ZapAcc,
+    cause: str,
+    path: str,
+    span: tuple[int, int],
+    t0: float,
+    *,
+    flush: bool,
+    trigger: Memslot | None = None,
+    **extra: int,
+) -> dict:
+    """The one place a zap that may need a TLB flush ends: the flush (and the IPIs it sends
+    to running vCPUs) when the primitives said one is needed, then the zap event."""
+    flushes = flush_tlbs(vm) if flush else 0
     kicks = running_vcpus(vm) if flushes else 0
-    return record(vm, cause, path, start, end, acc, 0, flushes, kicks, t0)
+    return record(vm, cause, path, span[0], span[1], acc, 0, flushes, kicks, t0, trigger, **extra)
 
 
 def measured_duration(vm: Vm, t0: float) -> int:
@@ -180,26 +222,28 @@ def record(
     vm.event_seq += 1
     unknown = set(extra) - set(EVENT_EXTRAS)
     assert not unknown, f"zap event fields outside the fixed shape: {unknown}"
-    ev = {
-        "seq": vm.event_seq,
-        "at": vm.now,
-        "cause": cause,
-        "path": path,
-        "vm_type": vm.vm_type.name,
-        "slot_zap_all": slot_zap_all(vm),
-        "as_id": None if trigger is None else trigger.as_id,
-        "slot": None if trigger is None else trigger.id,
-        "gfn_start": gfn_start,
-        "gfn_end": gfn_end,
-        "sptes_zapped": acc.by_level(),
-        "sptes_zapped_total": total,
-        "tables_freed": acc.tables_freed,
-        "roots_invalidated": invalidated,
-        "tlb_flushes": flushes,
-        "vcpu_kicks": kicks,
-        "duration_us": measured_duration(vm, t0),
-        **{k: extra.get(k, 0) for k in EVENT_EXTRAS},
-    }
+    ev = ZapEvent(
+        seq=vm.event_seq,
+        at=vm.now,
+        cause=cause,
+        path=path,
+        vm_type=vm.vm_type.name,
+        slot_zap_all=slot_zap_all(vm),
+        as_id=None if trigger is None else trigger.as_id,
+        slot=None if trigger is None else trigger.id,
+        gfn_start=gfn_start,
+        gfn_end=gfn_end,
+        sptes_zapped=acc.by_level(),
+        sptes_zapped_total=total,
+        tables_freed=acc.tables_freed,
+        roots_invalidated=invalidated,
+        tlb_flushes=flushes,
+        vcpu_kicks=kicks,
+        duration_us=measured_duration(vm, t0),
+        huge_pages_split=extra.get("huge_pages_split", 0),
+        sptes_write_protected=extra.get("sptes_write_protected", 0),
+        huge_pages_recovered=extra.get("huge_pages_recovered", 0),
+    ).to_json()
     vm.events.append(ev)
     if len(vm.events) > MAX_EVENTS:
         del vm.events[: len(vm.events) - MAX_EVENTS]
@@ -251,6 +295,7 @@ def notifier_invalidate(vm: Vm, first: int, end: int) -> dict | None:
     t0 = time.perf_counter()
     acc = ZapAcc()
     lo_gfn, hi_gfn = None, None
+    flush = False
     for space in vm.spaces:
         for slot in space.by_gfn():
             if slot.gmem_only:
@@ -263,16 +308,13 @@ def notifier_invalidate(vm: Vm, first: int, end: int) -> dict | None:
             g0 = slot.base_gfn + (lo - s_first)
             g1 = slot.base_gfn + (hi - s_first)
             for root in vm.mmu.roots_of(space.as_id, RootRole.DIRECT):
-                zap_root_range(vm, root, g0, g1, acc)
+                flush |= zap_root_range(vm, root, g0, g1, acc)
             lo_gfn = g0 if lo_gfn is None else min(lo_gfn, g0)
             hi_gfn = g1 if hi_gfn is None else max(hi_gfn, g1)
     if lo_gfn is not None:
-        flushes = flush_tlbs(vm) if acc.flush else 0
-        kicks = running_vcpus(vm) if flushes else 0
         vm.stats_extra["zaps_notifier"] += 1
-        zap = record(
-            vm, "mmu_notifier", "zap_gfn_range", lo_gfn, hi_gfn or 0, acc, 0, flushes, kicks, t0
-        )
+        span = (lo_gfn, hi_gfn or 0)
+        zap = finish(vm, acc, "mmu_notifier", "zap_gfn_range", span, t0, flush=flush)
     return zap
 
 
