@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from . import addr as A
 from . import capabilities as caps
 from . import dirty, introspect, uapi
 from . import spte as S
@@ -48,7 +49,7 @@ from .paging import span
 from .roots import Mmu, Root, RootRole, ZapAcc
 from .stats import KVM_STAT_NAMES, stats_view
 from .tdx import TdxState
-from .uapi import PAGE_SHIFT, PAGE_SIZE, VmType
+from .uapi import PAGE_SIZE, VmType
 from .vcpu import CreateVcpu, SetVcpuSmm, Vcpu
 from .zap import (
     Destroy,
@@ -95,9 +96,9 @@ class Vm:
         self.has_private_mem = uapi.vm_has_private_mem(vm_type)
         self.is_tdx = vm_type == VmType.KVM_X86_TDX_VM
         # TDX: the shared bit is GPA bit 47 (4-level EPT) or 51 (5-level), as a GFN bit.
-        self.gfn_direct_bits = (1 << (35 if paging_levels == 4 else 39)) if self.is_tdx else 0
-        self.max_gfn = (1 << (uapi.HOST_MAXPHYADDR - PAGE_SHIFT)) - 1
-        self.gpa_limit = 1 << (PAGE_SHIFT + 9 * paging_levels)
+        self.gfn_direct_bits = A.shared_gfn_bit(paging_levels) if self.is_tdx else 0
+        self.max_gfn = A.gpa_to_gfn(1 << uapi.HOST_MAXPHYADDR) - 1
+        self.gpa_limit = A.gfn_to_gpa(1 << (9 * paging_levels))
         self.user_addr_end = uapi.USER_ADDR_END_4LEVEL
         self.disabled_quirks = caps.initial_disabled_quirks(vm_type)
         self.manual_dirty_log = 0
@@ -419,7 +420,7 @@ class Vm:
     def _budget_for(self, size: int) -> int:
         """Tables a call over `size` bytes may build at most: its leaf tables plus one path
         per level above them (checked before anything is allocated)."""
-        pages = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        pages = A.pages(size)
         return -(-pages // 512) + -(-pages // (512 * 512)) + self.paging_levels - 1
 
     def _access(self, op: Access) -> dict:
@@ -441,7 +442,7 @@ class Vm:
         if not isinstance(private, bool):
             raise einval("private must be true, false or null")
         if self.is_tdx:
-            if private == bool((gpa >> PAGE_SHIFT) & self.gfn_direct_bits):
+            if private == A.is_shared(A.gpa_to_gfn(gpa), self.gfn_direct_bits):
                 raise einval("private contradicts the GPA's shared bit")
         elif private and not self.has_private_mem:
             raise einval("this VM type has no private memory")
@@ -453,14 +454,14 @@ class Vm:
         g, n, f = check_u64(gpa, "gpa"), check_u64(size, "size"), check_u64(flags, "flags")
         if f or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n <= g:
             raise einval("flags must be 0; gpa/size page aligned; size > 0, no wrap")
-        if (g >> PAGE_SHIFT) & self.gfn_direct_bits:
+        if A.is_shared(A.gpa_to_gfn(g), self.gfn_direct_bits):
             raise einval("the GPA is a shared-bit alias")
         if g + n > self.gpa_limit:
             raise einval("range beyond the guest physical address space")
         if n > MAX_ACCESS_BYTES:
             raise KvmError(errno.E2BIG, f"one call covers at most {MAX_ACCESS_BYTES:#x} bytes")
         self._check_budget(self._budget_for(n))
-        start, end = g >> PAGE_SHIFT, (g + n) >> PAGE_SHIFT
+        start, end = A.gpa_to_gfn(g), A.gpa_to_gfn(g + n)
         gfn = start
         err: KvmError | None = None
         # One prefetch walk per run of equal privacy: private runs map through the mirror
@@ -470,23 +471,23 @@ class Vm:
             private = self.has_private_mem and attrs != 0
             bits = self.gfn_direct_bits if not private else 0
             fp = FaultPath(self, v, "write" if private else "read", prefetch=True)
-            res = fp.run((a | bits) << PAGE_SHIFT, (b - a) << PAGE_SHIFT)
-            gfn = a + res.pages
+            res = fp.run(A.gfn_to_gpa(A.shared_alias(a, bits)), A.gfn_to_gpa(b - a))
+            gfn = A.Gfn(a + res.pages)
             if res.exit is not None:
                 reason = res.exit["reason"]
                 err = (
-                    KvmError(errno.ENOENT, f"no memslot at gpa {gfn << PAGE_SHIFT:#x}")
+                    KvmError(errno.ENOENT, f"no memslot at gpa {A.gfn_to_gpa(gfn):#x}")
                     if reason == "KVM_EXIT_MMIO"
-                    else KvmError(errno.EFAULT, f"pre-fault at {gfn << PAGE_SHIFT:#x}: {reason}")
+                    else KvmError(errno.EFAULT, f"pre-fault at {A.gfn_to_gpa(gfn):#x}: {reason}")
                 )
                 break
-        left = (end - gfn) << PAGE_SHIFT
+        left = A.gfn_to_gpa(end - gfn)
         if err is not None and gfn == start:
             # The walk may have built a root, tables or an MMIO SPTE before failing, as the
             # kernel's does: the service journals such an error like a success.
             err.state_changed = True
             raise err
-        return {"gpa": gfn << PAGE_SHIFT, "size": left}
+        return {"gpa": A.gfn_to_gpa(gfn), "size": left}
 
     def _accept(self, op: Accept) -> dict:
         """A TD guest's TDG.MEM.PAGE.ACCEPT: AUG the page if it is missing, then accept it."""
@@ -497,13 +498,13 @@ class Vm:
         g, n = check_u64(gpa, "gpa"), check_u64(size, "size")
         if n == 0 or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n > self.gpa_limit:
             raise einval("gpa/size must be page aligned, non-empty, inside the GPA space")
-        if (g >> PAGE_SHIFT) & self.gfn_direct_bits:
+        if A.is_shared(A.gpa_to_gfn(g), self.gfn_direct_bits):
             raise einval("only private GPAs are accepted")
         if n > MAX_ACCESS_BYTES:
             raise KvmError(errno.E2BIG, f"one call covers at most {MAX_ACCESS_BYTES:#x} bytes")
         self._check_budget(self._budget_for(n))
         v.running = True
-        gfn = g >> PAGE_SHIFT
+        gfn = A.gpa_to_gfn(g)
         # ACCEPT of a missing page is an EPT violation: KVM AUGs it (a prefetch-like walk that
         # maps without touching), then the module accepts it.
         res = FaultPath(self, v, "write", prefetch=True).run(g, n)
@@ -571,7 +572,7 @@ class Vm:
 
     def _backing(self, vcpu: Vcpu, gpa: int) -> _Backing:
         """Where the SPTE for `gpa` points: a host page or a guest_memfd page."""
-        pos = gpa >> PAGE_SHIFT
+        pos = A.gpa_to_gfn(gpa)
         gfn = pos & ~self.gfn_direct_bits
         private = self.is_tdx and not pos & self.gfn_direct_bits
         root = self.root_for(vcpu, RootRole.MIRROR if private else RootRole.DIRECT)
@@ -615,8 +616,9 @@ class Vm:
         a, n = self._host_range(userspace_addr, len)
         if a & (PAGE_SIZE - 1):
             raise einval("madvise needs a page-aligned address")
-        first, end = a >> PAGE_SHIFT, (a + n + PAGE_SIZE - 1) >> PAGE_SHIFT
-        first, end = self.host.dontneed_range(first, end)
+        first, end = A.hva_to_hpn(a), A.hva_to_hpn(a + n + A.PAGE_MASK)
+        lo, hi = self.host.dontneed_range(first, end)
+        first, end = A.Hpn(lo), A.Hpn(hi)
         if first >= end:
             return {"zap": None}
         zap = notifier_invalidate(self, first, end)
@@ -628,7 +630,7 @@ class Vm:
         a, n = self._host_range(userspace_addr, len)
         if a & (PAGE_SIZE - 1) or advice not in ("hugepage", "nohugepage"):
             raise einval("page-aligned address; advice hugepage|nohugepage")
-        first, end = a >> PAGE_SHIFT, (a + n + PAGE_SIZE - 1) >> PAGE_SHIFT
+        first, end = A.hva_to_hpn(a), A.hva_to_hpn(a + n + A.PAGE_MASK)
         # MADV_NOHUGEPAGE does not split existing THPs; KVM's SPTEs stay as they are.
         self.host.advise(first, end, advice == "hugepage")
         return {}
@@ -646,11 +648,10 @@ class Vm:
         ps = int(page_size)
         if a % ps or n % ps:
             raise einval("hugetlbfs mappings are aligned to their page size")
-        zap = notifier_invalidate(self, a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT)
-        self.host.discard(a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT)
-        self.host.set_page_size(
-            a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT, LEVEL_OF_SIZE[ps], "hugetlb"
-        )
+        first, end = A.hva_to_hpn(a), A.hva_to_hpn(a + n)
+        zap = notifier_invalidate(self, first, end)
+        self.host.discard(first, end)
+        self.host.set_page_size(first, end, LEVEL_OF_SIZE[ps], "hugetlb")
         return {"zap": zap}
 
     # ------------------------------------------------------------------ guest_memfd
@@ -839,14 +840,14 @@ class _Backing:
 
     def read(self, n: int) -> bytes:
         if self.file is not None:
-            return self.file.read((self.page << PAGE_SHIFT) + self.off, n)
-        return self.vm.host.read((self.page << PAGE_SHIFT) + self.off, n)
+            return self.file.read(A.page_to_offset(self.page) + self.off, n)
+        return self.vm.host.read(A.hpn_to_hva(self.page) + self.off, n)
 
     def write(self, data: bytes) -> None:
         if self.file is not None:
-            self.file.write((self.page << PAGE_SHIFT) + self.off, data)
+            self.file.write(A.page_to_offset(self.page) + self.off, data)
         else:
-            self.vm.host.write((self.page << PAGE_SHIFT) + self.off, data)
+            self.vm.host.write(A.hpn_to_hva(self.page) + self.off, data)
 
 
 def _destroy(vm: Vm, op: Destroy) -> dict:
