@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import errno
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -88,7 +88,7 @@ def write_protect(
     return n
 
 
-def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
+def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict[str, Any] | None:
     """kvm_mmu_slot_apply_flags for a FLAGS_ONLY change."""
     key = (new.as_id, new.id)
     logging_old = bool(old.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES)
@@ -195,7 +195,7 @@ def _pack(bits: np.ndarray) -> tuple[str, int]:
     return base64.b64encode(raw).decode(), int(np.count_nonzero(bits))
 
 
-def get_dirty_log(vm: Vm, slot: object) -> dict:
+def get_dirty_log(vm: Vm, slot: object) -> dict[str, Any]:
     """KVM_GET_DIRTY_LOG: without manual protect it is destructive and re-arms protection
     (kvm-memslots.md §5.3; kvm_get_dirty_log_protect)."""
     s, bm = _logging_slot(vm, slot)
@@ -220,7 +220,7 @@ def get_dirty_log(vm: Vm, slot: object) -> dict:
 
 def clear_dirty_log(
     vm: Vm, slot: object, first_page: object, num_pages: object, bitmap: object
-) -> dict:
+) -> dict[str, Any]:
     """KVM_CLEAR_DIRTY_LOG: clear the given bits and protect those pages. The kernel does not
     require manual protect for it (kvm_clear_dirty_log_protect has no such check)."""
     for name, v in (("first_page", first_page), ("num_pages", num_pages)):

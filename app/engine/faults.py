@@ -32,7 +32,8 @@ from .zap import account_fault_zaps
 if TYPE_CHECKING:
     from .gmem import GmemFile
     from .memslots import Memslot
-    from .vm import Vcpu, Vm
+    from .vcpu import Vcpu
+    from .vm import Vm
 
 ACCESS_KINDS = ("read", "write", "exec")
 _LOG_DIRTY = int(KVM_MEM_LOG_DIRTY_PAGES)  # plain ints: IntFlag arithmetic is slow on hot paths

@@ -167,7 +167,9 @@ class Vm:
         return not self.disabled_quirks & uapi.Quirk.KVM_X86_QUIRK_IGNORE_GUEST_PAT
 
     # ------------------------------------------------------------------ dispatch
-    def apply(self, op: Op, at: float | None = None, durations: list[int] | None = None) -> dict:
+    def apply(
+        self, op: Op, at: float | None = None, durations: list[int] | None = None
+    ) -> dict[str, Any]:
         """The one entry point of every mutating call (journaled by the service).
 
         `at` stamps the call's zap events; `durations`, on replay, gives back the zap durations
@@ -186,7 +188,7 @@ class Vm:
         return handler(self, op)
 
     # ------------------------------------------------------------------ vCPUs / caps
-    def _create_vcpu(self, op: CreateVcpu) -> dict:
+    def _create_vcpu(self, op: CreateVcpu) -> dict[str, Any]:
         """KVM_CREATE_VCPU: id < KVM_MAX_VCPU_IDS (4096, x86), at most KVM_MAX_VCPUS (1024)
         vCPUs, an id only once (EEXIST) — kvm_vm_ioctl_create_vcpu."""
         id = op.id
@@ -199,7 +201,7 @@ class Vm:
         self.vcpus[id] = Vcpu(id)
         return {"id": id}
 
-    def _set_vcpu_smm(self, op: SetVcpuSmm) -> dict:
+    def _set_vcpu_smm(self, op: SetVcpuSmm) -> dict[str, Any]:
         """KVM_SET_VCPU_EVENTS(smm.smm): the vCPU enters or leaves SMM, so its accesses use
         memslot address space 1 and the SMM roots (VMs without private memory only)."""
         vcpu, smm = op.vcpu, op.smm
@@ -216,7 +218,7 @@ class Vm:
             raise KvmError(errno.ENOENT, f"no vCPU {id!r}")
         return self.vcpus[id]
 
-    def _enable_cap(self, op: EnableCap) -> dict:
+    def _enable_cap(self, op: EnableCap) -> dict[str, Any]:
         cap, flags, args = op.cap, op.flags, op.args
         number = caps.cap_number(cap)
         args = [0, 0, 0, 0] if args is None else args
@@ -231,7 +233,7 @@ class Vm:
     def check_extension(self, cap: object) -> int:
         return caps.vm_check_extension(cap, self.vm_type)  # type: ignore[arg-type]
 
-    def _set_zap_policy(self, op: SetZapPolicy) -> dict:
+    def _set_zap_policy(self, op: SetZapPolicy) -> dict[str, Any]:
         policy = op.policy
         if policy not in ZAP_POLICIES:
             raise einval(f"policy must be one of {ZAP_POLICIES}")
@@ -239,7 +241,7 @@ class Vm:
         return {}
 
     # ------------------------------------------------------------------ memslots
-    def _set_user_memory_region(self, op: SetUserMemoryRegion) -> dict:
+    def _set_user_memory_region(self, op: SetUserMemoryRegion) -> dict[str, Any]:
         change = check_region(
             op,
             vm_type=self.vm_type,
@@ -306,7 +308,7 @@ class Vm:
         self._swap(old.as_id)
         return {"change": kind.value, "memslot": None, "zap": zap}
 
-    def _slot_dict(self, slot: Memslot | None) -> dict | None:
+    def _slot_dict(self, slot: Memslot | None) -> dict[str, Any] | None:
         if slot is None:
             return None
         d: dict[str, Any] = slot.to_dict()
@@ -423,7 +425,7 @@ class Vm:
         pages = A.pages(size)
         return -(-pages // 512) + -(-pages // (512 * 512)) + self.paging_levels - 1
 
-    def _access(self, op: Access) -> dict:
+    def _access(self, op: Access) -> dict[str, Any]:
         vcpu, gpa, size, access, private = op.vcpu, op.gpa, op.size, op.access, op.private
         v = self.vcpu(vcpu)
         if access not in ACCESS_KINDS:
@@ -447,7 +449,7 @@ class Vm:
         elif private and not self.has_private_mem:
             raise einval("this VM type has no private memory")
 
-    def _pre_fault(self, op: PreFault) -> dict:
+    def _pre_fault(self, op: PreFault) -> dict[str, Any]:
         """KVM_PRE_FAULT_MEMORY (kvm-private-tdx.md §2.8): returns what is left of the range."""
         vcpu, gpa, size, flags = op.vcpu, op.gpa, op.size, op.flags
         v = self.vcpu(vcpu)
@@ -489,7 +491,7 @@ class Vm:
             raise err
         return {"gpa": A.gfn_to_gpa(gfn), "size": left}
 
-    def _accept(self, op: Accept) -> dict:
+    def _accept(self, op: Accept) -> dict[str, Any]:
         """A TD guest's TDG.MEM.PAGE.ACCEPT: AUG the page if it is missing, then accept it."""
         vcpu, gpa, size = op.vcpu, op.gpa, op.size
         if self.tdx is None:
@@ -532,14 +534,14 @@ class Vm:
                     del file.contents[index]
 
     # ------------------------------------------------------------------ load / store
-    def _load(self, op: Load) -> dict:
+    def _load(self, op: Load) -> dict[str, Any]:
         vcpu, gpa, private = op.vcpu, op.gpa, op.private
         length = check_u64(op.len, "len")
         if not 0 < length <= PAGE_SIZE:
             raise einval("len must be in [1, 4096]")
         return self._data_access(vcpu, gpa, length, None, private)
 
-    def _store(self, op: Store) -> dict:
+    def _store(self, op: Store) -> dict[str, Any]:
         vcpu, gpa, data, private = op.vcpu, op.gpa, op.data, op.private
         payload = _hex_bytes(data)
         if not 0 < len(payload) <= PAGE_SIZE:
@@ -548,7 +550,7 @@ class Vm:
 
     def _data_access(
         self, vcpu: object, gpa: object, length: int, payload: bytes | None, private: object
-    ) -> dict:
+    ) -> dict[str, Any]:
         v = self.vcpu(vcpu)
         g, _ = check_access_range(self, gpa, length, PAGE_SIZE)
         self._check_private_hint(private, g)
@@ -593,13 +595,13 @@ class Vm:
             raise einval("range must be non-empty and inside the user address space")
         return a, n
 
-    def host_read(self, userspace_addr: object, len: object) -> dict:
+    def host_read(self, userspace_addr: object, len: object) -> dict[str, Any]:
         a, n = self._host_range(userspace_addr, len)
         if n > MAX_DATA_BYTES:
             raise KvmError(errno.E2BIG, "read at most 1 MiB at once")
         return {"data": self.host.read(a, n).hex()}
 
-    def _host_write(self, op: HostWrite) -> dict:
+    def _host_write(self, op: HostWrite) -> dict[str, Any]:
         userspace_addr, data = op.userspace_addr, op.data
         payload = _hex_bytes(data)
         if len(payload) > MAX_DATA_BYTES:
@@ -610,7 +612,7 @@ class Vm:
             self.host.write(a, payload)
         return {"written": len(payload)}
 
-    def _host_discard(self, op: HostDiscard) -> dict:
+    def _host_discard(self, op: HostDiscard) -> dict[str, Any]:
         """madvise(MADV_DONTNEED): the MMU notifier zaps every SPTE mapping the range."""
         userspace_addr, len = op.userspace_addr, op.len
         a, n = self._host_range(userspace_addr, len)
@@ -625,7 +627,7 @@ class Vm:
         self.host.discard(first, end)
         return {"zap": zap}
 
-    def _host_advise(self, op: HostAdvise) -> dict:
+    def _host_advise(self, op: HostAdvise) -> dict[str, Any]:
         userspace_addr, len, advice = op.userspace_addr, op.len, op.advice
         a, n = self._host_range(userspace_addr, len)
         if a & (PAGE_SIZE - 1) or advice not in ("hugepage", "nohugepage"):
@@ -635,7 +637,7 @@ class Vm:
         self.host.advise(first, end, advice == "hugepage")
         return {}
 
-    def _host_map(self, op: HostMap) -> dict:
+    def _host_map(self, op: HostMap) -> dict[str, Any]:
         """An mmap of hugetlbfs: the range is backed by pages of `page_size`."""
         userspace_addr, len, page_size = op.userspace_addr, op.len, op.page_size
         a, n = self._host_range(userspace_addr, len)
@@ -655,11 +657,11 @@ class Vm:
         return {"zap": zap}
 
     # ------------------------------------------------------------------ guest_memfd
-    def _create_guest_memfd(self, op: CreateGuestMemfd) -> dict:
+    def _create_guest_memfd(self, op: CreateGuestMemfd) -> dict[str, Any]:
         size, flags = op.size, op.flags
         return self.gmem.create(size, flags, vm_type=self.vm_type).to_dict()
 
-    def _gmem_fallocate(self, op: GmemFallocate) -> dict:
+    def _gmem_fallocate(self, op: GmemFallocate) -> dict[str, Any]:
         fd, mode, offset, len = op.fd, op.mode, op.offset, op.len
         file, punch, first, count = self.gmem.check_fallocate(fd, mode, offset, len)
         if not punch:
@@ -667,14 +669,14 @@ class Vm:
         zap = gmem_invalidate(self, file, first, first + count, "punch_hole")
         return {"freed": file.punch(first, count), "zap": zap}
 
-    def _gmem_close(self, op: GmemClose) -> dict:
+    def _gmem_close(self, op: GmemClose) -> dict[str, Any]:
         fd = op.fd
         file = self.gmem.get(fd)
         zap = gmem_invalidate(self, file, 0, file.npages, "gmem_close")
         self.gmem.close(fd)
         return {"zap": zap}
 
-    def _gmem_write(self, op: GmemWrite) -> dict:
+    def _gmem_write(self, op: GmemWrite) -> dict[str, Any]:
         fd, offset, data = op.fd, op.offset, op.data
         file = self._mappable(fd)
         payload = _hex_bytes(data)
@@ -686,7 +688,7 @@ class Vm:
         file.write(off, payload)
         return {"written": len(payload)}
 
-    def gmem_read(self, fd: object, offset: object, len: object) -> dict:
+    def gmem_read(self, fd: object, offset: object, len: object) -> dict[str, Any]:
         file = self._mappable(fd)
         off, n = check_u64(offset, "offset"), check_u64(len, "len")
         if n > MAX_DATA_BYTES:
@@ -706,7 +708,7 @@ class Vm:
         return file
 
     # ------------------------------------------------------------------ attributes
-    def _set_memory_attributes(self, op: SetMemoryAttributes) -> dict:
+    def _set_memory_attributes(self, op: SetMemoryAttributes) -> dict[str, Any]:
         address, size, attributes, flags = op.address, op.size, op.attributes, op.flags
         start, end = self.attrs.check(address, size, attributes, flags, vm_type=self.vm_type)
         attrs = int(attributes)
@@ -739,19 +741,19 @@ class Vm:
         self.dirty.pop(key, None)
         self.dirty_initially_set.discard(key)
 
-    def _apply_dirty_flags(self, old: Memslot, new: Memslot) -> dict | None:
+    def _apply_dirty_flags(self, old: Memslot, new: Memslot) -> dict[str, Any] | None:
         return dirty.apply_flags(self, old, new)
 
-    def _get_dirty_log(self, op: GetDirtyLog) -> dict:
+    def _get_dirty_log(self, op: GetDirtyLog) -> dict[str, Any]:
         return dirty.get_dirty_log(self, op.slot)
 
-    def _clear_dirty_log(self, op: ClearDirtyLog) -> dict:
+    def _clear_dirty_log(self, op: ClearDirtyLog) -> dict[str, Any]:
         slot, first_page, num_pages, bitmap = op.slot, op.first_page, op.num_pages, op.bitmap
         return dirty.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
 
     # ------------------------------------------------------------------ teardown
     # ------------------------------------------------------------------ queries
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         return {
             "vm_type": int(self.vm_type),
             "vm_type_name": self.vm_type.name,
@@ -768,17 +770,17 @@ class Vm:
             "destroyed": self.destroyed,
         }
 
-    def quirks(self) -> dict:
+    def quirks(self) -> dict[str, Any]:
         return caps.quirks_view(self.vm_type, self.disabled_quirks)
 
-    def memslots(self) -> list[dict]:
-        out: list[dict] = []
+    def memslots(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
         for space in self.spaces:
             for slot in space:
                 out.append(self._slot_dict(slot) or {})
         return sorted(out, key=lambda d: d["slot"])
 
-    def memslot(self, slot: object) -> dict:
+    def memslot(self, slot: object) -> dict[str, Any]:
         s = self.lookup_slot(slot)
         return self._slot_dict(s)  # type: ignore[return-value]
 
@@ -793,36 +795,36 @@ class Vm:
             raise KvmError(errno.ENOENT, f"no memslot {slot:#x}")
         return s
 
-    def vcpus_view(self) -> list[dict]:
+    def vcpus_view(self) -> list[dict[str, Any]]:
         return [self.vcpus[i].to_dict() for i in sorted(self.vcpus)]
 
-    def guest_memfds(self) -> list[dict]:
+    def guest_memfds(self) -> list[dict[str, Any]]:
         return [f.to_dict() for f in self.gmem]
 
-    def memory_attributes(self) -> list[dict]:
+    def memory_attributes(self) -> list[dict[str, Any]]:
         return self.attrs.ranges()
 
-    def zap_events(self) -> list[dict]:
+    def zap_events(self) -> list[dict[str, Any]]:
         return list(reversed(self.events))
 
-    def roots(self) -> list[dict]:
+    def roots(self) -> list[dict[str, Any]]:
         return [r.to_dict(self.mmu.mmu_valid_gen) for r in self.mmu.roots_of()]
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return stats_view(self)
 
-    def tdx_state(self) -> dict:
+    def tdx_state(self) -> dict[str, Any]:
         if self.tdx is None:
             raise einval("not a TD")
         return self.tdx.to_dict()
 
-    def translate(self, gpa: object) -> dict:
+    def translate(self, gpa: object) -> dict[str, Any]:
         return introspect.translate(self, gpa)
 
-    def mappings(self, root: object = None) -> list[dict]:
+    def mappings(self, root: object = None) -> list[dict[str, Any]]:
         return introspect.mappings(self, root)
 
-    def audit(self) -> dict:
+    def audit(self) -> dict[str, Any]:
         return audit_vm(self)
 
 
@@ -850,12 +852,12 @@ class _Backing:
             self.vm.host.write(A.hpn_to_hva(self.page) + self.off, data)
 
 
-def _destroy(vm: Vm, op: Destroy) -> dict:
+def _destroy(vm: Vm, op: Destroy) -> dict[str, Any]:
     return destroy(vm)
 
 
 # Operation type -> its handler: dispatch is one dict lookup, no argument binding.
-_HANDLERS: dict[type[Op], Callable[[Vm, Any], dict]] = {
+_HANDLERS: dict[type[Op], Callable[[Vm, Any], dict[str, Any]]] = {
     CreateVcpu: Vm._create_vcpu,
     SetVcpuSmm: Vm._set_vcpu_smm,
     EnableCap: Vm._enable_cap,

@@ -58,7 +58,7 @@ class ZapEvent:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def flush_memslot(vm: Vm, slot: Memslot, cause: str) -> dict:
+def flush_memslot(vm: Vm, slot: Memslot, cause: str) -> dict[str, Any]:
     """kvm_arch_flush_shadow_memslot: the SLOT_ZAP_ALL quirk decides (kvm-memslots.md §4.1)."""
     if vm.zap_policy == "zap_all_shared_only":
         return zap_all_fast(vm, cause, slot, experiment=True)
@@ -86,7 +86,9 @@ def flush_tlbs(vm: Vm) -> int:
     return 1
 
 
-def zap_all_fast(vm: Vm, cause: str, slot: Memslot | None = None, experiment: bool = False) -> dict:
+def zap_all_fast(
+    vm: Vm, cause: str, slot: Memslot | None = None, experiment: bool = False
+) -> dict[str, Any]:
     """kvm_mmu_zap_all_fast: invalidate every direct root; vCPUs load new ones
     (kvm-memslots.md §4.3, §5).
 
@@ -111,7 +113,7 @@ def zap_all_fast(vm: Vm, cause: str, slot: Memslot | None = None, experiment: bo
     return record(vm, cause, path, 0, vm.max_gfn + 1, acc, invalidated, 0, kicks, t0, trigger=slot)
 
 
-def zap_slot_leafs(vm: Vm, slot: Memslot, cause: str) -> dict:
+def zap_slot_leafs(vm: Vm, slot: Memslot, cause: str) -> dict[str, Any]:
     """kvm_tdp_mmu_unmap_gfn_range over the slot: every root of its address space, valid or
     not, direct and mirror; leaves only; one flush if a valid root lost something
     (kvm-memslots.md §4.4)."""
@@ -145,14 +147,14 @@ def zap_root_range(vm: Vm, root: Root, start: int, end: int, acc: ZapAcc) -> boo
 
 def zap_gfn_range(
     vm: Vm, as_ids: list[int], start: int, end: int, roles: set[RootRole], cause: str, path: str
-) -> dict:
+) -> dict[str, Any]:
     """kvm_unmap_gfn_range for notifier, attribute and guest_memfd invalidations."""
     return zap_gfn_ranges(vm, [(a, start, end) for a in as_ids], roles, cause, path)
 
 
 def zap_gfn_ranges(
     vm: Vm, ranges: list[tuple[int, int, int]], roles: set[RootRole], cause: str, path: str
-) -> dict:
+) -> dict[str, Any]:
     """Several (as_id, start, end) ranges as one invalidation: one flush if anything went,
     one event (what a guest_memfd invalidation over several bindings does)."""
     t0 = time.perf_counter()
@@ -177,7 +179,7 @@ def finish(
     flush: bool,
     trigger: Memslot | None = None,
     **extra: int,
-) -> dict:
+) -> dict[str, Any]:
     """The one place a zap that may need a TLB flush ends: the flush (and the IPIs it sends
     to running vCPUs) when the primitives said one is needed, then the zap event."""
     flushes = flush_tlbs(vm) if flush else 0
@@ -205,7 +207,7 @@ def record(
     t0: float,
     trigger: Memslot | None = None,
     **extra: int,
-) -> dict:
+) -> dict[str, Any]:
     """Append the zap event to the VM's log; the caller gets its own copy.
 
     Every event has one shape (docs/engine.md, "Zap events"): both root roles and every
@@ -260,7 +262,7 @@ def account_fault_zaps(vm: Vm, acc: ZapAcc) -> None:
         flush_tlbs(vm)
 
 
-def explicit_zap(vm: Vm, op: ExplicitZap) -> dict:
+def explicit_zap(vm: Vm, op: ExplicitZap) -> dict[str, Any]:
     scope, gpa, size, roots = op.scope, op.gpa, op.size, op.roots
     if scope not in ("all", "range") or roots not in ("shared", "private", "both"):
         raise einval("scope must be all|range and roots shared|private|both")
@@ -287,7 +289,7 @@ def explicit_zap(vm: Vm, op: ExplicitZap) -> dict:
     return zap_gfn_range(vm, list(range(vm.nr_as)), start, end, sel, "explicit", "zap_gfn_range")
 
 
-def notifier_invalidate(vm: Vm, first: int, end: int) -> dict | None:
+def notifier_invalidate(vm: Vm, first: int, end: int) -> dict[str, Any] | None:
     """kvm_mmu_notifier_invalidate_range_start: every slot whose HVA range intersects,
     shared (direct) roots only — host mm events never touch TDX mirror roots
     (kvm-private-tdx.md §3.6)."""
@@ -318,7 +320,9 @@ def notifier_invalidate(vm: Vm, first: int, end: int) -> dict | None:
     return zap
 
 
-def gmem_invalidate(vm: Vm, file: GmemFile, first: int, end: int, cause: str) -> dict | None:
+def gmem_invalidate(
+    vm: Vm, file: GmemFile, first: int, end: int, cause: str
+) -> dict[str, Any] | None:
     """kvm_gmem_invalidate: zap the private mappings of every slot bound to the range, as
     one invalidation (the flush flag is ORed over the bindings: one flush, one event)."""
     ranges = []
@@ -333,7 +337,7 @@ def gmem_invalidate(vm: Vm, file: GmemFile, first: int, end: int, cause: str) ->
     return zap_gfn_ranges(vm, ranges, roles, cause, "zap_gfn_range")
 
 
-def destroy(vm: Vm) -> dict:
+def destroy(vm: Vm) -> dict[str, Any]:
     """VM destruction: HKID released first for a TD, then every root torn down, leaves before
     S-EPT tables, pages reclaimed (kvm-private-tdx.md §5.1 teardown, §5.3, §5.4 rule 1)."""
     t0 = time.perf_counter()
