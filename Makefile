@@ -23,6 +23,7 @@ lint: install
 	$(VENV)/bin/ruff check app tests bench
 	$(VENV)/bin/ruff format --check app tests bench
 	$(VENV)/bin/mypy app
+	$(VENV)/bin/mypy --strict app/engine
 
 fmt: install
 	$(VENV)/bin/ruff format app tests bench

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 MAX_VIOLATIONS = 100
 
 
-def audit(vm: Vm) -> dict:
-    out: list[dict] = []
+def audit(vm: Vm) -> dict[str, Any]:
+    out: list[dict[str, Any]] = []
 
     def bad(rule: str, detail: str, **kw: object) -> None:
         if len(out) < MAX_VIOLATIONS:

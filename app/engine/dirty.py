@@ -10,18 +10,19 @@ from __future__ import annotations
 import base64
 import errno
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import spte as S
 from . import uapi
 from .errors import KvmError, einval
+from .faults import FaultPath
 from .op import Op, operation
 from .paging import span
 from .roots import Root, RootRole, ZapAcc
 from .uapi import PAGE_SHIFT
-from .zap import flush_tlbs, record, running_vcpus
+from .zap import finish, flush_tlbs
 
 if TYPE_CHECKING:
     from .memslots import Memslot
@@ -87,7 +88,7 @@ def write_protect(
     return n
 
 
-def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
+def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict[str, Any] | None:
     """kvm_mmu_slot_apply_flags for a FLAGS_ONLY change."""
     key = (new.as_id, new.id)
     logging_old = bool(old.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES)
@@ -96,61 +97,49 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict | None:
         vm.free_dirty(key)  # the bitmap goes whenever logging is off (§2.3)
     if logging_old == logging_new or new.flags & uapi.KVM_MEM_READONLY:
         if logging_new and key not in vm.dirty:
-            vm._alloc_dirty(new)
+            vm.alloc_dirty(new)
         return None
     t0 = time.perf_counter()
     acc = ZapAcc()
     if logging_new:
-        vm._alloc_dirty(new)
+        vm.alloc_dirty(new)
         if vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
             return None  # protection happens later, on KVM_CLEAR_DIRTY_LOG
         split = wp = 0
         for root in _direct_roots(vm, new.as_id):
             split += split_huge(vm, root, new.base_gfn, new.end_gfn)
             wp += write_protect(vm, root, new.base_gfn, new.end_gfn)
-        flushes = flush_tlbs(vm)  # unconditional on enable (§3.4 d)
-        ev = record(
+        return finish(
             vm,
+            acc,
             "dirty_log",
             "enable_dirty_logging",
-            new.base_gfn,
-            new.end_gfn,
-            acc,
-            0,
-            flushes,
-            running_vcpus(vm),
+            (new.base_gfn, new.end_gfn),
             t0,
+            flush=True,  # unconditional on enable (§3.4 d)
             trigger=new,
             huge_pages_split=split,
             sptes_write_protected=wp,
         )
-        return ev
     recovered = 0
     for root in _direct_roots(vm, new.as_id):
         recovered += recover_huge_pages(vm, root, new, acc)
-    flushes = flush_tlbs(vm) if recovered else 0
-    ev = record(
+    return finish(
         vm,
+        acc,
         "dirty_log",
         "recover_huge_pages",
-        new.base_gfn,
-        new.end_gfn,
-        acc,
-        0,
-        flushes,
-        running_vcpus(vm) if flushes else 0,
+        (new.base_gfn, new.end_gfn),
         t0,
+        flush=recovered > 0,
         trigger=new,
         huge_pages_recovered=recovered,
     )
-    return ev
 
 
 def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
     """kvm_tdp_mmu_recover_huge_pages: a table fully inside the slot whose GFNs may now be
     mapped at its parent's level is replaced by one huge leaf (2M first, then 1G)."""
-    from .faults import FaultPath
-
     mmu = vm.mmu
     fp = FaultPath(vm, next(iter(vm.vcpus.values())) if vm.vcpus else None, "read")  # type: ignore[arg-type]
     recovered = 0
@@ -190,7 +179,7 @@ def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
 
 def _logging_slot(vm: Vm, slot: object) -> tuple[Memslot, np.ndarray]:
     """The slot and its bitmap: no slot, or no dirty bitmap → ENOENT (kvm_get_dirty_log)."""
-    s = vm._lookup_slot(slot)
+    s = vm.lookup_slot(slot)
     bm = vm.dirty.get((s.as_id, s.id))
     if bm is None:
         raise KvmError(errno.ENOENT, f"memslot {slot:#x} does not log dirty pages")
@@ -206,7 +195,7 @@ def _pack(bits: np.ndarray) -> tuple[str, int]:
     return base64.b64encode(raw).decode(), int(np.count_nonzero(bits))
 
 
-def get_dirty_log(vm: Vm, slot: object) -> dict:
+def get_dirty_log(vm: Vm, slot: object) -> dict[str, Any]:
     """KVM_GET_DIRTY_LOG: without manual protect it is destructive and re-arms protection
     (kvm-memslots.md §5.3; kvm_get_dirty_log_protect)."""
     s, bm = _logging_slot(vm, slot)
@@ -231,7 +220,7 @@ def get_dirty_log(vm: Vm, slot: object) -> dict:
 
 def clear_dirty_log(
     vm: Vm, slot: object, first_page: object, num_pages: object, bitmap: object
-) -> dict:
+) -> dict[str, Any]:
     """KVM_CLEAR_DIRTY_LOG: clear the given bits and protect those pages. The kernel does not
     require manual protect for it (kvm_clear_dirty_log_protect has no such check)."""
     for name, v in (("first_page", first_page), ("num_pages", num_pages)):

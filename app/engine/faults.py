@@ -32,7 +32,8 @@ from .zap import account_fault_zaps
 if TYPE_CHECKING:
     from .gmem import GmemFile
     from .memslots import Memslot
-    from .vm import Vcpu, Vm
+    from .vcpu import Vcpu
+    from .vm import Vm
 
 ACCESS_KINDS = ("read", "write", "exec")
 _LOG_DIRTY = int(KVM_MEM_LOG_DIRTY_PAGES)  # plain ints: IntFlag arithmetic is slow on hot paths
@@ -181,7 +182,7 @@ class FaultPath:
         if slot is None:  # kvm_handle_noslot_fault (kvm-private-tdx.md §2.3.1 step 4)
             if private:
                 raise memory_fault_exit(gfn, True)
-            if vm._install_mmio_spte(self.vcpu, pos, gfn) and not self.prefetch:
+            if vm.install_mmio_spte(self.vcpu, pos, gfn) and not self.prefetch:
                 vm.vstat(self.vcpu, "pf_mmio_spte_created")
                 self.fault()
             at = max(pos << PAGE_SHIFT, self.gpa)

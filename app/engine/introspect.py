@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 
-def translate(vm: Vm, gpa: object) -> dict:
+def translate(vm: Vm, gpa: object) -> dict[str, Any]:
     """The walk of `gpa` in every root: the entry at each level, raw and decoded."""
     if isinstance(gpa, bool) or not isinstance(gpa, int) or not 0 <= gpa < vm.gpa_limit:
         raise einval(f"gpa must be in [0, {vm.gpa_limit:#x})")
@@ -64,14 +64,14 @@ def translate(vm: Vm, gpa: object) -> dict:
     return {"gpa": gpa, "gfn": pos & ~vm.gfn_direct_bits, "roots": out}
 
 
-def mappings(vm: Vm, root: object = None) -> list[dict]:
+def mappings(vm: Vm, root: object = None) -> list[dict[str, Any]]:
     """Run-length leaf mappings: consecutive GFNs at one level with consecutive pfns and the
     same permission bits form one run."""
-    runs: list[dict] = []
+    runs: list[dict[str, Any]] = []
     for r in vm.mmu.roots_of():
         if root is not None and r.id != root:
             continue
-        cur_run: dict | None = None
+        cur_run: dict[str, Any] | None = None
         for cur, sl, idx in vm.mmu.leaf_iter(r):
             sp = span(cur.level)
             ent = sl[idx]

@@ -65,7 +65,8 @@ class TablePool:
 
     # -- access -----------------------------------------------------------------------------
     def entries(self, idx: int) -> np.ndarray:
-        return self._entries[idx >> CHUNK_SHIFT][idx & _CHUNK_MASK]
+        row: np.ndarray = self._entries[idx >> CHUNK_SHIFT][idx & _CHUNK_MASK]
+        return row
 
     def level(self, idx: int) -> int:
         return int(self._level[idx >> CHUNK_SHIFT][idx & _CHUNK_MASK])

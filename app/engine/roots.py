@@ -8,12 +8,13 @@ moves on); vCPUs then load a fresh root on their next fault.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import spte as S
-from .paging import ENTRIES, TablePool, clip, span
+from .paging import ENTRIES, Cursor, TablePool, clip, span, walk
 
 
 class RootRole(enum.StrEnum):
@@ -258,10 +259,10 @@ class Mmu:
         root.leaves[level] += n
         self.pages[level] += n
 
-    def leaf_iter(self, root: Root, start: int = 0, end: int = 1 << 62):
-        """(position of first GFN, level, entries array, indexes of present leaves) per table."""
-        from .paging import walk
-
+    def leaf_iter(
+        self, root: Root, start: int = 0, end: int = 1 << 62
+    ) -> Iterator[tuple[Cursor, np.ndarray, np.ndarray]]:
+        """(cursor, its slice of entries, indexes of present leaves in it) per table."""
         for cur in walk(self.pool, root.table, start, end):
             sl = self.pool.entries(cur.table)[cur.lo : cur.hi]
             leaf = (sl & S.U_PRESENT) != 0

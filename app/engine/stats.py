@@ -63,7 +63,7 @@ def is_cumulative(name: str) -> bool:
     return name in _CUMULATIVE or name.startswith(_CUMULATIVE_PREFIXES)
 
 
-def stats_view(vm: Vm) -> dict:
+def stats_view(vm: Vm) -> dict[str, Any]:
     """The binary-stats names of the kernel first, then vkmmu's own counters."""
     out: dict[str, Any] = dict(vm.stats_kvm)
     out["pages_4k"], out["pages_2m"], out["pages_1g"] = vm.mmu.pages[1:4]

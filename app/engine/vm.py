@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from . import addr as A
 from . import capabilities as caps
+from . import dirty, introspect, uapi
 from . import spte as S
-from . import uapi
 from .attributes import MemoryAttributes, SetMemoryAttributes
+from .audit import audit as audit_vm
 from .capabilities import EnableCap
 from .dirty import ClearDirtyLog, GetDirtyLog
 from .errors import KvmError, check_u64, einval
@@ -47,7 +49,7 @@ from .paging import span
 from .roots import Mmu, Root, RootRole, ZapAcc
 from .stats import KVM_STAT_NAMES, stats_view
 from .tdx import TdxState
-from .uapi import PAGE_SHIFT, PAGE_SIZE, VmType
+from .uapi import PAGE_SIZE, VmType
 from .vcpu import CreateVcpu, SetVcpuSmm, Vcpu
 from .zap import (
     Destroy,
@@ -94,9 +96,9 @@ class Vm:
         self.has_private_mem = uapi.vm_has_private_mem(vm_type)
         self.is_tdx = vm_type == VmType.KVM_X86_TDX_VM
         # TDX: the shared bit is GPA bit 47 (4-level EPT) or 51 (5-level), as a GFN bit.
-        self.gfn_direct_bits = (1 << (35 if paging_levels == 4 else 39)) if self.is_tdx else 0
-        self.max_gfn = (1 << (uapi.HOST_MAXPHYADDR - PAGE_SHIFT)) - 1
-        self.gpa_limit = 1 << (PAGE_SHIFT + 9 * paging_levels)
+        self.gfn_direct_bits = A.shared_gfn_bit(paging_levels) if self.is_tdx else 0
+        self.max_gfn = A.gpa_to_gfn(1 << uapi.HOST_MAXPHYADDR) - 1
+        self.gpa_limit = A.gfn_to_gpa(1 << (9 * paging_levels))
         self.user_addr_end = uapi.USER_ADDR_END_4LEVEL
         self.disabled_quirks = caps.initial_disabled_quirks(vm_type)
         self.manual_dirty_log = 0
@@ -165,7 +167,9 @@ class Vm:
         return not self.disabled_quirks & uapi.Quirk.KVM_X86_QUIRK_IGNORE_GUEST_PAT
 
     # ------------------------------------------------------------------ dispatch
-    def apply(self, op: Op, at: float | None = None, durations: list[int] | None = None) -> dict:
+    def apply(
+        self, op: Op, at: float | None = None, durations: list[int] | None = None
+    ) -> dict[str, Any]:
         """The one entry point of every mutating call (journaled by the service).
 
         `at` stamps the call's zap events; `durations`, on replay, gives back the zap durations
@@ -184,7 +188,7 @@ class Vm:
         return handler(self, op)
 
     # ------------------------------------------------------------------ vCPUs / caps
-    def _create_vcpu(self, op: CreateVcpu) -> dict:
+    def _create_vcpu(self, op: CreateVcpu) -> dict[str, Any]:
         """KVM_CREATE_VCPU: id < KVM_MAX_VCPU_IDS (4096, x86), at most KVM_MAX_VCPUS (1024)
         vCPUs, an id only once (EEXIST) — kvm_vm_ioctl_create_vcpu."""
         id = op.id
@@ -197,7 +201,7 @@ class Vm:
         self.vcpus[id] = Vcpu(id)
         return {"id": id}
 
-    def _set_vcpu_smm(self, op: SetVcpuSmm) -> dict:
+    def _set_vcpu_smm(self, op: SetVcpuSmm) -> dict[str, Any]:
         """KVM_SET_VCPU_EVENTS(smm.smm): the vCPU enters or leaves SMM, so its accesses use
         memslot address space 1 and the SMM roots (VMs without private memory only)."""
         vcpu, smm = op.vcpu, op.smm
@@ -214,7 +218,7 @@ class Vm:
             raise KvmError(errno.ENOENT, f"no vCPU {id!r}")
         return self.vcpus[id]
 
-    def _enable_cap(self, op: EnableCap) -> dict:
+    def _enable_cap(self, op: EnableCap) -> dict[str, Any]:
         cap, flags, args = op.cap, op.flags, op.args
         number = caps.cap_number(cap)
         args = [0, 0, 0, 0] if args is None else args
@@ -229,7 +233,7 @@ class Vm:
     def check_extension(self, cap: object) -> int:
         return caps.vm_check_extension(cap, self.vm_type)  # type: ignore[arg-type]
 
-    def _set_zap_policy(self, op: SetZapPolicy) -> dict:
+    def _set_zap_policy(self, op: SetZapPolicy) -> dict[str, Any]:
         policy = op.policy
         if policy not in ZAP_POLICIES:
             raise einval(f"policy must be one of {ZAP_POLICIES}")
@@ -237,7 +241,7 @@ class Vm:
         return {}
 
     # ------------------------------------------------------------------ memslots
-    def _set_user_memory_region(self, op: SetUserMemoryRegion) -> dict:
+    def _set_user_memory_region(self, op: SetUserMemoryRegion) -> dict[str, Any]:
         change = check_region(
             op,
             vm_type=self.vm_type,
@@ -258,7 +262,7 @@ class Vm:
             self.spaces[new.as_id].install(new)
             self._swap(new.as_id)
             if new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
-                self._alloc_dirty(new)
+                self.alloc_dirty(new)
             return {"change": kind.value, "memslot": self._slot_dict(new), "zap": None}
         if kind is ChangeKind.FLAGS_ONLY:
             assert old is not None and new is not None
@@ -294,7 +298,7 @@ class Vm:
             if not new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
                 self.free_dirty(key)
             elif key not in self.dirty:
-                self._alloc_dirty(new)
+                self.alloc_dirty(new)
             self._swap(new.as_id)
             return {"change": kind.value, "memslot": self._slot_dict(new), "zap": zap}
         space.remove(old.id)
@@ -304,7 +308,7 @@ class Vm:
         self._swap(old.as_id)
         return {"change": kind.value, "memslot": None, "zap": zap}
 
-    def _slot_dict(self, slot: Memslot | None) -> dict | None:
+    def _slot_dict(self, slot: Memslot | None) -> dict[str, Any] | None:
         if slot is None:
             return None
         d: dict[str, Any] = slot.to_dict()
@@ -349,7 +353,7 @@ class Vm:
 
     # ------------------------------------------------------------------ zapping
     # ------------------------------------------------------------------ MMIO SPTEs
-    def _install_mmio_spte(self, vcpu: Vcpu, pos: int, gfn: int) -> bool:
+    def install_mmio_spte(self, vcpu: Vcpu, pos: int, gfn: int) -> bool:
         """Cache 'no memslot' for the GFN in the direct root (kvm-private-tdx.md
         §1.5.3); TDX value is 0.
 
@@ -418,10 +422,10 @@ class Vm:
     def _budget_for(self, size: int) -> int:
         """Tables a call over `size` bytes may build at most: its leaf tables plus one path
         per level above them (checked before anything is allocated)."""
-        pages = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        pages = A.pages(size)
         return -(-pages // 512) + -(-pages // (512 * 512)) + self.paging_levels - 1
 
-    def _access(self, op: Access) -> dict:
+    def _access(self, op: Access) -> dict[str, Any]:
         vcpu, gpa, size, access, private = op.vcpu, op.gpa, op.size, op.access, op.private
         v = self.vcpu(vcpu)
         if access not in ACCESS_KINDS:
@@ -440,26 +444,26 @@ class Vm:
         if not isinstance(private, bool):
             raise einval("private must be true, false or null")
         if self.is_tdx:
-            if private == bool((gpa >> PAGE_SHIFT) & self.gfn_direct_bits):
+            if private == A.is_shared(A.gpa_to_gfn(gpa), self.gfn_direct_bits):
                 raise einval("private contradicts the GPA's shared bit")
         elif private and not self.has_private_mem:
             raise einval("this VM type has no private memory")
 
-    def _pre_fault(self, op: PreFault) -> dict:
+    def _pre_fault(self, op: PreFault) -> dict[str, Any]:
         """KVM_PRE_FAULT_MEMORY (kvm-private-tdx.md §2.8): returns what is left of the range."""
         vcpu, gpa, size, flags = op.vcpu, op.gpa, op.size, op.flags
         v = self.vcpu(vcpu)
         g, n, f = check_u64(gpa, "gpa"), check_u64(size, "size"), check_u64(flags, "flags")
         if f or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n <= g:
             raise einval("flags must be 0; gpa/size page aligned; size > 0, no wrap")
-        if (g >> PAGE_SHIFT) & self.gfn_direct_bits:
+        if A.is_shared(A.gpa_to_gfn(g), self.gfn_direct_bits):
             raise einval("the GPA is a shared-bit alias")
         if g + n > self.gpa_limit:
             raise einval("range beyond the guest physical address space")
         if n > MAX_ACCESS_BYTES:
             raise KvmError(errno.E2BIG, f"one call covers at most {MAX_ACCESS_BYTES:#x} bytes")
         self._check_budget(self._budget_for(n))
-        start, end = g >> PAGE_SHIFT, (g + n) >> PAGE_SHIFT
+        start, end = A.gpa_to_gfn(g), A.gpa_to_gfn(g + n)
         gfn = start
         err: KvmError | None = None
         # One prefetch walk per run of equal privacy: private runs map through the mirror
@@ -469,25 +473,25 @@ class Vm:
             private = self.has_private_mem and attrs != 0
             bits = self.gfn_direct_bits if not private else 0
             fp = FaultPath(self, v, "write" if private else "read", prefetch=True)
-            res = fp.run((a | bits) << PAGE_SHIFT, (b - a) << PAGE_SHIFT)
-            gfn = a + res.pages
+            res = fp.run(A.gfn_to_gpa(A.shared_alias(a, bits)), A.gfn_to_gpa(b - a))
+            gfn = A.Gfn(a + res.pages)
             if res.exit is not None:
                 reason = res.exit["reason"]
                 err = (
-                    KvmError(errno.ENOENT, f"no memslot at gpa {gfn << PAGE_SHIFT:#x}")
+                    KvmError(errno.ENOENT, f"no memslot at gpa {A.gfn_to_gpa(gfn):#x}")
                     if reason == "KVM_EXIT_MMIO"
-                    else KvmError(errno.EFAULT, f"pre-fault at {gfn << PAGE_SHIFT:#x}: {reason}")
+                    else KvmError(errno.EFAULT, f"pre-fault at {A.gfn_to_gpa(gfn):#x}: {reason}")
                 )
                 break
-        left = (end - gfn) << PAGE_SHIFT
+        left = A.gfn_to_gpa(end - gfn)
         if err is not None and gfn == start:
             # The walk may have built a root, tables or an MMIO SPTE before failing, as the
             # kernel's does: the service journals such an error like a success.
             err.state_changed = True
             raise err
-        return {"gpa": gfn << PAGE_SHIFT, "size": left}
+        return {"gpa": A.gfn_to_gpa(gfn), "size": left}
 
-    def _accept(self, op: Accept) -> dict:
+    def _accept(self, op: Accept) -> dict[str, Any]:
         """A TD guest's TDG.MEM.PAGE.ACCEPT: AUG the page if it is missing, then accept it."""
         vcpu, gpa, size = op.vcpu, op.gpa, op.size
         if self.tdx is None:
@@ -496,13 +500,13 @@ class Vm:
         g, n = check_u64(gpa, "gpa"), check_u64(size, "size")
         if n == 0 or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n > self.gpa_limit:
             raise einval("gpa/size must be page aligned, non-empty, inside the GPA space")
-        if (g >> PAGE_SHIFT) & self.gfn_direct_bits:
+        if A.is_shared(A.gpa_to_gfn(g), self.gfn_direct_bits):
             raise einval("only private GPAs are accepted")
         if n > MAX_ACCESS_BYTES:
             raise KvmError(errno.E2BIG, f"one call covers at most {MAX_ACCESS_BYTES:#x} bytes")
         self._check_budget(self._budget_for(n))
         v.running = True
-        gfn = g >> PAGE_SHIFT
+        gfn = A.gpa_to_gfn(g)
         # ACCEPT of a missing page is an EPT violation: KVM AUGs it (a prefetch-like walk that
         # maps without touching), then the module accepts it.
         res = FaultPath(self, v, "write", prefetch=True).run(g, n)
@@ -530,14 +534,14 @@ class Vm:
                     del file.contents[index]
 
     # ------------------------------------------------------------------ load / store
-    def _load(self, op: Load) -> dict:
+    def _load(self, op: Load) -> dict[str, Any]:
         vcpu, gpa, private = op.vcpu, op.gpa, op.private
         length = check_u64(op.len, "len")
         if not 0 < length <= PAGE_SIZE:
             raise einval("len must be in [1, 4096]")
         return self._data_access(vcpu, gpa, length, None, private)
 
-    def _store(self, op: Store) -> dict:
+    def _store(self, op: Store) -> dict[str, Any]:
         vcpu, gpa, data, private = op.vcpu, op.gpa, op.data, op.private
         payload = _hex_bytes(data)
         if not 0 < len(payload) <= PAGE_SIZE:
@@ -546,7 +550,7 @@ class Vm:
 
     def _data_access(
         self, vcpu: object, gpa: object, length: int, payload: bytes | None, private: object
-    ) -> dict:
+    ) -> dict[str, Any]:
         v = self.vcpu(vcpu)
         g, _ = check_access_range(self, gpa, length, PAGE_SIZE)
         self._check_private_hint(private, g)
@@ -570,7 +574,7 @@ class Vm:
 
     def _backing(self, vcpu: Vcpu, gpa: int) -> _Backing:
         """Where the SPTE for `gpa` points: a host page or a guest_memfd page."""
-        pos = gpa >> PAGE_SHIFT
+        pos = A.gpa_to_gfn(gpa)
         gfn = pos & ~self.gfn_direct_bits
         private = self.is_tdx and not pos & self.gfn_direct_bits
         root = self.root_for(vcpu, RootRole.MIRROR if private else RootRole.DIRECT)
@@ -591,13 +595,13 @@ class Vm:
             raise einval("range must be non-empty and inside the user address space")
         return a, n
 
-    def host_read(self, userspace_addr: object, len: object) -> dict:
+    def host_read(self, userspace_addr: object, len: object) -> dict[str, Any]:
         a, n = self._host_range(userspace_addr, len)
         if n > MAX_DATA_BYTES:
             raise KvmError(errno.E2BIG, "read at most 1 MiB at once")
         return {"data": self.host.read(a, n).hex()}
 
-    def _host_write(self, op: HostWrite) -> dict:
+    def _host_write(self, op: HostWrite) -> dict[str, Any]:
         userspace_addr, data = op.userspace_addr, op.data
         payload = _hex_bytes(data)
         if len(payload) > MAX_DATA_BYTES:
@@ -608,31 +612,32 @@ class Vm:
             self.host.write(a, payload)
         return {"written": len(payload)}
 
-    def _host_discard(self, op: HostDiscard) -> dict:
+    def _host_discard(self, op: HostDiscard) -> dict[str, Any]:
         """madvise(MADV_DONTNEED): the MMU notifier zaps every SPTE mapping the range."""
         userspace_addr, len = op.userspace_addr, op.len
         a, n = self._host_range(userspace_addr, len)
         if a & (PAGE_SIZE - 1):
             raise einval("madvise needs a page-aligned address")
-        first, end = a >> PAGE_SHIFT, (a + n + PAGE_SIZE - 1) >> PAGE_SHIFT
-        first, end = self.host.dontneed_range(first, end)
+        first, end = A.hva_to_hpn(a), A.hva_to_hpn(a + n + A.PAGE_MASK)
+        lo, hi = self.host.dontneed_range(first, end)
+        first, end = A.Hpn(lo), A.Hpn(hi)
         if first >= end:
             return {"zap": None}
         zap = notifier_invalidate(self, first, end)
         self.host.discard(first, end)
         return {"zap": zap}
 
-    def _host_advise(self, op: HostAdvise) -> dict:
+    def _host_advise(self, op: HostAdvise) -> dict[str, Any]:
         userspace_addr, len, advice = op.userspace_addr, op.len, op.advice
         a, n = self._host_range(userspace_addr, len)
         if a & (PAGE_SIZE - 1) or advice not in ("hugepage", "nohugepage"):
             raise einval("page-aligned address; advice hugepage|nohugepage")
-        first, end = a >> PAGE_SHIFT, (a + n + PAGE_SIZE - 1) >> PAGE_SHIFT
+        first, end = A.hva_to_hpn(a), A.hva_to_hpn(a + n + A.PAGE_MASK)
         # MADV_NOHUGEPAGE does not split existing THPs; KVM's SPTEs stay as they are.
         self.host.advise(first, end, advice == "hugepage")
         return {}
 
-    def _host_map(self, op: HostMap) -> dict:
+    def _host_map(self, op: HostMap) -> dict[str, Any]:
         """An mmap of hugetlbfs: the range is backed by pages of `page_size`."""
         userspace_addr, len, page_size = op.userspace_addr, op.len, op.page_size
         a, n = self._host_range(userspace_addr, len)
@@ -645,19 +650,18 @@ class Vm:
         ps = int(page_size)
         if a % ps or n % ps:
             raise einval("hugetlbfs mappings are aligned to their page size")
-        zap = notifier_invalidate(self, a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT)
-        self.host.discard(a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT)
-        self.host.set_page_size(
-            a >> PAGE_SHIFT, (a + n) >> PAGE_SHIFT, LEVEL_OF_SIZE[ps], "hugetlb"
-        )
+        first, end = A.hva_to_hpn(a), A.hva_to_hpn(a + n)
+        zap = notifier_invalidate(self, first, end)
+        self.host.discard(first, end)
+        self.host.set_page_size(first, end, LEVEL_OF_SIZE[ps], "hugetlb")
         return {"zap": zap}
 
     # ------------------------------------------------------------------ guest_memfd
-    def _create_guest_memfd(self, op: CreateGuestMemfd) -> dict:
+    def _create_guest_memfd(self, op: CreateGuestMemfd) -> dict[str, Any]:
         size, flags = op.size, op.flags
         return self.gmem.create(size, flags, vm_type=self.vm_type).to_dict()
 
-    def _gmem_fallocate(self, op: GmemFallocate) -> dict:
+    def _gmem_fallocate(self, op: GmemFallocate) -> dict[str, Any]:
         fd, mode, offset, len = op.fd, op.mode, op.offset, op.len
         file, punch, first, count = self.gmem.check_fallocate(fd, mode, offset, len)
         if not punch:
@@ -665,14 +669,14 @@ class Vm:
         zap = gmem_invalidate(self, file, first, first + count, "punch_hole")
         return {"freed": file.punch(first, count), "zap": zap}
 
-    def _gmem_close(self, op: GmemClose) -> dict:
+    def _gmem_close(self, op: GmemClose) -> dict[str, Any]:
         fd = op.fd
         file = self.gmem.get(fd)
         zap = gmem_invalidate(self, file, 0, file.npages, "gmem_close")
         self.gmem.close(fd)
         return {"zap": zap}
 
-    def _gmem_write(self, op: GmemWrite) -> dict:
+    def _gmem_write(self, op: GmemWrite) -> dict[str, Any]:
         fd, offset, data = op.fd, op.offset, op.data
         file = self._mappable(fd)
         payload = _hex_bytes(data)
@@ -684,7 +688,7 @@ class Vm:
         file.write(off, payload)
         return {"written": len(payload)}
 
-    def gmem_read(self, fd: object, offset: object, len: object) -> dict:
+    def gmem_read(self, fd: object, offset: object, len: object) -> dict[str, Any]:
         file = self._mappable(fd)
         off, n = check_u64(offset, "offset"), check_u64(len, "len")
         if n > MAX_DATA_BYTES:
@@ -704,7 +708,7 @@ class Vm:
         return file
 
     # ------------------------------------------------------------------ attributes
-    def _set_memory_attributes(self, op: SetMemoryAttributes) -> dict:
+    def _set_memory_attributes(self, op: SetMemoryAttributes) -> dict[str, Any]:
         address, size, attributes, flags = op.address, op.size, op.attributes, op.flags
         start, end = self.attrs.check(address, size, attributes, flags, vm_type=self.vm_type)
         attrs = int(attributes)
@@ -725,7 +729,7 @@ class Vm:
         return {"zap": zap, "changed": True}
 
     # ------------------------------------------------------------------ dirty logging
-    def _alloc_dirty(self, slot: Memslot) -> None:
+    def alloc_dirty(self, slot: Memslot) -> None:
         key = (slot.as_id, slot.id)
         if self.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
             self.dirty[key] = np.ones(slot.npages, dtype=bool)
@@ -737,25 +741,19 @@ class Vm:
         self.dirty.pop(key, None)
         self.dirty_initially_set.discard(key)
 
-    def _apply_dirty_flags(self, old: Memslot, new: Memslot) -> dict | None:
-        from . import dirty
-
+    def _apply_dirty_flags(self, old: Memslot, new: Memslot) -> dict[str, Any] | None:
         return dirty.apply_flags(self, old, new)
 
-    def _get_dirty_log(self, op: GetDirtyLog) -> dict:
-        from . import dirty
-
+    def _get_dirty_log(self, op: GetDirtyLog) -> dict[str, Any]:
         return dirty.get_dirty_log(self, op.slot)
 
-    def _clear_dirty_log(self, op: ClearDirtyLog) -> dict:
+    def _clear_dirty_log(self, op: ClearDirtyLog) -> dict[str, Any]:
         slot, first_page, num_pages, bitmap = op.slot, op.first_page, op.num_pages, op.bitmap
-        from . import dirty
-
         return dirty.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
 
     # ------------------------------------------------------------------ teardown
     # ------------------------------------------------------------------ queries
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         return {
             "vm_type": int(self.vm_type),
             "vm_type_name": self.vm_type.name,
@@ -772,21 +770,21 @@ class Vm:
             "destroyed": self.destroyed,
         }
 
-    def quirks(self) -> dict:
+    def quirks(self) -> dict[str, Any]:
         return caps.quirks_view(self.vm_type, self.disabled_quirks)
 
-    def memslots(self) -> list[dict]:
-        out: list[dict] = []
+    def memslots(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
         for space in self.spaces:
             for slot in space:
                 out.append(self._slot_dict(slot) or {})
         return sorted(out, key=lambda d: d["slot"])
 
-    def memslot(self, slot: object) -> dict:
-        s = self._lookup_slot(slot)
+    def memslot(self, slot: object) -> dict[str, Any]:
+        s = self.lookup_slot(slot)
         return self._slot_dict(s)  # type: ignore[return-value]
 
-    def _lookup_slot(self, slot: object) -> Memslot:
+    def lookup_slot(self, slot: object) -> Memslot:
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot <= 0xFFFFFFFF:
             raise einval("slot must be a u32")
         as_id, id = slot >> 16, slot & 0xFFFF
@@ -797,43 +795,37 @@ class Vm:
             raise KvmError(errno.ENOENT, f"no memslot {slot:#x}")
         return s
 
-    def vcpus_view(self) -> list[dict]:
+    def vcpus_view(self) -> list[dict[str, Any]]:
         return [self.vcpus[i].to_dict() for i in sorted(self.vcpus)]
 
-    def guest_memfds(self) -> list[dict]:
+    def guest_memfds(self) -> list[dict[str, Any]]:
         return [f.to_dict() for f in self.gmem]
 
-    def memory_attributes(self) -> list[dict]:
+    def memory_attributes(self) -> list[dict[str, Any]]:
         return self.attrs.ranges()
 
-    def zap_events(self) -> list[dict]:
+    def zap_events(self) -> list[dict[str, Any]]:
         return list(reversed(self.events))
 
-    def roots(self) -> list[dict]:
+    def roots(self) -> list[dict[str, Any]]:
         return [r.to_dict(self.mmu.mmu_valid_gen) for r in self.mmu.roots_of()]
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return stats_view(self)
 
-    def tdx_state(self) -> dict:
+    def tdx_state(self) -> dict[str, Any]:
         if self.tdx is None:
             raise einval("not a TD")
         return self.tdx.to_dict()
 
-    def translate(self, gpa: object) -> dict:
-        from .introspect import translate
+    def translate(self, gpa: object) -> dict[str, Any]:
+        return introspect.translate(self, gpa)
 
-        return translate(self, gpa)
+    def mappings(self, root: object = None) -> list[dict[str, Any]]:
+        return introspect.mappings(self, root)
 
-    def mappings(self, root: object = None) -> list[dict]:
-        from .introspect import mappings
-
-        return mappings(self, root)
-
-    def audit(self) -> dict:
-        from .audit import audit
-
-        return audit(self)
+    def audit(self) -> dict[str, Any]:
+        return audit_vm(self)
 
 
 def _bool_runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -850,22 +842,22 @@ class _Backing:
 
     def read(self, n: int) -> bytes:
         if self.file is not None:
-            return self.file.read((self.page << PAGE_SHIFT) + self.off, n)
-        return self.vm.host.read((self.page << PAGE_SHIFT) + self.off, n)
+            return self.file.read(A.page_to_offset(self.page) + self.off, n)
+        return self.vm.host.read(A.hpn_to_hva(self.page) + self.off, n)
 
     def write(self, data: bytes) -> None:
         if self.file is not None:
-            self.file.write((self.page << PAGE_SHIFT) + self.off, data)
+            self.file.write(A.page_to_offset(self.page) + self.off, data)
         else:
-            self.vm.host.write((self.page << PAGE_SHIFT) + self.off, data)
+            self.vm.host.write(A.hpn_to_hva(self.page) + self.off, data)
 
 
-def _destroy(vm: Vm, op: Destroy) -> dict:
+def _destroy(vm: Vm, op: Destroy) -> dict[str, Any]:
     return destroy(vm)
 
 
 # Operation type -> its handler: dispatch is one dict lookup, no argument binding.
-_HANDLERS: dict[type[Op], Callable[[Vm, Any], dict]] = {
+_HANDLERS: dict[type[Op], Callable[[Vm, Any], dict[str, Any]]] = {
     CreateVcpu: Vm._create_vcpu,
     SetVcpuSmm: Vm._set_vcpu_smm,
     EnableCap: Vm._enable_cap,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import errno
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 from .errors import KvmError, check_u64, einval
 from .op import Op, operation
@@ -27,7 +28,37 @@ MAX_EVENTS = 10000
 EVENT_EXTRAS = ("huge_pages_split", "sptes_write_protected", "huge_pages_recovered")
 
 
-def flush_memslot(vm: Vm, slot: Memslot, cause: str) -> dict:
+@dataclass(frozen=True, slots=True)
+class ZapEvent:
+    """One zap, in the fixed shape of docs/engine.md "Zap events" (`to_json` keeps its key
+    order); the VM's log and every answer hold the JSON form."""
+
+    seq: int
+    at: float
+    cause: str
+    path: str
+    vm_type: str
+    slot_zap_all: bool
+    as_id: int | None
+    slot: int | None
+    gfn_start: int
+    gfn_end: int
+    sptes_zapped: dict[str, Any]
+    sptes_zapped_total: int
+    tables_freed: int
+    roots_invalidated: int
+    tlb_flushes: int
+    vcpu_kicks: int
+    duration_us: int
+    huge_pages_split: int = 0
+    sptes_write_protected: int = 0
+    huge_pages_recovered: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def flush_memslot(vm: Vm, slot: Memslot, cause: str) -> dict[str, Any]:
     """kvm_arch_flush_shadow_memslot: the SLOT_ZAP_ALL quirk decides (kvm-memslots.md §4.1)."""
     if vm.zap_policy == "zap_all_shared_only":
         return zap_all_fast(vm, cause, slot, experiment=True)
@@ -55,7 +86,9 @@ def flush_tlbs(vm: Vm) -> int:
     return 1
 
 
-def zap_all_fast(vm: Vm, cause: str, slot: Memslot | None = None, experiment: bool = False) -> dict:
+def zap_all_fast(
+    vm: Vm, cause: str, slot: Memslot | None = None, experiment: bool = False
+) -> dict[str, Any]:
     """kvm_mmu_zap_all_fast: invalidate every direct root; vCPUs load new ones
     (kvm-memslots.md §4.3, §5).
 
@@ -80,33 +113,24 @@ def zap_all_fast(vm: Vm, cause: str, slot: Memslot | None = None, experiment: bo
     return record(vm, cause, path, 0, vm.max_gfn + 1, acc, invalidated, 0, kicks, t0, trigger=slot)
 
 
-def zap_slot_leafs(vm: Vm, slot: Memslot, cause: str) -> dict:
+def zap_slot_leafs(vm: Vm, slot: Memslot, cause: str) -> dict[str, Any]:
     """kvm_tdp_mmu_unmap_gfn_range over the slot: every root of its address space, valid or
     not, direct and mirror; leaves only; one flush if a valid root lost something
     (kvm-memslots.md §4.4)."""
     t0 = time.perf_counter()
     acc = ZapAcc()
+    flush = False
     for root in vm.mmu.roots_of(slot.as_id):
-        zap_root_range(vm, root, slot.base_gfn, slot.end_gfn, acc)
-    flushes = flush_tlbs(vm) if acc.flush else 0
+        flush |= zap_root_range(vm, root, slot.base_gfn, slot.end_gfn, acc)
     vm.stats_extra["zaps_slot_leafs"] += 1
-    kicks = running_vcpus(vm) if flushes else 0
-    return record(
-        vm,
-        cause,
-        "zap_slot_leafs",
-        slot.base_gfn,
-        slot.end_gfn,
-        acc,
-        0,
-        flushes,
-        kicks,
-        t0,
-        trigger=slot,
-    )
+    span = (slot.base_gfn, slot.end_gfn)
+    return finish(vm, acc, cause, "zap_slot_leafs", span, t0, flush=flush, trigger=slot)
 
 
-def zap_root_range(vm: Vm, root: Root, start: int, end: int, acc: ZapAcc) -> None:
+def zap_root_range(vm: Vm, root: Root, start: int, end: int, acc: ZapAcc) -> bool:
+    """Zap the leaves of [start, end) in one root; returns whether a TLB flush is needed
+    (a valid root lost a present SPTE), as kvm_tdp_mmu_zap_leafs does."""
+    before_flush, acc.flush = acc.flush, False
     if root.role is RootRole.DIRECT:
         bits = vm.gfn_direct_bits
         vm.mmu.zap_range(root, start | bits, end | bits, acc, leafs_only=True)
@@ -116,31 +140,51 @@ def zap_root_range(vm: Vm, root: Root, start: int, end: int, acc: ZapAcc) -> Non
         assert vm.tdx is not None
         for s, e, _ in acc.runs[before:]:
             vm.tdx.remove_leaves(s, e - s)
+    flush = acc.flush
+    acc.flush = before_flush or flush
+    return flush
 
 
 def zap_gfn_range(
     vm: Vm, as_ids: list[int], start: int, end: int, roles: set[RootRole], cause: str, path: str
-) -> dict:
+) -> dict[str, Any]:
     """kvm_unmap_gfn_range for notifier, attribute and guest_memfd invalidations."""
     return zap_gfn_ranges(vm, [(a, start, end) for a in as_ids], roles, cause, path)
 
 
 def zap_gfn_ranges(
     vm: Vm, ranges: list[tuple[int, int, int]], roles: set[RootRole], cause: str, path: str
-) -> dict:
+) -> dict[str, Any]:
     """Several (as_id, start, end) ranges as one invalidation: one flush if anything went,
     one event (what a guest_memfd invalidation over several bindings does)."""
     t0 = time.perf_counter()
     acc = ZapAcc()
+    flush = False
     for as_id, s, e in ranges:
         for root in vm.mmu.roots_of(as_id):
             if root.role in roles:
-                zap_root_range(vm, root, s, e, acc)
-    start = min(s for _, s, _ in ranges)
-    end = max(e for _, _, e in ranges)
-    flushes = flush_tlbs(vm) if acc.flush else 0
+                flush |= zap_root_range(vm, root, s, e, acc)
+    span = (min(s for _, s, _ in ranges), max(e for _, _, e in ranges))
+    return finish(vm, acc, cause, path, span, t0, flush=flush)
+
+
+def finish(
+    vm: Vm,
+    acc: ZapAcc,
+    cause: str,
+    path: str,
+    span: tuple[int, int],
+    t0: float,
+    *,
+    flush: bool,
+    trigger: Memslot | None = None,
+    **extra: int,
+) -> dict[str, Any]:
+    """The one place a zap that may need a TLB flush ends: the flush (and the IPIs it sends
+    to running vCPUs) when the primitives said one is needed, then the zap event."""
+    flushes = flush_tlbs(vm) if flush else 0
     kicks = running_vcpus(vm) if flushes else 0
-    return record(vm, cause, path, start, end, acc, 0, flushes, kicks, t0)
+    return record(vm, cause, path, span[0], span[1], acc, 0, flushes, kicks, t0, trigger, **extra)
 
 
 def measured_duration(vm: Vm, t0: float) -> int:
@@ -163,7 +207,7 @@ def record(
     t0: float,
     trigger: Memslot | None = None,
     **extra: int,
-) -> dict:
+) -> dict[str, Any]:
     """Append the zap event to the VM's log; the caller gets its own copy.
 
     Every event has one shape (docs/engine.md, "Zap events"): both root roles and every
@@ -180,26 +224,28 @@ def record(
     vm.event_seq += 1
     unknown = set(extra) - set(EVENT_EXTRAS)
     assert not unknown, f"zap event fields outside the fixed shape: {unknown}"
-    ev = {
-        "seq": vm.event_seq,
-        "at": vm.now,
-        "cause": cause,
-        "path": path,
-        "vm_type": vm.vm_type.name,
-        "slot_zap_all": slot_zap_all(vm),
-        "as_id": None if trigger is None else trigger.as_id,
-        "slot": None if trigger is None else trigger.id,
-        "gfn_start": gfn_start,
-        "gfn_end": gfn_end,
-        "sptes_zapped": acc.by_level(),
-        "sptes_zapped_total": total,
-        "tables_freed": acc.tables_freed,
-        "roots_invalidated": invalidated,
-        "tlb_flushes": flushes,
-        "vcpu_kicks": kicks,
-        "duration_us": measured_duration(vm, t0),
-        **{k: extra.get(k, 0) for k in EVENT_EXTRAS},
-    }
+    ev = ZapEvent(
+        seq=vm.event_seq,
+        at=vm.now,
+        cause=cause,
+        path=path,
+        vm_type=vm.vm_type.name,
+        slot_zap_all=slot_zap_all(vm),
+        as_id=None if trigger is None else trigger.as_id,
+        slot=None if trigger is None else trigger.id,
+        gfn_start=gfn_start,
+        gfn_end=gfn_end,
+        sptes_zapped=acc.by_level(),
+        sptes_zapped_total=total,
+        tables_freed=acc.tables_freed,
+        roots_invalidated=invalidated,
+        tlb_flushes=flushes,
+        vcpu_kicks=kicks,
+        duration_us=measured_duration(vm, t0),
+        huge_pages_split=extra.get("huge_pages_split", 0),
+        sptes_write_protected=extra.get("sptes_write_protected", 0),
+        huge_pages_recovered=extra.get("huge_pages_recovered", 0),
+    ).to_json()
     vm.events.append(ev)
     if len(vm.events) > MAX_EVENTS:
         del vm.events[: len(vm.events) - MAX_EVENTS]
@@ -216,7 +262,7 @@ def account_fault_zaps(vm: Vm, acc: ZapAcc) -> None:
         flush_tlbs(vm)
 
 
-def explicit_zap(vm: Vm, op: ExplicitZap) -> dict:
+def explicit_zap(vm: Vm, op: ExplicitZap) -> dict[str, Any]:
     scope, gpa, size, roots = op.scope, op.gpa, op.size, op.roots
     if scope not in ("all", "range") or roots not in ("shared", "private", "both"):
         raise einval("scope must be all|range and roots shared|private|both")
@@ -243,7 +289,7 @@ def explicit_zap(vm: Vm, op: ExplicitZap) -> dict:
     return zap_gfn_range(vm, list(range(vm.nr_as)), start, end, sel, "explicit", "zap_gfn_range")
 
 
-def notifier_invalidate(vm: Vm, first: int, end: int) -> dict | None:
+def notifier_invalidate(vm: Vm, first: int, end: int) -> dict[str, Any] | None:
     """kvm_mmu_notifier_invalidate_range_start: every slot whose HVA range intersects,
     shared (direct) roots only — host mm events never touch TDX mirror roots
     (kvm-private-tdx.md §3.6)."""
@@ -251,6 +297,7 @@ def notifier_invalidate(vm: Vm, first: int, end: int) -> dict | None:
     t0 = time.perf_counter()
     acc = ZapAcc()
     lo_gfn, hi_gfn = None, None
+    flush = False
     for space in vm.spaces:
         for slot in space.by_gfn():
             if slot.gmem_only:
@@ -263,20 +310,19 @@ def notifier_invalidate(vm: Vm, first: int, end: int) -> dict | None:
             g0 = slot.base_gfn + (lo - s_first)
             g1 = slot.base_gfn + (hi - s_first)
             for root in vm.mmu.roots_of(space.as_id, RootRole.DIRECT):
-                zap_root_range(vm, root, g0, g1, acc)
+                flush |= zap_root_range(vm, root, g0, g1, acc)
             lo_gfn = g0 if lo_gfn is None else min(lo_gfn, g0)
             hi_gfn = g1 if hi_gfn is None else max(hi_gfn, g1)
     if lo_gfn is not None:
-        flushes = flush_tlbs(vm) if acc.flush else 0
-        kicks = running_vcpus(vm) if flushes else 0
         vm.stats_extra["zaps_notifier"] += 1
-        zap = record(
-            vm, "mmu_notifier", "zap_gfn_range", lo_gfn, hi_gfn or 0, acc, 0, flushes, kicks, t0
-        )
+        span = (lo_gfn, hi_gfn or 0)
+        zap = finish(vm, acc, "mmu_notifier", "zap_gfn_range", span, t0, flush=flush)
     return zap
 
 
-def gmem_invalidate(vm: Vm, file: GmemFile, first: int, end: int, cause: str) -> dict | None:
+def gmem_invalidate(
+    vm: Vm, file: GmemFile, first: int, end: int, cause: str
+) -> dict[str, Any] | None:
     """kvm_gmem_invalidate: zap the private mappings of every slot bound to the range, as
     one invalidation (the flush flag is ORed over the bindings: one flush, one event)."""
     ranges = []
@@ -291,7 +337,7 @@ def gmem_invalidate(vm: Vm, file: GmemFile, first: int, end: int, cause: str) ->
     return zap_gfn_ranges(vm, ranges, roles, cause, "zap_gfn_range")
 
 
-def destroy(vm: Vm) -> dict:
+def destroy(vm: Vm) -> dict[str, Any]:
     """VM destruction: HKID released first for a TD, then every root torn down, leaves before
     S-EPT tables, pages reclaimed (kvm-private-tdx.md §5.1 teardown, §5.3, §5.4 rule 1)."""
     t0 = time.perf_counter()
