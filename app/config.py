@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     max_loaded_vms: int = Field(default=64, ge=1)
     log_level: str = "INFO"
 
+    # --- reliability limits (README "Limits"): what one client can make the service hold ---
+    # A VM is also snapshotted automatically once this much replay work piled up since its
+    # last snapshot (bytes journaled + page-table and SPTE bytes built or torn down).
+    snapshot_work_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
             svc = app.state.service = build_service(
                 settings.database_url,
                 snapshot_every=settings.snapshot_every,
+                snapshot_work_bytes=settings.snapshot_work_bytes,
                 page_table_budget_bytes=settings.page_table_budget_bytes,
                 max_loaded_vms=settings.max_loaded_vms,
             )

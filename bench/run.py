@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("engine.py", "persistence.py")  # in this order; absent ones are skipped
+SCRIPTS = ("engine.py", "persistence.py", "isolation.py")  # in this order; absent ones are skipped
 
 
 def main() -> int:

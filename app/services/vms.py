@@ -173,6 +173,12 @@ def _vm_type_name(vm_type: int) -> str:
         return str(vm_type)
 
 
+# Stats whose change measures the engine work a record replays: tables and leaf SPTEs.
+_WORK_STATS = {"page_tables": TABLE_BYTES, "pages_4k": 8, "pages_2m": 8, "pages_1g": 8}
+# Work (bytes journaled + page-table bytes and SPTE bytes changed) after which a VM is
+# snapshotted even before `snapshot_every` records: replay after a crash stays bounded.
+DEFAULT_SNAPSHOT_WORK_BYTES = 64 * 1024 * 1024
+
 # Worker threads for VM calls: one VM uses at most one at a time (its lock), so this bounds
 # how many VMs compute or wait on the database at once.
 WORKER_THREADS = 8
@@ -193,10 +199,15 @@ class VmHandle:
     snapshot_task: asyncio.Task[None] | None = None
     # When a call last held the VM (monotonic): the least recently used idle VMs are evicted.
     last_used: float = field(default_factory=time.monotonic)
+    # Replay work piled up since the newest snapshot (see `_count_work`), and the stats the
+    # last call left (None: unknown, e.g. just loaded).
+    work_bytes: int = 0
+    work_stats: dict[str, Any] | None = None
 
     def discard(self) -> None:
         self.vm = None
         self.applied_seq = 0
+        self.work_stats = None
 
 
 @dataclass
@@ -234,12 +245,28 @@ class _Outcome:
     error: KvmError | None
 
 
+@dataclass
+class _Step:
+    """One engine step of a mutating call, on its way to the journal."""
+
+    at_us: int
+    budget: int
+    result: Any = None
+    raised: KvmError | None = None
+    error: dict[str, Any] | None = None
+    seq: int = 0
+    # What the record costs to store (and replay reads): its args and result, serialised.
+    journal_bytes: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
 class VmService:
     def __init__(
         self,
         database_url: str,
         *,
         snapshot_every: int = 1000,
+        snapshot_work_bytes: int = DEFAULT_SNAPSHOT_WORK_BYTES,
         run_migrations: bool = True,
         engine: EnginePort | None = None,
         page_table_budget_bytes: int = DEFAULT_PAGE_TABLE_BUDGET_BYTES,
@@ -247,6 +274,7 @@ class VmService:
     ) -> None:
         self.database_url = database_url
         self.snapshot_every = snapshot_every
+        self.snapshot_work_bytes = snapshot_work_bytes
         self.run_migrations = run_migrations
         self._engine = engine
         # Page tables all loaded VMs together may hold (the service's budget, in tables).
@@ -526,57 +554,112 @@ class VmService:
     def _mutate_sync(
         self, h: VmHandle, op: str, args: dict[str, Any], if_match: str | None, destroy: bool
     ) -> _Outcome:
-        # The engine gets its own copy: whatever it does to it, the journal keeps what came in.
-        engine_args = _json_copy(args)
+        """One mutating call. PostgreSQL: one transaction holding the VM row's lock (other
+        VMs' rows stay free). SQLite has one write lock for the whole database, so the engine
+        step runs outside any write transaction and the record is appended by a short one
+        afterwards (the VM lock orders calls within this process). If another process
+        appended to this VM meanwhile, the step is redone once more under the write lock, as
+        on PostgreSQL: two processes writing one VM make progress, never livelock."""
+        out = self._mutate_once(h, op, args, if_match, destroy, split=self.db.sqlite)
+        if out is None:
+            out = self._mutate_once(h, op, args, if_match, destroy, split=False)
+        assert out is not None  # an unsplit call never conflicts: it holds the lock
+        return out
+
+    def _mutate_once(
+        self,
+        h: VmHandle,
+        op: str,
+        args: dict[str, Any],
+        if_match: str | None,
+        destroy: bool,
+        *,
+        split: bool,
+    ) -> _Outcome | None:
         # Set once the engine has been entered: from then on, any failure to commit means
         # memory may hold a change the journal does not.
         touched = False
-        raised: KvmError | None = None
         try:
-            with self.db.write() as s:
-                row = self._live_row(s, h.vm_id, lock=True)
+            with self.db.read() if split else self.db.write() as s:
+                row = self._live_row(s, h.vm_id, lock=not split)
                 if if_match is not None and not etag_matches(if_match, row.last_seq):
                     raise PreconditionFailed(if_match, etag(row.last_seq))
                 vm = self._catch_up(s, h, row.last_seq)
-                at_us = now_us()
-                result: Any = None
-                error: dict[str, Any] | None = None
-                # Journaled with the call: replay must run it under the very same budget.
-                budget = self._grant_tables(vm)
-                self.engine.set_table_budget(vm, budget)
+                base_seq = row.last_seq
+                if not split:
+                    touched = True
+                    step = self._engine_step(h, vm, op, args)
+                    self._append(s, h, row, vm, op, args, step, destroy)
+            if split:
                 touched = True
-                try:
-                    result = vm.apply(op, engine_args, at=us_to_engine_time(at_us))
-                except KvmError as e:
-                    if not getattr(e, "state_changed", False):
-                        touched = False  # the engine guarantees nothing changed
-                        raise
-                    raised, error = e, _error_json(e)
-                seq = row.last_seq + 1
-                repo.append_journal(
-                    s,
-                    vm_id=h.vm_id,
-                    seq=seq,
-                    op=op,
-                    args=args,
-                    result=None if raised else _result_summary(result),
-                    error=error,
-                    at=us_to_datetime(at_us),
-                    meta=_meta(vm, budget),
-                )
-                row.last_seq = seq
-                row.summary = self._summary(vm)
-                if destroy:
-                    row.deleted = True
-                    row.deleted_at = utcnow()
+                step = self._engine_step(h, vm, op, args)
+                # The short write transaction: BEGIN IMMEDIATE, a check, one insert, commit.
+                with self.db.write() as s:
+                    row = self._live_row(s, h.vm_id, lock=True)
+                    if row.last_seq != base_seq:
+                        # Another process moved the VM: forget this step, redo it.
+                        h.discard()
+                        return None
+                    self._append(s, h, row, vm, op, args, step, destroy)
         except BaseException:
             if touched:
                 h.discard()
             raise
-        h.applied_seq = seq
+        h.applied_seq = step.seq
+        self._count_work(h, vm, step)
         if destroy:
             h.discard()
-        return _Outcome(result, seq, raised)
+        return _Outcome(step.result, step.seq, step.raised)
+
+    def _engine_step(self, h: VmHandle, vm: Vm, op: str, args: dict[str, Any]) -> _Step:
+        """Run the call on the engine (no database work). A `KvmError` that changed nothing
+        is re-raised; one with `state_changed` is kept to be journaled."""
+        # The engine gets its own copy: whatever it does to it, the journal keeps what came in.
+        engine_args = _json_copy(args)
+        at_us = now_us()
+        # Journaled with the call: replay must run it under the very same budget.
+        budget = self._grant_tables(vm)
+        self.engine.set_table_budget(vm, budget)
+        step = _Step(at_us=at_us, budget=budget)
+        try:
+            step.result = vm.apply(op, engine_args, at=us_to_engine_time(at_us))
+        except KvmError as e:
+            if not getattr(e, "state_changed", False):
+                raise  # the engine guarantees nothing changed
+            step.raised, step.error = e, _error_json(e)
+        return step
+
+    def _append(
+        self,
+        s: Session,
+        h: VmHandle,
+        row: VmRow,
+        vm: Vm,
+        op: str,
+        args: dict[str, Any],
+        step: _Step,
+        destroy: bool,
+    ) -> None:
+        """Journal the step as the record after `row.last_seq` and move the row (its version)."""
+        step.seq = row.last_seq + 1
+        rec = repo.append_journal(
+            s,
+            vm_id=h.vm_id,
+            seq=step.seq,
+            op=op,
+            args=args,
+            result=None if step.raised else _result_summary(step.result),
+            error=step.error,
+            at=us_to_datetime(step.at_us),
+            meta=_meta(vm, step.budget),
+        )
+        step.journal_bytes = len(json.dumps(rec.args)) + len(json.dumps(rec.result))
+        row.last_seq = step.seq
+        row.summary = self._summary(vm)
+        step.stats = row.summary.get(STATS_KEY) or {}
+        if destroy:
+            row.deleted = True
+            row.deleted_at = utcnow()
 
     async def read(self, vm_id: str, fn: Callable[[Vm], T]) -> tuple[T, str]:
         """Run a read-only query on the up-to-date VM; answer (value, ETag)."""
@@ -614,7 +697,9 @@ class VmService:
                 s.add(snap)
                 if kind != "manual":
                     repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
-            h.snapshot_seq = max(h.snapshot_seq, seq)
+            if seq >= h.snapshot_seq:
+                h.snapshot_seq = seq
+                h.work_bytes = 0
             log.info(
                 "snapshot %s of VM %s at seq %d (%s, %d bytes)",
                 snap.id,
@@ -642,15 +727,30 @@ class VmService:
     ) -> tuple[dict[str, Any], str]:
         """Rewind the VM to a snapshot of its own; journaled as a `restore` record."""
 
-        def work(h: VmHandle) -> VmRow:
+        def check(s: Session) -> tuple[VmRow, SnapshotRow]:
+            row = self._live_row(s, vm_id, lock=True)
+            if if_match is not None and not etag_matches(if_match, row.last_seq):
+                raise PreconditionFailed(if_match, etag(row.last_seq))
+            snap = repo.get_snapshot(s, snapshot_id)
+            if snap is None or snap.vm_id != vm_id:
+                raise SnapshotNotFound(snapshot_id)
+            return row, snap
+
+        def attempt(h: VmHandle, split: bool) -> VmRow | None:
+            # Decoding a snapshot is engine work: on SQLite it happens before the (short)
+            # write transaction, which then checks that nobody moved the VM meanwhile (if one
+            # did, the restore is redone under the write lock).
+            if split:
+                with self.db.read() as s:
+                    row, snap = check(s)
+                    base_seq = row.last_seq
+                    vm = self._state_of_snapshot(s, vm_id, snap.id, snap.seq)
             with self.db.write() as s:
-                row = self._live_row(s, vm_id, lock=True)
-                if if_match is not None and not etag_matches(if_match, row.last_seq):
-                    raise PreconditionFailed(if_match, etag(row.last_seq))
-                snap = repo.get_snapshot(s, snapshot_id)
-                if snap is None or snap.vm_id != vm_id:
-                    raise SnapshotNotFound(snapshot_id)
-                vm = self._state_of_snapshot(s, vm_id, snap.id, snap.seq)
+                row, snap = check(s)
+                if not split:
+                    vm = self._state_of_snapshot(s, vm_id, snap.id, snap.seq)
+                elif row.last_seq != base_seq:
+                    return None
                 seq = row.last_seq + 1
                 args = {"snapshot_id": snap.id, "seq": snap.seq}
                 repo.append_journal(
@@ -661,7 +761,12 @@ class VmService:
             # Only now, after the commit: until then `h` still matched the journal (and if
             # the commit's fate is unknown, catching up replays the restore record, or not).
             h.vm, h.applied_seq = vm, seq
+            h.work_stats = None
             return row
+
+        def work(h: VmHandle) -> VmRow:
+            row = attempt(h, self.db.sqlite)
+            return row if row is not None else attempt(h, False)  # type: ignore[return-value]
 
         async with self._locked(vm_id) as h:
             row = await self._run(work, h)
@@ -841,12 +946,33 @@ class VmService:
                 )
         return vm
 
+    @staticmethod
+    def _count_work(h: VmHandle, vm: Vm, step: _Step) -> None:
+        """Add what replaying this record will cost: the bytes it stores, and the page-table
+        and SPTE bytes it built or tore down (the change of the VM's counts)."""
+        work = step.journal_bytes
+        before, after = h.work_stats, step.stats
+        if before is not None:
+            for name, weight in _WORK_STATS.items():
+                old, new = before.get(name), after.get(name)
+                if isinstance(old, int) and isinstance(new, int):
+                    work += abs(new - old) * weight
+        h.work_stats = after
+        h.work_bytes += work
+
+    def _snapshot_due(self, h: VmHandle) -> bool:
+        if self.snapshot_every <= 0:  # automatic snapshots are off
+            return False
+        if h.applied_seq - h.snapshot_seq >= self.snapshot_every:
+            return True
+        return self.snapshot_work_bytes > 0 and h.work_bytes >= self.snapshot_work_bytes
+
     def _maybe_auto_snapshot(self, h: VmHandle) -> None:
         if (
-            self.snapshot_every <= 0
-            or self._stopping
+            self._stopping
             or h.snapshot_task is not None
-            or h.applied_seq - h.snapshot_seq < self.snapshot_every
+            or h.applied_seq <= h.snapshot_seq
+            or not self._snapshot_due(h)
         ):
             return
 
@@ -860,8 +986,10 @@ class VmService:
                     log.warning("automatic snapshot of VM %s skipped: %s", h.vm_id, e)
                 else:
                     log.exception("automatic snapshot of VM %s failed", h.vm_id)
-                # Try again after another `snapshot_every` records, not on every call.
+                # Try again after another `snapshot_every` records (or as much work), not on
+                # every call.
                 h.snapshot_seq = h.applied_seq
+                h.work_bytes = 0
             finally:
                 h.snapshot_task = None
 
@@ -921,6 +1049,7 @@ def build_service(
     database_url: str,
     *,
     snapshot_every: int = 1000,
+    snapshot_work_bytes: int = DEFAULT_SNAPSHOT_WORK_BYTES,
     run_migrations: bool = True,
     page_table_budget_bytes: int = DEFAULT_PAGE_TABLE_BUDGET_BYTES,
     max_loaded_vms: int = DEFAULT_MAX_LOADED_VMS,
@@ -929,6 +1058,7 @@ def build_service(
     return VmService(
         database_url,
         snapshot_every=snapshot_every,
+        snapshot_work_bytes=snapshot_work_bytes,
         run_migrations=run_migrations,
         engine=default_engine(),
         page_table_budget_bytes=page_table_budget_bytes,
