@@ -40,6 +40,8 @@ def _serve(settings: Settings) -> int:
         log_level=settings.log_level.lower(),
         # The app logs one structured line per request itself.
         access_log=False,
+        # Keep the app's JSON logging: uvicorn's default config would add text handlers.
+        log_config=None,
     )
     return 0
 

@@ -25,6 +25,7 @@ thread runs, even when the caller is cancelled, so two calls never touch one VM 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import functools
 import hashlib
@@ -349,7 +350,10 @@ class VmService:
         try:
             rev = await self._run(probe)
         except Exception as e:  # readiness reports why, it never raises
-            return {**out, "ok": False, "database": f"unreachable: {type(e).__name__}: {e}"}
+            # Driver messages name hosts, ports and databases: they go to the log only.
+            reason = getattr(e, "reason", None) or _outage_reason(e)
+            log.warning("readiness: database unreachable: %s", reason)
+            return {**out, "ok": False, "database": "unavailable (unreachable)"}
         head = head_revision()
         ok = rev == head
         return {
@@ -784,8 +788,10 @@ class VmService:
         """
         if self._pool is None:
             raise RuntimeError("VmService.start() has not been called")
+        # The caller's context (its request id, for the log) goes along to the thread.
+        ctx = contextvars.copy_context()
         fut = asyncio.get_running_loop().run_in_executor(
-            self._pool, functools.partial(self._outage_guard, fn, *args)
+            self._pool, functools.partial(ctx.run, self._outage_guard, fn, *args)
         )
         try:
             return await asyncio.shield(fut)
