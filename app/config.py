@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     # A VM is also snapshotted automatically once this much replay work piled up since its
     # last snapshot (bytes journaled + page-table and SPTE bytes built or torn down).
     snapshot_work_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # The request line and headers together (431 past it).
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    # Object keys plus array items in one JSON body, and its nesting depth (422 past them),
+    # checked before validation.
+    max_json_items: int = Field(default=10_000, ge=1)
+    max_json_depth: int = Field(default=32, ge=1)
 
 
 @lru_cache(maxsize=1)

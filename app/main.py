@@ -11,7 +11,11 @@ from fastapi.routing import APIRoute
 
 from app.api.errors import install_error_handlers, problem_media_types
 from app.api.log import configure_logging
-from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from app.api.middleware import (
+    BodyLimitMiddleware,
+    InputLimitMiddleware,
+    RequestContextMiddleware,
+)
 from app.api.router import include_routers
 from app.config import Settings
 
@@ -81,6 +85,12 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
     install_error_handlers(app)
     include_routers(app)
     # Added last = outermost: the request id exists before the body limit answers.
+    app.add_middleware(
+        InputLimitMiddleware,
+        max_header_bytes=settings.max_header_bytes,
+        max_json_items=settings.max_json_items,
+        max_json_depth=settings.max_json_depth,
+    )
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
