@@ -1,4 +1,4 @@
-"""The `vkmmu` console script: `vkmmu serve --host --port`, `vkmmu migrate`."""
+"""The `vkmmu` console script: `vkmmu serve --host --port`, `vkmmu migrate`, `vkmmu gc`."""
 
 from __future__ import annotations
 
@@ -66,6 +66,27 @@ def _migrate(settings: Settings) -> int:
     return 0
 
 
+def _gc(settings: Settings) -> int:
+    """One retention pass (what `vkmmu serve` also runs every VKMMU_GC_INTERVAL_S)."""
+    import asyncio
+    import json
+
+    from app.services.vms import build_service, service_options
+
+    async def run() -> dict[str, int]:
+        svc = build_service(
+            settings.database_url, **{**service_options(settings), "gc_interval_s": 0}
+        )
+        await svc.start()
+        try:
+            return await svc.gc()
+        finally:
+            await svc.stop()
+
+    print(json.dumps(asyncio.run(run())))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vkmmu", description="The KVM x86 MMU over HTTP")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=_serve)
     migrate = sub.add_parser("migrate", help="bring the database schema up to date (Alembic)")
     migrate.set_defaults(func=_migrate)
+    gc = sub.add_parser(
+        "gc", help="reclaim storage: purge deleted VMs, prune journals behind snapshots"
+    )
+    gc.set_defaults(func=_gc)
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {
         k: v for k in _OPTIONS if (v := getattr(args, k, None)) is not None

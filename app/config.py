@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     # checked before validation.
     max_json_items: int = Field(default=10_000, ge=1)
     max_json_depth: int = Field(default=32, ge=1)
+    # Retention: journal records kept behind each VM's newest snapshot (older ones are
+    # pruned), seconds a deleted VM's row stays as a tombstone (its journal and snapshots go
+    # at once), manual snapshots per VM (ENOMEM past it), seconds between background gc runs.
+    journal_keep: int = Field(default=1000, ge=0)
+    retention_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    max_manual_snapshots: int = Field(default=32, ge=0)
+    gc_interval_s: float = Field(default=300.0, ge=0)
 
 
 @lru_cache(maxsize=1)

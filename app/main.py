@@ -50,14 +50,10 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = app.state.service
         if svc is None:
-            from app.services.vms import build_service
+            from app.services.vms import build_service, service_options
 
             svc = app.state.service = build_service(
-                settings.database_url,
-                snapshot_every=settings.snapshot_every,
-                snapshot_work_bytes=settings.snapshot_work_bytes,
-                page_table_budget_bytes=settings.page_table_budget_bytes,
-                max_loaded_vms=settings.max_loaded_vms,
+                settings.database_url, **service_options(settings)
             )
         await svc.start()
         try:

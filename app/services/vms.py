@@ -73,6 +73,12 @@ AUTO_SNAPSHOTS_KEPT = 2
 DEFAULT_PAGE_TABLE_BUDGET_BYTES = 4 * 1024 * 1024 * 1024
 # VMs held in memory at once; past it the least recently used idle ones are evicted.
 DEFAULT_MAX_LOADED_VMS = 64
+# Retention: journal records kept behind a VM's newest snapshot, how long a deleted VM's row
+# stays, manual snapshots per VM, and how often the background gc runs.
+DEFAULT_JOURNAL_KEEP = 1000
+DEFAULT_RETENTION_S = 7 * 24 * 3600.0
+DEFAULT_MAX_MANUAL_SNAPSHOTS = 32
+DEFAULT_GC_INTERVAL_S = 300.0
 # Where the VM row's summary keeps `vm.stats()` (read by /metrics without loading the VM).
 STATS_KEY = "stats"
 # A VM's creation defaults (KVM_CREATE_VM with type 0, one vCPU, 4-level EPT).
@@ -272,8 +278,18 @@ class VmService:
         engine: EnginePort | None = None,
         page_table_budget_bytes: int = DEFAULT_PAGE_TABLE_BUDGET_BYTES,
         max_loaded_vms: int = DEFAULT_MAX_LOADED_VMS,
+        journal_keep: int = DEFAULT_JOURNAL_KEEP,
+        retention_s: float = DEFAULT_RETENTION_S,
+        max_manual_snapshots: int = DEFAULT_MAX_MANUAL_SNAPSHOTS,
+        gc_interval_s: float = 0,
     ) -> None:
         self.database_url = database_url
+        self.journal_keep = max(0, journal_keep)
+        self.retention_s = max(0.0, retention_s)
+        self.max_manual_snapshots = max(0, max_manual_snapshots)
+        # Seconds between background gc runs (0: none; `vkmmu serve` sets it).
+        self.gc_interval_s = gc_interval_s
+        self._gc_task: asyncio.Task[None] | None = None
         self.snapshot_every = snapshot_every
         self.snapshot_work_bytes = snapshot_work_bytes
         self.run_migrations = run_migrations
@@ -309,12 +325,18 @@ class VmService:
         self._db = Database(self.database_url)
         self._pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="vkmmu-vm")
         self._stopping = False
+        if self.gc_interval_s > 0:
+            self._gc_task = asyncio.get_running_loop().create_task(self._gc_loop())
 
     async def stop(self) -> None:
         """Finish background snapshots, snapshot every VM changed since its last one, close."""
         if self._db is None:
             return
         self._stopping = True
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+            await asyncio.gather(self._gc_task, return_exceptions=True)
+            self._gc_task = None
         await self.wait_background()
         for h in list(self._handles.values()):
             if h.vm is not None and h.applied_seq > h.snapshot_seq:
@@ -487,8 +509,16 @@ class VmService:
                 deleted=False,
                 last_seq=0,
             )
+            own: SnapshotRow | None = None
+            if from_snapshot is not None:
+                # A fork keeps its own copy of its starting state: it never depends on its
+                # source's snapshot or journal, which retention may delete.
+                own = self._snapshot_row(row.id, 0, self.engine.dumps(vm), "auto", None)
             with self.db.write() as s:
                 s.add(row)
+                if own is not None:
+                    s.flush()  # the VM row first: the snapshot's foreign key names it
+                    s.add(own)
             return row, vm
 
         row, vm = await self._run(work)
@@ -521,7 +551,14 @@ class VmService:
         return self._info(row), etag(row.last_seq)
 
     async def delete_vm(self, vm_id: str, *, if_match: str | None = None) -> dict[str, Any]:
+        """Destroy the VM; its journal and snapshots are deleted with it (the row stays as a
+        tombstone until `retention_s` passed). Forks journaled before forks kept their own
+        starting state may still need the VM's snapshots: then `gc` purges them later."""
         result, _ = await self._mutate(vm_id, "destroy", {}, if_match=if_match, destroy=True)
+        try:
+            await self._run(self._purge_tombstone, vm_id)
+        except Exception:  # the destroy is committed; gc purges what is left
+            log.warning("purging the data of deleted VM %s deferred to gc", vm_id, exc_info=True)
         return dict(result)
 
     # ----------------------------------------------------------------- calls
@@ -679,25 +716,22 @@ class VmService:
 
     # ----------------------------------------------------------------- snapshots
 
-    async def create_snapshot(self, vm_id: str, *, kind: str = "manual") -> dict[str, Any]:
+    async def create_snapshot(
+        self, vm_id: str, *, kind: str = "manual", label: str | None = None
+    ) -> dict[str, Any]:
         def work(h: VmHandle) -> SnapshotRow:
             with self.db.read() as s:
                 row = self._live_row(s, vm_id)
+                if kind == "manual":
+                    self._check_manual_cap(s, vm_id)
                 vm = self._catch_up(s, h, row.last_seq)
             seq = h.applied_seq
             data = self.engine.dumps(vm)
-            snap = SnapshotRow(
-                id=new_id("snap-"),
-                vm_id=vm_id,
-                seq=seq,
-                created_at=utcnow(),
-                size=len(data),
-                checksum=hashlib.sha256(data).hexdigest(),
-                kind=kind,
-                data=data,
-            )
+            snap = self._snapshot_row(vm_id, seq, data, kind, label)
             # A snapshot is the state after record `seq`, which is history: no row lock.
             with self.db.write() as s:
+                if kind == "manual":
+                    self._check_manual_cap(s, vm_id)  # again: another call may have taken one
                 s.add(snap)
                 if kind != "manual":
                     repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
@@ -717,6 +751,76 @@ class VmService:
         async with self._locked(vm_id) as h:
             snap = await self._run(work, h)
         return self._snapshot_info(snap)
+
+    def _check_manual_cap(self, s: Session, vm_id: str) -> None:
+        if repo.count_snapshots(s, vm_id, kind="manual") >= self.max_manual_snapshots:
+            raise KvmError(
+                errno.ENOMEM,
+                f"the VM has {self.max_manual_snapshots} manual snapshots, the most "
+                "VKMMU_MAX_MANUAL_SNAPSHOTS allows: delete one first",
+            )
+
+    @staticmethod
+    def _snapshot_row(
+        vm_id: str, seq: int, data: bytes, kind: str, label: str | None
+    ) -> SnapshotRow:
+        return SnapshotRow(
+            id=new_id("snap-"),
+            vm_id=vm_id,
+            seq=seq,
+            created_at=utcnow(),
+            size=len(data),
+            checksum=hashlib.sha256(data).hexdigest(),
+            kind=kind,
+            label=label,
+            data=data,
+        )
+
+    async def get_snapshot(self, vm_id: str, snapshot_id: str) -> dict[str, Any]:
+        def work() -> SnapshotRow:
+            with self.db.read() as s:
+                self._live_row(s, vm_id)
+                snap = repo.get_snapshot(s, snapshot_id)
+                if snap is None or snap.vm_id != vm_id:
+                    raise SnapshotNotFound(snapshot_id)
+                return snap
+
+        return self._snapshot_info(await self._run(work))
+
+    async def delete_snapshot(self, vm_id: str, snapshot_id: str) -> str:
+        """Delete one of the VM's snapshots, unless the VM's state can no longer be rebuilt
+        without it (the journal before it was pruned: EBUSY) or a fork still starts from it."""
+
+        def work() -> str:
+            with self.db.write() as s:
+                row = self._live_row(s, vm_id, lock=True)
+                snap = repo.get_snapshot(s, snapshot_id)
+                if snap is None or snap.vm_id != vm_id:
+                    raise SnapshotNotFound(snapshot_id)
+                first = repo.first_journal_seq(s, vm_id)
+                # The oldest state replay can start from: creation, or a snapshot at or after
+                # the record before the first one kept.
+                earliest = row.last_seq if first is None else first - 1
+                if earliest > 0:
+                    others = [
+                        o
+                        for o in repo.list_snapshots(s, vm_id)
+                        if o.id != snap.id and o.seq >= earliest
+                    ]
+                    if not others:
+                        raise KvmError(
+                            errno.EBUSY,
+                            "the VM's journal before this snapshot was pruned: it is the only "
+                            "state the VM can be rebuilt from (take a newer snapshot first)",
+                        )
+                for other in repo.vm_rows(s, deleted=False):
+                    ca = other.create_args or {}
+                    if ca.get("from_snapshot") == snap.id and not repo.count_snapshots(s, other.id):
+                        raise KvmError(errno.EBUSY, f"VM {other.id} was forked from this snapshot")
+                repo.delete_snapshot(s, snap.id)
+                return etag(row.last_seq)
+
+        return await self._run(work)
 
     async def list_snapshots(self, vm_id: str) -> list[dict[str, Any]]:
         def work() -> Sequence[SnapshotRow]:
@@ -762,6 +866,12 @@ class VmService:
                 )
                 row.last_seq = seq
                 row.summary = self._summary(vm)
+                # The state after the restore record, as a snapshot of its own: replay never
+                # needs the named snapshot (which may be deleted) or the journal behind it.
+                data = repo.snapshot_data(s, snap.id)
+                if data is not None:
+                    s.add(self._snapshot_row(vm_id, seq, data, "auto", None))
+                    repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
             # Only now, after the commit: until then `h` still matched the journal (and if
             # the commit's fate is unknown, catching up replays the restore record, or not).
             h.vm, h.applied_seq = vm, seq
@@ -776,6 +886,106 @@ class VmService:
             row = await self._run(work, h)
             self._maybe_auto_snapshot(h)
         return self._info(row), etag(row.last_seq)
+
+    # ----------------------------------------------------------------- retention
+
+    def _dependents(self, s: Session, vm_id: str) -> list[str]:
+        """Live forks of `vm_id` without a snapshot of their own (forked before forks kept
+        their starting state): they still rebuild from `vm_id`'s snapshot or journal."""
+        out = []
+        for row in repo.vm_rows(s, deleted=False):
+            if (row.create_args or {}).get("source_vm") == vm_id:
+                if not repo.count_snapshots(s, row.id):
+                    out.append(row.id)
+        return out
+
+    def _purge_tombstone(self, vm_id: str) -> tuple[int, int]:
+        """Delete a deleted VM's journal and snapshots unless a fork still needs them."""
+        with self.db.write() as s:
+            row = repo.get_vm_any(s, vm_id)
+            if row is None or not row.deleted or self._dependents(s, vm_id):
+                return 0, 0
+            return repo.purge_vm_data(s, vm_id)
+
+    async def gc(self) -> dict[str, int]:
+        """Reclaim storage: give old forks a starting snapshot of their own, purge deleted
+        VMs' journals and snapshots (their rows after `retention_s`), prune each live VM's
+        journal behind its newest snapshot beyond `journal_keep` records. Idempotent, safe
+        to run in several processes at once."""
+        out = {"fork_snapshots": 0, "vms_purged": 0, "rows_removed": 0, "records_pruned": 0}
+
+        def survey() -> tuple[list[str], list[str]]:
+            with self.db.read() as s:
+                live = repo.vm_rows(s, deleted=False)
+                forks = [
+                    r.id
+                    for r in live
+                    if "source_vm" in (r.create_args or {}) and not repo.count_snapshots(s, r.id)
+                ]
+                dead = [r.id for r in repo.vm_rows(s, deleted=True)]
+            return forks, dead
+
+        forks, dead = await self._run(survey)
+        for fork in forks:
+            try:
+                await self.create_snapshot(fork, kind="auto")
+                out["fork_snapshots"] += 1
+            except VmNotFound:
+                pass
+        cutoff = utcnow() - timedelta(seconds=self.retention_s)
+
+        def purge(vm_id: str) -> None:
+            recs, snaps = self._purge_tombstone(vm_id)
+            if recs or snaps:
+                out["vms_purged"] += 1
+            with self.db.write() as s:
+                row = repo.get_vm_any(s, vm_id)
+                if row is None or not row.deleted or repo.has_data(s, vm_id):
+                    return
+                deleted_at = row.deleted_at
+                if deleted_at is not None and deleted_at.tzinfo is None:
+                    deleted_at = deleted_at.replace(tzinfo=UTC)
+                if deleted_at is None or deleted_at <= cutoff:
+                    repo.delete_vm_row(s, vm_id)
+                    out["rows_removed"] += 1
+
+        for vm_id in dead:
+            await self._run(purge, vm_id)
+
+        def live_ids() -> list[str]:
+            with self.db.read() as s:
+                return [r.id for r in repo.vm_rows(s, deleted=False)]
+
+        for vm_id in await self._run(live_ids):
+            out["records_pruned"] += await self._run(self._prune_journal, vm_id)
+        if any(out.values()):
+            log.info("gc: %s", out, extra={"gc": out})
+        return out
+
+    def _prune_journal(self, vm_id: str) -> int:
+        """Delete records behind the VM's newest snapshot, keeping the last `journal_keep`."""
+        with self.db.write() as s:
+            row = repo.get_vm(s, vm_id, lock=True)
+            if row is None or row.deleted:
+                return 0
+            newest = repo.newest_snapshot_seq(s, vm_id)
+            upto = min(newest, row.last_seq - self.journal_keep)
+            if upto <= 0:
+                return 0
+            return repo.prune_journal(s, vm_id, upto_seq=upto)
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.gc_interval_s)
+            try:
+                await self.gc()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if isinstance(e, ServiceUnavailable):
+                    log.warning("gc skipped: database unavailable")
+                else:
+                    log.exception("gc failed")
 
     # ----------------------------------------------------------------- internals
 
@@ -852,7 +1062,11 @@ class VmService:
                 h.snapshot_seq = repo.newest_snapshot_seq(s, h.vm_id)
             elif h.applied_seq < target_seq:
                 records = repo.journal_after(s, h.vm_id, h.applied_seq, target_seq)
-                h.vm = self._replay(s, h.vm_id, h.vm, records)
+                if len(records) == target_seq - h.applied_seq:
+                    h.vm = self._replay(s, h.vm_id, h.vm, records)
+                else:  # pruned behind a newer snapshot meanwhile: load that one
+                    h.vm = self._build(s, h.vm_id, target_seq)
+                    h.snapshot_seq = repo.newest_snapshot_seq(s, h.vm_id)
         except BaseException:
             h.discard()
             raise
@@ -861,16 +1075,21 @@ class VmService:
 
     def _build(self, s: Session, vm_id: str, target_seq: int) -> Vm:
         """The state after record `target_seq`: newest sound snapshot, else creation; + replay."""
-        base: Vm | None = None
-        start = 0
         for snap in repo.list_snapshots(s, vm_id, upto_seq=target_seq, newest_first=True):
+            # Only a base the kept journal continues from (retention prunes behind snapshots).
+            if repo.count_journal(s, vm_id, snap.seq, target_seq) != target_seq - snap.seq:
+                continue
             base = self._load_snapshot(s, snap)
             if base is not None:
-                start = snap.seq
-                break
-        if base is None:
-            base = self._create_base(s, vm_id)
-        records = repo.journal_after(s, vm_id, start, target_seq)
+                records = repo.journal_after(s, vm_id, snap.seq, target_seq)
+                return self._replay(s, vm_id, base, records)
+        if repo.count_journal(s, vm_id, 0, target_seq) != target_seq:
+            log.error(
+                "VM %s: no sound snapshot before the pruned journal (seq %d)", vm_id, target_seq
+            )
+            raise ServiceUnavailable(f"VM {vm_id}: no sound snapshot the kept journal continues")
+        base = self._create_base(s, vm_id)
+        records = repo.journal_after(s, vm_id, 0, target_seq)
         return self._replay(s, vm_id, base, records)
 
     def _create_base(self, s: Session, vm_id: str) -> Vm:
@@ -927,7 +1146,13 @@ class VmService:
         a new object after a `restore` record."""
         for rec in records:
             if rec.op == RESTORE_OP:
-                vm = self._state_of_snapshot(s, vm_id, rec.args["snapshot_id"], rec.args["seq"])
+                copy = repo.snapshot_at(s, vm_id, rec.seq)
+                restored = None if copy is None else self._load_snapshot(s, copy)
+                if restored is None:
+                    restored = self._state_of_snapshot(
+                        s, vm_id, rec.args["snapshot_id"], rec.args["seq"]
+                    )
+                vm = restored
                 continue
             r = _Replay.of(rec)
             # The budget the call first ran with (it decides ENOMEM, and whether an MMIO SPTE
@@ -1039,6 +1264,7 @@ class VmService:
             "size": snap.size,
             "checksum": snap.checksum,
             "created_at": _iso(snap.created_at),
+            "label": snap.label,
         }
 
 
@@ -1051,22 +1277,21 @@ def _meta(vm: Vm, budget: int) -> dict[str, Any]:
     return meta
 
 
-def build_service(
-    database_url: str,
-    *,
-    snapshot_every: int = 1000,
-    snapshot_work_bytes: int = DEFAULT_SNAPSHOT_WORK_BYTES,
-    run_migrations: bool = True,
-    page_table_budget_bytes: int = DEFAULT_PAGE_TABLE_BUDGET_BYTES,
-    max_loaded_vms: int = DEFAULT_MAX_LOADED_VMS,
-) -> VmService:
-    """A service on `database_url`; `start()` upgrades the schema first when `run_migrations`."""
-    return VmService(
-        database_url,
-        snapshot_every=snapshot_every,
-        snapshot_work_bytes=snapshot_work_bytes,
-        run_migrations=run_migrations,
-        engine=default_engine(),
-        page_table_budget_bytes=page_table_budget_bytes,
-        max_loaded_vms=max_loaded_vms,
-    )
+def build_service(database_url: str, **options: Any) -> VmService:
+    """A service on `database_url` with the real engine; `options` are `VmService`'s
+    (`start()` upgrades the schema first unless `run_migrations=False`)."""
+    return VmService(database_url, engine=default_engine(), **options)
+
+
+def service_options(settings: Any) -> dict[str, Any]:
+    """`VmService` options from `app.config.Settings` (what `vkmmu serve` runs with)."""
+    return {
+        "snapshot_every": settings.snapshot_every,
+        "snapshot_work_bytes": settings.snapshot_work_bytes,
+        "page_table_budget_bytes": settings.page_table_budget_bytes,
+        "max_loaded_vms": settings.max_loaded_vms,
+        "journal_keep": settings.journal_keep,
+        "retention_s": settings.retention_s,
+        "max_manual_snapshots": settings.max_manual_snapshots,
+        "gc_interval_s": settings.gc_interval_s,
+    }
