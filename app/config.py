@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     retention_s: float = Field(default=7 * 24 * 3600.0, ge=0)
     max_manual_snapshots: int = Field(default=32, ge=0)
     gc_interval_s: float = Field(default=300.0, ge=0)
+    # Memory a client can make the service hold (page tables, dirty bitmaps, host-memory and
+    # guest_memfd contents, zap events): all VMs together, and each VM. A call reserves its
+    # worst case first; past either it answers ENOMEM (507) and changes nothing.
+    memory_budget_bytes: int = Field(default=8 * 1024**3, ge=0)
+    vm_memory_budget_bytes: int = Field(default=4 * 1024**3, ge=0)
+    # The largest guest_memfd KVM_CREATE_GUEST_MEMFD may create here (ENOMEM past it).
+    max_guest_memfd_bytes: int = Field(default=1024**4, ge=4096)
 
 
 @lru_cache(maxsize=1)

@@ -49,6 +49,7 @@ from app.db.models import JournalRecord, SnapshotRow, VmRow, utcnow
 from app.db.session import Database
 from app.engine.errors import KvmError
 from app.engine.uapi import VmType
+from app.services import budget
 from app.services.engine_port import TABLE_BYTES, EnginePort, Vm, default_engine
 from app.services.errors import (
     ForkMismatch,
@@ -282,7 +283,12 @@ class VmService:
         retention_s: float = DEFAULT_RETENTION_S,
         max_manual_snapshots: int = DEFAULT_MAX_MANUAL_SNAPSHOTS,
         gc_interval_s: float = 0,
+        memory_budget_bytes: int = budget.DEFAULT_MEMORY_BUDGET_BYTES,
+        vm_memory_budget_bytes: int = budget.DEFAULT_VM_MEMORY_BUDGET_BYTES,
+        max_gmem_bytes: int = budget.DEFAULT_MAX_GUEST_MEMFD_BYTES,
     ) -> None:
+        self.ledger = budget.Ledger(memory_budget_bytes, vm_memory_budget_bytes)
+        self.max_gmem_bytes = max_gmem_bytes
         self.database_url = database_url
         self.journal_keep = max(0, journal_keep)
         self.retention_s = max(0.0, retention_s)
@@ -391,6 +397,7 @@ class VmService:
         if h is None or h.lock.locked() or h.users:
             return False
         del self._handles[vm_id]
+        self.ledger.forget(vm_id)
         return True
 
     def loaded_vms(self) -> dict[str, Vm]:
@@ -523,6 +530,7 @@ class VmService:
 
         row, vm = await self._run(work)
         self._handles[row.id] = VmHandle(row.id, vm=vm)
+        self.ledger.settle(row.id, 0, budget.bytes_held(vm))  # a fork holds its snapshot's state
         self._evict_over_limit()
         return self._info(row), etag(0)
 
@@ -642,8 +650,10 @@ class VmService:
                         h.discard()
                         return None
                     self._append(s, h, row, vm, op, args, step, destroy)
-        except BaseException:
-            if touched:
+        except BaseException as e:
+            # A KvmError escaping the engine step changed nothing (one that did is journaled,
+            # not raised; a refused reservation never reached the engine): memory is sound.
+            if touched and not isinstance(e, KvmError):
                 h.discard()
             raise
         h.applied_seq = step.seq
@@ -657,6 +667,15 @@ class VmService:
         is re-raised; one with `state_changed` is kept to be journaled."""
         # The engine gets its own copy: whatever it does to it, the journal keeps what came in.
         engine_args = _json_copy(args)
+        # Reserved before the engine allocates (ENOMEM past a quota: nothing changed).
+        need = budget.op_need(vm, op, args, max_gmem_bytes=self.max_gmem_bytes)
+        reserved = self.ledger.reserve(h.vm_id, need)
+        try:
+            return self._engine_step_reserved(vm, op, engine_args)
+        finally:
+            self.ledger.settle(h.vm_id, reserved, budget.bytes_held(vm))
+
+    def _engine_step_reserved(self, vm: Vm, op: str, engine_args: dict[str, Any]) -> _Step:
         at_us = now_us()
         # Journaled with the call: replay must run it under the very same budget.
         budget = self._grant_tables(vm)
@@ -1043,6 +1062,8 @@ class VmService:
                     raise
         finally:
             h.users -= 1
+            if h.vm is None:
+                self.ledger.forget(vm_id)  # discarded, deleted or never loaded
             # Do not keep handles for ids that never loaded (unknown ids, failed loads).
             if h.users == 0 and h.vm is None and self._handles.get(vm_id) is h:
                 del self._handles[vm_id]
@@ -1060,6 +1081,8 @@ class VmService:
             if h.vm is None or h.applied_seq > target_seq:
                 h.vm = self._build(s, h.vm_id, target_seq)
                 h.snapshot_seq = repo.newest_snapshot_seq(s, h.vm_id)
+                # A reload holds memory too: counted as soon as it is built.
+                self.ledger.settle(h.vm_id, 0, budget.bytes_held(h.vm))
             elif h.applied_seq < target_seq:
                 records = repo.journal_after(s, h.vm_id, h.applied_seq, target_seq)
                 if len(records) == target_seq - h.applied_seq:
@@ -1294,4 +1317,7 @@ def service_options(settings: Any) -> dict[str, Any]:
         "retention_s": settings.retention_s,
         "max_manual_snapshots": settings.max_manual_snapshots,
         "gc_interval_s": settings.gc_interval_s,
+        "memory_budget_bytes": settings.memory_budget_bytes,
+        "vm_memory_budget_bytes": settings.vm_memory_budget_bytes,
+        "max_gmem_bytes": settings.max_guest_memfd_bytes,
     }
