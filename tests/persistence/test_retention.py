@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, func, select, text
@@ -18,7 +19,7 @@ from app.engine.errors import KvmError
 from app.services.errors import SnapshotNotFound, VmNotFound
 from app.services.lifecycle import migrate
 from app.services.vms import VmService
-from tests.persistence.conftest import ServiceFactory
+from tests.persistence.conftest import ServiceFactory, sqlite_url
 from tests.persistence.fake_engine import FAKE_ENGINE
 from tests.persistence.test_service import journal, new_vm, state
 
@@ -197,3 +198,14 @@ async def test_migration_0003_upgrades_a_0002_database(
     assert (await svc.get_snapshot("vm-old", snap["id"]))["label"] == "after upgrade"
     _, tag = await svc.mutate("vm-old", "bump", {"by": 1})
     assert tag == '"3"'
+
+
+def test_vkmmu_gc_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.cli import main
+
+    monkeypatch.setenv("VKMMU_DATABASE_URL", sqlite_url(tmp_path))
+    assert main(["gc"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out == {"fork_snapshots": 0, "vms_purged": 0, "rows_removed": 0, "records_pruned": 0}
