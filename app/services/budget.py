@@ -29,6 +29,13 @@ ZAP_EVENT_BYTES = 2048
 ZAP_EVENTS_PER_CALL = 8
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 _LOFF_MAX = (1 << 63) - 1
+# The engine's per-call bounds (app/engine/vm.py; past them it answers E2BIG/EINVAL): a worst
+# case never exceeds them, so a call with bad arguments keeps the kernel's errno unless the
+# VM really is near its budget.
+MAX_ACCESS_BYTES = 1 << 40
+MAX_DATA_BYTES = 1 << 20
+MAX_GUEST_ACCESS_BYTES = 4096
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 # Calls whose page-table worst case is known: the range they fault (`size`, `len`, `data`).
 _FAULT_OPS = frozenset({"access", "pre_fault", "accept", "load", "store"})
 
@@ -92,16 +99,17 @@ def op_need(vm: Any, op: str, args: dict[str, Any], *, max_gmem_bytes: int) -> i
             )
     elif op == "set_user_memory_region":
         if _int(args.get("flags")) & KVM_MEM_LOG_DIRTY_PAGES:
-            need += _pages(_int(args.get("memory_size")))  # a byte per page of bitmap
+            # A byte per page of bitmap.
+            need += min(_pages(_int(args.get("memory_size"))), KVM_MEM_MAX_NR_PAGES)
     elif op in ("host_write", "gmem_write"):
         data = args.get("data")
         # Hex or base64 text: never more bytes than characters; two pages of rounding.
-        need += _pages(len(data) if isinstance(data, str) else 0) * PAGE + 2 * PAGE
+        nbytes = min(len(data) if isinstance(data, str) else 0, MAX_DATA_BYTES)
+        need += _pages(nbytes) * PAGE + 2 * PAGE
     if op in _FAULT_OPS:
-        size = _int(args.get("size", args.get("len", PAGE)))
-        if op == "store":
-            data = args.get("data")
-            size = len(data) if isinstance(data, str) else PAGE
+        size = min(_int(args.get("size", PAGE)), MAX_ACCESS_BYTES)
+        if op in ("load", "store"):
+            size = MAX_GUEST_ACCESS_BYTES  # one guest load or store: 1 to 4096 bytes
         pages = _pages(size)
         levels = int(getattr(vm, "paging_levels", 5))
         tables = -(-pages // 512) + -(-pages // (512 * 512)) + levels - 1

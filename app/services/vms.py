@@ -9,12 +9,20 @@ Invariants this module keeps:
   that moves the VM row's `last_seq` (its version, and its ETag).
 - Before working on a VM, a process catches up with records other processes appended
   (several `vkmmu serve` on one PostgreSQL); writers hold the VM row lock while they do.
+- On SQLite (one write lock for the whole database) the engine step runs outside any write
+  transaction; the record is appended by a short `BEGIN IMMEDIATE` transaction afterwards,
+  which redoes the step under the lock if another process moved the VM meanwhile. One VM's
+  long call never stalls another VM's write.
+- Retention: a deleted VM's journal and snapshots are purged, journals are pruned behind
+  snapshots (`gc`); a VM is only ever rebuilt from a base the kept journal continues.
 
 Memory: the page-table budget is the whole service's. Before each engine call the VM is
 granted what it holds plus what every loaded VM together leaves free (ENOMEM past it); the
 grant is journaled with the call, so replay runs it under the same budget and ends in the same
 state. At most `max_loaded_vms` VMs stay in memory; idle ones are evicted least recently used
-first and reload from their newest snapshot and the journal.
+first and reload from their newest snapshot and the journal. Besides, every byte a client
+can make a VM hold is reserved in `budget.Ledger` before the engine runs (ENOMEM past the
+VM's quota or the service's budget; see app/services/budget.py).
 
 Threading: each call holds the VM's asyncio lock and runs its whole unit of work (database
 transaction and engine call) in one worker thread. The lock is never released while that
