@@ -42,6 +42,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         # The app logs one structured line per request itself.
         access_log=False,
+        # Keep the app's JSON logging: uvicorn's default config would add text handlers.
+        log_config=None,
     )
     _server(config, app).run()
     return 0
@@ -128,6 +130,27 @@ def _add_replay(sub: Any) -> None:
     add_commands(sub)
 
 
+def _gc(settings: Settings, args: argparse.Namespace) -> int:
+    """One retention pass (what `vkmmu serve` also runs every VKMMU_GC_INTERVAL_S)."""
+    import asyncio
+    import json
+
+    from app.services.vms import build_service, service_options
+
+    async def run() -> dict[str, int]:
+        svc = build_service(
+            settings.database_url, **{**service_options(settings), "gc_interval_s": 0}
+        )
+        await svc.start()
+        try:
+            return await svc.gc()
+        finally:
+            await svc.stop()
+
+    print(json.dumps(asyncio.run(run())))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vkmmu", description="The KVM x86 MMU over HTTP")
     parser.add_argument("--version", action="version", version=f"vkmmu {_version()}")
@@ -147,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     top.add_argument("--once", action="store_true", help="print one refresh and exit")
     top.set_defaults(func=_top)
     _add_replay(sub)
+    gc = sub.add_parser(
+        "gc", help="reclaim storage: purge deleted VMs, prune journals behind snapshots"
+    )
+    gc.set_defaults(func=_gc)
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {
         k: v for k in _OPTIONS if (v := getattr(args, k, None)) is not None

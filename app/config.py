@@ -37,6 +37,31 @@ class Settings(BaseSettings):
     metrics_max_vms: int = Field(default=100, ge=0)
     events_queue_max: int = Field(default=1024, ge=1)
 
+    # --- reliability limits (README "Limits"): what one client can make the service hold ---
+    # A VM is also snapshotted automatically once this much replay work piled up since its
+    # last snapshot (bytes journaled + page-table and SPTE bytes built or torn down).
+    snapshot_work_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # The request line and headers together (431 past it).
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    # Object keys plus array items in one JSON body, and its nesting depth (422 past them),
+    # checked before validation.
+    max_json_items: int = Field(default=10_000, ge=1)
+    max_json_depth: int = Field(default=32, ge=1)
+    # Retention: journal records kept behind each VM's newest snapshot (older ones are
+    # pruned), seconds a deleted VM's row stays as a tombstone (its journal and snapshots go
+    # at once), manual snapshots per VM (ENOMEM past it), seconds between background gc runs.
+    journal_keep: int = Field(default=1000, ge=0)
+    retention_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    max_manual_snapshots: int = Field(default=32, ge=0)
+    gc_interval_s: float = Field(default=300.0, ge=0)
+    # Memory a client can make the service hold (page tables, dirty bitmaps, host-memory and
+    # guest_memfd contents, zap events): all VMs together, and each VM. A call reserves its
+    # worst case first; past either it answers ENOMEM (507) and changes nothing.
+    memory_budget_bytes: int = Field(default=8 * 1024**3, ge=0)
+    vm_memory_budget_bytes: int = Field(default=4 * 1024**3, ge=0)
+    # The largest guest_memfd KVM_CREATE_GUEST_MEMFD may create here (ENOMEM past it).
+    max_guest_memfd_bytes: int = Field(default=1024**4, ge=4096)
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -12,7 +12,11 @@ from fastapi.routing import APIRoute
 from app.api.errors import install_error_handlers, problem_media_types
 from app.api.http_metrics import HttpMetricsMiddleware
 from app.api.log import configure_logging
-from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from app.api.middleware import (
+    BodyLimitMiddleware,
+    InputLimitMiddleware,
+    RequestContextMiddleware,
+)
 from app.api.mmu_metrics import MmuMetrics
 from app.api.router import include_routers
 from app.config import Settings
@@ -48,13 +52,10 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = app.state.service
         if svc is None:
-            from app.services.vms import build_service
+            from app.services.vms import build_service, service_options
 
             svc = app.state.service = build_service(
-                settings.database_url,
-                snapshot_every=settings.snapshot_every,
-                page_table_budget_bytes=settings.page_table_budget_bytes,
-                max_loaded_vms=settings.max_loaded_vms,
+                settings.database_url, **service_options(settings)
             )
         svc.events.queue_max = settings.events_queue_max
         app.state.metrics.attach(svc.events, svc.budget_tables * 4096)
@@ -85,6 +86,12 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
     install_error_handlers(app)
     include_routers(app)
     # Added last = outermost: the request id exists before the body limit answers.
+    app.add_middleware(
+        InputLimitMiddleware,
+        max_header_bytes=settings.max_header_bytes,
+        max_json_items=settings.max_json_items,
+        max_json_depth=settings.max_json_depth,
+    )
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)

@@ -11,7 +11,12 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("engine.py", "persistence.py", "replay.py")  # in this order; absent ones are skipped
+SCRIPTS = (  # in this order; absent ones are skipped
+    "engine.py",
+    "persistence.py",
+    "isolation.py",
+    "replay.py",
+)
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.input_limits import capped_issues
 from app.engine.errors import KvmError
 
 log = logging.getLogger("vkmmu.api")
@@ -229,7 +230,7 @@ def validation_problem(
         "Request is not the right shape",
         detail or (f"invalid: {where}" if where else "invalid request"),
         "validation",
-        errors=issues,
+        **capped_issues(issues),
     )
 
 

@@ -47,12 +47,31 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+# Logger trees the service's own level applies to; everything else logs WARNING and up.
+_OWN_LOGGERS = ("vkmmu", "app", "alembic", "uvicorn")
+# uvicorn installs its own plain-text handlers on these unless told not to: ours replace them.
+_SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """Idempotent: installs one JSON handler on the `vkmmu` logger tree."""
-    logger = logging.getLogger("vkmmu")
-    logger.setLevel(level.upper())
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+    """Idempotent: one JSON handler on the root logger, so every logger (the service's
+    `vkmmu.*` and `app.*`, libraries, the server) writes JSON lines with the request id."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         handler = _StderrHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
-        logger.addHandler(handler)
-    logger.propagate = False
+        root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    for name in _OWN_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level.upper())
+        logger.propagate = True
+        for h in list(logger.handlers):
+            if isinstance(h, _StderrHandler):  # installed here by an older configuration
+                logger.removeHandler(h)
+    for name in _SERVER_LOGGERS:
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        logger.propagate = True

@@ -6,6 +6,7 @@ limit is enforced on the bytes actually received, chunked bodies included.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -16,6 +17,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api import input_limits
 from app.api.errors import PROBLEM_BASE, PROBLEM_JSON
 from app.api.log import request_id_var
 
@@ -165,3 +167,106 @@ class BodyLimitMiddleware:
             if started:
                 raise
             await self._too_large(send, scope, rid)
+
+
+# Methods whose bodies are parsed as JSON (GET/HEAD bodies are never read).
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class InputLimitMiddleware:
+    """Header size (431) and JSON shape bounds (422) checked before anything parses the
+    request; see `app.api.input_limits`. Sits inside `BodyLimitMiddleware`, so the body it
+    buffers is already bounded in bytes."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_header_bytes: int = input_limits.DEFAULT_MAX_HEADER_BYTES,
+        max_json_items: int = input_limits.DEFAULT_MAX_JSON_ITEMS,
+        max_json_depth: int = input_limits.DEFAULT_MAX_JSON_DEPTH,
+    ) -> None:
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+        self.max_json_items = max_json_items
+        self.max_json_depth = max_json_depth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = scope.get("state", {}).get("request_id")
+        if input_limits.header_bytes(scope) > self.max_header_bytes:
+            detail = f"the request line and headers exceed {self.max_header_bytes} bytes"
+            await _send_problem(
+                send, 431, "Request Header Fields Too Large", detail, "http-431", scope, rid
+            )
+            return
+        if scope.get("method") not in _BODY_METHODS or not _json_or_unlabelled(scope):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            more = bool(message.get("more_body", False))
+        body = b"".join(chunks)
+        if body:
+            try:
+                await asyncio.to_thread(
+                    input_limits.check_json_body,
+                    body,
+                    max_items=self.max_json_items,
+                    max_depth=self.max_json_depth,
+                )
+            except input_limits.InputRejected as e:
+                await _send_validation_problem(send, scope, rid, e.msg, e.kind)
+                return
+        replayed: Message = {"type": "http.request", "body": body, "more_body": False}
+        await self.app(scope, _replay([replayed], receive), send)
+
+
+def _json_or_unlabelled(scope: Scope) -> bool:
+    for k, v in scope.get("headers", ()):
+        if k == b"content-type":
+            media = v.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or media.endswith(b"+json")
+    return True  # FastAPI reads an unlabelled body as JSON
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
+
+
+async def _send_validation_problem(
+    send: Send, scope: Scope, rid: str | None, msg: str, kind: str
+) -> None:
+    """The same 422 shape as a validation error, for a body refused before validation."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_BASE + "validation",
+        "title": "Request is not the right shape",
+        "status": 422,
+        "detail": msg,
+        "instance": scope.get("path", ""),
+        "errors": [{"loc": ["body"], "msg": msg, "type": kind}],
+    }
+    if rid:
+        body["request_id"] = rid
+    raw = json.dumps(body).encode()
+    headers = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", str(len(raw)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 422, "headers": headers})
+    await send({"type": "http.response.body", "body": raw})

@@ -37,6 +37,7 @@ NAMING_CONVENTION = {
 }
 
 ID_LEN = 40
+LABEL_LEN = 100
 SNAPSHOT_KINDS = ("auto", "manual", "shutdown")
 
 
@@ -67,7 +68,11 @@ class VmRow(Base):
     # `vm.info()` at `last_seq`: lets lists and GETs answer without loading the engine state.
     summary: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # A deleted VM is a tombstone: its journal and snapshots are purged (see `vkmmu gc`),
+    # the row itself after `VKMMU_RETENTION_S`.
+    deleted: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false(), index=True
+    )
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
 
@@ -107,5 +112,7 @@ class SnapshotRow(Base):
     # sha256 of `data`: catches a truncated or altered blob before the codec even looks at it.
     checksum: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
+    # The client's name for a manual snapshot (migration 0003).
+    label: Mapped[str | None] = mapped_column(String(LABEL_LEN))
     # Deferred: listing snapshots must not read megabytes of state.
     data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)

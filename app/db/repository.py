@@ -125,3 +125,81 @@ def prune_snapshots(session: Session, vm_id: str, *, keep: int) -> int:
     if old:
         session.execute(delete(SnapshotRow).where(SnapshotRow.id.in_(old)))
     return len(old)
+
+
+# --- retention -------------------------------------------------------------------------
+
+
+def get_vm_any(session: Session, vm_id: str) -> VmRow | None:
+    return session.get(VmRow, vm_id)
+
+
+def delete_snapshot(session: Session, snapshot_id: str) -> None:
+    session.execute(delete(SnapshotRow).where(SnapshotRow.id == snapshot_id))
+
+
+def count_snapshots(session: Session, vm_id: str, *, kind: str | None = None) -> int:
+    stmt = select(func.count()).select_from(SnapshotRow).where(SnapshotRow.vm_id == vm_id)
+    if kind is not None:
+        stmt = stmt.where(SnapshotRow.kind == kind)
+    return int(session.execute(stmt).scalar_one())
+
+
+def first_journal_seq(session: Session, vm_id: str) -> int | None:
+    stmt = select(func.min(JournalRecord.seq)).where(JournalRecord.vm_id == vm_id)
+    value = session.execute(stmt).scalar_one_or_none()
+    return None if value is None else int(value)
+
+
+def count_journal(session: Session, vm_id: str, after_seq: int, upto_seq: int) -> int:
+    stmt = (
+        select(func.count())
+        .select_from(JournalRecord)
+        .where(
+            JournalRecord.vm_id == vm_id,
+            JournalRecord.seq > after_seq,
+            JournalRecord.seq <= upto_seq,
+        )
+    )
+    return int(session.execute(stmt).scalar_one())
+
+
+def prune_journal(session: Session, vm_id: str, *, upto_seq: int) -> int:
+    """Delete the VM's records with `seq <= upto_seq`; how many went."""
+    res = session.execute(
+        delete(JournalRecord).where(JournalRecord.vm_id == vm_id, JournalRecord.seq <= upto_seq)
+    )
+    return int(getattr(res, "rowcount", 0) or 0)
+
+
+def purge_vm_data(session: Session, vm_id: str) -> tuple[int, int]:
+    """Delete all of a VM's journal records and snapshots: (records, snapshots) deleted."""
+    recs = session.execute(delete(JournalRecord).where(JournalRecord.vm_id == vm_id))
+    snaps = session.execute(delete(SnapshotRow).where(SnapshotRow.vm_id == vm_id))
+    return int(getattr(recs, "rowcount", 0) or 0), int(getattr(snaps, "rowcount", 0) or 0)
+
+
+def delete_vm_row(session: Session, vm_id: str) -> None:
+    session.execute(delete(VmRow).where(VmRow.id == vm_id))
+
+
+def vm_rows(session: Session, *, deleted: bool) -> Sequence[VmRow]:
+    stmt = select(VmRow).where(VmRow.deleted.is_(deleted)).order_by(VmRow.id)
+    return session.execute(stmt).scalars().all()
+
+
+def has_data(session: Session, vm_id: str) -> bool:
+    j = select(JournalRecord.seq).where(JournalRecord.vm_id == vm_id).limit(1)
+    sn = select(SnapshotRow.id).where(SnapshotRow.vm_id == vm_id).limit(1)
+    return session.execute(j).first() is not None or session.execute(sn).first() is not None
+
+
+def snapshot_at(session: Session, vm_id: str, seq: int) -> SnapshotRow | None:
+    """A snapshot of the VM taken exactly after record `seq` (the newest such)."""
+    stmt = (
+        select(SnapshotRow)
+        .where(SnapshotRow.vm_id == vm_id, SnapshotRow.seq == seq)
+        .order_by(SnapshotRow.created_at.desc())
+        .limit(1)
+    )
+    return session.execute(stmt).scalar_one_or_none()

@@ -54,7 +54,9 @@ class ServiceUnavailable(ServiceError):
     """The database did not answer (outage, refused connection): retry later (HTTP 503)."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(f"the database is unavailable: {reason}")
+        # The reason (driver text: hosts, ports, database names) is for the log, not for
+        # messages that may reach a client.
+        super().__init__("the database is unavailable")
         self.reason = reason
 
 

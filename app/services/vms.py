@@ -9,12 +9,20 @@ Invariants this module keeps:
   that moves the VM row's `last_seq` (its version, and its ETag).
 - Before working on a VM, a process catches up with records other processes appended
   (several `vkmmu serve` on one PostgreSQL); writers hold the VM row lock while they do.
+- On SQLite (one write lock for the whole database) the engine step runs outside any write
+  transaction; the record is appended by a short `BEGIN IMMEDIATE` transaction afterwards,
+  which redoes the step under the lock if another process moved the VM meanwhile. One VM's
+  long call never stalls another VM's write.
+- Retention: a deleted VM's journal and snapshots are purged, journals are pruned behind
+  snapshots (`gc`); a VM is only ever rebuilt from a base the kept journal continues.
 
 Memory: the page-table budget is the whole service's. Before each engine call the VM is
 granted what it holds plus what every loaded VM together leaves free (ENOMEM past it); the
 grant is journaled with the call, so replay runs it under the same budget and ends in the same
 state. At most `max_loaded_vms` VMs stay in memory; idle ones are evicted least recently used
-first and reload from their newest snapshot and the journal.
+first and reload from their newest snapshot and the journal. Besides, every byte a client
+can make a VM hold is reserved in `budget.Ledger` before the engine runs (ENOMEM past the
+VM's quota or the service's budget; see app/services/budget.py).
 
 Threading: each call holds the VM's asyncio lock and runs its whole unit of work (database
 transaction and engine call) in one worker thread. The lock is never released while that
@@ -25,6 +33,7 @@ thread runs, even when the caller is cancelled, so two calls never touch one VM 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import functools
 import hashlib
@@ -48,6 +57,7 @@ from app.db.models import JournalRecord, SnapshotRow, VmRow, utcnow
 from app.db.session import Database
 from app.engine.errors import KvmError
 from app.engine.uapi import VmType
+from app.services import budget
 from app.services.engine_port import TABLE_BYTES, EnginePort, OpLike, Vm, default_engine
 from app.services.errors import (
     ForkMismatch,
@@ -73,6 +83,12 @@ AUTO_SNAPSHOTS_KEPT = 2
 DEFAULT_PAGE_TABLE_BUDGET_BYTES = 4 * 1024 * 1024 * 1024
 # VMs held in memory at once; past it the least recently used idle ones are evicted.
 DEFAULT_MAX_LOADED_VMS = 64
+# Retention: journal records kept behind a VM's newest snapshot, how long a deleted VM's row
+# stays, manual snapshots per VM, and how often the background gc runs.
+DEFAULT_JOURNAL_KEEP = 1000
+DEFAULT_RETENTION_S = 7 * 24 * 3600.0
+DEFAULT_MAX_MANUAL_SNAPSHOTS = 32
+DEFAULT_GC_INTERVAL_S = 300.0
 # Where the VM row's summary keeps `vm.stats()` (read by /metrics without loading the VM).
 STATS_KEY = "stats"
 # A VM's creation defaults (KVM_CREATE_VM with type 0, one vCPU, 4-level EPT).
@@ -174,6 +190,12 @@ def _vm_type_name(vm_type: int) -> str:
         return str(vm_type)
 
 
+# Stats whose change measures the engine work a record replays: tables and leaf SPTEs.
+_WORK_STATS = {"page_tables": TABLE_BYTES, "pages_4k": 8, "pages_2m": 8, "pages_1g": 8}
+# Work (bytes journaled + page-table bytes and SPTE bytes changed) after which a VM is
+# snapshotted even before `snapshot_every` records: replay after a crash stays bounded.
+DEFAULT_SNAPSHOT_WORK_BYTES = 64 * 1024 * 1024
+
 # Worker threads for VM calls: one VM uses at most one at a time (its lock), so this bounds
 # how many VMs compute or wait on the database at once.
 WORKER_THREADS = 8
@@ -194,10 +216,15 @@ class VmHandle:
     snapshot_task: asyncio.Task[None] | None = None
     # When a call last held the VM (monotonic): the least recently used idle VMs are evicted.
     last_used: float = field(default_factory=time.monotonic)
+    # Replay work piled up since the newest snapshot (see `_count_work`), and the stats the
+    # last call left (None: unknown, e.g. just loaded).
+    work_bytes: int = 0
+    work_stats: dict[str, Any] | None = None
 
     def discard(self) -> None:
         self.vm = None
         self.applied_seq = 0
+        self.work_stats = None
 
 
 @dataclass
@@ -244,19 +271,51 @@ class CallFeed(Protocol):
     def record(self, outcome: Any) -> None: ...
 
 
+@dataclass
+class _Step:
+    """One engine step of a mutating call, on its way to the journal."""
+
+    at_us: int
+    budget: int
+    result: Any = None
+    raised: KvmError | None = None
+    error: dict[str, Any] | None = None
+    seq: int = 0
+    # What the record costs to store (and replay reads): its args and result, serialised.
+    journal_bytes: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
 class VmService:
     def __init__(
         self,
         database_url: str,
         *,
         snapshot_every: int = 1000,
+        snapshot_work_bytes: int = DEFAULT_SNAPSHOT_WORK_BYTES,
         run_migrations: bool = True,
         engine: EnginePort | None = None,
         page_table_budget_bytes: int = DEFAULT_PAGE_TABLE_BUDGET_BYTES,
         max_loaded_vms: int = DEFAULT_MAX_LOADED_VMS,
+        journal_keep: int = DEFAULT_JOURNAL_KEEP,
+        retention_s: float = DEFAULT_RETENTION_S,
+        max_manual_snapshots: int = DEFAULT_MAX_MANUAL_SNAPSHOTS,
+        gc_interval_s: float = 0,
+        memory_budget_bytes: int = budget.DEFAULT_MEMORY_BUDGET_BYTES,
+        vm_memory_budget_bytes: int = budget.DEFAULT_VM_MEMORY_BUDGET_BYTES,
+        max_gmem_bytes: int = budget.DEFAULT_MAX_GUEST_MEMFD_BYTES,
     ) -> None:
+        self.ledger = budget.Ledger(memory_budget_bytes, vm_memory_budget_bytes)
+        self.max_gmem_bytes = max_gmem_bytes
         self.database_url = database_url
+        self.journal_keep = max(0, journal_keep)
+        self.retention_s = max(0.0, retention_s)
+        self.max_manual_snapshots = max(0, max_manual_snapshots)
+        # Seconds between background gc runs (0: none; `vkmmu serve` sets it).
+        self.gc_interval_s = gc_interval_s
+        self._gc_task: asyncio.Task[None] | None = None
         self.snapshot_every = snapshot_every
+        self.snapshot_work_bytes = snapshot_work_bytes
         self.run_migrations = run_migrations
         self._engine = engine
         # Page tables all loaded VMs together may hold (the service's budget, in tables).
@@ -292,6 +351,8 @@ class VmService:
         self._db = Database(self.database_url)
         self._pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="vkmmu-vm")
         self._stopping = False
+        if self.gc_interval_s > 0:
+            self._gc_task = asyncio.get_running_loop().create_task(self._gc_loop())
 
     async def stop(self) -> None:
         """Finish background snapshots, snapshot every VM changed since its last one, close."""
@@ -299,6 +360,10 @@ class VmService:
             return
         self._stopping = True
         self.events.close()
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+            await asyncio.gather(self._gc_task, return_exceptions=True)
+            self._gc_task = None
         await self.wait_background()
         for h in list(self._handles.values()):
             if h.vm is not None and h.applied_seq > h.snapshot_seq:
@@ -334,7 +399,10 @@ class VmService:
         try:
             rev = await self._run(probe)
         except Exception as e:  # readiness reports why, it never raises
-            return {**out, "ok": False, "database": f"unreachable: {type(e).__name__}: {e}"}
+            # Driver messages name hosts, ports and databases: they go to the log only.
+            reason = getattr(e, "reason", None) or _outage_reason(e)
+            log.warning("readiness: database unreachable: %s", reason)
+            return {**out, "ok": False, "database": "unavailable (unreachable)"}
         head = head_revision()
         ok = rev == head
         return {
@@ -350,6 +418,7 @@ class VmService:
         if h is None or h.lock.locked() or h.users:
             return False
         del self._handles[vm_id]
+        self.ledger.forget(vm_id)
         return True
 
     def loaded_vms(self) -> dict[str, Vm]:
@@ -477,12 +546,21 @@ class VmService:
                 deleted=False,
                 last_seq=0,
             )
+            own: SnapshotRow | None = None
+            if from_snapshot is not None:
+                # A fork keeps its own copy of its starting state: it never depends on its
+                # source's snapshot or journal, which retention may delete.
+                own = self._snapshot_row(row.id, 0, self.engine.dumps(vm), "auto", None)
             with self.db.write() as s:
                 s.add(row)
+                if own is not None:
+                    s.flush()  # the VM row first: the snapshot's foreign key names it
+                    s.add(own)
             return row, vm
 
         row, vm = await self._run(work)
         self._handles[row.id] = VmHandle(row.id, vm=vm)
+        self.ledger.settle(row.id, 0, budget.bytes_held(vm))  # a fork holds its snapshot's state
         self._evict_over_limit()
         info = self._info(row)
         self.events.publish("vm_created", row.id, {"vm": info})
@@ -513,10 +591,17 @@ class VmService:
         return self._info(row), etag(row.last_seq)
 
     async def delete_vm(self, vm_id: str, *, if_match: str | None = None) -> dict[str, Any]:
+        """Destroy the VM; its journal and snapshots are deleted with it (the row stays as a
+        tombstone until `retention_s` passed). Forks journaled before forks kept their own
+        starting state may still need the VM's snapshots: then `gc` purges them later."""
         op = self.engine.parse("destroy", {})
         result, _ = await self._mutate(vm_id, op, if_match=if_match, destroy=True)
         self.events.publish("vm_deleted", vm_id, {})
         self.events.end_vm(vm_id)
+        try:
+            await self._run(self._purge_tombstone, vm_id)
+        except Exception:  # the destroy is committed; gc purges what is left
+            log.warning("purging the data of deleted VM %s deferred to gc", vm_id, exc_info=True)
         return dict(result)
 
     # ----------------------------------------------------------------- calls
@@ -568,47 +653,31 @@ class VmService:
                 if if_match is not None and not etag_matches(if_match, row.last_seq):
                     raise PreconditionFailed(if_match, etag(row.last_seq))
                 vm = self._catch_up(s, h, row.last_seq)
-                seq = row.last_seq
+                steps: list[_Step] = []
                 while n < max_calls and (call := feed.next_call()) is not None:
-                    op, args = call  # the feed's own dict: it hands out a fresh one
-                    if op in (RESTORE_OP, "destroy"):
-                        feed.record(KvmError(errno.EINVAL, f"{op!r} is not available here"))
+                    name, args = call  # the feed's own dict: it hands out a fresh one
+                    if name in (RESTORE_OP, "destroy"):
+                        feed.record(KvmError(errno.EINVAL, f"{name!r} is not available here"))
                         continue
                     n += 1
-                    at_us = now_us()
-                    budget = self._grant_tables(vm)
-                    self.engine.set_table_budget(vm, budget)
                     touched = True
-                    error: dict[str, Any] | None = None
-                    result: Any = None
+                    # The same step and record as `mutate`, one transaction for the batch.
                     try:
-                        call_op = self.engine.parse(op, _json_copy(args))
-                        result = self.engine.apply(vm, call_op, us_to_engine_time(at_us), None)
+                        op = self.engine.parse(name, args)
+                        step = self._engine_step(h, vm, op, _json_copy(op.to_json()))
                     except KvmError as e:
-                        feed.record(e)
-                        if not getattr(e, "state_changed", False):
-                            continue  # nothing changed: no record, as in `mutate`
-                        error = _error_json(e)
-                    else:
-                        feed.record(result)
-                    seq += 1
-                    repo.append_journal(
-                        s,
-                        vm_id=h.vm_id,
-                        seq=seq,
-                        op=call_op.name,
-                        args=call_op.to_json(),
-                        result=None if error else _result_summary(result),
-                        error=error,
-                        at=us_to_datetime(at_us),
-                        meta=_meta(vm, budget),
-                    )
-                row.last_seq = seq
-                row.summary = self._summary(vm)
-        except BaseException:
-            if touched:
+                        feed.record(e)  # nothing changed: no record, as in `mutate`
+                        continue
+                    feed.record(step.raised if step.raised is not None else step.result)
+                    self._append(s, h, row, vm, op, op.to_json(), step, destroy=False)
+                    steps.append(step)
+                seq = row.last_seq
+        except BaseException as e:
+            if touched and not isinstance(e, KvmError):
                 h.discard()
             raise
+        for step in steps:
+            self._count_work(h, vm, step)
         h.applied_seq = seq
         return n, seq
 
@@ -633,57 +702,123 @@ class VmService:
     def _mutate_sync(
         self, h: VmHandle, op: OpLike, if_match: str | None, destroy: bool
     ) -> _Outcome:
+        """One mutating call. PostgreSQL: one transaction holding the VM row's lock (other
+        VMs' rows stay free). SQLite has one write lock for the whole database, so the engine
+        step runs outside any write transaction and the record is appended by a short one
+        afterwards (the VM lock orders calls within this process). If another process
+        appended to this VM meanwhile, the step is redone once more under the write lock, as
+        on PostgreSQL: two processes writing one VM make progress, never livelock."""
         # Taken before the call: the journal keeps the operation as it came in.
         args = _json_copy(op.to_json())
+        out = self._mutate_once(h, op, args, if_match, destroy, split=self.db.sqlite)
+        if out is None:
+            out = self._mutate_once(h, op, args, if_match, destroy, split=False)
+        assert out is not None  # an unsplit call never conflicts: it holds the lock
+        return out
+
+    def _mutate_once(
+        self,
+        h: VmHandle,
+        op: OpLike,
+        args: dict[str, Any],
+        if_match: str | None,
+        destroy: bool,
+        *,
+        split: bool,
+    ) -> _Outcome | None:
         # Set once the engine has been entered: from then on, any failure to commit means
         # memory may hold a change the journal does not.
         touched = False
-        raised: KvmError | None = None
         try:
-            with self.db.write() as s:
-                row = self._live_row(s, h.vm_id, lock=True)
+            with self.db.read() if split else self.db.write() as s:
+                row = self._live_row(s, h.vm_id, lock=not split)
                 if if_match is not None and not etag_matches(if_match, row.last_seq):
                     raise PreconditionFailed(if_match, etag(row.last_seq))
                 vm = self._catch_up(s, h, row.last_seq)
-                at_us = now_us()
-                result: Any = None
-                error: dict[str, Any] | None = None
-                # Journaled with the call: replay must run it under the very same budget.
-                budget = self._grant_tables(vm)
-                self.engine.set_table_budget(vm, budget)
+                base_seq = row.last_seq
+                if not split:
+                    touched = True
+                    step = self._engine_step(h, vm, op, args)
+                    self._append(s, h, row, vm, op, args, step, destroy)
+            if split:
                 touched = True
-                try:
-                    result = self.engine.apply(vm, op, us_to_engine_time(at_us), None)
-                except KvmError as e:
-                    if not getattr(e, "state_changed", False):
-                        touched = False  # the engine guarantees nothing changed
-                        raise
-                    raised, error = e, _error_json(e)
-                seq = row.last_seq + 1
-                repo.append_journal(
-                    s,
-                    vm_id=h.vm_id,
-                    seq=seq,
-                    op=op.name,
-                    args=args,
-                    result=None if raised else _result_summary(result),
-                    error=error,
-                    at=us_to_datetime(at_us),
-                    meta=_meta(vm, budget),
-                )
-                row.last_seq = seq
-                row.summary = self._summary(vm)
-                if destroy:
-                    row.deleted = True
-                    row.deleted_at = utcnow()
-        except BaseException:
-            if touched:
+                step = self._engine_step(h, vm, op, args)
+                # The short write transaction: BEGIN IMMEDIATE, a check, one insert, commit.
+                with self.db.write() as s:
+                    row = self._live_row(s, h.vm_id, lock=True)
+                    if row.last_seq != base_seq:
+                        # Another process moved the VM: forget this step, redo it.
+                        h.discard()
+                        return None
+                    self._append(s, h, row, vm, op, args, step, destroy)
+        except BaseException as e:
+            # A KvmError escaping the engine step changed nothing (one that did is journaled,
+            # not raised; a refused reservation never reached the engine): memory is sound.
+            if touched and not isinstance(e, KvmError):
                 h.discard()
             raise
-        h.applied_seq = seq
+        h.applied_seq = step.seq
+        self._count_work(h, vm, step)
         if destroy:
             h.discard()
-        return _Outcome(result, seq, raised)
+        return _Outcome(step.result, step.seq, step.raised)
+
+    def _engine_step(self, h: VmHandle, vm: Vm, op: OpLike, args: dict[str, Any]) -> _Step:
+        """Run the call on the engine (no database work). A `KvmError` that changed nothing
+        is re-raised; one with `state_changed` is kept to be journaled."""
+        # Reserved before the engine allocates (ENOMEM past a quota: nothing changed).
+        need = budget.op_need(vm, op.name, args, max_gmem_bytes=self.max_gmem_bytes)
+        reserved = self.ledger.reserve(h.vm_id, need)
+        try:
+            return self._engine_step_reserved(vm, op)
+        finally:
+            self.ledger.settle(h.vm_id, reserved, budget.bytes_held(vm))
+
+    def _engine_step_reserved(self, vm: Vm, op: OpLike) -> _Step:
+        at_us = now_us()
+        # Journaled with the call: replay must run it under the very same budget.
+        budget = self._grant_tables(vm)
+        self.engine.set_table_budget(vm, budget)
+        step = _Step(at_us=at_us, budget=budget)
+        try:
+            step.result = self.engine.apply(vm, op, us_to_engine_time(at_us), None)
+        except KvmError as e:
+            if not getattr(e, "state_changed", False):
+                raise  # the engine guarantees nothing changed
+            step.raised, step.error = e, _error_json(e)
+        return step
+
+    def _append(
+        self,
+        s: Session,
+        h: VmHandle,
+        row: VmRow,
+        vm: Vm,
+        op: OpLike,
+        args: dict[str, Any],
+        step: _Step,
+        destroy: bool,
+    ) -> None:
+        """Journal the step as the record after `row.last_seq` and move the row (its version)."""
+        step.seq = row.last_seq + 1
+        rec = repo.append_journal(
+            s,
+            vm_id=h.vm_id,
+            seq=step.seq,
+            op=op.name,
+            args=args,
+            result=None if step.raised else _result_summary(step.result),
+            error=step.error,
+            at=us_to_datetime(step.at_us),
+            meta=_meta(vm, step.budget),
+        )
+        step.journal_bytes = len(json.dumps(rec.args)) + len(json.dumps(rec.result))
+        row.last_seq = step.seq
+        row.summary = self._summary(vm)
+        step.stats = row.summary.get(STATS_KEY) or {}
+        if destroy:
+            row.deleted = True
+            row.deleted_at = utcnow()
 
     async def read(self, vm_id: str, fn: Callable[[Vm], T]) -> tuple[T, str]:
         """Run a read-only query on the up-to-date VM; answer (value, ETag)."""
@@ -699,29 +834,28 @@ class VmService:
 
     # ----------------------------------------------------------------- snapshots
 
-    async def create_snapshot(self, vm_id: str, *, kind: str = "manual") -> dict[str, Any]:
+    async def create_snapshot(
+        self, vm_id: str, *, kind: str = "manual", label: str | None = None
+    ) -> dict[str, Any]:
         def work(h: VmHandle) -> SnapshotRow:
             with self.db.read() as s:
                 row = self._live_row(s, vm_id)
+                if kind == "manual":
+                    self._check_manual_cap(s, vm_id)
                 vm = self._catch_up(s, h, row.last_seq)
             seq = h.applied_seq
             data = self.engine.dumps(vm)
-            snap = SnapshotRow(
-                id=new_id("snap-"),
-                vm_id=vm_id,
-                seq=seq,
-                created_at=utcnow(),
-                size=len(data),
-                checksum=hashlib.sha256(data).hexdigest(),
-                kind=kind,
-                data=data,
-            )
+            snap = self._snapshot_row(vm_id, seq, data, kind, label)
             # A snapshot is the state after record `seq`, which is history: no row lock.
             with self.db.write() as s:
+                if kind == "manual":
+                    self._check_manual_cap(s, vm_id)  # again: another call may have taken one
                 s.add(snap)
                 if kind != "manual":
                     repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
-            h.snapshot_seq = max(h.snapshot_seq, seq)
+            if seq >= h.snapshot_seq:
+                h.snapshot_seq = seq
+                h.work_bytes = 0
             log.info(
                 "snapshot %s of VM %s at seq %d (%s, %d bytes)",
                 snap.id,
@@ -738,6 +872,76 @@ class VmService:
         self.events.publish("snapshot", vm_id, {"action": "created", "snapshot": info})
         return info
 
+    def _check_manual_cap(self, s: Session, vm_id: str) -> None:
+        if repo.count_snapshots(s, vm_id, kind="manual") >= self.max_manual_snapshots:
+            raise KvmError(
+                errno.ENOMEM,
+                f"the VM has {self.max_manual_snapshots} manual snapshots, the most "
+                "VKMMU_MAX_MANUAL_SNAPSHOTS allows: delete one first",
+            )
+
+    @staticmethod
+    def _snapshot_row(
+        vm_id: str, seq: int, data: bytes, kind: str, label: str | None
+    ) -> SnapshotRow:
+        return SnapshotRow(
+            id=new_id("snap-"),
+            vm_id=vm_id,
+            seq=seq,
+            created_at=utcnow(),
+            size=len(data),
+            checksum=hashlib.sha256(data).hexdigest(),
+            kind=kind,
+            label=label,
+            data=data,
+        )
+
+    async def get_snapshot(self, vm_id: str, snapshot_id: str) -> dict[str, Any]:
+        def work() -> SnapshotRow:
+            with self.db.read() as s:
+                self._live_row(s, vm_id)
+                snap = repo.get_snapshot(s, snapshot_id)
+                if snap is None or snap.vm_id != vm_id:
+                    raise SnapshotNotFound(snapshot_id)
+                return snap
+
+        return self._snapshot_info(await self._run(work))
+
+    async def delete_snapshot(self, vm_id: str, snapshot_id: str) -> str:
+        """Delete one of the VM's snapshots, unless the VM's state can no longer be rebuilt
+        without it (the journal before it was pruned: EBUSY) or a fork still starts from it."""
+
+        def work() -> str:
+            with self.db.write() as s:
+                row = self._live_row(s, vm_id, lock=True)
+                snap = repo.get_snapshot(s, snapshot_id)
+                if snap is None or snap.vm_id != vm_id:
+                    raise SnapshotNotFound(snapshot_id)
+                first = repo.first_journal_seq(s, vm_id)
+                # The oldest state replay can start from: creation, or a snapshot at or after
+                # the record before the first one kept.
+                earliest = row.last_seq if first is None else first - 1
+                if earliest > 0:
+                    others = [
+                        o
+                        for o in repo.list_snapshots(s, vm_id)
+                        if o.id != snap.id and o.seq >= earliest
+                    ]
+                    if not others:
+                        raise KvmError(
+                            errno.EBUSY,
+                            "the VM's journal before this snapshot was pruned: it is the only "
+                            "state the VM can be rebuilt from (take a newer snapshot first)",
+                        )
+                for other in repo.vm_rows(s, deleted=False):
+                    ca = other.create_args or {}
+                    if ca.get("from_snapshot") == snap.id and not repo.count_snapshots(s, other.id):
+                        raise KvmError(errno.EBUSY, f"VM {other.id} was forked from this snapshot")
+                repo.delete_snapshot(s, snap.id)
+                return etag(row.last_seq)
+
+        return await self._run(work)
+
     async def list_snapshots(self, vm_id: str) -> list[dict[str, Any]]:
         def work() -> Sequence[SnapshotRow]:
             with self.db.read() as s:
@@ -751,15 +955,30 @@ class VmService:
     ) -> tuple[dict[str, Any], str]:
         """Rewind the VM to a snapshot of its own; journaled as a `restore` record."""
 
-        def work(h: VmHandle) -> VmRow:
+        def check(s: Session) -> tuple[VmRow, SnapshotRow]:
+            row = self._live_row(s, vm_id, lock=True)
+            if if_match is not None and not etag_matches(if_match, row.last_seq):
+                raise PreconditionFailed(if_match, etag(row.last_seq))
+            snap = repo.get_snapshot(s, snapshot_id)
+            if snap is None or snap.vm_id != vm_id:
+                raise SnapshotNotFound(snapshot_id)
+            return row, snap
+
+        def attempt(h: VmHandle, split: bool) -> VmRow | None:
+            # Decoding a snapshot is engine work: on SQLite it happens before the (short)
+            # write transaction, which then checks that nobody moved the VM meanwhile (if one
+            # did, the restore is redone under the write lock).
+            if split:
+                with self.db.read() as s:
+                    row, snap = check(s)
+                    base_seq = row.last_seq
+                    vm = self._state_of_snapshot(s, vm_id, snap.id, snap.seq)
             with self.db.write() as s:
-                row = self._live_row(s, vm_id, lock=True)
-                if if_match is not None and not etag_matches(if_match, row.last_seq):
-                    raise PreconditionFailed(if_match, etag(row.last_seq))
-                snap = repo.get_snapshot(s, snapshot_id)
-                if snap is None or snap.vm_id != vm_id:
-                    raise SnapshotNotFound(snapshot_id)
-                vm = self._state_of_snapshot(s, vm_id, snap.id, snap.seq)
+                row, snap = check(s)
+                if not split:
+                    vm = self._state_of_snapshot(s, vm_id, snap.id, snap.seq)
+                elif row.last_seq != base_seq:
+                    return None
                 seq = row.last_seq + 1
                 args = {"snapshot_id": snap.id, "seq": snap.seq}
                 repo.append_journal(
@@ -767,16 +986,127 @@ class VmService:
                 )
                 row.last_seq = seq
                 row.summary = self._summary(vm)
+                # The state after the restore record, as a snapshot of its own: replay never
+                # needs the named snapshot (which may be deleted) or the journal behind it.
+                data = repo.snapshot_data(s, snap.id)
+                if data is not None:
+                    s.add(self._snapshot_row(vm_id, seq, data, "auto", None))
+                    repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
             # Only now, after the commit: until then `h` still matched the journal (and if
             # the commit's fate is unknown, catching up replays the restore record, or not).
             h.vm, h.applied_seq = vm, seq
+            h.work_stats = None
             return row
+
+        def work(h: VmHandle) -> VmRow:
+            row = attempt(h, self.db.sqlite)
+            return row if row is not None else attempt(h, False)  # type: ignore[return-value]
 
         async with self._locked(vm_id) as h:
             row = await self._run(work, h)
             self._maybe_auto_snapshot(h)
         self.events.publish("snapshot", vm_id, {"action": "restored", "snapshot_id": snapshot_id})
         return self._info(row), etag(row.last_seq)
+
+    # ----------------------------------------------------------------- retention
+
+    def _dependents(self, s: Session, vm_id: str) -> list[str]:
+        """Live forks of `vm_id` without a snapshot of their own (forked before forks kept
+        their starting state): they still rebuild from `vm_id`'s snapshot or journal."""
+        out = []
+        for row in repo.vm_rows(s, deleted=False):
+            if (row.create_args or {}).get("source_vm") == vm_id:
+                if not repo.count_snapshots(s, row.id):
+                    out.append(row.id)
+        return out
+
+    def _purge_tombstone(self, vm_id: str) -> tuple[int, int]:
+        """Delete a deleted VM's journal and snapshots unless a fork still needs them."""
+        with self.db.write() as s:
+            row = repo.get_vm_any(s, vm_id)
+            if row is None or not row.deleted or self._dependents(s, vm_id):
+                return 0, 0
+            return repo.purge_vm_data(s, vm_id)
+
+    async def gc(self) -> dict[str, int]:
+        """Reclaim storage: give old forks a starting snapshot of their own, purge deleted
+        VMs' journals and snapshots (their rows after `retention_s`), prune each live VM's
+        journal behind its newest snapshot beyond `journal_keep` records. Idempotent, safe
+        to run in several processes at once."""
+        out = {"fork_snapshots": 0, "vms_purged": 0, "rows_removed": 0, "records_pruned": 0}
+
+        def survey() -> tuple[list[str], list[str]]:
+            with self.db.read() as s:
+                live = repo.vm_rows(s, deleted=False)
+                forks = [
+                    r.id
+                    for r in live
+                    if "source_vm" in (r.create_args or {}) and not repo.count_snapshots(s, r.id)
+                ]
+                dead = [r.id for r in repo.vm_rows(s, deleted=True)]
+            return forks, dead
+
+        forks, dead = await self._run(survey)
+        for fork in forks:
+            try:
+                await self.create_snapshot(fork, kind="auto")
+                out["fork_snapshots"] += 1
+            except VmNotFound:
+                pass
+        cutoff = utcnow() - timedelta(seconds=self.retention_s)
+
+        def purge(vm_id: str) -> None:
+            recs, snaps = self._purge_tombstone(vm_id)
+            if recs or snaps:
+                out["vms_purged"] += 1
+            with self.db.write() as s:
+                row = repo.get_vm_any(s, vm_id)
+                if row is None or not row.deleted or repo.has_data(s, vm_id):
+                    return
+                deleted_at = row.deleted_at
+                if deleted_at is not None and deleted_at.tzinfo is None:
+                    deleted_at = deleted_at.replace(tzinfo=UTC)
+                if deleted_at is None or deleted_at <= cutoff:
+                    repo.delete_vm_row(s, vm_id)
+                    out["rows_removed"] += 1
+
+        for vm_id in dead:
+            await self._run(purge, vm_id)
+
+        def live_ids() -> list[str]:
+            with self.db.read() as s:
+                return [r.id for r in repo.vm_rows(s, deleted=False)]
+
+        for vm_id in await self._run(live_ids):
+            out["records_pruned"] += await self._run(self._prune_journal, vm_id)
+        if any(out.values()):
+            log.info("gc: %s", out, extra={"gc": out})
+        return out
+
+    def _prune_journal(self, vm_id: str) -> int:
+        """Delete records behind the VM's newest snapshot, keeping the last `journal_keep`."""
+        with self.db.write() as s:
+            row = repo.get_vm(s, vm_id, lock=True)
+            if row is None or row.deleted:
+                return 0
+            newest = repo.newest_snapshot_seq(s, vm_id)
+            upto = min(newest, row.last_seq - self.journal_keep)
+            if upto <= 0:
+                return 0
+            return repo.prune_journal(s, vm_id, upto_seq=upto)
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.gc_interval_s)
+            try:
+                await self.gc()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if isinstance(e, ServiceUnavailable):
+                    log.warning("gc skipped: database unavailable")
+                else:
+                    log.exception("gc failed")
 
     # ----------------------------------------------------------------- internals
 
@@ -789,8 +1119,10 @@ class VmService:
         """
         if self._pool is None:
             raise RuntimeError("VmService.start() has not been called")
+        # The caller's context (its request id, for the log) goes along to the thread.
+        ctx = contextvars.copy_context()
         fut = asyncio.get_running_loop().run_in_executor(
-            self._pool, functools.partial(self._outage_guard, fn, *args)
+            self._pool, functools.partial(ctx.run, self._outage_guard, fn, *args)
         )
         try:
             return await asyncio.shield(fut)
@@ -832,6 +1164,8 @@ class VmService:
                     raise
         finally:
             h.users -= 1
+            if h.vm is None:
+                self.ledger.forget(vm_id)  # discarded, deleted or never loaded
             # Do not keep handles for ids that never loaded (unknown ids, failed loads).
             if h.users == 0 and h.vm is None and self._handles.get(vm_id) is h:
                 del self._handles[vm_id]
@@ -849,9 +1183,15 @@ class VmService:
             if h.vm is None or h.applied_seq > target_seq:
                 h.vm = self._build(s, h.vm_id, target_seq)
                 h.snapshot_seq = repo.newest_snapshot_seq(s, h.vm_id)
+                # A reload holds memory too: counted as soon as it is built.
+                self.ledger.settle(h.vm_id, 0, budget.bytes_held(h.vm))
             elif h.applied_seq < target_seq:
                 records = repo.journal_after(s, h.vm_id, h.applied_seq, target_seq)
-                h.vm = self._replay(s, h.vm_id, h.vm, records)
+                if len(records) == target_seq - h.applied_seq:
+                    h.vm = self._replay(s, h.vm_id, h.vm, records)
+                else:  # pruned behind a newer snapshot meanwhile: load that one
+                    h.vm = self._build(s, h.vm_id, target_seq)
+                    h.snapshot_seq = repo.newest_snapshot_seq(s, h.vm_id)
         except BaseException:
             h.discard()
             raise
@@ -860,16 +1200,21 @@ class VmService:
 
     def _build(self, s: Session, vm_id: str, target_seq: int) -> Vm:
         """The state after record `target_seq`: newest sound snapshot, else creation; + replay."""
-        base: Vm | None = None
-        start = 0
         for snap in repo.list_snapshots(s, vm_id, upto_seq=target_seq, newest_first=True):
+            # Only a base the kept journal continues from (retention prunes behind snapshots).
+            if repo.count_journal(s, vm_id, snap.seq, target_seq) != target_seq - snap.seq:
+                continue
             base = self._load_snapshot(s, snap)
             if base is not None:
-                start = snap.seq
-                break
-        if base is None:
-            base = self._create_base(s, vm_id)
-        records = repo.journal_after(s, vm_id, start, target_seq)
+                records = repo.journal_after(s, vm_id, snap.seq, target_seq)
+                return self._replay(s, vm_id, base, records)
+        if repo.count_journal(s, vm_id, 0, target_seq) != target_seq:
+            log.error(
+                "VM %s: no sound snapshot before the pruned journal (seq %d)", vm_id, target_seq
+            )
+            raise ServiceUnavailable(f"VM {vm_id}: no sound snapshot the kept journal continues")
+        base = self._create_base(s, vm_id)
+        records = repo.journal_after(s, vm_id, 0, target_seq)
         return self._replay(s, vm_id, base, records)
 
     def _create_base(self, s: Session, vm_id: str) -> Vm:
@@ -926,7 +1271,13 @@ class VmService:
         a new object after a `restore` record."""
         for rec in records:
             if rec.op == RESTORE_OP:
-                vm = self._state_of_snapshot(s, vm_id, rec.args["snapshot_id"], rec.args["seq"])
+                copy = repo.snapshot_at(s, vm_id, rec.seq)
+                restored = None if copy is None else self._load_snapshot(s, copy)
+                if restored is None:
+                    restored = self._state_of_snapshot(
+                        s, vm_id, rec.args["snapshot_id"], rec.args["seq"]
+                    )
+                vm = restored
                 continue
             r = _Replay.of(rec)
             # The budget the call first ran with (it decides ENOMEM, and whether an MMIO SPTE
@@ -951,12 +1302,33 @@ class VmService:
                 )
         return vm
 
+    @staticmethod
+    def _count_work(h: VmHandle, vm: Vm, step: _Step) -> None:
+        """Add what replaying this record will cost: the bytes it stores, and the page-table
+        and SPTE bytes it built or tore down (the change of the VM's counts)."""
+        work = step.journal_bytes
+        before, after = h.work_stats, step.stats
+        if before is not None:
+            for name, weight in _WORK_STATS.items():
+                old, new = before.get(name), after.get(name)
+                if isinstance(old, int) and isinstance(new, int):
+                    work += abs(new - old) * weight
+        h.work_stats = after
+        h.work_bytes += work
+
+    def _snapshot_due(self, h: VmHandle) -> bool:
+        if self.snapshot_every <= 0:  # automatic snapshots are off
+            return False
+        if h.applied_seq - h.snapshot_seq >= self.snapshot_every:
+            return True
+        return self.snapshot_work_bytes > 0 and h.work_bytes >= self.snapshot_work_bytes
+
     def _maybe_auto_snapshot(self, h: VmHandle) -> None:
         if (
-            self.snapshot_every <= 0
-            or self._stopping
+            self._stopping
             or h.snapshot_task is not None
-            or h.applied_seq - h.snapshot_seq < self.snapshot_every
+            or h.applied_seq <= h.snapshot_seq
+            or not self._snapshot_due(h)
         ):
             return
 
@@ -970,8 +1342,10 @@ class VmService:
                     log.warning("automatic snapshot of VM %s skipped: %s", h.vm_id, e)
                 else:
                     log.exception("automatic snapshot of VM %s failed", h.vm_id)
-                # Try again after another `snapshot_every` records, not on every call.
+                # Try again after another `snapshot_every` records (or as much work), not on
+                # every call.
                 h.snapshot_seq = h.applied_seq
+                h.work_bytes = 0
             finally:
                 h.snapshot_task = None
 
@@ -1015,6 +1389,7 @@ class VmService:
             "size": snap.size,
             "checksum": snap.checksum,
             "created_at": _iso(snap.created_at),
+            "label": snap.label,
         }
 
 
@@ -1027,20 +1402,24 @@ def _meta(vm: Vm, budget: int) -> dict[str, Any]:
     return meta
 
 
-def build_service(
-    database_url: str,
-    *,
-    snapshot_every: int = 1000,
-    run_migrations: bool = True,
-    page_table_budget_bytes: int = DEFAULT_PAGE_TABLE_BUDGET_BYTES,
-    max_loaded_vms: int = DEFAULT_MAX_LOADED_VMS,
-) -> VmService:
-    """A service on `database_url`; `start()` upgrades the schema first when `run_migrations`."""
-    return VmService(
-        database_url,
-        snapshot_every=snapshot_every,
-        run_migrations=run_migrations,
-        engine=default_engine(),
-        page_table_budget_bytes=page_table_budget_bytes,
-        max_loaded_vms=max_loaded_vms,
-    )
+def build_service(database_url: str, **options: Any) -> VmService:
+    """A service on `database_url` with the real engine; `options` are `VmService`'s
+    (`start()` upgrades the schema first unless `run_migrations=False`)."""
+    return VmService(database_url, engine=default_engine(), **options)
+
+
+def service_options(settings: Any) -> dict[str, Any]:
+    """`VmService` options from `app.config.Settings` (what `vkmmu serve` runs with)."""
+    return {
+        "snapshot_every": settings.snapshot_every,
+        "snapshot_work_bytes": settings.snapshot_work_bytes,
+        "page_table_budget_bytes": settings.page_table_budget_bytes,
+        "max_loaded_vms": settings.max_loaded_vms,
+        "journal_keep": settings.journal_keep,
+        "retention_s": settings.retention_s,
+        "max_manual_snapshots": settings.max_manual_snapshots,
+        "gc_interval_s": settings.gc_interval_s,
+        "memory_budget_bytes": settings.memory_budget_bytes,
+        "vm_memory_budget_bytes": settings.vm_memory_budget_bytes,
+        "max_gmem_bytes": settings.max_guest_memfd_bytes,
+    }

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import struct
+import threading
 import time
 import zlib
 from typing import Any
@@ -19,6 +20,17 @@ from app.engine.errors import KvmError
 from app.services.engine_port import EnginePort
 
 MAGIC = b"FAKEVM\x00\x01"
+
+# Named gates for the `gate` op: it sets `<name>.entered`, then blocks until `<name>` is set,
+# so a test can hold one VM's call inside the engine for as long as it likes.
+GATES: dict[str, threading.Event] = {}
+
+
+def gate(name: str) -> tuple[threading.Event, threading.Event]:
+    """(entered, release) events of the gate `name`, created fresh."""
+    GATES[name + ".entered"] = entered = threading.Event()
+    GATES[name] = release = threading.Event()
+    return entered, release
 
 
 class FakeCorrupt(Exception):
@@ -91,6 +103,12 @@ class FakeVm:
             raise e
         if op == "slow":
             time.sleep(args["s"])
+            st["counter"] += 1
+            return {"counter": st["counter"]}
+        if op == "gate":
+            GATES[args["name"] + ".entered"].set()
+            if not GATES[args["name"]].wait(60):
+                raise KvmError(errno.ETIMEDOUT, "gate never opened")
             st["counter"] += 1
             return {"counter": st["counter"]}
         if op == "big_result":

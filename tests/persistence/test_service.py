@@ -266,7 +266,7 @@ async def test_restore_and_replay_through_restore(
     recs = await journal(svc, vm_id)
     assert recs[9].op == "restore" and recs[9].args == {"snapshot_id": snap["id"], "seq": 7}
 
-    # Rebuilt without any snapshot usable for loading: replay goes through the restore.
+    # Rebuilt on a fresh service: from the copy of the snapshot the restore kept at its seq.
     other = await make_service(db_url, FAKE_ENGINE, snapshot_every=0)
     assert await state(other, vm_id) == live
 
@@ -326,7 +326,7 @@ async def test_delete(db_url: str, make_service: ServiceFactory) -> None:
         await svc.delete_vm(vm_id)
     assert [v["id"] for v in (await svc.list_vms(limit=10, cursor=None))[0]] == [keep]
     assert vm_id not in svc.loaded_vms()
-    assert (await journal(svc, vm_id))[-1].op == "destroy"
+    assert await journal(svc, vm_id) == []  # retention: the journal went with the VM
     with pytest.raises(KvmError):  # destroy and restore have their own entry points
         await svc.mutate(keep, "destroy", {})
 

@@ -14,7 +14,9 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+
+from app.api.input_limits import strict_booleans
 
 _INT_STR = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|[0-9]+)\s*$")
 INT_STRING_PATTERN = r"^(0[xX][0-9a-fA-F]{1,16}|[0-9]{1,20})$"
@@ -225,6 +227,7 @@ class Body(BaseModel):
     """Request bodies reject unknown fields: a typo must not silently mean 'default'."""
 
     model_config = ConfigDict(extra="forbid")
+    flags_are_booleans = model_validator(mode="before")(strict_booleans)
 
 
 class Open(BaseModel):
