@@ -19,7 +19,7 @@ from . import uapi
 from .errors import KvmError, einval
 from .faults import FaultPath
 from .op import Op, operation
-from .paging import span
+from .paging import Cursor, span
 from .roots import Root, RootRole, ZapAcc
 from .uapi import PAGE_SHIFT
 from .zap import finish, flush_tlbs
@@ -39,36 +39,50 @@ def split_huge(vm: Vm, root: Root, start: int, end: int) -> int:
     """Eager page split: every huge leaf in [start, end) becomes a table of smaller leaves with
     the same attributes (W and D kept). Returns the huge leaves split. Like the kernel's,
     splitting just stops when no table can be allocated (kvm-memslots.md §3.4 b): here, when
-    the page-table budget is spent."""
-    mmu = vm.mmu
+    the page-table budget is spent. Work is per parent table: the children's entries are
+    built in one numpy operation."""
     split = 0
     for level in (3, 2):
-        for cur, _sl, idx in list(mmu.leaf_iter(root, start, end)):
+        for cur, sl, idx in list(vm.mmu.leaf_iter(root, start, end)):
             if cur.level != level:
                 continue
-            for j in idx:
-                i = cur.lo + int(j)
-                e = int(mmu.pool.entries(cur.table)[i])
-                if not e & S.EPT_PS:
-                    continue
-                if mmu.pool.live >= vm.table_budget:
-                    return split
-                gfn = cur.base + i * span(level)
-                child = mmu.pool.alloc(level - 1, gfn, root.id)
-                small = np.uint64(e & ~S.SPTE_BASE_ADDR_MASK)
-                if level - 1 == 1:
-                    small &= ~np.uint64(S.EPT_PS)
-                pfns = np.uint64(S.pfn_of(e)) + np.arange(512, dtype=np.uint64) * np.uint64(
-                    span(level - 1)
-                )
-                mmu.pool.entries(child)[:] = small | (pfns << S.U_SHIFT)
-                mmu.pool.entries(cur.table)[i] = np.uint64(S.nonleaf_spte(mmu.pool.pfn(child)))
-                root.leaves[level] -= 1
-                mmu.pages[level] -= 1
-                root.leaves[level - 1] += 512
-                mmu.pages[level - 1] += 512
-                split += 1
+            huge = idx[(sl[idx] & S.U_PS) != 0]
+            room = max(0, vm.table_budget - vm.mmu.pool.live)
+            n = _split_table(vm, root, cur, huge[:room])
+            split += n
+            if n < len(huge):
+                return split
     return split
+
+
+_SMALL_OFFSETS = {
+    lv: np.arange(512, dtype=np.uint64) * np.uint64(span(lv)) << S.U_SHIFT for lv in (1, 2)
+}
+
+
+def _split_table(vm: Vm, root: Root, cur: Cursor, huge: np.ndarray) -> int:
+    """Split the huge leaves at `huge` (indexes into the cursor's slice) of one table."""
+    if not len(huge):
+        return 0
+    mmu, level = vm.mmu, cur.level
+    ent = mmu.pool.entries(cur.table)
+    rows = cur.lo + huge.astype(np.int64)
+    old = ent[rows]
+    small = old & ~S.U_ADDR
+    if level - 1 == 1:
+        small &= ~S.U_PS
+    children = (small | (old & S.U_ADDR))[:, None] + _SMALL_OFFSETS[level - 1][None, :]
+    sp = span(level)
+    for k, i in enumerate(rows.tolist()):
+        child = mmu.pool.alloc(level - 1, cur.base + i * sp, root.id)
+        mmu.pool.entries(child)[:] = children[k]
+        ent[i] = np.uint64(S.nonleaf_spte(mmu.pool.pfn(child)))
+    n = len(rows)
+    root.leaves[level] -= n
+    mmu.pages[level] -= n
+    root.leaves[level - 1] += 512 * n
+    mmu.pages[level - 1] += 512 * n
+    return n
 
 
 def write_protect(

@@ -39,6 +39,7 @@ from .intervals import IntervalSet
 from .memslots import (
     ChangeKind,
     Memslot,
+    MemslotChange,
     MemslotSet,
     SetUserMemoryRegion,
     check_arch_prepare,
@@ -272,14 +273,19 @@ class Vm:
             self._swap(new.as_id)
             zap = self._apply_dirty_flags(old, new)
             return {"change": kind.value, "memslot": self._slot_dict(new), "zap": zap}
-        # DELETE and MOVE: publish the INVALID slot, flush it from the MMU, then finish.
         assert old is not None
+        return self._delete_or_move(change, old, new)
+
+    def _delete_or_move(
+        self, change: MemslotChange, old: Memslot, new: Memslot | None
+    ) -> dict[str, Any]:
+        # DELETE and MOVE: publish the INVALID slot, flush it from the MMU, then finish.
         space = self.spaces[old.as_id]
         old.invalid = True
         self._swap(old.as_id)
-        cause = "memslot_delete" if kind is ChangeKind.DELETE else "memslot_move"
+        cause = "memslot_delete" if change.kind is ChangeKind.DELETE else "memslot_move"
         zap = flush_memslot(self, old, cause)
-        if kind is ChangeKind.MOVE:
+        if change.kind is ChangeKind.MOVE:
             assert new is not None
             try:
                 check_arch_prepare(
@@ -300,13 +306,13 @@ class Vm:
             elif key not in self.dirty:
                 self.alloc_dirty(new)
             self._swap(new.as_id)
-            return {"change": kind.value, "memslot": self._slot_dict(new), "zap": zap}
+            return {"change": change.kind.value, "memslot": self._slot_dict(new), "zap": zap}
         space.remove(old.id)
         self.free_dirty((old.as_id, old.id))
         if old.guest_memfd is not None:
             self.gmem.unbind(old.guest_memfd, (old.as_id, old.id))
         self._swap(old.as_id)
-        return {"change": kind.value, "memslot": None, "zap": zap}
+        return {"change": change.kind.value, "memslot": None, "zap": zap}
 
     def _slot_dict(self, slot: Memslot | None) -> dict[str, Any] | None:
         if slot is None:
@@ -453,15 +459,7 @@ class Vm:
         """KVM_PRE_FAULT_MEMORY (kvm-private-tdx.md §2.8): returns what is left of the range."""
         vcpu, gpa, size, flags = op.vcpu, op.gpa, op.size, op.flags
         v = self.vcpu(vcpu)
-        g, n, f = check_u64(gpa, "gpa"), check_u64(size, "size"), check_u64(flags, "flags")
-        if f or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n <= g:
-            raise einval("flags must be 0; gpa/size page aligned; size > 0, no wrap")
-        if A.is_shared(A.gpa_to_gfn(g), self.gfn_direct_bits):
-            raise einval("the GPA is a shared-bit alias")
-        if g + n > self.gpa_limit:
-            raise einval("range beyond the guest physical address space")
-        if n > MAX_ACCESS_BYTES:
-            raise KvmError(errno.E2BIG, f"one call covers at most {MAX_ACCESS_BYTES:#x} bytes")
+        g, n = self._check_pre_fault(gpa, size, flags)
         self._check_budget(self._budget_for(n))
         start, end = A.gpa_to_gfn(g), A.gpa_to_gfn(g + n)
         gfn = start
@@ -490,6 +488,19 @@ class Vm:
             err.state_changed = True
             raise err
         return {"gpa": A.gfn_to_gpa(gfn), "size": left}
+
+    def _check_pre_fault(self, gpa: object, size: object, flags: object) -> tuple[int, int]:
+        """KVM_PRE_FAULT_MEMORY's argument rules (kvm-private-tdx.md §2.8 step 1)."""
+        g, n, f = check_u64(gpa, "gpa"), check_u64(size, "size"), check_u64(flags, "flags")
+        if f or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n <= g:
+            raise einval("flags must be 0; gpa/size page aligned; size > 0, no wrap")
+        if A.is_shared(A.gpa_to_gfn(g), self.gfn_direct_bits):
+            raise einval("the GPA is a shared-bit alias")
+        if g + n > self.gpa_limit:
+            raise einval("range beyond the guest physical address space")
+        if n > MAX_ACCESS_BYTES:
+            raise KvmError(errno.E2BIG, f"one call covers at most {MAX_ACCESS_BYTES:#x} bytes")
+        return g, n
 
     def _accept(self, op: Accept) -> dict[str, Any]:
         """A TD guest's TDG.MEM.PAGE.ACCEPT: AUG the page if it is missing, then accept it."""

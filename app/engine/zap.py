@@ -274,19 +274,28 @@ def explicit_zap(vm: Vm, op: ExplicitZap) -> dict[str, Any]:
         if roots == "private" and not vm.is_tdx:
             raise einval("this VM has no private (mirror) root")
         return zap_all_fast(vm, "explicit")
+    start, end = _explicit_range(vm, gpa, size)
+    vm.stats_extra["zaps_range"] += 1
+    sel = _explicit_roles(vm, roots)
+    return zap_gfn_range(vm, list(range(vm.nr_as)), start, end, sel, "explicit", "zap_gfn_range")
+
+
+def _explicit_range(vm: Vm, gpa: object, size: object) -> tuple[int, int]:
+    """The GFN range of an explicit range zap (either alias of a TD's GPA names the same)."""
     g = check_u64(gpa, "gpa")
     n = check_u64(size, "size")
     if n == 0 or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n > vm.gpa_limit:
         raise einval("gpa/size must be page aligned, non-empty, inside the GPA space")
-    sel = {RootRole.DIRECT, RootRole.MIRROR}
-    if vm.is_tdx and roots == "shared":
-        sel = {RootRole.DIRECT}
-    elif vm.is_tdx and roots == "private":
-        sel = {RootRole.MIRROR}
     start = (g >> PAGE_SHIFT) & ~vm.gfn_direct_bits
-    end = start + (n >> PAGE_SHIFT)
-    vm.stats_extra["zaps_range"] += 1
-    return zap_gfn_range(vm, list(range(vm.nr_as)), start, end, sel, "explicit", "zap_gfn_range")
+    return start, start + (n >> PAGE_SHIFT)
+
+
+def _explicit_roles(vm: Vm, roots: str) -> set[RootRole]:
+    if vm.is_tdx and roots == "shared":
+        return {RootRole.DIRECT}
+    if vm.is_tdx and roots == "private":
+        return {RootRole.MIRROR}
+    return {RootRole.DIRECT, RootRole.MIRROR}
 
 
 def notifier_invalidate(vm: Vm, first: int, end: int) -> dict[str, Any] | None:

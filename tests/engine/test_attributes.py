@@ -12,6 +12,7 @@ from app.engine.attributes import PRIVATE, MemoryAttributes, supported_attribute
 from app.engine.ops import parse
 from app.engine.vm import Vm
 from tests.engine import expect, fingerprint
+from tests.engine import mmu as kit
 from tests.engine.mmu import apply_json
 
 DEFAULT = int(uapi.VmType.KVM_X86_DEFAULT_VM)
@@ -177,3 +178,40 @@ def test_apply_rejected_attributes_change_nothing(vm_type: int, args: dict) -> N
     before = fingerprint(vm)
     expect(errno.EINVAL, apply_json, vm, "set_memory_attributes", args)
     assert fingerprint(vm) == before
+
+
+# -- regression cases from the engine review --------------------------------------------------
+def test_attributes_zap_exactly_the_changed_range_of_4k_leaves() -> None:
+    vm = Vm.create(kit.SW_PROTECTED)
+    kit.region(vm, 0, 0, kit.M2, kit.HVA)
+    kit.access(vm, 0, kit.M2)  # 512 shared 4K leaves (4K host pages)
+    out = kit.attrs(vm, 0x1000, 0x1000, True)
+    assert out["changed"] is True
+    zap = out["zap"]
+    assert (zap["cause"], zap["gfn_start"], zap["gfn_end"]) == ("attributes", 1, 2)
+    assert zap["sptes_zapped_total"] == 1
+    assert zap["sptes_zapped"]["4k"] == 1
+    assert vm.stats()["pages_4k"] == 511
+    assert vm.zap_events()[-1]["gfn_start"] == 1 and vm.zap_events()[-1]["gfn_end"] == 2
+
+
+def test_attributes_zap_of_several_pages_counts_only_those() -> None:
+    vm = Vm.create(kit.SW_PROTECTED)
+    kit.region(vm, 0, 0, kit.M2, kit.HVA)
+    kit.access(vm, 0, kit.M2)
+    zap = kit.attrs(vm, 0x3000, 0x5000, True)["zap"]
+    assert (zap["gfn_start"], zap["gfn_end"], zap["sptes_zapped_total"]) == (3, 8, 5)
+    assert vm.stats()["pages_4k"] == 507
+
+
+def test_attributes_zap_takes_a_whole_2m_leaf_that_intersects_the_range() -> None:
+    vm = Vm.create(kit.SW_PROTECTED)
+    kit.hugepage(vm, kit.HVA, kit.M2)
+    kit.region(vm, 0, 0, kit.M2, kit.HVA)
+    kit.access(vm, 0)
+    assert vm.stats()["pages_2m"] == 1
+    zap = kit.attrs(vm, 0x1000, 0x1000, True)["zap"]
+    assert (zap["gfn_start"], zap["gfn_end"]) == (1, 2)
+    assert zap["sptes_zapped"]["2m"] == 1 and zap["sptes_zapped_total"] == 1
+    s = vm.stats()
+    assert (s["pages_2m"], s["pages_4k"]) == (0, 0)

@@ -10,6 +10,7 @@ import pytest
 
 from app.engine import KvmError, Vm
 from app.engine.ops import parse
+from tests.engine import mmu as kit
 
 from .mmu import check, pages, region
 
@@ -413,3 +414,53 @@ def test_clear_dirty_log_checks_alignment_before_the_slot() -> None:
     with pytest.raises(KvmError) as e:
         clear_log(vm, 1, 64, bitmap(64, [0]), slot=7)
     assert e.value.errno == errno.EINVAL
+
+
+# -- regression cases from the engine review --------------------------------------------------
+def test_logging_off_on_readonly_slot_frees_the_bitmap() -> None:
+    vm = Vm.create(kit.DEFAULT)
+    kit.region(vm, 0, 0, kit.MB, kit.HVA, kit.READONLY | kit.LOG_DIRTY)
+    assert vm.memslot(0)["dirty_logging"] is True
+    assert vm.apply(parse("get_dirty_log", dict(slot=0)))["num_pages"] == 256
+    kit.region(vm, 0, 0, kit.MB, kit.HVA, kit.READONLY)  # FLAGS_ONLY: logging off
+    assert vm.memslot(0)["dirty_logging"] is False
+    assert kit.rejected(vm, "get_dirty_log", dict(slot=0)).errno == errno.ENOENT
+
+
+def test_clear_dirty_log_splits_only_huge_pages_under_set_bits() -> None:
+    vm = Vm.create(kit.DEFAULT)
+    vm.apply(
+        parse("enable_cap", dict(cap=kit.MANUAL_PROTECT_CAP, args=[3]))
+    )  # MANUAL_PROTECT | INIT_SET
+    kit.hugepage(vm, kit.HVA, 4 * kit.M2)
+    kit.region(vm, 0, 0, 4 * kit.M2, kit.HVA)
+    kit.access(vm, 0, 4 * kit.M2)  # 4 x 2M leaves
+    kit.region(vm, 0, 0, 4 * kit.M2, kit.HVA, kit.LOG_DIRTY)  # bitmap all ones, nothing split yet
+    assert vm.stats()["pages_2m"] == 4
+    bm = bytearray(2048 // 8)
+    bm[0] = 1  # clear only page 0
+    out = vm.apply(
+        parse(
+            "clear_dirty_log",
+            dict(slot=0, first_page=0, num_pages=2048, bitmap=base64.b64encode(bm).decode()),
+        ),
+    )
+    assert out == {"cleared": 1, "sptes_write_protected": 1}
+    s = vm.stats()
+    assert (s["pages_2m"], s["pages_4k"]) == (3, 512)
+    assert vm.translate(0)["roots"][0]["leaf"]["level"] == 1
+    assert vm.translate(kit.M2)["roots"][0]["leaf"]["level"] == 2
+
+
+def test_no_false_no_huge_while_logging_after_manual_protect_cap_change() -> None:
+    vm = Vm.create(kit.DEFAULT)
+    vm.apply(parse("enable_cap", dict(cap=kit.MANUAL_PROTECT_CAP, args=[3])))
+    kit.hugepage(vm, kit.HVA, kit.M2)
+    kit.region(vm, 0, 0, kit.M2, kit.HVA)
+    kit.access(vm, 0)  # one 2M leaf
+    kit.region(vm, 0, 0, kit.M2, kit.HVA, kit.LOG_DIRTY)  # INITIALLY_SET: the huge leaf stays
+    assert vm.stats()["pages_2m"] == 1
+    vm.apply(parse("enable_cap", dict(cap=kit.MANUAL_PROTECT_CAP, args=[1])))  # legal at any time
+    audit = vm.audit()
+    assert audit["violations"] == []
+    assert audit["ok"] is True

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from app.engine import uapi
+from app.engine import KvmError, codec, uapi
 from app.engine.gmem import (
     FALLOC_FL_COLLAPSE_RANGE,
     FALLOC_FL_INSERT_RANGE,
@@ -26,6 +26,7 @@ from app.engine.gmem import (
 from app.engine.ops import parse
 from app.engine.vm import Vm
 from tests.engine import expect, fingerprint
+from tests.engine import mmu as kit
 from tests.engine.mmu import apply_json
 
 DEFAULT = int(uapi.VmType.KVM_X86_DEFAULT_VM)
@@ -403,3 +404,53 @@ def test_apply_close_then_fd_is_ebadf_and_the_slot_stays(vm: Vm) -> None:
         ),
     )
     assert r["change"] == "delete"
+
+
+# -- regression cases from the engine review --------------------------------------------------
+@pytest.mark.parametrize(
+    ("vm_type", "flags"),
+    [(kit.TDX, kit.MMAP), (kit.DEFAULT, kit.MMAP), (kit.SW_PROTECTED, kit.MMAP)],
+)
+def test_gmem_host_io_of_mmap_file_without_init_shared_is_efault(vm_type: int, flags: int) -> None:
+    vm = Vm.create(vm_type)
+    fd = vm.apply(parse("create_guest_memfd", dict(size=kit.MB, flags=flags)))["fd"]
+    before = codec.digest(vm)
+    with pytest.raises(KvmError) as info:
+        vm.gmem_read(fd, 0, 3)
+    assert info.value.errno == errno.EFAULT
+    err = kit.rejected(vm, "gmem_write", dict(fd=fd, offset=0, data="ff"))
+    assert err.errno == errno.EFAULT
+    assert codec.digest(vm) == before
+
+
+def test_gmem_host_io_after_td_store_is_efault() -> None:
+    td = Vm.create(kit.TDX)
+    fd = td.apply(parse("create_guest_memfd", dict(size=kit.MB, flags=kit.MMAP)))["fd"]
+    kit.region(td, 0, 0, kit.MB, kit.HVA, kit.GMEM, guest_memfd=fd)
+    kit.attrs(td, 0, kit.MB, True)
+    td.apply(parse("accept", dict(vcpu=0, gpa=0, size=kit.PAGE)))
+    td.apply(parse("store", dict(vcpu=0, gpa=0, data="5ec2e7")))
+    with pytest.raises(KvmError) as info:
+        td.gmem_read(fd, 0, 3)
+    assert info.value.errno == errno.EFAULT
+    assert kit.rejected(td, "gmem_write", dict(fd=fd, offset=0, data="ff")).errno == errno.EFAULT
+    assert td.apply(parse("load", dict(vcpu=0, gpa=0, len=3)))["data"] == "5ec2e7"
+
+
+@pytest.mark.parametrize("vm_type", [kit.TDX, kit.DEFAULT])
+def test_gmem_host_io_without_mmap_is_enodev(vm_type: int) -> None:
+    vm = Vm.create(vm_type)
+    fd = vm.apply(parse("create_guest_memfd", dict(size=kit.MB, flags=0)))["fd"]
+    with pytest.raises(KvmError) as info:
+        vm.gmem_read(fd, 0, 3)
+    assert info.value.errno == errno.ENODEV
+    assert kit.rejected(vm, "gmem_write", dict(fd=fd, offset=0, data="ff")).errno == errno.ENODEV
+
+
+def test_gmem_host_io_with_mmap_and_init_shared_works() -> None:
+    vm = Vm.create(kit.DEFAULT)
+    fd = vm.apply(parse("create_guest_memfd", dict(size=kit.MB, flags=kit.MMAP | kit.INIT_SHARED)))[
+        "fd"
+    ]
+    assert vm.apply(parse("gmem_write", dict(fd=fd, offset=0, data="ab")))["written"] == 1
+    assert vm.gmem_read(fd, 0, 2) == {"data": "ab00"}

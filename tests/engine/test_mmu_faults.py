@@ -7,8 +7,9 @@ import errno
 
 import pytest
 
-from app.engine import KvmError, Vm
+from app.engine import KvmError, Vm, codec
 from app.engine.ops import parse
+from tests.engine import mmu as kit
 
 from .mmu import region
 
@@ -380,3 +381,124 @@ def test_bad_load_store_requests(vm: Vm, op: str, args: dict) -> None:
     with pytest.raises(KvmError) as e:
         vm.apply(parse(op, args))
     assert e.value.errno == errno.EINVAL
+
+
+# -- regression cases from the engine review --------------------------------------------------
+@pytest.mark.parametrize("budget", [5, 6, 7])
+def test_tiny_budget_access_into_mmio_answers_the_mmio_exit(budget: int) -> None:
+    vm = Vm.create(kit.DEFAULT, table_budget=budget)
+    kit.region(vm, 0, 0, kit.PAGE, kit.HVA)
+    r = kit.access(vm, 0, 2 * kit.PAGE)  # page 0 in the slot, page 1 is MMIO
+    assert r["exit"] == {"reason": "KVM_EXIT_MMIO", "gpa": kit.PAGE, "len": 8, "is_write": False}
+    assert r["mapped"] == 1
+    s = vm.stats()
+    # No room for the MMIO SPTE's tables: KVM emulates without caching one.
+    assert (s["pages_4k"], s["page_tables"], s["mmio_sptes"]) == (1, 4, 0)
+    assert s["pf_mmio_spte_created"] == 0
+
+
+def test_budget_with_room_still_caches_the_mmio_spte() -> None:
+    vm = Vm.create(kit.DEFAULT, table_budget=8)
+    kit.region(vm, 0, 0, kit.PAGE, kit.HVA)
+    assert kit.access(vm, 0, 2 * kit.PAGE)["exit"]["reason"] == "KVM_EXIT_MMIO"
+    assert vm.stats()["mmio_sptes"] == 1
+
+
+@pytest.mark.parametrize("budget", [1, 4])
+def test_budget_rejection_is_up_front_and_changes_nothing(budget: int) -> None:
+    vm = Vm.create(kit.DEFAULT, table_budget=budget)
+    kit.region(vm, 0, 0, kit.PAGE, kit.HVA)
+    err = kit.rejected(vm, "access", dict(vcpu=0, gpa=0, size=2 * kit.PAGE))
+    assert err.errno == errno.ENOMEM
+    assert vm.stats()["pages_4k"] == 0
+
+
+def test_huge_leaf_replacing_an_empty_table_costs_one_flush_request() -> None:
+    vm = Vm.create(kit.DEFAULT)
+    vm.apply(
+        parse("enable_cap", dict(cap=kit.DISABLE_QUIRKS2, args=[kit.SLOT_ZAP_ALL]))
+    )  # precise zaps
+    vm.apply(parse("host_map", dict(userspace_addr=kit.HVA, len=kit.M2, page_size=kit.M2)))
+    kit.region(vm, 0, 0, kit.M2, kit.HVA)
+    kit.access(vm, 0)  # one 2M leaf at gfn 0
+    kit.region(vm, 1, 4 * kit.MB, kit.PAGE, 2 * kit.HVA)
+    kit.access(vm, 4 * kit.MB)  # a 4K leaf in a level-1 table at 4M
+    assert vm.stats()["page_tables"] == 4
+    kit.region(vm, 1, 0, 0, 0)  # precise zap: the emptied table stays
+    assert vm.stats()["page_tables"] == 4
+    vm.apply(parse("host_map", dict(userspace_addr=2 * kit.HVA, len=kit.M2, page_size=kit.M2)))
+    kit.region(vm, 1, 4 * kit.MB, kit.M2, 2 * kit.HVA)
+    before = vm.stats()["remote_tlb_flush_requests"]
+    r = kit.access(vm, 4 * kit.MB)
+    assert r["levels"] == {"4k": 0, "2m": 1, "1g": 0}
+    s = vm.stats()
+    assert s["remote_tlb_flush_requests"] - before == 1
+    assert (s["page_tables"], s["pages_2m"], s["pages_4k"]) == (3, 2, 0)
+    assert vm.audit()["ok"] is True
+
+
+def test_huge_leaf_replacing_a_table_is_not_zapped_not_refaulted() -> None:
+    vm = Vm.create(kit.DEFAULT)
+    kit.region(vm, 0, 0, kit.M2, kit.HVA)
+    kit.access(vm, 0, kit.MB)  # first half mapped at 4K
+    kit.hugepage(vm, kit.HVA, kit.M2)
+    r = kit.access(vm, kit.MB)  # a 2M leaf replaces the 4K table
+    assert r["levels"] == {"4k": 0, "2m": 1, "1g": 0}
+    s = vm.stats()
+    assert (s["zapped_not_refaulted"], s["remote_tlb_flush_requests"]) == (0, 1)
+    assert (s["pages_4k"], s["pages_2m"]) == (0, 1)
+    r = kit.access(vm, 0)  # already mapped by the 2M leaf
+    assert (r["refaults"], r["spurious"]) == (0, 1)
+    assert vm.stats()["zapped_not_refaulted"] == 0
+    assert vm.translate(0)["roots"][0]["leaf"]["level"] == 2
+
+
+def test_pf_stats_count_per_leaf_and_new_mmio_sptes_only() -> None:
+    vm = Vm.create(kit.DEFAULT)
+    kit.region(vm, 0, 0, 4 * kit.MB, kit.HVA)
+    kit.access(vm, 0, 4 * kit.MB)  # 1024 new 4K leaves
+    s = vm.stats()
+    assert (s["pf_taken"], s["pf_fixed"]) == (1024, 1024)
+    for _ in range(3):
+        r = kit.access(vm, kit.GB, 4)  # the same MMIO gpa three times
+        assert r["exit"] == {"reason": "KVM_EXIT_MMIO", "gpa": kit.GB, "len": 4, "is_write": False}
+    s = vm.stats()
+    assert (s["pf_mmio_spte_created"], s["mmio_sptes"]) == (1, 1)
+    # Only the fault that created the MMIO SPTE is a page fault; later hits take the fast path.
+    assert (s["pf_taken"], s["pf_fixed"]) == (1025, 1024)
+    kit.access(vm, 0, 4 * kit.MB)  # all present: no new faults
+    s = vm.stats()
+    assert (s["pf_taken"], s["pf_fixed"]) == (1025, 1024)
+
+
+def test_present_4k_leaves_under_later_thp_advice_are_plain_touches() -> None:
+    """4K leaves mapped before THP advice: touching them is no fault and always progresses;
+    a missing neighbour then faults a 2M leaf that replaces the table (one flush)."""
+    vm = Vm.create(kit.DEFAULT, 1)
+    kit.region(vm, 0, 0, kit.M2, kit.HVA)
+    kit.access(vm, 0, 2 * kit.PAGE)
+    vm.apply(parse("host_advise", dict(userspace_addr=kit.HVA, len=kit.M2, advice="hugepage")))
+    assert vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=kit.PAGE))) == {
+        "gpa": kit.PAGE,
+        "size": 0,
+    }
+    r = kit.access(vm, 0, 2 * kit.PAGE)
+    assert (r["pages"], r["spurious"], r["mapped"]) == (2, 2, 0)
+    flushes = vm.stats()["remote_tlb_flush_requests"]
+    r = kit.access(vm, 0, kit.M2)
+    assert (r["pages"], r["spurious"], r["levels"]) == (512, 2, {"4k": 0, "2m": 1, "1g": 0})
+    assert vm.stats()["remote_tlb_flush_requests"] == flushes + 1
+    assert (vm.stats()["pages_4k"], vm.stats()["pages_2m"]) == (0, 1)
+    assert vm.audit()["ok"]
+
+
+def test_failed_pre_fault_that_built_tables_says_state_changed() -> None:
+    """ENOENT from pre-fault of a hole: the walk built a root, tables and an MMIO SPTE first (as
+    the kernel's does), so the error is flagged for the journal; the vCPU holds that root."""
+    vm = Vm.create(kit.DEFAULT, 1)
+    d0 = codec.digest(vm)
+    with pytest.raises(KvmError) as e:
+        vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=kit.PAGE)))
+    assert e.value.errno == errno.ENOENT and e.value.state_changed
+    assert codec.digest(vm) != d0
+    assert vm.vcpus_view()[0]["roots"] == {"direct": vm.roots()[0]["id"]}

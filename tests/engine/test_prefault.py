@@ -9,6 +9,7 @@ import pytest
 
 from app.engine import KvmError, Vm
 from app.engine.ops import parse
+from tests.engine import mmu as kit
 
 from .mmu import check, leaf, pages, region
 
@@ -141,3 +142,86 @@ def test_pre_fault_after_zap_all_uses_the_new_root() -> None:
     assert pages(v) == (256, 0, 0)
     assert [r["valid"] for r in v.roots()] == [True] * len(v.roots())
     check(v)
+
+
+# -- regression cases from the engine review --------------------------------------------------
+@pytest.mark.parametrize("vm_type", [kit.SW_PROTECTED, kit.TDX])
+def test_prefault_of_private_gfn_without_memslot_is_efault(vm_type: int) -> None:
+    vm = Vm.create(vm_type)
+    kit.attrs(vm, 0, kit.PAGE, True)
+    with pytest.raises(KvmError) as info:
+        vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=kit.PAGE)))
+    assert info.value.errno == errno.EFAULT
+    exit_ = kit.access(vm, 0)["exit"]
+    assert exit_ == {
+        "reason": "KVM_EXIT_MEMORY_FAULT",
+        "gpa": 0,
+        "size": kit.PAGE,
+        "flags": kit.PRIVATE,
+    }
+
+
+@pytest.mark.parametrize("vm_type", [kit.DEFAULT, kit.SW_PROTECTED, kit.TDX])
+def test_prefault_of_shared_hole_is_enoent(vm_type: int) -> None:
+    vm = Vm.create(vm_type)
+    if vm_type != kit.DEFAULT:
+        kit.attrs(vm, 0, kit.PAGE, True)
+    with pytest.raises(KvmError) as info:
+        vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0x10000, size=kit.PAGE)))
+    assert info.value.errno == errno.ENOENT
+
+
+def test_prefault_of_1gib_maps_every_page() -> None:
+    vm = Vm.create(kit.DEFAULT)
+    kit.region(vm, 0, 0, kit.GB, kit.GB)
+    assert vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=kit.GB))) == {
+        "gpa": kit.GB,
+        "size": 0,
+    }
+    s = vm.stats()
+    # 4K host pages: 262144 leaves in 512 level-1 tables under one PD, PDPT and PML4.
+    assert (s["pages_4k"], s["pages_2m"], s["page_tables"]) == (kit.GB // kit.PAGE, 0, 515)
+
+
+def test_tdx_accept_of_256mib_maps_and_accepts_every_page() -> None:
+    size = kit.GB // 4
+    td, _ = kit.td_with_gmem(size)
+    r = td.apply(parse("accept", dict(vcpu=0, gpa=0, size=size)))
+    n = size // kit.PAGE
+    assert r == {"accepted": n, "reaccepted": 0, "exit": None}
+    s = td.stats()
+    assert (s["pages_4k"], s["private_pages_4k"], s["tdx_accepted_pages"]) == (n, n, n)
+    assert (s["tdx_tdh_mem_page_aug"], s["tdx_tdg_mem_page_accept"]) == (n, n)
+    assert td.audit()["ok"] is True
+
+
+def test_prefault_never_replaces_a_present_table() -> None:
+    vm = Vm.create(kit.DEFAULT)
+    kit.region(vm, 0, 0, kit.M2, kit.HVA)
+    kit.access(vm, 0)  # one 4K leaf -> a level-1 table
+    kit.hugepage(vm, kit.HVA, kit.M2)
+    tables = vm.stats()["page_tables"]
+    assert vm.apply(parse("pre_fault", dict(vcpu=0, gpa=kit.PAGE, size=kit.PAGE))) == {
+        "gpa": 2 * kit.PAGE,
+        "size": 0,
+    }
+    s = vm.stats()
+    assert (s["pages_4k"], s["pages_2m"], s["page_tables"]) == (1, 0, tables)
+    assert vm.translate(0)["roots"][0]["leaf"]["level"] == 1
+
+
+@pytest.mark.parametrize("kind", ["read", "write"])
+def test_prefault_leaves_accessed_dirty_of_present_leaves_untouched(kind: str) -> None:
+    vm = Vm.create(kit.DEFAULT)
+    kit.region(vm, 0, 0, kit.M2, kit.HVA)
+    kit.access(vm, 0, kit.PAGE, kind)
+    before = vm.translate(0)["roots"][0]["walk"][-1]
+    assert before["accessed"] is True
+    assert vm.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=2 * kit.PAGE))) == {
+        "gpa": 2 * kit.PAGE,
+        "size": 0,
+    }
+    after = vm.translate(0)["roots"][0]["walk"][-1]
+    assert after["raw"] == before["raw"]
+    # The newly prefetched neighbour has no Accessed bit.
+    assert vm.translate(kit.PAGE)["roots"][0]["walk"][-1]["accessed"] is False

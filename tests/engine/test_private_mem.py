@@ -15,6 +15,7 @@ import pytest
 
 from app.engine import KvmError, Vm
 from app.engine.ops import parse
+from tests.engine import mmu as kit
 from tests.engine.mmu import apply_json
 
 SW_PROT, TDX, DEFAULT = 1, 5, 0
@@ -496,3 +497,17 @@ def test_attribute_bad_input_is_einval_and_changes_nothing(
     assert vm.memory_attributes() == []
     assert len(vm.zap_events()) == events
     assert_clean(vm)
+
+
+# -- regression cases from the engine review --------------------------------------------------
+def test_audit_flags_shared_2m_leaf_over_a_private_gfn() -> None:
+    vm = Vm.create(kit.SW_PROTECTED)
+    kit.hugepage(vm, kit.HVA, kit.M2)
+    kit.region(vm, 0, 0, kit.M2, kit.HVA)
+    kit.access(vm, 0)  # one shared 2M leaf over gfn 0..511
+    assert vm.audit()["ok"] is True
+    vm.attrs.set(5, 6, kit.PRIVATE)  # corrupt on purpose: gfn 5 private, the leaf kept
+    audit = vm.audit()
+    assert audit["ok"] is False
+    assert [v["rule"] for v in audit["violations"]] == ["shared_leaf_attribute"]
+    assert audit["checked"]["leaves"] == {"4k": 0, "2m": 1, "1g": 0}

@@ -24,9 +24,6 @@ OVER_LIMITS: set[str] = {
     "faults.FaultPath.chunk",
     "faults.FaultPath.map_4k",
     "introspect.mappings",
-    "vm.Vm._pre_fault",
-    "vm.Vm._set_user_memory_region",
-    "zap.explicit_zap",
 }
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from app.engine import KvmError, Vm
 from app.engine.ops import parse
+from tests.engine import mmu as kit
 from tests.engine.mmu import apply_json
 
 TDX, DEFAULT = 5, 0
@@ -660,3 +661,122 @@ def test_unknown_zap_policy_is_einval() -> None:
     td, _ = make_td()
     expect_errno(errno.EINVAL, apply_json, td, "set_zap_policy", {"policy": "zap_all"})
     assert td.info()["zap_policy"] == "kvm"
+
+
+# -- regression cases from the engine review --------------------------------------------------
+def test_td_punch_of_file_bound_to_two_slots_is_one_flush_and_one_zap_event() -> None:
+    td, fd = kit.td_with_gmem(kit.M2, slots=2)
+    td.apply(parse("accept", dict(vcpu=0, gpa=0, size=kit.M2)))
+    st0, events0 = td.stats(), len(td.zap_events())
+    r = td.apply(parse("gmem_fallocate", dict(fd=fd, mode="punch_hole", offset=0, len=kit.M2)))
+    st1 = td.stats()
+    assert st1["remote_tlb_flush_requests"] - st0["remote_tlb_flush_requests"] == 1
+    assert st1["tdx_tdh_mem_track"] - st0["tdx_tdh_mem_track"] == 512
+    assert st1["tdx_tdh_mem_page_remove"] - st0["tdx_tdh_mem_page_remove"] == 512
+    zap = r["zap"]
+    assert (zap["gfn_start"], zap["gfn_end"], zap["sptes_zapped_total"]) == (0, 512, 512)
+    assert len(td.zap_events()) - events0 == 1
+    assert st1["pages_4k"] == 0 and st1["tdx_accepted_pages"] == 0
+    assert td.audit()["ok"] is True
+
+
+def test_td_shared_only_zap_adds_no_track() -> None:
+    td, _ = kit.td_with_gmem(kit.MB)
+    kit.attrs(td, 0, kit.MB, False)
+    kit.access(td, kit.S47)  # one shared leaf through the direct root
+    ops0, st0 = td.tdx_state()["ops"], td.stats()
+    zap = td.apply(parse("host_discard", dict(userspace_addr=kit.HVA, len=kit.PAGE)))["zap"]
+    assert zap["sptes_zapped_total"] == 1 and zap["sptes_zapped"]["direct"]["4k"] == 1
+    st1 = td.stats()
+    assert td.tdx_state()["ops"] == ops0  # no TDH.MEM.TRACK (nor any other SEAMCALL)
+    assert st1["remote_tlb_flush_requests"] - st0["remote_tlb_flush_requests"] == 1
+    assert st1["tdx_tdh_mem_track"] == st0["tdx_tdh_mem_track"]
+
+
+def test_td_private_zap_still_costs_one_track() -> None:
+    td, _ = kit.td_with_gmem(2 * kit.MB)
+    td.apply(parse("accept", dict(vcpu=0, gpa=0, size=2 * kit.PAGE)))
+    ops0 = td.tdx_state()["ops"]
+    kit.attrs(td, 0, kit.PAGE, False)  # to shared: S-EPT BLOCK/TRACK/REMOVE of one page
+    ops1 = td.tdx_state()["ops"]
+    assert ops1[kit.TRACK] - ops0[kit.TRACK] == 1
+    assert ops1[kit.REMOVE] - ops0[kit.REMOVE] == 1
+
+
+def test_accept_every_other_page_then_punch_is_consistent() -> None:
+    n = 1 << 14
+    td, fd = kit.td_with_gmem(n * kit.PAGE)
+    for g in range(0, n, 2):
+        td.apply(parse("accept", dict(vcpu=0, gpa=g * kit.PAGE, size=kit.PAGE)))
+    state = td.tdx_state()
+    assert state["accepted_pages"] == n // 2
+    assert state["ops"]["TDH.MEM.PAGE.AUG"] == n // 2
+    assert td.stats()["private_pages_4k"] == n // 2
+    zap = td.apply(
+        parse("gmem_fallocate", dict(fd=fd, mode="punch_hole", offset=0, len=n * kit.PAGE))
+    )["zap"]
+    assert (zap["gfn_start"], zap["gfn_end"], zap["sptes_zapped_total"]) == (0, n, n // 2)
+    state = td.tdx_state()
+    assert state["accepted_pages"] == 0
+    assert state["pending_reaccept_pages"] == n // 2
+    assert state["ops"][kit.REMOVE] == n // 2 and state["ops"][kit.TRACK] == n // 2
+    s = td.stats()
+    assert (s["pages_4k"], s["private_pages_4k"], s["tdx_accepted_pages"]) == (0, 0, 0)
+    assert td.audit()["ok"] is True
+    # A later accept of a punched (previously accepted) page and a never-accepted one.
+    assert td.apply(parse("accept", dict(vcpu=0, gpa=0, size=2 * kit.PAGE))) == {
+        "accepted": 2,
+        "reaccepted": 1,
+        "exit": None,
+    }
+    assert td.apply(parse("load", dict(vcpu=0, gpa=0, len=1)))["data"] == "00"
+
+
+def test_reaccept_zeroes_pages_in_every_slot_of_the_range() -> None:
+    td, _ = kit.td_with_gmem(kit.M2, slots=2)  # two adjacent gmem slots, 1 MiB each
+    a, b = kit.MB - kit.PAGE, kit.MB  # last page of slot 0, first page of slot 1
+    td.apply(parse("accept", dict(vcpu=0, gpa=a, size=2 * kit.PAGE)))
+    td.apply(parse("store", dict(vcpu=0, gpa=a, data="aa")))
+    td.apply(parse("store", dict(vcpu=0, gpa=b, data="bb")))
+    kit.attrs(td, a, 2 * kit.PAGE, False)  # to shared: S-EPT REMOVE
+    kit.attrs(td, a, 2 * kit.PAGE, True)  # back to private
+    r = td.apply(parse("accept", dict(vcpu=0, gpa=a, size=2 * kit.PAGE)))
+    assert r == {"accepted": 2, "reaccepted": 2, "exit": None}
+    assert td.apply(parse("load", dict(vcpu=0, gpa=a, len=1)))["data"] == "00"
+    assert td.apply(parse("load", dict(vcpu=0, gpa=b, len=1)))["data"] == "00"
+
+
+def test_mirror_spte_never_changes_present_to_present() -> None:
+    td, _ = kit.td_with_gmem(kit.MB)
+    assert td.apply(parse("pre_fault", dict(vcpu=0, gpa=0, size=kit.PAGE))) == {
+        "gpa": kit.PAGE,
+        "size": 0,
+    }
+    td.apply(parse("accept", dict(vcpu=0, gpa=0, size=kit.PAGE)))
+    raw = kit.mirror_leaf_raw(td, 0)
+    r = kit.access(td, 0)
+    assert (r["mapped"], r["spurious"]) == (0, 1)
+    assert kit.mirror_leaf_raw(td, 0) == raw
+    kit.access(td, 0, kit.PAGE, "write")
+    assert kit.mirror_leaf_raw(td, 0) == raw
+
+
+def test_td_exec_from_shared_gpa_kills_the_vm_with_eio() -> None:
+    td, fd = kit.td_with_gmem(kit.MB)
+    kit.attrs(td, 0, kit.MB, False)
+    with pytest.raises(KvmError) as info:
+        kit.access(td, kit.S47 | 0x2000, kit.PAGE, "exec")
+    assert info.value.errno == errno.EIO
+    assert info.value.state_changed is True
+    later: list[tuple[str, dict[str, Any]]] = [
+        ("access", dict(vcpu=0, gpa=kit.S47, size=kit.PAGE)),
+        ("accept", dict(vcpu=0, gpa=0, size=kit.PAGE)),
+        ("set_memory_attributes", dict(address=0, size=kit.PAGE, attributes=kit.PRIVATE)),
+        ("create_guest_memfd", dict(size=kit.PAGE)),
+        ("gmem_fallocate", dict(fd=fd, mode="punch_hole", offset=0, len=kit.PAGE)),
+        ("set_user_memory_region", dict(slot=0, flags=kit.GMEM, memory_size=0)),
+    ]
+    for op, args in later:
+        with pytest.raises(KvmError) as info:
+            td.apply(parse(op, args))
+        assert info.value.errno == errno.EIO, op
