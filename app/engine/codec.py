@@ -280,6 +280,16 @@ def dumps(vm: Vm) -> bytes:
     return _HEADER.pack(MAGIC, VERSION, 0, digest) + body
 
 
+def readable(data: bytes) -> bool:
+    """Whether `data` starts like a snapshot this build decodes (magic and VERSION). Storage
+    retention prunes the journal only behind such a snapshot: an older one is replaced by
+    replaying the journal, which must therefore stay."""
+    if len(data) < _HEADER.size:
+        return False
+    magic, version, _flags, _digest = _HEADER.unpack_from(data)
+    return bool(magic == MAGIC and version == VERSION)
+
+
 def loads(data: bytes) -> Vm:
     if len(data) < _HEADER.size:
         raise CorruptSnapshot("snapshot truncated (no header)")

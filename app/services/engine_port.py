@@ -58,12 +58,19 @@ def _no_budget(vm: Vm, tables: int) -> None:
     return None
 
 
+def _always(data: bytes) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class EnginePort:
     create: Callable[..., Vm]  # Vm.create(vm_type=, vcpus=, paging_levels=, name=)
     dumps: Callable[[Vm], bytes]
     loads: Callable[[bytes], Vm]
     corrupt_snapshot: type[Exception]
+    # Whether a stored snapshot is of a version this engine decodes (retention keeps the
+    # journal behind any other). A test double's snapshots are all readable.
+    snapshot_readable: Callable[[bytes], bool] = _always
     # A journal record (`op`, `args`) as an operation, and an operation applied to a VM at a
     # time (`durations`: the zap durations journaled with it, on replay).
     parse: Callable[[str, Any], OpLike] = _parse_json
@@ -94,6 +101,7 @@ def default_engine() -> EnginePort:
         dumps=codec.dumps,
         loads=codec.loads,
         corrupt_snapshot=codec.CorruptSnapshot,
+        snapshot_readable=codec.readable,
         parse=ops.parse,
         apply=apply,
         tables_live=tables_live,

@@ -1089,7 +1089,16 @@ class VmService:
             row = repo.get_vm(s, vm_id, lock=True)
             if row is None or row.deleted:
                 return 0
-            newest = repo.newest_snapshot_seq(s, vm_id)
+            # Only behind a snapshot this build loads: an older-version one (VERSION 1 pickles
+            # of databases written before) is replaced by replaying the journal it covers.
+            newest = next(
+                (
+                    snap.seq
+                    for snap in repo.list_snapshots(s, vm_id, newest_first=True)
+                    if self.engine.snapshot_readable(snap.data)
+                ),
+                0,
+            )
             upto = min(newest, row.last_seq - self.journal_keep)
             if upto <= 0:
                 return 0

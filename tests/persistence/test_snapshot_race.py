@@ -106,3 +106,11 @@ async def test_a_version_1_snapshot_is_not_unpickled_and_the_journal_rebuilds_th
         again, _ = await svc2.read(vm_id, codec.digest)
     assert again == live
     assert "VERSION 1 (pickle) snapshot is not unpickled" in caplog.text
+    # Retention never prunes the journal behind a snapshot this build cannot load: it is
+    # the only way back to the VM's state.
+    await svc2.stop()
+    svc3 = await make_service(sqlite_url(tmp_path), snapshot_every=0, journal_keep=0)
+    assert (await svc3.gc())["records_pruned"] == 0
+    await svc3.stop()
+    svc4 = await make_service(sqlite_url(tmp_path), snapshot_every=0)
+    assert (await svc4.read(vm_id, codec.digest))[0] == live
