@@ -69,7 +69,7 @@ async def set_memslot(
 async def delete_memslot(
     vm: VmId, slot: Slot, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> MemslotChange:
-    args = MemoryRegion(memory_size=0).engine_args(slot)
+    args = MemoryRegion(guest_phys_addr=0, memory_size=0, userspace_addr=0).engine_args(slot)
     result = await mutate(service, vm, "set_user_memory_region", args, if_match, response)
     return MemslotChange.model_validate(result)
 

@@ -19,7 +19,8 @@ Attributes = Annotated[
 class SetAttributes(Body):
     address: U64
     size: U64
-    attributes: Attributes = 0
+    # Required: 0 converts the range to shared, which must be asked for, never implied.
+    attributes: Attributes
     flags: U64 = 0
 
 

@@ -28,13 +28,15 @@ MemFlags = Annotated[
 
 class MemoryRegion(Body):
     """The body of `PUT …/memslots/{slot}`: the kernel struct's fields but `slot`, which is
-    in the path (it may be repeated here; it must then agree)."""
+    in the path (it may be repeated here; it must then agree). The three fields that place
+    the slot are required: a body missing one is a 422, never a delete. An explicit
+    `"memory_size": 0` deletes the slot, as the ioctl does."""
 
     slot: U32 | None = Field(default=None, description="Optional; must equal the path's slot.")
     flags: MemFlags = 0
-    guest_phys_addr: U64 = 0
-    memory_size: Annotated[U64, Field(description="Bytes; 0 deletes the slot.")] = 0
-    userspace_addr: U64 = 0
+    guest_phys_addr: U64
+    memory_size: Annotated[U64, Field(description="Bytes; an explicit 0 deletes the slot.")]
+    userspace_addr: U64
     guest_memfd: Annotated[U32, Field(description="A guest_memfd fd of this VM.")] = 0
     guest_memfd_offset: U64 = 0
 

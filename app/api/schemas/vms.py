@@ -82,9 +82,12 @@ class EnableCap(Body):
 
     cap: CapField
     flags: U32 = 0
+    # Required: args[0] = 0 re-enables every quirk or turns manual dirty-log protect off, so
+    # leaving it out must not mean that.
     args: Annotated[
-        list[CapArg], Field(max_length=4, description="Up to 4 u64 arguments; missing ones are 0.")
-    ] = []
+        list[CapArg],
+        Field(max_length=4, description="Up to 4 u64 arguments; missing ones are 0."),
+    ]
 
     def engine_args(self) -> dict[str, Any]:
         return {
