@@ -35,6 +35,7 @@ ROUTERS = (
     host_memory.router,
     zaps.router,
     introspection.router,
+    introspection.descriptors_router,
     snapshots.router,
     metrics.router,
 )

@@ -104,7 +104,7 @@ def test_vm_memslot_access_delete_flow_survives_restart(server: Server) -> None:
         assert r.status_code == 200, r.text
         assert r.json()["mapped"] == 8
         r = c.post(f"/v1/vms/{vm}/vcpus/0/store", json={"gpa": 64, "data": "c0ffee"})
-        assert r.json() == {}
+        assert r.json() == {"exit": None}
 
         # A rejected call: the errno, over real HTTP.
         r = c.put(
@@ -126,7 +126,7 @@ def test_vm_memslot_access_delete_flow_survives_restart(server: Server) -> None:
         assert r.status_code == 200
         assert r.headers["etag"] == version
         r = c.post(f"/v1/vms/{vm}/vcpus/0/load", json={"gpa": 64, "len": 3})
-        assert r.json() == {"data": "c0ffee"}
+        assert r.json() == {"data": "c0ffee", "exit": None}
         assert c.get(f"/v1/vms/{vm}/stats").json()["pages_4k"] == 8
 
         r = c.delete(f"/v1/vms/{vm}/memslots/0")

@@ -17,8 +17,18 @@ from app.api.errors import (
     R_QUERY,
     responses,
 )
-from app.api.schemas.common import U32, Empty, Open
-from app.api.schemas.gmem import Data, Fallocate, GmemCreate, GmemRead, GmemWrite, GuestMemfd
+from app.api.schemas.common import U32
+from app.api.schemas.gmem import (
+    Data,
+    Fallocate,
+    FallocateResult,
+    GmemClosed,
+    GmemCreate,
+    GmemRead,
+    GmemWrite,
+    GuestMemfd,
+    Written,
+)
 from app.api.schemas.pages import Page
 
 router = APIRouter(prefix="/v1/vms/{vm}/guest-memfds", tags=["guest-memfds"])
@@ -66,11 +76,10 @@ async def fallocate_guest_memfd(
     service: ServiceDep,
     if_match: IfMatchDep,
     response: Response,
-) -> Open:
+) -> FallocateResult:
     args = {"fd": fd, **body.model_dump()}
-    return Open.model_validate(
-        await mutate(service, vm, "gmem_fallocate", args, if_match, response)
-    )
+    result = await mutate(service, vm, "gmem_fallocate", args, if_match, response)
+    return FallocateResult.model_validate({"allocated": None, "freed": None} | result)
 
 
 @router.delete(
@@ -80,8 +89,8 @@ async def fallocate_guest_memfd(
 )
 async def close_guest_memfd(
     vm: VmId, fd: Fd, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> Open:
-    return Open.model_validate(
+) -> GmemClosed:
+    return GmemClosed.model_validate(
         await mutate(service, vm, "gmem_close", {"fd": fd}, if_match, response)
     )
 
@@ -110,6 +119,6 @@ async def write_guest_memfd(
     service: ServiceDep,
     if_match: IfMatchDep,
     response: Response,
-) -> Empty:
+) -> Written:
     args = {"fd": fd, **body.model_dump()}
-    return Empty.model_validate(await mutate(service, vm, "gmem_write", args, if_match, response))
+    return Written.model_validate(await mutate(service, vm, "gmem_write", args, if_match, response))

@@ -6,9 +6,16 @@ from fastapi import APIRouter, Response
 
 from app.api.deps import IfMatchDep, ServiceDep, VmId, mutate, query
 from app.api.errors import R_BODY, R_ETAG, R_KVM, R_NOT_FOUND, R_PRECONDITION, responses
-from app.api.schemas.common import Open
-from app.api.schemas.gmem import Data
-from app.api.schemas.host_memory import HostAdvise, HostDiscard, HostMap, HostRead, HostWrite
+from app.api.schemas.gmem import Data, Written
+from app.api.schemas.host_memory import (
+    HostAdvise,
+    HostAdvised,
+    HostDiscard,
+    HostMap,
+    HostRead,
+    HostWrite,
+    HostZap,
+)
 
 router = APIRouter(prefix="/v1/vms/{vm}/host-memory", tags=["host-memory"])
 _MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
@@ -31,8 +38,8 @@ async def read_host_memory(
 @router.post("/write", summary="Write host memory at an HVA", responses=_MUTATION)
 async def write_host_memory(
     vm: VmId, body: HostWrite, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> Open:
-    return Open.model_validate(
+) -> Written:
+    return Written.model_validate(
         await mutate(service, vm, "host_write", body.model_dump(), if_match, response)
     )
 
@@ -44,8 +51,8 @@ async def write_host_memory(
 )
 async def discard_host_memory(
     vm: VmId, body: HostDiscard, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> Open:
-    return Open.model_validate(
+) -> HostZap:
+    return HostZap.model_validate(
         await mutate(service, vm, "host_discard", body.model_dump(), if_match, response)
     )
 
@@ -57,10 +64,9 @@ async def discard_host_memory(
 )
 async def advise_host_memory(
     vm: VmId, body: HostAdvise, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> Open:
-    return Open.model_validate(
-        await mutate(service, vm, "host_advise", body.model_dump(), if_match, response)
-    )
+) -> HostAdvised:
+    await mutate(service, vm, "host_advise", body.model_dump(), if_match, response)
+    return HostAdvised(advice=body.advice)
 
 
 @router.post(
@@ -70,7 +76,7 @@ async def advise_host_memory(
 )
 async def map_host_memory(
     vm: VmId, body: HostMap, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> Open:
-    return Open.model_validate(
+) -> HostZap:
+    return HostZap.model_validate(
         await mutate(service, vm, "host_map", body.model_dump(), if_match, response)
     )

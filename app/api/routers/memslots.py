@@ -26,8 +26,15 @@ from app.api.errors import (
     ApiProblem,
     responses,
 )
-from app.api.schemas.common import U32, Open
-from app.api.schemas.memslots import DirtyLog, DirtyLogClear, MemoryRegion, Memslot, MemslotChange
+from app.api.schemas.common import U32
+from app.api.schemas.memslots import (
+    DirtyLog,
+    DirtyLogClear,
+    DirtyLogCleared,
+    MemoryRegion,
+    Memslot,
+    MemslotChange,
+)
 from app.api.schemas.pages import Page
 
 router = APIRouter(prefix="/v1/vms/{vm}/memslots", tags=["memslots"])
@@ -106,7 +113,7 @@ async def get_dirty_log(
     vm: VmId, slot: Slot, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> DirtyLog:
     result = await mutate(service, vm, "get_dirty_log", {"slot": slot}, if_match, response)
-    return DirtyLog.model_validate(result)
+    return DirtyLog.model_validate({"sptes_write_protected": 0} | result)
 
 
 @router.post(
@@ -123,7 +130,8 @@ async def clear_dirty_log(
     service: ServiceDep,
     if_match: IfMatchDep,
     response: Response,
-) -> Open:
+) -> DirtyLogCleared:
     args = {"slot": slot, **body.model_dump()}
     result = await mutate(service, vm, "clear_dirty_log", args, if_match, response)
-    return Open.model_validate(result)
+    # Nothing to clear: the engine answers no write-protect count.
+    return DirtyLogCleared.model_validate({"sptes_write_protected": 0} | result)
