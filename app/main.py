@@ -7,11 +7,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
 
 from app.api.errors import install_error_handlers, problem_media_types
 from app.api.log import configure_logging
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from app.api.openapi_names import operation_id, sdk_friendly
 from app.api.router import include_routers
 from app.config import Settings
 
@@ -28,12 +28,6 @@ kernel name or number. A call KVM would reject answers `application/problem+json
 `errno` and `errno_name`. Mutating calls answer an `ETag` (the VM's state version) and
 honour `If-Match`.
 """
-
-
-def _operation_id(route: APIRoute) -> str:
-    # Stable `tag-name` ids: SDK method names must not churn when paths change.
-    tag = str(route.tags[0]) if route.tags else "default"
-    return f"{tag}-{route.name}"
 
 
 def create_app(settings: Settings | None = None, service: Any | None = None) -> FastAPI:
@@ -66,12 +60,13 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
         summary="The KVM x86 MMU (memslots, TDP page tables, zaps, TDX), served over HTTP",
         description=API_DESCRIPTION,
         lifespan=lifespan,
-        generate_unique_id_function=_operation_id,
+        generate_unique_id_function=operation_id,
+        separate_input_output_schemas=False,
     )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = problem_media_types(FastAPI.openapi(app))
+            app.openapi_schema = sdk_friendly(problem_media_types(FastAPI.openapi(app)))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
