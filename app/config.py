@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     # (they reload from their newest snapshot and the journal on next use).
     max_loaded_vms: int = Field(default=64, ge=1)
     log_level: str = "INFO"
+    # Browser origins allowed to call the API (CORS), comma-separated, e.g.
+    # "https://dash.example.org,http://localhost:3000"; "*" allows any; empty: none.
+    cors_origins: str = ""
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
 
 @lru_cache(maxsize=1)

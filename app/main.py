@@ -7,7 +7,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from app.api.docs import install_docs
 from app.api.errors import install_error_handlers, problem_media_types
 from app.api.log import configure_logging
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -60,6 +62,8 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
         summary="The KVM x86 MMU (memslots, TDP page tables, zaps, TDX), served over HTTP",
         description=API_DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
         generate_unique_id_function=operation_id,
         separate_input_output_schemas=False,
     )
@@ -74,7 +78,19 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
     app.state.service = service
     install_error_handlers(app)
     include_routers(app)
+    install_docs(app)
     # Added last = outermost: the request id exists before the body limit answers.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
+    origins = settings.cors_origin_list()
+    if origins:
+        # Outermost: a preflight is answered before anything else, and every answer (errors
+        # and the zap event stream included) carries the CORS headers.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["ETag", "X-Request-ID", "Location", "Retry-After"],
+        )
     return app
