@@ -65,7 +65,6 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
         docs_url=None,
         redoc_url=None,
         generate_unique_id_function=operation_id,
-        separate_input_output_schemas=False,
     )
 
     def openapi() -> dict[str, Any]:
