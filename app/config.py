@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     vm_memory_budget_bytes: int = Field(default=4 * 1024**3, ge=0)
     # The largest guest_memfd KVM_CREATE_GUEST_MEMFD may create here (ENOMEM past it).
     max_guest_memfd_bytes: int = Field(default=1024**4, ge=4096)
+    # Browser origins allowed to call the API (CORS), comma-separated, e.g.
+    # "https://dash.example.org,http://localhost:3000"; "*" allows any; empty: none.
+    cors_origins: str = ""
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
 
 @lru_cache(maxsize=1)

@@ -7,8 +7,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.routing import APIRoute
+from fastapi.middleware.cors import CORSMiddleware
 
+from app.api.docs import install_docs
 from app.api.errors import install_error_handlers, problem_media_types
 from app.api.http_metrics import HttpMetricsMiddleware
 from app.api.log import configure_logging
@@ -18,6 +19,7 @@ from app.api.middleware import (
     RequestContextMiddleware,
 )
 from app.api.mmu_metrics import MmuMetrics
+from app.api.openapi_names import operation_id, sdk_friendly
 from app.api.router import include_routers
 from app.config import Settings
 
@@ -34,12 +36,6 @@ kernel name or number. A call KVM would reject answers `application/problem+json
 `errno` and `errno_name`. Mutating calls answer an `ETag` (the VM's state version) and
 honour `If-Match`.
 """
-
-
-def _operation_id(route: APIRoute) -> str:
-    # Stable `tag-name` ids: SDK method names must not churn when paths change.
-    tag = str(route.tags[0]) if route.tags else "default"
-    return f"{tag}-{route.name}"
 
 
 def create_app(settings: Settings | None = None, service: Any | None = None) -> FastAPI:
@@ -71,12 +67,14 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
         summary="The KVM x86 MMU (memslots, TDP page tables, zaps, TDX), served over HTTP",
         description=API_DESCRIPTION,
         lifespan=lifespan,
-        generate_unique_id_function=_operation_id,
+        docs_url=None,
+        redoc_url=None,
+        generate_unique_id_function=operation_id,
     )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = problem_media_types(FastAPI.openapi(app))
+            app.openapi_schema = sdk_friendly(problem_media_types(FastAPI.openapi(app)))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -85,6 +83,7 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
     app.state.metrics = MmuMetrics(max_vms=settings.metrics_max_vms)
     install_error_handlers(app)
     include_routers(app)
+    install_docs(app)
     # Added last = outermost: the request id exists before the body limit answers.
     app.add_middleware(
         InputLimitMiddleware,
@@ -95,4 +94,15 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
+    origins = settings.cors_origin_list()
+    if origins:
+        # Outermost: a preflight is answered before anything else, and every answer (errors
+        # and the zap event stream included) carries the CORS headers.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["ETag", "X-Request-ID", "Location", "Retry-After"],
+        )
     return app

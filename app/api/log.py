@@ -75,3 +75,8 @@ def configure_logging(level: str = "INFO") -> None:
         for h in list(logger.handlers):
             logger.removeHandler(h)
         logger.propagate = True
+        # A server configured in this process before (its own dictConfig) may have set a
+        # level or disabled the logger: the level of the `uvicorn` tree applies again.
+        if name not in _OWN_LOGGERS:
+            logger.setLevel(logging.NOTSET)
+        logger.disabled = False

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from app.api.routers import (
@@ -36,6 +38,7 @@ ROUTERS = (
     host_memory.router,
     zaps.router,
     introspection.router,
+    introspection.descriptors_router,
     snapshots.router,
     replay.router,
     metrics.router,
@@ -44,9 +47,43 @@ ROUTERS = (
 )
 
 
+# The operational routes keep their own rules (a scraper may add parameters of its own).
+_STRICT_QUERY = tuple(r for r in ROUTERS if r not in (health.router, metrics.router))
+
+
+def _query_names(dependant: Dependant) -> frozenset[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """An unknown query parameter is a 422, as an unknown body field is: `?limt=5` must
+    not silently mean the default."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not request.query_params:
+        return
+    known = _query_names(route.dependant)
+    unknown = sorted({k for k in request.query_params if k not in known})
+    takes = ", ".join(sorted(known)) or "none"
+    if unknown:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", name),
+                    "msg": f"unknown query parameter; this route takes: {takes}",
+                    "type": "extra_forbidden",
+                }
+                for name in unknown
+            ]
+        )
+
+
 def include_routers(app: FastAPI) -> None:
     for r in ROUTERS:
-        app.include_router(r)
+        deps = [Depends(reject_unknown_query)] if r in _STRICT_QUERY else []
+        app.include_router(r, dependencies=deps)
     # For the `Allow` header of a 405: each route serves one method, and the router's own
     # 405 names only the first route whose path matched.
     allowed: dict[str, tuple[re.Pattern[str], set[str]]] = {}

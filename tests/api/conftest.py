@@ -7,7 +7,7 @@ service runs Alembic's head schema, as in production, without paying for it ever
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +83,11 @@ async def vm(client: httpx.AsyncClient) -> str:
     r = await client.post("/v1/vms", json={"name": "t"})
     assert r.status_code == 201, r.text
     return str(r.json()["id"])
+
+
+@pytest.fixture(autouse=True)
+def _answers_are_complete(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """An engine answer key that the response model does not declare fails the test."""
+    yield
+    undeclared = [r.getMessage() for r in caplog.records if r.name == "vkmmu.api.undeclared"]
+    assert not undeclared, undeclared

@@ -67,9 +67,9 @@ async def test_store_then_load_sees_the_bytes(client: httpx.AsyncClient, slot0: 
     stored = await client.post(
         f"/v1/vms/{vm}/vcpus/0/store", json={"gpa": MiB + 16, "data": "0xDEADbeef"}
     )
-    assert ok(stored) == {}
+    assert ok(stored) == {"exit": None}
     loaded = ok(await client.post(f"/v1/vms/{vm}/vcpus/0/load", json={"gpa": MiB + 16, "len": 4}))
-    assert loaded == {"data": "deadbeef"}
+    assert loaded == {"data": "deadbeef", "exit": None}
     # The VMM sees the same bytes at the slot's HVA.
     host = ok(
         await client.post(
@@ -83,7 +83,8 @@ async def test_load_store_exits(client: httpx.AsyncClient, slot0: str) -> None:
     vm = slot0
     res = ok(await client.post(f"/v1/vms/{vm}/vcpus/0/load", json={"gpa": 64 * MiB, "len": 8}))
     assert res == {
-        "exit": {"reason": "KVM_EXIT_MMIO", "gpa": 64 * MiB, "len": 8, "is_write": False}
+        "data": None,
+        "exit": {"reason": "KVM_EXIT_MMIO", "gpa": 64 * MiB, "len": 8, "is_write": False},
     }
     ok(
         await put_slot(

@@ -110,14 +110,14 @@ async def test_snapshot_restore_and_fork(client: httpx.AsyncClient, vm: str) -> 
 
     fork = ok(await client.post("/v1/vms", json={"from_snapshot": snap["id"]}), 201)["id"]
     data = ok(await client.post(f"/v1/vms/{fork}/vcpus/0/load", json={"gpa": 0, "len": 1}))
-    assert data == {"data": "aa"}
+    assert data == {"data": "aa", "exit": None}
 
     r = await client.post(f"/v1/vms/{vm}/snapshots/{snap['id']}/restore")
     ok(r)
     assert etag(r)
     assert [m["slot"] for m in ok(await client.get(f"/v1/vms/{vm}/memslots"))["items"]] == [0]
     data = ok(await client.post(f"/v1/vms/{vm}/vcpus/0/load", json={"gpa": 0, "len": 1}))
-    assert data == {"data": "aa"}
+    assert data == {"data": "aa", "exit": None}
 
     assert_problem(await client.post(f"/v1/vms/{vm}/snapshots/snap-nope/restore"), 404)
     assert_problem(await client.post("/v1/vms", json={"from_snapshot": "snap-nope"}), 404)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from app.api.errors import PROBLEM_JSON
+from app.api.openapi_names import OPERATION_IDS
 from app.main import create_app
 from app.openapi_dump import render
 
@@ -79,12 +81,10 @@ def test_every_contract_route_exists() -> None:
     assert ("post", "/v1/vms/{vm}/zap-policy") in have
 
 
-def test_operation_ids_are_stable_tag_names() -> None:
-    ids = [(op["operationId"], op["tags"]) for _, _, op in operations()]
-    assert len({i for i, _ in ids}) == len(ids)
-    for op_id, tags in ids:
-        assert isinstance(op_id, str) and isinstance(tags, list)
-        assert op_id.startswith(f"{tags[0]}-")
+def test_operation_ids_come_from_the_table() -> None:
+    # Every route is named in OPERATION_IDS: SDK method names never fall back to a guess.
+    for method, path, op in operations():
+        assert op["operationId"] in OPERATION_IDS.values(), f"{method} {path}"
 
 
 def test_v1_routes_publish_problem_bodies() -> None:
@@ -139,3 +139,32 @@ def test_zap_policy_says_it_is_not_kvm() -> None:
     text = json.dumps(op)
     assert "NOT KVM" in text
     assert "This is not KVM" in text
+
+
+def test_operation_ids_are_resource_verb() -> None:
+    ids = [op["operationId"] for _, _, op in operations()]
+    assert len(ids) == len(set(ids))
+    for op_id in ids:
+        assert re.fullmatch(r"[a-z]+(_[a-z0-9]+)+", op_id), op_id
+    assert {"vms_create", "memslots_set", "zaps_list", "stats_get"} <= set(ids)
+
+
+def test_schema_names_have_no_generator_suffixes() -> None:
+    names = create_app().openapi()["components"]["schemas"]
+    for name in names:
+        assert re.fullmatch(r"[A-Z][A-Za-z0-9]*", name), name
+        assert "Response" not in name, name
+    assert "VmInfoPage" in names and "ZapEvent" in names
+
+
+def test_u64_bounds_are_exact_integers() -> None:
+    text = SPEC_FILE.read_text(encoding="utf-8")
+    assert "e+19" not in text and '"maximum": 18446744073709551615' in text
+    spec = json.loads(text)
+    region = spec["components"]["schemas"]["MemoryRegion"]["properties"]["memory_size"]
+    assert region["anyOf"][0]["maximum"] == 2**64 - 1
+    assert sorted(spec["components"]["schemas"]["MemoryRegion"]["required"]) == [
+        "guest_phys_addr",
+        "memory_size",
+        "userspace_addr",
+    ]

@@ -40,7 +40,7 @@ def vms() -> Iterator[dict[str, str]]:
         vm = VMS["KVM_X86_DEFAULT_VM"]
         r = client.put(
             f"/v1/vms/{vm}/memslots/0",
-            json={"memory_size": 1 << 21, "userspace_addr": 0x7F00_0000_0000},
+            json={"guest_phys_addr": 0, "memory_size": 1 << 21, "userspace_addr": 0x7F00_0000_0000},
         )
         assert r.status_code == 200, r.text
         r = client.post(f"/v1/vms/{vm}/guest-memfds", json={"size": 1 << 21, "flags": 1})

@@ -81,7 +81,11 @@ async def test_unknown_vm_is_404(shell: httpx.AsyncClient) -> None:
         ("GET", "/v1/vms/vm-nope", None),
         ("DELETE", "/v1/vms/vm-nope", None),
         ("GET", "/v1/vms/vm-nope/memslots", None),
-        ("PUT", "/v1/vms/vm-nope/memslots/0", {"memory_size": 4096}),
+        (
+            "PUT",
+            "/v1/vms/vm-nope/memslots/0",
+            {"guest_phys_addr": 0, "memory_size": 4096, "userspace_addr": 0},
+        ),
         ("POST", "/v1/vms/vm-nope/vcpus", {"id": 1}),
         ("GET", "/v1/vms/vm-nope/stats", None),
         ("POST", "/v1/vms/vm-nope/snapshots", None),
@@ -384,7 +388,7 @@ async def test_malformed_cursor_is_422_on_every_list(
 ) -> None:
     vm = (await shell.post("/v1/vms", json={"vm_type": "KVM_X86_SW_PROTECTED_VM"})).json()["id"]
     if populated:
-        slot = {"memory_size": 1 << 20, "userspace_addr": 0x7F00_0000_0000}
+        slot = {"guest_phys_addr": 0, "memory_size": 1 << 20, "userspace_addr": 0x7F00_0000_0000}
         assert (await shell.put(f"/v1/vms/{vm}/memslots/0", json=slot)).status_code == 200
         for call, body in (
             ("vcpus/0/accesses", {"gpa": 0, "size": 8192}),

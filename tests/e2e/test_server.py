@@ -104,10 +104,13 @@ def test_vm_memslot_access_delete_flow_survives_restart(server: Server) -> None:
         assert r.status_code == 200, r.text
         assert r.json()["mapped"] == 8
         r = c.post(f"/v1/vms/{vm}/vcpus/0/store", json={"gpa": 64, "data": "c0ffee"})
-        assert r.json() == {}
+        assert r.json() == {"exit": None}
 
         # A rejected call: the errno, over real HTTP.
-        r = c.put(f"/v1/vms/{vm}/memslots/1", json={"guest_phys_addr": 4096, "memory_size": 4096})
+        r = c.put(
+            f"/v1/vms/{vm}/memslots/1",
+            json={"guest_phys_addr": 4096, "memory_size": 4096, "userspace_addr": 0},
+        )
         assert r.status_code == 409
         assert r.headers["content-type"].startswith("application/problem+json")
         assert r.json()["errno_name"] == "EEXIST"
@@ -123,7 +126,7 @@ def test_vm_memslot_access_delete_flow_survives_restart(server: Server) -> None:
         assert r.status_code == 200
         assert r.headers["etag"] == version
         r = c.post(f"/v1/vms/{vm}/vcpus/0/load", json={"gpa": 64, "len": 3})
-        assert r.json() == {"data": "c0ffee"}
+        assert r.json() == {"data": "c0ffee", "exit": None}
         assert c.get(f"/v1/vms/{vm}/stats").json()["pages_4k"] == 8
 
         r = c.delete(f"/v1/vms/{vm}/memslots/0")
@@ -143,7 +146,7 @@ def test_vm_memslot_access_delete_flow_survives_restart(server: Server) -> None:
 def test_zap_stream_ends_cleanly_when_its_vm_is_deleted(server: Server) -> None:
     with httpx.Client(base_url=server.base, timeout=30) as c:
         vm = c.post("/v1/vms", json={}).json()["id"]
-        slot = {"memory_size": 2 * MiB, "userspace_addr": hex(HVA)}
+        slot = {"guest_phys_addr": 0, "memory_size": 2 * MiB, "userspace_addr": hex(HVA)}
         assert c.put(f"/v1/vms/{vm}/memslots/0", json=slot).status_code == 200
         assert c.post(f"/v1/vms/{vm}/vcpus/0/accesses", json={"gpa": 0}).status_code == 200
         zap = {"scope": "all", "roots": "shared"}

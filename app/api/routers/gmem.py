@@ -17,8 +17,18 @@ from app.api.errors import (
     R_QUERY,
     responses,
 )
-from app.api.schemas.common import U32, Empty, Open
-from app.api.schemas.gmem import Data, Fallocate, GmemCreate, GmemRead, GmemWrite, GuestMemfd
+from app.api.schemas.common import U32
+from app.api.schemas.gmem import (
+    Data,
+    Fallocate,
+    FallocateResult,
+    GmemClosed,
+    GmemCreate,
+    GmemRead,
+    GmemWrite,
+    GuestMemfd,
+    Written,
+)
 from app.api.schemas.pages import Page
 from app.engine import ops
 
@@ -69,11 +79,10 @@ async def fallocate_guest_memfd(
     service: ServiceDep,
     if_match: IfMatchDep,
     response: Response,
-) -> Open:
+) -> FallocateResult:
     args = {"fd": fd, **body.model_dump()}
-    return Open.model_validate(
-        await mutate(service, vm, ops.GmemFallocate.from_json(args), if_match, response)
-    )
+    result = await mutate(service, vm, ops.GmemFallocate.from_json(args), if_match, response)
+    return FallocateResult.model_validate({"allocated": None, "freed": None} | result)
 
 
 @router.delete(
@@ -83,8 +92,10 @@ async def fallocate_guest_memfd(
 )
 async def close_guest_memfd(
     vm: VmId, fd: Fd, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> Open:
-    return Open.model_validate(await mutate(service, vm, ops.GmemClose(fd=fd), if_match, response))
+) -> GmemClosed:
+    return GmemClosed.model_validate(
+        await mutate(service, vm, ops.GmemClose.from_json({"fd": fd}), if_match, response)
+    )
 
 
 @router.post(
@@ -111,8 +122,8 @@ async def write_guest_memfd(
     service: ServiceDep,
     if_match: IfMatchDep,
     response: Response,
-) -> Empty:
+) -> Written:
     args = {"fd": fd, **body.model_dump()}
-    return Empty.model_validate(
+    return Written.model_validate(
         await mutate(service, vm, ops.GmemWrite.from_json(args), if_match, response)
     )

@@ -11,16 +11,17 @@ from fastapi import APIRouter, Response
 
 from app.api.deps import IfMatchDep, ServiceDep, Vcpu, VmId, mutate
 from app.api.errors import R_BODY, R_ETAG, R_KVM, R_NOT_FOUND, R_PRECONDITION, responses
-from app.api.schemas.common import Open
 from app.api.schemas.guest import (
     Accept,
+    AcceptResult,
     Access,
     AccessResult,
     Load,
-    LoadStoreResult,
+    LoadResult,
     PreFault,
     PreFaultResult,
     Store,
+    StoreResult,
 )
 from app.engine import ops
 
@@ -51,22 +52,20 @@ async def access_memory(
 
 @router.post(
     "/load",
-    summary="One guest load through the fault path: `{data}` or `{exit}`",
+    summary="One guest load through the fault path: the data, or the exit that stopped it",
     responses=_MUTATION,
-    response_model_exclude_unset=True,
 )
 async def load(
     vm: VmId, vcpu: Vcpu, body: Load, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> LoadStoreResult:
+) -> LoadResult:
     result = await mutate(service, vm, ops.Load.from_json(_args(body, vcpu)), if_match, response)
-    return LoadStoreResult.model_validate(result)
+    return LoadResult.model_validate({"data": None, "exit": None} | result)
 
 
 @router.post(
     "/store",
-    summary="One guest store through the fault path: `{}` or `{exit}`",
+    summary="One guest store through the fault path: `exit` null, or the exit that stopped it",
     responses=_MUTATION,
-    response_model_exclude_unset=True,
 )
 async def store(
     vm: VmId,
@@ -75,9 +74,9 @@ async def store(
     service: ServiceDep,
     if_match: IfMatchDep,
     response: Response,
-) -> LoadStoreResult:
+) -> StoreResult:
     result = await mutate(service, vm, ops.Store.from_json(_args(body, vcpu)), if_match, response)
-    return LoadStoreResult.model_validate(result)
+    return StoreResult.model_validate({"exit": None} | result)
 
 
 @router.post(
@@ -111,7 +110,7 @@ async def accept(
     service: ServiceDep,
     if_match: IfMatchDep,
     response: Response,
-) -> Open:
-    return Open.model_validate(
+) -> AcceptResult:
+    return AcceptResult.model_validate(
         await mutate(service, vm, ops.Accept.from_json(_args(body, vcpu)), if_match, response)
     )

@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import Field
 
 from app.api.errors import PROBLEM_JSON, responses
+from app.api.schemas.common import Answer
 
 log = logging.getLogger("vkmmu.health")
 
 router = APIRouter(tags=["health"])
 
 
+class Health(Answer):
+    status: Literal["ok"]
+
+
+class Readiness(Answer):
+    status: Literal["ready"]
+    ok: bool = Field(description="The database answers and its schema is at Alembic's head.")
+    loaded_vms: int = Field(description="VMs held in memory now.")
+    database: str = Field(description="`ok`, or why not.")
+    schema_: str = Field(alias="schema", description="`ok`, or the revision found and expected.")
+
+
 @router.get("/healthz", summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> Health:
+    return Health(status="ok")
 
 
 @router.get(
     "/readyz",
+    response_model=Readiness,
     summary="Readiness: the VM service and its database answer",
     responses=responses(
         {503: {"description": "Not ready; `detail` says why", "content": {PROBLEM_JSON: {}}}}
@@ -60,4 +75,4 @@ async def readyz(request: Request) -> Any:
             status_code=503,
             media_type=PROBLEM_JSON,
         )
-    return {"status": "ready", **info}
+    return Readiness.model_validate({"status": "ready", **info})

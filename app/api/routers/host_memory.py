@@ -6,9 +6,16 @@ from fastapi import APIRouter, Response
 
 from app.api.deps import IfMatchDep, ServiceDep, VmId, mutate, query
 from app.api.errors import R_BODY, R_ETAG, R_KVM, R_NOT_FOUND, R_PRECONDITION, responses
-from app.api.schemas.common import Open
-from app.api.schemas.gmem import Data
-from app.api.schemas.host_memory import HostAdvise, HostDiscard, HostMap, HostRead, HostWrite
+from app.api.schemas.gmem import Data, Written
+from app.api.schemas.host_memory import (
+    HostAdvise,
+    HostAdvised,
+    HostDiscard,
+    HostMap,
+    HostRead,
+    HostWrite,
+    HostZap,
+)
 from app.engine import ops
 
 router = APIRouter(prefix="/v1/vms/{vm}/host-memory", tags=["host-memory"])
@@ -32,8 +39,8 @@ async def read_host_memory(
 @router.post("/write", summary="Write host memory at an HVA", responses=_MUTATION)
 async def write_host_memory(
     vm: VmId, body: HostWrite, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> Open:
-    return Open.model_validate(
+) -> Written:
+    return Written.model_validate(
         await mutate(service, vm, ops.HostWrite.from_json(body.model_dump()), if_match, response)
     )
 
@@ -45,8 +52,8 @@ async def write_host_memory(
 )
 async def discard_host_memory(
     vm: VmId, body: HostDiscard, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> Open:
-    return Open.model_validate(
+) -> HostZap:
+    return HostZap.model_validate(
         await mutate(service, vm, ops.HostDiscard.from_json(body.model_dump()), if_match, response)
     )
 
@@ -58,10 +65,9 @@ async def discard_host_memory(
 )
 async def advise_host_memory(
     vm: VmId, body: HostAdvise, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> Open:
-    return Open.model_validate(
-        await mutate(service, vm, ops.HostAdvise.from_json(body.model_dump()), if_match, response)
-    )
+) -> HostAdvised:
+    await mutate(service, vm, ops.HostAdvise.from_json(body.model_dump()), if_match, response)
+    return HostAdvised(advice=body.advice)
 
 
 @router.post(
@@ -71,7 +77,7 @@ async def advise_host_memory(
 )
 async def map_host_memory(
     vm: VmId, body: HostMap, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> Open:
-    return Open.model_validate(
+) -> HostZap:
+    return HostZap.model_validate(
         await mutate(service, vm, ops.HostMap.from_json(body.model_dump()), if_match, response)
     )

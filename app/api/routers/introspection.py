@@ -1,28 +1,40 @@
-"""Read-only views of the MMU: translate, mappings, roots, stats, audit."""
+"""Read-only views of the MMU: translate, mappings, roots, stats, audit, TDX state."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
 from app.api.deps import Cursor, LimitQ, ServiceDep, VmId, paginate, query
 from app.api.errors import R_ETAG, R_KVM, R_NOT_FOUND, R_QUERY, responses
-from app.api.schemas.common import U32, U64, Open
+from app.api.schemas.common import U32, U64, Answer
+from app.api.schemas.introspection import (
+    Audit,
+    Mapping,
+    RootInfo,
+    StatDescriptorInfo,
+    StatDescriptors,
+    Stats,
+    TdxState,
+    Translation,
+    translation,
+)
 from app.api.schemas.pages import Page
+from app.engine.stat_descriptors import DESCRIPTORS
+
+if TYPE_CHECKING:
+    from app.engine.vm import Vm
 
 router = APIRouter(prefix="/v1/vms/{vm}", tags=["introspection"])
+descriptors_router = APIRouter(prefix="/v1/stats", tags=["stats"])
 _READ = responses(R_NOT_FOUND, R_QUERY, R_ETAG)
-
-
-class Audit(Open):
-    ok: bool
-    violations: list[Any]
 
 
 @router.get(
     "/translate",
-    summary="Walk the page tables for a GPA: per root, the entry at each level (raw hex)",
+    summary="Walk the page tables for a GPA: per root, the entry at each level (raw and "
+    "decoded) and where the GPA lands (an HVA of the VMM's memory, or a guest_memfd page)",
     responses=responses(R_KVM, R_NOT_FOUND, R_QUERY, R_ETAG),
 )
 async def translate(
@@ -30,8 +42,12 @@ async def translate(
     gpa: Annotated[U64, Query(description="Guest physical address (decimal or 0x…).")],
     service: ServiceDep,
     response: Response,
-) -> Open:
-    return Open.model_validate(await query(service, vm, lambda v: v.translate(gpa), response))
+) -> Translation:
+    def walk(v: Vm) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return v.translate(gpa), v.guest_memfds()
+
+    view, files = await query(service, vm, walk, response)
+    return translation(view, files)
 
 
 @router.get(
@@ -46,13 +62,13 @@ async def list_mappings(
     root: Annotated[U32 | None, Query(description="Only this root (its `id` in …/roots).")] = None,
     limit: LimitQ = 100,
     cursor: Cursor = None,
-) -> Page[Open]:
+) -> Page[Mapping]:
     items = await query(service, vm, lambda v: v.mappings(root=root), response)
     # Runs come in walk order (root, then GFN); the cursor is a position in that order.
     indexed = [{"_i": i, **it} for i, it in enumerate(items)]
     page = paginate(indexed, lambda it: it["_i"], limit, cursor)
     page["items"] = [{k: v for k, v in it.items() if k != "_i"} for it in page["items"]]
-    return Page[Open].model_validate(page)
+    return Page[Mapping].model_validate(page)
 
 
 @router.get(
@@ -66,19 +82,44 @@ async def list_roots(
     response: Response,
     limit: LimitQ = 100,
     cursor: Cursor = None,
-) -> Page[Open]:
+) -> Page[RootInfo]:
     items = await query(service, vm, lambda v: v.roots(), response)
     items = sorted(items, key=lambda r: r["id"])
-    return Page[Open].model_validate(paginate(items, lambda r: r["id"], limit, cursor))
+    return Page[RootInfo].model_validate(paginate(items, lambda r: r["id"], limit, cursor))
 
 
 @router.get(
     "/stats",
-    summary="The kernel's VM stat names plus refault and zap metrics (flat object)",
+    summary="The kernel's VM stat names plus vkmmu's counters (GET /v1/stats/descriptors "
+    "says what each one is)",
     responses=_READ,
+    response_model=Stats,
+    response_model_exclude_unset=True,
 )
-async def get_stats(vm: VmId, service: ServiceDep, response: Response) -> dict[str, Any]:
-    return await query(service, vm, lambda v: v.stats(), response)
+async def get_stats(vm: VmId, service: ServiceDep, response: Response) -> Answer:
+    # exclude_unset: the TDX stats are left out for a VM that is not a TD.
+    return Stats.model_validate(await query(service, vm, lambda v: v.stats(), response))
+
+
+@descriptors_router.get(
+    "/descriptors",
+    summary="What each stat of GET …/stats is: kind (cumulative, instant, peak), unit, source",
+    description="Shaped after the kernel's binary-stats descriptors (`struct kvm_stats_desc`).",
+    responses=responses(R_QUERY),
+)
+async def get_stat_descriptors() -> StatDescriptors:
+    items = [
+        StatDescriptorInfo(
+            name=d.name,
+            kind=d.kind,
+            unit=d.unit,
+            source=d.source,
+            description=d.description,
+            tdx_only=d.tdx_only,
+        )
+        for d in DESCRIPTORS
+    ]
+    return StatDescriptors(items=items)
 
 
 @router.get(
@@ -96,5 +137,5 @@ async def audit(vm: VmId, service: ServiceDep, response: Response) -> Audit:
     description="EINVAL (400) for a VM that is not a TD.",
     responses=responses(R_KVM, R_NOT_FOUND, R_ETAG),
 )
-async def get_tdx_state(vm: VmId, service: ServiceDep, response: Response) -> Open:
-    return Open.model_validate(await query(service, vm, lambda v: v.tdx_state(), response))
+async def get_tdx_state(vm: VmId, service: ServiceDep, response: Response) -> TdxState:
+    return TdxState.model_validate(await query(service, vm, lambda v: v.tdx_state(), response))

@@ -26,8 +26,15 @@ from app.api.errors import (
     ApiProblem,
     responses,
 )
-from app.api.schemas.common import U32, Open
-from app.api.schemas.memslots import DirtyLog, DirtyLogClear, MemoryRegion, Memslot, MemslotChange
+from app.api.schemas.common import U32
+from app.api.schemas.memslots import (
+    DirtyLog,
+    DirtyLogClear,
+    DirtyLogCleared,
+    MemoryRegion,
+    Memslot,
+    MemslotChange,
+)
 from app.api.schemas.pages import Page
 from app.engine import ops
 
@@ -70,7 +77,7 @@ async def set_memslot(
 async def delete_memslot(
     vm: VmId, slot: Slot, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> MemslotChange:
-    args = MemoryRegion(memory_size=0).engine_args(slot)
+    args = MemoryRegion(guest_phys_addr=0, memory_size=0, userspace_addr=0).engine_args(slot)
     result = await mutate(service, vm, ops.SetUserMemoryRegion.from_json(args), if_match, response)
     return MemslotChange.model_validate(result)
 
@@ -106,8 +113,10 @@ async def get_memslot(vm: VmId, slot: Slot, service: ServiceDep, response: Respo
 async def get_dirty_log(
     vm: VmId, slot: Slot, service: ServiceDep, if_match: IfMatchDep, response: Response
 ) -> DirtyLog:
-    result = await mutate(service, vm, ops.GetDirtyLog(slot=slot), if_match, response)
-    return DirtyLog.model_validate(result)
+    result = await mutate(
+        service, vm, ops.GetDirtyLog.from_json({"slot": slot}), if_match, response
+    )
+    return DirtyLog.model_validate({"sptes_write_protected": 0} | result)
 
 
 @router.post(
@@ -124,7 +133,8 @@ async def clear_dirty_log(
     service: ServiceDep,
     if_match: IfMatchDep,
     response: Response,
-) -> Open:
+) -> DirtyLogCleared:
     args = {"slot": slot, **body.model_dump()}
     result = await mutate(service, vm, ops.ClearDirtyLog.from_json(args), if_match, response)
-    return Open.model_validate(result)
+    # Nothing to clear: the engine answers no write-protect count.
+    return DirtyLogCleared.model_validate({"sptes_write_protected": 0} | result)

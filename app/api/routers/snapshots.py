@@ -24,9 +24,10 @@ from app.api.errors import (
     R_QUERY,
     responses,
 )
-from app.api.schemas.common import ID_PATTERN, Open
+from app.api.schemas.common import ID_PATTERN
 from app.api.schemas.pages import Page
 from app.api.schemas.snapshots import Snapshot, SnapshotCreate
+from app.api.schemas.vms import VmInfo
 
 router = APIRouter(prefix="/v1/vms/{vm}/snapshots", tags=["snapshots"])
 
@@ -107,7 +108,7 @@ async def restore_snapshot(
     service: ServiceDep,
     if_match: IfMatchDep,
     response: Response,
-) -> Open:
+) -> VmInfo:
     info, etag = await service.restore_snapshot(vm, snapshot, if_match=if_match)
     set_etag(response, etag)
-    return Open.model_validate(info)
+    return VmInfo.model_validate(info)

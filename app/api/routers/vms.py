@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Response, status
 
@@ -29,19 +29,25 @@ from app.api.errors import (
     R_QUERY,
     responses,
 )
-from app.api.schemas.common import Empty
+from app.api.schemas.common import Answer
 from app.api.schemas.pages import Page
 from app.api.schemas.vms import (
-    DeletedVm,
+    Capabilities,
     EnableCap,
+    EnabledCaps,
     Quirks,
     VcpuCreate,
+    VcpuCreated,
     VcpuInfo,
     VcpuSmm,
     VmCreate,
     VmInfo,
 )
+from app.api.schemas.zaps import ZapEvent
 from app.engine import ops, uapi
+
+if TYPE_CHECKING:
+    from app.engine.vm import Vm
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
 
@@ -93,34 +99,54 @@ async def get_vm(vm: VmId, service: ServiceDep, response: Response) -> VmInfo:
     description="The answer has no ETag: the VM has no version any more (later calls: 404).",
     responses=responses(R_NOT_FOUND, R_PRECONDITION),
 )
-async def delete_vm(vm: VmId, service: ServiceDep, if_match: IfMatchDep) -> DeletedVm:
-    return DeletedVm.model_validate(await service.delete_vm(vm, if_match=if_match))
+async def delete_vm(vm: VmId, service: ServiceDep, if_match: IfMatchDep) -> ZapEvent:
+    return ZapEvent.model_validate(await service.delete_vm(vm, if_match=if_match))
 
 
 @router.get(
     "/{vm}/capabilities",
     summary="KVM_CHECK_EXTENSION on the VM fd (answers depend on the VM type)",
     responses=responses(R_NOT_FOUND, R_ETAG),
+    response_model=Capabilities,
 )
-async def get_vm_capabilities(vm: VmId, service: ServiceDep, response: Response) -> dict[str, int]:
-    def caps(v: Any) -> dict[str, int]:
+async def get_vm_capabilities(vm: VmId, service: ServiceDep, response: Response) -> Answer:
+    def caps(v: Vm) -> dict[str, int]:
         return {cap.name: int(v.check_extension(int(cap))) for cap in uapi.Cap}
 
-    return await query(service, vm, caps, response)
+    return Capabilities.model_validate(await query(service, vm, caps, response))
 
 
 @router.post(
     "/{vm}/enable-cap",
     summary="KVM_ENABLE_CAP (DISABLE_QUIRKS, DISABLE_QUIRKS2, MANUAL_DIRTY_LOG_PROTECT2, …)",
+    description="Answers the VM's quirks and manual dirty-log protection after the call.",
     responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG),
 )
 async def enable_cap(
     vm: VmId, body: EnableCap, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> Empty:
-    result = await mutate(
-        service, vm, ops.EnableCap.from_json(body.engine_args()), if_match, response
-    )
-    return Empty.model_validate(result)
+) -> EnabledCaps:
+    await mutate(service, vm, ops.EnableCap.from_json(body.engine_args()), if_match, response)
+    etag = response.headers["ETag"]
+    # Read back under the VM lock; the ETag stays the one of this call.
+    state = await query(service, vm, _enabled_caps, response)
+    response.headers["ETag"] = etag
+    return EnabledCaps.model_validate(state)
+
+
+def _enabled_caps(v: Vm) -> dict[str, Any]:
+    protect = int(v.manual_dirty_log)
+    names = [n for n, bit in _PROTECT_BITS.items() if protect & bit]
+    return {
+        "quirks": v.quirks(),
+        "manual_dirty_log_protect": protect,
+        "manual_dirty_log_protect_names": names,
+    }
+
+
+_PROTECT_BITS = {
+    "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE": uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    "KVM_DIRTY_LOG_INITIALLY_SET": uapi.KVM_DIRTY_LOG_INITIALLY_SET,
+}
 
 
 @router.get(
@@ -140,9 +166,11 @@ async def get_quirks(vm: VmId, service: ServiceDep, response: Response) -> Quirk
 )
 async def create_vcpu(
     vm: VmId, body: VcpuCreate, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> VcpuInfo:
-    result = await mutate(service, vm, ops.CreateVcpu(id=body.id), if_match, response)
-    return VcpuInfo.model_validate(result)
+) -> VcpuCreated:
+    result = await mutate(
+        service, vm, ops.CreateVcpu.from_json({"id": body.id}), if_match, response
+    )
+    return VcpuCreated.model_validate(result)
 
 
 @router.post(
@@ -160,7 +188,7 @@ async def set_vcpu_smm(
     response: Response,
 ) -> VcpuInfo:
     args = {"vcpu": vcpu, "smm": body.smm}
-    return VcpuInfo.model_validate(
+    return VcpuInfo.of(
         await mutate(service, vm, ops.SetVcpuSmm.from_json(args), if_match, response)
     )
 
@@ -178,4 +206,7 @@ async def list_vcpus(
     cursor: Cursor = None,
 ) -> Page[VcpuInfo]:
     items = await query(service, vm, lambda v: v.vcpus_view(), response)
-    return Page[VcpuInfo].model_validate(paginate(items, lambda i: i["id"], limit, cursor))
+    page = paginate(items, lambda i: i["id"], limit, cursor)
+    return Page[VcpuInfo](
+        items=[VcpuInfo.of(i) for i in page["items"]], next_cursor=page["next_cursor"]
+    )

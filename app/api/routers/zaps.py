@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
@@ -20,10 +20,8 @@ from app.api.errors import (
     R_QUERY,
     responses,
 )
-from app.api.schemas.common import Empty
-from app.api.schemas.memslots import ZapSummary
 from app.api.schemas.pages import Page
-from app.api.schemas.zaps import ZapEvent, ZapPolicy, ZapRequest
+from app.api.schemas.zaps import ZapEvent, ZapPolicy, ZapPolicyState, ZapRequest
 from app.engine import ops
 from app.services.events import Control
 
@@ -41,21 +39,42 @@ _MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
 )
 async def create_zap(
     vm: VmId, body: ZapRequest, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> ZapSummary:
-    return ZapSummary.model_validate(
+) -> ZapEvent:
+    return ZapEvent.model_validate(
         await mutate(service, vm, ops.ExplicitZap.from_json(body.model_dump()), if_match, response)
     )
 
 
 @router.get(
     "/zaps",
-    summary="Zap events, newest first",
+    summary="Zap events, newest first; `cause`, `path` and `since` filter them",
     responses=responses(R_NOT_FOUND, R_QUERY, R_ETAG),
 )
 async def list_zaps(
-    vm: VmId, service: ServiceDep, response: Response, limit: LimitQ = 100, cursor: Cursor = None
+    vm: VmId,
+    service: ServiceDep,
+    response: Response,
+    cause: Annotated[
+        str | None, Query(max_length=64, description="Only events of this cause.")
+    ] = None,
+    path: Annotated[
+        str | None, Query(max_length=64, description="Only events of this zap path.")
+    ] = None,
+    since: Annotated[
+        datetime | None,
+        Query(description="Only events at or after this time (RFC 3339; no zone means UTC)."),
+    ] = None,
+    limit: LimitQ = 100,
+    cursor: Cursor = None,
 ) -> Page[ZapEvent]:
     items = await query(service, vm, lambda v: v.zap_events(), response)
+    if cause is not None:
+        items = [e for e in items if e["cause"] == cause]
+    if path is not None:
+        items = [e for e in items if e["path"] == path]
+    if since is not None:
+        after = (since if since.tzinfo else since.replace(tzinfo=UTC)).timestamp()
+        items = [e for e in items if e["at"] >= after]
     items = sorted(items, key=lambda e: e["seq"], reverse=True)
     return Page[ZapEvent].model_validate(
         paginate(items, lambda e: e["seq"], limit, cursor, descending=True)
@@ -119,7 +138,7 @@ async def stream_zaps(
         seen = start
         for ev in history:
             seen = ev["seq"]
-            yield b"event: zap\nid: %d\ndata: %s\n\n" % (seen, orjson.dumps(ev))
+            yield b"event: zap\nid: %d\ndata: %s\n\n" % (seen, _zap_json(ev))
         live = bus.stream(sub, after=mark, heartbeat_s=STREAM_HEARTBEAT_S, deadline=deadline)
         async for item in live:
             if item is None:
@@ -136,7 +155,7 @@ async def stream_zaps(
                 # A deleted VM's teardown zap is on `GET /v1/events` only, as `GET …/zaps`
                 # of a deleted VM is a 404.
                 seen = item.data["seq"]
-                yield b"event: zap\nid: %d\ndata: %s\n\n" % (seen, orjson.dumps(item.data))
+                yield b"event: zap\nid: %d\ndata: %s\n\n" % (seen, _zap_json(item.data))
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -156,7 +175,11 @@ async def stream_zaps(
 )
 async def set_zap_policy(
     vm: VmId, body: ZapPolicy, service: ServiceDep, if_match: IfMatchDep, response: Response
-) -> Empty:
-    return Empty.model_validate(
-        await mutate(service, vm, ops.SetZapPolicy.from_json(body.model_dump()), if_match, response)
-    )
+) -> ZapPolicyState:
+    await mutate(service, vm, ops.SetZapPolicy.from_json(body.model_dump()), if_match, response)
+    return ZapPolicyState(policy=body.policy)
+
+
+def _zap_json(ev: dict[str, Any]) -> bytes:
+    """A zap event as the REST answers give it (RFC 3339 `at`, the declared fields)."""
+    return ZapEvent.model_validate(ev).model_dump_json(by_alias=True).encode()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from app.api.schemas.common import U64, Body, Open, flags_schema, flags_validator
-from app.api.schemas.memslots import ZapSummary
+from pydantic import Field
+
+from app.api.schemas.common import U64, Answer, Body, flags_schema, flags_validator
+from app.api.schemas.zaps import ZapEvent
 from app.engine import uapi
 
 _ATTRS = {"KVM_MEMORY_ATTRIBUTE_PRIVATE": uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE}
@@ -19,15 +21,17 @@ Attributes = Annotated[
 class SetAttributes(Body):
     address: U64
     size: U64
-    attributes: Attributes = 0
+    # Required: 0 converts the range to shared, which must be asked for, never implied.
+    attributes: Attributes
     flags: U64 = 0
 
 
-class AttributesResult(Open):
-    zap: ZapSummary | None = None
+class AttributesResult(Answer):
+    changed: bool = Field(description="false: the range already had these attributes.")
+    zap: ZapEvent | None = Field(description="The zap of the view being left, if any.")
 
 
-class AttributeRange(Open):
+class AttributeRange(Answer):
     address: int
     size: int
     attributes: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
@@ -230,14 +231,35 @@ class Body(BaseModel):
     flags_are_booleans = model_validator(mode="before")(strict_booleans)
 
 
-class Open(BaseModel):
-    """Response models document the fields clients rely on and pass any others through."""
-
-    model_config = ConfigDict(extra="allow")
+UNDECLARED_LOG = logging.getLogger("vkmmu.api.undeclared")
 
 
-class Empty(Open):
-    pass
+class Answer(BaseModel):
+    """A response model: every field declared, nothing else (`additionalProperties: false`).
+    A key of an engine answer that the model lacks is dropped with a warning on
+    `vkmmu.api.undeclared` (the API tests fail on it) rather than failing the call."""
+
+    model_config = ConfigDict(
+        extra="ignore", populate_by_name=True, json_schema_extra={"additionalProperties": False}
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_undeclared(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = {f.alias or n for n, f in cls.model_fields.items()} | set(cls.model_fields)
+            extra = sorted(str(k) for k in data if k not in known)
+            if extra:
+                UNDECLARED_LOG.warning("%s: undeclared answer fields %s", cls.__name__, extra)
+        return data
+
+
+class LevelCounts(Answer):
+    """Counts by mapping level."""
+
+    k4: int = Field(alias="4k", description="4 KiB (level 1)")
+    m2: int = Field(alias="2m", description="2 MiB (level 2)")
+    g1: int = Field(alias="1g", description="1 GiB (level 3)")
 
 
 Limit = Annotated[int, Field(ge=1, le=1000, description="Page size (1–1000).")]

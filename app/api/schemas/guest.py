@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from app.api.schemas.common import U64, Body, HexData, Open
+from app.api.schemas.common import U64, Answer, Body, HexData, LevelCounts
 
 # The engine only checks the flag (`_check_private_hint`); what is private comes from the
 # GPA (TDX) or the memory attributes (SW_PROTECTED), never from the flag.
@@ -27,17 +27,36 @@ class Access(Body):
     private: Private = None
 
 
-class Exit(Open):
-    reason: str = Field(description="KVM_EXIT_MMIO, KVM_EXIT_MEMORY_FAULT, …")
+class MmioExit(Answer):
+    """`struct kvm_run` `mmio`: the access hit no memslot (or an MMIO SPTE)."""
+
+    reason: Literal["KVM_EXIT_MMIO"]
+    gpa: int
+    len: int
+    is_write: bool
 
 
-class AccessResult(Open):
-    pages: int
-    mapped: int
+class MemoryFaultExit(Answer):
+    """`struct kvm_run` `memory_fault` (KVM_CAP_MEMORY_FAULT_INFO): the VMM must act, e.g.
+    convert the range (flags has KVM_MEMORY_EXIT_FLAG_PRIVATE for a private access)."""
+
+    reason: Literal["KVM_EXIT_MEMORY_FAULT"]
+    gpa: int
+    size: int
+    flags: int
+
+
+Exit = Annotated[MmioExit | MemoryFaultExit, Field(discriminator="reason")]
+
+
+class AccessResult(Answer):
+    pages: int = Field(description="Pages the access went through before stopping.")
+    mapped: int = Field(description="Pages that got a new leaf SPTE.")
     spurious: int
-    refaults: int
-    levels: dict[str, int]
-    exit: Exit | None
+    refaults: int = Field(description="Pages faulted again after a zap had emptied them.")
+    write_protect_fixed: int = Field(description="Write-protected leaves made writable.")
+    levels: LevelCounts = Field(description="New leaves by mapping level.")
+    exit: Exit | None = Field(description="The exit that stopped the access, or null.")
 
 
 class Load(Body):
@@ -52,11 +71,15 @@ class Store(Body):
     private: Private = None
 
 
-class LoadStoreResult(Open):
-    """`{"data": hex}` for a load, `{}` for a store, or `{"exit": {…}}`."""
+class LoadResult(Answer):
+    """The bytes read, or the exit that stopped the load (then `data` is null)."""
 
-    data: str | None = None
-    exit: Exit | None = None
+    data: str | None = Field(description="The bytes as hex; null when the load exited.")
+    exit: Exit | None
+
+
+class StoreResult(Answer):
+    exit: Exit | None = Field(description="The exit that stopped the store, or null.")
 
 
 class PreFault(Body):
@@ -67,9 +90,17 @@ class PreFault(Body):
     flags: U64 = 0
 
 
-class PreFaultResult(Open):
+class PreFaultResult(Answer):
+    """`struct kvm_pre_fault_memory` after the call: what is left (size 0: all done)."""
+
     gpa: int
     size: int
+
+
+class AcceptResult(Answer):
+    accepted: int = Field(description="Pages accepted by this call.")
+    reaccepted: int = Field(description="Of them, pages accepted again after a zap.")
+    exit: Exit | None
 
 
 class Accept(Body):

@@ -6,7 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from app.api.schemas.common import U64, Body, HexData
+from app.api.schemas.common import U64, Answer, Body, HexData
+from app.api.schemas.zaps import ZapEvent
 
 
 class HostRead(Body):
@@ -34,3 +35,11 @@ class HostMap(Body):
     userspace_addr: U64
     len: U64
     page_size: Literal[4096, 2097152, 1073741824]
+
+
+class HostZap(Answer):
+    zap: ZapEvent | None = Field(description="The MMU-notifier zap the call caused, if any.")
+
+
+class HostAdvised(Answer):
+    advice: Literal["hugepage", "nohugepage"] = Field(description="The advice now in force.")

@@ -9,13 +9,14 @@ from pydantic import Field
 from app.api.schemas.common import (
     U32,
     U64,
+    Answer,
     Base64Data,
     Body,
-    Open,
     enum_members,
     flags_schema,
     flags_validator,
 )
+from app.api.schemas.zaps import ZapEvent
 from app.engine import uapi
 
 _MEM_FLAGS = enum_members(uapi.MemFlag)
@@ -28,13 +29,15 @@ MemFlags = Annotated[
 
 class MemoryRegion(Body):
     """The body of `PUT …/memslots/{slot}`: the kernel struct's fields but `slot`, which is
-    in the path (it may be repeated here; it must then agree)."""
+    in the path (it may be repeated here; it must then agree). The three fields that place
+    the slot are required: a body missing one is a 422, never a delete. An explicit
+    `"memory_size": 0` deletes the slot, as the ioctl does."""
 
     slot: U32 | None = Field(default=None, description="Optional; must equal the path's slot.")
     flags: MemFlags = 0
-    guest_phys_addr: U64 = 0
-    memory_size: Annotated[U64, Field(description="Bytes; 0 deletes the slot.")] = 0
-    userspace_addr: U64 = 0
+    guest_phys_addr: U64
+    memory_size: Annotated[U64, Field(description="Bytes; an explicit 0 deletes the slot.")]
+    userspace_addr: U64
     guest_memfd: Annotated[U32, Field(description="A guest_memfd fd of this VM.")] = 0
     guest_memfd_offset: U64 = 0
 
@@ -50,38 +53,50 @@ class MemoryRegion(Body):
         }
 
 
-class Memslot(Open):
-    slot: int
+class MappedCounts(Answer):
+    shared: int = Field(description="Leaf SPTEs mapping the slot in shared (direct) roots.")
+    private: int = Field(description="Leaf SPTEs mapping the slot's private memory.")
+    total: int
+
+
+class Memslot(Answer):
+    """A memslot as KVM holds it."""
+
+    slot: int = Field(description="The kernel's 32-bit slot: `as_id << 16 | id`.")
     flags: int
+    flag_names: list[str] = Field(description="`flags` as KVM_MEM_* names.")
     guest_phys_addr: int
     memory_size: int
-    userspace_addr: int
+    userspace_addr: int = Field(description="The VMM's host virtual address (HVA) of the slot.")
     guest_memfd: int
     guest_memfd_offset: int
     base_gfn: int
     npages: int
     as_id: int
     id: int
+    mapped: MappedCounts
+    dirty_logging: bool
 
 
-class ZapSummary(Open):
-    """What a zap did: `path` (`zap_all_fast`, `zap_slot_leafs`, …), `sptes_zapped` by level
-    (per root where roots differ), `tlb_flushes`, `roots_invalidated`, …"""
-
-    path: str | None = None
-
-
-class MemslotChange(Open):
+class MemslotChange(Answer):
     change: Literal["create", "delete", "move", "flags_only", "none"]
-    memslot: Memslot | None
-    zap: ZapSummary | None
+    memslot: Memslot | None = Field(description="The slot after the call; null after a delete.")
+    zap: ZapEvent | None = Field(description="The zap the change caused, if any.")
 
 
-class DirtyLog(Open):
+class DirtyLog(Answer):
     first_page: int
     num_pages: int
     bitmap: str = Field(description="base64 of little-endian u64 words, bit n = page n")
     dirty_count: int
+    sptes_write_protected: int = Field(
+        description="Leaves write-protected again (0 when only read: manual protect, or clean)."
+    )
+
+
+class DirtyLogCleared(Answer):
+    cleared: int = Field(description="Dirty bits cleared.")
+    sptes_write_protected: int = Field(description="Leaves write-protected again.")
 
 
 class DirtyLogClear(Body):

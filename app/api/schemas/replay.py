@@ -4,59 +4,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from app.api.schemas.common import U64, Body, constant_schema, constant_validator, enum_members
+from app.api.schemas.common import (
+    U64,
+    Answer,
+    Body,
+    constant_schema,
+    constant_validator,
+    enum_members,
+)
+from app.api.schemas.zaps import SptesZapped, ZapEvent
 from app.engine.uapi import VmType
 
 _VM_TYPES = enum_members(VmType)
 
 
-class _Out(BaseModel):
+class _Out(Answer):
     """Response models: every field documented, nothing passed through unnamed."""
 
-    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
-
-
-class Levels(_Out):
-    k4: int = Field(alias="4k")
-    m2: int = Field(alias="2m")
-    g1: int = Field(alias="1g")
-
-
-class SptesZapped(_Out):
-    """Leaf SPTEs zapped, by root role and by level (totals over both roles)."""
-
-    direct: Levels
-    mirror: Levels
-    k4: int = Field(alias="4k")
-    m2: int = Field(alias="2m")
-    g1: int = Field(alias="1g")
-
-
-class ZapEventOut(_Out):
-    """A zap event, in the fixed shape of docs/engine.md "Zap events"."""
-
-    seq: int
-    at: float = Field(description="engine clock, seconds")
-    cause: str
-    path: str
-    vm_type: str
-    slot_zap_all: bool
-    as_id: int | None
-    slot: int | None
-    gfn_start: int
-    gfn_end: int
-    sptes_zapped: SptesZapped
-    sptes_zapped_total: int
-    tables_freed: int
-    roots_invalidated: int
-    tlb_flushes: int
-    vcpu_kicks: int
-    duration_us: int
-    huge_pages_split: int
-    sptes_write_protected: int
-    huge_pages_recovered: int
+    model_config = ConfigDict(serialize_by_alias=True)
 
 
 class ReplayRow(_Out):
@@ -68,7 +35,7 @@ class ReplayRow(_Out):
     errno_name: str | None
     ret: int = Field(description="what the traced ioctl returned (0 or -errno)")
     matches_trace: bool = Field(description="this VM answered what the traced kernel did")
-    zap: ZapEventOut | None
+    zap: ZapEvent | None
     detail: str | None = Field(description="KVM's reason when the call was refused")
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool
+from pydantic import Field, StrictBool, create_model
 
 from app.api.schemas.common import (
     ID_PATTERN,
     TEXT_PATTERN,
     U32,
+    Answer,
     Body,
-    Open,
     constant_schema,
     constant_validator,
     enum_members,
@@ -54,20 +55,64 @@ class VmCreate(Body):
     ] = None
 
 
-class VmInfo(Open):
+class VmInfo(Answer):
     id: str
-
-
-class DeletedVm(Open):
-    pass
+    name: str | None
+    vm_type: int
+    vm_type_name: str
+    vcpus: int = Field(description="vCPUs created with the VM (later ones: `…/vcpus`).")
+    paging_levels: int
+    nr_address_spaces: int
+    has_private_mem: bool
+    gfn_direct_bits: int = Field(description="A TD's shared bit as a GFN mask; 0 otherwise.")
+    zap_policy: Literal["kvm", "zap_all_shared_only"]
+    slot_zap_all_applies: bool = Field(
+        description="Whether KVM_X86_QUIRK_SLOT_ZAP_ALL can apply to this VM type."
+    )
+    memslots: int = Field(description="Memslots now.")
+    destroyed: bool
+    tenant: str
+    created_at: datetime = Field(description="RFC 3339, UTC.")
+    version: int = Field(description="The VM's state version (its ETag).")
 
 
 class VcpuCreate(Body):
     id: U32
 
 
-class VcpuInfo(Open):
+class VcpuCreated(Answer):
     id: int
+
+
+class VcpuRoots(Answer):
+    direct: int | None = Field(description="Id of the vCPU's direct root, if loaded.")
+    mirror: int | None = Field(description="Id of the vCPU's mirror root (a TD), if loaded.")
+
+
+class VcpuStats(Answer):
+    pf_taken: int
+    pf_fixed: int
+    pf_fast: int
+    pf_spurious: int
+    pf_mmio_spte_created: int
+    pf_emulate: int
+    root_reloads: int
+
+
+class VcpuInfo(Answer):
+    @classmethod
+    def of(cls, view: dict[str, Any]) -> VcpuInfo:
+        """From the engine's view, whose `roots` lists only the roles loaded."""
+        return cls.model_validate(
+            view | {"roots": {"direct": None, "mirror": None} | view["roots"]}
+        )
+
+    id: int
+    as_id: int = Field(description="The address space its accesses use (1 in SMM).")
+    smm: bool
+    running: bool = Field(description="Whether it has entered the guest (stays in KVM_RUN).")
+    roots: VcpuRoots = Field(description="The roots the vCPU has loaded, by role.")
+    stats: VcpuStats
 
 
 class VcpuSmm(Body):
@@ -82,9 +127,12 @@ class EnableCap(Body):
 
     cap: CapField
     flags: U32 = 0
+    # Required: args[0] = 0 re-enables every quirk or turns manual dirty-log protect off, so
+    # leaving it out must not mean that.
     args: Annotated[
-        list[CapArg], Field(max_length=4, description="Up to 4 u64 arguments; missing ones are 0.")
-    ] = []
+        list[CapArg],
+        Field(max_length=4, description="Up to 4 u64 arguments; missing ones are 0."),
+    ]
 
     def engine_args(self) -> dict[str, Any]:
         return {
@@ -94,14 +142,34 @@ class EnableCap(Body):
         }
 
 
-class QuirkInfo(Open):
+class QuirkInfo(Answer):
     name: str
     bit: int
+    value: int = Field(description="`1 << bit`")
     enabled: bool
-    applicable: bool
+    applicable: bool = Field(description="Whether the quirk has any effect on this VM type.")
 
 
-class Quirks(Open):
+class Quirks(Answer):
     enabled_mask: int
     disabled_mask: int
     quirks: list[QuirkInfo]
+
+
+class EnabledCaps(Answer):
+    """The VM's state that KVM_ENABLE_CAP sets, after the call."""
+
+    quirks: Quirks
+    manual_dirty_log_protect: int = Field(
+        description="KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags in force (0: off)."
+    )
+    manual_dirty_log_protect_names: list[str]
+
+
+# One integer field per capability vkmmu models, named as the kernel names it.
+Capabilities: type[Answer] = create_model(  # type: ignore[call-overload]
+    "Capabilities",
+    __base__=Answer,
+    __doc__="KVM_CHECK_EXTENSION's answer for each capability (0: not supported).",
+    **{cap.name: (int, Field(description=f"KVM_CHECK_EXTENSION({cap.name})")) for cap in uapi.Cap},
+)

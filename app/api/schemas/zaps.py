@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from app.api.schemas.common import U64, Body, Open
+from app.api.schemas.common import U64, Answer, Body, LevelCounts
 
 
 class ZapRequest(Body):
@@ -29,10 +30,48 @@ class ZapRequest(Body):
         return value
 
 
-class ZapEvent(Open):
-    seq: int
-    cause: str
-    path: str
+class SptesZapped(LevelCounts):
+    """Leaf SPTEs zapped: per root role and level, and the per-level totals."""
+
+    direct: LevelCounts = Field(description="Direct roots (a TD's shared EPT).")
+    mirror: LevelCounts = Field(description="Mirror roots (a TD's private S-EPT).")
+
+
+class ZapEvent(Answer):
+    """One zap, in the one shape every zap path records (docs/engine.md, "Zap events")."""
+
+    seq: int = Field(description="Per-VM sequence number (the cursor of the zap list).")
+    at: datetime = Field(description="When (RFC 3339, UTC): the time of the journaled call.")
+    cause: str = Field(
+        description="Why: `memslot_delete`, `memslot_move`, `mmu_notifier`, `attributes`, "
+        "`punch_hole`, `gmem_close`, `explicit`, `dirty_log`, `vm_destroy`, `mmio_gen_wrap`, …"
+    )
+    path: str = Field(
+        description="The kernel path that ran: `zap_all_fast`, `zap_slot_leafs`, "
+        "`zap_gfn_range`, `zap_all`, `enable_dirty_logging`, …"
+    )
+    vm_type: str = Field(description="The VM type's name: what the path was chosen from.")
+    slot_zap_all: bool = Field(
+        description="Whether KVM_X86_QUIRK_SLOT_ZAP_ALL was in force (enabled, default VM)."
+    )
+    as_id: int | None = Field(description="Address space of the triggering memslot, or null.")
+    slot: int | None = Field(description="The memslot that triggered the zap, or null.")
+    gfn_start: int = Field(description="First GFN covered.")
+    gfn_end: int = Field(description="End (exclusive) of the GFNs covered; a fast zap covers all.")
+    sptes_zapped: SptesZapped
+    sptes_zapped_total: int
+    tables_freed: int = Field(description="Page-table pages freed.")
+    roots_invalidated: int
+    tlb_flushes: int
+    vcpu_kicks: int = Field(description="vCPUs kicked out of the guest (requests or IPIs).")
+    duration_us: int = Field(description="Wall time of the zap in the engine, microseconds.")
+    huge_pages_split: int = Field(description="Dirty logging: huge leaves split (else 0).")
+    sptes_write_protected: int = Field(description="Dirty logging: leaves write-protected.")
+    huge_pages_recovered: int = Field(description="Dirty logging off: huge leaves rebuilt.")
+
+
+class ZapPolicyState(Answer):
+    policy: Literal["kvm", "zap_all_shared_only"] = Field(description="The policy now in force.")
 
 
 class ZapPolicy(Body):
