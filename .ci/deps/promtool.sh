@@ -3,9 +3,9 @@
 # included); --no-install-recommends keeps the node exporter and the web assets out, and no
 # service is started in a container without an init system.
 if ! command -v promtool >/dev/null 2>&1; then
-  if [ -z "${_VKMMU_APT_UPDATED:-}" ]; then
+  if [ -z "${VKMMU_APT_UPDATED:-}" ]; then
     apt-get update -qq
-    _VKMMU_APT_UPDATED=1
+    export VKMMU_APT_UPDATED=1
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
 fi
