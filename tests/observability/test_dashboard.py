@@ -27,16 +27,6 @@ HVA = 0x7F00_0000_0000
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path / "vkmmu.db", tmp_path / "server.log")
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
 def browser() -> Iterator[Any]:
     driver_path = shutil.which("chromedriver")
     require(

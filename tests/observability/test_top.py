@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,16 +13,6 @@ from tests.e2e.test_server import Server, vkmmu_command
 pytestmark = pytest.mark.e2e
 MiB = 1 << 20
 HVA = 0x7F00_0000_0000
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path / "vkmmu.db", tmp_path / "server.log")
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def top(server: Server, *args: str) -> str:
