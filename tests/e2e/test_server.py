@@ -32,17 +32,24 @@ def vkmmu_command() -> list[str]:
 
 
 class Server:
-    def __init__(self, db: Path, log: Path) -> None:
+    """`vkmmu serve` on a free loopback port: SQLite file `db`, or `url` with extra `env`."""
+
+    def __init__(
+        self, db: Path, log: Path, *, url: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.db = db
         self.log = log
+        self.url = url or f"sqlite+aiosqlite:///{db}"
+        self.env = env or {}
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = os.environ | {
-            "VKMMU_DATABASE_URL": f"sqlite+aiosqlite:///{self.db}",
+            "VKMMU_DATABASE_URL": self.url,
             "VKMMU_LOG_LEVEL": "INFO",
+            **self.env,
         }
         cmd = [*vkmmu_command(), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         with self.log.open("ab") as out:

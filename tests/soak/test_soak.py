@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from sqlalchemy import create_engine, text
 
 from app.db.session import sync_url
 from tests.conftest import require
-from tests.e2e.test_server import Server, vkmmu_command
+from tests.e2e.test_server import Server
 from tests.persistence.conftest import PG_URL, scratch_pg_database
 
 pytestmark = pytest.mark.e2e
@@ -43,31 +42,8 @@ class _Server(Server):
     """`tests.e2e`'s server on any database URL, with retention settings for the soak."""
 
     def __init__(self, url: str, log: Path) -> None:
-        super().__init__(Path("unused"), log)
-        self.url = url
-
-    def start(self) -> None:
-        env = os.environ | {
-            "VKMMU_DATABASE_URL": self.url,
-            "VKMMU_LOG_LEVEL": "INFO",
-            "VKMMU_SNAPSHOT_EVERY": "50",
-            "VKMMU_JOURNAL_KEEP": "20",
-            "VKMMU_GC_INTERVAL_S": "2",
-        }
-        cmd = [*vkmmu_command(), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not ready in time: {self.log.read_text()[-3000:]}")
+        retention = {"VKMMU_SNAPSHOT_EVERY": "50", "VKMMU_JOURNAL_KEEP": "20"}
+        super().__init__(Path("unused"), log, url=url, env=retention | {"VKMMU_GC_INTERVAL_S": "2"})
 
     def kill(self) -> None:
         assert self.proc is not None
