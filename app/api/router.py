@@ -23,6 +23,7 @@ from app.api.routers import (
     metrics,
     replay,
     snapshots,
+    tdx,
     vms,
     zaps,
 )
@@ -35,6 +36,7 @@ ROUTERS = (
     gmem.router,
     attributes.router,
     guest.router,
+    tdx.router,
     host_memory.router,
     zaps.router,
     introspection.router,

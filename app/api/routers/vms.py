@@ -72,6 +72,7 @@ async def create_vm(body: VmCreate, service: ServiceDep, response: Response) -> 
         vcpus=given("vcpus", body.vcpus),
         paging_levels=given("paging_levels", body.paging_levels),
         from_snapshot=body.from_snapshot,
+        td_lifecycle=body.td_lifecycle,
     )
     set_etag(response, etag)
     response.headers["Location"] = f"/v1/vms/{info['id']}"
@@ -140,6 +141,7 @@ def _enabled_caps(v: Vm) -> dict[str, Any]:
         "quirks": v.quirks(),
         "manual_dirty_log_protect": protect,
         "manual_dirty_log_protect_names": names,
+        "hypercall_exit_enabled": int(v.hypercall_exit_enabled),
     }
 
 
