@@ -23,6 +23,7 @@ from app.api.routers import (
     metrics,
     replay,
     snapshots,
+    trace,
     vms,
     zaps,
 )
@@ -37,6 +38,7 @@ ROUTERS = (
     guest.router,
     host_memory.router,
     zaps.router,
+    trace.router,
     introspection.router,
     introspection.descriptors_router,
     snapshots.router,
