@@ -16,6 +16,7 @@ SCRIPTS = (  # in this order; absent ones are skipped
     "persistence.py",
     "isolation.py",
     "replay.py",
+    "mappings.py",
     "trace.py",
 )
 

@@ -71,6 +71,10 @@ OPERATION_IDS = {
     "whatif_run": "whatif_run",
     "stream_events": "events_stream",
     "stream_vm_events": "vm_events_stream",
+    "create_token": "tokens_create",
+    "list_tokens": "tokens_list",
+    "get_token": "tokens_get",
+    "revoke_token": "tokens_revoke",
 }
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import spte as S
 from .errors import einval
-from .paging import span
+from .paging import TablePool, clip, span
 from .uapi import PAGE_SHIFT
 
 if TYPE_CHECKING:
@@ -64,61 +66,110 @@ def translate(vm: Vm, gpa: object) -> dict[str, Any]:
     return {"gpa": gpa, "gfn": pos & ~vm.gfn_direct_bits, "roots": out}
 
 
-def mappings(vm: Vm, root: object = None) -> list[dict[str, Any]]:
-    """Run-length leaf mappings: consecutive GFNs at one level with consecutive pfns and the
-    same permission bits form one run."""
-    runs: list[dict[str, Any]] = []
+# Where a page of runs begins: (root id, GFN position); the first run at or after it.
+MappingStart = tuple[int, int]
+_PERMS = np.uint64(S.EPT_R | S.EPT_W | S.EPT_X)
+_NO_KIDS = np.zeros(0, dtype=np.int64)
+
+
+def _leaves_in_order(
+    pool: TablePool, table: int, start: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(level, GFN positions, entries) of the present leaves under `table` at positions
+    `start` and up, in GFN order: a table's own leaves interleaved with its children's, so
+    a walk can stop anywhere and resume from a position."""
+    level, base = pool.level(table), pool.gfn(table)
+    lo, hi = clip(base, level, start, 1 << 62)
+    if lo >= hi:
+        return
+    ent = pool.entries(table)[lo:hi]
+    present = (ent & S.U_PRESENT) != 0
+    kids = _NO_KIDS
+    if level > 1:
+        huge = (ent & S.U_PS) != 0
+        kids = np.flatnonzero(present & ~huge)
+        present &= huge
+    gfns = base + (lo + np.arange(hi - lo, dtype=np.int64)) * span(level)
+    keep = present & (gfns >= start)
+    prev = 0
+    for k in [*kids.tolist(), hi - lo]:
+        sel = np.flatnonzero(keep[prev:k]) + prev
+        if len(sel):
+            yield level, gfns[sel], ent[sel]
+        if k < hi - lo:
+            yield from _leaves_in_order(pool, pool.child(int(ent[k])), start)
+        prev = k + 1
+
+
+@dataclass(slots=True)
+class _Run:
+    level: int
+    position: int
+    pfn: int
+    perm: int
+    npages: int
+
+    def continued_by(self, level: int, position: int, pfn: int, perm: int) -> bool:
+        return (
+            level == self.level
+            and position == self.position + self.npages
+            and pfn == self.pfn + self.npages
+            and perm == self.perm
+        )
+
+
+def _pieces(level: int, gfns: np.ndarray, ent: np.ndarray) -> Iterator[tuple[int, int, int, int]]:
+    """(position, pfn, permission bits, 4 KiB pages) of each stretch of consecutive GFNs
+    with consecutive pfns and the same permissions (vectorised per table)."""
+    sp = span(level)
+    pfns = ((ent & S.U_ADDR) >> S.U_SHIFT).astype(np.int64)
+    perms = ent & _PERMS
+    brk = np.ones(len(gfns), dtype=bool)
+    brk[1:] = (np.diff(gfns) != sp) | (np.diff(pfns) != sp) | (perms[1:] != perms[:-1])
+    starts = np.flatnonzero(brk)
+    ends = np.append(starts[1:], len(gfns))
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        yield int(gfns[a]), int(pfns[a]), int(perms[a]), (b - a) * sp
+
+
+def _root_runs(pool: TablePool, table: int, start: int) -> Iterator[_Run]:
+    run: _Run | None = None
+    for level, gfns, ent in _leaves_in_order(pool, table, start):
+        for position, pfn, perm, npages in _pieces(level, gfns, ent):
+            if run is not None and run.continued_by(level, position, pfn, perm):
+                run.npages += npages
+                continue
+            if run is not None:
+                yield run
+            run = _Run(level, position, pfn, perm, npages)
+    if run is not None:
+        yield run
+
+
+def iter_mappings(
+    vm: Vm, root: object = None, start: MappingStart = (0, 0)
+) -> Iterator[dict[str, Any]]:
+    """Run-length leaf mappings in (root id, position) order, from the first run at or
+    after `start`: consecutive GFNs at one level with consecutive pfns and the same
+    permission bits form one run. Lazy: a page of runs walks only the tables it covers."""
     for r in vm.mmu.roots_of():
-        if root is not None and r.id != root:
+        if (root is not None and r.id != root) or r.id < start[0]:
             continue
-        cur_run: dict[str, Any] | None = None
-        for cur, sl, idx in vm.mmu.leaf_iter(r):
-            sp = span(cur.level)
-            ent = sl[idx]
-            pfns = (ent & S.U_ADDR) >> S.U_SHIFT
-            perms = ent & np.uint64(S.EPT_R | S.EPT_W | S.EPT_X)
-            gfns = cur.base + (cur.lo + idx.astype(np.int64)) * sp
-            # Break where gfn, pfn or permissions do not continue the previous entry.
-            brk = np.ones(len(idx), dtype=bool)
-            if len(idx) > 1:
-                brk[1:] = (
-                    (np.diff(gfns) != sp)
-                    | (np.diff(pfns.astype(np.int64)) != sp)
-                    | (perms[1:] != perms[:-1])
-                )
-            starts = np.flatnonzero(brk)
-            ends = np.append(starts[1:], len(idx))
-            for a, b in zip(starts, ends, strict=True):
-                g0, p0, pm = int(gfns[a]), int(pfns[a]), int(perms[a])
-                if (
-                    cur_run is not None
-                    and cur_run["level"] == cur.level
-                    and cur_run["_gend"] == g0
-                    and cur_run["_pend"] == p0
-                    and cur_run["_perm"] == pm
-                ):
-                    cur_run["npages"] += int(b - a) * sp
-                else:
-                    if cur_run is not None:
-                        runs.append(cur_run)
-                    cur_run = {
-                        "root": r.id,
-                        "role": r.role.value,
-                        "level": cur.level,
-                        "gfn": g0 & ~vm.gfn_direct_bits,
-                        "position": g0,
-                        "pfn": p0,
-                        "npages": int(b - a) * sp,
-                        "r": bool(pm & 1),
-                        "w": bool(pm & 2),
-                        "x": bool(pm & 4),
-                        "_perm": pm,
-                    }
-                cur_run["_gend"] = g0 + int(b - a) * sp
-                cur_run["_pend"] = p0 + int(b - a) * sp
-        if cur_run is not None:
-            runs.append(cur_run)
-    for run in runs:
-        for k in ("_gend", "_pend", "_perm"):
-            run.pop(k, None)
-    return runs
+        for run in _root_runs(vm.mmu.pool, r.table, start[1] if r.id == start[0] else 0):
+            yield {
+                "root": r.id,
+                "role": r.role.value,
+                "level": run.level,
+                "gfn": run.position & ~vm.gfn_direct_bits,
+                "position": run.position,
+                "pfn": run.pfn,
+                "npages": run.npages,
+                "r": bool(run.perm & S.EPT_R),
+                "w": bool(run.perm & S.EPT_W),
+                "x": bool(run.perm & S.EPT_X),
+            }
+
+
+def mappings(vm: Vm, root: object = None) -> list[dict[str, Any]]:
+    """Every run of `iter_mappings`."""
+    return list(iter_mappings(vm, root))

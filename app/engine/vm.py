@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -835,6 +835,11 @@ class Vm:
 
     def mappings(self, root: object = None) -> list[dict[str, Any]]:
         return introspect.mappings(self, root)
+
+    def iter_mappings(
+        self, root: object = None, start: introspect.MappingStart = (0, 0)
+    ) -> Iterator[dict[str, Any]]:
+        return introspect.iter_mappings(self, root, start)
 
     def audit(self) -> dict[str, Any]:
         return audit_vm(self)

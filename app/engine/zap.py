@@ -304,7 +304,9 @@ def _explicit_roles(vm: Vm, roots: str) -> set[RootRole]:
 def notifier_invalidate(vm: Vm, first: int, end: int) -> dict[str, Any] | None:
     """kvm_mmu_notifier_invalidate_range_start: every slot whose HVA range intersects,
     shared (direct) roots only — host mm events never touch TDX mirror roots
-    (kvm-private-tdx.md §3.6)."""
+    (kvm-private-tdx.md §3.6). guest_memfd-only slots included: every memslot is in the HVA
+    tree the notifier walks (kvm_replace_memslot, kvm_handle_hva_range); the guest refaults
+    from guest_memfd."""
     zap = None
     t0 = time.perf_counter()
     acc = ZapAcc()
@@ -312,8 +314,6 @@ def notifier_invalidate(vm: Vm, first: int, end: int) -> dict[str, Any] | None:
     flush = False
     for space in vm.spaces:
         for slot in space.by_gfn():
-            if slot.gmem_only:
-                continue  # no HVA behind it: mm events cannot reach guest_memfd memory
             s_first = slot.userspace_addr >> PAGE_SHIFT
             s_end = s_first + slot.npages
             lo, hi = max(first, s_first), min(end, s_end)

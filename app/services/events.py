@@ -89,9 +89,13 @@ class Subscription:
     mark: int = 0
     dropped: bool = False
     closed: str | None = None  # why the bus ended this subscription
+    # Which VMs' events it may see (a tenant's stream: its own VMs only); None: all.
+    visible: Callable[[str | None], bool] | None = None
 
     def wants(self, ev: Event) -> bool:
         if self.vm is not None and ev.vm != self.vm:
+            return False
+        if self.visible is not None and not self.visible(ev.vm):
             return False
         return self.types is None or ev.type in self.types
 
@@ -149,9 +153,14 @@ class EventBus:
     # ------------------------------------------------------------ subscribing
 
     def subscribe(
-        self, *, vm: str | None = None, types: Iterable[str] | None = None
+        self,
+        *,
+        vm: str | None = None,
+        types: Iterable[str] | None = None,
+        visible: Callable[[str | None], bool] | None = None,
     ) -> Subscription:
         sub = Subscription(vm, None if types is None else frozenset(types), self.queue_max)
+        sub.visible = visible
         sub.mark = self.ring[-1].id if self.ring else 0
         if self.closed:
             sub.closed = "shutdown"

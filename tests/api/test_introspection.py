@@ -60,6 +60,23 @@ async def test_mappings_paginated(client: httpx.AsyncClient, vm: str) -> None:
     assert got == full
 
 
+async def test_mappings_cursor_is_a_position(client: httpx.AsyncClient, vm: str) -> None:
+    """The cursor names where the next page begins (`<root>:<position>`): a malformed one,
+    or an index as older builds gave, is a 422 naming it."""
+    ok(await put_slot(client, vm, 0, gpa=0, size=4 * MiB))
+    for gpa in (0, 2 * 4096):
+        ok(await client.post(f"/v1/vms/{vm}/vcpus/0/accesses", json={"gpa": gpa}))
+    page = ok(await client.get(f"/v1/vms/{vm}/mappings", params={"limit": 1}))
+    first = page["items"][0]
+    assert page["next_cursor"] == f"{first['root']}:{first['position'] + first['npages']}"
+    rest = ok(await client.get(f"/v1/vms/{vm}/mappings", params={"cursor": page["next_cursor"]}))
+    assert [m["position"] for m in rest["items"]] == [2] and rest["next_cursor"] is None
+    for bad in ("1", "x:1", "1:", "1:2:3", "-1:0"):
+        r = await client.get(f"/v1/vms/{vm}/mappings", params={"cursor": bad})
+        assert_problem(r, 422)
+        assert "cursor" in r.text
+
+
 async def test_roots_stats_audit(client: httpx.AsyncClient, mapped: str) -> None:
     roots = ok(await client.get(f"/v1/vms/{mapped}/roots"))["items"]
     assert roots[0]["role"] == "direct" and roots[0]["valid"] is True

@@ -15,6 +15,11 @@ from tests.api.helpers import HVA, MiB, assert_problem, ok, put_slot, state
 # optional field fails the test until its default is reviewed here.
 SAFE_DEFAULTS: dict[str, dict[str, str]] = {
     "SnapshotCreate": {"label": "a name only"},
+    "TokenCreate": {
+        "scopes": "read and write, as the admin intended by leaving it out",
+        "expires_at": "no expiry; revocable by id",
+        "label": "a name only",
+    },
     "WhatIfRequest": {
         # Exactly one of ops/trace is required, checked by the model (422 naming both).
         "ops": "one of ops or trace; a what-if never changes the VM",

@@ -23,7 +23,6 @@ OVER_LIMITS: set[str] = {
     "dirty.clear_dirty_log",
     "faults.FaultPath.chunk",
     "faults.FaultPath.map_4k",
-    "introspect.mappings",
 }
 
 

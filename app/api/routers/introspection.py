@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Query, Response
@@ -50,9 +51,22 @@ async def translate(
     return translation(view, files)
 
 
+# A mappings cursor is where the next page begins: `<root id>:<GFN position>`.
+MappingCursor = Annotated[
+    str | None,
+    Query(
+        pattern=r"^[0-9]{1,10}:[0-9]{1,20}$",
+        description="`next_cursor` of the previous page (`<root>:<position>`: the next page "
+        "lists the runs from there on).",
+    ),
+]
+
+
 @router.get(
     "/mappings",
-    summary="Run-length leaf mappings per root",
+    summary="Run-length leaf mappings per root, in (root, position) order",
+    description="Paged by walking the page tables from the cursor: a page costs the tables "
+    "it covers, not the whole VM's.",
     responses=_READ,
 )
 async def list_mappings(
@@ -61,14 +75,22 @@ async def list_mappings(
     response: Response,
     root: Annotated[U32 | None, Query(description="Only this root (its `id` in …/roots).")] = None,
     limit: LimitQ = 100,
-    cursor: Cursor = None,
+    cursor: MappingCursor = None,
 ) -> Page[Mapping]:
-    items = await query(service, vm, lambda v: v.mappings(root=root), response)
-    # Runs come in walk order (root, then GFN); the cursor is a position in that order.
-    indexed = [{"_i": i, **it} for i, it in enumerate(items)]
-    page = paginate(indexed, lambda it: it["_i"], limit, cursor)
-    page["items"] = [{k: v for k, v in it.items() if k != "_i"} for it in page["items"]]
-    return Page[Mapping].model_validate(page)
+    start = (0, 0)
+    if cursor is not None:
+        at_root, _, position = cursor.partition(":")
+        start = (int(at_root), int(position))
+    # One more run than the page: whether there is a next page, without walking further.
+    items = await query(
+        service, vm, lambda v: list(islice(v.iter_mappings(root, start), limit + 1)), response
+    )
+    next_cursor = None
+    if len(items) > limit:
+        items = items[:limit]
+        last = items[-1]
+        next_cursor = f"{last['root']}:{last['position'] + last['npages']}"
+    return Page[Mapping].model_validate({"items": items, "next_cursor": next_cursor})
 
 
 @router.get(
