@@ -14,6 +14,7 @@ OPERATION_IDS = {
     "healthz": "health_get",
     "readyz": "readiness_get",
     "metrics": "metrics_get",
+    "get_trace": "trace_get",
     "get_capabilities": "capabilities_get",
     "create_vm": "vms_create",
     "list_vms": "vms_list",

@@ -29,6 +29,7 @@ from app.api.routers import (
     snapshots,
     tdx,
     tokens,
+    trace,
     vms,
     zaps,
 )
@@ -44,6 +45,7 @@ ROUTERS = (
     tdx.router,
     host_memory.router,
     zaps.router,
+    trace.router,
     introspection.router,
     introspection.descriptors_router,
     snapshots.router,

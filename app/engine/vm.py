@@ -198,6 +198,7 @@ class Vm:
         if self.bugged and handler is not _destroy:
             raise KvmError(errno.EIO, f"the VM is dead (KVM_BUG_ON: {self.bugged})")
         self.now = time.time() if at is None else at
+        self.mmu.trace.now, self.mmu.trace.cpu = self.now, -1
         self.replay_durations = list(durations or [])
         self.last_durations = []
         return handler(self, op)
