@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     vm_memory_budget_bytes: int = Field(default=4 * 1024**3, ge=0)
     # The largest guest_memfd KVM_CREATE_GUEST_MEMFD may create here (ENOMEM past it).
     max_guest_memfd_bytes: int = Field(default=1024**4, ge=4096)
+    # kvmmmu trace records each loaded VM keeps for GET …/trace (56 bytes each, counted in
+    # the memory budget); 0 turns tracing off.
+    trace_records: int = Field(default=4096, ge=0, le=1_000_000)
     # Browser origins allowed to call the API (CORS), comma-separated, e.g.
     # "https://dash.example.org,http://localhost:3000"; "*" allows any; empty: none.
     cors_origins: str = ""

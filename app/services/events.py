@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 # Every type an event can have (the `event:` field of the stream).
@@ -49,7 +50,22 @@ class Event:
     data: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "type": self.type, "vm": self.vm, "at": self.at, "data": self.data}
+        """The stream's form: times in RFC 3339, as every REST answer gives them."""
+        data = self.data
+        if self.type == "zap" and isinstance(data.get("at"), int | float):
+            data = {**data, "at": rfc3339(data["at"])}
+        return {
+            "id": self.id,
+            "type": self.type,
+            "vm": self.vm,
+            "at": rfc3339(self.at),
+            "data": data,
+        }
+
+
+def rfc3339(ts: float) -> str:
+    """Seconds since the epoch as RFC 3339 UTC, the form pydantic gives a datetime."""
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(slots=True)

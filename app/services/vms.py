@@ -97,6 +97,8 @@ DEFAULT_JOURNAL_KEEP = 1000
 DEFAULT_RETENTION_S = 7 * 24 * 3600.0
 DEFAULT_MAX_MANUAL_SNAPSHOTS = 32
 DEFAULT_GC_INTERVAL_S = 300.0
+# kvmmmu trace records kept per loaded VM (GET …/trace; ~56 bytes each, grown on use).
+DEFAULT_TRACE_RECORDS = 4096
 # Where the VM row's summary keeps `vm.stats()` (read by /metrics without loading the VM).
 STATS_KEY = "stats"
 # A VM's creation defaults (KVM_CREATE_VM with type 0, one vCPU, 4-level EPT).
@@ -311,6 +313,7 @@ class VmService:
         retention_s: float = DEFAULT_RETENTION_S,
         max_manual_snapshots: int = DEFAULT_MAX_MANUAL_SNAPSHOTS,
         gc_interval_s: float = 0,
+        trace_records: int = DEFAULT_TRACE_RECORDS,
         memory_budget_bytes: int = budget.DEFAULT_MEMORY_BUDGET_BYTES,
         vm_memory_budget_bytes: int = budget.DEFAULT_VM_MEMORY_BUDGET_BYTES,
         max_gmem_bytes: int = budget.DEFAULT_MAX_GUEST_MEMFD_BYTES,
@@ -325,6 +328,7 @@ class VmService:
         self.max_gmem_bytes = max_gmem_bytes
         self.database_url = database_url
         self.journal_keep = max(0, journal_keep)
+        self.trace_records = max(0, trace_records)
         self.retention_s = max(0.0, retention_s)
         self.max_manual_snapshots = max(0, max_manual_snapshots)
         # Seconds between background gc runs (0: none; `vkmmu serve` sets it).
@@ -511,6 +515,7 @@ class VmService:
         paging_levels: int | None = None,
         from_snapshot: str | None = None,
         tenant: str = "default",
+        td_lifecycle: bool = False,
         only_tenant: str | None = None,
     ) -> tuple[dict[str, Any], str]:
         """KVM_CREATE_VM, or a fork of a snapshot. A fork is its snapshot's kind of VM:
@@ -552,8 +557,12 @@ class VmService:
             else:
                 kind = {k: CREATE_DEFAULTS[k] if v is None else v for k, v in requested.items()}
                 create_args = {**kind, "name": name}
+                # Only a TD that goes through KVM_TDX_INIT_VM … FINALIZE_VM says so: a record
+                # without the key is a TD runnable from creation, as every older one is.
+                extra = {"td_lifecycle": True} if td_lifecycle else {}
+                create_args.update(extra)
                 # KvmError (unsupported type, bad levels) passes through; nothing is stored.
-                vm = self.engine.create(**kind, name=name)
+                vm = self.engine.create(**kind, name=name, **extra)
             row = VmRow(
                 id=new_id("vm-"),
                 name=name,
@@ -816,6 +825,7 @@ class VmService:
         # Journaled with the call: replay must run it under the very same budget.
         budget = self._grant_tables(vm)
         self.engine.set_table_budget(vm, budget)
+        self.engine.set_trace_records(vm, self.trace_records)
         step = _Step(at_us=at_us, budget=budget)
         try:
             step.result = self.engine.apply(vm, op, us_to_engine_time(at_us), None)
@@ -1311,11 +1321,13 @@ class VmService:
             return self._state_of_snapshot(
                 s, ca["source_vm"], ca["from_snapshot"], ca["source_seq"]
             )
+        extra = {"td_lifecycle": True} if ca.get("td_lifecycle") else {}
         return self.engine.create(
             vm_type=ca["vm_type"],
             vcpus=ca["vcpus"],
             paging_levels=ca["paging_levels"],
             name=ca.get("name"),
+            **extra,
         )
 
     def _state_of_snapshot(self, s: Session, vm_id: str, snap_id: str, seq: int) -> Vm:
@@ -1370,6 +1382,7 @@ class VmService:
             # were journaled ran with the whole service's.
             budget = self.budget_tables if r.table_budget is None else r.table_budget
             self.engine.set_table_budget(vm, budget)
+            self.engine.set_trace_records(vm, self.trace_records)
             try:
                 self.engine.apply(vm, self.engine.parse(r.op, r.args), r.at, r.durations)
                 outcome: int | None = None
@@ -1509,6 +1522,7 @@ def service_options(settings: Any) -> dict[str, Any]:
         "memory_budget_bytes": settings.memory_budget_bytes,
         "vm_memory_budget_bytes": settings.vm_memory_budget_bytes,
         "max_gmem_bytes": settings.max_guest_memfd_bytes,
+        "trace_records": settings.trace_records,
         "tenant_quotas": tenant_quotas(settings),
     }
 
