@@ -58,6 +58,10 @@ def _no_budget(vm: Vm, tables: int) -> None:
     return None
 
 
+def _no_trace(vm: Vm, records: int) -> None:
+    return None
+
+
 def _always(data: bytes) -> bool:
     return True
 
@@ -80,6 +84,8 @@ class EnginePort:
     # page tables (a test double) keeps the defaults: nothing to count, nothing to cap.
     tables_live: Callable[[Vm], int] = _no_tables
     set_table_budget: Callable[[Vm, int], None] = _no_budget
+    # How many kvmmmu trace records the VM keeps (GET …/trace); 0 turns tracing off.
+    set_trace_records: Callable[[Vm, int], None] = _no_trace
 
 
 def default_engine() -> EnginePort:
@@ -96,6 +102,10 @@ def default_engine() -> EnginePort:
     def set_table_budget(vm: Vm, tables: int) -> None:
         vm.table_budget = tables
 
+    def set_trace_records(vm: Vm, records: int) -> None:
+        if vm.mmu.trace.capacity != records:
+            vm.mmu.trace.resize(records)
+
     return EnginePort(
         create=_Vm.create,
         dumps=codec.dumps,
@@ -106,4 +116,5 @@ def default_engine() -> EnginePort:
         apply=apply,
         tables_live=tables_live,
         set_table_budget=set_table_budget,
+        set_trace_records=set_trace_records,
     )
