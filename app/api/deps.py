@@ -33,6 +33,7 @@ class VmServiceLike(Protocol):
         paging_levels: int | None = None,
         from_snapshot: str | None = None,
         tenant: str = "default",
+        td_lifecycle: bool = False,
         only_tenant: str | None = None,
     ) -> tuple[dict[str, Any], str]: ...
 

@@ -436,7 +436,7 @@ class FaultPath:
         vm.mmu.pages[1] += len(idx)
         for a, b in index_runs(idx):
             assert vm.tdx is not None
-            vm.tdx.aug(gfn + a, b - a)
+            vm.tdx.set_private_spte(gfn + a, b - a)
             self._mapped(gfn + a, gfn + b, 1)
 
 

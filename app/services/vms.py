@@ -515,6 +515,7 @@ class VmService:
         paging_levels: int | None = None,
         from_snapshot: str | None = None,
         tenant: str = "default",
+        td_lifecycle: bool = False,
         only_tenant: str | None = None,
     ) -> tuple[dict[str, Any], str]:
         """KVM_CREATE_VM, or a fork of a snapshot. A fork is its snapshot's kind of VM:
@@ -556,8 +557,12 @@ class VmService:
             else:
                 kind = {k: CREATE_DEFAULTS[k] if v is None else v for k, v in requested.items()}
                 create_args = {**kind, "name": name}
+                # Only a TD that goes through KVM_TDX_INIT_VM … FINALIZE_VM says so: a record
+                # without the key is a TD runnable from creation, as every older one is.
+                extra = {"td_lifecycle": True} if td_lifecycle else {}
+                create_args.update(extra)
                 # KvmError (unsupported type, bad levels) passes through; nothing is stored.
-                vm = self.engine.create(**kind, name=name)
+                vm = self.engine.create(**kind, name=name, **extra)
             row = VmRow(
                 id=new_id("vm-"),
                 name=name,
@@ -1316,11 +1321,13 @@ class VmService:
             return self._state_of_snapshot(
                 s, ca["source_vm"], ca["from_snapshot"], ca["source_seq"]
             )
+        extra = {"td_lifecycle": True} if ca.get("td_lifecycle") else {}
         return self.engine.create(
             vm_type=ca["vm_type"],
             vcpus=ca["vcpus"],
             paging_levels=ca["paging_levels"],
             name=ca.get("name"),
+            **extra,
         )
 
     def _state_of_snapshot(self, s: Session, vm_id: str, snap_id: str, seq: int) -> Vm:

@@ -33,6 +33,7 @@ SAFE_DEFAULTS: dict[str, dict[str, str]] = {
         "vcpus": "creation: 1 vCPU",
         "paging_levels": "creation: 4-level TDP",
         "from_snapshot": "creation without a fork",
+        "td_lifecycle": "a TD runnable at creation, as before the lifecycle existed",
     },
     "MemoryRegion": {
         "slot": "only repeats the path",
@@ -51,6 +52,13 @@ SAFE_DEFAULTS: dict[str, dict[str, str]] = {
     "Store": {"private": "a check, not a switch"},
     "PreFault": {"flags": "must be 0"},
     "Accept": {"size": "one page"},
+    "TdxInitVm": {
+        "gpaw": "the VM's own EPT level decides (48 for 4-level, 52 for 5-level)",
+        "flags": "must be 0",
+    },
+    "TdxInitVcpu": {"rcx": "the struct's zero value", "flags": "must be 0"},
+    "TdxInitMemRegion": {"flags": "0 = add without measuring"},
+    "HypercallComplete": {"ret": "0 = the VMM converted the chunk (what KVM leaves there)"},
     "GmemCreate": {"flags": "a plain guest_memfd"},
     "DirtyLogClear": {"first_page": "the slot's first page; what is cleared is `bitmap`"},
     "ZapRequest": {

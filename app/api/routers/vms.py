@@ -75,6 +75,7 @@ async def create_vm(
         vcpus=given("vcpus", body.vcpus),
         paging_levels=given("paging_levels", body.paging_levels),
         from_snapshot=body.from_snapshot,
+        td_lifecycle=body.td_lifecycle,
         # A tenant's VMs are its own; the admin's are the `default` tenant's.
         tenant=principal.tenant or "default",
         only_tenant=principal.tenant,
@@ -146,6 +147,7 @@ def _enabled_caps(v: Vm) -> dict[str, Any]:
         "quirks": v.quirks(),
         "manual_dirty_log_protect": protect,
         "manual_dirty_log_protect_names": names,
+        "hypercall_exit_enabled": int(v.hypercall_exit_enabled),
     }
 
 
