@@ -1,5 +1,5 @@
 """The `vkmmu` console script: `vkmmu serve --host --port`, `vkmmu migrate`, `vkmmu top`,
-`vkmmu replay`, `vkmmu compare`, `vkmmu demo`, `vkmmu gc`, `vkmmu --version`."""
+`vkmmu replay`, `vkmmu compare`, `vkmmu demo`, `vkmmu gc`, `vkmmu token`, `vkmmu --version`."""
 
 from __future__ import annotations
 
@@ -29,10 +29,31 @@ def _describe(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
+
+    if not settings.auth_enabled() and not is_loopback(settings.host):
+        print(
+            f"vkmmu serve: refusing to listen on {settings.host}: without VKMMU_ADMIN_TOKEN "
+            "the service is open (anyone who reaches it can create, read and delete every "
+            "VM), so it only binds a loopback address (127.0.0.1, ::1, localhost). Set "
+            "VKMMU_ADMIN_TOKEN to serve beyond this machine.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
     app = create_app(settings)
     config = uvicorn.Config(
@@ -151,6 +172,63 @@ def _gc(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    """`vkmmu token create|list|revoke`, on the database directly (no server needed)."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from app.db.session import Database
+    from app.services import lifecycle
+    from app.services.tokens import TokenError, TokenStore
+
+    lifecycle.migrate(settings.database_url)
+    db = Database(settings.database_url)
+    secret = settings.token_secret
+    store = TokenStore(lambda: db, None if secret is None else secret.get_secret_value() or None)
+    try:
+        if args.action == "create":
+            expires = None
+            if args.expires_in is not None:
+                expires = datetime.now(UTC) + timedelta(seconds=args.expires_in)
+            scopes = ["read"] if args.read_only else None
+            try:
+                info, token = store.create(
+                    args.tenant, scopes=scopes, expires_at=expires, label=args.label
+                )
+            except TokenError as e:
+                print(f"vkmmu token create: {e}", file=sys.stderr)
+                return EXIT_USAGE
+            print(json.dumps({**info.to_json(), "token": token}))
+            print("the token is shown this once: only its keyed hash is stored", file=sys.stderr)
+        elif args.action == "list":
+            for t in store.list(tenant=args.tenant):
+                print(json.dumps(t.to_json()))
+        else:
+            found = store.revoke(args.id)
+            if found is None:
+                print(f"vkmmu token revoke: no token with id {args.id!r}", file=sys.stderr)
+                return 1
+            print(json.dumps(found.to_json()))
+    finally:
+        db.dispose()
+    return 0
+
+
+def _add_token(sub: Any) -> None:
+    token = sub.add_parser("token", help="issue, list and revoke tenant tokens")
+    actions = token.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="issue a token (printed once, as JSON)")
+    create.add_argument("--tenant", required=True, help="the tenant it acts for")
+    create.add_argument("--read-only", action="store_true", help="scope `read` only")
+    create.add_argument("--expires-in", type=float, default=None, help="seconds it stays valid")
+    create.add_argument("--label", default=None, help="a name for people")
+    listing = actions.add_parser("list", help="every token (never the tokens themselves)")
+    listing.add_argument("--tenant", default=None, help="one tenant only")
+    revoke = actions.add_parser("revoke", help="revoke a token by id")
+    revoke.add_argument("id", help="the token's id (tok-…)")
+    token.set_defaults(func=_token)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vkmmu", description="The KVM x86 MMU over HTTP")
     parser.add_argument("--version", action="version", version=f"vkmmu {_version()}")
@@ -174,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "gc", help="reclaim storage: purge deleted VMs, prune journals behind snapshots"
     )
     gc.set_defaults(func=_gc)
+    _add_token(sub)
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {
         k: v for k in _OPTIONS if (v := getattr(args, k, None)) is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -61,9 +61,35 @@ class Settings(BaseSettings):
     vm_memory_budget_bytes: int = Field(default=4 * 1024**3, ge=0)
     # The largest guest_memfd KVM_CREATE_GUEST_MEMFD may create here (ENOMEM past it).
     max_guest_memfd_bytes: int = Field(default=1024**4, ge=4096)
+    # kvmmmu trace records each loaded VM keeps for GET …/trace (56 bytes each, counted in
+    # the memory budget); 0 turns tracing off.
+    trace_records: int = Field(default=4096, ge=0, le=1_000_000)
     # Browser origins allowed to call the API (CORS), comma-separated, e.g.
     # "https://dash.example.org,http://localhost:3000"; "*" allows any; empty: none.
     cors_origins: str = ""
+
+    # --- tenants and tokens (README "Security model") ---
+    # The admin's bearer token. Unset: the service is open (every caller acts as the admin)
+    # and `vkmmu serve` binds only a loopback address.
+    admin_token: SecretStr | None = None
+    # A token that may read /metrics only (for scrapers).
+    metrics_token: SecretStr | None = None
+    # The key tenant tokens are hashed with (HMAC-SHA256). Unset: a key created once and
+    # kept in the database. Changing it makes every token issued before unusable.
+    token_secret: SecretStr | None = None
+    # Quotas of each tenant (calls made with a tenant token; the admin is bound only by the
+    # service's budgets). Past one: 507 (VMs, snapshots, bytes) or 429 (rates, streams).
+    tenant_max_vms: int = Field(default=100, ge=0)
+    tenant_max_snapshots: int = Field(default=256, ge=0)
+    tenant_page_table_bytes: int = Field(default=1024**3, ge=0)
+    tenant_content_bytes: int = Field(default=1024**3, ge=0)
+    tenant_max_streams: int = Field(default=4, ge=0)
+    # Requests per second each tenant token may make (a bucket of as many, refilled
+    # continuously); 0: no limit.
+    token_rate_per_s: float = Field(default=100.0, ge=0)
+
+    def auth_enabled(self) -> bool:
+        return self.admin_token is not None and bool(self.admin_token.get_secret_value())
 
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

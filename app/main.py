@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from app.api.auth import RateLimiter, StreamSlots
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers, problem_media_types
 from app.api.http_metrics import HttpMetricsMiddleware
@@ -22,6 +23,8 @@ from app.api.mmu_metrics import MmuMetrics
 from app.api.openapi_names import operation_id, sdk_friendly
 from app.api.router import include_routers
 from app.config import Settings
+from app.services.tokens import TokenStore
+from app.services.vms import tenant_quotas
 
 API_DESCRIPTION = """\
 vkmmu simulates the x86 MMU half of Linux KVM on an Intel host: VMs of the x86 VM types
@@ -54,6 +57,11 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
                 settings.database_url, **service_options(settings)
             )
         svc.events.queue_max = settings.events_queue_max
+        svc.set_tenant_quotas(tenant_quotas(settings))
+        secret = settings.token_secret
+        app.state.tokens = TokenStore(
+            lambda: svc.db, None if secret is None else secret.get_secret_value() or None
+        )
         app.state.metrics.attach(svc.events, svc.budget_tables * 4096)
         await svc.start()
         try:
@@ -69,6 +77,7 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        openapi_url=None,
         generate_unique_id_function=operation_id,
     )
 
@@ -81,6 +90,9 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = MmuMetrics(max_vms=settings.metrics_max_vms)
+    app.state.tokens = None  # a TokenStore once the service started (lifespan)
+    app.state.rate_limiter = RateLimiter(settings.token_rate_per_s)
+    app.state.stream_slots = StreamSlots(settings.tenant_max_streams)
     install_error_handlers(app)
     include_routers(app)
     install_docs(app)

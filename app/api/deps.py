@@ -33,11 +33,17 @@ class VmServiceLike(Protocol):
         paging_levels: int | None = None,
         from_snapshot: str | None = None,
         tenant: str = "default",
+        td_lifecycle: bool = False,
+        only_tenant: str | None = None,
     ) -> tuple[dict[str, Any], str]: ...
 
     async def list_vms(
-        self, *, limit: int, cursor: str | None
+        self, *, limit: int, cursor: str | None, tenant: str | None = None
     ) -> tuple[list[dict[str, Any]], str | None]: ...
+
+    async def vm_tenant(self, vm_id: str) -> str | None: ...
+
+    def tenant_of(self, vm_id: str | None) -> str | None: ...
 
     async def get_vm(self, vm_id: str) -> tuple[dict[str, Any], str]: ...
 

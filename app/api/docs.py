@@ -1,27 +1,42 @@
 """Interactive API docs served from the app itself: Swagger UI at `/docs`, Redoc at `/redoc`,
 their scripts and styles from the `fastapi-offline` package's assets, so the pages work on a
-machine without internet (no CDN)."""
+machine without internet (no CDN).
+
+The pages and `/openapi.json` follow the API's rule (a token, from the header or the
+`vkmmu_token` cookie); the assets are the packages' own files and stay open."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import fastapi_offline
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+
+from app.api.auth import authorize_page
 
 ASSETS_URL = "/docs-assets"
 ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 
 
-def install_docs(app: FastAPI) -> None:
-    """Needs `FastAPI(docs_url=None, redoc_url=None)`: these routes replace the CDN ones."""
-    app.mount(ASSETS_URL, StaticFiles(directory=ASSETS_DIR), name="docs-assets")
-    spec_url = app.openapi_url or "/openapi.json"
+SPEC_URL = "/openapi.json"
 
-    @app.get("/docs", include_in_schema=False)
+
+def install_docs(app: FastAPI) -> None:
+    """Needs `FastAPI(docs_url=None, redoc_url=None, openapi_url=None)`: these routes replace
+    FastAPI's own ones (CDN pages, an open spec)."""
+    app.mount(ASSETS_URL, StaticFiles(directory=ASSETS_DIR), name="docs-assets")
+    spec_url = SPEC_URL
+    page_auth = [Depends(authorize_page)]
+
+    @app.get(SPEC_URL, include_in_schema=False, dependencies=page_auth)
+    async def openapi_spec() -> Any:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=page_auth)
     async def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url=spec_url,
@@ -31,7 +46,7 @@ def install_docs(app: FastAPI) -> None:
             swagger_favicon_url=f"{ASSETS_URL}/favicon.png",
         )
 
-    @app.get("/redoc", include_in_schema=False)
+    @app.get("/redoc", include_in_schema=False, dependencies=page_auth)
     async def redoc() -> HTMLResponse:
         return get_redoc_html(
             openapi_url=spec_url,

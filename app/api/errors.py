@@ -127,6 +127,20 @@ R_BODY = {
     422: _problem_response(422, "The body or a parameter is not the right shape"),
 }
 R_QUERY = {422: _problem_response(422, "A parameter is not the right shape")}
+# Every route behind the API's rule (app/api/auth.py).
+R_AUTH = {
+    401: {
+        **_problem_response(401, "No bearer token, or one that is unknown, revoked or expired"),
+        "headers": {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    },
+    403: _problem_response(403, "The token may not make this call (read-only, metrics only)"),
+    429: {
+        **_problem_response(429, "Past the token's request rate or the tenant's streams"),
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+        },
+    },
+}
 # Every route: a parameter may be malformed, the database may be out (retry), and the
 # service may fail.
 R_COMMON = {
@@ -189,12 +203,21 @@ def problem(
 class ApiProblem(Exception):
     """An error the API layer itself raises (bad cursor, not found, …)."""
 
-    def __init__(self, status: int, title: str, detail: str, kind: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        kind: str,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.title = title
         self.detail = detail
         self.kind = kind
+        self.headers = headers or {}
 
 
 def kvm_problem(request: Request | None, exc: KvmError) -> JSONResponse:
@@ -322,7 +345,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_api_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiProblem)
-        return problem(request, exc.status, exc.title, exc.detail, exc.kind)
+        resp = problem(request, exc.status, exc.title, exc.detail, exc.kind)
+        for k, v in exc.headers.items():
+            resp.headers[k] = v
+        return resp
 
     async def on_vm_not_found(request: Request, exc: Exception) -> JSONResponse:
         return problem(request, 404, "No such VM", str(exc) or "VM not found", "vm-not-found")

@@ -14,6 +14,7 @@ OPERATION_IDS = {
     "healthz": "health_get",
     "readyz": "readiness_get",
     "metrics": "metrics_get",
+    "get_trace": "trace_get",
     "get_capabilities": "capabilities_get",
     "create_vm": "vms_create",
     "list_vms": "vms_list",
@@ -60,6 +61,12 @@ OPERATION_IDS = {
     "get_stat_descriptors": "stat_descriptors_list",
     "audit": "audit_get",
     "get_tdx_state": "tdx_get",
+    "tdx_init_vm": "tdx_init_vm",
+    "tdx_finalize_vm": "tdx_finalize_vm",
+    "tdx_init_vcpu": "tdx_init_vcpu",
+    "tdx_init_mem_region": "tdx_init_mem_region",
+    "tdvmcall_map_gpa": "guest_map_gpa",
+    "complete_hypercall": "guest_complete_hypercall",
     "create_snapshot": "snapshots_create",
     "list_snapshots": "snapshots_list",
     "restore_snapshot": "snapshots_restore",
@@ -70,6 +77,10 @@ OPERATION_IDS = {
     "whatif_run": "whatif_run",
     "stream_events": "events_stream",
     "stream_vm_events": "vm_events_stream",
+    "create_token": "tokens_create",
+    "list_tokens": "tokens_list",
+    "get_token": "tokens_get",
+    "revoke_token": "tokens_revoke",
 }
 
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
+from app.api.auth import Principal, authorize, authorize_admin, authorize_metrics, authorize_page
+from app.api.errors import R_AUTH
 from app.api.routers import (
     attributes,
     capabilities,
@@ -23,6 +27,9 @@ from app.api.routers import (
     metrics,
     replay,
     snapshots,
+    tdx,
+    tokens,
+    trace,
     vms,
     zaps,
 )
@@ -35,8 +42,10 @@ ROUTERS = (
     gmem.router,
     attributes.router,
     guest.router,
+    tdx.router,
     host_memory.router,
     zaps.router,
+    trace.router,
     introspection.router,
     introspection.descriptors_router,
     snapshots.router,
@@ -44,7 +53,19 @@ ROUTERS = (
     metrics.router,
     events.router,
     dashboard.router,
+    tokens.router,
 )
+# Who may call what (app/api/auth.py): one dependency per router. Health stays open.
+_AUTH = (
+    (metrics.router, authorize_metrics),
+    (dashboard.router, authorize_page),
+    (tokens.router, authorize_admin),
+)
+_OPEN = (health.router,)
+
+
+def _rule(r: APIRouter) -> Callable[[Request], Awaitable[Principal]]:
+    return next((dep for router, dep in _AUTH if router is r), authorize)
 
 
 # The operational routes keep their own rules (a scraper may add parameters of its own).
@@ -82,8 +103,13 @@ async def reject_unknown_query(request: Request) -> None:
 
 def include_routers(app: FastAPI) -> None:
     for r in ROUTERS:
-        deps = [Depends(reject_unknown_query)] if r in _STRICT_QUERY else []
-        app.include_router(r, dependencies=deps)
+        deps = []
+        if r not in _OPEN:
+            deps.append(Depends(_rule(r)))
+        if r in _STRICT_QUERY:
+            deps.append(Depends(reject_unknown_query))
+        extra: dict[int | str, dict[str, Any]] = {} if r in _OPEN else dict(R_AUTH.items())
+        app.include_router(r, dependencies=deps, responses=extra)
     # For the `Allow` header of a 405: each route serves one method, and the router's own
     # 405 names only the first route whose path matched.
     allowed: dict[str, tuple[re.Pattern[str], set[str]]] = {}

@@ -116,3 +116,31 @@ class SnapshotRow(Base):
     label: Mapped[str | None] = mapped_column(String(LABEL_LEN))
     # Deferred: listing snapshots must not read megabytes of state.
     data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+
+
+class TokenRow(Base):
+    """A tenant's API token. Only its keyed hash is stored (HMAC-SHA256 under the server's
+    token key, see `AuthKeyRow`): the token itself is shown once, when it is created."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    # "read", or "read write" (space-separated, OAuth style).
+    scopes: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str | None] = mapped_column(String(LABEL_LEN))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AuthKeyRow(Base):
+    """The key token hashes are made with, when `VKMMU_TOKEN_SECRET` does not give one:
+    created once, shared by every process on the database."""
+
+    __tablename__ = "auth_keys"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -37,6 +37,33 @@ def list_vms(
     return session.execute(stmt).scalars().all()
 
 
+def tenant_vms(session: Session, tenant: str) -> Sequence[VmRow]:
+    stmt = select(VmRow).where(VmRow.deleted.is_(False), VmRow.tenant == tenant)
+    return session.execute(stmt).scalars().all()
+
+
+def count_tenant_vms(session: Session, tenant: str) -> int:
+    stmt = (
+        select(func.count())
+        .select_from(VmRow)
+        .where(VmRow.deleted.is_(False), VmRow.tenant == tenant)
+    )
+    return int(session.execute(stmt).scalar_one())
+
+
+def count_tenant_snapshots(session: Session, tenant: str, *, kind: str | None = None) -> int:
+    """Snapshots of the tenant's live VMs."""
+    stmt = (
+        select(func.count())
+        .select_from(SnapshotRow)
+        .join(VmRow, VmRow.id == SnapshotRow.vm_id)
+        .where(VmRow.deleted.is_(False), VmRow.tenant == tenant)
+    )
+    if kind is not None:
+        stmt = stmt.where(SnapshotRow.kind == kind)
+    return int(session.execute(stmt).scalar_one())
+
+
 def vm_summaries(session: Session) -> Sequence[tuple[str, dict[str, Any] | None]]:
     """(id, summary) of every live VM, by id: what /metrics reports without loading VMs."""
     stmt = select(VmRow.id, VmRow.summary).where(VmRow.deleted.is_(False)).order_by(VmRow.id)

@@ -28,6 +28,7 @@ _SYSTEM: dict[int, int] = {
     Cap.KVM_CAP_X86_SMM: 1,
     Cap.KVM_CAP_MULTI_ADDRESS_SPACE: uapi.KVM_MAX_NR_ADDRESS_SPACES,
     Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: uapi.KVM_DIRTY_LOG_MANUAL_CAPS,
+    Cap.KVM_CAP_EXIT_HYPERCALL: uapi.KVM_EXIT_HYPERCALL_VALID_MASK,
     Cap.KVM_CAP_DISABLE_QUIRKS2: uapi.SUPPORTED_QUIRKS,
     Cap.KVM_CAP_USER_MEMORY2: 1,
     Cap.KVM_CAP_MEMORY_FAULT_INFO: 1,
@@ -162,6 +163,15 @@ def check_manual_dirty_log(flags: object, args: object) -> int:
         allowed = uapi.KVM_DIRTY_LOG_MANUAL_CAPS
     if _cap_flags(flags) or value & ~allowed:
         raise einval("invalid KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags/args")
+    return value
+
+
+def check_exit_hypercall(flags: object, args: object) -> int:
+    """KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL): the hypercalls that exit to userspace, a mask
+    within KVM_EXIT_HYPERCALL_VALID_MASK (x86.c kvm_vm_ioctl_enable_cap; assigned, not ORed)."""
+    value = _cap_args(args)[0]
+    if _cap_flags(flags) or value & ~uapi.KVM_EXIT_HYPERCALL_VALID_MASK:
+        raise einval("KVM_CAP_EXIT_HYPERCALL: flags must be 0, args[0] within the valid mask")
     return value
 
 

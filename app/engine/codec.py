@@ -170,6 +170,13 @@ def _tdx_json(t: TdxState) -> dict[str, Any]:
         "lost": t.lost.to_list(),
         "reaccepts": t.reaccepts,
         "log": [list(x) for x in t.log],
+        "lifecycle": t.lifecycle,
+        "td_state": t.td_state,
+        "init_vcpus": None if t.init_vcpus is None else sorted(t.init_vcpus),
+        "attributes": t.attributes,
+        "gpaw": t.gpaw,
+        "premapped": t.premapped,
+        "map_gpa": [[v, a, b] for v, (a, b) in sorted(t.map_gpa.items())],
     }
 
 
@@ -184,6 +191,15 @@ def _tdx_of(d: dict[str, Any]) -> TdxState:
     t.reaccepts = d["reaccepts"]
     t.log = deque((str(a), int(b), int(c)) for a, b, c in d["log"])
     t.log = deque(t.log, maxlen=256)
+    # Snapshots from before the TD lifecycle hold runnable TDs (TdxState's defaults).
+    t.lifecycle = d.get("lifecycle", False)
+    t.td_state = d.get("td_state", "runnable")
+    init = d.get("init_vcpus")
+    t.init_vcpus = None if init is None else {int(i) for i in init}
+    t.attributes = d.get("attributes", 0)
+    t.gpaw = d.get("gpaw", 0)
+    t.premapped = d.get("premapped", 0)
+    t.map_gpa = {int(v): (int(a), int(b)) for v, a, b in d.get("map_gpa", [])}
     return t
 
 
@@ -213,6 +229,7 @@ def _state_json(vm: Vm) -> dict[str, Any]:
         "table_budget": vm.table_budget,
         "disabled_quirks": vm.disabled_quirks,
         "manual_dirty_log": vm.manual_dirty_log,
+        "hypercall_exit_enabled": vm.hypercall_exit_enabled,
         "zap_policy": vm.zap_policy,
         "destroyed": vm.destroyed,
         "bugged": vm.bugged,
@@ -377,6 +394,7 @@ def _decode(body: memoryview) -> Vm:
     arrays.update(sections)
     vm.disabled_quirks = st["disabled_quirks"]
     vm.manual_dirty_log = st["manual_dirty_log"]
+    vm.hypercall_exit_enabled = st.get("hypercall_exit_enabled", 0)
     vm.zap_policy = st["zap_policy"]
     vm.destroyed = st["destroyed"]
     vm.bugged = st["bugged"]
@@ -442,6 +460,19 @@ def _decode_mmu(vm: Vm, m: dict[str, Any], chunks: Iterator[dict[str, np.ndarray
     mmu.pool = TablePool.restore_chunks(m["tables_top"], m["tables_free"], chunks)
 
 
+def _newer_state(vm: Vm) -> dict[str, Any]:
+    """State that journals from before it cannot hold enters the digest only once it is set,
+    so their digests stay as they were."""
+    out: dict[str, Any] = {}
+    if vm.tdx is not None and vm.tdx.lifecycle:
+        out["tdx_lifecycle"] = vm.tdx.lifecycle_dict()
+    if vm.hypercall_exit_enabled:
+        out["hypercall_exit_enabled"] = vm.hypercall_exit_enabled
+    if vm.tdx is not None and vm.tdx.map_gpa:
+        out["map_gpa"] = sorted(vm.tdx.map_gpa.items())
+    return out
+
+
 def digest(vm: Vm) -> str:
     """A hash of everything replay must reproduce, independent of how objects are shared in
     memory: tables, then a canonical JSON of the rest of the state.
@@ -475,5 +506,6 @@ def digest(vm: Vm) -> str:
         "tdx": vm.tdx.to_dict() if vm.tdx is not None else None,
         "tdx_sets": [vm.tdx.accepted.to_list(), vm.tdx.lost.to_list()] if vm.tdx else None,
     }
+    state.update(_newer_state(vm))
     h.update(json.dumps(state, sort_keys=True, default=str).encode())
     return h.hexdigest()

@@ -21,6 +21,7 @@ from .faults import FaultPath
 from .op import Op, operation
 from .paging import Cursor, span, walk
 from .roots import Root, RootRole, ZapAcc
+from .trace import Kind
 from .uapi import PAGE_SHIFT
 from .zap import finish, flush_tlbs
 
@@ -51,6 +52,10 @@ def split_huge(vm: Vm, root: Root, start: int, end: int) -> int:
             n = _split_table(vm, root, cur, huge[:room])
             split += n
             if n < len(huge):
+                # The allocation that failed is traced with its errno (tdp_mmu.c).
+                i = cur.lo + int(huge[n])
+                e = int(vm.mmu.pool.entries(cur.table)[i])
+                vm.mmu.trace.append(Kind.SPLIT_HUGE_PAGE, cur.gfn(i), level, e, c=-errno.ENOMEM)
                 return split
     return split
 
@@ -88,10 +93,15 @@ def _split_table(vm: Vm, root: Root, cur: Cursor, huge: np.ndarray) -> int:
         small &= ~S.U_PS
     children = (small | (old & S.U_ADDR))[:, None] + _SMALL_OFFSETS[level - 1][None, :]
     sp = span(level)
+    tr = mmu.trace
     for k, i in enumerate(rows.tolist()):
         child = mmu.pool.alloc(level - 1, cur.base + i * sp, root.id)
         mmu.pool.entries(child)[:] = children[k]
-        ent[i] = np.uint64(S.nonleaf_spte(mmu.pool.pfn(child)))
+        link = S.nonleaf_spte(mmu.pool.pfn(child))
+        # tdp_mmu_split_huge_page: the link replaces the huge leaf, then the split is traced.
+        tr.spte_changed(root.as_id, cur.base + i * sp, level, int(old[k]), link)
+        tr.append(Kind.SPLIT_HUGE_PAGE, cur.base + i * sp, level, int(old[k]), n=1)
+        ent[i] = np.uint64(link)
     n = len(rows)
     root.leaves[level] -= n
     mmu.pages[level] -= n
@@ -112,6 +122,9 @@ def write_protect(
             idx = idx[mask[gfns]]
         w = idx[(sl[idx] & S.U_W) != 0]
         if len(w):
+            if vm.mmu.trace.enabled:
+                gfns = np.uint64(cur.gfn(cur.lo)) + w.astype(np.uint64) * np.uint64(span(cur.level))
+                vm.mmu.trace.spte_changed(root.as_id, gfns, cur.level, sl[w], sl[w] & _NOT_W)
             sl[w] &= _NOT_W
             n += len(w)
     return n
@@ -195,10 +208,9 @@ def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
                 continue
             huge = (first & ~S.SPTE_BASE_ADDR_MASK) | S.EPT_PS
             pfn = (S.pfn_of(first) - (int(idx[0]) + cur.lo) * span(level - 1)) & ~(n - 1)
-            mmu.free_table(root, cur.table, acc)
-            mmu.set_leaves(
-                root, parent, i, np.array([huge | (pfn << S.PFN_SHIFT)], dtype=np.uint64), level
-            )
+            leaf = huge | (pfn << S.PFN_SHIFT)
+            mmu.replace_table(root, parent, i, leaf, acc)
+            mmu.set_leaves(root, parent, i, np.array([leaf], dtype=np.uint64), level)
             recovered += 1
     # Collapsing is not a loss of mapping: nothing to refault.
     acc.runs.clear()

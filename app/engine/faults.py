@@ -18,6 +18,7 @@ from .errors import KvmError, einval
 from .op import Op, operation
 from .paging import span
 from .roots import Root, RootRole, ZapAcc, index_runs
+from .trace import Kind, Link, sptep
 from .uapi import (
     KVM_MAX_HUGEPAGE_LEVEL,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -102,6 +103,8 @@ class FaultPath:
         self.res = FaultResult()
         self.acc = ZapAcc()  # huge leaves replaced by tables on the way
         self.gpa = 0
+        if vcpu is not None:
+            vm.mmu.trace.cpu = vcpu.id
 
     # -- classification ---------------------------------------------------------------------
     def classify(self, pos: int, private_hint: bool | None) -> tuple[int, bool]:
@@ -233,6 +236,12 @@ class FaultPath:
             self._touch_present(root, table, i, k, 1, slot, gfn, k)
             res.pages += k
             return k
+        host_w = not slot.flags & _READONLY
+        pfn = slot.hva(rs) >> PAGE_SHIFT
+        leaf = self.leaf_bits(level, host_w, vm.ipat) | (pfn << S.PFN_SHIFT)
+        tr = mmu.trace
+        # kvm_mmu_spte_requested: the faulting page's pfn, at the goal level.
+        tr.append(Kind.SPTE_REQUESTED, gfn | sbits, level, pfn + (gfn - rs))
         table = mmu.table_for(root, rs | sbits, level, self.acc)
         i = ((rs | sbits) >> (9 * (level - 1))) & 511
         old = int(mmu.pool.entries(table)[i])
@@ -242,16 +251,14 @@ class FaultPath:
                 res.pages += touched
                 return touched
             before = len(self.acc.runs)
-            mmu.free_table(root, mmu.pool.child(old), self.acc)
+            mmu.replace_table(root, table, i, leaf, self.acc)
             del self.acc.runs[before:]  # remapped at once by the huge leaf: nothing to refault
             self.acc.flush = True  # a present SPTE was replaced: the kernel flushes
             self.fault()
-        host_w = not slot.flags & _READONLY
-        bits = self.leaf_bits(level, host_w, vm.ipat)
-        pfn = slot.hva(rs) >> PAGE_SHIFT
-        mmu.set_leaves(
-            root, table, i, np.array([bits | (pfn << S.PFN_SHIFT)], dtype=np.uint64), level
-        )
+        else:
+            tr.spte_changed(root.as_id, rs | sbits, level, old, leaf)
+        tr.append(Kind.SET_SPTE, rs | sbits, level, leaf, sptep(table, i))
+        mmu.set_leaves(root, table, i, np.array([leaf], dtype=np.uint64), level)
         vm.host.touch(pfn, pfn + n)
         self._mapped(rs, rs + n, level)
         res.pages += touched
@@ -271,13 +278,16 @@ class FaultPath:
             if not (self.write and not e & S.EPT_W):
                 self._touch_present(root, table, i, 1, found_level, slot, gfn, touched)
                 return touched
-        table = mmu.table_for(root, pos, 1, self.acc)
+        tr = mmu.trace
+        links: list[Link] | None = [] if tr.enabled else None  # traced with the leaves
+        table = mmu.table_for(root, pos, 1, self.acc, links)
         lo = pos & 511
         ent = mmu.pool.entries(table)[lo : lo + count]
         present = (ent & S.U_PRESENT) != 0
         fresh = not present.any()  # the common case: a whole run of new leaves
         new = _ARANGE_I[:count] if fresh else np.flatnonzero(~present)
         if len(new):
+            before = (ent.copy() if fresh else ent[new]) if tr.enabled else None
             host_w = not slot.flags & _READONLY
             bits = np.uint64(self.leaf_bits(1, host_w, vm.ipat))
             if gmem is not None:
@@ -294,6 +304,9 @@ class FaultPath:
             else:
                 pfns = np.uint64(pfn0) + new.astype(np.uint64)
                 ent[new] = bits | (pfns << S.U_SHIFT)
+            if before is not None:
+                leaves = ent.copy() if fresh else ent[new]
+                tr.leaves_set(root.as_id, table, lo + new, pos - lo, 1, before, leaves, links)
             root.leaves[1] += len(new)
             mmu.pages[1] += len(new)
             if host_w and slot.flags & _LOG_DIRTY:
@@ -416,12 +429,14 @@ class FaultPath:
         bits = np.uint64(self.leaf_bits(1, True, False))
         pfns = np.uint64(gmem.base_pfn + first) + idx.astype(np.uint64)
         ent = vm.mmu.pool.entries(table)
+        before = ent[lo + idx].copy()
         ent[lo + idx] = bits | (pfns << S.U_SHIFT)
+        vm.mmu.trace.leaves_set(root.as_id, table, lo + idx, gfn - lo, 1, before, ent[lo + idx])
         root.leaves[1] += len(idx)
         vm.mmu.pages[1] += len(idx)
         for a, b in index_runs(idx):
             assert vm.tdx is not None
-            vm.tdx.aug(gfn + a, b - a)
+            vm.tdx.set_private_spte(gfn + a, b - a)
             self._mapped(gfn + a, gfn + b, 1)
 
 

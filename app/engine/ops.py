@@ -15,8 +15,10 @@ from .errors import einval
 from .faults import Accept, Access, Load, PreFault, Store
 from .gmem import CreateGuestMemfd, GmemClose, GmemFallocate, GmemWrite
 from .hostmem import HostAdvise, HostDiscard, HostMap, HostWrite
+from .hypercall import CompleteHypercall, TdvmcallMapGpa
 from .memslots import SetUserMemoryRegion
 from .op import REGISTRY, Op
+from .tdx_lifecycle import TdxFinalizeVm, TdxInitMemRegion, TdxInitVcpu, TdxInitVm
 from .vcpu import CreateVcpu, SetVcpuSmm
 from .zap import Destroy, ExplicitZap, SetZapPolicy
 
@@ -24,6 +26,7 @@ __all__ = [
     "Accept",
     "Access",
     "ClearDirtyLog",
+    "CompleteHypercall",
     "CreateGuestMemfd",
     "CreateVcpu",
     "Destroy",
@@ -45,6 +48,11 @@ __all__ = [
     "SetVcpuSmm",
     "SetZapPolicy",
     "Store",
+    "TdvmcallMapGpa",
+    "TdxFinalizeVm",
+    "TdxInitMemRegion",
+    "TdxInitVcpu",
+    "TdxInitVm",
     "parse",
 ]
 

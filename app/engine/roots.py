@@ -15,6 +15,7 @@ import numpy as np
 
 from . import spte as S
 from .paging import ENTRIES, Cursor, TablePool, clip, span, walk
+from .trace import NONPRESENT, Link, TraceRing
 
 
 class RootRole(enum.StrEnum):
@@ -96,6 +97,8 @@ class Mmu:
         # SW_PROTECTED-like VMs hold private (guest_memfd) and shared leaves in one root: count
         # the guest_memfd ones as they come and go so stats need no walk.
         self.count_gmem = False
+        self.trace = TraceRing()
+        self._untraced = False  # the caller traced a teardown in the kernel's order already
 
     # -- roots --------------------------------------------------------------------------------
     def valid_root(self, as_id: int, role: RootRole) -> Root | None:
@@ -125,9 +128,15 @@ class Mmu:
             and (r.valid or not only_valid)
         ]
 
-    def free_root(self, root: Root, acc: ZapAcc) -> None:
-        """Tear a root down completely (its leaves counted as zapped) and forget it."""
-        self.zap_range(root, 0, 1 << 62, acc, leafs_only=False)
+    def free_root(self, root: Root, acc: ZapAcc, *, shared: bool = True) -> None:
+        """Tear a root down completely (its leaves counted as zapped) and forget it.
+        `shared`: under mmu_lock for read (the fast zap), as opposed to VM teardown."""
+        self.trace.root_teardown(self.pool, root.table, root.as_id, shared)
+        self._untraced = True
+        try:
+            self.zap_range(root, 0, 1 << 62, acc, leafs_only=False)
+        finally:
+            self._untraced = False
         self.pool.release(root.table)
         acc.tables_freed += 1
         del self.roots[root.id]
@@ -154,11 +163,14 @@ class Mmu:
             table, lv = self.pool.child(e), lv - 1
         return table, (pos >> (9 * (lv - 1))) & 511
 
-    def table_for(self, root: Root, pos: int, level: int, acc: ZapAcc) -> int:
+    def table_for(
+        self, root: Root, pos: int, level: int, acc: ZapAcc, links: list[Link] | None = None
+    ) -> int:
         """The table at `level` covering `pos`, building missing tables on the way.
 
         A huge leaf in the way is zapped and replaced by a table (kvm_tdp_mmu_map,
-        kvm-private-tdx.md §2.5).
+        kvm-private-tdx.md §2.5). The new links are traced, or handed to `links` for the
+        caller to trace after the fault's request.
         """
         pool = self.pool
         table, lv = root.table, root.level
@@ -173,7 +185,12 @@ class Mmu:
                     self._zap_leaves(root, table, i, i + 1, lv, acc)
                 base = pos & ~(span(lv) - 1)
                 child = pool.alloc(lv - 1, base, root.id)
-                ent[i] = S.nonleaf_spte(TablePool.pfn(child))
+                link = S.nonleaf_spte(TablePool.pfn(child))
+                if links is not None:
+                    links.append((base, lv, int(ent[i]), link))
+                else:
+                    self.trace.spte_changed(root.as_id, base, lv, int(ent[i]), link)
+                ent[i] = link
                 table = child
             lv -= 1
         return table
@@ -202,14 +219,17 @@ class Mmu:
         if self.count_gmem and level == 1:
             pfns = (ent[idx] & S.U_ADDR) >> S.U_SHIFT
             root.gmem_leaves -= int(np.count_nonzero(pfns >= np.uint64(S.GMEM_PFN_BASE)))
+        base = self.pool.gfn(table) + lo * span(level)
+        sp = span(level)
+        if self.trace.enabled and not self._untraced:
+            gfns = np.uint64(base) + idx.astype(np.uint64) * np.uint64(sp)
+            self.trace.spte_changed(root.as_id, gfns, level, ent[idx], NONPRESENT)
         ent[idx] = S.NONPRESENT
         root.leaves[level] -= n
         self.pages[level] -= n
         acc.count(root.role, level, n)
         if root.valid:
             acc.flush = True
-        base = self.pool.gfn(table) + lo * span(level)
-        sp = span(level)
         for a, b in index_runs(idx):
             acc.runs.append((base + a * sp, base + b * sp, root.role))
 
@@ -227,14 +247,19 @@ class Mmu:
         lo, hi = clip(base, level, start, end)
         if lo >= hi:
             return
-        self._zap_leaves(root, table, lo, hi, level, acc)
         if level == 1:
+            self._zap_leaves(root, table, lo, hi, level, acc)
             return
         ent = pool.entries(table)
         sl = ent[lo:hi]
         sp = span(level)
+        # Leaves between subtrees are zapped in GFN order with them (tdp_iter's pre-order).
+        prev = lo
         for j in np.flatnonzero((sl & S.U_PRESENT != 0) & (sl & S.U_PS == 0)):
             i = lo + int(j)
+            if i > prev:
+                self._zap_leaves(root, table, prev, i, level, acc)
+            prev = i + 1
             child = pool.child(int(ent[i]))
             self._zap_table(root, child, start, end, acc, leafs_only)
             cbase = base + i * sp
@@ -242,6 +267,8 @@ class Mmu:
                 pool.release(child)
                 acc.tables_freed += 1
                 ent[i] = S.NONPRESENT
+        if prev < hi:
+            self._zap_leaves(root, table, prev, hi, level, acc)
 
     def free_table(self, root: Root, table: int, acc: ZapAcc) -> None:
         """Free a whole subtree (its leaves zapped); the caller clears the parent entry."""
@@ -250,6 +277,22 @@ class Mmu:
         self._zap_table(root, table, base, base + span(level) * ENTRIES, acc, False)
         self.pool.release(table)
         acc.tables_freed += 1
+
+    def replace_table(self, root: Root, parent: int, i: int, leaf: int, acc: ZapAcc) -> None:
+        """A table replaced by the huge leaf `leaf` (a fault, or huge-page recovery), both
+        under mmu_lock for read: the parent entry changes first, then the unlinked table's
+        entries are frozen (handle_removed_pt). The caller installs the leaf."""
+        old = int(self.pool.entries(parent)[i])
+        level = self.pool.level(parent)
+        child = self.pool.child(old)
+        gfn = self.pool.gfn(parent) + i * span(level)
+        self.trace.spte_changed(root.as_id, gfn, level, old, leaf)
+        self.trace.removed_table(self.pool, child, root.as_id, shared=True)
+        self._untraced = True
+        try:
+            self.free_table(root, child, acc)
+        finally:
+            self._untraced = False
 
     # -- leaves -----------------------------------------------------------------------------------
     def set_leaves(self, root: Root, table: int, lo: int, values: np.ndarray, level: int) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import addr as A
 from . import capabilities as caps
-from . import dirty, introspect, uapi
+from . import dirty, hypercall, introspect, tdx_lifecycle, uapi
 from . import spte as S
 from .attributes import MemoryAttributes, SetMemoryAttributes
 from .audit import audit as audit_vm
@@ -35,6 +35,7 @@ from .faults import (
 )
 from .gmem import CreateGuestMemfd, GmemClose, GmemFallocate, GmemFile, GmemTable, GmemWrite
 from .hostmem import LEVEL_OF_SIZE, HostAdvise, HostDiscard, HostMap, HostMemory, HostWrite
+from .hypercall import CompleteHypercall, TdvmcallMapGpa
 from .intervals import IntervalSet
 from .memslots import (
     ChangeKind,
@@ -50,6 +51,7 @@ from .paging import span
 from .roots import Mmu, Root, RootRole, ZapAcc
 from .stats import KVM_STAT_NAMES, stats_view
 from .tdx import TdxState
+from .tdx_lifecycle import TdxFinalizeVm, TdxInitMemRegion, TdxInitVcpu, TdxInitVm
 from .uapi import PAGE_SIZE, VmType
 from .vcpu import CreateVcpu, SetVcpuSmm, Vcpu
 from .zap import (
@@ -89,6 +91,7 @@ class Vm:
         paging_levels: int,
         name: str | None,
         table_budget: int = DEFAULT_TABLE_BUDGET,
+        td_lifecycle: bool = False,
     ) -> None:
         self.vm_type = VmType(vm_type)
         self.name = name
@@ -103,6 +106,7 @@ class Vm:
         self.user_addr_end = uapi.USER_ADDR_END_4LEVEL
         self.disabled_quirks = caps.initial_disabled_quirks(vm_type)
         self.manual_dirty_log = 0
+        self.hypercall_exit_enabled = 0  # KVM_CAP_EXIT_HYPERCALL: hypercalls that exit
         self.zap_policy = "kvm"
         self.table_budget = table_budget
         self.vcpus: dict[int, Vcpu] = {}
@@ -112,7 +116,7 @@ class Vm:
         self.host = HostMemory()
         self.mmu = Mmu(paging_levels)
         self.mmu.count_gmem = self.has_private_mem and not self.is_tdx
-        self.tdx = TdxState() if self.is_tdx else None
+        self.tdx = TdxState(lifecycle=td_lifecycle) if self.is_tdx else None
         self.dirty: dict[tuple[int, int], np.ndarray] = {}  # slot key -> bool[npages]
         # Slots whose logging began with KVM_DIRTY_LOG_INITIALLY_SET: huge leaves may stay
         # until KVM_CLEAR_DIRTY_LOG splits them.
@@ -148,13 +152,23 @@ class Vm:
         paging_levels: object = 4,
         name: str | None = None,
         table_budget: int = DEFAULT_TABLE_BUDGET,
+        td_lifecycle: bool = False,
     ) -> Vm:
+        """KVM_CREATE_VM, plus `vcpus` KVM_CREATE_VCPU calls. `td_lifecycle`: a TD that goes
+        through KVM_TDX_INIT_VM … FINALIZE_VM (tdx_lifecycle.py) instead of being runnable at
+        once; its vCPUs are created after INIT_VM, so `vcpus` must be 0 (tdx_vcpu_create)."""
         t = caps.check_vm_type(vm_type)
         if paging_levels not in (4, 5) or isinstance(paging_levels, bool):
             raise einval("paging_levels must be 4 or 5")
         if isinstance(vcpus, bool) or not isinstance(vcpus, int) or not 0 <= vcpus <= 1024:
             raise einval("vcpus must be an integer in [0, 1024]")
-        return cls(t, vcpus, int(paging_levels), name, table_budget)
+        if not isinstance(td_lifecycle, bool):
+            raise einval("td_lifecycle must be true or false")
+        if td_lifecycle and t != VmType.KVM_X86_TDX_VM:
+            raise einval("td_lifecycle applies to TDs (KVM_X86_TDX_VM) only")
+        if td_lifecycle and vcpus:
+            raise KvmError(errno.EIO, "a TD's vCPUs are created after KVM_TDX_INIT_VM (vcpus: 0)")
+        return cls(t, vcpus, int(paging_levels), name, table_budget, td_lifecycle)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -184,6 +198,7 @@ class Vm:
         if self.bugged and handler is not _destroy:
             raise KvmError(errno.EIO, f"the VM is dead (KVM_BUG_ON: {self.bugged})")
         self.now = time.time() if at is None else at
+        self.mmu.trace.now, self.mmu.trace.cpu = self.now, -1
         self.replay_durations = list(durations or [])
         self.last_durations = []
         return handler(self, op)
@@ -195,6 +210,7 @@ class Vm:
         id = op.id
         if isinstance(id, bool) or not isinstance(id, int) or not 0 <= id < 4096:
             raise einval("vCPU id must be in [0, 4096)")
+        tdx_lifecycle.check_can_create_vcpu(self)
         if id in self.vcpus:
             raise KvmError(errno.EEXIST, f"vCPU {id} already exists")
         if len(self.vcpus) >= 1024:
@@ -227,6 +243,8 @@ class Vm:
             self.disabled_quirks = caps.disable_quirks(self.disabled_quirks, number, flags, args)
         elif number == uapi.Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
             self.manual_dirty_log = caps.check_manual_dirty_log(flags, args)
+        elif number == uapi.Cap.KVM_CAP_EXIT_HYPERCALL:
+            self.hypercall_exit_enabled = caps.check_exit_hypercall(flags, args)
         else:
             raise einval(f"KVM_ENABLE_CAP does not support capability {number}")
         return {}
@@ -421,6 +439,31 @@ class Vm:
         if bm is not None:
             bm[np.asarray(gfns, dtype=np.int64) - slot.base_gfn] = True
 
+    def run_td_vcpu(self, vcpu: object, what: str) -> TdxState:
+        """A TD vCPU that KVM_RUN may enter (tdx_vcpu_pre_run), for a guest TDVMCALL."""
+        v = self.vcpu(vcpu)
+        if self.tdx is None:
+            raise einval(f"{what} exists only in a TD (KVM_X86_TDX_VM)")
+        tdx_lifecycle.check_can_run(self, v)
+        return self.tdx
+
+    def check_table_budget(self, size: int) -> None:
+        self._check_budget(self._budget_for(size))
+
+    def private_mapped(self, vcpu: Vcpu, gfn: int) -> bool:
+        """Whether a valid mirror root maps `gfn` (its guest_memfd page is in use)."""
+        for root in self.mmu.roots_of(vcpu.as_id):
+            if root.role is RootRole.MIRROR and root.valid:
+                _t, _i, _level, e = self.mmu.lookup(root, gfn)
+                if e & S.SPTE_MMU_PRESENT:
+                    return True
+        return False
+
+    def map_private_page(self, vcpu: Vcpu, gfn: int) -> None:
+        """kvm_tdp_map_page of one private GFN (a prefetch: no guest access)."""
+        res = FaultPath(self, vcpu, "write", prefetch=True).run(A.gfn_to_gpa(gfn), PAGE_SIZE)
+        assert res.exit is None, f"populate of gfn {gfn:#x} exited: {res.exit}"
+
     def _check_budget(self, need: int) -> None:
         if self.mmu.pool.live + need > self.table_budget:
             raise KvmError(errno.ENOMEM, "the service's page-table budget for this VM is spent")
@@ -439,6 +482,7 @@ class Vm:
         g, n = check_access_range(self, gpa, size, MAX_ACCESS_BYTES)
         self._check_private_hint(private, g)
         self._check_budget(self._budget_for(n))
+        tdx_lifecycle.check_can_run(self, v)
         v.running = True
         return FaultPath(self, v, str(access)).run(g, n).to_dict()
 
@@ -494,6 +538,9 @@ class Vm:
         g, n, f = check_u64(gpa, "gpa"), check_u64(size, "size"), check_u64(flags, "flags")
         if f or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n <= g:
             raise einval("flags must be 0; gpa/size page aligned; size > 0, no wrap")
+        if self.tdx is not None and not self.tdx.runnable:
+            # kvm_arch_vcpu_pre_fault_memory: pre_fault_allowed is set by TD finalize.
+            raise KvmError(errno.EOPNOTSUPP, "KVM_PRE_FAULT_MEMORY before KVM_TDX_FINALIZE_VM")
         if A.is_shared(A.gpa_to_gfn(g), self.gfn_direct_bits):
             raise einval("the GPA is a shared-bit alias")
         if g + n > self.gpa_limit:
@@ -516,6 +563,7 @@ class Vm:
         if n > MAX_ACCESS_BYTES:
             raise KvmError(errno.E2BIG, f"one call covers at most {MAX_ACCESS_BYTES:#x} bytes")
         self._check_budget(self._budget_for(n))
+        tdx_lifecycle.check_can_run(self, v)
         v.running = True
         gfn = A.gpa_to_gfn(g)
         # ACCEPT of a missing page is an EPT violation: KVM AUGs it (a prefetch-like walk that
@@ -566,6 +614,7 @@ class Vm:
         g, _ = check_access_range(self, gpa, length, PAGE_SIZE)
         self._check_private_hint(private, g)
         self._check_budget(self._budget_for(length))
+        tdx_lifecycle.check_can_run(self, v)
         v.running = True
         res = FaultPath(self, v, "read" if payload is None else "write").run(g, length)
         if res.exit is not None:
@@ -827,7 +876,15 @@ class Vm:
     def tdx_state(self) -> dict[str, Any]:
         if self.tdx is None:
             raise einval("not a TD")
-        return self.tdx.to_dict()
+        pending = [
+            {"vcpu": v, "next_gpa": a, "end_gpa": b}
+            for v, (a, b) in sorted(self.tdx.map_gpa.items())
+        ]
+        return {
+            **self.tdx.to_dict(),
+            "lifecycle": self.tdx.lifecycle_dict(),
+            "map_gpa_pending": pending,
+        }
 
     def translate(self, gpa: object) -> dict[str, Any]:
         return introspect.translate(self, gpa)
@@ -897,4 +954,10 @@ _HANDLERS: dict[type[Op], Callable[[Vm, Any], dict[str, Any]]] = {
     ClearDirtyLog: Vm._clear_dirty_log,
     SetZapPolicy: Vm._set_zap_policy,
     Destroy: _destroy,
+    TdxInitVm: tdx_lifecycle.init_vm,
+    TdxInitVcpu: tdx_lifecycle.init_vcpu,
+    TdxInitMemRegion: tdx_lifecycle.init_mem_region,
+    TdxFinalizeVm: tdx_lifecycle.finalize_vm,
+    TdvmcallMapGpa: hypercall.map_gpa,
+    CompleteHypercall: hypercall.complete,
 }

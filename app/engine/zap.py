@@ -16,6 +16,7 @@ from .errors import KvmError, check_u64, einval
 from .op import Op, operation
 from .paging import walk
 from .roots import Root, RootRole, ZapAcc
+from .trace import Kind
 from .uapi import PAGE_SHIFT, PAGE_SIZE, VmType
 
 if TYPE_CHECKING:
@@ -98,6 +99,8 @@ def zap_all_fast(
     t0 = time.perf_counter()
     acc = ZapAcc()
     invalidated = 0
+    # Traced before the generation flips; the TDP MMU uses no shadow pages (used_pages 0).
+    vm.mmu.trace.append(Kind.ZAP_ALL_FAST, c=vm.mmu.mmu_valid_gen, n=1)
     vm.mmu.mmu_valid_gen ^= 1
     for root in vm.mmu.roots_of(role=RootRole.DIRECT, only_valid=True):
         root.valid = False
@@ -301,7 +304,9 @@ def _explicit_roles(vm: Vm, roots: str) -> set[RootRole]:
 def notifier_invalidate(vm: Vm, first: int, end: int) -> dict[str, Any] | None:
     """kvm_mmu_notifier_invalidate_range_start: every slot whose HVA range intersects,
     shared (direct) roots only — host mm events never touch TDX mirror roots
-    (kvm-private-tdx.md §3.6)."""
+    (kvm-private-tdx.md §3.6). guest_memfd-only slots included: every memslot is in the HVA
+    tree the notifier walks (kvm_replace_memslot, kvm_handle_hva_range); the guest refaults
+    from guest_memfd."""
     zap = None
     t0 = time.perf_counter()
     acc = ZapAcc()
@@ -309,8 +314,6 @@ def notifier_invalidate(vm: Vm, first: int, end: int) -> dict[str, Any] | None:
     flush = False
     for space in vm.spaces:
         for slot in space.by_gfn():
-            if slot.gmem_only:
-                continue  # no HVA behind it: mm events cannot reach guest_memfd memory
             s_first = slot.userspace_addr >> PAGE_SHIFT
             s_end = s_first + slot.npages
             lo, hi = max(first, s_first), min(end, s_end)
@@ -364,7 +367,7 @@ def destroy(vm: Vm) -> dict[str, Any]:
                 for c in walk(vm.mmu.pool, root.table, 0, 1 << 62, post_order=True)
                 if c.table != root.table
             ]
-        vm.mmu.free_root(root, acc)
+        vm.mmu.free_root(root, acc, shared=False)  # kvm_mmu_uninit_tdp_mmu: write lock
         if root.role is RootRole.MIRROR and vm.tdx is not None:
             for s, e, _ in acc.runs[before:]:
                 vm.tdx.remove_leaves(s, e - s)

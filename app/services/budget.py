@@ -88,6 +88,7 @@ def bytes_held(vm: Any) -> int:
     for f in (getattr(gmem, "files", None) or {}).values():
         total += len(getattr(f, "contents", None) or {}) * PAGE
     total += len(getattr(vm, "events", None) or ()) * ZAP_EVENT_BYTES
+    total += int(getattr(getattr(mmu, "trace", None), "nbytes", 0))
     return total
 
 

@@ -58,6 +58,10 @@ def _no_budget(vm: Vm, tables: int) -> None:
     return None
 
 
+def _no_trace(vm: Vm, records: int) -> None:
+    return None
+
+
 def _always(data: bytes) -> bool:
     return True
 
@@ -87,6 +91,8 @@ class EnginePort:
     # What a snapshot's state holds once decoded (`codec.footprint`), read without decoding
     # it: reserved before a fork or a reload is built.
     snapshot_footprint: Callable[[bytes], dict[str, int]] = _no_footprint
+    # How many kvmmmu trace records the VM keeps (GET …/trace); 0 turns tracing off.
+    set_trace_records: Callable[[Vm, int], None] = _no_trace
 
 
 def default_engine() -> EnginePort:
@@ -103,6 +109,10 @@ def default_engine() -> EnginePort:
     def set_table_budget(vm: Vm, tables: int) -> None:
         vm.table_budget = tables
 
+    def set_trace_records(vm: Vm, records: int) -> None:
+        if vm.mmu.trace.capacity != records:
+            vm.mmu.trace.resize(records)
+
     return EnginePort(
         create=_Vm.create,
         dumps=codec.dumps,
@@ -114,4 +124,5 @@ def default_engine() -> EnginePort:
         tables_live=tables_live,
         set_table_budget=set_table_budget,
         snapshot_footprint=codec.footprint,
+        set_trace_records=set_trace_records,
     )

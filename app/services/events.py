@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 # Every type an event can have (the `event:` field of the stream).
@@ -49,7 +50,22 @@ class Event:
     data: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "type": self.type, "vm": self.vm, "at": self.at, "data": self.data}
+        """The stream's form: times in RFC 3339, as every REST answer gives them."""
+        data = self.data
+        if self.type == "zap" and isinstance(data.get("at"), int | float):
+            data = {**data, "at": rfc3339(data["at"])}
+        return {
+            "id": self.id,
+            "type": self.type,
+            "vm": self.vm,
+            "at": rfc3339(self.at),
+            "data": data,
+        }
+
+
+def rfc3339(ts: float) -> str:
+    """Seconds since the epoch as RFC 3339 UTC, the form pydantic gives a datetime."""
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(slots=True)
@@ -73,9 +89,13 @@ class Subscription:
     mark: int = 0
     dropped: bool = False
     closed: str | None = None  # why the bus ended this subscription
+    # Which VMs' events it may see (a tenant's stream: its own VMs only); None: all.
+    visible: Callable[[str | None], bool] | None = None
 
     def wants(self, ev: Event) -> bool:
         if self.vm is not None and ev.vm != self.vm:
+            return False
+        if self.visible is not None and not self.visible(ev.vm):
             return False
         return self.types is None or ev.type in self.types
 
@@ -133,9 +153,14 @@ class EventBus:
     # ------------------------------------------------------------ subscribing
 
     def subscribe(
-        self, *, vm: str | None = None, types: Iterable[str] | None = None
+        self,
+        *,
+        vm: str | None = None,
+        types: Iterable[str] | None = None,
+        visible: Callable[[str | None], bool] | None = None,
     ) -> Subscription:
         sub = Subscription(vm, None if types is None else frozenset(types), self.queue_max)
+        sub.visible = visible
         sub.mark = self.ring[-1].id if self.ring else 0
         if self.closed:
             sub.closed = "shutdown"

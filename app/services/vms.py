@@ -69,6 +69,14 @@ from app.services.errors import (
     attach_etag,
 )
 from app.services.events import EventBus
+from app.services.quotas import (
+    HELD_KEY,
+    TenantQuotas,
+    TenantUsage,
+    acting_tenant,
+    held_split,
+    too_many,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +98,11 @@ DEFAULT_JOURNAL_KEEP = 1000
 DEFAULT_RETENTION_S = 7 * 24 * 3600.0
 DEFAULT_MAX_MANUAL_SNAPSHOTS = 32
 DEFAULT_GC_INTERVAL_S = 300.0
-# Where the VM row's summary keeps `vm.stats()` (read by /metrics without loading the VM),
-# and what the state holds in memory (bytes, tables: what a reload reserves first).
+# kvmmmu trace records kept per loaded VM (GET …/trace; ~56 bytes each, grown on use).
+DEFAULT_TRACE_RECORDS = 4096
+# Where the VM row's summary keeps `vm.stats()` (read by /metrics without loading the VM);
+# `HELD_KEY` what the state holds in memory (tenant quotas; what a reload reserves first).
 STATS_KEY = "stats"
-HELD_KEY = "held"
 # A VM's creation defaults (KVM_CREATE_VM with type 0, one vCPU, 4-level EPT).
 CREATE_DEFAULTS = {"vm_type": 0, "vcpus": 1, "paging_levels": 4}
 
@@ -223,6 +232,8 @@ class VmHandle:
     # last call left (None: unknown, e.g. just loaded).
     work_bytes: int = 0
     work_stats: dict[str, Any] | None = None
+    # The VM's tenant, from its row (the byte quotas count what each VM holds by tenant).
+    tenant: str | None = None
 
     def discard(self) -> None:
         self.vm = None
@@ -308,18 +319,26 @@ class VmService:
         retention_s: float = DEFAULT_RETENTION_S,
         max_manual_snapshots: int = DEFAULT_MAX_MANUAL_SNAPSHOTS,
         gc_interval_s: float = 0,
+        trace_records: int = DEFAULT_TRACE_RECORDS,
         memory_budget_bytes: int = budget.DEFAULT_MEMORY_BUDGET_BYTES,
         vm_memory_budget_bytes: int = budget.DEFAULT_VM_MEMORY_BUDGET_BYTES,
         max_gmem_bytes: int = budget.DEFAULT_MAX_GUEST_MEMFD_BYTES,
+        tenant_quotas: TenantQuotas | None = None,
     ) -> None:
         # Page tables all loaded VMs and what-if forks together may hold (in tables).
         self.budget_tables = max(0, page_table_budget_bytes) // TABLE_BYTES
         self.ledger = budget.Ledger(
             memory_budget_bytes, vm_memory_budget_bytes, service_tables=self.budget_tables
         )
+        # Per-tenant quotas (app/services/quotas.py) and each VM's tenant, once seen: a VM's
+        # tenant never changes.
+        self.quotas = tenant_quotas or TenantQuotas()
+        self.usage = TenantUsage(self.quotas)
+        self._tenants: dict[str, str] = {}
         self.max_gmem_bytes = max_gmem_bytes
         self.database_url = database_url
         self.journal_keep = max(0, journal_keep)
+        self.trace_records = max(0, trace_records)
         self.retention_s = max(0.0, retention_s)
         self.max_manual_snapshots = max(0, max_manual_snapshots)
         # Seconds between background gc runs (0: none; `vkmmu serve` sets it).
@@ -489,11 +508,15 @@ class VmService:
         paging_levels: int | None = None,
         from_snapshot: str | None = None,
         tenant: str = "default",
+        td_lifecycle: bool = False,
+        only_tenant: str | None = None,
     ) -> tuple[dict[str, Any], str]:
         """KVM_CREATE_VM, or a fork of a snapshot. A fork is its snapshot's kind of VM:
         `vm_type`, `vcpus`, `paging_levels` may be left out (None) or must be the source
-        VM's (ForkMismatch otherwise). A snapshot of a deleted VM is gone (SnapshotNotFound)."""
+        VM's (ForkMismatch otherwise). A snapshot of a deleted VM is gone (SnapshotNotFound),
+        as is one of another tenant's VM when `only_tenant` is given."""
         requested = {"vm_type": vm_type, "vcpus": vcpus, "paging_levels": paging_levels}
+        acting = acting_tenant.get()
 
         row_id = new_id("vm-")
 
@@ -504,6 +527,8 @@ class VmService:
                     snap = repo.get_snapshot(s, from_snapshot)
                     src = None if snap is None else repo.get_vm(s, snap.vm_id)
                     if snap is None or src is None or src.deleted:
+                        raise SnapshotNotFound(from_snapshot)
+                    if only_tenant is not None and src.tenant != only_tenant:
                         raise SnapshotNotFound(from_snapshot)
                     source = {
                         "vm_type": src.vm_type,
@@ -531,8 +556,12 @@ class VmService:
             else:
                 kind = {k: CREATE_DEFAULTS[k] if v is None else v for k, v in requested.items()}
                 create_args = {**kind, "name": name}
+                # Only a TD that goes through KVM_TDX_INIT_VM … FINALIZE_VM says so: a record
+                # without the key is a TD runnable from creation, as every older one is.
+                extra = {"td_lifecycle": True} if td_lifecycle else {}
+                create_args.update(extra)
                 # KvmError (unsupported type, bad levels) passes through; nothing is stored.
-                vm = self.engine.create(**kind, name=name)
+                vm = self.engine.create(**kind, name=name, **extra)
             row = VmRow(
                 id=row_id,
                 name=name,
@@ -553,6 +582,10 @@ class VmService:
                     # its source's snapshot or journal, which retention may delete.
                     own = self._snapshot_row(row.id, 0, self.engine.dumps(vm), "auto", None)
                 with self.db.write() as s:
+                    if acting is not None:  # counted under the write lock (SQLite: exact)
+                        have = repo.count_tenant_vms(s, acting)
+                        if have >= self.quotas.max_vms:
+                            raise too_many("VMs", have, self.quotas.max_vms, "VKMMU_TENANT_MAX_VMS")
                     s.add(row)
                     if own is not None:
                         s.flush()  # the VM row first: the snapshot's foreign key names it
@@ -563,7 +596,9 @@ class VmService:
             return row, vm
 
         row, vm = await self._run(work)
-        self._handles[row.id] = VmHandle(row.id, vm=vm)
+        self._tenants[row.id] = row.tenant
+        self.usage.settle(row.tenant, row.id, held_split(vm))
+        self._handles[row.id] = VmHandle(row.id, vm=vm, tenant=row.tenant)
         self._settle_held(row.id, vm)
         self._evict_over_limit()
         info = self._info(row)
@@ -581,6 +616,8 @@ class VmService:
                 return repo.list_vms(s, limit=limit + 1, after=cursor, tenant=tenant)
 
         rows = await self._run(work)
+        for r in rows:
+            self._tenants[r.id] = r.tenant
         items = [self._info(r) for r in rows[:limit]]
         next_cursor = rows[limit - 1].id if len(rows) > limit else None
         return items, next_cursor
@@ -602,6 +639,7 @@ class VmService:
         result, _ = await self._mutate(vm_id, op, if_match=if_match, destroy=True)
         self.events.publish("vm_deleted", vm_id, {})
         self.events.end_vm(vm_id)
+        self.usage.forget(vm_id)
         try:
             await self._run(self._purge_tombstone, vm_id)
         except Exception:  # the destroy is committed; gc purges what is left
@@ -788,6 +826,7 @@ class VmService:
         try:
             with self.db.read() if split else self.db.write() as s:
                 row = self._live_row(s, h.vm_id, lock=not split)
+                h.tenant = row.tenant
                 if if_match is not None and not etag_matches(if_match, row.last_seq):
                     raise PreconditionFailed(if_match, etag(row.last_seq))
                 vm = self._catch_up(s, h, row.last_seq)
@@ -824,11 +863,19 @@ class VmService:
         is re-raised; one with `state_changed` is kept to be journaled."""
         # Reserved before the engine allocates (ENOMEM past a quota: nothing changed).
         need = budget.op_need(vm, op.name, args, max_gmem_bytes=self.max_gmem_bytes)
+        acting = acting_tenant.get()
+        if acting is not None:  # a tenant token's call: its tenant's byte quotas too
+            self.usage.load(acting, functools.partial(self._tenant_summaries, acting))
+            # An eager split takes what is free, so only a fault's tables are a need here.
+            tables = need.tables * TABLE_BYTES if need.all_tables else 0
+            self.usage.check(acting, h.vm_id, need.bytes + tables)
         grant = self.ledger.reserve(h.vm_id, need)
         try:
             return self._engine_step_reserved(vm, op, grant.tables)
         finally:
             self.ledger.settle(h.vm_id, grant, budget.bytes_held(vm), budget.tables_held(vm))
+            if h.tenant is not None:
+                self.usage.settle(h.tenant, h.vm_id, held_split(vm))
 
     def _engine_step_reserved(self, vm: Vm, op: OpLike, granted_tables: int) -> _Step:
         at_us = now_us()
@@ -836,6 +883,7 @@ class VmService:
         # them. Journaled with the call: replay must run it under the very same budget.
         budget = self.engine.tables_live(vm) + granted_tables
         self.engine.set_table_budget(vm, budget)
+        self.engine.set_trace_records(vm, self.trace_records)
         step = _Step(at_us=at_us, budget=budget)
         try:
             step.result = self.engine.apply(vm, op, us_to_engine_time(at_us), None)
@@ -937,6 +985,14 @@ class VmService:
                 f"the VM has {self.max_manual_snapshots} manual snapshots, the most "
                 "VKMMU_MAX_MANUAL_SNAPSHOTS allows: delete one first",
             )
+        acting = acting_tenant.get()
+        if acting is not None:
+            have = repo.count_tenant_snapshots(s, acting, kind="manual")
+            if have >= self.quotas.max_snapshots:
+                raise too_many(
+                    "manual snapshots", have, self.quotas.max_snapshots,
+                    "VKMMU_TENANT_MAX_SNAPSHOTS",
+                )  # fmt: skip
 
     @staticmethod
     def _snapshot_row(
@@ -1242,7 +1298,38 @@ class VmService:
         row = repo.get_vm(s, vm_id, lock=lock)
         if row is None or row.deleted:
             raise VmNotFound(vm_id)
+        self._tenants[vm_id] = row.tenant
         return row
+
+    # ----------------------------------------------------------------- tenants
+
+    def set_tenant_quotas(self, quotas: TenantQuotas) -> None:
+        self.quotas = quotas
+        self.usage.quotas = quotas
+
+    def tenant_of(self, vm_id: str | None) -> str | None:
+        """The VM's tenant if this process has seen the VM (no database access)."""
+        return None if vm_id is None else self._tenants.get(vm_id)
+
+    async def vm_tenant(self, vm_id: str) -> str | None:
+        """The VM's tenant (deleted VMs keep theirs); None when there is no such VM."""
+        known = self._tenants.get(vm_id)
+        if known is not None:
+            return known
+
+        def work() -> str | None:
+            with self.db.read() as s:
+                row = repo.get_vm_any(s, vm_id)
+                return None if row is None else row.tenant
+
+        found = await self._run(work)
+        if found is not None:
+            self._tenants[vm_id] = found
+        return found
+
+    def _tenant_summaries(self, tenant: str) -> list[tuple[str, dict[str, Any]]]:
+        with self.db.read() as s:
+            return [(r.id, r.summary) for r in repo.tenant_vms(s, tenant)]
 
     def _catch_up(self, s: Session, h: VmHandle, target_seq: int) -> Vm:
         """Bring `h.vm` to journal record `target_seq`: load it, or replay what it missed."""
@@ -1335,11 +1422,13 @@ class VmService:
             return self._state_of_snapshot(
                 s, ca["source_vm"], ca["from_snapshot"], ca["source_seq"]
             )
+        extra = {"td_lifecycle": True} if ca.get("td_lifecycle") else {}
         return self.engine.create(
             vm_type=ca["vm_type"],
             vcpus=ca["vcpus"],
             paging_levels=ca["paging_levels"],
             name=ca.get("name"),
+            **extra,
         )
 
     def _state_of_snapshot(self, s: Session, vm_id: str, snap_id: str, seq: int) -> Vm:
@@ -1394,6 +1483,7 @@ class VmService:
             # were journaled ran with the whole service's.
             budget = self.budget_tables if r.table_budget is None else r.table_budget
             self.engine.set_table_budget(vm, budget)
+            self.engine.set_trace_records(vm, self.trace_records)
             try:
                 self.engine.apply(vm, self.engine.parse(r.op, r.args), r.at, r.durations)
                 outcome: int | None = None
@@ -1467,7 +1557,7 @@ class VmService:
     def _summary(vm: Vm) -> dict[str, Any]:
         """What the VM row keeps of the state at `last_seq`: `vm.info()`, and `vm.stats()`
         (flat numbers) for /metrics."""
-        held = {"bytes": budget.bytes_held(vm), "tables": budget.tables_held(vm)}
+        held = {**held_split(vm), "bytes": budget.bytes_held(vm), "tables": budget.tables_held(vm)}
         return _json_copy({**vm.info(), STATS_KEY: vm.stats(), HELD_KEY: held})
 
     @staticmethod
@@ -1534,4 +1624,15 @@ def service_options(settings: Any) -> dict[str, Any]:
         "memory_budget_bytes": settings.memory_budget_bytes,
         "vm_memory_budget_bytes": settings.vm_memory_budget_bytes,
         "max_gmem_bytes": settings.max_guest_memfd_bytes,
+        "trace_records": settings.trace_records,
+        "tenant_quotas": tenant_quotas(settings),
     }
+
+
+def tenant_quotas(settings: Any) -> TenantQuotas:
+    return TenantQuotas(
+        max_vms=settings.tenant_max_vms,
+        max_snapshots=settings.tenant_max_snapshots,
+        page_table_bytes=settings.tenant_page_table_bytes,
+        content_bytes=settings.tenant_content_bytes,
+    )

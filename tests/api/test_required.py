@@ -15,6 +15,11 @@ from tests.api.helpers import HVA, MiB, assert_problem, ok, put_slot, state
 # optional field fails the test until its default is reviewed here.
 SAFE_DEFAULTS: dict[str, dict[str, str]] = {
     "SnapshotCreate": {"label": "a name only"},
+    "TokenCreate": {
+        "scopes": "read and write, as the admin intended by leaving it out",
+        "expires_at": "no expiry; revocable by id",
+        "label": "a name only",
+    },
     "WhatIfRequest": {
         # Exactly one of ops/trace is required, checked by the model (422 naming both).
         "ops": "one of ops or trace; a what-if never changes the VM",
@@ -28,6 +33,7 @@ SAFE_DEFAULTS: dict[str, dict[str, str]] = {
         "vcpus": "creation: 1 vCPU",
         "paging_levels": "creation: 4-level TDP",
         "from_snapshot": "creation without a fork",
+        "td_lifecycle": "a TD runnable at creation, as before the lifecycle existed",
     },
     "MemoryRegion": {
         "slot": "only repeats the path",
@@ -46,6 +52,13 @@ SAFE_DEFAULTS: dict[str, dict[str, str]] = {
     "Store": {"private": "a check, not a switch"},
     "PreFault": {"flags": "must be 0"},
     "Accept": {"size": "one page"},
+    "TdxInitVm": {
+        "gpaw": "the VM's own EPT level decides (48 for 4-level, 52 for 5-level)",
+        "flags": "must be 0",
+    },
+    "TdxInitVcpu": {"rcx": "the struct's zero value", "flags": "must be 0"},
+    "TdxInitMemRegion": {"flags": "0 = add without measuring"},
+    "HypercallComplete": {"ret": "0 = the VMM converted the chunk (what KVM leaves there)"},
     "GmemCreate": {"flags": "a plain guest_memfd"},
     "DirtyLogClear": {"first_page": "the slot's first page; what is cleared is `bitmap`"},
     "ZapRequest": {

@@ -147,6 +147,7 @@ async def test_disable_quirks2_by_number_hex_or_names(
         "quirks": q,
         "manual_dirty_log_protect": 0,
         "manual_dirty_log_protect_names": [],
+        "hypercall_exit_enabled": 0,
     }
     assert q["disabled_mask"] == CD_NW_CLEARED | SLOT_ZAP_ALL == 0x82
     assert q["enabled_mask"] == uapi.SUPPORTED_QUIRKS & ~0x82

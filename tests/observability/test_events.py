@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -66,7 +67,12 @@ async def test_events_are_typed_and_resumable(client: httpx.AsyncClient) -> None
     for e in events:
         assert e["data"]["id"] == e["id"] and e["data"]["type"] == e["event"]
         assert e["data"]["vm"] == vm
+        # Times in RFC 3339 UTC, as in every REST answer.
+        assert datetime.fromisoformat(e["data"]["at"]).tzinfo == UTC
     zap = events[6]["data"]["data"]
+    # The zap as `GET …/zaps` gives it, `at` included.
+    listed = ok(await client.get(f"/v1/vms/{vm}/zaps"))["items"]
+    assert [z["at"] for z in listed if z["seq"] == zap["seq"]] == [zap["at"]]
     assert (zap["cause"], zap["path"], zap["slot_zap_all"]) == (
         "memslot_delete",
         "zap_all_fast",

@@ -124,7 +124,9 @@ async def test_page_tables_of_concurrent_calls_never_pass_the_budget(
     once, against a page-table budget far below what they would build: the tables that
     exist at any moment, counted at every allocation, never pass it."""
     limit = 120
-    svc = await make_service(db_url, snapshot_every=0, page_table_budget_bytes=limit * 4096)
+    svc = await make_service(
+        db_url, snapshot_every=0, page_table_budget_bytes=limit * 4096, trace_records=0
+    )
     size = 64 * MIB
     vms = [await _vm(svc) for _ in range(6)]
     for vm in vms:
@@ -180,20 +182,22 @@ async def test_reloads_and_forks_are_reserved_before_they_are_built(
     """An evicted VM's reload and a fork of its snapshot reserve the state they will hold
     first: with the budget taken by another VM meanwhile they answer ENOMEM, and nothing
     was decoded past the budget."""
-    svc = await make_service(db_url, snapshot_every=0, memory_budget_bytes=400 * 1024)
+    svc = await make_service(
+        db_url, snapshot_every=0, memory_budget_bytes=1400 * 1024, trace_records=0
+    )
     a, b = await _vm(svc), await _vm(svc)
-    await svc.mutate(a, "set_user_memory_region", _slot(64 * MIB))
-    await svc.mutate(a, "access", {"vcpu": 0, "gpa": 0, "size": 64 * MIB, "access": "write"})
+    await svc.mutate(a, "set_user_memory_region", _slot(256 * MIB))
+    await svc.mutate(a, "access", {"vcpu": 0, "gpa": 0, "size": 256 * MIB, "access": "write"})
     snap = await svc.create_snapshot(a)
-    held_a = svc.ledger.of(a)
+    tables_a, _ = await svc.read(a, budget.tables_held)
     assert svc.evict(a) and svc.ledger.of(a) == 0
-    await svc.mutate(b, "set_user_memory_region", _slot(128 * MIB))
-    await svc.mutate(b, "access", {"vcpu": 0, "gpa": 0, "size": 128 * MIB, "access": "write"})
-    assert svc.ledger.total() + held_a > svc.ledger.service_bytes
-    for attempt in (
-        svc.read(a, budget.bytes_held),
-        svc.create_vm(name=None, from_snapshot=snap["id"]),
-    ):
+    await svc.mutate(b, "set_user_memory_region", _slot(512 * MIB))
+    await svc.mutate(b, "access", {"vcpu": 0, "gpa": 0, "size": 512 * MIB, "access": "write"})
+    # Neither A's state nor a copy of it fits next to B's.
+    assert svc.ledger.total() + tables_a * 4096 > svc.ledger.service_bytes
+    reload = svc.read(a, budget.bytes_held)
+    fork = svc.create_vm(name=None, from_snapshot=snap["id"])
+    for attempt in (reload, fork):
         with pytest.raises(KvmError) as e:
             await attempt
         assert e.value.errno == errno.ENOMEM
@@ -201,4 +205,4 @@ async def test_reloads_and_forks_are_reserved_before_they_are_built(
         assert svc.loaded_vms().keys() == {b}
     await svc.mutate(b, "set_user_memory_region", _slot(0))  # B lets go of its tables
     held, _ = await svc.read(a, budget.bytes_held)
-    assert held == held_a == svc.ledger.of(a)
+    assert held == svc.ledger.of(a) and held >= tables_a * 4096

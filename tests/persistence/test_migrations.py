@@ -12,7 +12,7 @@ from app.db.session import sync_url
 from app.services.lifecycle import downgrade, head_revision, migrate
 from app.services.vms import build_service
 
-TABLES = {"vms", "journal", "snapshots"}
+TABLES = {"vms", "journal", "snapshots", "tokens", "auth_keys"}
 
 
 def tables(url: str) -> set[str]:

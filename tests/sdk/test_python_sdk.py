@@ -198,6 +198,13 @@ async def test_every_operation_through_the_generated_client(sdk: Any, make_clien
         )
     ).data == "ab"
     await call("guest_memfds", "guest_memfds_close", td, gm.fd)
+
+    # Tokens (the open service acts as the admin).
+    tok = await call("tokens", "tokens_create", body=m.TokenCreate(tenant="sdk"), status=201)
+    assert tok.token.startswith("vkmmu_")
+    assert [t.id for t in (await call("tokens", "tokens_list")).items] == [tok.id]
+    assert (await call("tokens", "tokens_get", tok.id)).tenant == "sdk"
+    assert (await call("tokens", "tokens_revoke", tok.id)).revoked_at is not None
     await call("metrics", "metrics_get")
 
     # Errors come back as typed problems.

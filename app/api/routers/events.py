@@ -18,7 +18,7 @@ deleted or the service is shutting down). Comment lines (`: keep-alive`) are hea
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import orjson
@@ -26,6 +26,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
+from app.api.auth import Principal, StreamSlots, principal_of
 from app.api.deps import VmId, get_service
 from app.api.errors import R_ETAG, R_NOT_FOUND, R_QUERY, responses
 from app.services.events import EVENT_TYPES, Control, Event, EventBus
@@ -94,7 +95,7 @@ def sse(item: Event | Control | None) -> bytes:
 
 
 def event_stream(
-    bus: EventBus,
+    request: Request,
     *,
     vm: str | None,
     types: frozenset[str] | None,
@@ -102,16 +103,25 @@ def event_stream(
     heartbeat: float,
     timeout: float | None,
 ) -> StreamingResponse:
-    sub = bus.subscribe(vm=vm, types=types)
+    bus: EventBus = _bus(request)
+    principal = principal_of(request)
+    slots: StreamSlots = request.app.state.stream_slots
+    slots.acquire(principal.tenant)  # 429 past the tenant's open streams
+    sub = bus.subscribe(vm=vm, types=types, visible=_visible(request, principal))
     if after is None:  # from now on (what the ring holds is history)
         after = bus.ring[-1].id if bus.ring else 0
     start = after
     deadline = None if timeout is None else time.monotonic() + timeout
 
     async def body() -> AsyncIterator[bytes]:
-        yield b"retry: %d\n\n" % RETRY_MS
-        async for item in bus.stream(sub, after=start, heartbeat_s=heartbeat, deadline=deadline):
-            yield sse(item)
+        try:
+            yield b"retry: %d\n\n" % RETRY_MS
+            async for item in bus.stream(
+                sub, after=start, heartbeat_s=heartbeat, deadline=deadline
+            ):
+                yield sse(item)
+        finally:
+            slots.release(principal.tenant)
 
     return StreamingResponse(
         body(),
@@ -122,6 +132,16 @@ def event_stream(
 
 def _bus(request: Request) -> Any:
     return get_service(request).events  # type: ignore[attr-defined]
+
+
+def _visible(request: Request, principal: Principal) -> Callable[[str | None], bool] | None:
+    """A tenant's stream carries its own VMs' events only (fail closed: a VM this process
+    has not seen yet is not shown)."""
+    tenant = principal.tenant
+    if tenant is None:
+        return None
+    service = get_service(request)
+    return lambda vm: service.tenant_of(vm) == tenant
 
 
 @router.get(
@@ -140,7 +160,7 @@ async def stream_events(
     last_event_id: LastEventId = None,
 ) -> StreamingResponse:
     return event_stream(
-        _bus(request),
+        request,
         vm=None,
         types=parse_types(types),
         after=resume_point(after, last_event_id),
@@ -174,7 +194,7 @@ async def stream_vm_events(
     # A 404 problem before streaming when the VM does not exist.
     _, etag = await service.get_vm(vm)
     answer = event_stream(
-        _bus(request),
+        request,
         vm=vm,
         types=wanted,
         after=resume_point(after, last_event_id),

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
+from app.api.auth import principal_of
 from app.api.deps import get_service
 from app.api.mmu_metrics import TABLE_BYTES, MmuMetrics
 
@@ -39,6 +40,14 @@ async def metrics(request: Request) -> Response:
     service: Any = get_service(request)
     summaries = await service.vm_summaries()
     stats = await service.stats_summaries()
+    tenant = principal_of(request).tenant
+    if tenant is not None:
+        # A tenant's scrape names its own VMs only (the aggregates carry no VM ids).
+        for vm_id in list(summaries):
+            if await service.vm_tenant(vm_id) != tenant:
+                summaries.pop(vm_id)
+                stats.pop(vm_id, None)
+        stats = {k: v for k, v in stats.items() if k in summaries}
     loaded = service.loaded_vms()
     engine = getattr(service, "engine", None)
     tables = 0

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Response, status
 
+from app.api.auth import PrincipalDep
 from app.api.deps import (
     Cursor,
     IfMatchDep,
@@ -58,7 +59,9 @@ router = APIRouter(prefix="/v1/vms", tags=["vms"])
     summary="KVM_CREATE_VM (or fork a snapshot with `from_snapshot`)",
     responses=responses(R_KVM, R_BODY, R_NOT_FOUND, R_ETAG_CREATED),
 )
-async def create_vm(body: VmCreate, service: ServiceDep, response: Response) -> VmInfo:
+async def create_vm(
+    body: VmCreate, service: ServiceDep, response: Response, principal: PrincipalDep
+) -> VmInfo:
     # A fork takes these from its snapshot: pass on only what the client actually sent, for
     # the service to check against the snapshot's VM (422 when they differ).
     fork = body.from_snapshot is not None
@@ -72,6 +75,10 @@ async def create_vm(body: VmCreate, service: ServiceDep, response: Response) -> 
         vcpus=given("vcpus", body.vcpus),
         paging_levels=given("paging_levels", body.paging_levels),
         from_snapshot=body.from_snapshot,
+        td_lifecycle=body.td_lifecycle,
+        # A tenant's VMs are its own; the admin's are the `default` tenant's.
+        tenant=principal.tenant or "default",
+        only_tenant=principal.tenant,
     )
     set_etag(response, etag)
     response.headers["Location"] = f"/v1/vms/{info['id']}"
@@ -80,9 +87,9 @@ async def create_vm(body: VmCreate, service: ServiceDep, response: Response) -> 
 
 @router.get("", summary="List VMs, ordered by id", responses=responses(R_QUERY))
 async def list_vms(
-    service: ServiceDep, limit: LimitQ = 100, cursor: VmCursor = None
+    service: ServiceDep, principal: PrincipalDep, limit: LimitQ = 100, cursor: VmCursor = None
 ) -> Page[VmInfo]:
-    items, next_cursor = await service.list_vms(limit=limit, cursor=cursor)
+    items, next_cursor = await service.list_vms(limit=limit, cursor=cursor, tenant=principal.tenant)
     return Page[VmInfo].model_validate({"items": items, "next_cursor": next_cursor})
 
 
@@ -140,6 +147,7 @@ def _enabled_caps(v: Vm) -> dict[str, Any]:
         "quirks": v.quirks(),
         "manual_dirty_log_protect": protect,
         "manual_dirty_log_protect_names": names,
+        "hypercall_exit_enabled": int(v.hypercall_exit_enabled),
     }
 
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, create_model
 
 from app.api.schemas.common import Answer, LevelCounts
+from app.api.schemas.tdx import MapGpaPending, TdxLifecycle
 from app.engine import uapi
 from app.engine.stat_descriptors import DESCRIPTORS
 from app.engine.tdx import OPS as TDX_OPS
@@ -205,3 +206,7 @@ class TdxState(Answer):
     pending_reaccept_pages: int = Field(description="Accepted pages a zap took away.")
     reaccepts: int
     recent: list[TdxOpRecord] = Field(description="The latest operations, oldest first.")
+    lifecycle: TdxLifecycle = Field(description="The TD's lifecycle (KVM_TDX_INIT_VM …).")
+    map_gpa_pending: list[MapGpaPending] = Field(
+        description="vCPUs waiting in a MapGPA KVM_EXIT_HYPERCALL: the chunk and the end."
+    )

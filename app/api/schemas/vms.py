@@ -47,6 +47,12 @@ class VmCreate(Body):
     vm_type: VmTypeField = 0
     vcpus: Annotated[U32, Field(description="vCPU ids 0…n−1 are created with the VM.")] = 1
     paging_levels: Annotated[U32, Field(description="TDP levels: 4 or 5.")] = 4
+    td_lifecycle: bool = Field(
+        default=False,
+        description="A TD (vm_type 5) that goes through KVM_TDX_INIT_VM, KVM_TDX_INIT_VCPU, "
+        "KVM_TDX_INIT_MEM_REGION and KVM_TDX_FINALIZE_VM before it runs (…/tdx/…); its vCPUs "
+        "are created after INIT_VM, so `vcpus` must be 0. False: runnable at creation.",
+    )
     from_snapshot: Annotated[
         str | None,
         Field(
@@ -164,6 +170,10 @@ class EnabledCaps(Answer):
         description="KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags in force (0: off)."
     )
     manual_dirty_log_protect_names: list[str]
+    hypercall_exit_enabled: int = Field(
+        description="KVM_CAP_EXIT_HYPERCALL mask in force: bit 12 (KVM_HC_MAP_GPA_RANGE) makes "
+        "a guest's MapGPA exit to userspace."
+    )
 
 
 # One integer field per capability vkmmu models, named as the kernel names it.

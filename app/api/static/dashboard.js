@@ -48,7 +48,9 @@ function bytes(n) {
 }
 
 const hex = (n) => "0x" + Number(n).toString(16);
-const clock = (s) => new Date(s * 1000).toLocaleTimeString();
+// Times arrive as RFC 3339 strings (REST answers and the event stream alike).
+const secs = (at) => (typeof at === "number" ? at : Date.parse(at) / 1000);
+const clock = (at) => new Date(secs(at) * 1000).toLocaleTimeString();
 
 // ------------------------------------------------------------------ VM list
 
@@ -192,14 +194,14 @@ function renderZaps(fresh) {
   const W = 1200, H = 120, L = 10, R = 10;
   el.append(svg("line", { x1: L, x2: W - R, y1: 70, y2: 70, stroke: "#c9ced4" }));
   if (zaps.length) {
-    const t0 = zaps[0].at, t1 = Math.max(zaps[zaps.length - 1].at, t0 + 1);
+    const t0 = secs(zaps[0].at), t1 = Math.max(secs(zaps[zaps.length - 1].at), t0 + 1);
     const x = (t) => L + 40 + ((t - t0) / (t1 - t0)) * (W - L - R - 80);
     el.append(svg("text", { x: L, y: H - 4 }, clock(t0)));
     el.append(svg("text", { x: W - R, y: H - 4, "text-anchor": "end" }, clock(t1)));
     for (const z of zaps) {
       const r = 3 + Math.sqrt(z.sptes_zapped_total || 0);
       const c = svg("circle", {
-        cx: x(z.at).toFixed(1), cy: 70, r: Math.min(r, 36).toFixed(1), fill: pathColor(z.path),
+        cx: x(secs(z.at)).toFixed(1), cy: 70, r: Math.min(r, 36).toFixed(1), fill: pathColor(z.path),
         "fill-opacity": 0.55, stroke: pathColor(z.path), "data-seq": z.seq, "data-path": z.path,
       });
       c.append(svg("title", {}, `#${z.seq} ${z.path} (${z.cause}): ${z.sptes_zapped_total} SPTEs, ${z.duration_us} µs`));

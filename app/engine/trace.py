@@ -1,0 +1,445 @@
+"""The VM's trace ring: the kvmmmu tracepoints the TDP MMU would fire, newest N kept.
+
+Records are rows of one numpy structured array written in the kernel's order (pre-order,
+GFN ascending within a root, as tdp_iter visits them), a page-table page at a time, so the
+ring costs a few vector operations per table, never a Python step per SPTE. `render` prints
+them as `trace-cmd report` does (docs/trace.md): the text after the event name is each
+tracepoint's TP_printk format (arch/x86/kvm/mmu/mmutrace.h).
+
+The ring is diagnostic state: it is not journaled or snapshotted; a VM loaded again starts
+with what its journal replay since the last snapshot recorded.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import spte as S
+from .paging import ENTRIES, TablePool, span
+
+DEFAULT_RECORDS = 4096
+
+Link = tuple[int, int, int, int]  # a table linked by a fault: gfn, level, old SPTE, new SPTE
+Values = np.ndarray | np.uint64 | int | float  # one value per record, or one for all
+
+RECORD = np.dtype(
+    [
+        ("seq", "<u8"),
+        ("at", "<f8"),
+        ("cpu", "<i4"),
+        ("kind", "u1"),
+        ("as_id", "u1"),
+        ("level", "u1"),
+        ("gfn", "<u8"),
+        ("a", "<u8"),  # old SPTE / SPTE / pfn / used pages
+        ("b", "<u8"),  # new SPTE / sptep
+        ("c", "<i8"),  # errno / mmu_valid_gen
+    ]
+)
+
+
+class Kind(enum.IntEnum):
+    SPTE_CHANGED = 1  # kvm_tdp_mmu_spte_changed: as_id, gfn, level, a=old, b=new
+    SPTE_REQUESTED = 2  # kvm_mmu_spte_requested: gfn, level, a=pfn
+    SET_SPTE = 3  # kvm_mmu_set_spte: gfn, level, a=spte, b=sptep
+    SPLIT_HUGE_PAGE = 4  # kvm_mmu_split_huge_page: gfn, level, a=spte, c=errno
+    ZAP_ALL_FAST = 5  # kvm_mmu_zap_all_fast: c=mmu_valid_gen, a=used_pages
+
+
+EVENT_NAMES = {
+    Kind.SPTE_CHANGED: "kvm_tdp_mmu_spte_changed",
+    Kind.SPTE_REQUESTED: "kvm_mmu_spte_requested",
+    Kind.SET_SPTE: "kvm_mmu_set_spte",
+    Kind.SPLIT_HUGE_PAGE: "kvm_mmu_split_huge_page",
+    Kind.ZAP_ALL_FAST: "kvm_mmu_zap_all_fast",
+}
+
+NONPRESENT = np.uint64(S.SHADOW_NONPRESENT_VALUE)
+FROZEN = np.uint64(S.FROZEN_SPTE)
+_U = np.uint64
+_PRESENT = _U(S.SPTE_MMU_PRESENT)
+_PS = _U(S.EPT_PS)
+_IDX = np.arange(ENTRIES, dtype=np.uint64)
+_ALL = np.arange(ENTRIES)
+_LEAF_KINDS = np.array([2, 1, 3], dtype=np.uint8)  # requested, changed, set_spte
+
+
+def _columns(size: int) -> dict[str, np.ndarray]:
+    return {name: np.zeros(size, dtype=RECORD[name]) for name in RECORD.names or ()}
+
+
+def sptep(table: int, index: np.ndarray | int) -> np.ndarray | int:
+    """The host physical address of an entry: its table's pfn, 8 bytes per entry."""
+    return (TablePool.pfn(table) << S.PFN_SHIFT) + np.asarray(index, dtype=np.uint64) * _U(8)
+
+
+Fields = dict[str, Values]
+
+
+class TraceRing:
+    """The newest `capacity` records (0: tracing off), one numpy column per field.
+
+    Appends are lazy: a batch (a page-table page's records) is kept as a recipe and built only
+    when read, and batches that newer ones already push out of the ring are dropped unbuilt,
+    so a call that rewrites a million SPTEs builds only the last `capacity` records. Columns
+    grow by doubling up to the capacity, so an idle VM holds almost nothing."""
+
+    def __init__(self, capacity: int = DEFAULT_RECORDS) -> None:
+        self.capacity = max(0, capacity)
+        self._cols = _columns(min(self.capacity, 64))
+        self.written = 0  # records ever appended; the newest one's seq
+        self._n = 0  # records placed since the columns were laid out (ring position)
+        # (count, recipe, at, cpu) of batches not built yet, oldest first.
+        self._pending: deque[tuple[int, Callable[[], Fields], float, int]] = deque()
+        self._pending_n = 0
+        self._refill = False  # the pending batches alone fill the ring
+        self.now = 0.0  # the running call's time (Vm.apply sets it)
+        self.cpu = -1  # the vCPU the running work is on, -1: an ioctl on the VM
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
+    @property
+    def nbytes(self) -> int:
+        built = sum(int(c.nbytes) for c in self._cols.values())
+        return built + self._pending_n * RECORD.itemsize
+
+    def resize(self, capacity: int) -> None:
+        """Keep the newest min(len, capacity) records under a new capacity."""
+        kept = self.records()[-capacity:] if capacity > 0 else self.records()[:0]
+        self.capacity = max(0, capacity)
+        self._cols = _columns(max(min(self.capacity, 64), len(kept)))
+        for name, col in self._cols.items():
+            col[: len(kept)] = kept[name]
+        self._n = len(kept)
+
+    # -- appending ----------------------------------------------------------------------------
+    def append(
+        self,
+        kind: Kind,
+        gfn: Values = 0,
+        level: int = 0,
+        a: Values = 0,
+        b: Values = 0,
+        c: int = 0,
+        as_id: int = 0,
+        n: int | None = None,
+    ) -> None:
+        """Append `n` records of one kind (array fields broadcast; scalars repeat). Arrays
+        are kept as given: callers pass copies, never views of live page tables."""
+        if not self.capacity:
+            return
+        if n is None:
+            n = max(np.size(gfn), np.size(a), np.size(b))
+        fields: Fields = {
+            "kind": int(kind),
+            "as_id": as_id,
+            "level": level,
+            "gfn": gfn,
+            "a": a,
+            "b": b,
+            "c": c,
+        }
+        self._push(n, lambda: fields)
+
+    def _push(self, n: int, recipe: Callable[[], Fields]) -> None:
+        if n <= 0:
+            return
+        self._pending.append((n, recipe, self.now, self.cpu))
+        self._pending_n += n
+        self.written += n
+        while self._pending_n - self._pending[0][0] >= self.capacity:
+            dropped, *_ = self._pending.popleft()  # pushed out before anyone could read it
+            self._pending_n -= dropped
+            self._refill = True
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        if self._refill:  # what was built before is all older than the ring keeps
+            if len(self._cols["seq"]) < self.capacity:
+                self._cols = _columns(self.capacity)
+            self._n = 0
+            self._refill = False
+        seq = self.written - self._pending_n + 1
+        for n, recipe, at, cpu in self._pending:
+            self._store(n, seq, at, cpu, recipe())
+            seq += n
+        self._pending.clear()
+        self._pending_n = 0
+
+    def _store(self, n: int, seq: int, at: float, cpu: int, fields: Fields) -> None:
+        cap = self.capacity
+        if n > cap:  # only the newest `cap` survive
+            # (a recipe may have built only the tail already)
+            fields = {
+                k: v[len(v) - cap :] if isinstance(v, np.ndarray) else v for k, v in fields.items()
+            }
+            self._n += n - cap
+            seq += n - cap
+            n = cap
+        filled = min(self._n, cap)
+        size = len(self._cols["seq"])
+        if filled < cap and filled + n > size:
+            grown = _columns(min(cap, max(2 * size, filled + n)))
+            for name, col in grown.items():
+                col[:filled] = self._cols[name][:filled]
+            self._cols = grown
+        fields["seq"] = np.arange(seq, seq + n, dtype=np.uint64)
+        fields["at"], fields["cpu"] = at, cpu
+        pos = self._n % cap
+        first = min(n, cap - pos)
+        for name, v in fields.items():
+            col = self._cols[name]
+            if isinstance(v, np.ndarray) and v.ndim:
+                col[pos : pos + first] = v[:first]
+                col[: n - first] = v[first:]
+            else:
+                col[pos : pos + first] = v
+                col[: n - first] = v
+        self._n += n
+
+    def records(self, after: int = 0) -> np.ndarray:
+        """The records kept, oldest first, with seq > `after`."""
+        self._flush()
+        cap = self.capacity
+        count = min(self._n, cap)
+        out = np.empty(count, dtype=RECORD)
+        if not count:
+            return out
+        pos = self._n % cap if self._n > cap else 0
+        for name, col in self._cols.items():
+            out[name][: count - pos] = col[pos:count]
+            out[name][count - pos :] = col[:pos]
+        return out[out["seq"] > after] if after else out
+
+    # -- the tracepoints, a page-table page at a time ------------------------------------------
+    def spte_changed(
+        self,
+        as_id: int,
+        gfn: Values,
+        level: int,
+        old: Values,
+        new: Values,
+    ) -> None:
+        self.append(Kind.SPTE_CHANGED, gfn, level, old, new, as_id=as_id)
+
+    def leaves_set(
+        self,
+        as_id: int,
+        table: int,
+        index: np.ndarray,
+        base_gfn: int,
+        level: int,
+        old: np.ndarray,
+        new: np.ndarray,
+        links: Sequence[Link] | None = None,
+    ) -> None:
+        """Faults installing leaves at `index` of one table, one fault per leaf: for each,
+        kvm_mmu_spte_requested, kvm_tdp_mmu_spte_changed, kvm_mmu_set_spte (tdp_mmu.c
+        kvm_tdp_mmu_map / tdp_mmu_map_handle_target_level). The tables the first fault
+        linked (`links`: gfn, level, old, new) come right after its request."""
+        if not self.capacity or not len(index):
+            return
+        idx = np.asarray(index, dtype=np.uint64)
+        extra = list(links or ())
+
+        def build() -> Fields:
+            gfns = _U(base_gfn) + idx * _U(span(level))
+            pfns = (new & S.U_ADDR) >> S.U_SHIFT
+            kind = np.tile(_LEAF_KINDS, len(idx))
+            lvl = np.full(len(kind), level, dtype=np.uint8)
+            gfn = np.repeat(gfns, 3)
+            a = np.stack((pfns, old, new), axis=1).ravel()
+            b = np.stack((np.zeros_like(new), new, sptep(table, idx)), axis=1).ravel()
+            if extra:  # request, links, then the rest
+                lg, ll, la, lb = (
+                    np.array(col, dtype=np.uint64) for col in zip(*extra, strict=True)
+                )
+                ins = np.full(len(extra), int(Kind.SPTE_CHANGED), dtype=np.uint8)
+                kind = np.concatenate((kind[:1], ins, kind[1:]))
+                lvl = np.concatenate((lvl[:1], ll.astype(np.uint8), lvl[1:]))
+                gfn = np.concatenate((gfn[:1], lg, gfn[1:]))
+                a = np.concatenate((a[:1], la, a[1:]))
+                b = np.concatenate((b[:1], lb, b[1:]))
+            return {"kind": kind, "as_id": as_id, "level": lvl, "gfn": gfn, "a": a, "b": b, "c": 0}
+
+        self._push(3 * len(idx) + len(extra), build)
+
+    def removed_table(
+        self, pool: TablePool, table: int, as_id: int, shared: bool, cleared: int = 0
+    ) -> None:
+        """handle_removed_pt: every entry of an unlinked table goes to FROZEN_SPTE, children
+        right after their parent entry. Under the read lock (`shared`) every entry is traced,
+        present or not; under the write lock only present ones. Tables at or below level
+        `cleared` were already emptied by an earlier pass (all their entries non-present)."""
+        if not self.capacity:
+            return
+        level = pool.level(table)
+        base = pool.gfn(table)
+        if level <= cleared:
+            if shared:
+                gfns = _U(base) + _IDX * _U(span(level))
+                self.spte_changed(as_id, gfns, level, NONPRESENT, FROZEN)
+            return
+        ent = pool.entries(table)
+        sel = np.arange(ENTRIES) if shared else np.flatnonzero((ent & _PRESENT) != 0)
+        nonleaf = np.flatnonzero((ent & _PRESENT != 0) & (ent & _PS == 0)) if level > 1 else sel[:0]
+        pos = 0
+        for i in [*nonleaf.tolist(), ENTRIES]:
+            upto = int(np.searchsorted(sel, i, side="right")) if i < ENTRIES else len(sel)
+            part = sel[pos:upto]
+            if len(part):
+                gfns = _U(base) + part.astype(np.uint64) * _U(span(level))
+                self.spte_changed(as_id, gfns, level, ent[part], FROZEN)
+            pos = upto
+            if i < ENTRIES:
+                self.removed_table(pool, pool.child(int(ent[i])), as_id, shared, cleared)
+
+    def root_teardown(self, pool: TablePool, root_table: int, as_id: int, shared: bool) -> None:
+        """tdp_mmu_zap_root: a first pass zaps at the 1 GiB level (each present level-3 entry
+        to SHADOW_NONPRESENT, its table removed), a second at the root's top level.
+
+        One lazy batch per pass: the walk only copies each table (4 KiB); the records, in
+        pre-order (GFN ascending, a parent entry before its table's), are built on read and
+        only for the tail the ring keeps."""
+        if not self.capacity:
+            return
+        for zap, cleared in ((3, 0), (pool.level(root_table), 3)):
+            nodes: list[_Node] = []
+            _collect(pool, root_table, zap, shared, cleared, nodes, -1)
+            self._push(sum(node.count for node in nodes), self._expander(nodes, as_id))
+
+    def _expander(self, nodes: list[_Node], as_id: int) -> Callable[[], Fields]:
+        return lambda: _expand(nodes, as_id, self.capacity)
+
+
+@dataclass(slots=True)
+class _Node:
+    """One table of a root teardown and how its entries are traced."""
+
+    level: int
+    base: int
+    ent: np.ndarray  # a copy: the table is freed right after
+    idx: np.ndarray  # the entries traced
+    new: np.uint64  # what they become
+    parent: int  # index of the parent node, -1 for none
+    cleared: bool = False  # emptied by the first pass: every entry traced as non-present
+
+    @property
+    def count(self) -> int:
+        return len(self.idx)
+
+
+def _collect(
+    pool: TablePool,
+    table: int,
+    zap: int,
+    shared: bool,
+    cleared: int,
+    out: list[_Node],
+    parent: int,
+    removed: bool = False,
+) -> None:
+    level, base = pool.level(table), pool.gfn(table)
+    ent = pool.entries(table)
+    present = np.flatnonzero((ent & _PRESENT) != 0)
+    if not removed and level > zap:  # only walked through
+        for i in present[(ent[present] & _PS) == 0].tolist():
+            _collect(pool, pool.child(int(ent[i])), zap, shared, cleared, out, parent)
+        return
+    if level <= cleared:
+        if removed and shared:  # handle_removed_pt freezes entries zapped by the first pass
+            out.append(_Node(level, base, ent[:0], _ALL, FROZEN, parent, cleared=True))
+        return
+    if removed:
+        idx = _ALL if shared else present
+        new = FROZEN
+    else:  # the zap level: its present entries go non-present, their tables are removed
+        idx, new = present, NONPRESENT
+    me = len(out)
+    out.append(_Node(level, base, ent.copy(), idx, new, parent))
+    if level > 1:
+        for i in present[(ent[present] & _PS) == 0].tolist():
+            _collect(pool, pool.child(int(ent[i])), zap, shared, cleared, out, me, True)
+
+
+def _expand(nodes: list[_Node], as_id: int, keep: int) -> Fields:
+    """The records of one teardown pass, the last `keep` of them: the shortest suffix of
+    tables (in pre-order) holding that many, with their ancestors, sorted into pre-order."""
+    pick: set[int] = set()
+    total = 0
+    for k in range(len(nodes) - 1, -1, -1):
+        if total >= keep:
+            break
+        pick.add(k)
+        total += nodes[k].count
+    for k in list(pick):
+        p = nodes[k].parent
+        while p >= 0 and p not in pick:
+            pick.add(p)
+            p = nodes[p].parent
+    gfn, level, old, new = [], [], [], []
+    for k in sorted(pick):
+        node = nodes[k]
+        gfn.append(_U(node.base) + node.idx.astype(np.uint64) * _U(span(node.level)))
+        level.append(np.full(node.count, node.level, dtype=np.uint8))
+        old.append(np.full(node.count, NONPRESENT) if node.cleared else node.ent[node.idx])
+        new.append(np.full(node.count, node.new))
+    g, lv = np.concatenate(gfn), np.concatenate(level)
+    order = np.lexsort((-lv.astype(np.int16), g))[-keep:]
+    return {
+        "kind": int(Kind.SPTE_CHANGED),
+        "as_id": as_id,
+        "level": lv[order],
+        "gfn": g[order],
+        "a": np.concatenate(old)[order],
+        "b": np.concatenate(new)[order],
+        "c": 0,
+    }
+
+
+# -- rendering -----------------------------------------------------------------------------------
+def _info(r: np.void) -> str:
+    kind = Kind(int(r["kind"]))
+    gfn, level, a, b, c = int(r["gfn"]), int(r["level"]), int(r["a"]), int(r["b"]), int(r["c"])
+    if kind is Kind.SPTE_CHANGED:
+        return f"as id {int(r['as_id'])} gfn {gfn:x} level {level} old_spte {a:x} new_spte {b:x}"
+    if kind is Kind.SPTE_REQUESTED:
+        return f"gfn {gfn:x} pfn {a:x} level {level}"
+    if kind is Kind.SET_SPTE:
+        perms = ("r" if a & S.EPT_R else "-") + ("w" if a & S.EPT_W else "-")
+        perms += "x" if a & S.EPT_X else "-"  # EPT has no user bit: the fourth flag is empty
+        return f"gfn {gfn:x} spte {a:x} ({perms}) level {level} at {b:x}"
+    if kind is Kind.SPLIT_HUGE_PAGE:
+        return f"gfn {gfn:x} spte {a:x} level {level} errno {c}"
+    return f"kvm-mmu-valid-gen {c} used_pages {a:x}"
+
+
+def render(records: np.ndarray, comm: str = "vmm", pid: int = 1) -> Iterator[str]:
+    """Lines as `trace-cmd report` prints them: comm-pid, [cpu], seconds.micros, event, info.
+    vCPU work is on "CPU n/KVM" (QEMU's vCPU thread name), CPU n; ioctls on the VMM thread."""
+    for r in records:
+        cpu = int(r["cpu"])
+        who = f"CPU {cpu}/KVM-{pid + 1 + cpu}" if cpu >= 0 else f"{comm}-{pid}"
+        ts = float(r["at"])
+        name = EVENT_NAMES[Kind(int(r["kind"]))]
+        yield f"{who:>22} [{max(cpu, 0):03d}] {ts:.6f}: {name + ':':<26} {_info(r)}"
+
+
+def to_json(r: np.void) -> dict[str, object]:
+    """One record as data (the trace's `format=json`)."""
+    kind = Kind(int(r["kind"]))
+    return {
+        "seq": int(r["seq"]),
+        "at": float(r["at"]),
+        "cpu": int(r["cpu"]) if int(r["cpu"]) >= 0 else None,
+        "event": EVENT_NAMES[kind],
+        "text": _info(r),
+    }
