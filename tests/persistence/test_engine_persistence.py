@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib.util
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,10 +18,6 @@ from app.services.vms import VmService
 from tests.persistence.conftest import ServiceFactory
 from tests.persistence.engine_workload import HVA, MIB, drive, fingerprint
 from tests.persistence.test_service import _snapshots, corrupt_snapshot
-
-needs_codec = pytest.mark.skipif(
-    importlib.util.find_spec("app.engine.codec") is None, reason="app.engine.codec not written yet"
-)
 
 
 @contextmanager
@@ -57,7 +52,6 @@ async def test_replay_rebuilds_live_state(db_url: str, make_service: ServiceFact
     assert await fp(other, vm_id) == live
 
 
-@needs_codec
 async def test_restart_snapshot_restore_fork(db_url: str, make_service: ServiceFactory) -> None:
     svc = await make_service(db_url, snapshot_every=4)
     vm_id = await new_vm(svc)
@@ -123,7 +117,6 @@ async def test_concurrent_calls_on_one_vm_are_serialised(
     assert await fp(serial, vm_id) == live_a
 
 
-@needs_codec
 async def test_corrupt_snapshots_fall_back(
     db_url: str, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
