@@ -43,6 +43,7 @@ def is_loopback(host: str) -> bool:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.http_server import header_limited
     from app.main import create_app
 
     if not settings.auth_enabled() and not is_loopback(settings.host):
@@ -60,6 +61,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        # The header size limit kept by the parser, as the bytes arrive (431).
+        http=header_limited(settings.max_header_bytes),
         log_level=settings.log_level.lower(),
         # The app logs one structured line per request itself.
         access_log=False,
