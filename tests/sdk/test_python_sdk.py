@@ -146,6 +146,8 @@ async def test_every_operation_through_the_generated_client(sdk: Any, make_clien
     events = await call("zaps", "zaps_list", vm, cause="explicit")
     assert [e.seq for e in events.items] == [zap.seq]
     await call("zaps", "zaps_stream", vm, timeout=0.3)
+    log = await call("trace", "trace_get", vm, format_=m.TraceGetFormat.JSON, limit=5)
+    assert len(log.records) == 5 and log.records[-1].event == "kvm_tdp_mmu_spte_changed"
     await call("zaps", "zap_policy_set", vm, body=m.ZapPolicy(policy=m.ZapPolicyPolicy.KVM))
     snap = await call(
         "snapshots", "snapshots_create", vm, body=m.SnapshotCreate(label="tour"), status=201
