@@ -140,8 +140,22 @@ def _top(settings: Settings, args: argparse.Namespace) -> int:
     from app.top import run
 
     url = args.url or f"http://{settings.host}:{settings.port}"
+    token = args.token
+    if token is None and settings.admin_token is not None:
+        token = settings.admin_token.get_secret_value() or None
     try:
-        return run(url, args.vm, interval=args.interval, once=args.once, max_vms=args.max_vms)
+        return run(
+            url,
+            args.vm,
+            interval=args.interval,
+            once=args.once,
+            max_vms=args.max_vms,
+            token=token,
+        )
+    except urllib.error.HTTPError as e:
+        hint = " (pass --token)" if e.code == 401 else ""
+        print(f"vkmmu top: {url}: HTTP {e.code} {e.reason}{hint}", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError) as e:
         print(f"vkmmu top: {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
         return 1
@@ -249,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     top.add_argument("--max-vms", type=int, default=50, help="VMs summed, newest first")
     top.add_argument("--once", action="store_true", help="print one refresh and exit")
+    top.add_argument(
+        "--token",
+        default=None,
+        help="bearer token (a tenant's shows its VMs only; default: VKMMU_ADMIN_TOKEN if set)",
+    )
     top.set_defaults(func=_top)
     _add_replay(sub)
     gc = sub.add_parser(
