@@ -84,7 +84,7 @@ async def set_memslot(
     "is what the same ioctls issued one by one would leave: each applied call is its own "
     "journal record and publishes its events. The answer is 200 whatever the outcomes; the "
     "ETag is the VM's version after the batch. At most `VKMMU_MAX_BATCH` regions (422 past).",
-    responses=responses(R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG),
+    responses=_MUTATION,
 )
 async def batch_memslots(
     vm: VmId,
