@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +17,9 @@ class Settings(BaseSettings):
     # SQLite file in the working directory by default; PostgreSQL by URL in production
     # (e.g. postgresql+psycopg://user@host/db).
     database_url: str = "sqlite+aiosqlite:///./vkmmu.db"
+    # SQLite (WAL) commit durability: `normal` survives a killed process, `full` also a
+    # power loss (every commit fsynced; slower writes). PostgreSQL ignores it.
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
     # A snapshot is taken automatically every N journal records of a VM (bounds replay time).
     snapshot_every: int = Field(default=1000, ge=1)
     # Request bodies above this many bytes are refused with 413 before they are parsed.

@@ -331,6 +331,7 @@ class VmService:
         snapshot_every: int = 1000,
         snapshot_work_bytes: int = DEFAULT_SNAPSHOT_WORK_BYTES,
         run_migrations: bool = True,
+        sqlite_synchronous: str = "normal",
         engine: EnginePort | None = None,
         page_table_budget_bytes: int = DEFAULT_PAGE_TABLE_BUDGET_BYTES,
         max_loaded_vms: int = DEFAULT_MAX_LOADED_VMS,
@@ -366,6 +367,7 @@ class VmService:
         self.snapshot_every = snapshot_every
         self.snapshot_work_bytes = snapshot_work_bytes
         self.run_migrations = run_migrations
+        self.sqlite_synchronous = sqlite_synchronous
         self._engine = engine
         self.max_loaded_vms = max(1, max_loaded_vms)
         self._db: Database | None = None
@@ -395,7 +397,7 @@ class VmService:
             from app.services.lifecycle import migrate
 
             await asyncio.to_thread(migrate, self.database_url)
-        self._db = Database(self.database_url)
+        self._db = Database(self.database_url, sqlite_synchronous=self.sqlite_synchronous)
         self._pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="vkmmu-vm")
         self._stopping = False
         if self.gc_interval_s > 0:
@@ -1661,6 +1663,7 @@ def service_options(settings: Any) -> dict[str, Any]:
         "vm_memory_budget_bytes": settings.vm_memory_budget_bytes,
         "max_gmem_bytes": settings.max_guest_memfd_bytes,
         "trace_records": settings.trace_records,
+        "sqlite_synchronous": settings.sqlite_synchronous,
         "tenant_quotas": tenant_quotas(settings),
     }
 
