@@ -43,6 +43,7 @@ def is_loopback(host: str) -> bool:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.http_server import header_limited
     from app.main import create_app
 
     if not settings.auth_enabled() and not is_loopback(settings.host):
@@ -60,6 +61,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        # The header size limit kept by the parser, as the bytes arrive (431).
+        http=header_limited(settings.max_header_bytes),
         log_level=settings.log_level.lower(),
         # The app logs one structured line per request itself.
         access_log=False,
@@ -165,6 +168,13 @@ def _add_replay(sub: Any) -> None:
     add_commands(sub)
 
 
+def _add_batch(sub: Any) -> None:
+    """`vkmmu batch FILE` (app/batch_cli.py)."""
+    from app.batch_cli import add_command
+
+    add_command(sub)
+
+
 def _gc(settings: Settings, args: argparse.Namespace) -> int:
     """One retention pass (what `vkmmu serve` also runs every VKMMU_GC_INTERVAL_S)."""
     import asyncio
@@ -267,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     top.set_defaults(func=_top)
     _add_replay(sub)
+    _add_batch(sub)
     gc = sub.add_parser(
         "gc", help="reclaim storage: purge deleted VMs, prune journals behind snapshots"
     )

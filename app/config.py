@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     vm_memory_budget_bytes: int = Field(default=4 * 1024**3, ge=0)
     # The largest guest_memfd KVM_CREATE_GUEST_MEMFD may create here (ENOMEM past it).
     max_guest_memfd_bytes: int = Field(default=1024**4, ge=4096)
+    # Regions one POST …/memslots/batch may carry (422 past it).
+    max_batch: int = Field(default=1024, ge=1, le=65536)
     # kvmmmu trace records each loaded VM keeps for GET …/trace (56 bytes each, counted in
     # the memory budget); 0 turns tracing off.
     trace_records: int = Field(default=4096, ge=0, le=1_000_000)

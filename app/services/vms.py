@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import errno
 import functools
 import hashlib
@@ -283,6 +284,24 @@ class CallFeed(Protocol):
     def next_call(self) -> tuple[str, dict[str, Any]] | None: ...
 
     def record(self, outcome: Any) -> None: ...
+
+
+class _StopAtFirstError:
+    """A `CallFeed` over a fixed list that stops after the first rejected call."""
+
+    def __init__(self, calls: list[tuple[str, dict[str, Any]]]) -> None:
+        self.calls = calls
+        self.outcomes: list[Any] = []
+
+    def next_call(self) -> tuple[str, dict[str, Any]] | None:
+        done = len(self.outcomes)
+        if done == len(self.calls) or (done and isinstance(self.outcomes[-1], KvmError)):
+            return None
+        name, args = self.calls[done]
+        return name, copy.deepcopy(args)
+
+    def record(self, outcome: Any) -> None:
+        self.outcomes.append(outcome)
 
 
 @dataclass
@@ -689,6 +708,23 @@ class VmService:
             n, seq = await self._run(self._mutate_many_sync, h, feed, max(1, max_calls), if_match)
             self._maybe_auto_snapshot(h)
         return n, etag(seq)
+
+    async def mutate_batch(
+        self, vm_id: str, calls: list[tuple[str, dict[str, Any]]], *, if_match: str | None = None
+    ) -> tuple[list[Any], str]:
+        """Apply `calls` in order under one lock and one transaction, stopping at the first
+        one KVM rejects: what the same ioctls issued one by one would leave (each applied
+        call is its own journal record and publishes its events). Answers each attempted
+        call's outcome (its result, or the `KvmError`), in order, and the ETag."""
+        feed = _StopAtFirstError(calls)
+        async with self._locked(vm_id) as h:
+            _, seq = await self._run(self._mutate_many_sync, h, feed, max(1, len(calls)), if_match)
+            info = None if h.vm is None else h.vm.info()
+            for (name, args), out in zip(calls, feed.outcomes, strict=False):
+                if not isinstance(out, KvmError):  # committed: tell the streams, in order
+                    self.events.publish_call(vm_id, name, args, out, info)
+            self._maybe_auto_snapshot(h)
+        return feed.outcomes, etag(seq)
 
     def _mutate_many_sync(
         self, h: VmHandle, feed: CallFeed, max_calls: int, if_match: str | None
