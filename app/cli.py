@@ -168,6 +168,13 @@ def _add_replay(sub: Any) -> None:
     add_commands(sub)
 
 
+def _add_batch(sub: Any) -> None:
+    """`vkmmu batch FILE` (app/batch_cli.py)."""
+    from app.batch_cli import add_command
+
+    add_command(sub)
+
+
 def _gc(settings: Settings, args: argparse.Namespace) -> int:
     """One retention pass (what `vkmmu serve` also runs every VKMMU_GC_INTERVAL_S)."""
     import asyncio
@@ -270,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     top.set_defaults(func=_top)
     _add_replay(sub)
+    _add_batch(sub)
     gc = sub.add_parser(
         "gc", help="reclaim storage: purge deleted VMs, prune journals behind snapshots"
     )

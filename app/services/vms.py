@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import errno
 import functools
 import hashlib
@@ -285,6 +286,24 @@ class CallFeed(Protocol):
     def record(self, outcome: Any) -> None: ...
 
 
+class _StopAtFirstError:
+    """A `CallFeed` over a fixed list that stops after the first rejected call."""
+
+    def __init__(self, calls: list[tuple[str, dict[str, Any]]]) -> None:
+        self.calls = calls
+        self.outcomes: list[Any] = []
+
+    def next_call(self) -> tuple[str, dict[str, Any]] | None:
+        done = len(self.outcomes)
+        if done == len(self.calls) or (done and isinstance(self.outcomes[-1], KvmError)):
+            return None
+        name, args = self.calls[done]
+        return name, copy.deepcopy(args)
+
+    def record(self, outcome: Any) -> None:
+        self.outcomes.append(outcome)
+
+
 @dataclass
 class _Step:
     """One engine step of a mutating call, on its way to the journal."""
@@ -312,6 +331,7 @@ class VmService:
         snapshot_every: int = 1000,
         snapshot_work_bytes: int = DEFAULT_SNAPSHOT_WORK_BYTES,
         run_migrations: bool = True,
+        sqlite_synchronous: str = "normal",
         engine: EnginePort | None = None,
         page_table_budget_bytes: int = DEFAULT_PAGE_TABLE_BUDGET_BYTES,
         max_loaded_vms: int = DEFAULT_MAX_LOADED_VMS,
@@ -347,6 +367,7 @@ class VmService:
         self.snapshot_every = snapshot_every
         self.snapshot_work_bytes = snapshot_work_bytes
         self.run_migrations = run_migrations
+        self.sqlite_synchronous = sqlite_synchronous
         self._engine = engine
         self.max_loaded_vms = max(1, max_loaded_vms)
         self._db: Database | None = None
@@ -376,7 +397,7 @@ class VmService:
             from app.services.lifecycle import migrate
 
             await asyncio.to_thread(migrate, self.database_url)
-        self._db = Database(self.database_url)
+        self._db = Database(self.database_url, sqlite_synchronous=self.sqlite_synchronous)
         self._pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="vkmmu-vm")
         self._stopping = False
         if self.gc_interval_s > 0:
@@ -689,6 +710,23 @@ class VmService:
             n, seq = await self._run(self._mutate_many_sync, h, feed, max(1, max_calls), if_match)
             self._maybe_auto_snapshot(h)
         return n, etag(seq)
+
+    async def mutate_batch(
+        self, vm_id: str, calls: list[tuple[str, dict[str, Any]]], *, if_match: str | None = None
+    ) -> tuple[list[Any], str]:
+        """Apply `calls` in order under one lock and one transaction, stopping at the first
+        one KVM rejects: what the same ioctls issued one by one would leave (each applied
+        call is its own journal record and publishes its events). Answers each attempted
+        call's outcome (its result, or the `KvmError`), in order, and the ETag."""
+        feed = _StopAtFirstError(calls)
+        async with self._locked(vm_id) as h:
+            _, seq = await self._run(self._mutate_many_sync, h, feed, max(1, len(calls)), if_match)
+            info = None if h.vm is None else h.vm.info()
+            for (name, args), out in zip(calls, feed.outcomes, strict=False):
+                if not isinstance(out, KvmError):  # committed: tell the streams, in order
+                    self.events.publish_call(vm_id, name, args, out, info)
+            self._maybe_auto_snapshot(h)
+        return feed.outcomes, etag(seq)
 
     def _mutate_many_sync(
         self, h: VmHandle, feed: CallFeed, max_calls: int, if_match: str | None
@@ -1625,6 +1663,7 @@ def service_options(settings: Any) -> dict[str, Any]:
         "vm_memory_budget_bytes": settings.vm_memory_budget_bytes,
         "max_gmem_bytes": settings.max_guest_memfd_bytes,
         "trace_records": settings.trace_records,
+        "sqlite_synchronous": settings.sqlite_synchronous,
         "tenant_quotas": tenant_quotas(settings),
     }
 

@@ -103,6 +103,12 @@ async def test_every_operation_through_the_generated_client(sdk: Any, make_clien
     assert change.change == m.MemslotChangeChange.CREATE
     await call("memslots", "memslots_get", vm, 0)
     await call("memslots", "memslots_list", vm)
+    extra = [
+        m.BatchRegion(slot=7, guest_phys_addr=1 << 32, memory_size=1 << 20, userspace_addr=hva),
+        m.BatchRegion(slot=7, guest_phys_addr=1 << 32, memory_size=0, userspace_addr=hva),
+    ]
+    done = await call("memslots", "memslots_batch", vm, body=m.MemslotBatch(regions=extra))
+    assert [x.change for x in done.results] == ["create", "delete"] and done.applied == 2
     done = await call(
         "guest", "guest_access", vm, 0, body=m.Access(gpa=0, size=8192, access=m.AccessAccess.WRITE)
     )
