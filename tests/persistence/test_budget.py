@@ -15,6 +15,7 @@ from app.engine.errors import KvmError
 from app.engine.paging import TablePool
 from app.services import budget
 from app.services.vms import VmService
+from app.services.whatif import Variant, what_if
 from tests.persistence.conftest import ServiceFactory
 from tests.persistence.engine_workload import HVA, MIB
 from tests.persistence.test_service import journal
@@ -225,3 +226,25 @@ async def test_a_snapshot_in_memory_is_reserved(db_url: str, make_service: Servi
     await svc.create_snapshot(vm)
     assert len(await svc.list_snapshots(vm)) == 1
     assert svc.ledger.total() == svc.ledger.of(vm)  # the snapshot's reservation is gone
+
+
+async def test_a_what_if_copy_is_reserved(db_url: str, make_service: ServiceFactory) -> None:
+    """A what-if's copy of the VM (held while its variants run) and each fork are in the
+    one ledger: too big for what is left is ENOMEM, and all of it is let go after."""
+    svc = await make_service(
+        db_url, snapshot_every=0, memory_budget_bytes=1024 * 1024, trace_records=0
+    )
+    vm = await _vm(svc)
+    for i in range(4):  # 512 KiB of written pages
+        data = "5a" * (128 * 1024)
+        await svc.mutate(vm, "host_write", {"userspace_addr": HVA + i * 128 * 1024, "data": data})
+    before = svc.ledger.total()
+    ops = [{"op": "access", "gpa": 0, "size": 4096}]
+    with pytest.raises(KvmError) as e:
+        await what_if(svc, vm, variants=[Variant("v")], ops=ops)
+    assert e.value.errno == errno.ENOMEM
+    assert svc.ledger.total() == before
+    svc.ledger.service_bytes = 4 * 1024 * 1024
+    out = await what_if(svc, vm, variants=[Variant("a"), Variant("b")], ops=ops)
+    assert [row["name"] for row in out["variants"]] == ["a", "b"]
+    assert svc.ledger.total() == before
