@@ -988,15 +988,23 @@ class VmService:
                     self._check_manual_cap(s, vm_id)
                 vm = self._catch_up(s, h, row.last_seq)
             seq = h.applied_seq
-            data = self.engine.dumps(vm)
-            snap = self._snapshot_row(vm_id, seq, data, kind, label)
-            # A snapshot is the state after record `seq`, which is history: no row lock.
-            with self.db.write() as s:
-                if kind == "manual":
-                    self._check_manual_cap(s, vm_id)  # again: another call may have taken one
-                s.add(snap)
-                if kind != "manual":
-                    repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
+            # The snapshot's bytes are held until they are stored: reserved first (at most
+            # the state it encodes; ENOMEM when that does not fit).
+            key = f"snapshot:{vm_id}"
+            grant = self.ledger.reserve(key, budget.snapshot_need(vm))
+            try:
+                data = self.engine.dumps(vm)
+                snap = self._snapshot_row(vm_id, seq, data, kind, label)
+                # A snapshot is the state after record `seq`, which is history: no row lock.
+                with self.db.write() as s:
+                    if kind == "manual":
+                        self._check_manual_cap(s, vm_id)  # again: another call took one?
+                    s.add(snap)
+                    if kind != "manual":
+                        repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
+            finally:
+                self.ledger.settle(key, grant, 0)
+                self.ledger.forget(key)
             if seq >= h.snapshot_seq:
                 h.snapshot_seq = seq
                 h.work_bytes = 0

@@ -206,3 +206,22 @@ async def test_reloads_and_forks_are_reserved_before_they_are_built(
     await svc.mutate(b, "set_user_memory_region", _slot(0))  # B lets go of its tables
     held, _ = await svc.read(a, budget.bytes_held)
     assert held == svc.ledger.of(a) and held >= tables_a * 4096
+
+
+async def test_a_snapshot_in_memory_is_reserved(db_url: str, make_service: ServiceFactory) -> None:
+    """The bytes of a snapshot being written are held until stored: reserved first, and
+    refused (ENOMEM, nothing stored) when the VM's state and its copy do not fit."""
+    svc = await make_service(db_url, snapshot_every=0, memory_budget_bytes=1024 * 1024)
+    vm = await _vm(svc)
+    for i in range(4):  # 512 KiB of written pages
+        data = "5a" * (128 * 1024)
+        await svc.mutate(vm, "host_write", {"userspace_addr": HVA + i * 128 * 1024, "data": data})
+    with pytest.raises(KvmError) as e:
+        await svc.create_snapshot(vm)
+    assert e.value.errno == errno.ENOMEM
+    assert await svc.list_snapshots(vm) == []
+    assert svc.ledger.total() == svc.ledger.of(vm) <= svc.ledger.service_bytes
+    svc.ledger.service_bytes = 2 * 1024 * 1024
+    await svc.create_snapshot(vm)
+    assert len(await svc.list_snapshots(vm)) == 1
+    assert svc.ledger.total() == svc.ledger.of(vm)  # the snapshot's reservation is gone
