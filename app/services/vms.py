@@ -55,7 +55,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.db import repository as repo
-from app.db.models import JournalRecord, SnapshotRow, VmRow, utcnow
+from app.db.models import SnapshotRow, VmRow, utcnow
 from app.db.session import Database
 from app.engine.errors import KvmError
 from app.engine.uapi import VmType
@@ -254,7 +254,7 @@ class _Replay:
     table_budget: int | None = None
 
     @classmethod
-    def of(cls, rec: JournalRecord) -> _Replay:
+    def of(cls, rec: repo.JournalEntry) -> _Replay:
         at = us_to_engine_time(datetime_to_us(rec.at))
         meta = rec.meta or {}
         return cls(
@@ -1387,7 +1387,7 @@ class VmService:
                 )
                 h.snapshot_seq = repo.newest_snapshot_seq(s, h.vm_id)
             elif h.applied_seq < target_seq:
-                records = repo.journal_after(s, h.vm_id, h.applied_seq, target_seq)
+                records = repo.replay_entries(s, h.vm_id, h.applied_seq, target_seq)
                 if len(records) == target_seq - h.applied_seq:
                     h.vm = self._replay(s, h.vm_id, h.vm, records)
                 else:  # pruned behind a newer snapshot meanwhile: load that one
@@ -1448,7 +1448,7 @@ class VmService:
                 continue
             base = self._load_snapshot(s, snap)
             if base is not None:
-                records = repo.journal_after(s, vm_id, snap.seq, target_seq)
+                records = repo.replay_entries(s, vm_id, snap.seq, target_seq)
                 return self._replay(s, vm_id, base, records)
         if repo.count_journal(s, vm_id, 0, target_seq) != target_seq:
             log.error(
@@ -1456,7 +1456,7 @@ class VmService:
             )
             raise ServiceUnavailable(f"VM {vm_id}: no sound snapshot the kept journal continues")
         base = self._create_base(s, vm_id)
-        records = repo.journal_after(s, vm_id, 0, target_seq)
+        records = repo.replay_entries(s, vm_id, 0, target_seq)
         return self._replay(s, vm_id, base, records)
 
     def _create_base(self, s: Session, vm_id: str) -> Vm:
@@ -1510,7 +1510,7 @@ class VmService:
         )
         return None
 
-    def _replay(self, s: Session, vm_id: str, vm: Vm, records: Sequence[JournalRecord]) -> Vm:
+    def _replay(self, s: Session, vm_id: str, vm: Vm, records: Sequence[repo.JournalEntry]) -> Vm:
         """Re-apply journal records to `vm` (the engine is deterministic). Returns the VM,
         a new object after a `restore` record."""
         for rec in records:
