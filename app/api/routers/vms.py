@@ -76,6 +76,7 @@ async def create_vm(
         paging_levels=given("paging_levels", body.paging_levels),
         from_snapshot=body.from_snapshot,
         td_lifecycle=body.td_lifecycle,
+        host=None if body.host is None else body.host.given(),
         # A tenant's VMs are its own; the admin's are the `default` tenant's.
         tenant=principal.tenant or "default",
         only_tenant=principal.tenant,
