@@ -118,8 +118,9 @@ async def delete_vm(vm: VmId, service: ServiceDep, if_match: IfMatchDep) -> ZapE
     response_model=Capabilities,
 )
 async def get_vm_capabilities(vm: VmId, service: ServiceDep, response: Response) -> Answer:
-    def caps(v: Vm) -> dict[str, int]:
-        return {cap.name: int(v.check_extension(int(cap))) for cap in uapi.Cap}
+    def caps(v: Vm) -> dict[str, Any]:
+        answer: dict[str, Any] = {cap.name: int(v.check_extension(int(cap))) for cap in uapi.Cap}
+        return answer | {"host": v.host_profile.to_dict()}  # the VM's own host profile
 
     return Capabilities.model_validate(await query(service, vm, caps, response))
 

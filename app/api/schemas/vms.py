@@ -222,6 +222,9 @@ Capabilities: type[Answer] = create_model(  # type: ignore[call-overload]
     **{cap.name: (int, Field(description=f"KVM_CHECK_EXTENSION({cap.name})")) for cap in uapi.Cap},
     host=(
         HostProfile,
-        Field(description="The host profile new VMs get (VKMMU_HOST_*), unless they say."),
+        Field(
+            description="The host profile: on /v1/capabilities what new VMs get (VKMMU_HOST_*) "
+            "unless they say; on a VM's capabilities, the VM's own."
+        ),
     ),
 )
