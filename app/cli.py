@@ -43,6 +43,7 @@ def is_loopback(host: str) -> bool:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.http_server import header_limited
     from app.main import create_app
 
     if not settings.auth_enabled() and not is_loopback(settings.host):
@@ -60,6 +61,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        # The header size limit kept by the parser, as the bytes arrive (431).
+        http=header_limited(settings.max_header_bytes),
         log_level=settings.log_level.lower(),
         # The app logs one structured line per request itself.
         access_log=False,
@@ -137,8 +140,22 @@ def _top(settings: Settings, args: argparse.Namespace) -> int:
     from app.top import run
 
     url = args.url or f"http://{settings.host}:{settings.port}"
+    token = args.token
+    if token is None and settings.admin_token is not None:
+        token = settings.admin_token.get_secret_value() or None
     try:
-        return run(url, args.vm, interval=args.interval, once=args.once, max_vms=args.max_vms)
+        return run(
+            url,
+            args.vm,
+            interval=args.interval,
+            once=args.once,
+            max_vms=args.max_vms,
+            token=token,
+        )
+    except urllib.error.HTTPError as e:
+        hint = " (pass --token)" if e.code == 401 else ""
+        print(f"vkmmu top: {url}: HTTP {e.code} {e.reason}{hint}", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError) as e:
         print(f"vkmmu top: {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
         return 1
@@ -149,6 +166,13 @@ def _add_replay(sub: Any) -> None:
     from app.replay_cli import add_commands
 
     add_commands(sub)
+
+
+def _add_batch(sub: Any) -> None:
+    """`vkmmu batch FILE` (app/batch_cli.py)."""
+    from app.batch_cli import add_command
+
+    add_command(sub)
 
 
 def _gc(settings: Settings, args: argparse.Namespace) -> int:
@@ -246,8 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     top.add_argument("--max-vms", type=int, default=50, help="VMs summed, newest first")
     top.add_argument("--once", action="store_true", help="print one refresh and exit")
+    top.add_argument(
+        "--token",
+        default=None,
+        help="bearer token (a tenant's shows its VMs only; default: VKMMU_ADMIN_TOKEN if set)",
+    )
     top.set_defaults(func=_top)
     _add_replay(sub)
+    _add_batch(sub)
     gc = sub.add_parser(
         "gc", help="reclaim storage: purge deleted VMs, prune journals behind snapshots"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +17,9 @@ class Settings(BaseSettings):
     # SQLite file in the working directory by default; PostgreSQL by URL in production
     # (e.g. postgresql+psycopg://user@host/db).
     database_url: str = "sqlite+aiosqlite:///./vkmmu.db"
+    # SQLite (WAL) commit durability: `normal` survives a killed process, `full` also a
+    # power loss (every commit fsynced; slower writes). PostgreSQL ignores it.
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
     # A snapshot is taken automatically every N journal records of a VM (bounds replay time).
     snapshot_every: int = Field(default=1000, ge=1)
     # Request bodies above this many bytes are refused with 413 before they are parsed.
@@ -68,6 +72,8 @@ class Settings(BaseSettings):
     vm_memory_budget_bytes: int = Field(default=4 * 1024**3, ge=0)
     # The largest guest_memfd KVM_CREATE_GUEST_MEMFD may create here (ENOMEM past it).
     max_guest_memfd_bytes: int = Field(default=1024**4, ge=4096)
+    # Regions one POST …/memslots/batch may carry (422 past it).
+    max_batch: int = Field(default=1024, ge=1, le=65536)
     # kvmmmu trace records each loaded VM keeps for GET …/trace (56 bytes each, counted in
     # the memory budget); 0 turns tracing off.
     trace_records: int = Field(default=4096, ge=0, le=1_000_000)

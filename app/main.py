@@ -22,6 +22,7 @@ from app.api.middleware import (
 from app.api.mmu_metrics import MmuMetrics
 from app.api.openapi_names import operation_id, sdk_friendly
 from app.api.router import include_routers
+from app.api.warmup import build_routes, warm_worker_threads
 from app.config import Settings
 from app.services.tokens import TokenStore
 from app.services.vms import tenant_quotas
@@ -63,6 +64,8 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
             lambda: svc.db, None if secret is None else secret.get_secret_value() or None
         )
         app.state.metrics.attach(svc.events, svc.budget_tables * 4096)
+        build_routes(app)
+        await warm_worker_threads()
         await svc.start()
         try:
             yield

@@ -41,9 +41,15 @@ ROWS = KVM_STAT_NAMES + VCPU_STAT_NAMES + OWN_STATS
 Fetch = Callable[[str], Any]
 
 
-def http_fetch(base: str, timeout: float = 10.0) -> Fetch:
+def http_fetch(base: str, timeout: float = 10.0, token: str | None = None) -> Fetch:
+    """GET `path` of the service as JSON, with `token` as the bearer token when given."""
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+
     def fetch(path: str) -> Any:
-        with urllib.request.urlopen(base.rstrip("/") + path, timeout=timeout) as r:
+        req = urllib.request.Request(base.rstrip("/") + path, headers=headers)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
 
     return fetch
@@ -142,9 +148,10 @@ def run(
     max_vms: int = 50,
     console: Console | None = None,
     fetch: Fetch | None = None,
+    token: str | None = None,
 ) -> int:
     console = console or Console()
-    fetch = fetch or http_fetch(url)
+    fetch = fetch or http_fetch(url, token=token)
     title = f"vkmmu top — {url}" + (f" — {vm}" if vm else " — all VMs")
     prev = sample(fetch, vm, max_vms)
     if once:

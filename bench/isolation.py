@@ -1,10 +1,11 @@
 """Isolation between VMs on SQLite (prints figures, asserts nothing about time).
 
 VM A runs large write accesses (each builds and fills page tables for `--chunk-mib` MiB)
-while VM B, on the same SQLite file, does 1-byte host writes in a loop. Printed: B's call
-latency (p50, p99, max) alone and while A works, and how long A's calls took. With the
-engine step outside the write transaction B waits tens of milliseconds at most, not for
-A's call to finish.
+while VM B, on the same SQLite file, does 1-byte host writes in a loop: first as single
+calls, then the same accesses as one batch (`mutate_many`, what trace replay runs), then A's
+reload replaying its whole journal (as after a crash). Printed: B's call latency (p50, p99,
+max) alone and during each, and how long A's work took. With the engine steps outside the
+write transaction B waits tens of milliseconds at most, not for A's work to finish.
 
 Usage: python bench/isolation.py [--a-calls N] [--chunk-mib N] [--db-dir DIR]
 """
@@ -16,6 +17,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from app.services.vms import VmService
@@ -36,10 +38,29 @@ def _show(label: str, xs: list[float]) -> None:
     )
 
 
+_REGION = {"slot": 0, "flags": 0, "guest_phys_addr": 0, "userspace_addr": HVA}
+
+
+class _Feed:
+    """Calls handed to `mutate_many` one at a time."""
+
+    def __init__(self, calls: list[tuple[str, dict[str, object]]]) -> None:
+        self.calls = calls
+
+    def next_call(self) -> tuple[str, dict[str, object]] | None:
+        if not self.calls:
+            return None
+        op, args = self.calls.pop(0)
+        return op, {**args, "access": "write"}
+
+    def record(self, outcome: object) -> None:
+        if isinstance(outcome, Exception):
+            raise outcome
+
+
 async def _vm(svc: VmService, size: int) -> str:
     info, _ = await svc.create_vm(name=None)
-    region = {"slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": size}
-    await svc.mutate(info["id"], "set_user_memory_region", {**region, "userspace_addr": HVA})
+    await svc.mutate(info["id"], "set_user_memory_region", {**_REGION, "memory_size": size})
     return str(info["id"])
 
 
@@ -56,27 +77,61 @@ async def main(a_calls: int, chunk_mib: int, db_dir: Path) -> None:
             return time.perf_counter() - t0
 
         alone = [await b_once() for _ in range(50)]
-        a_times: list[float] = []
-        busy: list[float] = []
-        done = asyncio.Event()
 
-        async def a_work() -> None:
-            for i in range(a_calls):
-                t0 = time.perf_counter()
+        async def during(a_work: Callable[[], Awaitable[None]]) -> list[float]:
+            """B's latencies while `a_work` runs."""
+            busy: list[float] = []
+            task = asyncio.create_task(a_work())
+            while not task.done():
+                busy.append(await b_once())
+            await task
+            return busy
+
+        def accesses(first: int) -> list[tuple[str, dict[str, object]]]:
+            calls: list[tuple[str, dict[str, object]]] = []
+            for i in range(first, first + a_calls):
                 gpa = i * chunk_mib * MIB
-                args = {"vcpu": 0, "gpa": gpa, "size": chunk_mib * MIB, "access": "write"}
-                await svc.mutate(vm_a, "access", args)
-                a_times.append(time.perf_counter() - t0)
-            done.set()
+                calls.append(("access", {"vcpu": 0, "gpa": gpa, "size": chunk_mib * MIB}))
+            return calls
 
-        task = asyncio.create_task(a_work())
-        while not done.is_set():
-            busy.append(await b_once())
-        await task
+        a_times: list[float] = []
+
+        async def single_calls() -> None:
+            for op, args in accesses(0):
+                t0 = time.perf_counter()
+                await svc.mutate(vm_a, op, {**args, "access": "write"})
+                a_times.append(time.perf_counter() - t0)
+
+        busy = await during(single_calls)
+        # The same work as one batch (what `POST …/replay` runs), then as the replay of A's
+        # journal on its first call after it left memory (after a crash, a restart).
+        await svc.mutate(vm_a, "set_user_memory_region", {"slot": 0, "memory_size": 0})
+        await svc.mutate(vm_a, "set_user_memory_region", {**_REGION, "memory_size": size})
+        batch_s: list[float] = []
+
+        async def batch() -> None:
+            t0 = time.perf_counter()
+            await svc.mutate_many(vm_a, _Feed(accesses(0)), max_calls=a_calls)
+            batch_s.append(time.perf_counter() - t0)
+
+        busy_batch = await during(batch)
+        assert svc.evict(vm_a)
+        replay_s: list[float] = []
+
+        async def replay() -> None:
+            t0 = time.perf_counter()
+            await svc.read(vm_a, lambda vm: vm.info())
+            replay_s.append(time.perf_counter() - t0)
+
+        busy_replay = await during(replay)
         print(f"== SQLite: 1-byte host writes on VM B while VM A faults {chunk_mib} MiB per call")
         _show("VM A access call", a_times)
         _show("VM B write, A idle", alone)
-        _show("VM B write, A working", busy)
+        _show("VM B write, A single calls", busy)
+        _show(f"VM A batch of {a_calls} calls", batch_s)
+        _show("VM B write, A batch", busy_batch)
+        _show(f"VM A reload: replay {2 * a_calls + 3} rec", replay_s)
+        _show("VM B write, A replaying", busy_replay)
     finally:
         await svc.stop()
 

@@ -18,6 +18,7 @@ SCRIPTS = (  # in this order; absent ones are skipped
     "replay.py",
     "mappings.py",
     "trace.py",
+    "tenants_load.py",
 )
 
 

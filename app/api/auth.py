@@ -235,9 +235,34 @@ async def authorize_metrics(request: Request) -> Principal:
     return await identify(request)
 
 
+SIGN_IN_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vkmmu: sign in</title></head>
+<body style="font-family: sans-serif; margin: 3em">
+<h1>vkmmu</h1>
+<p>This page needs a token (the admin's or a tenant's). It is kept in a cookie of this site
+and sent by the page as a bearer header.</p>
+<form id="f"><input id="t" type="password" size="60" autofocus placeholder="token">
+<button>Sign in</button></form>
+<script>
+document.getElementById("f").onsubmit = (e) => {
+  e.preventDefault();
+  const secure = location.protocol === "https:" ? "; Secure" : "";
+  document.cookie = "vkmmu_token=" + encodeURIComponent(document.getElementById("t").value) +
+    "; path=/; SameSite=Strict" + secure;
+  location.reload();
+};
+</script></body></html>
+"""
+
+
 async def authorize_page(request: Request) -> Principal:
-    """The HTML pages: the API's rule, the token also from the `vkmmu_token` cookie."""
-    principal = await identify(request, cookie=True)
+    """The HTML pages: the API's rule, the token also from the `vkmmu_token` cookie; a
+    browser without one gets a sign-in form (still a 401)."""
+    try:
+        principal = await identify(request, cookie=True)
+    except ApiProblem as e:
+        e.html = SIGN_IN_HTML
+        raise
     if principal.kind == "metrics":
         raise forbidden("the metrics token may read /metrics only")
     return principal

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -211,8 +211,11 @@ class ApiProblem(Exception):
         kind: str,
         *,
         headers: dict[str, str] | None = None,
+        html: str | None = None,
     ) -> None:
         super().__init__(detail)
+        # An HTML page answered instead of the problem to a browser asking for one.
+        self.html = html
         self.status = status
         self.title = title
         self.detail = detail
@@ -343,9 +346,13 @@ def install_error_handlers(app: FastAPI) -> None:
                 resp.headers["Allow"] = ", ".join(allowed)
         return resp
 
-    async def on_api_problem(request: Request, exc: Exception) -> JSONResponse:
+    async def on_api_problem(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiProblem)
-        resp = problem(request, exc.status, exc.title, exc.detail, exc.kind)
+        resp: Response
+        if exc.html is not None and "text/html" in request.headers.get("accept", ""):
+            resp = HTMLResponse(exc.html, status_code=exc.status)
+        else:
+            resp = problem(request, exc.status, exc.title, exc.detail, exc.kind)
         for k, v in exc.headers.items():
             resp.headers[k] = v
         return resp

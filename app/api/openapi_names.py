@@ -28,6 +28,7 @@ OPERATION_IDS = {
     "set_vcpu_smm": "vcpus_set_smm",
     "set_memslot": "memslots_set",
     "delete_memslot": "memslots_delete",
+    "batch_memslots": "memslots_batch",
     "get_memslot": "memslots_get",
     "list_memslots": "memslots_list",
     "get_dirty_log": "dirty_log_get",

@@ -337,6 +337,39 @@ def loads(data: bytes) -> Vm:
         raise CorruptSnapshot(f"snapshot body does not decode: {e}") from e
 
 
+def footprint(data: bytes) -> dict[str, int]:
+    """What the VM in `data` holds once decoded, read from its state document and section
+    headers only (nothing bulk is decompressed): page tables, written host / guest_memfd
+    pages, dirty-bitmap entries, zap events. The service reserves it before a fork or a
+    reload. Raises CorruptSnapshot on bytes `loads` would refuse at once."""
+    if not readable(data):
+        raise CorruptSnapshot("not a snapshot this build reads")
+    body = memoryview(data)[_HEADER.size :]
+    out = {"tables": 0, "content_pages": 0, "bitmap_entries": 0, "events": 0}
+    pos = 0
+    while pos < len(body):
+        mlen, rlen = _SECTION.unpack_from(body, pos)
+        pos += _SECTION.size
+        name, _dtype, shape = bytes(body[pos : pos + mlen]).decode().split(";")
+        pos += mlen
+        if name == "state":
+            st = json.loads(zlib.decompress(body[pos : pos + rlen]))
+            m = st["mmu"]
+            out["tables"] = int(m["tables_top"]) - len(m["tables_free"])
+            out["events"] = len(st["events"])
+            logging = {(int(a), int(b)) for a, b in st["dirty"]}
+            out["bitmap_entries"] = sum(
+                int(s["npages"])
+                for as_id, sp in enumerate(st["spaces"])
+                for s in sp["slots"]
+                if (as_id, int(s["id"])) in logging
+            )
+        elif name.endswith("/keys"):
+            out["content_pages"] += int(shape or 0)
+        pos += rlen
+    return out
+
+
 _TABLE_KEYS = ("idx", "entries", "level", "gfn", "root")
 
 

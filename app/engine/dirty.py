@@ -20,7 +20,7 @@ from . import uapi
 from .errors import KvmError, einval
 from .faults import FaultPath
 from .op import Op, operation
-from .paging import Cursor, span
+from .paging import Cursor, span, walk
 from .roots import Root, RootRole, ZapAcc
 from .trace import Kind
 from .uapi import PAGE_SHIFT
@@ -59,6 +59,21 @@ def split_huge(vm: Vm, root: Root, start: int, end: int) -> int:
                 vm.mmu.trace.append(Kind.SPLIT_HUGE_PAGE, cur.gfn(i), level, e, c=-errno.ENOMEM)
                 return split
     return split
+
+
+def split_tables_needed(vm: Vm, as_id: int, start: int, end: int) -> int:
+    """The most page tables `split_huge` may allocate over [start, end) of the address
+    space's direct roots: one per 2 MiB leaf, 513 per 1 GiB leaf (split twice). Walks the
+    tables above the leaf level only; the service reserves this before an eager split."""
+    need = 0
+    for root in _direct_roots(vm, as_id):
+        for cur in walk(vm.mmu.pool, root.table, start, end, min_level=2):
+            if cur.level not in (2, 3):
+                continue
+            sl = vm.mmu.pool.entries(cur.table)[cur.lo : cur.hi]
+            huge = int(np.count_nonzero((sl & S.U_PRESENT != 0) & (sl & S.U_PS != 0)))
+            need += huge * (1 if cur.level == 2 else 1 + 512)
+    return need
 
 
 _SMALL_OFFSETS = {

@@ -1,12 +1,17 @@
 """Memory accounting: what each VM holds, reserved before a call allocates.
 
-One ledger per service: per VM, the bytes it held after its last call (page tables, dirty
-bitmaps, host-memory and guest_memfd contents, zap events) plus what calls in flight have
-reserved. A call first reserves its worst case (`op_need`); past the VM's quota or the
-service's budget it answers ENOMEM (507) before the engine runs, so nothing changes and
-nothing is journaled (replay never consults the ledger). Reservations are taken under one
-lock: calls on different VMs running at once can never pass the budget together. Reloads
-and forks are counted as soon as their state is built.
+One ledger per service: per VM (or what-if fork), the bytes it held after its last call
+(page tables, dirty bitmaps, host-memory and guest_memfd contents, zap events) plus what
+calls in flight have reserved, against the VM's quota, the service's memory budget and the
+service's page-table budget (in tables). A call first reserves its worst case (`op_need`);
+past a limit it answers ENOMEM (507) before the engine runs, so nothing changes and nothing
+is journaled (replay never consults the ledger). Page tables are granted, not only checked:
+the engine may allocate at most the tables the call reserved (the grant is its table
+budget, journaled with it). A fault needs its worst case whole; an eager split takes what
+is free and stops there, as the kernel's does when no page can be allocated. Reservations
+are taken under one lock: calls on different VMs running at once can never pass a budget
+together. A reload or a fork reserves the state it is about to build (the VM row's last
+count, or the snapshot's footprint) before building it.
 
 The sizes are read from the engine's structures here, from the service side; an engine
 without them (a test double) holds nothing.
@@ -16,8 +21,10 @@ from __future__ import annotations
 
 import errno
 import threading
+from dataclasses import dataclass
 from typing import Any
 
+from app.engine.dirty import split_tables_needed
 from app.engine.errors import KvmError
 from app.engine.gmem import supported_gmem_flags
 
@@ -28,6 +35,7 @@ ZAP_EVENT_BYTES = 2048
 # Zap events one call may record, at most, before the engine trims its list.
 ZAP_EVENTS_PER_CALL = 8
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_USER_MEM_SLOTS = 32767
 _LOFF_MAX = (1 << 63) - 1
 # The engine's per-call bounds (app/engine/vm.py; past them it answers E2BIG/EINVAL): a worst
 # case never exceeds them, so a call with bad arguments keeps the kernel's errno unless the
@@ -42,6 +50,28 @@ _FAULT_OPS = frozenset({"access", "pre_fault", "accept", "load", "store"})
 DEFAULT_MEMORY_BUDGET_BYTES = 8 * 1024**3
 DEFAULT_VM_MEMORY_BUDGET_BYTES = 4 * 1024**3
 DEFAULT_MAX_GUEST_MEMFD_BYTES = 1024**4  # 1 TiB
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a call may make a VM allocate: `bytes` besides page tables, and up to `tables`
+    page tables (all of them or ENOMEM when `all_tables`; else what is free)."""
+
+    bytes: int = 0
+    tables: int = 0
+    all_tables: bool = True
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What the ledger reserved for one call: bytes (tables included) and page tables."""
+
+    bytes: int = 0
+    tables: int = 0
+
+
+def tables_held(vm: Any) -> int:
+    return int(getattr(getattr(getattr(vm, "mmu", None), "pool", None), "live", 0))
 
 
 def bytes_held(vm: Any) -> int:
@@ -79,10 +109,45 @@ def _pages(nbytes: int) -> int:
     return -(-max(0, nbytes) // PAGE)
 
 
-def op_need(vm: Any, op: str, args: dict[str, Any], *, max_gmem_bytes: int) -> int:
-    """The most bytes `op` may make `vm` allocate (an upper bound; 0 when it only frees or
+def footprint_need(counts: dict[str, int]) -> Need:
+    """The memory a snapshot's state holds once decoded (`codec.footprint`), as a Need."""
+    other = (
+        int(counts.get("content_pages", 0)) * PAGE
+        + int(counts.get("bitmap_entries", 0))
+        + int(counts.get("events", 0)) * ZAP_EVENT_BYTES
+    )
+    return Need(other, int(counts.get("tables", 0)))
+
+
+def _split_need(vm: Any, op: str, args: dict[str, Any]) -> int:
+    """Tables an eager split by this call may allocate at most: turning dirty logging on
+    (a flags-only change of a slot) or KVM_CLEAR_DIRTY_LOG with KVM_DIRTY_LOG_INITIALLY_SET."""
+    if not hasattr(vm, "mmu"):
+        return 0
+    slot = _int(args.get("slot"))
+    as_id, sid = slot >> 16, slot & 0xFFFF
+    if not 0 <= as_id < int(getattr(vm, "nr_as", 1)) or sid >= KVM_USER_MEM_SLOTS:
+        return 0
+    if op == "set_user_memory_region":
+        if not _int(args.get("flags")) & KVM_MEM_LOG_DIRTY_PAGES:
+            return 0
+        start = _int(args.get("guest_phys_addr")) >> 12
+        end = start + _pages(_int(args.get("memory_size")))
+    else:
+        mine = vm.spaces[as_id].get(sid)
+        if mine is None:
+            return 0
+        start, end = mine.base_gfn, mine.end_gfn
+    return split_tables_needed(vm, as_id, start, end)
+
+
+def op_need(vm: Any, op: str, args: dict[str, Any], *, max_gmem_bytes: int) -> Need:
+    """The most `op` may make `vm` allocate (an upper bound; nothing when it only frees or
     its cost is already bounded elsewhere). Raises ENOMEM for a guest_memfd past the limit."""
     need = ZAP_EVENTS_PER_CALL * ZAP_EVENT_BYTES
+    levels = int(getattr(vm, "paging_levels", 5))
+    # Only faults (an MMIO SPTE included) and eager splits build page tables.
+    tables = 0
     if op == "create_guest_memfd":
         size, flags = _int(args.get("size")), _int(args.get("flags", 0))
         # Only a file KVM would create (valid flags, a positive page-aligned loff_t size) meets
@@ -112,64 +177,122 @@ def op_need(vm: Any, op: str, args: dict[str, Any], *, max_gmem_bytes: int) -> i
         if op in ("load", "store"):
             size = MAX_GUEST_ACCESS_BYTES  # one guest load or store: 1 to 4096 bytes
         pages = _pages(size)
-        levels = int(getattr(vm, "paging_levels", 5))
-        tables = -(-pages // 512) + -(-pages // (512 * 512)) + levels - 1
-        need += tables * TABLE_BYTES
+        # Leaf tables, one path per level above them (the engine's own bound), and a root.
+        tables += -(-pages // 512) + -(-pages // (512 * 512)) + levels - 1 + 1
         if op == "store":  # a store also writes host or guest_memfd contents
             need += pages * PAGE + 2 * PAGE
-    return need
+        return Need(need, tables)
+    if op in ("set_user_memory_region", "clear_dirty_log"):
+        split = _split_need(vm, op, args)
+        if split:
+            return Need(need, tables + split, all_tables=False)
+    return Need(need, tables)
 
 
 class Ledger:
-    """Bytes held and reserved, per VM, against a per-VM quota and a service budget."""
+    """Bytes and page tables held and reserved, per VM (or fork), against a per-VM quota,
+    the service's memory budget and its page-table budget."""
 
-    def __init__(self, service_bytes: int, vm_bytes: int) -> None:
+    def __init__(
+        self, service_bytes: int, vm_bytes: int, service_tables: int | None = None
+    ) -> None:
         self.service_bytes = service_bytes
         self.vm_bytes = vm_bytes
+        self.service_tables = (
+            service_bytes // TABLE_BYTES if service_tables is None else service_tables
+        )
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
         self._reserved: dict[str, int] = {}
+        self._held_tables: dict[str, int] = {}
+        self._reserved_tables: dict[str, int] = {}
 
     def total(self) -> int:
         with self._lock:
             return sum(self._held.values()) + sum(self._reserved.values())
 
+    def tables(self) -> int:
+        """Page tables held and reserved by everyone."""
+        with self._lock:
+            return sum(self._held_tables.values()) + sum(self._reserved_tables.values())
+
     def of(self, vm_id: str) -> int:
         with self._lock:
             return self._held.get(vm_id, 0) + self._reserved.get(vm_id, 0)
 
-    def reserve(self, vm_id: str, need: int) -> int:
-        """Reserve `need` bytes for a call on `vm_id`, or raise ENOMEM (nothing reserved)."""
-        need = max(0, need)
+    def free_tables(self, vm_id: str) -> int:
+        """Page tables a call on `vm_id` could be granted now."""
         with self._lock:
             mine = self._held.get(vm_id, 0) + self._reserved.get(vm_id, 0)
             total = sum(self._held.values()) + sum(self._reserved.values())
-            if mine + need > self.vm_bytes:
-                raise KvmError(
-                    errno.ENOMEM,
-                    f"the VM holds {mine} bytes; this call may need {need} more, past its "
-                    f"quota of {self.vm_bytes} (VKMMU_VM_MEMORY_BUDGET_BYTES)",
-                )
-            if total + need > self.service_bytes:
-                raise KvmError(
-                    errno.ENOMEM,
-                    f"the service holds {total} bytes; this call may need {need} more, past "
-                    f"its budget of {self.service_bytes} (VKMMU_MEMORY_BUDGET_BYTES)",
-                )
-            self._reserved[vm_id] = self._reserved.get(vm_id, 0) + need
-        return need
+            tables = sum(self._held_tables.values()) + sum(self._reserved_tables.values())
+            return max(
+                0,
+                min(
+                    (self.vm_bytes - mine) // TABLE_BYTES,
+                    (self.service_bytes - total) // TABLE_BYTES,
+                    self.service_tables - tables,
+                ),
+            )
 
-    def settle(self, vm_id: str, reserved: int, held: int) -> None:
-        """A call ended: drop its reservation, record what the VM holds now."""
+    def reserve(self, vm_id: str, need: Need | int) -> Grant:
+        """Reserve what a call on `vm_id` may allocate, or raise ENOMEM (nothing reserved)."""
+        if isinstance(need, int):
+            need = Need(need)
+        other = max(0, need.bytes)
         with self._lock:
-            left = self._reserved.get(vm_id, 0) - reserved
-            if left > 0:
-                self._reserved[vm_id] = left
-            else:
-                self._reserved.pop(vm_id, None)
+            mine = self._held.get(vm_id, 0) + self._reserved.get(vm_id, 0)
+            total = sum(self._held.values()) + sum(self._reserved.values())
+            if mine + other > self.vm_bytes:
+                raise _enomem(
+                    f"the VM holds {mine} bytes; this call may need {other} more, past "
+                    f"its quota of {self.vm_bytes} (VKMMU_VM_MEMORY_BUDGET_BYTES)"
+                )
+            if total + other > self.service_bytes:
+                raise _enomem(
+                    f"the service holds {total} bytes; this call may need {other} "
+                    f"more, past its budget of {self.service_bytes} (VKMMU_MEMORY_BUDGET_BYTES)"
+                )
+            tables_now = sum(self._held_tables.values()) + sum(self._reserved_tables.values())
+            room = min(
+                (self.vm_bytes - mine - other) // TABLE_BYTES,
+                (self.service_bytes - total - other) // TABLE_BYTES,
+                self.service_tables - tables_now,
+            )
+            tables = max(0, min(need.tables, room))
+            if need.all_tables and tables < need.tables:
+                raise _enomem(
+                    f"this call may build {need.tables} page tables; {max(0, room)} are left "
+                    "in the VM's quota and the service's budgets (VKMMU_VM_MEMORY_BUDGET_BYTES, "
+                    "VKMMU_MEMORY_BUDGET_BYTES, VKMMU_PAGE_TABLE_BUDGET_BYTES)"
+                )
+            grant = Grant(other + tables * TABLE_BYTES, tables)
+            self._reserved[vm_id] = self._reserved.get(vm_id, 0) + grant.bytes
+            self._reserved_tables[vm_id] = self._reserved_tables.get(vm_id, 0) + tables
+        return grant
+
+    def settle(self, vm_id: str, reserved: Grant, held: int, held_tables: int = 0) -> None:
+        """A call ended (or a state was built): drop its reservation, record what the VM
+        holds now."""
+        with self._lock:
+            for book, amount in (
+                (self._reserved, reserved.bytes),
+                (self._reserved_tables, reserved.tables),
+            ):
+                left = book.get(vm_id, 0) - amount
+                if left > 0:
+                    book[vm_id] = left
+                else:
+                    book.pop(vm_id, None)
             self._held[vm_id] = max(0, held)
+            self._held_tables[vm_id] = max(0, held_tables)
 
     def forget(self, vm_id: str) -> None:
         """The VM left memory (evicted, discarded, deleted)."""
         with self._lock:
             self._held.pop(vm_id, None)
+            self._held_tables.pop(vm_id, None)
+
+
+def _enomem(detail: str) -> KvmError:
+    return KvmError(errno.ENOMEM, detail)

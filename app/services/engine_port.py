@@ -66,6 +66,10 @@ def _always(data: bytes) -> bool:
     return True
 
 
+def _no_footprint(data: bytes) -> dict[str, int]:
+    return {}
+
+
 @dataclass(frozen=True)
 class EnginePort:
     create: Callable[..., Vm]  # Vm.create(vm_type=, vcpus=, paging_levels=, name=)
@@ -84,6 +88,9 @@ class EnginePort:
     # page tables (a test double) keeps the defaults: nothing to count, nothing to cap.
     tables_live: Callable[[Vm], int] = _no_tables
     set_table_budget: Callable[[Vm, int], None] = _no_budget
+    # What a snapshot's state holds once decoded (`codec.footprint`), read without decoding
+    # it: reserved before a fork or a reload is built.
+    snapshot_footprint: Callable[[bytes], dict[str, int]] = _no_footprint
     # How many kvmmmu trace records the VM keeps (GET …/trace); 0 turns tracing off.
     set_trace_records: Callable[[Vm, int], None] = _no_trace
 
@@ -116,5 +123,6 @@ def default_engine() -> EnginePort:
         apply=apply,
         tables_live=tables_live,
         set_table_budget=set_table_budget,
+        snapshot_footprint=codec.footprint,
         set_trace_records=set_trace_records,
     )

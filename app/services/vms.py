@@ -16,13 +16,14 @@ Invariants this module keeps:
 - Retention: a deleted VM's journal and snapshots are purged, journals are pruned behind
   snapshots (`gc`); a VM is only ever rebuilt from a base the kept journal continues.
 
-Memory: the page-table budget is the whole service's. Before each engine call the VM is
-granted what it holds plus what every loaded VM together leaves free (ENOMEM past it); the
-grant is journaled with the call, so replay runs it under the same budget and ends in the same
-state. At most `max_loaded_vms` VMs stay in memory; idle ones are evicted least recently used
-first and reload from their newest snapshot and the journal. Besides, every byte a client
-can make a VM hold is reserved in `budget.Ledger` before the engine runs (ENOMEM past the
-VM's quota or the service's budget; see app/services/budget.py).
+Memory: every byte a client can make a VM hold is reserved in `budget.Ledger` before the
+engine runs (ENOMEM past the VM's quota, the service's memory budget or its page-table
+budget; see app/services/budget.py). The page tables a call reserved are its table budget:
+what the VM holds plus the grant, journaled with the call, so replay runs it under the same
+budget and ends in the same state. A reload reserves the state the VM row last counted, a
+fork its snapshot's footprint, before building it. At most `max_loaded_vms` VMs stay in
+memory; idle ones are evicted least recently used first and reload from their newest
+snapshot and the journal.
 
 Threading: each call holds the VM's asyncio lock and runs its whole unit of work (database
 transaction and engine call) in one worker thread. The lock is never released while that
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import errno
 import functools
 import hashlib
@@ -100,7 +102,8 @@ DEFAULT_MAX_MANUAL_SNAPSHOTS = 32
 DEFAULT_GC_INTERVAL_S = 300.0
 # kvmmmu trace records kept per loaded VM (GET …/trace; ~56 bytes each, grown on use).
 DEFAULT_TRACE_RECORDS = 4096
-# Where the VM row's summary keeps `vm.stats()` (read by /metrics without loading the VM).
+# Where the VM row's summary keeps `vm.stats()` (read by /metrics without loading the VM);
+# `HELD_KEY` what the state holds in memory (tenant quotas; what a reload reserves first).
 STATS_KEY = "stats"
 # A VM's creation defaults (KVM_CREATE_VM with type 0, one vCPU, 4-level EPT).
 CREATE_DEFAULTS = {"vm_type": 0, "vcpus": 1, "paging_levels": 4}
@@ -285,6 +288,24 @@ class CallFeed(Protocol):
     def record(self, outcome: Any) -> None: ...
 
 
+class _StopAtFirstError:
+    """A `CallFeed` over a fixed list that stops after the first rejected call."""
+
+    def __init__(self, calls: list[tuple[str, dict[str, Any]]]) -> None:
+        self.calls = calls
+        self.outcomes: list[Any] = []
+
+    def next_call(self) -> tuple[str, dict[str, Any]] | None:
+        done = len(self.outcomes)
+        if done == len(self.calls) or (done and isinstance(self.outcomes[-1], KvmError)):
+            return None
+        name, args = self.calls[done]
+        return name, copy.deepcopy(args)
+
+    def record(self, outcome: Any) -> None:
+        self.outcomes.append(outcome)
+
+
 @dataclass
 class _Step:
     """One engine step of a mutating call, on its way to the journal."""
@@ -298,6 +319,10 @@ class _Step:
     # What the record costs to store (and replay reads): its args and result, serialised.
     journal_bytes: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    # Taken right after the step (a batch appends its records after its last step): what
+    # replay reuses (durations, budget) and the row's summary of the state.
+    meta: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] | None = None
 
 
 class VmService:
@@ -308,6 +333,7 @@ class VmService:
         snapshot_every: int = 1000,
         snapshot_work_bytes: int = DEFAULT_SNAPSHOT_WORK_BYTES,
         run_migrations: bool = True,
+        sqlite_synchronous: str = "normal",
         engine: EnginePort | None = None,
         page_table_budget_bytes: int = DEFAULT_PAGE_TABLE_BUDGET_BYTES,
         max_loaded_vms: int = DEFAULT_MAX_LOADED_VMS,
@@ -324,7 +350,11 @@ class VmService:
     ) -> None:
         # The host profile new VMs get (VKMMU_HOST_*); a VM's own `host` overrides it.
         self.host_defaults: dict[str, bool] = dict(host_profile or {})
-        self.ledger = budget.Ledger(memory_budget_bytes, vm_memory_budget_bytes)
+        # Page tables all loaded VMs and what-if forks together may hold (in tables).
+        self.budget_tables = max(0, page_table_budget_bytes) // TABLE_BYTES
+        self.ledger = budget.Ledger(
+            memory_budget_bytes, vm_memory_budget_bytes, service_tables=self.budget_tables
+        )
         # Per-tenant quotas (app/services/quotas.py) and each VM's tenant, once seen: a VM's
         # tenant never changes.
         self.quotas = tenant_quotas or TenantQuotas()
@@ -342,9 +372,8 @@ class VmService:
         self.snapshot_every = snapshot_every
         self.snapshot_work_bytes = snapshot_work_bytes
         self.run_migrations = run_migrations
+        self.sqlite_synchronous = sqlite_synchronous
         self._engine = engine
-        # Page tables all loaded VMs together may hold (the service's budget, in tables).
-        self.budget_tables = max(0, page_table_budget_bytes) // TABLE_BYTES
         self.max_loaded_vms = max(1, max_loaded_vms)
         self._db: Database | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -373,7 +402,7 @@ class VmService:
             from app.services.lifecycle import migrate
 
             await asyncio.to_thread(migrate, self.database_url)
-        self._db = Database(self.database_url)
+        self._db = Database(self.database_url, sqlite_synchronous=self.sqlite_synchronous)
         self._pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="vkmmu-vm")
         self._stopping = False
         if self.gc_interval_s > 0:
@@ -463,21 +492,6 @@ class VmService:
             if h.snapshot_task is None and self.evict(h.vm_id):
                 excess -= 1
 
-    def _grant_tables(self, vm: Vm) -> int:
-        """The page-table budget for `vm`'s next call: what it holds plus what the whole
-        service has left (`budget_tables` minus the tables of every loaded VM).
-
-        Runs in a worker thread while other VMs' calls may run in others: each reads the
-        others' counts as they are, so concurrent calls on different VMs may together pass
-        the budget by what they allocate at that very moment, never more."""
-        port = self.engine
-        mine = port.tables_live(vm)
-        held = mine
-        for other in tuple(self._handles.values()):
-            if other.vm is not None and other.vm is not vm:
-                held += port.tables_live(other.vm)
-        return mine + max(0, self.budget_tables - held)
-
     async def vm_summaries(self) -> dict[str, dict[str, Any]]:
         """Every live VM's row summary (`vm.info()` and stats at its last call), by id."""
 
@@ -531,6 +545,8 @@ class VmService:
         requested = {"vm_type": vm_type, "vcpus": vcpus, "paging_levels": paging_levels}
         acting = acting_tenant.get()
 
+        row_id = new_id("vm-")
+
         def work() -> tuple[VmRow, Vm]:
             create_args: dict[str, Any]
             if from_snapshot is not None:
@@ -553,7 +569,11 @@ class VmService:
                     }
                     if wrong:
                         raise ForkMismatch(wrong)
-                    vm = self._state_of_snapshot(s, snap.vm_id, snap.id, snap.seq)
+                    vm = self._reserved_build(
+                        row_id,
+                        self._snapshot_need(s, snap),
+                        lambda: self._state_of_snapshot(s, snap.vm_id, snap.id, snap.seq),
+                    )
                 kind = source
                 create_args = {
                     "from_snapshot": snap.id,
@@ -574,7 +594,7 @@ class VmService:
                 # KvmError (unsupported type, bad levels) passes through; nothing is stored.
                 vm = self.engine.create(**kind, name=name, **extra)
             row = VmRow(
-                id=new_id("vm-"),
+                id=row_id,
                 name=name,
                 tenant=tenant,
                 vm_type=kind["vm_type"],
@@ -587,26 +607,30 @@ class VmService:
                 last_seq=0,
             )
             own: SnapshotRow | None = None
-            if from_snapshot is not None:
-                # A fork keeps its own copy of its starting state: it never depends on its
-                # source's snapshot or journal, which retention may delete.
-                own = self._snapshot_row(row.id, 0, self.engine.dumps(vm), "auto", None)
-            with self.db.write() as s:
-                if acting is not None:  # counted under the write lock (SQLite: exact)
-                    have = repo.count_tenant_vms(s, acting)
-                    if have >= self.quotas.max_vms:
-                        raise too_many("VMs", have, self.quotas.max_vms, "VKMMU_TENANT_MAX_VMS")
-                s.add(row)
-                if own is not None:
-                    s.flush()  # the VM row first: the snapshot's foreign key names it
-                    s.add(own)
+            try:
+                if from_snapshot is not None:
+                    # A fork keeps its own copy of its starting state: it never depends on
+                    # its source's snapshot or journal, which retention may delete.
+                    own = self._snapshot_row(row.id, 0, self.engine.dumps(vm), "auto", None)
+                with self.db.write() as s:
+                    if acting is not None:  # counted under the write lock (SQLite: exact)
+                        have = repo.count_tenant_vms(s, acting)
+                        if have >= self.quotas.max_vms:
+                            raise too_many("VMs", have, self.quotas.max_vms, "VKMMU_TENANT_MAX_VMS")
+                    s.add(row)
+                    if own is not None:
+                        s.flush()  # the VM row first: the snapshot's foreign key names it
+                        s.add(own)
+            except BaseException:
+                self.ledger.forget(row_id)  # a fork's state was counted as it was built
+                raise
             return row, vm
 
         row, vm = await self._run(work)
         self._tenants[row.id] = row.tenant
         self.usage.settle(row.tenant, row.id, held_split(vm))
         self._handles[row.id] = VmHandle(row.id, vm=vm, tenant=row.tenant)
-        self.ledger.settle(row.id, 0, budget.bytes_held(vm))  # a fork holds its snapshot's state
+        self._settle_held(row.id, vm)
         self._evict_over_limit()
         info = self._info(row)
         self.events.publish("vm_created", row.id, {"vm": info})
@@ -679,56 +703,125 @@ class VmService:
     async def mutate_many(
         self, vm_id: str, feed: CallFeed, *, max_calls: int = 1000, if_match: str | None = None
     ) -> tuple[int, str]:
-        """Apply the calls `feed` hands out, in order, under one lock and one transaction,
-        each journaled as its own record exactly as `mutate` journals it (trace replay: one
-        commit per batch instead of one per call). `feed.record` receives each outcome (the
-        result, or the `KvmError`: a rejected call does not stop the batch) before the next
-        call is asked for, so what comes next may depend on it. Stops after `max_calls`
-        calls or when the feed has none left. `if_match` as in `mutate`, checked before the
-        first call. Answers (calls applied, ETag)."""
+        """Apply the calls `feed` hands out, in order, under one lock, each journaled as its
+        own record exactly as `mutate` journals it, the batch's records in one transaction
+        (trace replay: one commit per batch instead of one per call). `feed.record` receives
+        each outcome (the result, or the `KvmError`: a rejected call does not stop the
+        batch) before the next call is asked for, so what comes next may depend on it. Stops
+        after `max_calls` calls or when the feed has none left. `if_match` as in `mutate`,
+        checked before the first call. Answers (calls applied, ETag).
+
+        On SQLite the engine steps run outside any write transaction, as `mutate`'s do; the
+        records are appended by one short transaction after the last step. If another
+        process appended to the VM meanwhile, nothing of the batch is journaled, the VM is
+        rebuilt from the journal on next use, and the batch answers EBUSY (409): the feed
+        has seen outcomes that cannot be redone."""
         async with self._locked(vm_id) as h:
             n, seq = await self._run(self._mutate_many_sync, h, feed, max(1, max_calls), if_match)
             self._maybe_auto_snapshot(h)
         return n, etag(seq)
 
+    async def mutate_batch(
+        self, vm_id: str, calls: list[tuple[str, dict[str, Any]]], *, if_match: str | None = None
+    ) -> tuple[list[Any], str]:
+        """Apply `calls` in order under one lock and one transaction, stopping at the first
+        one KVM rejects: what the same ioctls issued one by one would leave (each applied
+        call is its own journal record and publishes its events). Answers each attempted
+        call's outcome (its result, or the `KvmError`), in order, and the ETag."""
+        feed = _StopAtFirstError(calls)
+        async with self._locked(vm_id) as h:
+            _, seq = await self._run(self._mutate_many_sync, h, feed, max(1, len(calls)), if_match)
+            info = None if h.vm is None else h.vm.info()
+            for (name, args), out in zip(calls, feed.outcomes, strict=False):
+                if not isinstance(out, KvmError):  # committed: tell the streams, in order
+                    self.events.publish_call(vm_id, name, args, out, info)
+            self._maybe_auto_snapshot(h)
+        return feed.outcomes, etag(seq)
+
     def _mutate_many_sync(
         self, h: VmHandle, feed: CallFeed, max_calls: int, if_match: str | None
     ) -> tuple[int, int]:
+        split = self.db.sqlite
         touched = False
-        n = 0
+        steps: list[tuple[OpLike, dict[str, Any], _Step]] = []
         try:
-            with self.db.write() as s:
-                row = self._live_row(s, h.vm_id, lock=True)
+            with self.db.read() if split else self.db.write() as s:
+                row = self._live_row(s, h.vm_id, lock=not split)
                 if if_match is not None and not etag_matches(if_match, row.last_seq):
                     raise PreconditionFailed(if_match, etag(row.last_seq))
                 vm = self._catch_up(s, h, row.last_seq)
-                steps: list[_Step] = []
-                while n < max_calls and (call := feed.next_call()) is not None:
-                    name, args = call  # the feed's own dict: it hands out a fresh one
-                    if name in (RESTORE_OP, "destroy"):
-                        feed.record(KvmError(errno.EINVAL, f"{name!r} is not available here"))
-                        continue
-                    n += 1
+                base_seq = row.last_seq
+                if not split:
                     touched = True
-                    # The same step and record as `mutate`, one transaction for the batch.
-                    try:
-                        op = self.engine.parse(name, args)
-                        step = self._engine_step(h, vm, op, _json_copy(op.to_json()))
-                    except KvmError as e:
-                        feed.record(e)  # nothing changed: no record, as in `mutate`
-                        continue
-                    feed.record(step.raised if step.raised is not None else step.result)
-                    self._append(s, h, row, vm, op, op.to_json(), step, destroy=False)
-                    steps.append(step)
+                    n = self._batch_steps(h, vm, feed, max_calls, steps)
+                    self._append_batch(s, h, row, vm, steps)
+            if split:
+                touched = True
+                n = self._batch_steps(h, vm, feed, max_calls, steps)
+                if steps:
+                    # The short write transaction: a check, the batch's inserts, commit.
+                    with self.db.write() as s:
+                        row = self._live_row(s, h.vm_id, lock=True)
+                        if row.last_seq != base_seq:
+                            h.discard()
+                            raise KvmError(
+                                errno.EBUSY,
+                                "another process changed the VM during this batch; nothing "
+                                "of the batch was journaled",
+                            )
+                        self._append_batch(s, h, row, vm, steps)
+                seq = row.last_seq
+            else:
                 seq = row.last_seq
         except BaseException as e:
             if touched and not isinstance(e, KvmError):
                 h.discard()
             raise
-        for step in steps:
+        for _op, _args, step in steps:
             self._count_work(h, vm, step)
         h.applied_seq = seq
         return n, seq
+
+    def _batch_steps(
+        self,
+        h: VmHandle,
+        vm: Vm,
+        feed: CallFeed,
+        max_calls: int,
+        steps: list[tuple[OpLike, dict[str, Any], _Step]],
+    ) -> int:
+        """Run the feed's calls on the engine (no database work); the steps to journal go
+        to `steps`, each with what its record keeps of the state right after it. Answers
+        the calls applied."""
+        n = 0
+        while n < max_calls and (call := feed.next_call()) is not None:
+            name, args = call  # the feed's own dict: it hands out a fresh one
+            if name in (RESTORE_OP, "destroy"):
+                feed.record(KvmError(errno.EINVAL, f"{name!r} is not available here"))
+                continue
+            n += 1
+            try:
+                op = self.engine.parse(name, args)
+                journaled = _json_copy(op.to_json())
+                step = self._engine_step(h, vm, op, journaled)
+            except KvmError as e:
+                feed.record(e)  # nothing changed: no record, as in `mutate`
+                continue
+            step.summary = self._summary(vm)
+            feed.record(step.raised if step.raised is not None else step.result)
+            steps.append((op, journaled, step))
+        return n
+
+    def _append_batch(
+        self,
+        s: Session,
+        h: VmHandle,
+        row: VmRow,
+        vm: Vm,
+        steps: list[tuple[OpLike, dict[str, Any], _Step]],
+    ) -> None:
+        for op, journaled, step in steps:
+            self._append(s, h, row, vm, op, journaled, step, destroy=False)
 
     async def _mutate(
         self, vm_id: str, op: OpLike, *, if_match: str | None, destroy: bool
@@ -821,19 +914,22 @@ class VmService:
         acting = acting_tenant.get()
         if acting is not None:  # a tenant token's call: its tenant's byte quotas too
             self.usage.load(acting, functools.partial(self._tenant_summaries, acting))
-            self.usage.check(acting, h.vm_id, need)
-        reserved = self.ledger.reserve(h.vm_id, need)
+            # An eager split takes what is free, so only a fault's tables are a need here.
+            tables = need.tables * TABLE_BYTES if need.all_tables else 0
+            self.usage.check(acting, h.vm_id, need.bytes + tables)
+        grant = self.ledger.reserve(h.vm_id, need)
         try:
-            return self._engine_step_reserved(vm, op)
+            return self._engine_step_reserved(vm, op, grant.tables)
         finally:
-            self.ledger.settle(h.vm_id, reserved, budget.bytes_held(vm))
+            self.ledger.settle(h.vm_id, grant, budget.bytes_held(vm), budget.tables_held(vm))
             if h.tenant is not None:
                 self.usage.settle(h.tenant, h.vm_id, held_split(vm))
 
-    def _engine_step_reserved(self, vm: Vm, op: OpLike) -> _Step:
+    def _engine_step_reserved(self, vm: Vm, op: OpLike, granted_tables: int) -> _Step:
         at_us = now_us()
-        # Journaled with the call: replay must run it under the very same budget.
-        budget = self._grant_tables(vm)
+        # The tables it holds plus those reserved for it: the engine never allocates past
+        # them. Journaled with the call: replay must run it under the very same budget.
+        budget = self.engine.tables_live(vm) + granted_tables
         self.engine.set_table_budget(vm, budget)
         self.engine.set_trace_records(vm, self.trace_records)
         step = _Step(at_us=at_us, budget=budget)
@@ -843,6 +939,7 @@ class VmService:
             if not getattr(e, "state_changed", False):
                 raise  # the engine guarantees nothing changed
             step.raised, step.error = e, _error_json(e)
+        step.meta = _meta(vm, budget)
         return step
 
     def _append(
@@ -867,11 +964,11 @@ class VmService:
             result=None if step.raised else _result_summary(step.result),
             error=step.error,
             at=us_to_datetime(step.at_us),
-            meta=_meta(vm, step.budget),
+            meta=step.meta or _meta(vm, step.budget),
         )
         step.journal_bytes = len(json.dumps(rec.args)) + len(json.dumps(rec.result))
         row.last_seq = step.seq
-        row.summary = self._summary(vm)
+        row.summary = step.summary if step.summary is not None else self._summary(vm)
         step.stats = row.summary.get(STATS_KEY) or {}
         if destroy:
             row.deleted = True
@@ -1286,10 +1383,11 @@ class VmService:
         """Bring `h.vm` to journal record `target_seq`: load it, or replay what it missed."""
         try:
             if h.vm is None or h.applied_seq > target_seq:
-                h.vm = self._build(s, h.vm_id, target_seq)
+                # A reload holds memory too: reserved before it is built.
+                h.vm = self._reserved_build(
+                    h.vm_id, self._row_need(s, h.vm_id), lambda: self._build(s, h.vm_id, target_seq)
+                )
                 h.snapshot_seq = repo.newest_snapshot_seq(s, h.vm_id)
-                # A reload holds memory too: counted as soon as it is built.
-                self.ledger.settle(h.vm_id, 0, budget.bytes_held(h.vm))
             elif h.applied_seq < target_seq:
                 records = repo.journal_after(s, h.vm_id, h.applied_seq, target_seq)
                 if len(records) == target_seq - h.applied_seq:
@@ -1302,6 +1400,47 @@ class VmService:
             raise
         h.applied_seq = target_seq
         return h.vm
+
+    def _settle_held(self, key: str, vm: Vm, grant: budget.Grant | None = None) -> None:
+        self.ledger.settle(
+            key, grant or budget.Grant(), budget.bytes_held(vm), budget.tables_held(vm)
+        )
+
+    def _reserved_build(self, key: str, need: budget.Need, build: Callable[[], Vm]) -> Vm:
+        """Build a VM's state (a reload, a fork) with what it will hold reserved first
+        (ENOMEM before anything is decoded when it does not fit); then count what it holds."""
+        self.ledger.forget(key)
+        grant = self.ledger.reserve(key, need)
+        try:
+            vm = build()
+        except BaseException:
+            self.ledger.settle(key, grant, 0)
+            self.ledger.forget(key)
+            raise
+        self._settle_held(key, vm, grant)
+        return vm
+
+    def _row_need(self, s: Session, vm_id: str) -> budget.Need:
+        """What the VM held after its last journaled call, as its row counted it (rows from
+        before the count: its page tables from the stats)."""
+        row = repo.get_vm(s, vm_id)
+        summary = (row.summary if row is not None else None) or {}
+        held = summary.get(HELD_KEY)
+        if isinstance(held, dict):
+            tables = int(held.get("tables", 0))
+            return budget.Need(max(0, int(held.get("bytes", 0)) - tables * TABLE_BYTES), tables)
+        tables = (summary.get(STATS_KEY) or {}).get("page_tables", 0)
+        return budget.Need(0, tables if isinstance(tables, int) else 0)
+
+    def _snapshot_need(self, s: Session, snap: SnapshotRow) -> budget.Need:
+        """What a snapshot's state holds once decoded (nothing when its header is unreadable:
+        it will not be decoded, the state is rebuilt and counted after)."""
+        data = repo.snapshot_data(s, snap.id)
+        try:
+            counts = self.engine.snapshot_footprint(data) if data is not None else {}
+        except Exception:
+            counts = {}
+        return budget.footprint_need(counts)
 
     def _build(self, s: Session, vm_id: str, target_seq: int) -> Vm:
         """The state after record `target_seq`: newest sound snapshot, else creation; + replay."""
@@ -1468,7 +1607,8 @@ class VmService:
     def _summary(vm: Vm) -> dict[str, Any]:
         """What the VM row keeps of the state at `last_seq`: `vm.info()`, and `vm.stats()`
         (flat numbers) for /metrics."""
-        return _json_copy({**vm.info(), STATS_KEY: vm.stats(), HELD_KEY: held_split(vm)})
+        held = {**held_split(vm), "bytes": budget.bytes_held(vm), "tables": budget.tables_held(vm)}
+        return _json_copy({**vm.info(), STATS_KEY: vm.stats(), HELD_KEY: held})
 
     @staticmethod
     def _info(row: VmRow) -> dict[str, Any]:
@@ -1535,6 +1675,7 @@ def service_options(settings: Any) -> dict[str, Any]:
         "vm_memory_budget_bytes": settings.vm_memory_budget_bytes,
         "max_gmem_bytes": settings.max_guest_memfd_bytes,
         "trace_records": settings.trace_records,
+        "sqlite_synchronous": settings.sqlite_synchronous,
         "tenant_quotas": tenant_quotas(settings),
         "host_profile": {
             "enable_pml": settings.host_enable_pml,

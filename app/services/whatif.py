@@ -6,24 +6,24 @@ what-if may re-enable a quirk, which KVM cannot: it is a hypothesis), zap policy
 optionally another VM type (from an empty VM only: a snapshot cannot change type). The VM
 itself is never changed.
 
-Forks count against the service's page-table budget: a fork needs the tables of the copy
-plus what its operations build; a what-if whose copy does not fit in what the loaded VMs
-and running what-ifs leave answers ENOMEM before allocating anything.
+Forks are counted in the service's one memory ledger (app/services/budget.py), as a VM
+is: a fork reserves its copy's footprint (ENOMEM before decoding anything when it does not
+fit what loaded VMs, calls in flight and other forks leave) and half of the page tables
+left free, which is the table budget its operations build within (past it they answer
+ENOMEM, as a VM past its budget does).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import threading
+import secrets
 import time
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from app.engine.errors import KvmError
 from app.engine.host_profile import host_profile
-from app.services import cost_model
+from app.services import budget, cost_model
 from app.services.errors import PreconditionFailed
 from app.services.qemu_trace import Trace
 from app.services.replay import OpError, ReplayPlan, Touch, engine_call, errno_name, run_local
@@ -45,24 +45,6 @@ class Variant:
     vm_type: int | None = None
     zap_policy: str | None = None
     host: dict[str, bool] | None = None  # over the VM's own host profile
-
-
-@dataclass
-class _Ledger:
-    """Page tables held by the forks of running what-ifs (per service)."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    reserved: int = 0
-
-
-_LEDGERS: weakref.WeakKeyDictionary[Any, _Ledger] = weakref.WeakKeyDictionary()
-
-
-def _ledger(service: Any) -> _Ledger:
-    led = _LEDGERS.get(service)
-    if led is None:
-        led = _LEDGERS[service] = _Ledger()
-    return led
 
 
 class _OpsFeed:
@@ -293,22 +275,15 @@ async def what_if(
                 "memslots (the fork then starts as an empty VM of that type); a copy of a VM "
                 "cannot change its type"
             )
-    ledger = _ledger(service)
+    ledger = service.ledger
+    copy_need = budget.footprint_need(engine.snapshot_footprint(base))
     rows = []
     for i, v in enumerate(variants):
-        held = sum(int(engine.tables_live(vm)) for vm in service.loaded_vms().values())
-        with ledger.lock:
-            free = service.budget_tables - held - ledger.reserved
-            if tables > free:
-                raise KvmError(
-                    errno.ENOMEM,
-                    f"a fork needs {tables} page tables; the service's page-table budget has "
-                    f"{max(free, 0)} left",
-                )
-            # The copy's tables are held from now on; what the fork builds on top competes
-            # for what is left, as a loaded VM's calls do.
-            ledger.reserved += tables
+        key = f"what-if:{secrets.token_hex(8)}"
+        grants = [ledger.reserve(key, copy_need)]  # ENOMEM: the copy does not fit
         try:
+            # What the fork's operations may build: half of the tables left free.
+            grants.append(ledger.reserve(key, budget.Need(0, ledger.free_tables(key) // 2, False)))
             row = await asyncio.to_thread(
                 run_variant,
                 engine,
@@ -318,12 +293,13 @@ async def what_if(
                 calls,
                 trace,
                 touch or Touch(),
-                free,
+                tables + grants[1].tables,
                 resolved,
             )
         finally:
-            with ledger.lock:
-                ledger.reserved -= tables
+            for g in grants:
+                ledger.settle(key, g, 0)
+            ledger.forget(key)
         rows.append(row)
         if progress is not None:
             await progress(i + 1, len(variants))

@@ -238,3 +238,18 @@ def test_a_version_1_pickle_is_refused_without_being_unpickled() -> None:
     with pytest.raises(codec.CorruptSnapshot, match="VERSION 1"):
         codec.loads(blob)
     assert not _Boom.ran
+
+
+def test_footprint_counts_what_the_decoded_vm_holds() -> None:
+    """Read from the state document and section headers only: what a fork or reload of the
+    snapshot will hold, reserved before it is decoded."""
+    vm = build()
+    back = codec.loads(codec.dumps(vm))
+    assert codec.footprint(codec.dumps(vm)) == {
+        "tables": back.mmu.pool.live,
+        "content_pages": len(back.host.contents) + sum(len(f.contents) for f in back.gmem),
+        "bitmap_entries": sum(len(bm) for bm in back.dirty.values()),
+        "events": len(back.events),
+    }
+    with pytest.raises(codec.CorruptSnapshot):
+        codec.footprint(b"not a snapshot")

@@ -3,6 +3,7 @@ Selenium through Debian's chromedriver): after a memslot delete the page shows t
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import time
@@ -33,7 +34,8 @@ def browser() -> Iterator[Any]:
         os.path.exists(CHROMIUM) and driver_path is not None,
         "chromium and chromedriver (.ci/deps/chromium.sh)",
     )
-    webdriver = pytest.importorskip("selenium.webdriver")
+    require(importlib.util.find_spec("selenium") is not None, "selenium (the dev extra)")
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()

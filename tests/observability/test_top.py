@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
@@ -71,3 +72,30 @@ def test_top_says_when_the_service_is_not_there() -> None:
     )
     assert r.returncode == 1
     assert r.stderr.startswith("vkmmu top: http://127.0.0.1:9:")
+
+
+def test_top_sends_a_token_and_shows_the_tenants_vms_only(tmp_path: Path) -> None:
+    server = Server(
+        tmp_path / "vkmmu.db", tmp_path / "server.log", env={"VKMMU_ADMIN_TOKEN": "t0p"}
+    )
+    server.start()
+    try:
+        admin = {"Authorization": "Bearer t0p"}
+        with httpx.Client(base_url=server.base, timeout=30, headers=admin) as c:
+            vms, tokens = {}, {}
+            for tenant in ("a", "b"):
+                tokens[tenant] = c.post("/v1/tokens", json={"tenant": tenant}).json()["token"]
+                head = {"Authorization": f"Bearer {tokens[tenant]}"}
+                vms[tenant] = c.post("/v1/vms", json={}, headers=head).json()["id"]
+        mine = top(server, "--token", tokens["a"])
+        assert "1 VM(s)" in mine and vms["a"] in mine and vms["b"] not in mine
+        r = subprocess.run(
+            [*vkmmu_command(), "top", "--url", server.base, "--once"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "VKMMU_ADMIN_TOKEN"},
+        )
+        assert r.returncode == 1 and "401" in r.stderr and "--token" in r.stderr
+    finally:
+        server.stop()

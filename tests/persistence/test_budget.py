@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 
 import pytest
 
 from app.engine.errors import KvmError
+from app.engine.paging import TablePool
 from app.services import budget
 from app.services.vms import VmService
 from tests.persistence.conftest import ServiceFactory
@@ -113,3 +115,94 @@ async def test_guest_memfd_size_limit(db_url: str, make_service: ServiceFactory)
         await svc.mutate(vm, "create_guest_memfd", {"size": (1 << 51) + 1, "flags": 0})
     assert e.value.errno == errno.EINVAL
     await svc.mutate(vm, "create_guest_memfd", {"size": GIB, "flags": 0})
+
+
+async def test_page_tables_of_concurrent_calls_never_pass_the_budget(
+    db_url: str, make_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eager splits (dirty logging turned on over 2 MiB leaves) and faults on six VMs at
+    once, against a page-table budget far below what they would build: the tables that
+    exist at any moment, counted at every allocation, never pass it."""
+    limit = 120
+    svc = await make_service(
+        db_url, snapshot_every=0, page_table_budget_bytes=limit * 4096, trace_records=0
+    )
+    size = 64 * MIB
+    vms = [await _vm(svc) for _ in range(6)]
+    for vm in vms:
+        await svc.mutate(
+            vm, "host_advise", {"userspace_addr": SLOT_HVA, "len": size, "advice": "hugepage"}
+        )
+        await svc.mutate(vm, "set_user_memory_region", _slot(size))
+        await svc.mutate(vm, "access", {"vcpu": 0, "gpa": 0, "size": size, "access": "write"})
+    live = {"now": svc.ledger.tables(), "peak": 0}
+    lock = threading.Lock()
+    alloc, release = TablePool.alloc, TablePool.release
+
+    def counted_alloc(pool: TablePool, level: int, gfn: int, root: int) -> int:
+        with lock:
+            live["now"] += 1
+            live["peak"] = max(live["peak"], live["now"])
+        return alloc(pool, level, gfn, root)
+
+    def counted_release(pool: TablePool, idx: int) -> None:
+        with lock:
+            live["now"] -= 1
+        release(pool, idx)
+
+    monkeypatch.setattr(TablePool, "alloc", counted_alloc)
+    monkeypatch.setattr(TablePool, "release", counted_release)
+
+    async def call(vm: str, op: str, args: dict[str, object]) -> dict[str, object] | None:
+        try:
+            result, _ = await svc.mutate(vm, op, args)
+        except KvmError as e:
+            assert e.errno == errno.ENOMEM
+            return None
+        return result
+
+    calls = []
+    for vm in vms:
+        calls.append(call(vm, "set_user_memory_region", _slot(size, flags=1)))
+        calls.append(call(vm, "access", {"vcpu": 0, "gpa": size, "size": 4096, "access": "read"}))
+    results = await asyncio.gather(*calls)
+    split = sum(int(r["zap"]["huge_pages_split"]) for r in results[::2] if r and r.get("zap"))
+    assert 0 < split < 6 * 32  # some were split, as many as the budget allowed
+    assert live["peak"] <= limit
+    assert svc.ledger.tables() <= limit
+    held = sum(
+        [t for t, _ in await asyncio.gather(*(svc.read(vm, budget.tables_held) for vm in vms))]
+    )
+    assert held <= limit
+
+
+async def test_reloads_and_forks_are_reserved_before_they_are_built(
+    db_url: str, make_service: ServiceFactory
+) -> None:
+    """An evicted VM's reload and a fork of its snapshot reserve the state they will hold
+    first: with the budget taken by another VM meanwhile they answer ENOMEM, and nothing
+    was decoded past the budget."""
+    svc = await make_service(
+        db_url, snapshot_every=0, memory_budget_bytes=1400 * 1024, trace_records=0
+    )
+    a, b = await _vm(svc), await _vm(svc)
+    await svc.mutate(a, "set_user_memory_region", _slot(256 * MIB))
+    await svc.mutate(a, "access", {"vcpu": 0, "gpa": 0, "size": 256 * MIB, "access": "write"})
+    snap = await svc.create_snapshot(a)
+    tables_a, _ = await svc.read(a, budget.tables_held)
+    assert svc.evict(a) and svc.ledger.of(a) == 0
+    await svc.mutate(b, "set_user_memory_region", _slot(512 * MIB))
+    await svc.mutate(b, "access", {"vcpu": 0, "gpa": 0, "size": 512 * MIB, "access": "write"})
+    # Neither A's state nor a copy of it fits next to B's.
+    assert svc.ledger.total() + tables_a * 4096 > svc.ledger.service_bytes
+    reload = svc.read(a, budget.bytes_held)
+    fork = svc.create_vm(name=None, from_snapshot=snap["id"])
+    for attempt in (reload, fork):
+        with pytest.raises(KvmError) as e:
+            await attempt
+        assert e.value.errno == errno.ENOMEM
+        assert svc.ledger.total() <= svc.ledger.service_bytes
+        assert svc.loaded_vms().keys() == {b}
+    await svc.mutate(b, "set_user_memory_region", _slot(0))  # B lets go of its tables
+    held, _ = await svc.read(a, budget.bytes_held)
+    assert held == svc.ledger.of(a) and held >= tables_a * 4096

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import importlib.util
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,10 +18,6 @@ from app.services.vms import VmService
 from tests.persistence.conftest import ServiceFactory
 from tests.persistence.engine_workload import HVA, MIB, drive, fingerprint
 from tests.persistence.test_service import _snapshots, corrupt_snapshot
-
-needs_codec = pytest.mark.skipif(
-    importlib.util.find_spec("app.engine.codec") is None, reason="app.engine.codec not written yet"
-)
 
 
 @contextmanager
@@ -57,7 +52,6 @@ async def test_replay_rebuilds_live_state(db_url: str, make_service: ServiceFact
     assert await fp(other, vm_id) == live
 
 
-@needs_codec
 async def test_restart_snapshot_restore_fork(db_url: str, make_service: ServiceFactory) -> None:
     svc = await make_service(db_url, snapshot_every=4)
     vm_id = await new_vm(svc)
@@ -123,7 +117,6 @@ async def test_concurrent_calls_on_one_vm_are_serialised(
     assert await fp(serial, vm_id) == live_a
 
 
-@needs_codec
 async def test_corrupt_snapshots_fall_back(
     db_url: str, make_service: ServiceFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -172,7 +165,8 @@ async def test_page_table_budget_is_service_wide_and_replayed_as_it_was(
 
     region = {"slot": 0, "flags": 0, "guest_phys_addr": 0, "memory_size": 4 * MIB}
     # 8 tables for the whole service: 4 MiB mapped in 4 KiB pages takes 5, a 2 MiB access
-    # may need 5. Each VM alone fits; the second one, next to the first, does not.
+    # reserves its worst case, 6. Each VM alone fits; the second one, next to the first,
+    # does not.
     svc = await make_service(db_url, snapshot_every=0, page_table_budget_bytes=8 * TABLE)
     a, b = await new_vm(svc), await new_vm(svc)
     for vm_id in (a, b):
@@ -186,10 +180,11 @@ async def test_page_table_budget_is_service_wide_and_replayed_as_it_was(
     assert await fp(svc, b) == b_before
     assert (await svc.get_vm(b))[1] == '"1"'  # no record
 
-    # The budget each call ran with is journaled with it.
+    # The budget each call ran with is journaled with it: the tables it held plus those
+    # reserved for it (none for a memslot, the worst case of a 4 MiB access: 7).
     with _raw_db(db_url) as s:
         recs: list[JournalRecord] = list(repo.journal_after(s, a, 0))
-    assert [r.meta["table_budget"] for r in recs if r.meta] == [8, 8]
+    assert [r.meta["table_budget"] for r in recs if r.meta] == [0, 7]
 
     # A VM evicted from memory holds no tables: the other one's call fits now.
     a_live = await fp(svc, a)
@@ -198,12 +193,17 @@ async def test_page_table_budget_is_service_wide_and_replayed_as_it_was(
     b_live = await fp(svc, b)
     await svc.stop()
 
-    # Restarted with a budget smaller than what A already holds: replay runs each call
-    # under the budget it first ran with, so it rebuilds the same state (no ENOMEM).
-    tight = await make_service(db_url, snapshot_every=0, page_table_budget_bytes=TABLE)
+    # Restarted with a budget of just what A holds, below what its access ran with: replay
+    # runs each call under the budget it first ran with, so it rebuilds the same state.
+    tight = await make_service(db_url, snapshot_every=0, page_table_budget_bytes=5 * TABLE)
     assert await fp(tight, a) == a_live
+    # New calls get what is left of the new budget: nothing; nor does B's reload fit.
+    for call in (
+        tight.mutate(a, "access", {"vcpu": 1, "gpa": 3 * MIB, "size": MIB}),
+        tight.read(b, lambda vm: vm.info()),
+    ):
+        with pytest.raises(KvmError) as full:
+            await call
+        assert full.value.errno == errno.ENOMEM
+    assert tight.evict(a)
     assert await fp(tight, b) == b_live
-    # New calls get what is left of the new budget: nothing.
-    with pytest.raises(KvmError) as full:
-        await tight.mutate(a, "access", {"vcpu": 1, "gpa": 3 * MIB, "size": MIB})
-    assert full.value.errno == errno.ENOMEM

@@ -1,14 +1,19 @@
 """One VM's engine work never holds the database write lock (SQLite's is the whole
 database's): a call that stays inside the engine on VM A does not delay a write on VM B,
-whether B is served by the same process or by another one on the same file. Automatic
+whether B is served by the same process or by another one on the same file; nor does a
+batch of calls (trace replay) or the replay of A's journal after a restart. Automatic
 snapshots follow the work done, not only the record count."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 
+import pytest
+
 from app.db import repository as repo
+from app.engine.errors import KvmError
 from tests.persistence.conftest import ServiceFactory, sqlite_url
 from tests.persistence.fake_engine import FAKE_ENGINE, gate
 from tests.persistence.test_service import new_vm
@@ -87,3 +92,86 @@ async def test_snapshot_follows_work_not_only_records(
     with svc.db.read() as s:
         snaps = repo.list_snapshots(s, vm_id)
     assert [(sn.kind, sn.seq) for sn in snaps] == [("auto", 3)]
+
+
+class _Feed:
+    """A batch of calls for `mutate_many`, outcomes kept."""
+
+    def __init__(self, calls: list[tuple[str, dict[str, object]]]) -> None:
+        self.calls, self.outcomes = list(calls), []  # type: ignore[var-annotated]
+
+    def next_call(self) -> tuple[str, dict[str, object]] | None:
+        return self.calls.pop(0) if self.calls else None
+
+    def record(self, outcome: object) -> None:
+        self.outcomes.append(outcome)
+
+
+async def test_a_long_batch_on_one_vm_does_not_stall_another(
+    tmp_path: Path, make_service: ServiceFactory
+) -> None:
+    """A batch (trace replay) whose engine step waits inside the engine: another VM's write
+    commits meanwhile; the batch's records are appended after, in order."""
+    url = sqlite_url(tmp_path)
+    svc = await make_service(url, FAKE_ENGINE, snapshot_every=0)
+    vm_a, vm_b = await new_vm(svc, "a"), await new_vm(svc, "b")
+    entered, release = gate("a-batch")
+    feed = _Feed([("bump", {"by": 1}), ("gate", {"name": "a-batch"}), ("bump", {"by": 1})])
+    batch = asyncio.create_task(svc.mutate_many(vm_a, feed))
+    try:
+        await _held_inside_engine(entered)
+        _, tag = await asyncio.wait_for(svc.mutate(vm_b, "bump", {"by": 1}), GENEROUS_S)
+        assert tag == '"1"'
+        assert not batch.done()
+    finally:
+        release.set()
+    assert await batch == (3, '"3"')
+    assert [o["counter"] for o in feed.outcomes] == [1, 2, 3]  # type: ignore[index]
+    with svc.db.read() as s:
+        assert [r.op for r in repo.journal_after(s, vm_a, 0)] == ["bump", "gate", "bump"]
+
+
+async def test_a_batch_raced_by_another_process_journals_nothing(
+    tmp_path: Path, make_service: ServiceFactory
+) -> None:
+    url = sqlite_url(tmp_path)
+    svc = await make_service(url, FAKE_ENGINE, snapshot_every=0)
+    other_process = await make_service(url, FAKE_ENGINE, snapshot_every=0)
+    vm_a = await new_vm(svc, "a")
+    entered, release = gate("a-raced")
+    batch = asyncio.create_task(svc.mutate_many(vm_a, _Feed([("gate", {"name": "a-raced"})])))
+    await _held_inside_engine(entered)
+    await other_process.mutate(vm_a, "bump", {"by": 5})
+    release.set()
+    with pytest.raises(KvmError) as e:
+        await batch
+    assert e.value.errno == errno.EBUSY
+    with svc.db.read() as s:
+        assert [r.op for r in repo.journal_after(s, vm_a, 0)] == ["bump"]
+    counter, _ = await svc.read(vm_a, lambda vm: vm.state["counter"])
+    assert counter == 5  # rebuilt from the journal: the batch's step is gone
+
+
+async def test_replay_of_one_vm_does_not_stall_another(
+    tmp_path: Path, make_service: ServiceFactory
+) -> None:
+    """After a restart, VM A's first call replays its journal (here a record that waits
+    inside the engine): a write on VM B commits meanwhile."""
+    url = sqlite_url(tmp_path)
+    svc = await make_service(url, FAKE_ENGINE, snapshot_every=0)
+    vm_a, vm_b = await new_vm(svc, "a"), await new_vm(svc, "b")
+    _, release = gate("a-replay")
+    release.set()  # open for the call itself
+    await svc.mutate(vm_a, "gate", {"name": "a-replay"})
+    assert svc.evict(vm_a)
+    entered, release = gate("a-replay")  # closed for the replay
+    reload = asyncio.create_task(svc.mutate(vm_a, "bump", {"by": 1}))
+    try:
+        await _held_inside_engine(entered)
+        _, tag = await asyncio.wait_for(svc.mutate(vm_b, "bump", {"by": 1}), GENEROUS_S)
+        assert tag == '"1"'
+        assert not reload.done()
+    finally:
+        release.set()
+    result, tag = await reload
+    assert (result, tag) == ({"counter": 2}, '"2"')

@@ -438,8 +438,6 @@ class MemoryMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ invariants
     @invariant()
     def audit_clean(self) -> None:
-        if not hasattr(self, "vm"):
-            return
         a = self.vm.audit()
         assert a["ok"], a["violations"]
         s = self.vm.stats()
@@ -448,8 +446,6 @@ class MemoryMachine(RuleBasedStateMachine):
 
     @invariant()
     def layout_matches(self) -> None:
-        if not hasattr(self, "vm"):
-            return
         got = {
             m["slot"]: (m["guest_phys_addr"], m["npages"], m["userspace_addr"], m["flags"])
             for m in self.vm.memslots()

@@ -1,8 +1,10 @@
-"""Random KVM_SET_USER_MEMORY_REGION2 sequences: the memslot engine against a tiny reference model.
+"""Random KVM_SET_USER_MEMORY_REGION2 sequences: a VM (Vm.apply, the path the service takes)
+against a tiny reference model.
 
 The reference is a dict slot key -> (gpa, size, uaddr, flags, fd, offset), checked with plain
-linear scans. Engine and model must agree on every outcome (errno or change kind) and on the
-state after every step.
+linear scans, and the limits and VM-type rules are the spec's numbers typed here
+(kvm-memslots.md §1, §2.1; kvm-private-tdx.md §8.11), never read from the engine. VM and
+model must agree on every outcome (errno or change kind) and on the state after every step.
 """
 
 from __future__ import annotations
@@ -13,24 +15,23 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from app.engine import uapi
+from app.engine import Vm
 from app.engine.errors import KvmError
-from app.engine.gmem import GmemTable
-from app.engine.memslots import (
-    ChangeKind,
-    MemslotSet,
-    SetUserMemoryRegion,
-    check_arch_prepare,
-    check_region,
-)
+from app.engine.memslots import SetUserMemoryRegion
+from app.engine.ops import parse
 
+# The spec's numbers (kvm-memslots.md §1.1-§1.3), typed rather than imported from the engine.
 PAGE = 4096
 LOG, RO, GMEM = 1, 2, 4
 U64 = (1 << 64) - 1
-USER_END = uapi.USER_ADDR_END_4LEVEL
-MAX_GFN = (1 << 40) - 1
-TDX = int(uapi.VmType.KVM_X86_TDX_VM)
-VM_TYPES = [int(t) for t in uapi.SUPPORTED_VM_TYPES]
+USER_END = 0x0000_7FFF_FFFF_F000  # TASK_SIZE_MAX with 4-level paging
+MAX_GFN = (1 << 40) - 1  # host MAXPHYADDR 52
+USER_MEM_SLOTS = 32764  # KVM_USER_MEM_SLOTS on x86
+MAX_NR_PAGES = (1 << 31) - 1  # KVM_MEM_MAX_NR_PAGES
+DEFAULT, SW_PROTECTED, TDX = 0, 1, 5  # KVM_X86_*_VM (Intel host)
+VM_TYPES = [DEFAULT, SW_PROTECTED, TDX]
+SMM_ADDRESS_SPACES = {DEFAULT: 2, SW_PROTECTED: 1, TDX: 1}  # private memory: no SMM
+TDX_SHARED_GFN = 1 << 35  # a 4-level TD's shared bit (GPA bit 47) as a gfn bit
 UADDRS = [0x1000_0000, 0x2000_0000, 0x3000_0000]
 
 Entry = tuple[int, int, int, int, int | None, int]  # gpa, size, uaddr, flags, fd, offset
@@ -68,10 +69,11 @@ class MemslotMachine(RuleBasedStateMachine):
     @initialize(vm_type=st.sampled_from(VM_TYPES))
     def setup(self, vm_type: int) -> None:
         self.vm_type = vm_type
-        self.nr_as = 1 if vm_type in uapi.PRIVATE_MEM_VM_TYPES else 2
-        self.spaces = [MemslotSet(a) for a in range(self.nr_as)]
-        self.gmem = GmemTable(owner="vm")
-        self.fds = [self.gmem.create(n * PAGE, 0, vm_type=vm_type).fd for n in (48, 16)]
+        self.nr_as = SMM_ADDRESS_SPACES[vm_type]
+        self.vm = Vm.create(vm_type, 1)
+        self.fds = [
+            self.vm.apply(parse("create_guest_memfd", {"size": n * PAGE}))["fd"] for n in (48, 16)
+        ]
         self.sizes = {fd: n * PAGE for fd, n in zip(self.fds, (48, 16), strict=True)}
         self.closed: set[int] = set()
         self.ref: dict[tuple[int, int], Entry] = {}
@@ -95,14 +97,14 @@ class MemslotMachine(RuleBasedStateMachine):
         gm = bool(flags & GMEM)
         allowed = {0, LOG, GMEM} | ({RO, RO | LOG} if self.vm_type != TDX else set())
         einval = [
-            id >= 32764,
+            id >= USER_MEM_SLOTS,
             flags not in allowed,
             size % PAGE != 0 or gpa % PAGE != 0 or uaddr % PAGE != 0,
             uaddr + size > USER_END,
             gm and (off % PAGE != 0 or off + size > U64),
             as_id >= self.nr_as,
             gpa + size > U64,
-            size // PAGE > (1 << 31) - 1,
+            size // PAGE > MAX_NR_PAGES,
         ]
         if any(einval):
             return errno.EINVAL
@@ -131,8 +133,11 @@ class MemslotMachine(RuleBasedStateMachine):
             for _g, s, _, f, bfd, boff in self.ref.values():
                 if f & GMEM and bfd == fd and boff < off + size and off < boff + s:
                     return errno.EEXIST
-        if (gpa + size) // PAGE - 1 > MAX_GFN:
+        last = (gpa + size) // PAGE - 1
+        if last > MAX_GFN:
             return errno.EINVAL  # V21 (arch prepare)
+        if self.vm_type == TDX and last & TDX_SHARED_GFN:
+            return errno.EINVAL  # V21: only the last gfn is tested for the shared bit
         return kind
 
     def model_apply(self, r: SetUserMemoryRegion, kind: str) -> None:
@@ -153,30 +158,23 @@ class MemslotMachine(RuleBasedStateMachine):
             _, size, uaddr, _, fd, off = self.ref[key]
             self.ref[key] = (r.guest_phys_addr, size, uaddr, r.flags, fd, off)
 
-    # -- the engine, performing a change the way vm.py does (minus the MMU) ---------------
+    # -- the VM, through the one entry point the service uses --------------------------------
     def engine(self, r: SetUserMemoryRegion) -> int | str:
+        args = {
+            "slot": r.slot,
+            "flags": r.flags,
+            "guest_phys_addr": r.guest_phys_addr,
+            "memory_size": r.memory_size,
+            "userspace_addr": r.userspace_addr,
+            "guest_memfd": r.guest_memfd,
+            "guest_memfd_offset": r.guest_memfd_offset,
+        }
         try:
-            change = check_region(
-                r, vm_type=self.vm_type, spaces=self.spaces, gmem=self.gmem, user_addr_end=USER_END
-            )
-            if change.kind in (ChangeKind.CREATE, ChangeKind.MOVE):
-                check_arch_prepare(change, max_gfn=MAX_GFN, gfn_direct_bits=0)
+            out = self.vm.apply(parse("set_user_memory_region", args))
         except KvmError as e:
+            assert e.state_changed is False
             return e.errno
-        old, new = change.old, change.new
-        if change.kind in (ChangeKind.DELETE, ChangeKind.MOVE, ChangeKind.FLAGS_ONLY):
-            assert old is not None
-            self.spaces[old.as_id].remove(old.id)
-            if change.kind is ChangeKind.DELETE:
-                self.gmem.unbind(old.guest_memfd, (old.as_id, old.id))
-        if change.kind in (ChangeKind.CREATE, ChangeKind.MOVE, ChangeKind.FLAGS_ONLY):
-            assert new is not None
-            if change.kind is ChangeKind.CREATE and new.guest_memfd is not None:
-                self.gmem.bind(
-                    new.guest_memfd, new.guest_memfd_offset, new.npages, (new.as_id, new.id)
-                )
-            self.spaces[new.as_id].install(new)
-        return change.kind.value
+        return str(out["change"])
 
     def step(self, r: SetUserMemoryRegion) -> None:
         want = self.expected(r)
@@ -254,38 +252,41 @@ class MemslotMachine(RuleBasedStateMachine):
         fd = self.fds[which]
         if fd in self.closed:
             return
-        self.gmem.close(fd)
+        self.vm.apply(parse("gmem_close", {"fd": fd}))
         self.closed.add(fd)
 
     # -- state agreement -------------------------------------------------------------------
     @invariant()
     def same_state(self) -> None:
-        if not hasattr(self, "ref"):
-            return
         engine: dict[tuple[int, int], Entry] = {}
-        for space in self.spaces:
-            ordered = space.by_gfn()
-            assert [s.base_gfn for s in ordered] == sorted(s.base_gfn for s in ordered)
-            for a, b in zip(ordered, ordered[1:], strict=False):
-                assert a.end_gfn <= b.base_gfn  # disjoint within an address space
-            for s in space:
-                assert space.find(s.base_gfn) is s and space.find(s.end_gfn - 1) is s
-                engine[(s.as_id, s.id)] = (
-                    s.base_gfn * PAGE,
-                    s.npages * PAGE,
-                    s.userspace_addr,
-                    s.flags,
-                    s.guest_memfd,
-                    s.guest_memfd_offset,
-                )
+        for m in self.vm.memslots():
+            gm = bool(m["flags"] & GMEM)
+            engine[(m["as_id"], m["id"])] = (
+                m["guest_phys_addr"],
+                m["memory_size"],
+                m["userspace_addr"],
+                m["flags"],
+                m["guest_memfd"] if gm else None,
+                m["guest_memfd_offset"] if gm else 0,
+            )
         assert engine == self.ref
+        # Disjoint within an address space, and every page found by lookup in its own slot.
+        for as_id in range(self.nr_as):
+            spans = sorted((g, g + s) for (a, _), (g, s, *_r) in self.ref.items() if a == as_id)
+            for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+                assert end <= start
+        files = {f["fd"]: f for f in self.vm.guest_memfds()}
         for fd in self.fds:
             bound = sorted(
-                (off // PAGE, size // PAGE, key)
-                for key, (_, size, _, flags, bfd, off) in self.ref.items()
+                (off, size // PAGE, as_id, id)
+                for (as_id, id), (_, size, _, flags, bfd, off) in self.ref.items()
                 if flags & GMEM and bfd == fd
             )
-            assert sorted(self.gmem.files[fd].bindings) == bound
+            got = sorted(
+                (b["offset"], b["npages"], b["as_id"], b["id"]) for b in files[fd]["bindings"]
+            )
+            assert got == bound
+            assert files[fd]["closed"] is (fd in self.closed)
 
 
 MemslotMachine.TestCase.settings = settings(

@@ -103,6 +103,12 @@ async def test_every_operation_through_the_generated_client(sdk: Any, make_clien
     assert change.change == m.MemslotChangeChange.CREATE
     await call("memslots", "memslots_get", vm, 0)
     await call("memslots", "memslots_list", vm)
+    extra = [
+        m.BatchRegion(slot=7, guest_phys_addr=1 << 32, memory_size=1 << 20, userspace_addr=hva),
+        m.BatchRegion(slot=7, guest_phys_addr=1 << 32, memory_size=0, userspace_addr=hva),
+    ]
+    done = await call("memslots", "memslots_batch", vm, body=m.MemslotBatch(regions=extra))
+    assert [x.change for x in done.results] == ["create", "delete"] and done.applied == 2
     done = await call(
         "guest", "guest_access", vm, 0, body=m.Access(gpa=0, size=8192, access=m.AccessAccess.WRITE)
     )
@@ -146,6 +152,8 @@ async def test_every_operation_through_the_generated_client(sdk: Any, make_clien
     events = await call("zaps", "zaps_list", vm, cause="explicit")
     assert [e.seq for e in events.items] == [zap.seq]
     await call("zaps", "zaps_stream", vm, timeout=0.3)
+    log = await call("trace", "trace_get", vm, format_=m.TraceGetFormat.JSON, limit=5)
+    assert len(log.records) == 5 and log.records[-1].event == "kvm_tdp_mmu_spte_changed"
     await call("zaps", "zap_policy_set", vm, body=m.ZapPolicy(policy=m.ZapPolicyPolicy.KVM))
     snap = await call(
         "snapshots", "snapshots_create", vm, body=m.SnapshotCreate(label="tour"), status=201

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
 
 from app.api.deps import (
     Cursor,
@@ -15,6 +16,7 @@ from app.api.deps import (
     mutate,
     paginate,
     query,
+    set_etag,
 )
 from app.api.errors import (
     R_BODY,
@@ -28,15 +30,18 @@ from app.api.errors import (
 )
 from app.api.schemas.common import U32
 from app.api.schemas.memslots import (
+    BatchOutcome,
     DirtyLog,
     DirtyLogClear,
     DirtyLogCleared,
     MemoryRegion,
     Memslot,
+    MemslotBatch,
+    MemslotBatchResult,
     MemslotChange,
 )
 from app.api.schemas.pages import Page
-from app.engine import ops
+from app.engine import KvmError, ops
 
 router = APIRouter(prefix="/v1/vms/{vm}/memslots", tags=["memslots"])
 
@@ -67,6 +72,64 @@ async def set_memslot(
     args = body.engine_args(slot)
     result = await mutate(service, vm, ops.SetUserMemoryRegion.from_json(args), if_match, response)
     return MemslotChange.model_validate(result)
+
+
+@router.post(
+    "/batch",
+    summary="Many KVM_SET_USER_MEMORY_REGION2 calls in order, in one transaction, stopping at "
+    "the first rejected one",
+    description="Each region is applied exactly as `PUT …/memslots/{slot}` would apply it, in "
+    "order, under the VM's lock and in one database transaction; the first call KVM rejects "
+    "ends the batch (`rejected` with its errno), the rest are `not_attempted`. What is left "
+    "is what the same ioctls issued one by one would leave: each applied call is its own "
+    "journal record and publishes its events. The answer is 200 whatever the outcomes; the "
+    "ETag is the VM's version after the batch. At most `VKMMU_MAX_BATCH` regions (422 past).",
+    responses=_MUTATION,
+)
+async def batch_memslots(
+    vm: VmId,
+    body: MemslotBatch,
+    request: Request,
+    service: ServiceDep,
+    if_match: IfMatchDep,
+    response: Response,
+) -> MemslotBatchResult:
+    limit = request.app.state.settings.max_batch
+    if len(body.regions) > limit:
+        msg = f"at most {limit} regions in one batch (VKMMU_MAX_BATCH); got {len(body.regions)}"
+        raise RequestValidationError([{"loc": ("body", "regions"), "msg": msg, "type": "too_long"}])
+    calls = [(ops.SetUserMemoryRegion.NAME, r.engine_args(r.slot)) for r in body.regions]
+    outcomes, tag = await service.mutate_batch(vm, calls, if_match=if_match)
+    set_etag(response, tag)
+    results = []
+    for i, region in enumerate(body.regions):
+        out = outcomes[i] if i < len(outcomes) else None
+        if isinstance(out, KvmError):
+            results.append(
+                BatchOutcome(
+                    slot=region.slot,
+                    outcome="rejected",
+                    change=None,
+                    errno=out.errno,
+                    errno_name=out.errno_name,
+                    detail=out.detail,
+                    state_changed=out.state_changed,
+                )
+            )
+            continue
+        results.append(
+            BatchOutcome(
+                slot=region.slot,
+                outcome="not_attempted" if out is None else "applied",
+                change=None if out is None else out.get("change"),
+                errno=None,
+                errno_name=None,
+                detail=None,
+                state_changed=None,
+            )
+        )
+    applied = sum(1 for r in results if r.outcome == "applied")
+    return MemslotBatchResult(results=results, applied=applied)
 
 
 @router.delete(

@@ -60,14 +60,12 @@ def _kinds(events: str | None) -> list[int] | None:
         "Records live in memory only: a VM loaded again holds what replaying its journal "
         "since its last snapshot traced."
     ),
-    response_class=Response,
-    responses={
-        200: {
-            "description": "trace-cmd report text, or the records as JSON (`format=json`)",
-            "model": TraceLog,
-            "content": {"text/plain": {"schema": {"type": "string"}}},
-        },
-        **responses(R_NOT_FOUND, R_QUERY, R_ETAG),
+    response_model=TraceLog,
+    response_description="The records as JSON (`format=json`), or trace-cmd report text",
+    responses=responses(R_NOT_FOUND, R_QUERY, R_ETAG),
+    # The default answer is text (merged last: FastAPI files only the model's media type).
+    openapi_extra={
+        "responses": {"200": {"content": {"text/plain": {"schema": {"type": "string"}}}}}
     },
 )
 async def get_trace(

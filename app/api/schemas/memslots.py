@@ -53,6 +53,45 @@ class MemoryRegion(Body):
         }
 
 
+class BatchRegion(MemoryRegion):
+    """One call of a batch: the memslot PUT body with `slot` required."""
+
+    slot: U32 = Field(description="The kernel's 32-bit slot: `as_id << 16 | id`.")
+
+
+class MemslotBatch(Body):
+    """`KVM_SET_USER_MEMORY_REGION2` calls applied in order, under one lock and one database
+    transaction, stopping at the first one KVM rejects."""
+
+    regions: list[BatchRegion] = Field(
+        min_length=1, description="In order; at most `VKMMU_MAX_BATCH` (default 1024)."
+    )
+
+
+class BatchOutcome(Answer):
+    """What became of one call of a batch."""
+
+    slot: int
+    outcome: Literal["applied", "rejected", "not_attempted"] = Field(
+        description="`not_attempted`: an earlier call was rejected, so this one never ran."
+    )
+    change: Literal["create", "delete", "move", "flags_only"] | None = Field(
+        description="What an applied call changed (null otherwise)."
+    )
+    errno: int | None = Field(description="A rejected call's errno (null otherwise).")
+    errno_name: str | None = Field(description="`EINVAL`, `EEXIST`, … (null unless rejected).")
+    detail: str | None = Field(description="Which rule rejected the call (null unless rejected).")
+    state_changed: bool | None = Field(
+        description="A rejected call that still changed state, as the kernel's does (a move "
+        "that zapped before failing): it was journaled. Null unless rejected."
+    )
+
+
+class MemslotBatchResult(Answer):
+    results: list[BatchOutcome] = Field(description="One per region, in order.")
+    applied: int = Field(description="Calls applied (the results before the first rejection).")
+
+
 class MappedCounts(Answer):
     shared: int = Field(description="Leaf SPTEs mapping the slot in shared (direct) roots.")
     private: int = Field(description="Leaf SPTEs mapping the slot's private memory.")

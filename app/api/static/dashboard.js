@@ -1,5 +1,6 @@
 // The vkmmu dashboard: plain DOM + SVG, no library, no network beyond this service.
-// History comes from the REST API; everything after that from one EventSource on /v1/events.
+// History comes from the REST API; everything after that from one stream of /v1/events, read
+// with fetch (EventSource cannot send the Authorization header a token needs).
 "use strict";
 
 const API = "/v1";
@@ -34,8 +35,29 @@ function html(tag, attrs, text) {
   return n;
 }
 
+// The bearer token: the `vkmmu_token` cookie (the sign-in prompt sets it), or none when the
+// service runs open. The API never reads the cookie itself: the page sends it as a header.
+function token() {
+  const m = document.cookie.match(/(?:^|;\s*)vkmmu_token=([^;]*)/);
+  return m ? decodeURIComponent(m[1]) : null;
+}
+
+function withToken(headers) {
+  const t = token();
+  return t ? { ...headers, authorization: `Bearer ${t}` } : headers;
+}
+
+function signIn() {
+  const t = window.prompt("vkmmu token (admin or tenant):");
+  if (!t) return;
+  const secure = location.protocol === "https:" ? "; Secure" : "";
+  document.cookie = `vkmmu_token=${encodeURIComponent(t)}; path=/; SameSite=Strict${secure}`;
+  location.reload();
+}
+
 async function getJSON(url) {
-  const r = await fetch(url, { headers: { accept: "application/json" } });
+  const r = await fetch(url, { headers: withToken({ accept: "application/json" }) });
+  if (r.status === 401) signIn();
   if (!r.ok) throw new Error(`${url}: ${r.status}`);
   return r.json();
 }
@@ -338,18 +360,58 @@ function onEvent(ev) {
   scheduleStats();
 }
 
-function connect() {
-  const status = $("status");
-  const es = new EventSource(`${API}/events`);
-  es.onopen = () => { status.dataset.state = "live"; status.textContent = "live"; };
-  es.onerror = () => { status.dataset.state = "error"; status.textContent = "reconnecting…"; };
-  for (const type of ["vm_created", "vm_deleted", "memslot", "zap", "fault", "exit", "conversion", "snapshot"]) {
-    es.addEventListener(type, (m) => onEvent(JSON.parse(m.data)));
+const EVENT_TYPES = ["vm_created", "vm_deleted", "memslot", "zap", "fault", "exit", "conversion", "snapshot"];
+
+// One Server-Sent Events block ("event: …\nid: …\ndata: …") as {type, id, data}.
+function parseBlock(block) {
+  const ev = { type: "message", id: null, data: "" };
+  for (const line of block.split("\n")) {
+    if (!line || line.startsWith(":")) continue;  // heartbeats are comments
+    const at = line.indexOf(":");
+    const key = at < 0 ? line : line.slice(0, at);
+    const value = at < 0 ? "" : line.slice(at + 1).replace(/^ /, "");
+    if (key === "event") ev.type = value;
+    else if (key === "id") ev.id = value;
+    else if (key === "data") ev.data += (ev.data ? "\n" : "") + value;
   }
-  // `dropped` / `end`: the server closes the stream; EventSource reconnects by itself with
-  // Last-Event-ID and the stream resumes where it stopped.
-  for (const type of ["dropped", "end", "gap"]) {
-    es.addEventListener(type, () => { status.dataset.state = "error"; status.textContent = type; });
+  return ev;
+}
+
+// The event stream over fetch, with the token; reconnects with Last-Event-ID as EventSource
+// would, so a `dropped` / `end` / network error resumes where the stream stopped.
+async function connect() {
+  const status = $("status");
+  let last = null;
+  for (;;) {
+    try {
+      const headers = withToken({ accept: "text/event-stream" });
+      if (last !== null) headers["last-event-id"] = last;
+      const r = await fetch(`${API}/events`, { headers, cache: "no-store" });
+      if (r.status === 401) { signIn(); return; }
+      if (!r.ok || !r.body) throw new Error(`events: ${r.status}`);
+      status.dataset.state = "live"; status.textContent = "live";
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += value;
+        let end;
+        while ((end = buf.indexOf("\n\n")) >= 0) {
+          const ev = parseBlock(buf.slice(0, end));
+          buf = buf.slice(end + 2);
+          if (ev.id !== null) last = ev.id;
+          if (EVENT_TYPES.includes(ev.type)) onEvent(JSON.parse(ev.data));
+          else if (["dropped", "end", "gap"].includes(ev.type)) {
+            status.dataset.state = "error"; status.textContent = ev.type;
+          }
+        }
+      }
+    } catch (e) {
+      console.warn("event stream:", e);
+    }
+    status.dataset.state = "error"; status.textContent = "reconnecting…";
+    await new Promise((resolve) => setTimeout(resolve, 2000));
   }
 }
 
