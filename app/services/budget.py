@@ -120,6 +120,17 @@ def footprint_need(counts: dict[str, int]) -> Need:
     return Need(other, int(counts.get("tables", 0)))
 
 
+# What a snapshot adds beyond the state it encodes, at most: its header, section headers,
+# the state document's text besides zap events and zlib's worst-case growth.
+SNAPSHOT_OVERHEAD_BYTES = 256 * 1024
+
+
+def snapshot_need(vm: Any) -> Need:
+    """The bytes of a snapshot of `vm` while it is written and stored: never more than the
+    state it encodes (pages, bitmaps, tables; compressed) plus `SNAPSHOT_OVERHEAD_BYTES`."""
+    return Need(bytes_held(vm) + SNAPSHOT_OVERHEAD_BYTES)
+
+
 def _split_need(vm: Any, op: str, args: dict[str, Any]) -> int:
     """Tables an eager split by this call may allocate at most: turning dirty logging on
     (a flags-only change of a slot) or KVM_CLEAR_DIRTY_LOG with KVM_DIRTY_LOG_INITIALLY_SET."""

@@ -55,7 +55,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.db import repository as repo
-from app.db.models import JournalRecord, SnapshotRow, VmRow, utcnow
+from app.db.models import SnapshotRow, VmRow, utcnow
 from app.db.session import Database
 from app.engine.errors import KvmError
 from app.engine.host_profile import DEFAULT_HOST
@@ -256,7 +256,7 @@ class _Replay:
     table_budget: int | None = None
 
     @classmethod
-    def of(cls, rec: JournalRecord) -> _Replay:
+    def of(cls, rec: repo.JournalEntry) -> _Replay:
         at = us_to_engine_time(datetime_to_us(rec.at))
         meta = rec.meta or {}
         return cls(
@@ -998,15 +998,23 @@ class VmService:
                     self._check_manual_cap(s, vm_id)
                 vm = self._catch_up(s, h, row.last_seq)
             seq = h.applied_seq
-            data = self.engine.dumps(vm)
-            snap = self._snapshot_row(vm_id, seq, data, kind, label)
-            # A snapshot is the state after record `seq`, which is history: no row lock.
-            with self.db.write() as s:
-                if kind == "manual":
-                    self._check_manual_cap(s, vm_id)  # again: another call may have taken one
-                s.add(snap)
-                if kind != "manual":
-                    repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
+            # The snapshot's bytes are held until they are stored: reserved first (at most
+            # the state it encodes; ENOMEM when that does not fit).
+            key = f"snapshot:{vm_id}"
+            grant = self.ledger.reserve(key, budget.snapshot_need(vm))
+            try:
+                data = self.engine.dumps(vm)
+                snap = self._snapshot_row(vm_id, seq, data, kind, label)
+                # A snapshot is the state after record `seq`, which is history: no row lock.
+                with self.db.write() as s:
+                    if kind == "manual":
+                        self._check_manual_cap(s, vm_id)  # again: another call took one?
+                    s.add(snap)
+                    if kind != "manual":
+                        repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
+            finally:
+                self.ledger.settle(key, grant, 0)
+                self.ledger.forget(key)
             if seq >= h.snapshot_seq:
                 h.snapshot_seq = seq
                 h.work_bytes = 0
@@ -1389,7 +1397,7 @@ class VmService:
                 )
                 h.snapshot_seq = repo.newest_snapshot_seq(s, h.vm_id)
             elif h.applied_seq < target_seq:
-                records = repo.journal_after(s, h.vm_id, h.applied_seq, target_seq)
+                records = repo.replay_entries(s, h.vm_id, h.applied_seq, target_seq)
                 if len(records) == target_seq - h.applied_seq:
                     h.vm = self._replay(s, h.vm_id, h.vm, records)
                 else:  # pruned behind a newer snapshot meanwhile: load that one
@@ -1450,7 +1458,7 @@ class VmService:
                 continue
             base = self._load_snapshot(s, snap)
             if base is not None:
-                records = repo.journal_after(s, vm_id, snap.seq, target_seq)
+                records = repo.replay_entries(s, vm_id, snap.seq, target_seq)
                 return self._replay(s, vm_id, base, records)
         if repo.count_journal(s, vm_id, 0, target_seq) != target_seq:
             log.error(
@@ -1458,7 +1466,7 @@ class VmService:
             )
             raise ServiceUnavailable(f"VM {vm_id}: no sound snapshot the kept journal continues")
         base = self._create_base(s, vm_id)
-        records = repo.journal_after(s, vm_id, 0, target_seq)
+        records = repo.replay_entries(s, vm_id, 0, target_seq)
         return self._replay(s, vm_id, base, records)
 
     def _create_base(self, s: Session, vm_id: str) -> Vm:
@@ -1514,7 +1522,7 @@ class VmService:
         )
         return None
 
-    def _replay(self, s: Session, vm_id: str, vm: Vm, records: Sequence[JournalRecord]) -> Vm:
+    def _replay(self, s: Session, vm_id: str, vm: Vm, records: Sequence[repo.JournalEntry]) -> Vm:
         """Re-apply journal records to `vm` (the engine is deterministic). Returns the VM,
         a new object after a `restore` record."""
         for rec in records:

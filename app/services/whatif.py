@@ -258,13 +258,42 @@ async def what_if(
     except cost_model.CostError as e:
         raise WhatIfError(str(e)) from None
     engine = service.engine
+    ledger = service.ledger
+    # The copy's bytes are held for the whole what-if: reserved before it is written.
+    copy_key = f"what-if-copy:{secrets.token_hex(8)}"
 
     def copy(vm: Any) -> tuple[bytes, int, dict[str, Any]]:
         info = vm.info()
         src = {k: info[k] for k in ("vm_type", "vcpus", "paging_levels")}
         src["memslots"] = info["memslots"]
-        return engine.dumps(vm), int(engine.tables_live(vm)), src
+        grant = ledger.reserve(copy_key, budget.snapshot_need(vm))
+        data = engine.dumps(vm)
+        ledger.settle(copy_key, grant, len(data))
+        return data, int(engine.tables_live(vm)), src
 
+    try:
+        return await _run_variants(
+            service, vm_id, copy, variants, calls, trace, touch, resolved, progress, if_match, n_ops
+        )
+    finally:
+        ledger.forget(copy_key)
+
+
+async def _run_variants(
+    service: Any,
+    vm_id: str,
+    copy: Any,
+    variants: list[Variant],
+    calls: list[tuple[str, dict[str, Any]]] | None,
+    trace: Trace | None,
+    touch: Touch | None,
+    resolved: dict[str, float | None],
+    progress: Any,
+    if_match: str | None,
+    n_ops: int,
+) -> dict[str, Any]:
+    """Copy the VM once (`copy`, under its lock), then run each variant on a fork of it."""
+    engine, ledger = service.engine, service.ledger
     (base, tables, source), tag = await service.read(vm_id, copy)
     if if_match is not None and not etag_matches(if_match, int(tag.strip('"'))):
         raise PreconditionFailed(if_match, tag)
@@ -275,7 +304,6 @@ async def what_if(
                 "memslots (the fork then starts as an empty VM of that type); a copy of a VM "
                 "cannot change its type"
             )
-    ledger = service.ledger
     copy_need = budget.footprint_need(engine.snapshot_footprint(base))
     rows = []
     for i, v in enumerate(variants):
