@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.engine.errors import KvmError
+from app.engine.host_profile import host_profile
 from app.services import budget, cost_model
 from app.services.errors import PreconditionFailed
 from app.services.qemu_trace import Trace
@@ -43,6 +44,7 @@ class Variant:
     disable_quirks: int | None = None  # None: the VM's own mask
     vm_type: int | None = None
     zap_policy: str | None = None
+    host: dict[str, bool] | None = None  # over the VM's own host profile
 
 
 class _OpsFeed:
@@ -141,6 +143,8 @@ def run_variant(
         fork.disabled_quirks = variant.disable_quirks
     if variant.zap_policy is not None:
         fork.zap_policy = variant.zap_policy
+    if variant.host is not None:
+        fork.host_profile = host_profile(variant.host, fork.host_profile)
     engine.set_table_budget(fork, budget_tables)
     before = fork.stats()
     first_event = fork.event_seq
@@ -186,6 +190,7 @@ def run_variant(
             "disabled_quirks": int(fork.disabled_quirks),
             "slot_zap_all": bool(fork.info()["slot_zap_all_applies"]),
             "zap_policy": fork.zap_policy,
+            "host": fork.host_profile.to_dict(),
             **_zap_totals(events),
             "faults": _delta(before, after, "pf_taken"),
             "faults_fixed": _delta(before, after, "pf_fixed"),
@@ -240,6 +245,8 @@ async def what_if(
     for v in variants:
         if v.zap_policy is not None and v.zap_policy not in ZAP_POLICIES:
             raise WhatIfError(f"variant {v.name!r}: zap_policy must be one of {ZAP_POLICIES}")
+        if v.host is not None:
+            host_profile(v.host)  # tdp_mmu false: EOPNOTSUPP before any fork is built
     if (ops is None) == (trace is None):
         raise WhatIfError("give either ops or a trace")
     n_ops = len(ops) if ops is not None else len(trace.calls if trace else [])
