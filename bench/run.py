@@ -17,6 +17,7 @@ SCRIPTS = (  # in this order; absent ones are skipped
     "isolation.py",
     "replay.py",
     "mappings.py",
+    "snapshot_memory.py",
     "trace.py",
     "tenants_load.py",
 )

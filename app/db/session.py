@@ -13,10 +13,12 @@ writers never both read `last_seq` and then race to append the same record.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,9 +43,28 @@ def sync_url(url: str | URL) -> URL:
     return u
 
 
-def _make_sqlite_engine(url: URL, *, immediate: bool) -> Engine:
+# PRAGMA synchronous in WAL mode. NORMAL: a commit survives the process being killed (the
+# WAL is in the OS's hands) but not a power loss or OS crash, which may drop the last
+# commits; FULL: every commit is fsynced before it returns (VKMMU_SQLITE_SYNCHRONOUS=full).
+SQLITE_SYNCHRONOUS = ("normal", "full")
+
+
+def json_loads(text: str | bytes) -> Any:
+    """JSON columns read with orjson (replay decodes every record's args); a document orjson
+    refuses (an integer past 64 bits) falls back to the standard parser."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+def _make_sqlite_engine(url: URL, *, immediate: bool, synchronous: str = "normal") -> Engine:
+    if synchronous not in SQLITE_SYNCHRONOUS:
+        raise ValueError(f"sqlite synchronous must be one of {SQLITE_SYNCHRONOUS}")
     engine = create_engine(
-        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+        url,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+        json_deserializer=json_loads,
     )
 
     @event.listens_for(engine, "connect")
@@ -51,9 +72,9 @@ def _make_sqlite_engine(url: URL, *, immediate: bool) -> Engine:
         # Take transaction control away from the driver so our BEGIN is the one that runs.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        # WAL: readers never block the writer; FULL: a commit is on disk before we answer.
+        # WAL: readers never block the writer.
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA synchronous={synchronous.upper()}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         cur.close()
@@ -68,18 +89,22 @@ def _make_sqlite_engine(url: URL, *, immediate: bool) -> Engine:
 class Database:
     """The engines of one database: `write()` sessions lock, `read()` sessions do not."""
 
-    def __init__(self, url: str | URL) -> None:
+    def __init__(self, url: str | URL, *, sqlite_synchronous: str = "normal") -> None:
         self.url = sync_url(url)
         self.sqlite = is_sqlite(self.url)
         self._write_engine: Engine
         self._read_engine: Engine
         if self.sqlite:
-            self._write_engine = _make_sqlite_engine(self.url, immediate=True)
-            self._read_engine = _make_sqlite_engine(self.url, immediate=False)
+            sync = sqlite_synchronous
+            self._write_engine = _make_sqlite_engine(self.url, immediate=True, synchronous=sync)
+            self._read_engine = _make_sqlite_engine(self.url, immediate=False, synchronous=sync)
         else:
             # A bounded connect: readiness must answer "unreachable", not hang.
             self._write_engine = create_engine(
-                self.url, pool_pre_ping=True, connect_args={"connect_timeout": 10}
+                self.url,
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": 10},
+                json_deserializer=json_loads,
             )
             self._read_engine = self._write_engine
         self._write = sessionmaker(self._write_engine, expire_on_commit=False)

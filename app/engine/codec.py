@@ -11,8 +11,11 @@ delta-encoded along each row first: a run of leaves differs by one pfn step, so 
 to almost nothing), the dirty bitmaps and the written host / guest_memfd pages.
 
 Writing reads the live VM and changes nothing in it (other threads may be reading it, e.g. for
-the service's page-table budget); the tables go out one chunk at a time, so a snapshot never
-holds a second full copy of them.
+the service's page-table budget); the tables go out one chunk at a time and written pages one
+page at a time, into the buffer that becomes the snapshot: a snapshot never holds a second
+full copy of either. Reading is the same the other way: table chunks go straight into the
+pool as they are decompressed, pages into the VM as their stream is (`bench/
+snapshot_memory.py`: the peak stays within 1.1x the VM's state either way).
 
 VERSION 1 bodies were pickles. Unpickling bytes read back from a database would run whatever
 they say, so they are refused (`CorruptSnapshot`) and the service rebuilds the VM from the
@@ -22,6 +25,7 @@ journal instead. The checksum is verified before anything is decoded.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import struct
 import zlib
@@ -32,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .gmem import GmemFile
+from .host_profile import HostProfile
 from .intervals import IntervalSet
 from .memslots import Memslot
 from .paging import TablePool
@@ -65,7 +70,42 @@ def _section(name: str, arr: np.ndarray, delta: bool = False) -> bytes:
     return _SECTION.pack(len(meta), len(raw)) + meta + raw
 
 
-def _sections(body: memoryview) -> Iterator[tuple[str, np.ndarray]]:
+# Compressed bytes fed to (and decompressed bytes taken from) a content stream at a time.
+_PIECE = 1 << 20
+
+
+class _Stream:
+    """A compressed section of page contents, read page by page as it decompresses: the
+    pages go straight into the VM, never all decompressed at once next to their copies."""
+
+    def __init__(self, raw: memoryview, size: int) -> None:
+        self._raw = raw
+        self._pos = 0
+        self._z = zlib.decompressobj()
+        self._buf = b""
+        self._at = 0  # bytes of `_buf` already taken
+        self.size = size  # decompressed bytes, as the section header says
+
+    def read(self, n: int) -> bytes:
+        while len(self._buf) - self._at < n:
+            if self._z.unconsumed_tail:
+                piece = self._z.decompress(self._z.unconsumed_tail, _PIECE)
+            elif self._pos < len(self._raw):
+                fed = self._raw[self._pos : self._pos + _PIECE]
+                self._pos += len(fed)
+                piece = self._z.decompress(fed, _PIECE)
+            else:
+                raise ValueError("page contents shorter than their lengths say")
+            self._buf, self._at = self._buf[self._at :] + piece, 0
+        out = self._buf[self._at : self._at + n]
+        self._at += n
+        return out
+
+
+Section = np.ndarray | _Stream
+
+
+def _sections(body: memoryview) -> Iterator[tuple[str, Section]]:
     pos = 0
     while pos < len(body):
         mlen, rlen = _SECTION.unpack_from(body, pos)
@@ -76,6 +116,10 @@ def _sections(body: memoryview) -> Iterator[tuple[str, np.ndarray]]:
         if dt.hasobject:
             raise ValueError("object arrays are not data")
         shape = tuple(int(x) for x in shape_s.split(",") if x)
+        if name.endswith("/data") and dt == np.uint8 and len(shape) == 1:
+            yield name, _Stream(body[pos : pos + rlen], shape[0])
+            pos += rlen
+            continue
         a = np.frombuffer(zlib.decompress(body[pos : pos + rlen]), dtype=dt).reshape(shape)
         pos += rlen
         if name.endswith("/entries") and a.size:
@@ -83,22 +127,42 @@ def _sections(body: memoryview) -> Iterator[tuple[str, np.ndarray]]:
         yield name, a
 
 
-def _pages(d: dict[int, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _write_pages(out: io.BytesIO, name: str, d: dict[int, Any]) -> None:
+    """Written pages as three sections (keys, lengths, data). The data section is
+    compressed page by page straight into `out`: the pages are never joined into a second
+    copy of them all."""
     keys = sorted(d)
-    blob = b"".join(bytes(d[k]) for k in keys)
-    return (
-        np.array(keys, dtype=np.int64),
-        np.array([len(d[k]) for k in keys], dtype=np.int64),
-        np.frombuffer(blob, dtype=np.uint8),
-    )
+    lens = np.array([len(d[k]) for k in keys], dtype=np.int64)
+    out.write(_section(f"{name}/keys", np.array(keys, dtype=np.int64)))
+    out.write(_section(f"{name}/lens", lens))
+    meta = f"{name}/data;{np.dtype(np.uint8).str};{int(lens.sum())}".encode()
+    at = out.tell()
+    out.write(_SECTION.pack(len(meta), 0) + meta)
+    z = zlib.compressobj(1)
+    written = 0
+    for k in keys:
+        written += out.write(z.compress(d[k]))
+    written += out.write(z.flush())
+    end = out.tell()
+    out.seek(at)
+    out.write(_SECTION.pack(len(meta), written))  # the length, now known
+    out.seek(end)
 
 
-def _unpages(keys: np.ndarray, lens: np.ndarray, blob: np.ndarray) -> list[tuple[int, bytes]]:
-    out, pos, raw = [], 0, blob.tobytes()
+def _unpages(keys: Section, lens: Section, data: Section) -> Iterator[tuple[int, bytes]]:
+    """The pages of a content section, one at a time (decompressed as they are taken)."""
+    if not isinstance(keys, np.ndarray) or not isinstance(lens, np.ndarray):
+        raise ValueError("page keys and lengths are arrays")
+    if isinstance(data, np.ndarray):  # not written by this build's `dumps`: whole already
+        raw, pos = data.tobytes(), 0
+        for k, n in zip(keys.tolist(), lens.tolist(), strict=True):
+            yield int(k), raw[pos : pos + n]
+            pos += n
+        return
+    if int(lens.sum()) != data.size:
+        raise ValueError("page lengths do not add up to the contents")
     for k, n in zip(keys.tolist(), lens.tolist(), strict=True):
-        out.append((int(k), raw[pos : pos + n]))
-        pos += n
-    return out
+        yield int(k), data.read(int(n))
 
 
 # ---------------------------------------------------------------------------- state document
@@ -219,6 +283,14 @@ def _gmem_json(f: GmemFile) -> dict[str, Any]:
     }
 
 
+def _host_json(vm: Vm) -> dict[str, Any]:
+    return {
+        "freed": vm.host.freed.to_list(),
+        "runs": [list(r) for r in vm.host.runs()],
+        "thp_populated": vm.host.thp_populated.to_list(),
+    }
+
+
 def _state_json(vm: Vm) -> dict[str, Any]:
     mmu, gmem = vm.mmu, vm.gmem
     return {
@@ -230,6 +302,8 @@ def _state_json(vm: Vm) -> dict[str, Any]:
         "disabled_quirks": vm.disabled_quirks,
         "manual_dirty_log": vm.manual_dirty_log,
         "hypercall_exit_enabled": vm.hypercall_exit_enabled,
+        "host_profile": vm.host_profile.to_dict(),
+        "nx_huge_pages": [list(x) for x in vm.nx_huge_pages],
         "zap_policy": vm.zap_policy,
         "destroyed": vm.destroyed,
         "bugged": vm.bugged,
@@ -255,7 +329,7 @@ def _state_json(vm: Vm) -> dict[str, Any]:
             "files": [_gmem_json(f) for f in gmem],
         },
         "private": vm.attrs.private.to_list(),
-        "host": {"freed": vm.host.freed.to_list(), "runs": [list(r) for r in vm.host.runs()]},
+        "host": _host_json(vm),
         "mmu": {
             "next_root_id": mmu.next_root_id,
             "mmu_valid_gen": mmu.mmu_valid_gen,
@@ -278,23 +352,29 @@ def _state_json(vm: Vm) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- dumps / loads
 def dumps(vm: Vm) -> bytes:
-    """The VM as VERSION 2 bytes. Reads only: the live VM is never detached or changed."""
+    """The VM as VERSION 2 bytes. Reads only: the live VM is never detached or changed.
+
+    Written into one buffer as it is encoded (a chunk of tables, a page at a time), which
+    becomes the snapshot without a copy: the peak is the snapshot plus one chunk."""
+    out = io.BytesIO()
+    out.write(bytes(_HEADER.size))  # the header, once the body's digest is known
     doc = json.dumps(_state_json(vm), sort_keys=True, separators=(",", ":")).encode()
-    parts = [_section("state", np.frombuffer(doc, dtype=np.uint8))]
+    out.write(_section("state", np.frombuffer(doc, dtype=np.uint8)))
     for c, chunk in enumerate(vm.mmu.pool.export_chunks()):
         for key, arr in chunk.items():
-            parts.append(_section(f"tables/{c}/{key}", arr, delta=key == "entries"))
+            out.write(_section(f"tables/{c}/{key}", arr, delta=key == "entries"))
     for i, bm in enumerate(vm.dirty.values()):
-        parts.append(_section(f"dirty/{i}", np.packbits(bm)))
+        out.write(_section(f"dirty/{i}", np.packbits(bm)))
     for name, contents in [("host", vm.host.contents)] + [
         (f"gmem/{f.fd}", f.contents) for f in vm.gmem
     ]:
-        keys, lens, blob = _pages(contents)
-        parts += [_section(f"{name}/keys", keys), _section(f"{name}/lens", lens)]
-        parts.append(_section(f"{name}/data", blob))
-    body = b"".join(parts)
-    digest = hashlib.sha256(body).digest()
-    return _HEADER.pack(MAGIC, VERSION, 0, digest) + body
+        _write_pages(out, name, contents)
+    with out.getbuffer() as whole, whole[_HEADER.size :] as body:
+        digest = hashlib.sha256(body).digest()
+    out.seek(0)
+    out.write(_HEADER.pack(MAGIC, VERSION, 0, digest))
+    # No view of the buffer is left: CPython hands the buffer itself over, not a copy.
+    return out.getvalue()
 
 
 def readable(data: bytes) -> bool:
@@ -363,7 +443,7 @@ _TABLE_KEYS = ("idx", "entries", "level", "gfn", "root")
 
 
 def _table_chunks(
-    sections: Iterator[tuple[str, np.ndarray]], rest: dict[str, np.ndarray]
+    sections: Iterator[tuple[str, Section]], rest: dict[str, Section]
 ) -> Iterator[dict[str, np.ndarray]]:
     """The page-table chunks, one at a time as they are decompressed (they go straight into
     the pool); every other section lands in `rest`."""
@@ -372,6 +452,8 @@ def _table_chunks(
         if not name.startswith("tables/"):
             rest[name] = arr
             continue
+        if not isinstance(arr, np.ndarray):
+            raise ValueError("a page-table section is not an array")
         chunk[name.rsplit("/", 1)[1]] = arr
         if len(chunk) == len(_TABLE_KEYS):
             yield chunk
@@ -383,18 +465,20 @@ def _table_chunks(
 def _decode(body: memoryview) -> Vm:
     sections = _sections(body)
     name, doc = next(sections)
-    if name != "state":
+    if name != "state" or not isinstance(doc, np.ndarray):
         raise ValueError("the state document does not come first")
     st = json.loads(doc.tobytes())
     if st.get("schema") != SCHEMA:
         raise ValueError(f"state schema {st.get('schema')!r}, this build reads {SCHEMA}")
     vm = Vm(st["vm_type"], 0, st["paging_levels"], st["name"], st["table_budget"])
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Section] = {}
     _decode_mmu(vm, st["mmu"], _table_chunks(sections, arrays))
     arrays.update(sections)
     vm.disabled_quirks = st["disabled_quirks"]
     vm.manual_dirty_log = st["manual_dirty_log"]
     vm.hypercall_exit_enabled = st.get("hypercall_exit_enabled", 0)
+    vm.host_profile = HostProfile(**st.get("host_profile", {}))
+    vm.nx_huge_pages = [(int(a), int(b)) for a, b in st.get("nx_huge_pages", [])]
     vm.zap_policy = st["zap_policy"]
     vm.destroyed = st["destroyed"]
     vm.bugged = st["bugged"]
@@ -413,6 +497,7 @@ def _decode(body: memoryview) -> Vm:
     _decode_gmem(vm, st["gmem"], arrays)
     vm.attrs.private = _intervals(st["private"])
     vm.host.freed = _intervals(st["host"]["freed"])
+    vm.host.thp_populated = _intervals(st["host"].get("thp_populated", []))
     vm.host.set_runs([(int(a), int(b), int(c), str(d)) for a, b, c, d in st["host"]["runs"]])
     for page, raw in _unpages(arrays["host/keys"], arrays["host/lens"], arrays["host/data"]):
         vm.host.contents[page] = bytearray(raw)
@@ -420,7 +505,11 @@ def _decode(body: memoryview) -> Vm:
     for i, (as_id, sid) in enumerate(st["dirty"]):
         slot = vm.spaces[as_id].get(sid)
         assert slot is not None, "a dirty bitmap without its slot"
-        vm.dirty[(as_id, sid)] = np.unpackbits(arrays[f"dirty/{i}"], count=slot.npages).astype(bool)
+        bits = arrays[f"dirty/{i}"]
+        if not isinstance(bits, np.ndarray):
+            raise ValueError("a dirty bitmap is not an array")
+        # unpackbits gives 0/1 bytes: a bool view of them, not a second copy.
+        vm.dirty[(as_id, sid)] = np.unpackbits(bits, count=slot.npages).view(bool)
     vm.dirty_initially_set = {(int(a), int(b)) for a, b in st["dirty_initially_set"]}
     vm.zapped = _intervals(st["zapped"])
     vm.stats_kvm.update(st["stats_kvm"])
@@ -430,7 +519,7 @@ def _decode(body: memoryview) -> Vm:
     return vm
 
 
-def _decode_gmem(vm: Vm, g: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+def _decode_gmem(vm: Vm, g: dict[str, Any], arrays: dict[str, Section]) -> None:
     vm.gmem.first_fd, vm.gmem.next_fd, vm.gmem.next_pfn = g["first_fd"], g["next_fd"], g["next_pfn"]
     for f in g["files"]:
         file = GmemFile(
@@ -460,6 +549,21 @@ def _decode_mmu(vm: Vm, m: dict[str, Any], chunks: Iterator[dict[str, np.ndarray
     mmu.pool = TablePool.restore_chunks(m["tables_top"], m["tables_free"], chunks)
 
 
+# Stats that journals from before them cannot move: left out of the digest while 0.
+_NEWER_STATS = frozenset({"pml_entries", "pml_full_exits"})
+
+
+def _digest_info(vm: Vm) -> dict[str, Any]:
+    info = vm.info()
+    if vm.host_profile.is_default:
+        del info["host"]  # digests from before host profiles stay as they were
+    return info
+
+
+def _digest_stats(vm: Vm) -> dict[str, Any]:
+    return {k: v for k, v in vm.stats().items() if v or k not in _NEWER_STATS}
+
+
 def _newer_state(vm: Vm) -> dict[str, Any]:
     """State that journals from before it cannot hold enters the digest only once it is set,
     so their digests stay as they were."""
@@ -470,6 +574,8 @@ def _newer_state(vm: Vm) -> dict[str, Any]:
         out["hypercall_exit_enabled"] = vm.hypercall_exit_enabled
     if vm.tdx is not None and vm.tdx.map_gpa:
         out["map_gpa"] = sorted(vm.tdx.map_gpa.items())
+    if vm.nx_huge_pages:
+        out["nx_huge_pages"] = vm.nx_huge_pages
     return out
 
 
@@ -483,7 +589,7 @@ def digest(vm: Vm) -> str:
         h.update(np.ascontiguousarray(arr).tobytes())
     events = [{k: v for k, v in ev.items() if k != "duration_us"} for ev in vm.events]
     state = {
-        "info": vm.info(),
+        "info": _digest_info(vm),
         "quirks": vm.disabled_quirks,
         "manual_dirty_log": vm.manual_dirty_log,
         "vcpus": vm.vcpus_view(),
@@ -499,7 +605,7 @@ def digest(vm: Vm) -> str:
         "host_runs": vm.host.runs(),
         "roots": vm.roots(),
         "mmu_valid_gen": vm.mmu.mmu_valid_gen,
-        "stats": vm.stats(),
+        "stats": _digest_stats(vm),
         "events": events,
         "zapped": vm.zapped.to_list(),
         "dirty": {f"{k[0]}:{k[1]}": v.nonzero()[0].tolist() for k, v in sorted(vm.dirty.items())},

@@ -60,7 +60,7 @@ def test_no_generated_input_gets_a_500_with_a_token(
     response = case.call(headers=bearer(tenant["token"]))
     where = f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:500]}"
     assert response.status_code < 500, where
-    if case.method.upper() != case.operation.method.upper():
-        assert response.status_code == 405, where  # a method the path does not serve
-    else:
+    # A method the operation does not serve may match another route's template (PUT
+    # …/memslots/batch is PUT …/memslots/{slot}): only "no 500" holds for it.
+    if case.method.upper() == case.operation.method.upper():
         assert str(response.status_code) in case.operation.definition.raw["responses"], where

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from typing import Any
 
@@ -37,8 +38,21 @@ def replicas() -> dict[str, dict[str, Any]]:
     return {name: s for name, s in vkmmu_services().items() if "command" not in s}
 
 
+# What `docker compose` would take from the environment or `.env` for `${NAME…}` (the tokens).
+INTERPOLATED = {
+    "VKMMU_ADMIN_TOKEN": "compose-admin-token",
+    "VKMMU_METRICS_TOKEN": "compose-metrics-token",
+}
+_VAR = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::?[?-][^}]*)?\}")
+
+
+def interpolate(value: str) -> str:
+    """`${NAME}`, `${NAME:?message}`, `${NAME:-default}` as compose resolves them here."""
+    return _VAR.sub(lambda m: INTERPOLATED[m.group(1)], value)
+
+
 def environment(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {str(k): str(v) for k, v in env.items()}
+    return {str(k): interpolate(str(v)) for k, v in env.items()}

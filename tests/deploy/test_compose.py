@@ -138,6 +138,23 @@ def test_ports_match_the_app_the_proxy_and_prometheus() -> None:
     assert job["metrics_path"] == "/metrics"
     (static,) = job["static_configs"]
     assert static["targets"] == [f"{name}:{APP_PORT}" for name in replicas()]
+
+
+def test_tokens_come_from_outside_the_file_and_prometheus_sends_one() -> None:
+    """The replicas get both tokens by interpolation (compose refuses to start without
+    them); Prometheus scrapes with the metrics token from the file compose mounts."""
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    for name in replicas():
+        env = raw["services"][name]["environment"]
+        for var in ("VKMMU_ADMIN_TOKEN", "VKMMU_METRICS_TOKEN"):
+            assert env[var].startswith("${" + var + ":?"), (name, var)
+    prom = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
+    (job,) = prom["scrape_configs"]
+    auth = job["authorization"]
+    assert auth["type"] == "Bearer"
+    mounts = [str(v) for v in services()["prometheus"]["volumes"]]
+    folder = auth["credentials_file"].rsplit("/", 1)[0]
+    assert any(v.endswith(f":{folder}:ro") for v in mounts), mounts
     assert _ports(services()["prometheus"]) == ["9090:9090"]
 
 

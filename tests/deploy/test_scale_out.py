@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import require
-from tests.deploy.compose import environment, replicas, services
+from tests.deploy.compose import INTERPOLATED, environment, replicas, services
 from tests.deploy.procs import (
     Replica,
     free_port,
@@ -88,7 +88,8 @@ def test_compose_start_sequence_with_failover(database: str, tmp_path: Path) -> 
 
 
 def _exercise(base: str, by_addr: dict[str, Replica]) -> None:
-    with httpx.Client(base_url=base, timeout=30) as c:
+    admin = {"Authorization": f"Bearer {INTERPOLATED['VKMMU_ADMIN_TOKEN']}"}
+    with httpx.Client(base_url=base, timeout=30, headers=admin) as c:
         r = c.post("/v1/vms", json={"name": "scale-out", "vm_type": "KVM_X86_DEFAULT_VM"})
         assert r.status_code == 201, r.text
         vm = r.json()["id"]
@@ -103,7 +104,7 @@ def _exercise(base: str, by_addr: dict[str, Replica]) -> None:
 
         # The other replica loads the VM now (directly, not through the proxy): its copy in
         # memory is about to go stale.
-        r = httpx.get(f"{other.base}/v1/vms/{vm}/memslots", timeout=30)
+        r = httpx.get(f"{other.base}/v1/vms/{vm}/memslots", timeout=30, headers=admin)
         assert r.status_code == 200 and len(r.json()["items"]) == 1
 
         # Every call on the VM goes to the same replica: the hash of its id.
