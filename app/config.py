@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     whatif_max_variants: int = Field(default=8, ge=1, le=64)
     whatif_max_ops: int = Field(default=100_000, ge=1)
     log_level: str = "INFO"
+    # The host's KVM module parameters every new VM gets (a VM's own `host` object at creation
+    # overrides them): kvm_intel.pml, kvm.eager_page_split, kvm.nx_huge_pages, kvm.tdp_mmu.
+    # The defaults are what vkmmu modelled before host profiles (docs/engine.md "Host profile").
+    host_enable_pml: bool = False
+    host_eager_page_split: bool = True
+    host_nx_huge_pages: bool = False
+    host_tdp_mmu: bool = True
     # Observability (docs/metrics.md): per-VM series on /metrics for at most this many VMs,
     # newest first; events buffered per stream client before it is dropped as too slow.
     metrics_max_vms: int = Field(default=100, ge=0)

@@ -34,6 +34,7 @@ class VmServiceLike(Protocol):
         from_snapshot: str | None = None,
         tenant: str = "default",
         td_lifecycle: bool = False,
+        host: dict[str, bool] | None = None,
         only_tenant: str | None = None,
     ) -> tuple[dict[str, Any], str]: ...
 

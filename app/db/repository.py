@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -70,6 +70,17 @@ def vm_summaries(session: Session) -> Sequence[tuple[str, dict[str, Any] | None]
     return [(vm_id, summary) for vm_id, summary in session.execute(stmt).all()]
 
 
+class JournalEntry(NamedTuple):
+    """What replay reads of a journal record (never its stored answer, the largest part)."""
+
+    seq: int
+    op: str
+    args: dict[str, Any]
+    error: dict[str, Any] | None
+    at: datetime
+    meta: dict[str, Any] | None
+
+
 def journal_after(
     session: Session, vm_id: str, after_seq: int, upto_seq: int | None = None
 ) -> Sequence[JournalRecord]:
@@ -82,6 +93,22 @@ def journal_after(
     if upto_seq is not None:
         stmt = stmt.where(JournalRecord.seq <= upto_seq)
     return session.execute(stmt).scalars().all()
+
+
+def replay_entries(
+    session: Session, vm_id: str, after_seq: int, upto_seq: int | None = None
+) -> Sequence[JournalEntry]:
+    """What replay needs of the records `journal_after` selects: plain rows (Core), no ORM
+    identity or change tracking per record, and never the stored answers."""
+    j = JournalRecord
+    stmt = (
+        select(j.seq, j.op, j.args, j.error, j.at, j.meta)
+        .where(j.vm_id == vm_id, j.seq > after_seq)
+        .order_by(j.seq)
+    )
+    if upto_seq is not None:
+        stmt = stmt.where(j.seq <= upto_seq)
+    return [JournalEntry(*row) for row in session.execute(stmt)]
 
 
 def append_journal(

@@ -13,10 +13,12 @@ writers never both read `last_seq` and then race to append the same record.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -47,11 +49,22 @@ def sync_url(url: str | URL) -> URL:
 SQLITE_SYNCHRONOUS = ("normal", "full")
 
 
+def json_loads(text: str | bytes) -> Any:
+    """JSON columns read with orjson (replay decodes every record's args); a document orjson
+    refuses (an integer past 64 bits) falls back to the standard parser."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def _make_sqlite_engine(url: URL, *, immediate: bool, synchronous: str = "normal") -> Engine:
     if synchronous not in SQLITE_SYNCHRONOUS:
         raise ValueError(f"sqlite synchronous must be one of {SQLITE_SYNCHRONOUS}")
     engine = create_engine(
-        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+        url,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+        json_deserializer=json_loads,
     )
 
     @event.listens_for(engine, "connect")
@@ -88,7 +101,10 @@ class Database:
         else:
             # A bounded connect: readiness must answer "unreachable", not hang.
             self._write_engine = create_engine(
-                self.url, pool_pre_ping=True, connect_args={"connect_timeout": 10}
+                self.url,
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": 10},
+                json_deserializer=json_loads,
             )
             self._read_engine = self._write_engine
         self._write = sessionmaker(self._write_engine, expire_on_commit=False)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .gmem import GmemFile
+from .host_profile import HostProfile
 from .intervals import IntervalSet
 from .memslots import Memslot
 from .paging import TablePool
@@ -282,6 +283,14 @@ def _gmem_json(f: GmemFile) -> dict[str, Any]:
     }
 
 
+def _host_json(vm: Vm) -> dict[str, Any]:
+    return {
+        "freed": vm.host.freed.to_list(),
+        "runs": [list(r) for r in vm.host.runs()],
+        "thp_populated": vm.host.thp_populated.to_list(),
+    }
+
+
 def _state_json(vm: Vm) -> dict[str, Any]:
     mmu, gmem = vm.mmu, vm.gmem
     return {
@@ -293,6 +302,8 @@ def _state_json(vm: Vm) -> dict[str, Any]:
         "disabled_quirks": vm.disabled_quirks,
         "manual_dirty_log": vm.manual_dirty_log,
         "hypercall_exit_enabled": vm.hypercall_exit_enabled,
+        "host_profile": vm.host_profile.to_dict(),
+        "nx_huge_pages": [list(x) for x in vm.nx_huge_pages],
         "zap_policy": vm.zap_policy,
         "destroyed": vm.destroyed,
         "bugged": vm.bugged,
@@ -318,7 +329,7 @@ def _state_json(vm: Vm) -> dict[str, Any]:
             "files": [_gmem_json(f) for f in gmem],
         },
         "private": vm.attrs.private.to_list(),
-        "host": {"freed": vm.host.freed.to_list(), "runs": [list(r) for r in vm.host.runs()]},
+        "host": _host_json(vm),
         "mmu": {
             "next_root_id": mmu.next_root_id,
             "mmu_valid_gen": mmu.mmu_valid_gen,
@@ -466,6 +477,8 @@ def _decode(body: memoryview) -> Vm:
     vm.disabled_quirks = st["disabled_quirks"]
     vm.manual_dirty_log = st["manual_dirty_log"]
     vm.hypercall_exit_enabled = st.get("hypercall_exit_enabled", 0)
+    vm.host_profile = HostProfile(**st.get("host_profile", {}))
+    vm.nx_huge_pages = [(int(a), int(b)) for a, b in st.get("nx_huge_pages", [])]
     vm.zap_policy = st["zap_policy"]
     vm.destroyed = st["destroyed"]
     vm.bugged = st["bugged"]
@@ -484,6 +497,7 @@ def _decode(body: memoryview) -> Vm:
     _decode_gmem(vm, st["gmem"], arrays)
     vm.attrs.private = _intervals(st["private"])
     vm.host.freed = _intervals(st["host"]["freed"])
+    vm.host.thp_populated = _intervals(st["host"].get("thp_populated", []))
     vm.host.set_runs([(int(a), int(b), int(c), str(d)) for a, b, c, d in st["host"]["runs"]])
     for page, raw in _unpages(arrays["host/keys"], arrays["host/lens"], arrays["host/data"]):
         vm.host.contents[page] = bytearray(raw)
@@ -535,6 +549,21 @@ def _decode_mmu(vm: Vm, m: dict[str, Any], chunks: Iterator[dict[str, np.ndarray
     mmu.pool = TablePool.restore_chunks(m["tables_top"], m["tables_free"], chunks)
 
 
+# Stats that journals from before them cannot move: left out of the digest while 0.
+_NEWER_STATS = frozenset({"pml_entries", "pml_full_exits"})
+
+
+def _digest_info(vm: Vm) -> dict[str, Any]:
+    info = vm.info()
+    if vm.host_profile.is_default:
+        del info["host"]  # digests from before host profiles stay as they were
+    return info
+
+
+def _digest_stats(vm: Vm) -> dict[str, Any]:
+    return {k: v for k, v in vm.stats().items() if v or k not in _NEWER_STATS}
+
+
 def _newer_state(vm: Vm) -> dict[str, Any]:
     """State that journals from before it cannot hold enters the digest only once it is set,
     so their digests stay as they were."""
@@ -545,6 +574,8 @@ def _newer_state(vm: Vm) -> dict[str, Any]:
         out["hypercall_exit_enabled"] = vm.hypercall_exit_enabled
     if vm.tdx is not None and vm.tdx.map_gpa:
         out["map_gpa"] = sorted(vm.tdx.map_gpa.items())
+    if vm.nx_huge_pages:
+        out["nx_huge_pages"] = vm.nx_huge_pages
     return out
 
 
@@ -558,7 +589,7 @@ def digest(vm: Vm) -> str:
         h.update(np.ascontiguousarray(arr).tobytes())
     events = [{k: v for k, v in ev.items() if k != "duration_us"} for ev in vm.events]
     state = {
-        "info": vm.info(),
+        "info": _digest_info(vm),
         "quirks": vm.disabled_quirks,
         "manual_dirty_log": vm.manual_dirty_log,
         "vcpus": vm.vcpus_view(),
@@ -574,7 +605,7 @@ def digest(vm: Vm) -> str:
         "host_runs": vm.host.runs(),
         "roots": vm.roots(),
         "mmu_valid_gen": vm.mmu.mmu_valid_gen,
-        "stats": vm.stats(),
+        "stats": _digest_stats(vm),
         "events": events,
         "zapped": vm.zapped.to_list(),
         "dirty": {f"{k[0]}:{k[1]}": v.nonzero()[0].tolist() for k, v in sorted(vm.dirty.items())},

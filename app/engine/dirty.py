@@ -1,8 +1,9 @@
 """Dirty logging: KVM_MEM_LOG_DIRTY_PAGES toggles, KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG.
 
-vkmmu models a host without PML (enable_pml=0): dirty tracking is done by write-protecting
-leaves, and a write to a protected leaf takes the fast page-fault path, which restores W and
-marks the page dirty (kvm-memslots.md §3.4, §5.3).
+Without PML (the default host profile) dirty tracking write-protects leaves, and a write to a
+protected leaf takes the fast page-fault path, which restores W and marks the page dirty
+(kvm-memslots.md §3.4, §5.3). With host.enable_pml the leaves keep W and lose D; the CPU logs
+the next write (faults.py, Vm.pml_log).
 """
 
 from __future__ import annotations
@@ -111,12 +112,21 @@ def _split_table(vm: Vm, root: Root, cur: Cursor, huge: np.ndarray) -> int:
 
 
 def write_protect(
-    vm: Vm, root: Root, start: int, end: int, mask: np.ndarray | None = None, base: int = 0
+    vm: Vm,
+    root: Root,
+    start: int,
+    end: int,
+    mask: np.ndarray | None = None,
+    base: int = 0,
+    min_level: int = 1,
 ) -> int:
     """Clear W on leaves in [start, end) (MMU-writable stays: the fast path may restore W).
-    With `mask`, only GFNs whose bit is set (mask indexed by gfn - base)."""
+    With `mask`, only GFNs whose bit is set (mask indexed by gfn - base); leaves below
+    `min_level` are left alone."""
     n = 0
     for cur, sl, idx in vm.mmu.leaf_iter(root, start, end):
+        if cur.level < min_level:
+            continue
         if mask is not None:
             gfns = cur.base + (cur.lo + idx) * span(cur.level) - base
             idx = idx[mask[gfns]]
@@ -128,6 +138,33 @@ def write_protect(
             sl[w] &= _NOT_W
             n += len(w)
     return n
+
+
+def clear_dirty_bits(
+    vm: Vm, root: Root, start: int, end: int, mask: np.ndarray | None = None, base: int = 0
+) -> int:
+    """PML (host.enable_pml): clear D on leaves in [start, end) so the CPU logs the next write
+    (kvm_tdp_mmu_clear_dirty_slot; with `mask`, 4K leaves only, as
+    kvm_tdp_mmu_clear_dirty_pt_masked). The leaves stay writable: no fault."""
+    n = 0
+    for cur, sl, idx in vm.mmu.leaf_iter(root, start, end):
+        if mask is not None:
+            if cur.level > 1:
+                continue
+            idx = idx[mask[cur.base + cur.lo + idx - base]]
+        d = idx[(sl[idx] & S.U_D) != 0]
+        if len(d):
+            sl[d] &= ~np.uint64(S.U_D)
+            n += len(d)
+    return n
+
+
+def rearm(vm: Vm, root: Root, s: Memslot, mask: np.ndarray) -> int:
+    """kvm_arch_mmu_enable_log_dirty_pt_masked: clear D with PML, else write-protect."""
+    if vm.host_profile.enable_pml:
+        clear_dirty_bits(vm, root, s.base_gfn, s.end_gfn, mask, s.base_gfn)
+        return 0  # nothing write-protected
+    return write_protect(vm, root, s.base_gfn, s.end_gfn, mask, s.base_gfn)
 
 
 def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict[str, Any] | None:
@@ -148,9 +185,17 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict[str, Any] | None:
         if vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
             return None  # protection happens later, on KVM_CLEAR_DIRTY_LOG
         split = wp = 0
+        host = vm.host_profile
         for root in _direct_roots(vm, new.as_id):
-            split += split_huge(vm, root, new.base_gfn, new.end_gfn)
-            wp += write_protect(vm, root, new.base_gfn, new.end_gfn)
+            if host.eager_page_split:
+                split += split_huge(vm, root, new.base_gfn, new.end_gfn)
+            if host.enable_pml:
+                # kvm_mmu_slot_apply_flags with PML: clear D on the leaves, write-protect
+                # only the huge ones (they must split before 4K writes can be logged).
+                clear_dirty_bits(vm, root, new.base_gfn, new.end_gfn)
+                wp += write_protect(vm, root, new.base_gfn, new.end_gfn, min_level=2)
+            else:
+                wp += write_protect(vm, root, new.base_gfn, new.end_gfn)
         return finish(
             vm,
             acc,
@@ -253,7 +298,7 @@ def get_dirty_log(vm: Vm, slot: object) -> dict[str, Any]:
     bm[:] = False
     wp = 0
     for root in _direct_roots(vm, s.as_id):
-        wp += write_protect(vm, root, s.base_gfn, s.end_gfn, harvested, s.base_gfn)
+        wp += rearm(vm, root, s, harvested)
     flush_tlbs(vm)
     out["sptes_write_protected"] = wp
     return out
@@ -294,9 +339,10 @@ def clear_dirty_log(
     wp = 0
     spans = _word_spans(mask) if vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET else []
     for root in _direct_roots(vm, s.as_id):
-        for a, b in spans:
-            split_huge(vm, root, s.base_gfn + a, s.base_gfn + b)
-        wp += write_protect(vm, root, s.base_gfn, s.end_gfn, mask, s.base_gfn)
+        if vm.host_profile.eager_page_split:
+            for a, b in spans:
+                split_huge(vm, root, s.base_gfn + a, s.base_gfn + b)
+        wp += rearm(vm, root, s, mask)
     flush_tlbs(vm)
     return {"cleared": int(np.count_nonzero(mask)), "sptes_write_protected": wp}
 

@@ -20,6 +20,7 @@ from .paging import span
 from .roots import Root, RootRole, ZapAcc, index_runs
 from .trace import Kind, Link, sptep
 from .uapi import (
+    KVM_INTERNAL_ERROR_EMULATION,
     KVM_MAX_HUGEPAGE_LEVEL,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
@@ -77,6 +78,18 @@ class FaultResult:
 def mmio_exit(gpa: int, length: int, is_write: bool) -> Exit:
     return Exit(
         {"reason": ExitReason.KVM_EXIT_MMIO.name, "gpa": gpa, "len": length, "is_write": is_write}
+    )
+
+
+def emulation_failure_exit() -> Exit:
+    """handle_emulation_failure for a CPL-0 guest: KVM_EXIT_INTERNAL_ERROR, suberror
+    KVM_INTERNAL_ERROR_EMULATION (vkmmu's guests run at CPL 0)."""
+    return Exit(
+        {
+            "reason": ExitReason.KVM_EXIT_INTERNAL_ERROR.name,
+            "suberror": KVM_INTERNAL_ERROR_EMULATION,
+            "suberror_name": "KVM_INTERNAL_ERROR_EMULATION",
+        }
     )
 
 
@@ -155,7 +168,8 @@ class FaultPath:
             level=level,
             writable=True,
             host_writable=host_writable,
-            exec_=True,
+            # nx_huge_pages: make_spte drops exec from huge leaves (an exec fault splits them).
+            exec_=level == 1 or not self.vm.host_profile.nx_huge_pages,
             ipat=ipat,
             accessed=not self.prefetch,
         )
@@ -185,9 +199,15 @@ class FaultPath:
         if slot is None:  # kvm_handle_noslot_fault (kvm-private-tdx.md §2.3.1 step 4)
             if private:
                 raise memory_fault_exit(gfn, True)
+            if vm.is_tdx and self.exec_:
+                self.shared_exec_bug(pos)
             if vm.install_mmio_spte(self.vcpu, pos, gfn) and not self.prefetch:
                 vm.vstat(self.vcpu, "pf_mmio_spte_created")
                 self.fault()
+            if self.exec_:
+                # RET_PF_EMULATE, but the emulator cannot fetch the instruction from a GPA
+                # without a memslot (reexecute_instruction: no slot) → emulation failure.
+                raise emulation_failure_exit()
             at = max(pos << PAGE_SHIFT, self.gpa)
             # KVM reports a TD's shared MMIO GPA without the shared bit.
             raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), self.write)
@@ -202,19 +222,28 @@ class FaultPath:
         if vm.has_private_mem:
             stop = self.attr_run_end(gfn, stop, private)
         level = self.max_level(slot, gfn, private)
+        # NX huge pages: an exec fault maps 4K where a huge page was possible
+        # (disallowed_hugepage_adjust; the table is a possible NX huge page).
+        nx = self.exec_ and level > 1 and vm.host_profile.nx_huge_pages
+        if nx:
+            level = 1
         if vm.is_tdx and private:
             return self.tdx_private(slot, gfn, stop, gmem)
         if vm.is_tdx and self.exec_:
-            # A TD cannot execute from shared memory: tdx_handle_ept_violation's KVM_BUG_ON
-            # (kvm-private-tdx.md §5.5).
-            vm.bugged = f"instruction fetch from shared GPA {pos << PAGE_SHIFT:#x}"
-            err = KvmError(errno.EIO, f"KVM_BUG_ON: {vm.bugged}; the VM is dead")
-            err.state_changed = True
-            raise err
+            self.shared_exec_bug(pos)
         root = vm.root_for(self.vcpu, RootRole.DIRECT)
         if level > 1:
             return self.map_huge(root, slot, gfn, shared_bits, stop, level)
-        return self.map_4k(root, slot, gfn, shared_bits, stop, gmem)
+        return self.map_4k(root, slot, gfn, shared_bits, stop, gmem, nx)
+
+    def shared_exec_bug(self, pos: int) -> None:
+        """A TD cannot execute from shared memory: tdx_handle_ept_violation's KVM_BUG_ON,
+        before any memslot lookup (kvm-private-tdx.md §5.5)."""
+        vm = self.vm
+        vm.bugged = f"instruction fetch from shared GPA {pos << PAGE_SHIFT:#x}"
+        err = KvmError(errno.EIO, f"KVM_BUG_ON: {vm.bugged}; the VM is dead")
+        err.state_changed = True
+        raise err
 
     # -- huge leaves ------------------------------------------------------------------------------
     def map_huge(
@@ -266,7 +295,14 @@ class FaultPath:
 
     # -- 4 KiB leaves ----------------------------------------------------------------------------
     def map_4k(
-        self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int, gmem: GmemFile | None
+        self,
+        root: Root,
+        slot: Memslot,
+        gfn: int,
+        sbits: int,
+        stop: int,
+        gmem: GmemFile | None,
+        nx: bool = False,
     ) -> int:
         vm, mmu = self.vm, self.vm.mmu
         pos = gfn | sbits
@@ -275,12 +311,15 @@ class FaultPath:
         if found_level > 1 and e & S.SPTE_MMU_PRESENT and e & S.EPT_PS:
             # A huge leaf already maps this run (mapped before dirty logging or attributes changed).
             touched = min(count, span(found_level) - (gfn & (span(found_level) - 1)))
-            if not (self.write and not e & S.EPT_W):
+            if not (self.write and not e & S.EPT_W) and not (self.exec_ and not e & S.EPT_X):
                 self._touch_present(root, table, i, 1, found_level, slot, gfn, touched)
                 return touched
         tr = mmu.trace
         links: list[Link] | None = [] if tr.enabled else None  # traced with the leaves
+        live = mmu.pool.live
         table = mmu.table_for(root, pos, 1, self.acc, links)
+        if nx and mmu.pool.live > live:
+            vm.account_nx_huge_page(root.as_id, pos & ~511)
         lo = pos & 511
         ent = mmu.pool.entries(table)[lo : lo + count]
         present = (ent & S.U_PRESENT) != 0
@@ -341,6 +380,11 @@ class FaultPath:
         if self.prefetch:
             pass
         elif self.write:
+            if vm.host_profile.enable_pml and slot.flags & _LOG_DIRTY and level == 1:
+                # PML: a write to a writable leaf whose D bit is clear logs the GPA in the
+                # vCPU's PML buffer; no fault (kvm-memslots.md §5.3, vmx.c PML).
+                clean = mask & ((ent & (S.U_W | S.U_D)) == S.U_W)
+                vm.pml_log(slot, gfn + np.flatnonzero(clean))
             wp = mask & ((ent & S.U_W) == 0)
             if np.any(wp):
                 if np.any(wp & ((ent & S.U_MMU_WRITABLE) == 0)):

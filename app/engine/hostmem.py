@@ -26,6 +26,9 @@ class HostMemory:
         self.freed = IntervalSet()  # host page numbers discarded and not touched since
         # Page-size map: sorted disjoint (start_page, end_page, level, kind) runs; absent = 4 KiB.
         self._runs: list[tuple[int, int, int, str]] = []
+        # Host pages of THP runs that are populated (a fault or a write touched them, no
+        # discard since): a populated THP outlives MADV_NOHUGEPAGE.
+        self.thp_populated = IntervalSet()
 
     # -- page size ------------------------------------------------------------------------
     def set_page_size(self, first: int, end: int, level: int, kind: str) -> None:
@@ -44,16 +47,34 @@ class HostMemory:
 
     def advise(self, first: int, end: int, hugepage: bool) -> None:
         """MADV_(NO)HUGEPAGE: THP on or off where the range is ordinary memory; hugetlbfs
-        mappings ignore THP advice."""
+        mappings ignore THP advice. MADV_NOHUGEPAGE only changes the VMA's flags
+        (hugepage_madvise): a THP already populated stays, and host_pfn_mapping_level still
+        finds it; only new host faults get 4 KiB pages."""
         pos = first
         for s, e, _lv, kind in list(self._runs):
             if kind != "hugetlb" or e <= first or s >= end:
                 continue
             if pos < s:
-                self.set_page_size(pos, s, 2 if hugepage else 1, "thp")
+                self._advise_thp(pos, s, hugepage)
             pos = max(pos, e)
         if pos < end:
-            self.set_page_size(pos, end, 2 if hugepage else 1, "thp")
+            self._advise_thp(pos, end, hugepage)
+
+    def _advise_thp(self, first: int, end: int, hugepage: bool) -> None:
+        keep = self._populated_thps(first, end) if not hugepage else []
+        self.set_page_size(first, end, 2 if hugepage else 1, "thp")
+        for region in keep:
+            # A THP left in a MADV_NOHUGEPAGE range: freed, it comes back as 4 KiB pages.
+            self.set_page_size(region, region + 512, 2, "thp_nohugepage")
+
+    def _populated_thps(self, first: int, end: int) -> list[int]:
+        """2M regions of [first, end) backed by a populated THP now."""
+        out = []
+        for lo, hi in self.thp_populated.clipped(first, end):
+            for region in range(lo & ~511, hi, 512):
+                if region >= first and region + 512 <= end and self.mapping_level(region) == 2:
+                    out.append(region)
+        return sorted(set(out))
 
     def mapping_level(self, page: int) -> int:
         """Host page-table level backing `page` (THP/hugetlb only where a whole huge page fits)."""
@@ -106,6 +127,8 @@ class HostMemory:
     def touch(self, first: int, end: int) -> None:
         """Pages faulted in again after a discard are new, populated pages; a huge host page
         (THP, hugetlbfs) is populated whole."""
+        if self._runs:  # only THP regions are asked about (_populated_thps)
+            self.thp_populated.add(first & ~511, -(-end // 512) * 512)
         if len(self.freed):
             lo = self.mapping_level(first)
             hi = self.mapping_level(end - 1)
@@ -139,6 +162,7 @@ class HostMemory:
                 if self.contents.pop(page, None) is not None:
                     dropped += 1
         self.freed.add(first, end)
+        self.thp_populated.remove(first, end)
         self._split_thp(first, end)
         return dropped
 
@@ -147,6 +171,9 @@ class HostMemory:
         with 4K pages from now on (a wholly discarded one may be a THP again)."""
         n = 512
         for s, e, _lv, kind in list(self._runs):
+            if kind == "thp_nohugepage" and s < end and e > first:
+                self.set_page_size(s, e, 1, "thp")
+                continue
             if kind != "thp" or e <= first or s >= end:
                 continue
             for edge in {first, end}:

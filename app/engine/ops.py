@@ -20,7 +20,7 @@ from .memslots import SetUserMemoryRegion
 from .op import REGISTRY, Op
 from .tdx_lifecycle import TdxFinalizeVm, TdxInitMemRegion, TdxInitVcpu, TdxInitVm
 from .vcpu import CreateVcpu, SetVcpuSmm
-from .zap import Destroy, ExplicitZap, SetZapPolicy
+from .zap import Destroy, ExplicitZap, RecoverNxHugePages, SetZapPolicy
 
 __all__ = [
     "Accept",
@@ -43,6 +43,7 @@ __all__ = [
     "Load",
     "Op",
     "PreFault",
+    "RecoverNxHugePages",
     "SetMemoryAttributes",
     "SetUserMemoryRegion",
     "SetVcpuSmm",

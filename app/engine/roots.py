@@ -49,6 +49,10 @@ class Root:
         }
 
 
+_ROLE_NAMES = tuple(sorted(r.value for r in RootRole))
+_NO_LEAVES = (0, 0, 0, 0)
+
+
 @dataclass(slots=True)
 class ZapAcc:
     """What a zap did, accumulated over every table it touched."""
@@ -68,8 +72,8 @@ class ZapAcc:
     def by_level(self) -> dict[str, object]:
         out: dict[str, object] = {}
         tot = [0, 0, 0, 0]
-        for role in sorted(r.value for r in RootRole):
-            v = self.leaves.get(role, [0, 0, 0, 0])
+        for role in _ROLE_NAMES:
+            v = self.leaves.get(role, _NO_LEAVES)
             out[role] = {"4k": v[1], "2m": v[2], "1g": v[3]}
             tot = [a + b for a, b in zip(tot, v, strict=True)]
         out.update({"4k": tot[1], "2m": tot[2], "1g": tot[3]})

@@ -53,7 +53,8 @@ _KVM_TEXT = {
     "pages_4k": "Leaf SPTEs mapping 4 KiB now, every root.",
     "pages_2m": "Leaf SPTEs mapping 2 MiB now, every root.",
     "pages_1g": "Leaf SPTEs mapping 1 GiB now, every root.",
-    "nx_lpage_splits": "Huge pages split by the NX huge page mitigation, now (off here).",
+    "nx_lpage_splits": "Possible NX huge pages now: 4K tables exec faults built where a huge "
+    "page was possible (host.nx_huge_pages).",
     "max_mmu_rmap_size": "Largest rmap chain seen (shadow MMU only).",
     "max_mmu_page_hash_collisions": "Most shadow-page hash collisions seen (shadow MMU only).",
 }
@@ -91,6 +92,8 @@ _VKMMU: tuple[StatDescriptor, ...] = (
     _d("private_pages_2m", "instant", "vkmmu", "Private leaves mapping 2 MiB now."),
     _d("private_pages_1g", "instant", "vkmmu", "Private leaves mapping 1 GiB now."),
     _d("zapped_not_refaulted", "instant", "vkmmu", "Zapped GFNs not faulted in again yet."),
+    _d("pml_entries", "cumulative", "vkmmu", "GPAs logged in PML buffers (host.enable_pml)."),
+    _d("pml_full_exits", "cumulative", "vkmmu", "PML-full VM exits (one per 512 entries)."),
 )
 
 

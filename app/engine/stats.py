@@ -50,6 +50,8 @@ _CUMULATIVE = frozenset(KVM_CUMULATIVE_STATS) | frozenset(
         "memslot_generation_wraps",
         "root_reloads",
         "tdx_reaccepts",
+        "pml_entries",
+        "pml_full_exits",
     }
 )
 _CUMULATIVE_PREFIXES = ("zaps_", "pf_", "tdx_")

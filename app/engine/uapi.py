@@ -121,10 +121,13 @@ SUPPORTED_GMEM_FLAGS = int(GmemFlag.GUEST_MEMFD_FLAG_MMAP | GmemFlag.GUEST_MEMFD
 class ExitReason(enum.IntEnum):
     KVM_EXIT_HYPERCALL = 3
     KVM_EXIT_MMIO = 6
+    KVM_EXIT_INTERNAL_ERROR = 17
     KVM_EXIT_MEMORY_FAULT = 39
 
 
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+
+KVM_INTERNAL_ERROR_EMULATION = 1  # kvm_run.internal.suberror
 
 # KVM_HC_MAP_GPA_RANGE (include/uapi/linux/kvm_para.h, arch/x86/include/uapi/asm/kvm_para.h):
 # the hypercall KVM_CAP_EXIT_HYPERCALL can turn into KVM_EXIT_HYPERCALL.

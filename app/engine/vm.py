@@ -34,6 +34,7 @@ from .faults import (
     memory_fault_exit,
 )
 from .gmem import CreateGuestMemfd, GmemClose, GmemFallocate, GmemFile, GmemTable, GmemWrite
+from .host_profile import DEFAULT_HOST, HostProfile, host_profile
 from .hostmem import LEVEL_OF_SIZE, HostAdvise, HostDiscard, HostMap, HostMemory, HostWrite
 from .hypercall import CompleteHypercall, TdvmcallMapGpa
 from .intervals import IntervalSet
@@ -57,17 +58,31 @@ from .vcpu import CreateVcpu, SetVcpuSmm, Vcpu
 from .zap import (
     Destroy,
     ExplicitZap,
+    RecoverNxHugePages,
     SetZapPolicy,
     destroy,
     explicit_zap,
     flush_memslot,
     gmem_invalidate,
     notifier_invalidate,
+    recover_nx_huge_pages,
     zap_all_fast,
     zap_gfn_range,
 )
 
 ZAP_POLICIES = ("kvm", "zap_all_shared_only")
+EXTRA_STAT_NAMES = (
+    "refaults",
+    "zaps_all_fast",
+    "zaps_slot_leafs",
+    "zaps_range",
+    "zaps_notifier",
+    "zaps_total_sptes",
+    "mmio_sptes",
+    "memslot_generation_wraps",
+    "pml_entries",
+    "pml_full_exits",
+)
 MAX_ACCESS_BYTES = 1 << 40  # one call may touch at most 1 TiB
 MAX_DATA_BYTES = 1 << 20  # bytes one host/guest_memfd read or write may carry
 DEFAULT_TABLE_BUDGET = 1 << 20  # page-table pages per VM (4 GiB of tables)
@@ -92,8 +107,10 @@ class Vm:
         name: str | None,
         table_budget: int = DEFAULT_TABLE_BUDGET,
         td_lifecycle: bool = False,
+        host: HostProfile = DEFAULT_HOST,
     ) -> None:
         self.vm_type = VmType(vm_type)
+        self.host_profile = host
         self.name = name
         self.paging_levels = paging_levels
         self.nr_as = uapi.nr_address_spaces(vm_type)
@@ -122,17 +139,11 @@ class Vm:
         # until KVM_CLEAR_DIRTY_LOG splits them.
         self.dirty_initially_set: set[tuple[int, int]] = set()
         self.zapped = IntervalSet()  # GFNs whose mapping a zap removed and no fault restored
+        # (as_id, first GFN) of 4K tables an exec fault built where a huge page was possible
+        # (host.nx_huge_pages): the recovery worker's candidates, oldest first.
+        self.nx_huge_pages: list[tuple[int, int]] = []
         self.stats_kvm = dict.fromkeys(KVM_STAT_NAMES, 0)
-        self.stats_extra: dict[str, int] = {
-            "refaults": 0,
-            "zaps_all_fast": 0,
-            "zaps_slot_leafs": 0,
-            "zaps_range": 0,
-            "zaps_notifier": 0,
-            "zaps_total_sptes": 0,
-            "mmio_sptes": 0,
-            "memslot_generation_wraps": 0,
-        }
+        self.stats_extra: dict[str, int] = dict.fromkeys(EXTRA_STAT_NAMES, 0)
         self.events: list[dict[str, Any]] = []
         self.event_seq = 0
         self.destroyed = False
@@ -153,10 +164,12 @@ class Vm:
         name: str | None = None,
         table_budget: int = DEFAULT_TABLE_BUDGET,
         td_lifecycle: bool = False,
+        host: object = None,
     ) -> Vm:
         """KVM_CREATE_VM, plus `vcpus` KVM_CREATE_VCPU calls. `td_lifecycle`: a TD that goes
         through KVM_TDX_INIT_VM … FINALIZE_VM (tdx_lifecycle.py) instead of being runnable at
-        once; its vCPUs are created after INIT_VM, so `vcpus` must be 0 (tdx_vcpu_create)."""
+        once; its vCPUs are created after INIT_VM, so `vcpus` must be 0 (tdx_vcpu_create).
+        `host`: the host's module parameters (host_profile.py), defaults as before."""
         t = caps.check_vm_type(vm_type)
         if paging_levels not in (4, 5) or isinstance(paging_levels, bool):
             raise einval("paging_levels must be 4 or 5")
@@ -168,7 +181,8 @@ class Vm:
             raise einval("td_lifecycle applies to TDs (KVM_X86_TDX_VM) only")
         if td_lifecycle and vcpus:
             raise KvmError(errno.EIO, "a TD's vCPUs are created after KVM_TDX_INIT_VM (vcpus: 0)")
-        return cls(t, vcpus, int(paging_levels), name, table_budget, td_lifecycle)
+        profile = host_profile(host)
+        return cls(t, vcpus, int(paging_levels), name, table_budget, td_lifecycle, profile)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -433,6 +447,22 @@ class Vm:
 
     def gmem_allocate(self, file: GmemFile, first: int, count: int) -> None:
         file.allocate(first, count)
+
+    def account_nx_huge_page(self, as_id: int, gfn: int) -> None:
+        """track_possible_nx_huge_page: nx_lpage_splits counts them."""
+        self.nx_huge_pages.append((as_id, gfn))
+        self.stats_kvm["nx_lpage_splits"] = len(self.nx_huge_pages)
+
+    def pml_log(self, slot: Memslot, gfns: np.ndarray) -> None:
+        """The CPU logs each GPA in the PML buffer (512 entries); a full buffer is a
+        PML-full VM exit, after which KVM moves the entries to the dirty bitmap."""
+        n = len(gfns)
+        if not n:
+            return
+        self.mark_dirty(slot, gfns)
+        before = self.stats_extra["pml_entries"]
+        self.stats_extra["pml_entries"] = before + n
+        self.stats_extra["pml_full_exits"] += (before + n) // 512 - before // 512
 
     def mark_dirty(self, slot: Memslot, gfns: np.ndarray) -> None:
         bm = self.dirty.get((slot.as_id, slot.id))
@@ -828,6 +858,7 @@ class Vm:
             and self.quirk_zap_all,
             "memslots": sum(len(s) for s in self.spaces),
             "destroyed": self.destroyed,
+            "host": self.host_profile.to_dict(),
         }
 
     def quirks(self) -> dict[str, Any]:
@@ -959,5 +990,6 @@ _HANDLERS: dict[type[Op], Callable[[Vm, Any], dict[str, Any]]] = {
     TdxInitMemRegion: tdx_lifecycle.init_mem_region,
     TdxFinalizeVm: tdx_lifecycle.finalize_vm,
     TdvmcallMapGpa: hypercall.map_gpa,
+    RecoverNxHugePages: recover_nx_huge_pages,
     CompleteHypercall: hypercall.complete,
 }

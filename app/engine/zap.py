@@ -6,7 +6,6 @@ tables freed, roots invalidated, flushes, kicks), which is also appended to the 
 
 from __future__ import annotations
 
-import copy
 import errno
 import time
 from dataclasses import dataclass, fields
@@ -252,7 +251,10 @@ def record(
     vm.events.append(ev)
     if len(vm.events) > MAX_EVENTS:
         del vm.events[: len(vm.events) - MAX_EVENTS]
-    return copy.deepcopy(ev)
+    # The caller's own copy: the event is flat but for `sptes_zapped` (a dict of counts and
+    # of one dict per root role), so this is all a deep copy would do, much faster.
+    zapped = {k: dict(v) if isinstance(v, dict) else v for k, v in ev["sptes_zapped"].items()}
+    return {**ev, "sptes_zapped": zapped}
 
 
 def account_fault_zaps(vm: Vm, acc: ZapAcc) -> None:
@@ -281,6 +283,27 @@ def explicit_zap(vm: Vm, op: ExplicitZap) -> dict[str, Any]:
     vm.stats_extra["zaps_range"] += 1
     sel = _explicit_roles(vm, roots)
     return zap_gfn_range(vm, list(range(vm.nr_as)), start, end, sel, "explicit", "zap_gfn_range")
+
+
+def recover_nx_huge_pages(vm: Vm, op: RecoverNxHugePages) -> dict[str, Any]:
+    """One run of the NX huge page recovery worker (kvm_recover_nx_huge_pages): of the
+    possible NX huge pages, oldest first, ceil(n / ratio) go; one on a slot with dirty
+    logging is only unaccounted, the others' 4K leaves are zapped so that the next non-exec
+    fault maps the region huge again. Ratio 0 (recovery off) zaps nothing."""
+    ratio = check_u64(op.ratio, "ratio")
+    todo = -(-len(vm.nx_huge_pages) // ratio) if ratio else 0
+    taken, vm.nx_huge_pages = vm.nx_huge_pages[:todo], vm.nx_huge_pages[todo:]
+    vm.stats_kvm["nx_lpage_splits"] = len(vm.nx_huge_pages)
+    ranges = []
+    for as_id, gfn in taken:
+        slot = vm.spaces[as_id].find(gfn)
+        if slot is not None and (as_id, slot.id) in vm.dirty:
+            continue  # unaccount_nx_huge_page only
+        ranges.append((as_id, gfn, gfn + 512))
+    zap = None
+    if ranges:
+        zap = zap_gfn_ranges(vm, ranges, {RootRole.DIRECT}, "nx_recovery", "recover_nx_huge_pages")
+    return {"recovered": len(taken), "remaining": len(vm.nx_huge_pages), "zap": zap}
 
 
 def _explicit_range(vm: Vm, gpa: object, size: object) -> tuple[int, int]:
@@ -388,6 +411,13 @@ class ExplicitZap(Op):
     gpa: int | None = None
     size: int | None = None
     roots: str = "both"
+
+
+@operation("recover_nx_huge_pages")
+class RecoverNxHugePages(Op):
+    """One run of the kvm-nx-lpage-recovery worker (`ratio`: kvm.nx_huge_pages_recovery_ratio)."""
+
+    ratio: int = 60
 
 
 @operation("set_zap_policy")

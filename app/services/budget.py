@@ -44,6 +44,7 @@ MAX_ACCESS_BYTES = 1 << 40
 MAX_DATA_BYTES = 1 << 20
 MAX_GUEST_ACCESS_BYTES = 4096
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
+MAX_INIT_MEM_PAGES = 1 << 18  # pages one KVM_TDX_INIT_MEM_REGION call may add
 # Calls whose page-table worst case is known: the range they fault (`size`, `len`, `data`).
 _FAULT_OPS = frozenset({"access", "pre_fault", "accept", "load", "store"})
 
@@ -119,6 +120,17 @@ def footprint_need(counts: dict[str, int]) -> Need:
     return Need(other, int(counts.get("tables", 0)))
 
 
+# What a snapshot adds beyond the state it encodes, at most: its header, section headers,
+# the state document's text besides zap events and zlib's worst-case growth.
+SNAPSHOT_OVERHEAD_BYTES = 256 * 1024
+
+
+def snapshot_need(vm: Any) -> Need:
+    """The bytes of a snapshot of `vm` while it is written and stored: never more than the
+    state it encodes (pages, bitmaps, tables; compressed) plus `SNAPSHOT_OVERHEAD_BYTES`."""
+    return Need(bytes_held(vm) + SNAPSHOT_OVERHEAD_BYTES)
+
+
 def _split_need(vm: Any, op: str, args: dict[str, Any]) -> int:
     """Tables an eager split by this call may allocate at most: turning dirty logging on
     (a flags-only change of a slot) or KVM_CLEAR_DIRTY_LOG with KVM_DIRTY_LOG_INITIALLY_SET."""
@@ -172,6 +184,12 @@ def op_need(vm: Any, op: str, args: dict[str, Any], *, max_gmem_bytes: int) -> N
         # Hex or base64 text: never more bytes than characters; two pages of rounding.
         nbytes = min(len(data) if isinstance(data, str) else 0, MAX_DATA_BYTES)
         need += _pages(nbytes) * PAGE + 2 * PAGE
+    if op == "tdx_init_mem_region":
+        # KVM_TDX_INIT_MEM_REGION maps each page it adds (tables as a fault over the range)
+        # and copies the source page into guest_memfd.
+        pages = min(_int(args.get("nr_pages")), MAX_INIT_MEM_PAGES)
+        tables += -(-pages // 512) + -(-pages // (512 * 512)) + levels - 1 + 1
+        return Need(need + pages * PAGE, tables)
     if op in _FAULT_OPS:
         size = min(_int(args.get("size", PAGE)), MAX_ACCESS_BYTES)
         if op in ("load", "store"):

@@ -55,9 +55,10 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.db import repository as repo
-from app.db.models import JournalRecord, SnapshotRow, VmRow, utcnow
+from app.db.models import SnapshotRow, VmRow, utcnow
 from app.db.session import Database
 from app.engine.errors import KvmError
+from app.engine.host_profile import DEFAULT_HOST
 from app.engine.uapi import VmType
 from app.services import budget
 from app.services.engine_port import TABLE_BYTES, EnginePort, OpLike, Vm, default_engine
@@ -106,6 +107,7 @@ DEFAULT_TRACE_RECORDS = 4096
 STATS_KEY = "stats"
 # A VM's creation defaults (KVM_CREATE_VM with type 0, one vCPU, 4-level EPT).
 CREATE_DEFAULTS = {"vm_type": 0, "vcpus": 1, "paging_levels": 4}
+HOST_DEFAULTS = DEFAULT_HOST.to_dict()  # a create record names `host` only when it differs
 
 # Database failures that mean "not reachable now", not "this request is wrong": the call is
 # answered 503 (retry) instead of 500. Integrity and data errors are bugs or bad input.
@@ -254,7 +256,7 @@ class _Replay:
     table_budget: int | None = None
 
     @classmethod
-    def of(cls, rec: JournalRecord) -> _Replay:
+    def of(cls, rec: repo.JournalEntry) -> _Replay:
         at = us_to_engine_time(datetime_to_us(rec.at))
         meta = rec.meta or {}
         return cls(
@@ -344,7 +346,10 @@ class VmService:
         vm_memory_budget_bytes: int = budget.DEFAULT_VM_MEMORY_BUDGET_BYTES,
         max_gmem_bytes: int = budget.DEFAULT_MAX_GUEST_MEMFD_BYTES,
         tenant_quotas: TenantQuotas | None = None,
+        host_profile: dict[str, bool] | None = None,
     ) -> None:
+        # The host profile new VMs get (VKMMU_HOST_*); a VM's own `host` overrides it.
+        self.host_defaults: dict[str, bool] = dict(host_profile or {})
         # Page tables all loaded VMs and what-if forks together may hold (in tables).
         self.budget_tables = max(0, page_table_budget_bytes) // TABLE_BYTES
         self.ledger = budget.Ledger(
@@ -531,6 +536,7 @@ class VmService:
         tenant: str = "default",
         td_lifecycle: bool = False,
         only_tenant: str | None = None,
+        host: dict[str, bool] | None = None,
     ) -> tuple[dict[str, Any], str]:
         """KVM_CREATE_VM, or a fork of a snapshot. A fork is its snapshot's kind of VM:
         `vm_type`, `vcpus`, `paging_levels` may be left out (None) or must be the source
@@ -579,7 +585,11 @@ class VmService:
                 create_args = {**kind, "name": name}
                 # Only a TD that goes through KVM_TDX_INIT_VM … FINALIZE_VM says so: a record
                 # without the key is a TD runnable from creation, as every older one is.
-                extra = {"td_lifecycle": True} if td_lifecycle else {}
+                extra: dict[str, Any] = {"td_lifecycle": True} if td_lifecycle else {}
+                profile = {**self.host_defaults, **(host or {})}
+                if any(HOST_DEFAULTS.get(k) != v for k, v in profile.items()):
+                    # The resolved profile is journaled: replay never depends on VKMMU_HOST_*.
+                    extra["host"] = {**HOST_DEFAULTS, **profile}
                 create_args.update(extra)
                 # KvmError (unsupported type, bad levels) passes through; nothing is stored.
                 vm = self.engine.create(**kind, name=name, **extra)
@@ -988,15 +998,23 @@ class VmService:
                     self._check_manual_cap(s, vm_id)
                 vm = self._catch_up(s, h, row.last_seq)
             seq = h.applied_seq
-            data = self.engine.dumps(vm)
-            snap = self._snapshot_row(vm_id, seq, data, kind, label)
-            # A snapshot is the state after record `seq`, which is history: no row lock.
-            with self.db.write() as s:
-                if kind == "manual":
-                    self._check_manual_cap(s, vm_id)  # again: another call may have taken one
-                s.add(snap)
-                if kind != "manual":
-                    repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
+            # The snapshot's bytes are held until they are stored: reserved first (at most
+            # the state it encodes; ENOMEM when that does not fit).
+            key = f"snapshot:{vm_id}"
+            grant = self.ledger.reserve(key, budget.snapshot_need(vm))
+            try:
+                data = self.engine.dumps(vm)
+                snap = self._snapshot_row(vm_id, seq, data, kind, label)
+                # A snapshot is the state after record `seq`, which is history: no row lock.
+                with self.db.write() as s:
+                    if kind == "manual":
+                        self._check_manual_cap(s, vm_id)  # again: another call took one?
+                    s.add(snap)
+                    if kind != "manual":
+                        repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
+            finally:
+                self.ledger.settle(key, grant, 0)
+                self.ledger.forget(key)
             if seq >= h.snapshot_seq:
                 h.snapshot_seq = seq
                 h.work_bytes = 0
@@ -1379,7 +1397,7 @@ class VmService:
                 )
                 h.snapshot_seq = repo.newest_snapshot_seq(s, h.vm_id)
             elif h.applied_seq < target_seq:
-                records = repo.journal_after(s, h.vm_id, h.applied_seq, target_seq)
+                records = repo.replay_entries(s, h.vm_id, h.applied_seq, target_seq)
                 if len(records) == target_seq - h.applied_seq:
                     h.vm = self._replay(s, h.vm_id, h.vm, records)
                 else:  # pruned behind a newer snapshot meanwhile: load that one
@@ -1440,7 +1458,7 @@ class VmService:
                 continue
             base = self._load_snapshot(s, snap)
             if base is not None:
-                records = repo.journal_after(s, vm_id, snap.seq, target_seq)
+                records = repo.replay_entries(s, vm_id, snap.seq, target_seq)
                 return self._replay(s, vm_id, base, records)
         if repo.count_journal(s, vm_id, 0, target_seq) != target_seq:
             log.error(
@@ -1448,7 +1466,7 @@ class VmService:
             )
             raise ServiceUnavailable(f"VM {vm_id}: no sound snapshot the kept journal continues")
         base = self._create_base(s, vm_id)
-        records = repo.journal_after(s, vm_id, 0, target_seq)
+        records = repo.replay_entries(s, vm_id, 0, target_seq)
         return self._replay(s, vm_id, base, records)
 
     def _create_base(self, s: Session, vm_id: str) -> Vm:
@@ -1460,7 +1478,9 @@ class VmService:
             return self._state_of_snapshot(
                 s, ca["source_vm"], ca["from_snapshot"], ca["source_seq"]
             )
-        extra = {"td_lifecycle": True} if ca.get("td_lifecycle") else {}
+        extra: dict[str, Any] = {"td_lifecycle": True} if ca.get("td_lifecycle") else {}
+        if ca.get("host"):
+            extra["host"] = ca["host"]
         return self.engine.create(
             vm_type=ca["vm_type"],
             vcpus=ca["vcpus"],
@@ -1502,7 +1522,7 @@ class VmService:
         )
         return None
 
-    def _replay(self, s: Session, vm_id: str, vm: Vm, records: Sequence[JournalRecord]) -> Vm:
+    def _replay(self, s: Session, vm_id: str, vm: Vm, records: Sequence[repo.JournalEntry]) -> Vm:
         """Re-apply journal records to `vm` (the engine is deterministic). Returns the VM,
         a new object after a `restore` record."""
         for rec in records:
@@ -1665,6 +1685,12 @@ def service_options(settings: Any) -> dict[str, Any]:
         "trace_records": settings.trace_records,
         "sqlite_synchronous": settings.sqlite_synchronous,
         "tenant_quotas": tenant_quotas(settings),
+        "host_profile": {
+            "enable_pml": settings.host_enable_pml,
+            "eager_page_split": settings.host_eager_page_split,
+            "nx_huge_pages": settings.host_nx_huge_pages,
+            "tdp_mmu": settings.host_tdp_mmu,
+        },
     }
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.engine.errors import KvmError
+from app.engine.host_profile import host_profile
 from app.services import budget, cost_model
 from app.services.errors import PreconditionFailed
 from app.services.qemu_trace import Trace
@@ -43,6 +44,7 @@ class Variant:
     disable_quirks: int | None = None  # None: the VM's own mask
     vm_type: int | None = None
     zap_policy: str | None = None
+    host: dict[str, bool] | None = None  # over the VM's own host profile
 
 
 class _OpsFeed:
@@ -141,6 +143,8 @@ def run_variant(
         fork.disabled_quirks = variant.disable_quirks
     if variant.zap_policy is not None:
         fork.zap_policy = variant.zap_policy
+    if variant.host is not None:
+        fork.host_profile = host_profile(variant.host, fork.host_profile)
     engine.set_table_budget(fork, budget_tables)
     before = fork.stats()
     first_event = fork.event_seq
@@ -186,6 +190,7 @@ def run_variant(
             "disabled_quirks": int(fork.disabled_quirks),
             "slot_zap_all": bool(fork.info()["slot_zap_all_applies"]),
             "zap_policy": fork.zap_policy,
+            "host": fork.host_profile.to_dict(),
             **_zap_totals(events),
             "faults": _delta(before, after, "pf_taken"),
             "faults_fixed": _delta(before, after, "pf_fixed"),
@@ -240,6 +245,8 @@ async def what_if(
     for v in variants:
         if v.zap_policy is not None and v.zap_policy not in ZAP_POLICIES:
             raise WhatIfError(f"variant {v.name!r}: zap_policy must be one of {ZAP_POLICIES}")
+        if v.host is not None:
+            host_profile(v.host)  # tdp_mmu false: EOPNOTSUPP before any fork is built
     if (ops is None) == (trace is None):
         raise WhatIfError("give either ops or a trace")
     n_ops = len(ops) if ops is not None else len(trace.calls if trace else [])
@@ -251,13 +258,42 @@ async def what_if(
     except cost_model.CostError as e:
         raise WhatIfError(str(e)) from None
     engine = service.engine
+    ledger = service.ledger
+    # The copy's bytes are held for the whole what-if: reserved before it is written.
+    copy_key = f"what-if-copy:{secrets.token_hex(8)}"
 
     def copy(vm: Any) -> tuple[bytes, int, dict[str, Any]]:
         info = vm.info()
         src = {k: info[k] for k in ("vm_type", "vcpus", "paging_levels")}
         src["memslots"] = info["memslots"]
-        return engine.dumps(vm), int(engine.tables_live(vm)), src
+        grant = ledger.reserve(copy_key, budget.snapshot_need(vm))
+        data = engine.dumps(vm)
+        ledger.settle(copy_key, grant, len(data))
+        return data, int(engine.tables_live(vm)), src
 
+    try:
+        return await _run_variants(
+            service, vm_id, copy, variants, calls, trace, touch, resolved, progress, if_match, n_ops
+        )
+    finally:
+        ledger.forget(copy_key)
+
+
+async def _run_variants(
+    service: Any,
+    vm_id: str,
+    copy: Any,
+    variants: list[Variant],
+    calls: list[tuple[str, dict[str, Any]]] | None,
+    trace: Trace | None,
+    touch: Touch | None,
+    resolved: dict[str, float | None],
+    progress: Any,
+    if_match: str | None,
+    n_ops: int,
+) -> dict[str, Any]:
+    """Copy the VM once (`copy`, under its lock), then run each variant on a fork of it."""
+    engine, ledger = service.engine, service.ledger
     (base, tables, source), tag = await service.read(vm_id, copy)
     if if_match is not None and not etag_matches(if_match, int(tag.strip('"'))):
         raise PreconditionFailed(if_match, tag)
@@ -268,7 +304,6 @@ async def what_if(
                 "memslots (the fork then starts as an empty VM of that type); a copy of a VM "
                 "cannot change its type"
             )
-    ledger = service.ledger
     copy_need = budget.footprint_need(engine.snapshot_footprint(base))
     rows = []
     for i, v in enumerate(variants):

@@ -219,3 +219,16 @@ async def test_refaults_after_delete_and_recreate(client: httpx.AsyncClient, vm:
     assert res["mapped"] == 4
     assert res["refaults"] == 4
     assert ok(await client.get(f"/v1/vms/{vm}/stats"))["refaults"] == 4
+
+
+async def test_exec_without_a_memslot_is_an_internal_error_exit(
+    client: httpx.AsyncClient, slot0: str
+) -> None:
+    """handle_emulation_failure (CPL 0): KVM_EXIT_INTERNAL_ERROR, never KVM_EXIT_MMIO."""
+    url = f"/v1/vms/{slot0}/vcpus/0/accesses"
+    out = ok(await client.post(url, json={"gpa": 64 * MiB, "access": "exec"}))
+    assert out["exit"] == {
+        "reason": "KVM_EXIT_INTERNAL_ERROR",
+        "suberror": 1,
+        "suberror_name": "KVM_INTERNAL_ERROR_EMULATION",
+    }

@@ -34,6 +34,7 @@ SAFE_DEFAULTS: dict[str, dict[str, str]] = {
         "paging_levels": "creation: 4-level TDP",
         "from_snapshot": "creation without a fork",
         "td_lifecycle": "a TD runnable at creation, as before the lifecycle existed",
+        "host": "the service's host profile (VKMMU_HOST_*)",
     },
     "MemoryRegion": {
         "slot": "only repeats the path",
@@ -58,6 +59,13 @@ SAFE_DEFAULTS: dict[str, dict[str, str]] = {
     },
     "TdxInitVcpu": {"rcx": "the struct's zero value", "flags": "must be 0"},
     "TdxInitMemRegion": {"flags": "0 = add without measuring"},
+    "NxRecoverRequest": {"ratio": "the kernel's default ratio (60)"},
+    "HostProfileIn": {
+        "enable_pml": "the service's VKMMU_HOST_ENABLE_PML",
+        "eager_page_split": "the service's VKMMU_HOST_EAGER_PAGE_SPLIT",
+        "nx_huge_pages": "the service's VKMMU_HOST_NX_HUGE_PAGES",
+        "tdp_mmu": "the service's VKMMU_HOST_TDP_MMU",
+    },
     "HypercallComplete": {"ret": "0 = the VMM converted the chunk (what KVM leaves there)"},
     "GmemCreate": {"flags": "a plain guest_memfd"},
     "DirtyLogClear": {"first_page": "the slot's first page; what is cleared is `bitmap`"},

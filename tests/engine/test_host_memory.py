@@ -187,16 +187,21 @@ def test_discard_whole_slot_then_guest_sees_zeroes() -> None:
 
 
 # --------------------------------------------------------------------------- page size
-def test_nohugepage_advice_does_not_split_existing_leaves() -> None:
+def test_nohugepage_advice_keeps_populated_thps_and_only_new_host_faults_get_4k() -> None:
+    """mm/khugepaged.c hugepage_madvise only changes the VMA's flags: a THP already populated
+    stays (host_pfn_mapping_level still walks to a PMD), so a refault after a zap maps 2M
+    again; a region populated only later, or discarded and faulted again, gets 4 KiB."""
     v = Vm.create(0, 1)
-    v.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="hugepage")))
-    region(v, 0, 0, 4 * MB, U)
-    access(v, 0, 4 * MB)
-    v.apply(parse("host_advise", dict(userspace_addr=U, len=4 * MB, advice="nohugepage")))
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=8 * MB, advice="hugepage")))
+    region(v, 0, 0, 8 * MB, U)
+    access(v, 0, 4 * MB)  # populates the THPs of [0, 4M) only
+    v.apply(parse("host_advise", dict(userspace_addr=U, len=8 * MB, advice="nohugepage")))
     assert pages(v) == (0, 2, 0)
-    # After a zap, refaults follow the new host page size.
-    v.apply(parse("zap", dict(scope="range", gpa=0, size=4 * MB)))
-    assert access(v, 0, 4 * MB)["levels"] == {"4k": 1024, "2m": 0, "1g": 0}
+    v.apply(parse("zap", dict(scope="range", gpa=0, size=8 * MB)))
+    assert access(v, 0, 4 * MB)["levels"] == {"4k": 0, "2m": 2, "1g": 0}
+    assert access(v, 4 * MB, 4 * MB)["levels"] == {"4k": 1024, "2m": 0, "1g": 0}
+    discard(v, U, 2 * MB)  # MADV_DONTNEED frees the first THP; the refault is a new fault
+    assert access(v, 0, 2 * MB)["levels"] == {"4k": 512, "2m": 0, "1g": 0}
     check(v)
 
 

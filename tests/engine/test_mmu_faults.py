@@ -502,3 +502,30 @@ def test_failed_pre_fault_that_built_tables_says_state_changed() -> None:
     assert e.value.errno == errno.ENOENT and e.value.state_changed
     assert codec.digest(vm) != d0
     assert vm.vcpus_view()[0]["roots"] == {"direct": vm.roots()[0]["id"]}
+
+
+def test_an_instruction_fetch_without_a_memslot_is_an_emulation_failure_not_mmio() -> None:
+    """kvm_handle_noslot_fault caches an MMIO SPTE and asks for emulation; the emulator cannot
+    fetch instruction bytes from a GPA without a memslot (reexecute_instruction finds no slot),
+    so handle_emulation_failure exits with KVM_EXIT_INTERNAL_ERROR /
+    KVM_INTERNAL_ERROR_EMULATION for a CPL-0 guest. Loads and stores there stay MMIO exits."""
+    vm = Vm.create(kit.DEFAULT, 1)
+    out = access(vm, 0x1000_0000, kind="exec")
+    assert out["exit"] == {
+        "reason": "KVM_EXIT_INTERNAL_ERROR",
+        "suberror": 1,
+        "suberror_name": "KVM_INTERNAL_ERROR_EMULATION",
+    }
+    assert vm.stats()["mmio_sptes"] == 1  # the MMIO SPTE is installed all the same
+    again = access(vm, 0x1000_0000, kind="exec")["exit"]
+    assert again is not None and again["reason"] == "KVM_EXIT_INTERNAL_ERROR"
+    assert access(vm, 0x1000_0000, kind="read")["exit"]["reason"] == "KVM_EXIT_MMIO"
+
+
+def test_a_td_fetching_from_a_shared_gpa_without_a_memslot_is_still_a_kvm_bug() -> None:
+    """tdx_handle_ept_violation's KVM_BUG_ON on an exec EPT violation of a shared GPA comes
+    before any memslot lookup: EIO, the VM is dead."""
+    td = Vm.create(kit.TDX, 1)
+    with pytest.raises(KvmError) as e:
+        access(td, (1 << 47) | 0x1000_0000, kind="exec")
+    assert e.value.errno == errno.EIO and td.bugged

@@ -15,6 +15,7 @@ from app.engine.errors import KvmError
 from app.engine.paging import TablePool
 from app.services import budget
 from app.services.vms import VmService
+from app.services.whatif import Variant, what_if
 from tests.persistence.conftest import ServiceFactory
 from tests.persistence.engine_workload import HVA, MIB
 from tests.persistence.test_service import journal
@@ -206,3 +207,44 @@ async def test_reloads_and_forks_are_reserved_before_they_are_built(
     await svc.mutate(b, "set_user_memory_region", _slot(0))  # B lets go of its tables
     held, _ = await svc.read(a, budget.bytes_held)
     assert held == svc.ledger.of(a) and held >= tables_a * 4096
+
+
+async def test_a_snapshot_in_memory_is_reserved(db_url: str, make_service: ServiceFactory) -> None:
+    """The bytes of a snapshot being written are held until stored: reserved first, and
+    refused (ENOMEM, nothing stored) when the VM's state and its copy do not fit."""
+    svc = await make_service(db_url, snapshot_every=0, memory_budget_bytes=1024 * 1024)
+    vm = await _vm(svc)
+    for i in range(4):  # 512 KiB of written pages
+        data = "5a" * (128 * 1024)
+        await svc.mutate(vm, "host_write", {"userspace_addr": HVA + i * 128 * 1024, "data": data})
+    with pytest.raises(KvmError) as e:
+        await svc.create_snapshot(vm)
+    assert e.value.errno == errno.ENOMEM
+    assert await svc.list_snapshots(vm) == []
+    assert svc.ledger.total() == svc.ledger.of(vm) <= svc.ledger.service_bytes
+    svc.ledger.service_bytes = 2 * 1024 * 1024
+    await svc.create_snapshot(vm)
+    assert len(await svc.list_snapshots(vm)) == 1
+    assert svc.ledger.total() == svc.ledger.of(vm)  # the snapshot's reservation is gone
+
+
+async def test_a_what_if_copy_is_reserved(db_url: str, make_service: ServiceFactory) -> None:
+    """A what-if's copy of the VM (held while its variants run) and each fork are in the
+    one ledger: too big for what is left is ENOMEM, and all of it is let go after."""
+    svc = await make_service(
+        db_url, snapshot_every=0, memory_budget_bytes=1024 * 1024, trace_records=0
+    )
+    vm = await _vm(svc)
+    for i in range(4):  # 512 KiB of written pages
+        data = "5a" * (128 * 1024)
+        await svc.mutate(vm, "host_write", {"userspace_addr": HVA + i * 128 * 1024, "data": data})
+    before = svc.ledger.total()
+    ops = [{"op": "access", "gpa": 0, "size": 4096}]
+    with pytest.raises(KvmError) as e:
+        await what_if(svc, vm, variants=[Variant("v")], ops=ops)
+    assert e.value.errno == errno.ENOMEM
+    assert svc.ledger.total() == before
+    svc.ledger.service_bytes = 4 * 1024 * 1024
+    out = await what_if(svc, vm, variants=[Variant("a"), Variant("b")], ops=ops)
+    assert [row["name"] for row in out["variants"]] == ["a", "b"]
+    assert svc.ledger.total() == before

@@ -5,6 +5,7 @@ long run. Migration 0003 upgrades a 0002 database in place."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 from pathlib import Path
@@ -84,6 +85,29 @@ async def test_journal_pruned_behind_snapshots(db_url: str, make_service: Servic
     expected = await state(svc, vm)
     fresh = await make_service(db_url, FAKE_ENGINE, snapshot_every=0)
     assert await state(fresh, vm) == expected
+
+
+async def test_background_gc_prunes_without_being_asked(
+    db_url: str, make_service: ServiceFactory
+) -> None:
+    """`gc_interval_s` (what `vkmmu serve` sets from VKMMU_GC_INTERVAL_S) runs gc in the
+    background: the journal behind a snapshot goes with no call to gc."""
+    svc = await make_service(db_url, FAKE_ENGINE, snapshot_every=0, journal_keep=0)
+    vm = await new_vm(svc)
+    for i in range(5):
+        await svc.mutate(vm, "bump", {"by": i})
+    await svc.create_snapshot(vm, kind="auto")
+    assert len(await journal(svc, vm)) == 5  # nothing pruned by itself
+    await svc.stop()
+    background = await make_service(
+        db_url, FAKE_ENGINE, snapshot_every=0, journal_keep=0, gc_interval_s=0.05
+    )
+    for _ in range(600):  # up to a minute on a loaded machine; usually a few passes
+        if await journal(background, vm) == []:
+            break
+        await asyncio.sleep(0.1)
+    assert await journal(background, vm) == []
+    assert (await background.read(vm, lambda v: v.state["counter"]))[0] == 10
 
 
 async def test_manual_snapshots_capped_labelled_and_deletable(

@@ -175,7 +175,9 @@ async def test_a_td_variant_starts_from_an_empty_vm_only(client: httpx.AsyncClie
     assert r.status_code == 422 and "no memslots" in r.json()["detail"]
 
 
-async def test_limits_are_422_and_host_is_not_modelled(make_client: Callable[..., Any]) -> None:
+async def test_limits_are_422_and_a_host_without_tdp_mmu_is_eopnotsupp(
+    make_client: Callable[..., Any],
+) -> None:
     client = await make_client(whatif_max_variants=2, whatif_max_ops=3)
     vm = await _vm(client)
     op = {"op": "access", "gpa": 0, "size": 4096}
@@ -189,7 +191,9 @@ async def test_limits_are_422_and_host_is_not_modelled(make_client: Callable[...
     r = await what_if(ops=[op] * 4, variants=[variant])
     assert r.status_code == 422 and "VKMMU_WHATIF_MAX_OPS" in r.json()["detail"]
     r = await what_if(ops=[op], variants=[{"name": "h", "host": {"cpu": "spr"}}])
-    assert r.status_code == 422 and "not modelled yet" in r.json()["detail"]
+    assert r.status_code == 422  # not a host parameter vkmmu knows
+    r = await what_if(ops=[op], variants=[{"name": "h", "host": {"tdp_mmu": False}}])
+    assert r.status_code == 400 and r.json()["errno_name"] == "EOPNOTSUPP"
     r = await what_if(ops=[{"op": "destroy"}], variants=[variant])
     assert r.status_code == 422 and "unknown operation" in r.json()["detail"]
     r = await what_if(ops=[{"gpa": 0}], variants=[variant])

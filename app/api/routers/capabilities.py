@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from app.api.errors import responses
 from app.api.schemas.common import Answer
 from app.api.schemas.vms import Capabilities
 from app.engine import uapi
 from app.engine.capabilities import kvm_check_extension
+from app.engine.host_profile import DEFAULT_HOST
 
 router = APIRouter(prefix="/v1", tags=["capabilities"])
 
@@ -19,7 +20,9 @@ router = APIRouter(prefix="/v1", tags=["capabilities"])
     responses=responses(),
     response_model=Capabilities,
 )
-async def get_capabilities() -> Answer:
+async def get_capabilities(request: Request) -> Answer:
+    service = getattr(request.app.state, "service", None)
+    host = {**DEFAULT_HOST.to_dict(), **getattr(service, "host_defaults", {})}
     return Capabilities.model_validate(
-        {cap.name: kvm_check_extension(int(cap)) for cap in uapi.Cap}
+        {cap.name: kvm_check_extension(int(cap)) for cap in uapi.Cap} | {"host": host}
     )

@@ -239,7 +239,8 @@ _TASKS: set[asyncio.Task[None]] = set()
         "`estimate` of guest time from the cost model (a model: docs/cost-model.md). Forks "
         "count against the page-table budget (ENOMEM, 507, before allocating). More variants "
         "or ops than the service allows (VKMMU_WHATIF_MAX_VARIANTS, VKMMU_WHATIF_MAX_OPS) "
-        "is a 422, and so is a `host` profile: host profiles are not modelled yet."
+        "is a 422. A variant's `host` sets the fork's host profile (PML, eager page split, NX "
+        "huge pages) over the VM's own; `tdp_mmu: false` is EOPNOTSUPP."
     ),
     responses=responses(R_BODY, R_NOT_FOUND, R_KVM, R_PRECONDITION, R_ETAG),
 )
@@ -252,14 +253,6 @@ async def whatif_run(
     if_match: IfMatchDep,
 ) -> WhatIfResult:
     settings = request.app.state.settings
-    for v in body.variants:
-        if v.host is not None:
-            raise ApiProblem(
-                422,
-                "Host profiles are not modelled yet",
-                f"variant {v.name!r}: `host` is not modelled yet; leave it out",
-                "validation",
-            )
     try:
         touch = replay.Touch.parse(
             body.touch
@@ -276,7 +269,13 @@ async def whatif_run(
             service,
             vm,
             variants=[
-                whatif.Variant(v.name, v.disable_quirks, v.vm_type, v.zap_policy)
+                whatif.Variant(
+                    v.name,
+                    v.disable_quirks,
+                    v.vm_type,
+                    v.zap_policy,
+                    None if v.host is None else v.host.given(),
+                )
                 for v in body.variants
             ],
             ops=body.ops,

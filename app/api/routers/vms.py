@@ -76,6 +76,7 @@ async def create_vm(
         paging_levels=given("paging_levels", body.paging_levels),
         from_snapshot=body.from_snapshot,
         td_lifecycle=body.td_lifecycle,
+        host=None if body.host is None else body.host.given(),
         # A tenant's VMs are its own; the admin's are the `default` tenant's.
         tenant=principal.tenant or "default",
         only_tenant=principal.tenant,
@@ -117,8 +118,9 @@ async def delete_vm(vm: VmId, service: ServiceDep, if_match: IfMatchDep) -> ZapE
     response_model=Capabilities,
 )
 async def get_vm_capabilities(vm: VmId, service: ServiceDep, response: Response) -> Answer:
-    def caps(v: Vm) -> dict[str, int]:
-        return {cap.name: int(v.check_extension(int(cap))) for cap in uapi.Cap}
+    def caps(v: Vm) -> dict[str, Any]:
+        answer: dict[str, Any] = {cap.name: int(v.check_extension(int(cap))) for cap in uapi.Cap}
+        return answer | {"host": v.host_profile.to_dict()}  # the VM's own host profile
 
     return Capabilities.model_validate(await query(service, vm, caps, response))
 

@@ -21,7 +21,14 @@ from app.api.errors import (
     responses,
 )
 from app.api.schemas.pages import Page
-from app.api.schemas.zaps import ZapEvent, ZapPolicy, ZapPolicyState, ZapRequest
+from app.api.schemas.zaps import (
+    NxRecoverRequest,
+    NxRecoverResult,
+    ZapEvent,
+    ZapPolicy,
+    ZapPolicyState,
+    ZapRequest,
+)
 from app.engine import ops
 from app.services.events import Control
 
@@ -43,6 +50,22 @@ async def create_zap(
     return ZapEvent.model_validate(
         await mutate(service, vm, ops.ExplicitZap.from_json(body.model_dump()), if_match, response)
     )
+
+
+@router.post(
+    "/nx-huge-pages/recover",
+    summary="One run of the NX huge page recovery worker (kvm_recover_nx_huge_pages): zaps "
+    "the oldest possible NX huge pages so non-exec faults can map them huge again",
+    description="Only VMs whose host profile has `nx_huge_pages` have any (exec faults build "
+    "them); one on a slot with dirty logging is only unaccounted. The zap event's cause is "
+    "`nx_recovery`.",
+    responses=_MUTATION,
+)
+async def recover_nx_huge_pages(
+    vm: VmId, body: NxRecoverRequest, service: ServiceDep, if_match: IfMatchDep, response: Response
+) -> NxRecoverResult:
+    op = ops.RecoverNxHugePages.from_json(body.model_dump())
+    return NxRecoverResult.model_validate(await mutate(service, vm, op, if_match, response))
 
 
 @router.get(

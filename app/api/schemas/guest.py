@@ -36,6 +36,15 @@ class MmioExit(Answer):
     is_write: bool
 
 
+class InternalErrorExit(Answer):
+    """`struct kvm_run` `internal` (exit 17): an instruction fetch from a GPA without a
+    memslot cannot be emulated (handle_emulation_failure, CPL 0)."""
+
+    reason: Literal["KVM_EXIT_INTERNAL_ERROR"]
+    suberror: int = Field(description="KVM_INTERNAL_ERROR_EMULATION (1).")
+    suberror_name: str
+
+
 class MemoryFaultExit(Answer):
     """`struct kvm_run` `memory_fault` (KVM_CAP_MEMORY_FAULT_INFO): the VMM must act, e.g.
     convert the range (flags has KVM_MEMORY_EXIT_FLAG_PRIVATE for a private access)."""
@@ -46,7 +55,7 @@ class MemoryFaultExit(Answer):
     flags: int
 
 
-Exit = Annotated[MmioExit | MemoryFaultExit, Field(discriminator="reason")]
+Exit = Annotated[MmioExit | MemoryFaultExit | InternalErrorExit, Field(discriminator="reason")]
 
 
 class AccessResult(Answer):

@@ -14,6 +14,7 @@ from app.api.schemas.common import (
     constant_validator,
     enum_members,
 )
+from app.api.schemas.vms import HostProfile, HostProfileIn
 from app.api.schemas.zaps import SptesZapped, ZapEvent
 from app.engine.uapi import VmType
 
@@ -95,8 +96,10 @@ class VariantIn(Body):
         Field(description="another VM type (only while the VM has no memslots)"),
     ] = None
     zap_policy: Literal["kvm", "zap_all_shared_only"] | None = None
-    host: dict[str, Any] | None = Field(
-        default=None, description="a host profile: not modelled yet (422 when given)"
+    host: HostProfileIn | None = Field(
+        default=None,
+        description="the fork's host profile over the VM's own (given parameters only); "
+        "tdp_mmu false is EOPNOTSUPP",
     )
 
 
@@ -152,6 +155,7 @@ class VariantResult(_Out):
     disabled_quirks: int
     slot_zap_all: bool = Field(description="KVM_X86_QUIRK_SLOT_ZAP_ALL in force")
     zap_policy: str
+    host: HostProfile = Field(description="the host profile the fork ran under")
     ops_applied: int
     ops_failed: int
     trace_mismatches: int | None

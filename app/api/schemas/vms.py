@@ -42,11 +42,46 @@ CapArg = Annotated[
 ]
 
 
+class HostProfileIn(Body):
+    """The host's KVM module parameters for this VM; a missing one is the service's
+    (VKMMU_HOST_*). docs/engine.md "Host profile"."""
+
+    enable_pml: bool | None = Field(
+        default=None, description="kvm_intel.pml: dirty logging clears D bits, no faults."
+    )
+    eager_page_split: bool | None = Field(
+        default=None, description="kvm.eager_page_split: split huge pages when logging starts."
+    )
+    nx_huge_pages: bool | None = Field(
+        default=None, description="kvm.nx_huge_pages: exec faults map 4K (iTLB multihit)."
+    )
+    tdp_mmu: bool | None = Field(
+        default=None, description="kvm.tdp_mmu: false is EOPNOTSUPP (no shadow MMU here)."
+    )
+
+    def given(self) -> dict[str, bool]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class HostProfile(Answer):
+    """The host's KVM module parameters a VM runs under."""
+
+    enable_pml: bool
+    eager_page_split: bool
+    nx_huge_pages: bool
+    tdp_mmu: bool
+
+
 class VmCreate(Body):
     name: Annotated[str | None, Field(max_length=200, pattern=TEXT_PATTERN)] = None
     vm_type: VmTypeField = 0
     vcpus: Annotated[U32, Field(description="vCPU ids 0…n−1 are created with the VM.")] = 1
     paging_levels: Annotated[U32, Field(description="TDP levels: 4 or 5.")] = 4
+    host: HostProfileIn | None = Field(
+        default=None,
+        description="Host module parameters for this VM (PML, eager page split, NX huge pages, "
+        "TDP MMU); missing ones are the service's (GET /v1/capabilities `host`).",
+    )
     td_lifecycle: bool = Field(
         default=False,
         description="A TD (vm_type 5) that goes through KVM_TDX_INIT_VM, KVM_TDX_INIT_VCPU, "
@@ -78,6 +113,9 @@ class VmInfo(Answer):
     memslots: int = Field(description="Memslots now.")
     destroyed: bool
     tenant: str
+    host: HostProfile | None = Field(
+        default=None, description="The host profile the VM runs under (null: not reported yet)."
+    )
     created_at: datetime = Field(description="RFC 3339, UTC.")
     version: int = Field(description="The VM's state version (its ETag).")
 
@@ -182,4 +220,11 @@ Capabilities: type[Answer] = create_model(  # type: ignore[call-overload]
     __base__=Answer,
     __doc__="KVM_CHECK_EXTENSION's answer for each capability (0: not supported).",
     **{cap.name: (int, Field(description=f"KVM_CHECK_EXTENSION({cap.name})")) for cap in uapi.Cap},
+    host=(
+        HostProfile,
+        Field(
+            description="The host profile: on /v1/capabilities what new VMs get (VKMMU_HOST_*) "
+            "unless they say; on a VM's capabilities, the VM's own."
+        ),
+    ),
 )

@@ -44,7 +44,8 @@ class ZapEvent(Answer):
     at: datetime = Field(description="When (RFC 3339, UTC): the time of the journaled call.")
     cause: str = Field(
         description="Why: `memslot_delete`, `memslot_move`, `mmu_notifier`, `attributes`, "
-        "`punch_hole`, `gmem_close`, `explicit`, `dirty_log`, `vm_destroy`, `mmio_gen_wrap`, …"
+        "`punch_hole`, `gmem_close`, `explicit`, `dirty_log`, `vm_destroy`, `mmio_gen_wrap`, "
+        "`nx_recovery`, …"
     )
     path: str = Field(
         description="The kernel path that ran: `zap_all_fast`, `zap_slot_leafs`, "
@@ -79,3 +80,19 @@ class ZapPolicy(Body):
         description="`kvm`: what KVM does. `zap_all_shared_only`: NOT KVM — the design KVM "
         "rejected, kept to demonstrate its use-after-free."
     )
+
+
+class NxRecoverRequest(Body):
+    ratio: int = Field(
+        default=60,
+        ge=0,
+        le=1 << 31,
+        description="kvm.nx_huge_pages_recovery_ratio: this run takes ceil(n / ratio) of the n "
+        "possible NX huge pages, oldest first; 0 takes none.",
+    )
+
+
+class NxRecoverResult(Answer):
+    recovered: int = Field(description="Possible NX huge pages this run took.")
+    remaining: int = Field(description="Left (the nx_lpage_splits stat).")
+    zap: ZapEvent | None = Field(description="The zap (cause `nx_recovery`), or null.")
