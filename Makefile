@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint fmt openapi bench clean constraints readme-tour demo
+.PHONY: install run test lint fmt openapi bench mutate clean constraints readme-tour demo
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ openapi: install
 
 bench: install
 	$(PY) bench/run.py
+
+# Mutation testing of app/engine with mutmut, bounded in time (bench/mutation.py; work dir
+# build/mutation). Writes bench/mutation.json and bench/mutation.md; not a CI gate.
+# E.g. make mutate MUTATE_ARGS="--modules all --budget 14400"
+mutate: install
+	$(PY) bench/mutation.py $(MUTATE_ARGS)
 
 # deploy/constraints.txt (the image's pinned dependencies) from this venv.
 constraints: install

@@ -1430,15 +1430,19 @@ class VmService:
 
     def _row_need(self, s: Session, vm_id: str) -> budget.Need:
         """What the VM held after its last journaled call, as its row counted it (rows from
-        before the count: its page tables from the stats)."""
+        before the count: its page tables from the stats), plus the bytes of the snapshot
+        it is rebuilt from, held while they are decoded."""
         row = repo.get_vm(s, vm_id)
         summary = (row.summary if row is not None else None) or {}
+        newest = next(iter(repo.list_snapshots(s, vm_id, newest_first=True)), None)
+        blob = 0 if newest is None else int(newest.size)
         held = summary.get(HELD_KEY)
-        if isinstance(held, dict):
+        if isinstance(held, dict) and "bytes" in held:
             tables = int(held.get("tables", 0))
-            return budget.Need(max(0, int(held.get("bytes", 0)) - tables * TABLE_BYTES), tables)
+            other = max(0, int(held["bytes"]) - tables * TABLE_BYTES)
+            return budget.Need(other + blob, tables)
         tables = (summary.get(STATS_KEY) or {}).get("page_tables", 0)
-        return budget.Need(0, tables if isinstance(tables, int) else 0)
+        return budget.Need(blob, tables if isinstance(tables, int) else 0)
 
     def _snapshot_need(self, s: Session, snap: SnapshotRow) -> budget.Need:
         """What a snapshot's state holds once decoded (nothing when its header is unreadable:

@@ -71,3 +71,47 @@ def test_a_range_inside_the_slot_clears_exactly_its_pages(
     log = vm.apply(parse("get_dirty_log", dict(slot=0)))
     assert log["dirty_count"] == NPAGES - cleared
     kit.check(vm)
+
+
+# -- the argument checks before the range: each must be EINVAL, never ENOENT or a crash --------
+@pytest.mark.parametrize(
+    "vm_type, slot",
+    [
+        (kit.DEFAULT, 2 << 16),  # address space 2 of two
+        (kit.DEFAULT, 32764),  # KVM_USER_MEM_SLOTS: the first id out of range
+        (kit.DEFAULT, 0xFFFF),
+        (kit.DEFAULT, 0xFFFF_FFFF),
+        (kit.TDX, 1 << 16),  # a TD has one address space
+    ],
+)
+def test_a_slot_id_out_of_range_is_einval_before_any_lookup(vm_type: int, slot: int) -> None:
+    vm = Vm.create(vm_type, 1)
+    bm = ones(64)
+    err = kit.rejected(
+        vm, "clear_dirty_log", dict(slot=slot, first_page=0, num_pages=64, bitmap=bm)
+    )
+    assert err.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize(
+    "bitmap",
+    [
+        "!!!!" + ones(64),  # not base64: never silently skipped
+        base64.b64encode(b"\xff" * 15).decode(),  # 120 bits for 128 pages
+    ],
+)
+def test_a_bad_or_short_bitmap_is_einval(bitmap: str) -> None:
+    vm = logging_vm()
+    err = kit.rejected(
+        vm, "clear_dirty_log", dict(slot=0, first_page=0, num_pages=128, bitmap=bitmap)
+    )
+    assert err.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("field", ["first_page", "num_pages"])
+@pytest.mark.parametrize("value", ["64", 64.0, None, -64, 1 << 64])
+def test_a_first_page_or_num_pages_that_is_not_a_u64_is_einval(field: str, value: object) -> None:
+    vm = logging_vm()
+    args = dict(slot=0, first_page=0, num_pages=64, bitmap=ones(64))
+    args[field] = value
+    assert kit.rejected(vm, "clear_dirty_log", args).errno == errno.EINVAL

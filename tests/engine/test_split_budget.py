@@ -85,3 +85,48 @@ def test_a_write_into_a_leaf_the_budget_left_huge_faults_at_4k_and_is_logged() -
     log = vm.apply(parse("get_dirty_log", dict(slot=0)))
     assert log["dirty_count"] == 1
     kit.check(vm)
+
+
+def test_enabling_logging_splits_a_1g_leaf_down_to_4k_leaves() -> None:
+    """A 1G leaf (hugetlbfs at 1G) is split into 2M leaves, which are split in turn: 513
+    tables, and every page write-protected at 4K."""
+    vm = Vm.create(kit.DEFAULT, 1)
+    vm.apply(parse("host_map", dict(userspace_addr=kit.HVA, len=kit.GB, page_size=kit.GB)))
+    kit.region(vm, 0, kit.GB, kit.GB, kit.HVA)
+    kit.access(vm, kit.GB, kit.PAGE, "write")
+    assert kit.pages(vm) == (0, 0, 1)
+    tables = vm.stats()["page_tables"]
+    zap = kit.region(vm, 0, kit.GB, kit.GB, kit.HVA, kit.LOG_DIRTY)["zap"]
+    assert zap["huge_pages_split"] == 1 + 512
+    assert kit.pages(vm) == (512 * 512, 0, 0)
+    assert vm.stats()["page_tables"] == tables + 1 + 512
+    assert kit.leaf(vm, kit.GB + 5 * kit.M2)["w"] is False
+    kit.check(vm)
+
+
+def test_initially_set_clear_splits_only_the_leaf_under_the_bits_of_a_slot_not_at_gfn_0() -> None:
+    base = 4 * kit.M2  # slot 0 = [8M, 16M): four 2M leaves, gfn 2048 on
+    vm = Vm.create(kit.DEFAULT, 1)
+    vm.apply(parse("enable_cap", dict(cap=kit.MANUAL_PROTECT_CAP, args=[3])))
+    kit.hugepage(vm, kit.HVA, 4 * kit.M2)
+    kit.region(vm, 0, base, 4 * kit.M2, kit.HVA)
+    kit.access(vm, base, 4 * kit.M2, "write")
+    kit.region(vm, 0, base, 4 * kit.M2, kit.HVA, kit.LOG_DIRTY)
+    words = bytearray(SLOT_PAGES // 8)
+    words[1024 // 8] = 1  # page 1024 of the slot: its third 2M leaf
+    out = vm.apply(
+        parse(
+            "clear_dirty_log",
+            dict(
+                slot=0,
+                first_page=0,
+                num_pages=SLOT_PAGES,
+                bitmap=base64.b64encode(bytes(words)).decode(),
+            ),
+        )
+    )
+    assert out["cleared"] == 1
+    assert kit.pages(vm) == (512, 3, 0)
+    for k, level in enumerate((2, 2, 1, 2)):
+        assert kit.leaf(vm, base + k * kit.M2)["level"] == level
+    kit.check(vm)

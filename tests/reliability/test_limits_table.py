@@ -21,6 +21,11 @@ NOT_LIMITS = {
     "admin_token",
     "metrics_token",
     "token_secret",
+    # The modelled host's KVM module parameters (kvm-memslots.md), not bounds.
+    "host_enable_pml",
+    "host_eager_page_split",
+    "host_nx_huge_pages",
+    "host_tdp_mmu",
 }
 
 
