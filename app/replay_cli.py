@@ -32,6 +32,7 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--touch", default="none", help="none | all_ram | after_each | gpa+size,…")
     r.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
     r.add_argument("--format", choices=("table", "json"), default="table")
+    r.add_argument("--token", default=None, help="bearer token (default: VKMMU_ADMIN_TOKEN if set)")
     r.set_defaults(func=replay_command)
     c = sub.add_parser(
         "compare", help="what zap-all costs a trace: quirk on, quirk off, a TD (in process)"
@@ -87,7 +88,11 @@ def replay_command(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     total_bytes = args.file.stat().st_size
     answer: dict[str, Any] = {}
-    with httpx.Client(base_url=args.url, timeout=600) as client:
+    token = args.token
+    if token is None and settings.admin_token is not None:
+        token = settings.admin_token.get_secret_value() or None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=args.url, timeout=600, headers=headers) as client:
         try:
             vm = args.vm or _create_vm(client, args.file.name)
             limit = max(MIN_CHUNK_BYTES, args.chunk_bytes)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.errors import ApiProblem
 from app.api.schemas.common import ID_PATTERN
@@ -54,6 +54,10 @@ bearer_scheme = HTTPBearer(
     description="`VKMMU_ADMIN_TOKEN`, a tenant token (`POST /v1/tokens`), or for /metrics "
     "`VKMMU_METRICS_TOKEN`. Not needed when the service runs without an admin token.",
 )
+
+
+# Only there for the spec: `identify` reads the header itself.
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +197,7 @@ def _changes_state(request: Request) -> bool:
     return getattr(route, "path", None) not in READ_ONLY_POSTS
 
 
-async def authorize(request: Request) -> Principal:
+async def authorize(request: Request, _bearer: BearerDep = None) -> Principal:
     """The API's rule (every `/v1` router): identify, scope, rate, tenant of the VM."""
     principal = await identify(request)
     if principal.kind == "metrics":
@@ -222,7 +226,7 @@ async def authorize(request: Request) -> Principal:
     return principal
 
 
-async def authorize_admin(request: Request) -> Principal:
+async def authorize_admin(request: Request, _bearer: BearerDep = None) -> Principal:
     """Token management: the admin only."""
     principal = await authorize(request)
     if not principal.is_admin:
@@ -230,7 +234,7 @@ async def authorize_admin(request: Request) -> Principal:
     return principal
 
 
-async def authorize_metrics(request: Request) -> Principal:
+async def authorize_metrics(request: Request, _bearer: BearerDep = None) -> Principal:
     """`/metrics`: the admin, the metrics token, or a tenant (its own VMs' series only)."""
     return await identify(request)
 

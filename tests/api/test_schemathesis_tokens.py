@@ -62,5 +62,6 @@ def test_no_generated_input_gets_a_500_with_a_token(
     assert response.status_code < 500, where
     # A method the operation does not serve may match another route's template (PUT
     # …/memslots/batch is PUT …/memslots/{slot}): only "no 500" holds for it.
-    if case.method.upper() == case.operation.method.upper():
+    # 431 (headers over VKMMU_MAX_HEADER_BYTES) is answered before any route, for all alike.
+    if case.method.upper() == case.operation.method.upper() and response.status_code != 431:
         assert str(response.status_code) in case.operation.definition.raw["responses"], where

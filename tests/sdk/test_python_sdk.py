@@ -207,6 +207,21 @@ async def test_every_operation_through_the_generated_client(sdk: Any, make_clien
     ).data == "ab"
     await call("guest_memfds", "guest_memfds_close", td, gm.fd)
 
+    # The TD lifecycle, MapGPA and NX huge page recovery.
+    life_body = m.VmCreate(vm_type="KVM_X86_TDX_VM", vcpus=0, td_lifecycle=True)
+    life = (await call("vms", "vms_create", body=life_body, status=201)).id
+    await call("tdx", "tdx_init_vm", life, body=m.TdxInitVm(attributes=0))
+    await call("vms", "vcpus_create", life, body=m.VcpuCreate(id=0), status=201)
+    await call("tdx", "tdx_init_vcpu", life, 0, body=m.TdxInitVcpu())
+    region = m.TdxInitMemRegion(source_addr=hva, gpa=0, nr_pages=1)
+    await call("tdx", "tdx_init_mem_region", life, 0, body=region, status=400)  # no slot
+    assert (await call("tdx", "tdx_finalize_vm", life)).td_state == "runnable"
+    mapped = await call("tdx", "guest_map_gpa", td, 0, body=m.TdvmcallMapGpa(gpa=0, size=4096))
+    assert mapped.status == "TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED"
+    await call("tdx", "guest_complete_hypercall", td, 0, body=m.HypercallComplete(), status=400)
+    rec = await call("zaps", "nx_huge_pages_recover", vm, body=m.NxRecoverRequest())
+    assert rec.recovered == 0
+
     # Tokens (the open service acts as the admin).
     tok = await call("tokens", "tokens_create", body=m.TokenCreate(tenant="sdk"), status=201)
     assert tok.token.startswith("vkmmu_")

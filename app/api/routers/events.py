@@ -25,6 +25,7 @@ import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from app.api.auth import Principal, StreamSlots, principal_of
 from app.api.deps import VmId, get_service
@@ -107,7 +108,19 @@ def event_stream(
     principal = principal_of(request)
     slots: StreamSlots = request.app.state.stream_slots
     slots.acquire(principal.tenant)  # 429 past the tenant's open streams
-    sub = bus.subscribe(vm=vm, types=types, visible=_visible(request, principal))
+    released = False
+
+    def release() -> None:  # once: when the stream ends, or if it never started
+        nonlocal released
+        if not released:
+            released = True
+            slots.release(principal.tenant)
+
+    try:
+        sub = bus.subscribe(vm=vm, types=types, visible=_visible(request, principal))
+    except BaseException:
+        release()
+        raise
     if after is None:  # from now on (what the ring holds is history)
         after = bus.ring[-1].id if bus.ring else 0
     start = after
@@ -121,12 +134,13 @@ def event_stream(
             ):
                 yield sse(item)
         finally:
-            slots.release(principal.tenant)
+            release()
 
     return StreamingResponse(
         body(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(release),
     )
 
 

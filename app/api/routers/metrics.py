@@ -43,11 +43,13 @@ async def metrics(request: Request) -> Response:
     tenant = principal_of(request).tenant
     if tenant is not None:
         # A tenant's scrape names its own VMs only (the aggregates carry no VM ids).
-        for vm_id in list(summaries):
-            if await service.vm_tenant(vm_id) != tenant:
-                summaries.pop(vm_id)
-                stats.pop(vm_id, None)
-        stats = {k: v for k, v in stats.items() if k in summaries}
+        mine = {vm_id for vm_id in summaries if service.tenant_of(vm_id) == tenant}
+        unknown = [vm_id for vm_id in summaries if service.tenant_of(vm_id) is None]
+        for vm_id in unknown:  # not seen by this process yet: one row read each, once
+            if await service.vm_tenant(vm_id) == tenant:
+                mine.add(vm_id)
+        summaries = {k: v for k, v in summaries.items() if k in mine}
+        stats = {k: v for k, v in stats.items() if k in mine}
     loaded = service.loaded_vms()
     engine = getattr(service, "engine", None)
     tables = 0
