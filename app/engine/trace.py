@@ -108,7 +108,8 @@ class TraceRing:
     @property
     def nbytes(self) -> int:
         built = sum(int(c.nbytes) for c in self._cols.values())
-        return built + self._pending_n * RECORD.itemsize
+        # Recipes never build more than the ring keeps.
+        return built + min(self._pending_n, self.capacity) * RECORD.itemsize
 
     def resize(self, capacity: int) -> None:
         """Keep the newest min(len, capacity) records under a new capacity."""
@@ -314,6 +315,11 @@ class TraceRing:
         for zap, cleared in ((3, 0), (pool.level(root_table), 3)):
             nodes: list[_Node] = []
             _collect(pool, root_table, zap, shared, cleared, nodes, -1)
+            # Tables whose records the ring can never keep give their copies back now.
+            kept = _pick(nodes, self.capacity)
+            for k, node in enumerate(nodes):
+                if k not in kept:
+                    node.ent = node.ent[:0]
             self._push(sum(node.count for node in nodes), self._expander(nodes, as_id))
 
     def _expander(self, nodes: list[_Node], as_id: int) -> Callable[[], Fields]:
@@ -370,9 +376,9 @@ def _collect(
             _collect(pool, pool.child(int(ent[i])), zap, shared, cleared, out, me, True)
 
 
-def _expand(nodes: list[_Node], as_id: int, keep: int) -> Fields:
-    """The records of one teardown pass, the last `keep` of them: the shortest suffix of
-    tables (in pre-order) holding that many, with their ancestors, sorted into pre-order."""
+def _pick(nodes: list[_Node], keep: int) -> set[int]:
+    """The nodes whose records can be among the last `keep`: the shortest suffix holding
+    that many, and their ancestors (whose later entries interleave with them)."""
     pick: set[int] = set()
     total = 0
     for k in range(len(nodes) - 1, -1, -1):
@@ -385,8 +391,14 @@ def _expand(nodes: list[_Node], as_id: int, keep: int) -> Fields:
         while p >= 0 and p not in pick:
             pick.add(p)
             p = nodes[p].parent
+    return pick
+
+
+def _expand(nodes: list[_Node], as_id: int, keep: int) -> Fields:
+    """The records of one teardown pass, the last `keep` of them: the shortest suffix of
+    tables (in pre-order) holding that many, with their ancestors, sorted into pre-order."""
     gfn, level, old, new = [], [], [], []
-    for k in sorted(pick):
+    for k in sorted(_pick(nodes, keep)):
         node = nodes[k]
         gfn.append(_U(node.base) + node.idx.astype(np.uint64) * _U(span(node.level)))
         level.append(np.full(node.count, node.level, dtype=np.uint8))
