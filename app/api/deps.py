@@ -130,6 +130,21 @@ VmId = Annotated[str, Path(description="The VM id (opaque).", pattern=ID_PATTERN
 Vcpu = Annotated[U32, Path(description="vCPU id.")]
 
 
+def name_list(
+    value: str | None, known: Sequence[str], param: str, what: str
+) -> frozenset[str] | None:
+    """A comma-separated query parameter of names from `known` (None: not given); an
+    unknown name is a 422 naming the parameter and listing what is known."""
+    if value is None or not value.strip():
+        return None
+    wanted = frozenset(t.strip() for t in value.split(",") if t.strip())
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        msg = f"unknown {what}(s) {', '.join(unknown)}; known: {', '.join(known)}"
+        raise RequestValidationError([{"loc": ("query", param), "msg": msg, "type": "enum"}])
+    return wanted
+
+
 def set_etag(response: Response, etag: str) -> None:
     response.headers["ETag"] = etag if etag.startswith(('"', "W/")) else f'"{etag}"'
 

@@ -11,7 +11,7 @@ import pytest
 
 from app.batch_cli import read_regions
 from app.cli import main
-from tests.e2e.test_server import Server
+from tests.e2e.test_server import Server, running
 
 MiB = 1 << 20
 HVA = 1 << 40
@@ -20,13 +20,8 @@ HVA = 1 << 40
 @pytest.fixture
 def small_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     monkeypatch.setenv("VKMMU_MAX_BATCH", "64")
-    srv = Server(tmp_path / "vkmmu.db", tmp_path / "server.log")
-    srv.start()
-    try:
+    with running(tmp_path) as srv:
         yield srv
-    finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            srv.stop()
 
 
 def regions(n: int, first: int = 0) -> list[dict[str, int]]:

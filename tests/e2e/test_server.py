@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -81,8 +82,9 @@ class Server:
         assert "Application shutdown complete" in self.log.read_text(), self.log.read_text()
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+@contextmanager
+def running(tmp_path: Path) -> Iterator[Server]:
+    """A started `vkmmu serve` (settings from the environment), stopped afterwards."""
     srv = Server(tmp_path / "vkmmu.db", tmp_path / "server.log")
     srv.start()
     try:
@@ -90,6 +92,12 @@ def server(tmp_path: Path) -> Iterator[Server]:
     finally:
         if srv.proc is not None and srv.proc.poll() is None:
             srv.stop()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with running(tmp_path) as srv:
+        yield srv
 
 
 def test_vm_memslot_access_delete_flow_survives_restart(server: Server) -> None:

@@ -12,7 +12,7 @@ import pytest
 from app.cli import main
 from app.replay_cli import chunks
 from app.services.qemu_trace import parse
-from tests.e2e.test_server import Server
+from tests.e2e.test_server import Server, running
 from tests.replay.conftest import TRACES
 
 BAR = TRACES / "pci-bar-remap.trace"
@@ -75,13 +75,8 @@ def test_chunks_are_whole_lines_numbered_as_in_the_file() -> None:
 def small_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     # A body limit far below the trace's size: the CLI must split it.
     monkeypatch.setenv("VKMMU_MAX_BODY_BYTES", "16384")
-    srv = Server(tmp_path / "vkmmu.db", tmp_path / "server.log")
-    srv.start()
-    try:
+    with running(tmp_path) as srv:
         yield srv
-    finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            srv.stop()
 
 
 @pytest.mark.e2e

@@ -23,12 +23,11 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from app.api.auth import Principal, StreamSlots, principal_of
-from app.api.deps import VmId, get_service
+from app.api.deps import VmId, get_service, name_list
 from app.api.errors import R_ETAG, R_NOT_FOUND, R_QUERY, responses
 from app.services.events import EVENT_TYPES, Control, Event, EventBus
 
@@ -56,22 +55,7 @@ _SSE: dict[int | str, dict[str, Any]] = {
 
 
 def parse_types(types: str | None) -> frozenset[str] | None:
-    if types is None or not types.strip():
-        return None
-    wanted = frozenset(t.strip() for t in types.split(",") if t.strip())
-    unknown = sorted(wanted - set(EVENT_TYPES))
-    if unknown:
-        raise RequestValidationError(
-            [
-                {
-                    "loc": ("query", "types"),
-                    "msg": f"unknown event type(s) {', '.join(unknown)}; "
-                    f"known: {', '.join(EVENT_TYPES)}",
-                    "type": "enum",
-                }
-            ]
-        )
-    return wanted
+    return name_list(types, EVENT_TYPES, "types", "event type")
 
 
 def resume_point(after: int | None, last_event_id: str | None) -> int | None:

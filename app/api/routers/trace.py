@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Query, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from app.api.deps import ServiceDep, VmId, query
+from app.api.deps import ServiceDep, VmId, name_list, query
 from app.api.errors import R_ETAG, R_NOT_FOUND, R_QUERY, responses
 from app.api.schemas.trace import TraceLog, TraceRecord
 from app.engine import trace as T
@@ -27,22 +26,8 @@ _BY_NAME = {name: kind for kind, name in T.EVENT_NAMES.items()}
 
 
 def _kinds(events: str | None) -> list[int] | None:
-    if events is None or not events.strip():
-        return None
-    wanted = {e.strip() for e in events.split(",") if e.strip()}
-    unknown = sorted(wanted - set(_BY_NAME))
-    if unknown:
-        raise RequestValidationError(
-            [
-                {
-                    "loc": ("query", "events"),
-                    "msg": f"unknown tracepoint(s) {', '.join(unknown)}; "
-                    f"known: {', '.join(sorted(_BY_NAME))}",
-                    "type": "enum",
-                }
-            ]
-        )
-    return [int(_BY_NAME[e]) for e in wanted]
+    wanted = name_list(events, sorted(_BY_NAME), "events", "tracepoint")
+    return None if wanted is None else [int(_BY_NAME[e]) for e in wanted]
 
 
 @router.get(
