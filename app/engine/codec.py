@@ -303,6 +303,7 @@ def _state_json(vm: Vm) -> dict[str, Any]:
         "manual_dirty_log": vm.manual_dirty_log,
         "hypercall_exit_enabled": vm.hypercall_exit_enabled,
         "host_profile": vm.host_profile.to_dict(),
+        "engine_rev": vm.engine_rev,
         "nx_huge_pages": [list(x) for x in vm.nx_huge_pages],
         "zap_policy": vm.zap_policy,
         "destroyed": vm.destroyed,
@@ -479,6 +480,7 @@ def _decode(body: memoryview) -> Vm:
     vm.manual_dirty_log = st["manual_dirty_log"]
     vm.hypercall_exit_enabled = st.get("hypercall_exit_enabled", 0)
     vm.host_profile = HostProfile(**st.get("host_profile", {}))
+    vm.set_engine_rev(st.get("engine_rev", 1))  # snapshots from before revisions: 1
     vm.nx_huge_pages = [(int(a), int(b)) for a, b in st.get("nx_huge_pages", [])]
     vm.zap_policy = st["zap_policy"]
     vm.destroyed = st["destroyed"]
@@ -557,6 +559,7 @@ _NEWER_STATS = frozenset({"pml_entries", "pml_full_exits"})
 
 def _digest_info(vm: Vm) -> dict[str, Any]:
     info = vm.info()
+    del info["engine_rev"]  # the behaviour a VM replays under, not its state
     if vm.host_profile.is_default:
         del info["host"]  # digests from before host profiles stay as they were
     return info

@@ -21,7 +21,7 @@ from .errors import KvmError, einval
 from .faults import FaultPath
 from .op import Op, operation
 from .paging import Cursor, span, walk
-from .roots import Root, RootRole, ZapAcc
+from .roots import SMALL_OFFSETS, Root, RootRole, ZapAcc
 from .trace import Kind
 from .uapi import PAGE_SHIFT
 from .zap import finish, flush_tlbs
@@ -76,11 +76,6 @@ def split_tables_needed(vm: Vm, as_id: int, start: int, end: int) -> int:
     return need
 
 
-_SMALL_OFFSETS = {
-    lv: np.arange(512, dtype=np.uint64) * np.uint64(span(lv)) << S.U_SHIFT for lv in (1, 2)
-}
-
-
 def _split_table(vm: Vm, root: Root, cur: Cursor, huge: np.ndarray) -> int:
     """Split the huge leaves at `huge` (indexes into the cursor's slice) of one table."""
     if not len(huge):
@@ -92,7 +87,9 @@ def _split_table(vm: Vm, root: Root, cur: Cursor, huge: np.ndarray) -> int:
     small = old & ~S.U_ADDR
     if level - 1 == 1:
         small &= ~S.U_PS
-    children = (small | (old & S.U_ADDR))[:, None] + _SMALL_OFFSETS[level - 1][None, :]
+        if mmu.nx_huge_pages:  # make_small_spte: 4K children may execute under nx_huge_pages
+            small |= S.U_X
+    children = (small | (old & S.U_ADDR))[:, None] + SMALL_OFFSETS[level - 1][None, :]
     sp = span(level)
     tr = mmu.trace
     for k, i in enumerate(rows.tolist()):

@@ -314,6 +314,8 @@ class FaultPath:
             if not (self.write and not e & S.EPT_W) and not (self.exec_ and not e & S.EPT_X):
                 self._touch_present(root, table, i, 1, found_level, slot, gfn, touched)
                 return touched
+            if mmu.split_on_fault:
+                return self.split_fault(root, slot, gfn, pos, count, e, found_level, nx)
         tr = mmu.trace
         links: list[Link] | None = [] if tr.enabled else None  # traced with the leaves
         live = mmu.pool.live
@@ -354,6 +356,51 @@ class FaultPath:
                 self._mapped(gfn + a, gfn + b, 1)
         if len(new) < count:
             self._touch_present(root, table, lo, count, 1, slot, gfn, count, skip=new)
+        self.res.pages += count
+        return count
+
+    def split_fault(
+        self,
+        root: Root,
+        slot: Memslot,
+        gfn: int,
+        pos: int,
+        count: int,
+        huge: int,
+        level: int,
+        nx: bool,
+    ) -> int:
+        """A 4K fault under a huge leaf the access may not use: a write to one write-protected
+        for dirty logging, an exec under nx_huge_pages. kvm_tdp_mmu_map splits it level by
+        level (tdp_mmu_split_huge_page), then handles the target level: the faulting page's
+        write gets its SPTE through the slow path (RET_PF_FIXED; fast_page_fault declines
+        huge leaves of dirty-logged slots), an exec finds its child executable
+        (RET_PF_SPURIOUS). The rest of the run are present leaves the guest touches next."""
+        vm, mmu = self.vm, self.vm.mmu
+        if self.write and not huge & S.EPT_MMU_WRITABLE:
+            raise mmio_exit(gfn << PAGE_SHIFT, 8, True)  # read-only host mapping
+        pfn = ((huge & S.SPTE_BASE_ADDR_MASK) >> S.PFN_SHIFT) + (gfn & (span(level) - 1))
+        mmu.trace.append(Kind.SPTE_REQUESTED, pos, 1, pfn)  # kvm_mmu_spte_requested
+        live = mmu.pool.live
+        table = mmu.table_for(root, pos, 1, self.acc)
+        if nx and mmu.pool.live > live:
+            vm.account_nx_huge_page(root.as_id, pos & ~511)
+        lo = pos & 511
+        ent = mmu.pool.entries(table)
+        old = int(ent[lo])
+        if self.write and not old & S.EPT_W:
+            new = old | S.EPT_W | S.EPT_A  # make_spte; the write then sets D
+            mmu.trace.spte_changed(root.as_id, pos, 1, old, new)
+            mmu.trace.append(Kind.SET_SPTE, pos, 1, new, sptep(table, lo))
+            ent[lo] = np.uint64(new | S.EPT_D)
+            self._mapped(gfn, gfn + 1, 1)
+            if slot.flags & _LOG_DIRTY:
+                vm.mark_dirty(slot, np.array([gfn]))
+            if count > 1:
+                self._touch_present(root, table, lo + 1, count - 1, 1, slot, gfn + 1, count - 1)
+        else:
+            self.fault()
+            self._touch_present(root, table, lo, count, 1, slot, gfn, count)
         self.res.pages += count
         return count
 

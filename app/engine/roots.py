@@ -15,7 +15,7 @@ import numpy as np
 
 from . import spte as S
 from .paging import ENTRIES, Cursor, TablePool, clip, span, walk
-from .trace import NONPRESENT, Link, TraceRing
+from .trace import NONPRESENT, Kind, Link, TraceRing
 
 
 class RootRole(enum.StrEnum):
@@ -90,6 +90,12 @@ def index_runs(idx: np.ndarray) -> list[tuple[int, int]]:
     return [(int(idx[s]), int(idx[e]) + 1) for s, e in zip(starts, ends, strict=True)]
 
 
+# A split's children: entry k of a table split from a level-L leaf maps PFN + k * span(L - 1).
+SMALL_OFFSETS = {
+    lv: np.arange(512, dtype=np.uint64) * np.uint64(span(lv)) << S.U_SHIFT for lv in (1, 2)
+}
+
+
 class Mmu:
     def __init__(self, root_level: int) -> None:
         self.pool = TablePool()
@@ -101,6 +107,9 @@ class Mmu:
         # SW_PROTECTED-like VMs hold private (guest_memfd) and shared leaves in one root: count
         # the guest_memfd ones as they come and go so stats need no walk.
         self.count_gmem = False
+        # Engine revision ≥ 2: a fault under a huge leaf splits it (Vm sets these two).
+        self.split_on_fault = True
+        self.nx_huge_pages = False  # host.nx_huge_pages: 4K children of a split are executable
         self.trace = TraceRing()
         self._untraced = False  # the caller traced a teardown in the kernel's order already
 
@@ -172,8 +181,8 @@ class Mmu:
     ) -> int:
         """The table at `level` covering `pos`, building missing tables on the way.
 
-        A huge leaf in the way is zapped and replaced by a table (kvm_tdp_mmu_map,
-        kvm-private-tdx.md §2.5). The new links are traced, or handed to `links` for the
+        A huge leaf in the way is split (kvm_tdp_mmu_map, kvm-private-tdx.md §2.5); under
+        engine revision 1 it was zapped and replaced by an empty table. The new links are traced, or handed to `links` for the
         caller to trace after the fault's request.
         """
         pool = self.pool
@@ -184,8 +193,12 @@ class Mmu:
             e = int(ent[i])
             if e & S.SPTE_MMU_PRESENT and not e & S.EPT_PS:
                 table = pool.child(e)
+            elif e & S.SPTE_MMU_PRESENT and self.split_on_fault:
+                # A huge leaf above the goal level is split (tdp_mmu_split_huge_page), its
+                # translations kept; a VM of engine revision 1 zapped it instead.
+                table = self.split_leaf(root, table, i, lv)
             else:
-                if e & S.SPTE_MMU_PRESENT:  # huge leaf above the goal level
+                if e & S.SPTE_MMU_PRESENT:  # huge leaf above the goal level (revision 1)
                     self._zap_leaves(root, table, i, i + 1, lv, acc)
                 base = pos & ~(span(lv) - 1)
                 child = pool.alloc(lv - 1, base, root.id)
@@ -198,6 +211,35 @@ class Mmu:
                 table = child
             lv -= 1
         return table
+
+    def split_leaf(self, root: Root, table: int, i: int, level: int) -> int:
+        """tdp_mmu_split_huge_page: the huge leaf at entry `i` becomes a table of 512 smaller
+        leaves with its attributes (make_small_spte: PFN + index, PS cleared at 4K, X set at
+        4K under nx_huge_pages), linked in its place; the link and the split are traced.
+        Returns the child table."""
+        pool = self.pool
+        ent = pool.entries(table)
+        old = ent[i]
+        base = pool.gfn(table) + i * span(level)
+        child = pool.alloc(level - 1, base, root.id)
+        small = old & ~S.U_ADDR
+        if level == 2:
+            small &= ~S.U_PS
+            if self.nx_huge_pages:
+                small |= S.U_X
+        kids = pool.entries(child)
+        kids[:] = (small | (old & S.U_ADDR)) + SMALL_OFFSETS[level - 1]
+        if self.count_gmem and level == 2 and int(old & S.U_ADDR) >> S.PFN_SHIFT >= S.GMEM_PFN_BASE:
+            root.gmem_leaves += 512
+        link = S.nonleaf_spte(pool.pfn(child))
+        self.trace.spte_changed(root.as_id, base, level, int(old), link)
+        self.trace.append(Kind.SPLIT_HUGE_PAGE, base, level, int(old), n=1)
+        ent[i] = np.uint64(link)
+        root.leaves[level] -= 1
+        self.pages[level] -= 1
+        root.leaves[level - 1] += 512
+        self.pages[level - 1] += 512
+        return child
 
     # -- zapping ----------------------------------------------------------------------------------
     def _zap_leaves(

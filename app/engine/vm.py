@@ -49,6 +49,7 @@ from .memslots import (
 )
 from .op import Op
 from .paging import span
+from .revision import ENGINE_REV, ENGINE_REVS
 from .roots import Mmu, Root, RootRole, ZapAcc
 from .stats import KVM_STAT_NAMES, stats_view
 from .tdx import TdxState
@@ -108,9 +109,10 @@ class Vm:
         table_budget: int = DEFAULT_TABLE_BUDGET,
         td_lifecycle: bool = False,
         host: HostProfile = DEFAULT_HOST,
+        engine_rev: int = ENGINE_REV,
     ) -> None:
         self.vm_type = VmType(vm_type)
-        self.host_profile = host
+        self._host = host
         self.name = name
         self.paging_levels = paging_levels
         self.nr_as = uapi.nr_address_spaces(vm_type)
@@ -133,6 +135,7 @@ class Vm:
         self.host = HostMemory()
         self.mmu = Mmu(paging_levels)
         self.mmu.count_gmem = self.has_private_mem and not self.is_tdx
+        self.set_engine_rev(engine_rev)
         self.tdx = TdxState(lifecycle=td_lifecycle) if self.is_tdx else None
         self.dirty: dict[tuple[int, int], np.ndarray] = {}  # slot key -> bool[npages]
         # Slots whose logging began with KVM_DIRTY_LOG_INITIALLY_SET: huge leaves may stay
@@ -154,6 +157,24 @@ class Vm:
         for i in range(nr_vcpus):
             self.vcpus[i] = Vcpu(i)
 
+    def set_engine_rev(self, rev: int) -> None:
+        """The behaviour revision the VM was created under (ENGINE_REV); replay of a VM journaled
+        under an older one keeps that one's behaviour."""
+        if isinstance(rev, bool) or rev not in ENGINE_REVS:
+            raise einval(f"engine_rev must be one of {sorted(ENGINE_REVS)}")
+        self.engine_rev = rev
+        self.mmu.split_on_fault = rev >= 2
+        self.mmu.nx_huge_pages = rev >= 2 and self._host.nx_huge_pages
+
+    @property
+    def host_profile(self) -> HostProfile:
+        return self._host
+
+    @host_profile.setter
+    def host_profile(self, profile: HostProfile) -> None:
+        self._host = profile
+        self.set_engine_rev(self.engine_rev)
+
     # ------------------------------------------------------------------ creation
     @classmethod
     def create(
@@ -165,6 +186,7 @@ class Vm:
         table_budget: int = DEFAULT_TABLE_BUDGET,
         td_lifecycle: bool = False,
         host: object = None,
+        engine_rev: int = ENGINE_REV,
     ) -> Vm:
         """KVM_CREATE_VM, plus `vcpus` KVM_CREATE_VCPU calls. `td_lifecycle`: a TD that goes
         through KVM_TDX_INIT_VM … FINALIZE_VM (tdx_lifecycle.py) instead of being runnable at
@@ -182,7 +204,9 @@ class Vm:
         if td_lifecycle and vcpus:
             raise KvmError(errno.EIO, "a TD's vCPUs are created after KVM_TDX_INIT_VM (vcpus: 0)")
         profile = host_profile(host)
-        return cls(t, vcpus, int(paging_levels), name, table_budget, td_lifecycle, profile)
+        vm = cls(t, vcpus, int(paging_levels), name, table_budget, td_lifecycle, profile)
+        vm.set_engine_rev(engine_rev)
+        return vm
 
     # ------------------------------------------------------------------ properties
     @property
@@ -859,6 +883,7 @@ class Vm:
             "memslots": sum(len(s) for s in self.spaces),
             "destroyed": self.destroyed,
             "host": self.host_profile.to_dict(),
+            "engine_rev": self.engine_rev,
         }
 
     def quirks(self) -> dict[str, Any]:

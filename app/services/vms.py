@@ -59,6 +59,7 @@ from app.db.models import SnapshotRow, VmRow, utcnow
 from app.db.session import Database
 from app.engine.errors import KvmError
 from app.engine.host_profile import DEFAULT_HOST
+from app.engine.revision import ENGINE_REV
 from app.engine.uapi import VmType
 from app.services import budget
 from app.services.engine_port import TABLE_BYTES, EnginePort, OpLike, Vm, default_engine
@@ -586,6 +587,9 @@ class VmService:
                 # Only a TD that goes through KVM_TDX_INIT_VM … FINALIZE_VM says so: a record
                 # without the key is a TD runnable from creation, as every older one is.
                 extra: dict[str, Any] = {"td_lifecycle": True} if td_lifecycle else {}
+                # The behaviour revision is journaled: a record without it replays as
+                # revision 1, the behaviour of every VM created before revisions.
+                extra["engine_rev"] = ENGINE_REV
                 profile = {**self.host_defaults, **(host or {})}
                 if any(HOST_DEFAULTS.get(k) != v for k, v in profile.items()):
                     # The resolved profile is journaled: replay never depends on VKMMU_HOST_*.
@@ -1483,6 +1487,7 @@ class VmService:
                 s, ca["source_vm"], ca["from_snapshot"], ca["source_seq"]
             )
         extra: dict[str, Any] = {"td_lifecycle": True} if ca.get("td_lifecycle") else {}
+        extra["engine_rev"] = ca.get("engine_rev", 1)
         if ca.get("host"):
             extra["host"] = ca["host"]
         return self.engine.create(

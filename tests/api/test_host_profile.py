@@ -5,10 +5,12 @@ and replay after a restart (the resolved profile is journaled)."""
 from __future__ import annotations
 
 import errno
+import json
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+from sqlalchemy import create_engine, text
 
 from app.config import Settings
 from app.services.vms import VmService
@@ -92,3 +94,46 @@ async def test_what_if_host_variants(client: httpx.AsyncClient) -> None:
     wp, pml = r["variants"]
     assert (wp["host"]["enable_pml"], pml["host"]["enable_pml"]) == (False, True)
     assert pml["faults"] < wp["faults"]
+
+
+async def test_a_vm_replays_under_the_revision_it_was_created_with(
+    make_client: Callable[..., Any], client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """New VMs journal engine revision 2 (a write under a write-protected huge leaf splits it,
+    tdp_mmu_split_huge_page); a creation record from before revisions replays as revision 1
+    (the leaf was zapped), so old journals keep reaching the state they had."""
+    vm = await new_vm(client, host={"eager_page_split": False})
+    assert ok(await client.get(f"/v1/vms/{vm}"))["engine_rev"] == 2
+    await thp_slot(client, vm)
+    access = f"/v1/vms/{vm}/vcpus/0/accesses"
+    ok(await client.post(access, json={"gpa": 0, "size": 4 * MiB, "access": "write"}))
+    ok(await put_slot(client, vm, 0, gpa=0, size=4 * MiB, flags=["KVM_MEM_LOG_DIRTY_PAGES"]))
+    ok(await client.post(access, json={"gpa": 0, "size": 4096, "access": "write"}))
+    stats = ok(await client.get(f"/v1/vms/{vm}/stats"))
+    assert (stats["pages_4k"], stats["pages_2m"]) == (512, 1)
+
+    async def leaf_at(c: httpx.AsyncClient, gpa: int) -> Any:
+        (root,) = ok(await c.get(f"/v1/vms/{vm}/translate", params={"gpa": gpa}))["roots"]
+        return root["leaf"]
+
+    assert (await leaf_at(client, 0x6000))["level"] == 1  # kept, read-only, by the split
+    other = await make_client()  # a second service replays the journal: same revision
+    assert (await leaf_at(other, 0x6000))["level"] == 1
+
+    # The same journal under a creation record without a revision (as every VM created
+    # before revisions has): revision 1, where the write zapped the 2M leaf.
+    engine = create_engine(settings.database_url.replace("+aiosqlite", ""))
+    with engine.begin() as conn:
+        row = conn.execute(text("SELECT create_args FROM vms WHERE id = :id"), {"id": vm}).one()
+        args = json.loads(row[0]) if isinstance(row[0], str) else dict(row[0])
+        assert args.pop("engine_rev") == 2
+        conn.execute(
+            text("UPDATE vms SET create_args = :a WHERE id = :id"),
+            {"a": json.dumps(args), "id": vm},
+        )
+        snaps = conn.execute(text("SELECT count(*) FROM snapshots WHERE vm_id = :id"), {"id": vm})
+        assert snaps.scalar() == 0  # the journal alone rebuilds the VM
+    engine.dispose()
+    old = await make_client()
+    assert await leaf_at(old, 0x6000) is None
+    assert (await leaf_at(old, 0))["level"] == 1

@@ -116,6 +116,11 @@ class VmInfo(Answer):
     host: HostProfile | None = Field(
         default=None, description="The host profile the VM runs under (null: not reported yet)."
     )
+    engine_rev: int | None = Field(
+        default=None,
+        description="The engine behaviour revision the VM was created under and replays with "
+        '(docs/engine.md "Behaviour revisions"); null: not reported yet.',
+    )
     created_at: datetime = Field(description="RFC 3339, UTC.")
     version: int = Field(description="The VM's state version (its ETag).")
 
