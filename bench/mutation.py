@@ -202,7 +202,8 @@ def load_equivalent() -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     return {e["name"]: e for e in data.get("mutants", [])}, data.get("classes", {})
 
 
-_LITERAL = re.compile(r"\"[^\"]*\"|'[^']*'|\bNone\b")
+# String literals (f-strings too: the detail often names the value) and None.
+_LITERAL = re.compile(r"(?<!\w)f?\"[^\"]*\"|(?<!\w)f?'[^']*'|\bNone\b")
 
 
 def rejection_detail_only(diff: str) -> bool:
