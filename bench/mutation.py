@@ -226,13 +226,9 @@ def summarise(
         per_module.setdefault(module_of(name), Counter())[status] += 1
     survivors = []
     names = sorted(n for n, s in results.items() if s in ("survived", "suspicious"))
-    cached = {}
-    if OUT_JSON.exists():
-        cached = {sv["name"]: sv["diff"] for sv in json.loads(OUT_JSON.read_text())["survivors"]}
-    diffs = {n: _without_def_lines(cached[n]) for n in names if n in cached}
-    missing = [n for n in names if n not in diffs]
-    if missing:
-        diffs.update(mutant_diffs(missing))
+    # Always from this run's mutants: a name from an earlier run may stand for another mutant
+    # once its function has changed.
+    diffs = mutant_diffs(names)
     for name in names:
         diff = diffs[name]
         line = mutated_line(diff)
