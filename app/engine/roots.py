@@ -182,8 +182,8 @@ class Mmu:
         """The table at `level` covering `pos`, building missing tables on the way.
 
         A huge leaf in the way is split (kvm_tdp_mmu_map, kvm-private-tdx.md §2.5); under
-        engine revision 1 it was zapped and replaced by an empty table. The new links are traced, or handed to `links` for the
-        caller to trace after the fault's request.
+        engine revision 1 it was zapped and replaced by an empty table. The new links are
+        traced, or handed to `links` for the caller to trace after the fault's request.
         """
         pool = self.pool
         table, lv = root.table, root.level
