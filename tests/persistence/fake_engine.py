@@ -52,7 +52,12 @@ class FakeVm:
 
     @classmethod
     def create(
-        cls, vm_type: int = 0, vcpus: int = 1, paging_levels: int = 4, name: str | None = None
+        cls,
+        vm_type: int = 0,
+        vcpus: int = 1,
+        paging_levels: int = 4,
+        name: str | None = None,
+        engine_rev: int = 2,  # the service journals it; the fake has one behaviour
     ) -> FakeVm:
         if vm_type not in (0, 1, 5) or paging_levels not in (4, 5):
             raise KvmError(errno.EINVAL, "unsupported")
