@@ -352,7 +352,7 @@ async def test_failed_commit_discards_memory(
     def broken_append(*a: Any, **kw: Any) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(repo, "append_journal", broken_append)
+    monkeypatch.setattr(repo.JournalWriter, "append", broken_append)
     with pytest.raises(RuntimeError):
         await svc.mutate(vm_id, "bump", {"by": 1})
     assert vm_id not in svc.loaded_vms()  # applied in memory, not journaled: discarded
