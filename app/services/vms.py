@@ -1433,6 +1433,11 @@ class VmService:
             self._tenants[vm_id] = found
         return found
 
+    def tenant_usage(self, tenant: str) -> TenantUsage:
+        """The tenants' byte usage, `tenant`'s VMs learnt (their rows read once: blocking)."""
+        self.usage.load(tenant, functools.partial(self._tenant_summaries, tenant))
+        return self.usage
+
     def _tenant_summaries(self, tenant: str) -> list[tuple[str, dict[str, Any]]]:
         with self.db.read() as s:
             return [(r.id, r.summary) for r in repo.tenant_vms(s, tenant)]
