@@ -281,11 +281,24 @@ class Answer(BaseModel):
     @classmethod
     def _warn_undeclared(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            known = {f.alias or n for n, f in cls.model_fields.items()} | set(cls.model_fields)
+            known = _known_keys(cls)
             extra = sorted(str(k) for k in data if k not in known)
             if extra:
                 UNDECLARED_LOG.warning("%s: undeclared answer fields %s", cls.__name__, extra)
         return data
+
+
+_KNOWN: dict[type, frozenset[str]] = {}
+
+
+def _known_keys(cls: type[BaseModel]) -> frozenset[str]:
+    """The keys a model declares (names and aliases), computed once per model: a batch
+    answer validates thousands of them."""
+    known = _KNOWN.get(cls)
+    if known is None:
+        fields = cls.model_fields
+        known = _KNOWN[cls] = frozenset({f.alias or n for n, f in fields.items()} | set(fields))
+    return known
 
 
 class LevelCounts(Answer):
