@@ -197,20 +197,8 @@ class FaultPath:
             raise memory_fault_exit(gfn, private)  # §2.3.1 step 3
         slot = vm.spaces[self.vcpu.as_id].find(gfn)
         if slot is None:  # kvm_handle_noslot_fault (kvm-private-tdx.md §2.3.1 step 4)
-            if private:
-                raise memory_fault_exit(gfn, True)
-            if vm.is_tdx and self.exec_:
-                self.shared_exec_bug(pos)
-            if vm.install_mmio_spte(self.vcpu, pos, gfn) and not self.prefetch:
-                vm.vstat(self.vcpu, "pf_mmio_spte_created")
-                self.fault()
-            if self.exec_:
-                # RET_PF_EMULATE, but the emulator cannot fetch the instruction from a GPA
-                # without a memslot (reexecute_instruction: no slot) → emulation failure.
-                raise emulation_failure_exit()
-            at = max(pos << PAGE_SHIFT, self.gpa)
-            # KVM reports a TD's shared MMIO GPA without the shared bit.
-            raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), self.write)
+            self.no_slot(pos, gfn, private, byte_end)
+        assert slot is not None
         if self.write and slot.flags & _READONLY:  # emulated as MMIO (kvm-private-tdx.md §2.3.2)
             at = max(pos << PAGE_SHIFT, self.gpa)
             raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), True)
@@ -221,20 +209,59 @@ class FaultPath:
         stop = min(end - shared_bits, slot.end_gfn)
         if vm.has_private_mem:
             stop = self.attr_run_end(gfn, stop, private)
-        level = self.max_level(slot, gfn, private)
-        # NX huge pages: an exec fault maps 4K where a huge page was possible
-        # (disallowed_hugepage_adjust; the table is a possible NX huge page).
-        nx = self.exec_ and level > 1 and vm.host_profile.nx_huge_pages
-        if nx:
-            level = 1
         if vm.is_tdx and private:
             return self.tdx_private(slot, gfn, stop, gmem)
         if vm.is_tdx and self.exec_:
             self.shared_exec_bug(pos)
+        return self.map_shared(slot, gfn, shared_bits, stop, private, gmem)
+
+    def map_shared(
+        self,
+        slot: Memslot,
+        gfn: int,
+        sbits: int,
+        stop: int,
+        private: bool,
+        gmem: GmemFile | None,
+    ) -> int:
+        """The direct root's leaves for the run from `gfn`: huge, whole 4K tables, or 4K."""
+        vm = self.vm
+        level = self.max_level(slot, gfn, private)
+        # NX huge pages: an exec fault maps 4K where a huge page was possible
+        # (disallowed_hugepage_adjust; the table is a possible NX huge page).
+        nx = self.exec_ and level > 1 and vm.host_profile.nx_huge_pages
         root = vm.root_for(self.vcpu, RootRole.DIRECT)
-        if level > 1:
-            return self.map_huge(root, slot, gfn, shared_bits, stop, level)
-        return self.map_4k(root, slot, gfn, shared_bits, stop, gmem, nx)
+        if level > 1 and not nx:
+            return self.map_huge(root, slot, gfn, sbits, stop, level)
+        if not nx and vm.mmu.bulk and self.only_4k(slot, private):
+            done = self.map_4k_tables(root, slot, gfn, sbits, stop, gmem)
+            if done:
+                return done
+        return self.map_4k(root, slot, gfn, sbits, stop, gmem, nx)
+
+    def no_slot(self, pos: int, gfn: int, private: bool, byte_end: int) -> None:
+        """kvm_handle_noslot_fault: always ends in an exit (or the KVM_BUG_ON)."""
+        vm = self.vm
+        if private:
+            raise memory_fault_exit(gfn, True)
+        if vm.is_tdx and self.exec_:
+            self.shared_exec_bug(pos)
+        if vm.install_mmio_spte(self.vcpu, pos, gfn) and not self.prefetch:
+            vm.vstat(self.vcpu, "pf_mmio_spte_created")
+            self.fault()
+        if self.exec_:
+            # RET_PF_EMULATE, but the emulator cannot fetch the instruction from a GPA
+            # without a memslot (reexecute_instruction: no slot) → emulation failure.
+            raise emulation_failure_exit()
+        at = max(pos << PAGE_SHIFT, self.gpa)
+        # KVM reports a TD's shared MMIO GPA without the shared bit.
+        shared_bits = pos - gfn
+        raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), self.write)
+
+    def only_4k(self, slot: Memslot, private: bool) -> bool:
+        """Whether every GFN of the slot maps at 4K (max_level is 1 throughout): guest_memfd
+        and dirty-logged slots, or a host without huge pages anywhere."""
+        return private or slot.gmem_only or bool(slot.flags & _LOG_DIRTY) or not self.vm.host.runs()
 
     def shared_exec_bug(self, pos: int) -> None:
         """A TD cannot execute from shared memory: tdx_handle_ept_violation's KVM_BUG_ON,
@@ -304,6 +331,8 @@ class FaultPath:
         gmem: GmemFile | None,
         nx: bool = False,
     ) -> int:
+        """One leaf table's run of [gfn, stop): new leaves where none is present, a touch
+        of the present ones."""
         vm, mmu = self.vm, self.vm.mmu
         pos = gfn | sbits
         count = min(stop - gfn, 512 - (pos & 511))
@@ -314,46 +343,107 @@ class FaultPath:
             if not (self.write and not e & S.EPT_W) and not (self.exec_ and not e & S.EPT_X):
                 self._touch_present(root, table, i, 1, found_level, slot, gfn, touched)
                 return touched
-        tr = mmu.trace
-        links: list[Link] | None = [] if tr.enabled else None  # traced with the leaves
+        links: list[Link] | None = [] if mmu.trace.enabled else None  # traced with the leaves
         live = mmu.pool.live
         table = mmu.table_for(root, pos, 1, self.acc, links)
         if nx and mmu.pool.live > live:
             vm.account_nx_huge_page(root.as_id, pos & ~511)
         lo = pos & 511
-        ent = mmu.pool.entries(table)[lo : lo + count]
-        present = (ent & S.U_PRESENT) != 0
+        present = (mmu.pool.entries(table)[lo : lo + count] & S.U_PRESENT) != 0
         fresh = not present.any()  # the common case: a whole run of new leaves
         new = _ARANGE_I[:count] if fresh else np.flatnonzero(~present)
         if len(new):
-            before = (ent.copy() if fresh else ent[new]) if tr.enabled else None
-            host_w = not slot.flags & _READONLY
-            bits = np.uint64(self.leaf_bits(1, host_w, vm.ipat))
-            if gmem is not None:
-                first = slot.gmem_index(gfn)
-                vm.gmem_allocate(gmem, first, count)
-                pfn0 = gmem.base_pfn + first
-                if mmu.count_gmem:
-                    root.gmem_leaves += len(new)
-            else:
-                pfn0 = slot.hva(gfn) >> PAGE_SHIFT
-                vm.host.touch(pfn0, pfn0 + count)
-            if fresh:
-                ent[:] = bits | ((np.uint64(pfn0) + _ARANGE[:count]) << S.U_SHIFT)
-            else:
-                pfns = np.uint64(pfn0) + new.astype(np.uint64)
-                ent[new] = bits | (pfns << S.U_SHIFT)
-            if before is not None:
-                leaves = ent.copy() if fresh else ent[new]
-                tr.leaves_set(root.as_id, table, lo + new, pos - lo, 1, before, leaves, links)
-            root.leaves[1] += len(new)
-            mmu.pages[1] += len(new)
-            if host_w and slot.flags & _LOG_DIRTY:
-                vm.mark_dirty(slot, gfn + new)
-            for a, b in [(0, count)] if fresh else index_runs(new):
-                self._mapped(gfn + a, gfn + b, 1)
+            self._install_4k(root, table, slot, gfn, sbits, count, new, fresh, gmem, links)
         if len(new) < count:
             self._touch_present(root, table, lo, count, 1, slot, gfn, count, skip=new)
+        self.res.pages += count
+        return count
+
+    def _install_4k(
+        self,
+        root: Root,
+        table: int,
+        slot: Memslot,
+        gfn: int,
+        sbits: int,
+        count: int,
+        new: np.ndarray,
+        fresh: bool,
+        gmem: GmemFile | None,
+        links: list[Link] | None,
+    ) -> None:
+        """Leaves at entries `new` of the run of `count` entries from `gfn` in `table`."""
+        vm, mmu, tr = self.vm, self.vm.mmu, self.vm.mmu.trace
+        lo = (gfn | sbits) & 511
+        ent = mmu.pool.entries(table)[lo : lo + count]
+        before = (ent.copy() if fresh else ent[new]) if tr.enabled else None
+        host_w = not slot.flags & _READONLY
+        bits = np.uint64(self.leaf_bits(1, host_w, vm.ipat))
+        pfn0 = self._backing(root, slot, gfn, count, len(new), gmem)
+        if fresh:
+            ent[:] = bits | ((np.uint64(pfn0) + _ARANGE[:count]) << S.U_SHIFT)
+        else:
+            pfns = np.uint64(pfn0) + new.astype(np.uint64)
+            ent[new] = bits | (pfns << S.U_SHIFT)
+        if before is not None:
+            leaves = ent.copy() if fresh else ent[new]
+            tr.leaves_set(root.as_id, table, lo + new, (gfn | sbits) - lo, 1, before, leaves, links)
+        root.leaves[1] += len(new)
+        mmu.pages[1] += len(new)
+        if host_w and slot.flags & _LOG_DIRTY:
+            vm.mark_dirty(slot, gfn + new)
+        for a, b in [(0, count)] if fresh else index_runs(new):
+            self._mapped(gfn + a, gfn + b, 1)
+
+    def _backing(
+        self, root: Root, slot: Memslot, gfn: int, count: int, new: int, gmem: GmemFile | None
+    ) -> int:
+        """The first pfn behind [gfn, gfn + count): guest_memfd pages (allocated now) or the
+        host's pages (touched now); `new` leaves will map them."""
+        vm = self.vm
+        if gmem is not None:
+            first = slot.gmem_index(gfn)
+            vm.gmem_allocate(gmem, first, count)
+            if vm.mmu.count_gmem:
+                root.gmem_leaves += new
+            return gmem.base_pfn + first
+        pfn0: int = slot.hva(gfn) >> PAGE_SHIFT
+        vm.host.touch(pfn0, pfn0 + count)
+        return pfn0
+
+    def map_4k_tables(
+        self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int, gmem: GmemFile | None
+    ) -> int:
+        """Whole leaf tables from a 512-aligned `gfn` on (up to `stop`, within one level-2
+        table), missing or without a present leaf, filled in one pass (missing ones built and
+        linked): what one `map_4k` per table does (same rows, SPTEs, trace records, counts),
+        without a Python step per table. Returns the GFNs mapped; 0 when the run does not
+        start with such a table."""
+        vm, mmu = self.vm, self.vm.mmu
+        pos = gfn | sbits
+        if pos & 511 or stop - gfn < 512:
+            return 0
+        head: list[Link] = []
+        found = mmu.leaf_table_run(root, pos, (stop - gfn) >> 9, head)
+        if found is None or found[1] == found[2]:
+            return 0
+        parent, i, j, rows, before = found
+        count = (j - i) * 512
+        links = None
+        if rows is None:
+            rows, old, new = mmu.link_leaf_tables(root, parent, i, j, pos)
+            links = (old, new)
+        host_w = not slot.flags & _READONLY
+        bits = self.leaf_bits(1, host_w, vm.ipat)
+        pfn0 = self._backing(root, slot, gfn, count, count, gmem)
+        pfns = np.uint64(pfn0) + np.arange(count, dtype=np.uint64)
+        mmu.pool.write_rows(rows, (np.uint64(bits) | (pfns << S.U_SHIFT)).reshape(-1, 512))
+        mmu.trace.tables_set(root.as_id, rows, pos, pfn0, bits, before, head, links)
+        root.leaves[1] += count
+        mmu.pages[1] += count
+        if host_w and slot.flags & _LOG_DIRTY:
+            vm.mark_dirty(slot, gfn + np.arange(count, dtype=np.int64))
+        self._mapped(gfn, gfn + count, 1)
         self.res.pages += count
         return count
 

@@ -103,6 +103,9 @@ class Mmu:
         self.count_gmem = False
         self.trace = TraceRing()
         self._untraced = False  # the caller traced a teardown in the kernel's order already
+        # Whole leaf tables are built and zapped a level-2 table at a time; False keeps the
+        # general path (one table at a time), which the property tests compare it with.
+        self.bulk = True
 
     # -- roots --------------------------------------------------------------------------------
     def valid_root(self, as_id: int, role: RootRole) -> Root | None:
@@ -198,6 +201,54 @@ class Mmu:
                 table = child
             lv -= 1
         return table
+
+    def leaf_table_run(
+        self, root: Root, pos: int, n: int, links: list[Link] | None
+    ) -> tuple[int, int, int, np.ndarray | None, np.ndarray | None] | None:
+        """For a 512-aligned `pos`, the whole leaf tables from it on (at most `n`, within one
+        level-2 table) that a fault fills without finding a present leaf: (level-2 table, i,
+        j, rows, entries) where entries [i, j) of that table are all missing leaf tables
+        (rows, entries None) or all leaf tables with no present leaf (their rows and a copy
+        of their entries). Missing tables above level 2 are built on the way as `table_for`
+        builds them. None when a huge leaf is in the way or no whole table qualifies."""
+        pool = self.pool
+        table, lv = root.table, root.level
+        while lv > 2:
+            e = int(pool.entries(table)[(pos >> (9 * (lv - 1))) & 511])
+            if not e & S.SPTE_MMU_PRESENT:
+                table = self.table_for(root, pos, 2, ZapAcc(), links)
+                break
+            if e & S.EPT_PS:
+                return None
+            table, lv = pool.child(e), lv - 1
+        i = (pos >> 9) & 511
+        ent = pool.entries(table)[i : i + min(n, ENTRIES - i)]
+        present = (ent & S.U_PRESENT) != 0
+        if not present[0]:
+            k = int(np.argmax(present)) if present.any() else len(ent)
+            return table, i, i + k, None, None
+        tables = present & ((ent & S.U_PS) == 0)
+        k = int(np.argmin(tables)) if not tables.all() else len(ent)
+        rows = (((ent[:k] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(np.int64)
+        old = pool.read_rows(rows)
+        full = ((old & S.U_PRESENT) != 0).any(axis=1)
+        k = int(np.argmax(full)) if full.any() else k
+        return (table, i, i + k, rows[:k], old[:k]) if k else None
+
+    def link_leaf_tables(
+        self, root: Root, parent: int, i: int, j: int, base: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """New leaf tables at entries [i, j) of the level-2 table `parent` (covering GFN
+        positions from `base`), in the rows `table_for` would give them one by one; returns
+        (rows, old parent entries, new parent entries). Their entries are for the caller."""
+        gfns = np.uint64(base) + np.arange(j - i, dtype=np.uint64) * np.uint64(ENTRIES)
+        rows = self.pool.alloc_rows(1, gfns, root.id)
+        ent = self.pool.entries(parent)
+        old = ent[i:j].copy()
+        pfns = np.uint64(S.TABLE_PFN_BASE) + rows.astype(np.uint64)
+        new = (pfns << S.U_SHIFT) | np.uint64(S.nonleaf_spte(0))
+        ent[i:j] = new
+        return rows, old, new
 
     # -- zapping ----------------------------------------------------------------------------------
     def _zap_leaves(

@@ -69,6 +69,56 @@ _ALL = np.arange(ENTRIES)
 _LEAF_KINDS = np.array([2, 1, 3], dtype=np.uint8)  # requested, changed, set_spte
 
 
+def _table_records(
+    as_id: int,
+    tables: np.ndarray,
+    base: int,
+    first: int,
+    pfn0: int,
+    bits: int,
+    before: np.ndarray | None,
+    head: list[Link],
+    links: tuple[np.ndarray, np.ndarray] | None,
+) -> Fields:
+    """The records of `TraceRing.tables_set` for tables first, first+1, …: per table the
+    first leaf's request, its links, then the rest of `leaves_set`'s triples."""
+    m = len(tables)
+    k = np.arange(first, first + m, dtype=np.uint64)[:, None]
+    gfns = _U(base) + k * _U(ENTRIES) + _IDX  # m x 512
+    pfns = _U(pfn0) + k * _U(ENTRIES) + _IDX
+    leaves = _U(bits) | (pfns << S.U_SHIFT)
+    pfn = _U(TablePool.pfn(0)) + tables.astype(np.uint64)[:, None]
+    ptr = (pfn << S.U_SHIFT) + _IDX * _U(8)  # sptep of each entry
+    old = np.broadcast_to(NONPRESENT, leaves.shape) if before is None else before
+    cols = {
+        "kind": np.broadcast_to(np.tile(_LEAF_KINDS, ENTRIES), (m, 3 * ENTRIES)),
+        "level": np.ones((m, 3 * ENTRIES), dtype=np.uint8),
+        "gfn": np.repeat(gfns, 3, axis=1),
+        "a": np.stack((pfns, old, leaves), axis=2).reshape(m, -1),
+        "b": np.stack((np.zeros_like(leaves), leaves, ptr), axis=2).reshape(m, -1),
+    }
+    link_cols = {}
+    if links is not None:
+        link_cols = {
+            "kind": np.full(m, int(Kind.SPTE_CHANGED), dtype=np.uint8),
+            "level": np.full(m, 2, dtype=np.uint8),
+            "gfn": gfns[:, 0],
+            "a": links[0],
+            "b": links[1],
+        }
+    out: Fields = {"as_id": as_id, "c": 0}
+    for i, (name, body) in enumerate(cols.items()):
+        if link_cols:
+            link = link_cols[name].astype(body.dtype)[:, None]
+            body = np.concatenate((body[:, :1], link, body[:, 1:]), axis=1)
+        flat = body.ravel()
+        if head:
+            vals = [(int(Kind.SPTE_CHANGED), lv, g, o, nw)[i] for g, lv, o, nw in head]
+            flat = np.concatenate((flat[:1], np.array(vals, dtype=flat.dtype), flat[1:]))
+        out[name] = flat
+    return out
+
+
 def _columns(size: int) -> dict[str, np.ndarray]:
     return {name: np.zeros(size, dtype=RECORD[name]) for name in RECORD.names or ()}
 
@@ -177,12 +227,14 @@ class TraceRing:
 
     def _store(self, n: int, seq: int, at: float, cpu: int, fields: Fields) -> None:
         cap = self.capacity
-        if n > cap:  # only the newest `cap` survive
+        if n > cap:  # only the newest `cap` survive, and nothing stored before
             # (a recipe may have built only the tail already)
             fields = {
                 k: v[len(v) - cap :] if isinstance(v, np.ndarray) else v for k, v in fields.items()
             }
-            self._n += n - cap
+            if len(self._cols["seq"]) < cap:
+                self._cols = _columns(cap)
+            self._n = 0
             seq += n - cap
             n = cap
         filled = min(self._n, cap)
@@ -272,6 +324,39 @@ class TraceRing:
             return {"kind": kind, "as_id": as_id, "level": lvl, "gfn": gfn, "a": a, "b": b, "c": 0}
 
         self._push(3 * len(idx) + len(extra), build)
+
+    def tables_set(
+        self,
+        as_id: int,
+        tables: np.ndarray,
+        base: int,
+        pfn0: int,
+        bits: int,
+        before: np.ndarray | None,
+        head: Sequence[Link],
+        links: tuple[np.ndarray, np.ndarray] | None,
+    ) -> None:
+        """`leaves_set` for whole leaf tables in one batch: table k covers GFN positions
+        base + 512k + [0, 512), its entries were `before[k]` (None: new tables, every entry
+        non-present) and become `bits` | pfn (pfn0 + 512k + index). With `links` (old, new
+        parent entries) each table was linked at level 2 by its first fault, table 0 after
+        the `head` links above. The records are those one `leaves_set` per table writes,
+        built only for the tail the ring keeps."""
+        n = len(tables)
+        if not self.capacity or not n:
+            return
+        per = 3 * ENTRIES + (1 if links is not None else 0)
+        total = n * per + len(head)
+        first = max(0, n - -(-self.capacity // per))  # the tables the ring can keep
+        tabs = tables[first:].copy()
+        old = None if before is None else before[first:].copy()
+        kept = None if links is None else (links[0][first:].copy(), links[1][first:].copy())
+        extra = list(head) if first == 0 else []
+
+        def build() -> Fields:
+            return _table_records(as_id, tabs, base, first, pfn0, bits, old, extra, kept)
+
+        self._push(total, build)
 
     def removed_table(
         self, pool: TablePool, table: int, as_id: int, shared: bool, cleared: int = 0
