@@ -68,6 +68,7 @@ OPERATION_IDS = {
     "tdx_init_mem_region": "tdx_init_mem_region",
     "tdvmcall_map_gpa": "guest_map_gpa",
     "complete_hypercall": "guest_complete_hypercall",
+    "hypercall": "guest_hypercall",
     "recover_nx_huge_pages": "nx_huge_pages_recover",
     "create_snapshot": "snapshots_create",
     "list_snapshots": "snapshots_list",

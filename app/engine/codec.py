@@ -315,6 +315,7 @@ def _state_json(vm: Vm) -> dict[str, Any]:
                 "running": v.running,
                 "roots": {r.value: rid for r, rid in v.roots.items()},
                 "stats": dict(v.stats),
+                "hypercall_exit": v.hypercall_exit,
             }
             for v in vm.vcpus.values()
         ],
@@ -489,6 +490,7 @@ def _decode(body: memoryview) -> Vm:
         vcpu.running = v["running"]
         vcpu.roots = {RootRole(k): rid for k, rid in v["roots"].items()}
         vcpu.stats.update(v["stats"])
+        vcpu.hypercall_exit = v.get("hypercall_exit")
         vm.vcpus[vcpu.id] = vcpu
     for space, sp in zip(vm.spaces, st["spaces"], strict=True):
         space.generation = sp["generation"]
@@ -576,6 +578,9 @@ def _newer_state(vm: Vm) -> dict[str, Any]:
         out["map_gpa"] = sorted(vm.tdx.map_gpa.items())
     if vm.nx_huge_pages:
         out["nx_huge_pages"] = vm.nx_huge_pages
+    exits = {v.id: v.hypercall_exit for v in vm.vcpus.values() if v.hypercall_exit is not None}
+    if exits:
+        out["hypercall_exits"] = sorted(exits.items())
     return out
 
 

@@ -1,4 +1,12 @@
-"""A TD guest's MapGPA request (TDG.VP.VMCALL<MapGPA>) and the KVM_EXIT_HYPERCALL it becomes.
+"""A guest's request to convert memory, and the KVM_EXIT_HYPERCALL it becomes.
+
+Two guest calls end in that exit. A TD asks with TDG.VP.VMCALL<MapGPA> (below). Any other
+guest (a KVM_X86_SW_PROTECTED_VM, say), or a TD through a plain KVM hypercall, executes
+VMCALL with KVM_HC_MAP_GPA_RANGE in RAX: arch/x86/kvm/x86.c ____kvm_emulate_hypercall
+checks CPL 0 (else -KVM_EPERM), KVM_CAP_EXIT_HYPERCALL (else -KVM_ENOSYS), then a page-aligned,
+non-empty, non-wrapping range (else -KVM_EINVAL), and exits with the guest's arguments as
+they are; complete_hypercall_exit writes run->hypercall.ret to RAX (truncated to 32 bits
+outside 64-bit mode) when the VMM re-enters.
 
 The guest asks to convert [gpa, gpa + size) to private (shared bit clear) or shared (set).
 KVM does not change attributes itself: it exits to userspace with KVM_EXIT_HYPERCALL,
@@ -10,10 +18,11 @@ KVM_RUN either exits for the next chunk or returns to the guest. arch/x86/kvm/vm
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Any
 
 from . import addr as A
-from .errors import check_u64, einval
+from .errors import KvmError, check_u64, einval
 from .op import Op, operation
 from .uapi import (
     KVM_EXIT_HYPERCALL_LONG_MODE,
@@ -26,6 +35,7 @@ from .uapi import (
 
 if TYPE_CHECKING:
     from .tdx import TdxState
+    from .vcpu import Vcpu
     from .vm import Vm
 
 # arch/x86/include/asm/shared/tdx.h: the TDVMCALL status the guest sees in R10.
@@ -39,6 +49,23 @@ TDVMCALL_STATUS = {
 _STATUS = {name: code for code, name in TDVMCALL_STATUS.items()}
 TDX_MAP_GPA_MAX_LEN = 2 << 20  # one KVM_EXIT_HYPERCALL covers at most 2 MiB
 
+# include/uapi/linux/kvm_para.h: what a refused hypercall leaves in RAX (negated).
+KVM_EPERM = errno.EPERM
+KVM_EINVAL = errno.EINVAL
+KVM_ENOSYS = 1000
+# The other hypercalls ____kvm_emulate_hypercall knows (kvm_para.h); vkmmu does not model
+# what they do (PV IPIs, clock pairing, directed yield), so it refuses them instead of
+# answering as if they had run.
+_UNMODELLED = {
+    1: "KVM_HC_VAPIC_POLL_IRQ",
+    5: "KVM_HC_KICK_CPU",
+    9: "KVM_HC_CLOCK_PAIRING",
+    10: "KVM_HC_SEND_IPI",
+    11: "KVM_HC_SCHED_YIELD",
+}
+_U32 = 0xFFFF_FFFF
+_U64 = (1 << 64) - 1
+
 
 @operation("tdvmcall_map_gpa")
 class TdvmcallMapGpa(Op):
@@ -47,6 +74,21 @@ class TdvmcallMapGpa(Op):
     vcpu: int
     gpa: int
     size: int
+
+
+@operation("hypercall")
+class Hypercall(Op):
+    """A guest's VMCALL with KVM's hypercall ABI: `nr` in RAX, `a0`..`a3` in RBX, RCX, RDX,
+    RSI, executed at `cpl` in 64-bit mode or not (`long_mode`)."""
+
+    vcpu: int
+    nr: int
+    a0: int = 0
+    a1: int = 0
+    a2: int = 0
+    a3: int = 0
+    long_mode: bool = True
+    cpl: int = 0
 
 
 @operation("complete_hypercall")
@@ -58,7 +100,7 @@ class CompleteHypercall(Op):
 
 
 def _answer(status: str, r11: int | None = None) -> dict[str, Any]:
-    return {"status": status, "status_code": _STATUS[status], "r11": r11, "exit": None}
+    return {"status": status, "status_code": _STATUS[status], "r11": r11, "exit": None, "rax": None}
 
 
 def _exit(vm: Vm, td: TdxState, vcpu: int, nxt: int, end: int) -> dict[str, Any]:
@@ -71,6 +113,7 @@ def _exit(vm: Vm, td: TdxState, vcpu: int, nxt: int, end: int) -> dict[str, Any]
         "status": None,
         "status_code": None,
         "r11": None,
+        "rax": None,
         "exit": {
             "reason": ExitReason.KVM_EXIT_HYPERCALL.name,
             "nr": KVM_HC_MAP_GPA_RANGE,
@@ -85,11 +128,81 @@ def _exit(vm: Vm, td: TdxState, vcpu: int, nxt: int, end: int) -> dict[str, Any]
     }
 
 
+def _rax(value: int | None) -> dict[str, Any]:
+    """The hypercall returned to the guest with `value` in RAX."""
+    return {"status": None, "status_code": None, "r11": None, "exit": None, "rax": value}
+
+
+def _not_in_exit(vm: Vm, vcpu: int, *, map_gpa: bool = True) -> None:
+    """A vCPU waiting in KVM_EXIT_HYPERCALL runs no guest instruction until KVM_RUN completes
+    the exit, so it cannot make another call. (A MapGPA issued while another MapGPA waits
+    replaces it, as it always has in vkmmu, so that journals holding one still replay:
+    `map_gpa=False` leaves that case out.)"""
+    waiting = vm.vcpu(vcpu).hypercall_exit is not None or (
+        map_gpa and vm.tdx is not None and vcpu in vm.tdx.map_gpa
+    )
+    if waiting:
+        raise einval(
+            f"vCPU {vcpu} waits in KVM_EXIT_HYPERCALL: complete it first (…/hypercall/complete)"
+        )
+
+
+def hypercall(vm: Vm, op: Hypercall) -> dict[str, Any]:
+    """____kvm_emulate_hypercall, for KVM_HC_MAP_GPA_RANGE: the registers are cut to 32 bits
+    outside 64-bit mode, then a refusal goes back to the guest in RAX (not an ioctl error);
+    otherwise the vCPU exits to userspace with the arguments as the guest gave them."""
+    v = _caller(vm, op)
+    mask = _U64 if op.long_mode else _U32
+    nr, gpa, npages, attrs, _a3 = (
+        check_u64(x, name) & mask
+        for x, name in ((op.nr, "nr"), (op.a0, "a0"), (op.a1, "a1"), (op.a2, "a2"), (op.a3, "a3"))
+    )
+    refused = _refusal(vm, op.cpl, nr, gpa, npages)
+    if refused:
+        return _rax(-refused & mask)
+    flags = KVM_EXIT_HYPERCALL_LONG_MODE if op.long_mode else 0
+    v.hypercall_exit = flags
+    exit_ = {"reason": ExitReason.KVM_EXIT_HYPERCALL.name, "nr": nr, "args": [gpa, npages, attrs]}
+    return {**_rax(None), "exit": {**exit_, "flags": flags, "ret": 0}}
+
+
+def _caller(vm: Vm, op: Hypercall) -> Vcpu:
+    """The vCPU making the call. A TD makes it through TDG.VP.VMCALL (tdx_emulate_vmcall),
+    from a runnable TD, at CPL 0 in 64-bit mode."""
+    if not isinstance(op.long_mode, bool):
+        raise einval("long_mode must be a boolean")
+    if check_u64(op.cpl, "cpl") > 3:
+        raise einval("cpl is 0..3")
+    if vm.tdx is not None:
+        vm.run_td_vcpu(op.vcpu, "TDG.VP.VMCALL")
+        if op.cpl or not op.long_mode:
+            raise einval("a TD's TDG.VP.VMCALL runs at CPL 0 in 64-bit mode (vkmmu)")
+    v = vm.vcpu(op.vcpu)
+    _not_in_exit(vm, op.vcpu)
+    return v
+
+
+def _refusal(vm: Vm, cpl: int, nr: int, gpa: int, npages: int) -> int:
+    """The KVM_E* the guest gets, in the kernel's order (0: the call exits): CPL > 0, then
+    the hypercall (unknown, or its exit not enabled), then the range (unaligned, empty,
+    gfn + npages wrapping)."""
+    if cpl:
+        return KVM_EPERM
+    if nr in _UNMODELLED:
+        raise KvmError(errno.EOPNOTSUPP, f"{_UNMODELLED[nr]} is not modelled by vkmmu")
+    if nr != KVM_HC_MAP_GPA_RANGE or not vm.hypercall_exit_enabled & (1 << nr):
+        return KVM_ENOSYS
+    if gpa & (PAGE_SIZE - 1) or not npages or A.gpa_to_gfn(gpa) + npages > _U64:
+        return KVM_EINVAL
+    return 0
+
+
 def map_gpa(vm: Vm, op: TdvmcallMapGpa) -> dict[str, Any]:
     """tdx_map_gpa: exits enabled (else SUBFUNC_UNSUPPORTED), then a legal, non-wrapping range
     on one side of the shared bit (else INVALID_OPERAND), then 4 KiB alignment (else
     ALIGN_ERROR). A refused request goes back to the guest with R11 = gpa: not an API error."""
     td = vm.run_td_vcpu(op.vcpu, "TDG.VP.VMCALL<MapGPA>")
+    _not_in_exit(vm, op.vcpu, map_gpa=False)
     gpa, size = check_u64(op.gpa, "gpa"), check_u64(op.size, "size")
     if not vm.hypercall_exit_enabled & (1 << KVM_HC_MAP_GPA_RANGE):
         return _answer("TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED", gpa)
@@ -107,15 +220,26 @@ def map_gpa(vm: Vm, op: TdvmcallMapGpa) -> dict[str, Any]:
 
 
 def complete(vm: Vm, op: CompleteHypercall) -> dict[str, Any]:
+    """KVM_RUN of a vCPU waiting in KVM_EXIT_HYPERCALL: complete_userspace_io runs first."""
+    v = vm.vcpu(op.vcpu)
+    if vm.tdx is not None:
+        vm.run_td_vcpu(op.vcpu, "KVM_RUN")
+        if op.vcpu in vm.tdx.map_gpa:
+            return _complete_map_gpa(vm, vm.tdx, op)
+    ret = check_u64(op.ret, "ret")
+    if v.hypercall_exit is None:
+        raise einval(f"vCPU {op.vcpu} is not in a KVM_EXIT_HYPERCALL (vkmmu)")
+    long_mode = bool(v.hypercall_exit & KVM_EXIT_HYPERCALL_LONG_MODE)
+    v.hypercall_exit = None
+    return _rax(ret if long_mode else ret & _U32)
+
+
+def _complete_map_gpa(vm: Vm, td: TdxState, op: CompleteHypercall) -> dict[str, Any]:
     """tdx_complete_vmcall_map_gpa: ret ≠ 0 → INVALID_OPERAND with R11 = the chunk's GPA;
     else the next chunk, or SUCCESS when the range is done. (No interrupt is ever pending in
     vkmmu, so TDVMCALL_STATUS_RETRY does not occur.)"""
-    td = vm.run_td_vcpu(op.vcpu, "KVM_RUN")
     ret = check_u64(op.ret, "ret")
-    pending = td.map_gpa.pop(op.vcpu, None)
-    if pending is None:
-        raise einval(f"vCPU {op.vcpu} is not in a KVM_EXIT_HYPERCALL (vkmmu)")
-    nxt, end = pending
+    nxt, end = td.map_gpa.pop(op.vcpu)
     if ret:
         return _answer("TDVMCALL_STATUS_INVALID_OPERAND", nxt)
     nxt += TDX_MAP_GPA_MAX_LEN

@@ -15,7 +15,7 @@ from .errors import einval
 from .faults import Accept, Access, Load, PreFault, Store
 from .gmem import CreateGuestMemfd, GmemClose, GmemFallocate, GmemWrite
 from .hostmem import HostAdvise, HostDiscard, HostMap, HostWrite
-from .hypercall import CompleteHypercall, TdvmcallMapGpa
+from .hypercall import CompleteHypercall, Hypercall, TdvmcallMapGpa
 from .memslots import SetUserMemoryRegion
 from .op import REGISTRY, Op
 from .tdx_lifecycle import TdxFinalizeVm, TdxInitMemRegion, TdxInitVcpu, TdxInitVm
@@ -40,6 +40,7 @@ __all__ = [
     "HostDiscard",
     "HostMap",
     "HostWrite",
+    "Hypercall",
     "Load",
     "Op",
     "PreFault",

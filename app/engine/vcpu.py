@@ -9,7 +9,7 @@ from .stats import VCPU_STAT_NAMES
 
 
 class Vcpu:
-    __slots__ = ("id", "as_id", "roots", "running", "stats")
+    __slots__ = ("id", "as_id", "roots", "running", "stats", "hypercall_exit")
 
     def __init__(self, id: int) -> None:
         self.id = id
@@ -17,6 +17,8 @@ class Vcpu:
         self.roots: dict[RootRole, int] = {}
         self.running = False  # inside KVM_RUN once it has touched memory: flushes IPI it
         self.stats = dict.fromkeys(VCPU_STAT_NAMES, 0)
+        # run->hypercall.flags of a KVM_EXIT_HYPERCALL the vCPU waits in (hypercall.py)
+        self.hypercall_exit: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -36,7 +36,7 @@ from .faults import (
 from .gmem import CreateGuestMemfd, GmemClose, GmemFallocate, GmemFile, GmemTable, GmemWrite
 from .host_profile import DEFAULT_HOST, HostProfile, host_profile
 from .hostmem import LEVEL_OF_SIZE, HostAdvise, HostDiscard, HostMap, HostMemory, HostWrite
-from .hypercall import CompleteHypercall, TdvmcallMapGpa
+from .hypercall import CompleteHypercall, Hypercall, TdvmcallMapGpa
 from .intervals import IntervalSet
 from .memslots import (
     ChangeKind,
@@ -990,6 +990,7 @@ _HANDLERS: dict[type[Op], Callable[[Vm, Any], dict[str, Any]]] = {
     TdxInitMemRegion: tdx_lifecycle.init_mem_region,
     TdxFinalizeVm: tdx_lifecycle.finalize_vm,
     TdvmcallMapGpa: hypercall.map_gpa,
+    Hypercall: hypercall.hypercall,
     RecoverNxHugePages: recover_nx_huge_pages,
     CompleteHypercall: hypercall.complete,
 }

@@ -67,6 +67,14 @@ SAFE_DEFAULTS: dict[str, dict[str, str]] = {
         "tdp_mmu": "the service's VKMMU_HOST_TDP_MMU",
     },
     "HypercallComplete": {"ret": "0 = the VMM converted the chunk (what KVM leaves there)"},
+    "Hypercall": {
+        "a0": "register left 0: a MAP_GPA_RANGE at GPA 0",
+        "a1": "register left 0: no pages, so MAP_GPA_RANGE answers -KVM_EINVAL",
+        "a2": "register left 0: convert to shared, the harmless direction",
+        "a3": "RSI, unused by MAP_GPA_RANGE",
+        "long_mode": "a 64-bit guest, as every modern VMM runs",
+        "cpl": "the guest kernel (CPL 0) makes the call",
+    },
     "GmemCreate": {"flags": "a plain guest_memfd"},
     "DirtyLogClear": {"first_page": "the slot's first page; what is cleared is `bitmap`"},
     "ZapRequest": {

@@ -129,3 +129,27 @@ async def test_map_gpa_over_http(client: httpx.AsyncClient) -> None:
     out = ok(await client.post(done, json={}))
     assert out["status"] == "TDVMCALL_STATUS_SUCCESS"
     assert_errno(await client.post(done, json={}), errno.EINVAL)
+
+
+async def test_vmcall_map_gpa_range_over_http(client: httpx.AsyncClient) -> None:
+    """____kvm_emulate_hypercall / complete_hypercall_exit through the routes, for a
+    KVM_X86_SW_PROTECTED_VM: -KVM_ENOSYS in RAX until KVM_CAP_EXIT_HYPERCALL, then one exit
+    with the guest's arguments, completed with run->hypercall.ret."""
+    vm = await new_vm(client, vm_type="KVM_X86_SW_PROTECTED_VM")
+    url = f"/v1/vms/{vm}/vcpus/0/hypercall"
+    call = {"nr": 12, "a0": 2 * MiB, "a1": 512, "a2": 16}
+    out = ok(await client.post(url, json=call))
+    assert (out["rax"], out["exit"]) == ((1 << 64) - 1000, None)
+    cap = {"cap": "KVM_CAP_EXIT_HYPERCALL", "flags": 0, "args": [1 << 12]}
+    ok(await client.post(f"/v1/vms/{vm}/enable-cap", json=cap))
+    out = ok(await client.post(url, json=call | {"a0": 2 * MiB + 1}))
+    assert out["rax"] == (1 << 64) - 22 and out["exit"] is None
+    out = ok(await client.post(url, json=call))
+    assert out["exit"]["args"] == [2 * MiB, 512, 16] and out["rax"] is None
+    assert_errno(await client.post(url, json=call), errno.EINVAL)  # still in the exit
+    assert (await client.post(url, json=call | {"cpl": 4})).status_code == 422
+    # The VMM converts, then re-enters with ret 0.
+    body = {"address": 2 * MiB, "size": 2 * MiB, "attributes": 8}
+    ok(await client.post(f"/v1/vms/{vm}/memory-attributes", json=body))
+    done = ok(await client.post(f"/v1/vms/{vm}/vcpus/0/hypercall/complete", json={"ret": 0}))
+    assert done["rax"] == 0 and done["exit"] is None and done["status"] is None

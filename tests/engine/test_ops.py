@@ -70,4 +70,4 @@ def test_operations_are_frozen_values_with_defaults() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         op.gpa = 0  # type: ignore[misc]
     assert ops.Access.from_json({"vcpu": 0, "gpa": 0x1000}) == op
-    assert set(ops.NAMES) == set(REGISTRY) and len(ops.NAMES) == 30
+    assert set(ops.NAMES) == set(REGISTRY) and len(ops.NAMES) == 31

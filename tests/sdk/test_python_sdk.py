@@ -219,6 +219,8 @@ async def test_every_operation_through_the_generated_client(sdk: Any, make_clien
     mapped = await call("tdx", "guest_map_gpa", td, 0, body=m.TdvmcallMapGpa(gpa=0, size=4096))
     assert mapped.status == "TDVMCALL_STATUS_SUBFUNC_UNSUPPORTED"
     await call("tdx", "guest_complete_hypercall", td, 0, body=m.HypercallComplete(), status=400)
+    vmcall = await call("guest", "guest_hypercall", vm, 0, body=m.Hypercall(nr=12, a0=0, a1=1))
+    assert vmcall.rax == (1 << 64) - 1000  # -KVM_ENOSYS: KVM_CAP_EXIT_HYPERCALL is off
     rec = await call("zaps", "nx_huge_pages_recover", vm, body=m.NxRecoverRequest())
     assert rec.recovered == 0
 

@@ -1,4 +1,5 @@
-"""What a vCPU does: accesses (guest page faults), loads, stores, pre-fault, TDX accept.
+"""What a vCPU does: accesses (guest page faults), loads, stores, pre-fault, TDX accept, and
+the hypercall that asks the VMM to convert memory.
 
 An exit (MMIO, MEMORY_FAULT, …) is the guest's outcome, not an API error: 200 with `exit`.
 """
@@ -23,6 +24,7 @@ from app.api.schemas.guest import (
     Store,
     StoreResult,
 )
+from app.api.schemas.tdx import Hypercall, MapGpaResult
 from app.engine import ops
 
 router = APIRouter(prefix="/v1/vms/{vm}/vcpus/{vcpu}", tags=["guest"])
@@ -113,4 +115,28 @@ async def accept(
 ) -> AcceptResult:
     return AcceptResult.model_validate(
         await mutate(service, vm, ops.Accept.from_json(_args(body, vcpu)), if_match, response)
+    )
+
+
+@router.post(
+    "/hypercall",
+    summary="The guest's VMCALL (KVM hypercall ABI): KVM_HC_MAP_GPA_RANGE exits to userspace",
+    description="With KVM_CAP_EXIT_HYPERCALL (bit 12) a page-aligned, non-empty, non-wrapping "
+    "KVM_HC_MAP_GPA_RANGE becomes a KVM_EXIT_HYPERCALL carrying the guest's arguments; the VMM "
+    "converts with KVM_SET_MEMORY_ATTRIBUTES and completes the exit (…/hypercall/complete). "
+    "Otherwise the guest gets RAX = -KVM_EPERM (CPL > 0), -KVM_ENOSYS (exit not enabled, "
+    "unknown nr) or -KVM_EINVAL (bad range) (____kvm_emulate_hypercall). Other known "
+    "hypercalls (kick, IPI, yield, clock pairing) answer EOPNOTSUPP: not modelled.",
+    responses=_MUTATION,
+)
+async def hypercall(
+    vm: VmId,
+    vcpu: Vcpu,
+    body: Hypercall,
+    service: ServiceDep,
+    if_match: IfMatchDep,
+    response: Response,
+) -> MapGpaResult:
+    return MapGpaResult.model_validate(
+        await mutate(service, vm, ops.Hypercall.from_json(_args(body, vcpu)), if_match, response)
     )

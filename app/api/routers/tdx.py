@@ -124,10 +124,11 @@ async def tdvmcall_map_gpa(
 @router.post(
     "/vcpus/{vcpu}/hypercall/complete",
     summary="KVM_RUN after KVM_EXIT_HYPERCALL with run->hypercall.ret: the next chunk's exit, "
-    "or the status the guest's MapGPA ends with",
-    description="ret ≠ 0 ends the request with TDVMCALL_STATUS_INVALID_OPERAND and R11 = the "
-    "chunk's GPA (tdx_complete_vmcall_map_gpa). EINVAL when the vCPU is not in a "
-    "KVM_EXIT_HYPERCALL.",
+    "or the status the guest's MapGPA ends with, or the VMCALL's RAX",
+    description="After a TD's MapGPA, ret ≠ 0 ends the request with "
+    "TDVMCALL_STATUS_INVALID_OPERAND and R11 = the chunk's GPA (tdx_complete_vmcall_map_gpa). "
+    "After a VMCALL (…/hypercall) the guest gets ret in RAX, cut to 32 bits outside 64-bit "
+    "mode (complete_hypercall_exit). EINVAL when the vCPU is not in a KVM_EXIT_HYPERCALL.",
     responses=_MUTATION,
 )
 async def complete_hypercall(

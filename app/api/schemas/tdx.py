@@ -75,6 +75,24 @@ class TdvmcallMapGpa(Body):
     size: U64 = Field(description="Bytes (4 KiB multiple, else TDVMCALL_STATUS_ALIGN_ERROR).")
 
 
+class Hypercall(Body):
+    """A guest's VMCALL with KVM's hypercall ABI (arch/x86/kvm/x86.c ____kvm_emulate_hypercall)."""
+
+    nr: U64 = Field(description="RAX: the hypercall number; KVM_HC_MAP_GPA_RANGE is 12.")
+    a0: U64 = Field(default=0, description="RBX: for MAP_GPA_RANGE the start GPA.")
+    a1: U64 = Field(default=0, description="RCX: for MAP_GPA_RANGE the number of 4 KiB pages.")
+    a2: U64 = Field(
+        default=0,
+        description="RDX: for MAP_GPA_RANGE the attributes: KVM_MAP_GPA_RANGE_ENCRYPTED (16) "
+        "converts to private, 0 to shared.",
+    )
+    a3: U64 = Field(default=0, description="RSI: unused by MAP_GPA_RANGE.")
+    long_mode: bool = Field(
+        default=True, description="64-bit mode; false cuts every register to 32 bits."
+    )
+    cpl: int = Field(default=0, ge=0, le=3, description="The guest's CPL; not 0 → -KVM_EPERM.")
+
+
 class HypercallComplete(Body):
     ret: U64 = Field(default=0, description="run->hypercall.ret the VMM leaves: 0 = converted.")
 
@@ -85,16 +103,19 @@ class HypercallExit(Answer):
     reason: Literal["KVM_EXIT_HYPERCALL"]
     nr: int = Field(description="KVM_HC_MAP_GPA_RANGE (12).")
     args: list[int] = Field(
-        description="[gpa without the shared bit, pages (≤ 512), attributes: "
-        "KVM_MAP_GPA_RANGE_ENCRYPTED (16) to private, 0 to shared]."
+        description="[gpa, pages, attributes: KVM_MAP_GPA_RANGE_ENCRYPTED (16) to private, "
+        "0 to shared]. For a TD's MapGPA the GPA is without the shared bit and pages ≤ 512."
     )
-    flags: int = Field(description="KVM_EXIT_HYPERCALL_LONG_MODE (1).")
+    flags: int = Field(
+        description="KVM_EXIT_HYPERCALL_LONG_MODE (1) unless the guest was not in 64-bit mode."
+    )
     ret: int = Field(description="0 as KVM leaves it (QEMU ≤ 9.2 relies on that).")
 
 
 class MapGpaResult(Answer):
-    """Either the vCPU waits in a KVM_EXIT_HYPERCALL (`exit`), or the TDVMCALL went back to
-    the guest with `status` in R10 (and `r11`, the GPA it stopped at, on failure)."""
+    """Either the vCPU waits in a KVM_EXIT_HYPERCALL (`exit`), or the call went back to the
+    guest: a TD's TDVMCALL with `status` in R10 (and `r11`, the GPA it stopped at, on
+    failure), a VMCALL with `rax`."""
 
     status: (
         Literal[
@@ -109,6 +130,12 @@ class MapGpaResult(Answer):
     status_code: int | None = Field(description="The status as the guest sees it in R10.")
     r11: int | None = Field(description="R11 on a failed request: the GPA it stopped at.")
     exit: HypercallExit | None
+    rax: int | None = Field(
+        default=None,
+        description="What a VMCALL returns in RAX: 0 or run->hypercall.ret after the exit, "
+        "else -KVM_EPERM (-1), -KVM_EINVAL (-22) or -KVM_ENOSYS (-1000) as an unsigned "
+        "register (32 bits outside 64-bit mode). Null for a TD's MapGPA.",
+    )
 
 
 class MapGpaPending(Answer):
