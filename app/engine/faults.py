@@ -232,7 +232,8 @@ class FaultPath:
         nx = self.exec_ and level > 1 and vm.host_profile.nx_huge_pages
         root = vm.root_for(self.vcpu, RootRole.DIRECT)
         if level > 1 and not nx:
-            return self.map_huge(root, slot, gfn, sbits, stop, level)
+            done = self.map_2m_run(root, slot, gfn, sbits, stop) if level == 2 else 0
+            return done or self.map_huge(root, slot, gfn, sbits, stop, level)
         if not nx and vm.mmu.bulk and self.only_4k(slot, private):
             done = self.map_4k_tables(root, slot, gfn, sbits, stop, gmem)
             if done:
@@ -319,6 +320,36 @@ class FaultPath:
         self._mapped(rs, rs + n, level)
         res.pages += touched
         return touched
+
+    def map_2m_run(self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int) -> int:
+        """2 MiB leaves over missing entries from a 2 MiB-aligned `gfn` on (whole regions up
+        to `stop`, within one host page-size run and one level-2 table) in one pass: what one
+        `map_huge` per leaf does (same SPTEs, trace records, counts). Returns the GFNs
+        mapped; 0 when the run does not start with such a region."""
+        vm, mmu = self.vm, self.vm.mmu
+        pos = gfn | sbits
+        if not mmu.bulk or pos & 511 or vm.has_private_mem:
+            return 0
+        pfn0 = slot.hva(gfn) >> PAGE_SHIFT
+        host_level, host_end = vm.host.run_at(pfn0)
+        n = min(stop - gfn, host_end - pfn0) >> 9
+        if host_level != 2 or n < 2:
+            return 0
+        head: list[Link] = []
+        found = mmu.leaf_table_run(root, pos, n << 9, head, level=2)
+        if found is None or found[3] is not None or found[1] == found[2]:
+            return 0
+        table, i, j, _, _ = found
+        count = (j - i) << 9
+        leaf0 = self.leaf_bits(2, not slot.flags & _READONLY, vm.ipat) | (pfn0 << S.PFN_SHIFT)
+        leaves = np.uint64(leaf0) + (np.arange(j - i, dtype=np.uint64) << np.uint64(21))
+        ent = mmu.pool.entries(table)
+        mmu.trace.huge_leaves_set(root.as_id, pos, 2, table, i, ent[i:j].copy(), leaves, head)
+        mmu.set_leaves(root, table, i, leaves, 2)
+        vm.host.touch(pfn0, pfn0 + count)
+        self._mapped(gfn, gfn + count, 2, leaves=j - i)
+        self.res.pages += count
+        return count
 
     # -- 4 KiB leaves ----------------------------------------------------------------------------
     def map_4k(
@@ -436,8 +467,7 @@ class FaultPath:
         host_w = not slot.flags & _READONLY
         bits = self.leaf_bits(1, host_w, vm.ipat)
         pfn0 = self._backing(root, slot, gfn, count, count, gmem)
-        pfns = np.uint64(pfn0) + np.arange(count, dtype=np.uint64)
-        mmu.pool.write_rows(rows, (np.uint64(bits) | (pfns << S.U_SHIFT)).reshape(-1, 512))
+        mmu.pool.write_leaf_rows(rows, pfn0, bits)
         mmu.trace.tables_set(root.as_id, rows, pos, pfn0, bits, before, head, links)
         root.leaves[1] += count
         mmu.pages[1] += count
@@ -495,17 +525,18 @@ class FaultPath:
         if level > 1:
             res.pages += touched
 
-    def _mapped(self, start: int, end: int, level: int) -> None:
+    def _mapped(self, start: int, end: int, level: int, leaves: int = 1) -> None:
+        """[start, end) mapped: at 4K, or by `leaves` huge leaves of `level`."""
         res = self.res
         n = end - start
         res.mapped += n
-        res.levels[level] += 1 if level > 1 else n
+        res.levels[level] += leaves if level > 1 else n
         ref = self.vm.zapped.overlap(start, end)
         if ref:
             res.refaults += ref
             self.vm.zapped.remove(start, end)
             self.vm.stats_extra["refaults"] += ref
-        faults = 1 if level > 1 else n  # one EPT violation per leaf installed
+        faults = leaves if level > 1 else n  # one EPT violation per leaf installed
         if not self.prefetch:
             self.vm.vstat(self.vcpu, "pf_fixed", faults)
             self.fault(faults)

@@ -19,6 +19,7 @@ ENTRIES = 512
 CHUNK_SHIFT = 10
 CHUNK = 1 << CHUNK_SHIFT
 _CHUNK_MASK = CHUNK - 1
+_IDX = np.arange(ENTRIES, dtype=np.uint64)
 
 
 def _entries_chunk() -> np.ndarray:
@@ -103,12 +104,37 @@ class TablePool:
         for c, sel, r in self._by_chunk(idx):
             self._entries[c][r] = values[sel]
 
+    def write_leaf_rows(self, idx: np.ndarray, pfn0: int, bits: int) -> None:
+        """Row k of `idx` gets the leaves bits | (pfn0 + 512k + i) << 12, computed in place."""
+        for c, sel, r in self._by_chunk(idx):
+            k = np.arange(len(idx), dtype=np.uint64)[sel]
+            contiguous = len(r) and int(r[-1]) - int(r[0]) + 1 == len(r)
+            dest = self._entries[c][int(r[0]) : int(r[-1]) + 1] if contiguous else None
+            out = np.empty((len(r), ENTRIES), dtype=np.uint64) if dest is None else dest
+            np.add((k * np.uint64(ENTRIES) + np.uint64(pfn0))[:, None], _IDX, out=out)
+            out <<= np.uint64(S.PFN_SHIFT)
+            out |= np.uint64(bits)
+            if dest is None:
+                self._entries[c][r] = out
+
+    def fill_rows(self, idx: np.ndarray, value: np.uint64) -> None:
+        """Every entry of rows `idx` becomes `value`."""
+        for c, _sel, r in self._by_chunk(idx):
+            self._entries[c][r] = value
+
     def read_rows(self, idx: np.ndarray) -> np.ndarray:
         """A copy of rows `idx` (len(idx) x 512)."""
         out = np.empty((len(idx), ENTRIES), dtype=np.uint64)
         for c, sel, r in self._by_chunk(idx):
             out[sel] = self._entries[c][r]
         return out
+
+    def release_rows(self, idx: np.ndarray) -> None:
+        """`release` of each row of `idx`, in order."""
+        for c, _sel, r in self._by_chunk(idx):
+            self._level[c][r] = 0
+        self._free.extend(idx.tolist())
+        self.live -= len(idx)
 
     def release(self, idx: int) -> None:
         c, r = idx >> CHUNK_SHIFT, idx & _CHUNK_MASK

@@ -69,6 +69,48 @@ _ALL = np.arange(ENTRIES)
 _LEAF_KINDS = np.array([2, 1, 3], dtype=np.uint8)  # requested, changed, set_spte
 
 
+def _huge_records(
+    as_id: int,
+    pos: int,
+    level: int,
+    table: int,
+    i: int,
+    old: np.ndarray,
+    new: np.ndarray,
+    head: list[Link],
+) -> Fields:
+    """The records of `TraceRing.huge_leaves_set`."""
+    m = len(new)
+    gfns = _U(pos) + np.arange(m, dtype=np.uint64) * _U(span(level))
+    pfns = (new & S.U_ADDR) >> S.U_SHIFT
+    ptr = np.asarray(sptep(table, np.arange(i, i + m, dtype=np.uint64)), dtype=np.uint64)
+    # map_huge traces the request and the SET_SPTE without an address space (as_id 0).
+    cols = {
+        "kind": np.tile(_LEAF_KINDS, m),
+        "as_id": np.tile(np.array([0, as_id, 0], dtype=np.uint8), m),
+        "level": np.full(3 * m, level, dtype=np.uint8),
+        "gfn": np.repeat(gfns, 3),
+        "a": np.stack((pfns, old, new), axis=1).ravel(),
+        "b": np.stack((np.zeros_like(new), new, ptr), axis=1).ravel(),
+    }
+    if head:
+        lg, ll, la, lb = (np.array(col, dtype=np.uint64) for col in zip(*head, strict=True))
+        links: dict[str, np.ndarray] = {
+            "kind": np.full(len(head), int(Kind.SPTE_CHANGED), dtype=np.uint8),
+            "as_id": np.full(len(head), as_id, dtype=np.uint8),
+            "level": ll.astype(np.uint8),
+            "gfn": lg,
+            "a": la,
+            "b": lb,
+        }
+        cols = {
+            k: np.concatenate((v[:1], links[k].astype(v.dtype), v[1:])) for k, v in cols.items()
+        }
+    out: Fields = dict(cols)
+    out["c"] = 0
+    return out
+
+
 def _table_records(
     as_id: int,
     tables: np.ndarray,
@@ -358,6 +400,57 @@ class TraceRing:
 
         self._push(total, build)
 
+    def huge_leaves_set(
+        self,
+        as_id: int,
+        pos: int,
+        level: int,
+        table: int,
+        i: int,
+        old: np.ndarray,
+        new: np.ndarray,
+        head: Sequence[Link],
+    ) -> None:
+        """Faults installing huge leaves `new` at entries i, i+1, … of `table` (GFN positions
+        from `pos`, aligned; `old` a copy of the entries), one fault per leaf:
+        kvm_mmu_spte_requested, (the tables the first fault linked),
+        kvm_tdp_mmu_spte_changed, kvm_mmu_set_spte, as `map_huge` traces them."""
+        if self.capacity and len(new):
+            links = list(head)
+            self._push(
+                3 * len(new) + len(links),
+                lambda: _huge_records(as_id, pos, level, table, i, old, new, links),
+            )
+
+    def leaves_zapped(
+        self, as_id: int, bases: np.ndarray, old: np.ndarray, leaf: np.ndarray, per: np.ndarray
+    ) -> None:
+        """Leaf tables zapped at once: for each row k (GFN positions bases[k] + [0, 512)),
+        its present leaves `leaf[k]` (entries `old[k]`) go non-present, the records one
+        `spte_changed` per table writes (`per`: leaves per row); only the rows the ring can
+        keep are copied."""
+        total = int(per.sum())
+        if not self.capacity or not total:
+            return
+        tail = np.cumsum(per[::-1])
+        first = len(per) - 1 - int(np.searchsorted(tail, self.capacity))
+        first = max(0, first)
+        b, o, lf = bases[first:].copy(), old[first:].copy(), leaf[first:].copy()
+
+        def build() -> Fields:
+            gfns = (b.astype(np.uint64)[:, None] + _IDX)[lf]
+            return {
+                "kind": int(Kind.SPTE_CHANGED),
+                "as_id": as_id,
+                "level": 1,
+                "gfn": gfns,
+                "a": o[lf],
+                "b": NONPRESENT,
+                "c": 0,
+            }
+
+        self._push(total, build)
+
     def removed_table(
         self, pool: TablePool, table: int, as_id: int, shared: bool, cleared: int = 0
     ) -> None:
@@ -402,9 +495,8 @@ class TraceRing:
             _collect(pool, root_table, zap, shared, cleared, nodes, -1)
             # Tables whose records the ring can never keep give their copies back now.
             kept = _pick(nodes, self.capacity)
-            for k, node in enumerate(nodes):
-                if k not in kept:
-                    node.ent = node.ent[:0]
+            for k, node in enumerate(nodes):  # views until now: copy only what is kept
+                node.ent = node.ent.copy() if k in kept else node.ent[:0]
             self._push(sum(node.count for node in nodes), self._expander(nodes, as_id))
 
     def _expander(self, nodes: list[_Node], as_id: int) -> Callable[[], Fields]:
@@ -417,7 +509,7 @@ class _Node:
 
     level: int
     base: int
-    ent: np.ndarray  # a copy: the table is freed right after
+    ent: np.ndarray  # a copy (a view while collecting): the table is freed right after
     idx: np.ndarray  # the entries traced
     new: np.uint64  # what they become
     parent: int  # index of the parent node, -1 for none
@@ -455,7 +547,7 @@ def _collect(
     else:  # the zap level: its present entries go non-present, their tables are removed
         idx, new = present, NONPRESENT
     me = len(out)
-    out.append(_Node(level, base, ent.copy(), idx, new, parent))
+    out.append(_Node(level, base, ent, idx, new, parent))
     if level > 1:
         for i in present[(ent[present] & _PS) == 0].tolist():
             _collect(pool, pool.child(int(ent[i])), zap, shared, cleared, out, me, True)

@@ -159,8 +159,16 @@ def test_bulk_and_general_paths_leave_the_same_vm(data: st.DataObject, vm_type: 
     dirty = data.draw(st.sampled_from([0, LOG_DIRTY]))
     first = region_call(0, 0, 12 * MB, 0, gmem | dirty, tdx)
     seq = [first, ("access", {"vcpu": 0, "gpa": shared, "size": 8 * MB, "access": "write"})]
+    if vm_type == DEFAULT:  # transparent huge pages behind slot 1: 2 MiB leaves
+        thp = {"userspace_addr": HVA + GB, "len": 16 * MB, "advice": "hugepage"}
+        seq += [("host_advise", thp), region_call(1, 2 * GB, 12 * MB, 0, dirty, False)]
+        seq.append(("access", {"vcpu": 0, "gpa": 2 * GB + 2 * MB, "size": 10 * MB}))
+    if tdx:  # private pages in the mirror root too
+        private = {"address": 0, "size": 12 * MB, "attributes": PRIVATE}
+        prefault = {"vcpu": 0, "gpa": 0, "size": 8 * MB}
+        seq += [("set_memory_attributes", private), ("pre_fault", prefault)]
     slots: dict[int, tuple[int, int, int, int]] = {}
-    for step in range(data.draw(st.integers(3, 16))):
+    for step in range(data.draw(st.integers(5, 18))):
         name, args = seq[step] if step < len(seq) else data.draw(calls(vm_type, slots))
         at = float(step)
         answer = run(bulk, name, args, at)
