@@ -108,7 +108,7 @@ class TablePool:
         """Row k of `idx` gets the leaves bits | (pfn0 + 512k + i) << 12, computed in place."""
         for c, sel, r in self._by_chunk(idx):
             k = np.arange(len(idx), dtype=np.uint64)[sel]
-            contiguous = len(r) and int(r[-1]) - int(r[0]) + 1 == len(r)
+            contiguous = len(r) and bool(np.all(np.diff(r) == 1))  # ascending, no gap
             dest = self._entries[c][int(r[0]) : int(r[-1]) + 1] if contiguous else None
             out = np.empty((len(r), ENTRIES), dtype=np.uint64) if dest is None else dest
             np.add((k * np.uint64(ENTRIES) + np.uint64(pfn0))[:, None], _IDX, out=out)
