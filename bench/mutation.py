@@ -202,7 +202,8 @@ def load_equivalent() -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     return {e["name"]: e for e in data.get("mutants", [])}, data.get("classes", {})
 
 
-_LITERAL = re.compile(r"\"[^\"]*\"|'[^']*'|\bNone\b")
+# String literals (f-strings too: the detail often names the value) and None.
+_LITERAL = re.compile(r"(?<!\w)f?\"[^\"]*\"|(?<!\w)f?'[^']*'|\bNone\b")
 
 
 def rejection_detail_only(diff: str) -> bool:
@@ -225,13 +226,9 @@ def summarise(
         per_module.setdefault(module_of(name), Counter())[status] += 1
     survivors = []
     names = sorted(n for n, s in results.items() if s in ("survived", "suspicious"))
-    cached = {}
-    if OUT_JSON.exists():
-        cached = {sv["name"]: sv["diff"] for sv in json.loads(OUT_JSON.read_text())["survivors"]}
-    diffs = {n: _without_def_lines(cached[n]) for n in names if n in cached}
-    missing = [n for n in names if n not in diffs]
-    if missing:
-        diffs.update(mutant_diffs(missing))
+    # Always from this run's mutants: a name from an earlier run may stand for another mutant
+    # once its function has changed.
+    diffs = mutant_diffs(names)
     for name in names:
         diff = diffs[name]
         line = mutated_line(diff)

@@ -7,7 +7,7 @@ import errno
 import httpx
 import pytest
 
-from .helpers import MiB, assert_errno, assert_problem, etag, new_vm, ok, put_slot, state
+from .helpers import HVA, MiB, assert_errno, assert_problem, etag, new_vm, ok, put_slot, state
 
 
 @pytest.fixture
@@ -82,10 +82,39 @@ async def test_roots_stats_audit(client: httpx.AsyncClient, mapped: str) -> None
     assert roots[0]["role"] == "direct" and roots[0]["valid"] is True
     stats = ok(await client.get(f"/v1/vms/{mapped}/stats"))
     assert stats["pages_4k"] == 4
-    for name in ("remote_tlb_flush", "refaults", "zaps_all_fast", "zaps_slot_leafs"):
-        assert isinstance(stats[name], int)
+    counters = ("remote_tlb_flush", "refaults", "zaps_all_fast", "zaps_slot_leafs")
+    assert {k: stats[k] for k in counters} == dict.fromkeys(counters, 0)
     audit = ok(await client.get(f"/v1/vms/{mapped}/audit"))
     assert audit["ok"] is True and audit["violations"] == []
+
+
+async def test_counters_after_a_known_workload(client: httpx.AsyncClient, mapped: str) -> None:
+    """Each counter moves by exactly what the workload implies (vCPU 0 is in the guest since
+    its first access, so a flush that has to happen sends an IPI)."""
+    vm = mapped
+    zap = {"scope": "range", "gpa": 0, "size": 2 * 4096, "roots": "both"}
+    # 1. Two of the four pages zapped: one kvm_flush_remote_tlbs, with an IPI.
+    ok(await client.post(f"/v1/vms/{vm}/zaps", json=zap))
+    # 2. The four pages again: the two zapped ones refault, the other two are still mapped.
+    ok(await client.post(f"/v1/vms/{vm}/vcpus/0/accesses", json={"gpa": 0, "size": 4 * 4096}))
+    # 3. A slot deleted on a default VM with SLOT_ZAP_ALL: kvm_mmu_zap_all_fast, which flushes
+    #    nothing (each vCPU flushes when it loads its new root).
+    ok(await put_slot(client, vm, 1, gpa=4 * MiB, size=MiB, hva=HVA + 4 * MiB))
+    ok(await client.delete(f"/v1/vms/{vm}/memslots/1"))
+    # 4. The quirk disabled, a mapped slot deleted: only its leaves (kvm-memslots.md §4.1),
+    #    with a flush since a valid root lost leaves.
+    ok(await client.post(f"/v1/vms/{vm}/vcpus/0/accesses", json={"gpa": 0, "size": 4096}))
+    cap = {"cap": "KVM_CAP_DISABLE_QUIRKS2", "args": [1 << 7]}  # KVM_X86_QUIRK_SLOT_ZAP_ALL
+    ok(await client.post(f"/v1/vms/{vm}/enable-cap", json=cap))
+    ok(await client.delete(f"/v1/vms/{vm}/memslots/0"))
+    stats = ok(await client.get(f"/v1/vms/{vm}/stats"))
+    counters = ("remote_tlb_flush", "refaults", "zaps_all_fast", "zaps_slot_leafs")
+    assert {k: stats[k] for k in counters} == {
+        "remote_tlb_flush": 2,  # steps 1 and 4
+        "refaults": 3,  # pages 0 and 1 after step 1, page 0 after the zap of step 3
+        "zaps_all_fast": 1,
+        "zaps_slot_leafs": 1,
+    }
 
 
 async def test_explicit_zaps_and_events(client: httpx.AsyncClient, mapped: str) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.engine import addr
 from app.engine.uapi import PAGE_SIZE
 
 
+@settings(max_examples=100, derandomize=True, database=None, deadline=None)
 @given(st.integers(0, (1 << 52) - 1))
 def test_gpa_and_gfn_round_trip_on_page_boundaries(gfn: int) -> None:
     assert addr.gpa_to_gfn(addr.gfn_to_gpa(gfn)) == gfn
@@ -33,6 +34,7 @@ def test_the_td_shared_bit_is_gpa_bit_47_or_51() -> None:
     assert addr.gfn_to_gpa(addr.shared_gfn_bit(5)) == 1 << 51
 
 
+@settings(max_examples=100, derandomize=True, database=None, deadline=None)
 @given(st.integers(0, (1 << 35) - 1), st.sampled_from([4, 5]))
 def test_shared_alias_and_strip_are_inverse(gfn: int, levels: int) -> None:
     bits = addr.shared_gfn_bit(levels)

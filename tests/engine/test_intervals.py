@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.engine.intervals import IntervalSet
@@ -12,6 +12,7 @@ ops = st.lists(
 )
 
 
+@settings(max_examples=100, derandomize=True, database=None, deadline=None)
 @given(ops)
 def test_add_and_remove_match_a_set_model(steps: list[tuple[bool, int, int]]) -> None:
     s, model = IntervalSet(), set()

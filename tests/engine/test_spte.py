@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.engine import spte as S
@@ -35,6 +35,7 @@ def test_accessed_exec_and_ipat_bits_follow_the_arguments() -> None:
     assert e & S.SPTE_MMU_PRESENT and e & S.EPT_R
 
 
+@settings(max_examples=100, derandomize=True, database=None, deadline=None)
 @given(st.integers(0, (1 << 40) - 1))
 def test_pfn_round_trips_through_a_leaf_and_a_non_leaf(pfn: int) -> None:
     assert S.pfn_of(bits() | (pfn << S.PFN_SHIFT)) == pfn
@@ -42,6 +43,7 @@ def test_pfn_round_trips_through_a_leaf_and_a_non_leaf(pfn: int) -> None:
     assert S.pfn_of(table) == pfn and not S.is_leaf(table, 2) and not S.is_mmio(table)
 
 
+@settings(max_examples=100, derandomize=True, database=None, deadline=None)
 @given(st.integers(0, (1 << 35) - 1), st.integers(0, (1 << 19) - 1))
 def test_mmio_sptes_keep_their_generation(gfn: int, gen: int) -> None:
     e = S.mmio_spte(gfn, gen)

@@ -228,7 +228,7 @@ def test_lifecycle_state_survives_a_snapshot() -> None:
     assert lifecycle(back)["td_state"] == "runnable"
 
 
-@settings(max_examples=25, deadline=None)
+@settings(derandomize=True, database=None, max_examples=25, deadline=None)
 @given(
     pages=st.lists(st.integers(0, 63), min_size=1, max_size=12, unique=True),
     accesses=st.lists(st.integers(0, 63), max_size=8),

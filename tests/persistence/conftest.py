@@ -19,6 +19,7 @@ from app.db.session import sync_url
 from app.services.engine_port import EnginePort
 from app.services.vms import VmService
 from tests.conftest import require
+from tests.persistence.flavours import FLAVOURS, Flavour
 
 PG_URL = os.environ.get("VKMMU_TEST_PG_URL")
 BACKENDS = ["sqlite", "postgresql"]
@@ -72,6 +73,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     require(bool(PG_URL), "PostgreSQL (VKMMU_TEST_PG_URL)")
     with scratch_pg_database(PG_URL) as url:
         yield url
+
+
+@pytest.fixture(params=FLAVOURS, ids=str)
+def flavour(request: pytest.FixtureRequest) -> Flavour:
+    """The real engine, then the stand-in."""
+    return request.param  # type: ignore[no-any-return]
 
 
 @pytest.fixture

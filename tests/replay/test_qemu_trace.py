@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.services import qemu_trace
@@ -114,6 +114,7 @@ def test_every_sample_trace_parses_without_errors() -> None:
     assert any(c.slot >= 65536 for c in vga.calls)  # the older format's SMM slots
 
 
+@settings(max_examples=100, derandomize=True, database=None, deadline=None)
 @given(
     st.builds(
         TraceCall,
