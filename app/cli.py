@@ -40,6 +40,10 @@ def is_loopback(host: str) -> bool:
         return False  # a name: it may resolve to anything
 
 
+# Seconds a thread may hold the GIL while another waits for it (CPython's default: 5 ms).
+SWITCH_INTERVAL_S = 0.001
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -56,6 +60,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
 
+    # A long engine call (an access of a TiB) holds the GIL between its numpy passes; other
+    # threads (the event loop, other VMs' calls) get it back within this interval, not 5 ms.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -20,7 +20,7 @@ from app.api.middleware import (
     RequestContextMiddleware,
 )
 from app.api.mmu_metrics import MmuMetrics
-from app.api.openapi_names import operation_id, sdk_friendly
+from app.api.openapi_names import operation_id, sdk_friendly, token_optional
 from app.api.router import include_routers
 from app.api.warmup import build_routes, warm_worker_threads
 from app.config import Settings
@@ -86,7 +86,8 @@ def create_app(settings: Settings | None = None, service: Any | None = None) -> 
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = sdk_friendly(problem_media_types(FastAPI.openapi(app)))
+            spec = sdk_friendly(problem_media_types(FastAPI.openapi(app)))
+            app.openapi_schema = spec if settings.auth_enabled() else token_optional(spec)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

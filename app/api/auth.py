@@ -277,4 +277,8 @@ def principal_of(request: Request) -> Principal:
     return found if isinstance(found, Principal) else OPEN
 
 
-PrincipalDep = Annotated[Principal, Depends(principal_of)]
+async def _principal_dep(request: Request) -> Principal:
+    return principal_of(request)  # a coroutine: a plain `def` dependency costs a thread hop
+
+
+PrincipalDep = Annotated[Principal, Depends(_principal_dep)]

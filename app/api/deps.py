@@ -84,10 +84,16 @@ def get_service(request: Request) -> VmServiceLike:
     return service
 
 
-ServiceDep = Annotated[VmServiceLike, Depends(get_service)]
+async def _service(request: Request) -> VmServiceLike:
+    # Dependencies are coroutines: FastAPI runs a plain `def` one in a worker thread, and
+    # those thread hops cost more than a journaled call.
+    return get_service(request)
 
 
-def _if_match(
+ServiceDep = Annotated[VmServiceLike, Depends(_service)]
+
+
+async def _if_match(
     if_match: Annotated[
         str | None,
         Header(

@@ -141,10 +141,17 @@ R_AUTH = {
         },
     },
 }
-# Every route: a parameter may be malformed, the database may be out (retry), and the
-# service may fail.
+# Any request at all, before any route: the request line and headers past
+# VKMMU_MAX_HEADER_BYTES.
+R_HEADERS = {
+    431: _problem_response(431, "The request line and headers exceed VKMMU_MAX_HEADER_BYTES")
+}
+# Every route: a parameter may be malformed, the request line and headers may be too large
+# (answered before any route, VKMMU_MAX_HEADER_BYTES), the database may be out (retry), and
+# the service may fail.
 R_COMMON = {
     422: _problem_response(422, "A parameter or the body is not the right shape"),
+    **R_HEADERS,
     500: _problem_response(500, "Unexpected failure of the service"),
     503: {
         **_problem_response(503, "The database is unavailable; retry after `Retry-After`"),

@@ -105,10 +105,24 @@ def strict_booleans(cls: Any, data: Any) -> Any:
     null where the field allows it), never a number or a string pydantic would coerce."""
     if not isinstance(data, dict):
         return data
-    for name, info in cls.model_fields.items():
-        if not _takes_bool(info.annotation):
-            continue
-        key = info.alias if info.alias is not None and info.alias in data else name
+    for name, alias in _bool_fields(cls):
+        key = alias if alias is not None and alias in data else name
         if key in data and data[key] is not None and not isinstance(data[key], bool):
             raise ValueError(f"{key}: expected a JSON boolean (true or false)")
     return data
+
+
+_BOOL_FIELDS: dict[Any, tuple[tuple[str, str | None], ...]] = {}
+
+
+def _bool_fields(cls: Any) -> tuple[tuple[str, str | None], ...]:
+    """(name, alias) of the model's boolean fields, found once per model (a batch body
+    validates thousands of regions)."""
+    found = _BOOL_FIELDS.get(cls)
+    if found is None:
+        found = _BOOL_FIELDS[cls] = tuple(
+            (name, info.alias)
+            for name, info in cls.model_fields.items()
+            if _takes_bool(info.annotation)
+        )
+    return found

@@ -136,6 +136,7 @@ class MmuMetrics:
             "vkmmu_events", f"Events published on the live stream, by type {own}", ("type",),
             registry=r,
         )  # fmt: skip
+        self._event_counters: dict[str, Any] = {}
         self.http_requests = Counter(
             "vkmmu_http_requests",
             f"HTTP requests by method, route template and status {own}",
@@ -178,7 +179,11 @@ class MmuMetrics:
         self._scrape.bus = bus
 
     def on_event(self, ev: Event) -> None:
-        self.events.labels(ev.type if ev.type in EVENT_TYPES else "other").inc()
+        kind = ev.type if ev.type in EVENT_TYPES else "other"
+        counter = self._event_counters.get(kind)
+        if counter is None:  # `labels()` costs a lock and a lookup: once per type
+            counter = self._event_counters[kind] = self.events.labels(kind)
+        counter.inc()
         d = ev.data
         if ev.type == "zap":
             self._zap(ev.vm, d)

@@ -132,3 +132,13 @@ def sdk_friendly(spec: dict[str, Any]) -> dict[str, Any]:
     comps = spec.get("components", {}).get("schemas", {})
     spec["components"]["schemas"] = {renames.get(k, k): v for k, v in comps.items()}
     return spec
+
+
+def token_optional(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec of a service running open (no admin token): every call may also be made
+    without a token (`{}` among the security requirements, OpenAPI's "optional")."""
+    for ops in spec.get("paths", {}).values():
+        for op in ops.values():
+            if op.get("security") and {} not in op["security"]:
+                op["security"] = [*op["security"], {}]
+    return spec

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from app.db.jsoncodec import json_loads
 from app.db.models import JournalRecord, SnapshotRow, VmRow, utcnow
 
 
@@ -24,6 +25,25 @@ def get_vm(session: Session, vm_id: str, *, lock: bool = False) -> VmRow | None:
     if lock:
         stmt = stmt.with_for_update(key_share=True)
     return session.execute(stmt).scalar_one_or_none()
+
+
+class VmHead(NamedTuple):
+    """What a call needs of the VM row: its version, whether it is deleted, its tenant (not
+    the JSON columns, which a call never reads)."""
+
+    last_seq: int
+    deleted: bool
+    tenant: str
+
+
+def vm_head(session: Session, vm_id: str, *, lock: bool = False) -> VmHead | None:
+    """The VM's head, through Core (no ORM identity, no JSON decoding); `lock` as in `get_vm`."""
+    v = VmRow.__table__.c
+    stmt = select(v.last_seq, v.deleted, v.tenant).where(v.id == vm_id)
+    if lock:
+        stmt = stmt.with_for_update(key_share=True)
+    row = session.connection().execute(stmt).first()
+    return None if row is None else VmHead(int(row[0]), bool(row[1]), str(row[2]))
 
 
 def list_vms(
@@ -95,20 +115,54 @@ def journal_after(
     return session.execute(stmt).scalars().all()
 
 
+# Records replay reads per query: a long journal is read in pages, never all in one result.
+REPLAY_PAGE = 4096
+
+
 def replay_entries(
     session: Session, vm_id: str, after_seq: int, upto_seq: int | None = None
-) -> Sequence[JournalEntry]:
-    """What replay needs of the records `journal_after` selects: plain rows (Core), no ORM
-    identity or change tracking per record, and never the stored answers."""
-    j = JournalRecord
-    stmt = (
-        select(j.seq, j.op, j.args, j.error, j.at, j.meta)
-        .where(j.vm_id == vm_id, j.seq > after_seq)
-        .order_by(j.seq)
+) -> list[JournalEntry]:
+    """What replay needs of the records `journal_after` selects, read in pages of
+    `REPLAY_PAGE` on the session's bare DBAPI cursor: no ORM, no SQL compilation, never the
+    stored answers. JSON columns are decoded with orjson; SQLite's datetime text (the
+    `DateTime` type's own format, naive UTC) with `datetime.fromisoformat`."""
+    conn = session.connection()
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    upto = (1 << 63) - 1 if upto_seq is None else upto_seq
+    sql = (
+        "SELECT seq, op, args, error, at, meta FROM journal "
+        f"WHERE vm_id = {mark} AND seq > {mark} AND seq <= {mark} ORDER BY seq LIMIT {mark}"
     )
-    if upto_seq is not None:
-        stmt = stmt.where(j.seq <= upto_seq)
-    return [JournalEntry(*row) for row in session.execute(stmt)]
+    out: list[JournalEntry] = []
+    cur = conn.connection.cursor()
+    try:
+        last = after_seq
+        while True:
+            cur.execute(sql, (vm_id, last, upto, REPLAY_PAGE))
+            rows = cur.fetchall()
+            for seq, op, args, error, at, meta in rows:
+                out.append(
+                    JournalEntry(
+                        int(seq),
+                        op,
+                        _json(args),
+                        _json(error),
+                        datetime.fromisoformat(at) if isinstance(at, str) else at,
+                        _json(meta),
+                    )
+                )
+            if len(rows) < REPLAY_PAGE:
+                return out
+            last = int(rows[-1][0])
+    finally:
+        cur.close()
+
+
+def _json(value: Any) -> Any:
+    """A JSON column as the driver hands it: text (SQLite) or already decoded (psycopg)."""
+    if isinstance(value, str | bytes):
+        return json_loads(value)
+    return value
 
 
 def append_journal(
@@ -135,6 +189,78 @@ def append_journal(
     )
     session.add(rec)
     return rec
+
+
+class JournalRow(NamedTuple):
+    """One journal record as the fast append writes it: JSON columns already serialised."""
+
+    seq: int
+    op: str
+    args: str
+    result: str
+    error: str
+    at: datetime
+    meta: str
+
+
+class JournalWriter:
+    """The journal append on a bare DBAPI cursor: fixed SQL, values already in their stored
+    form, no ORM unit of work and no statement compilation. A memslot call appends one record
+    and moves its VM row; through the ORM that cost more than the call itself.
+
+    Values are stored exactly as the models' types store them (the dialect's own datetime and
+    boolean processors, JSON text), so every reader, replay included, sees the same rows."""
+
+    def __init__(self, dialect: Any) -> None:
+        j, v = JournalRecord.__table__.c, VmRow.__table__.c
+        self._at = j.at.type.dialect_impl(dialect).bind_processor(dialect) or _same
+        self._bool = v.deleted.type.dialect_impl(dialect).bind_processor(dialect) or _same
+        self.postgres = dialect.name == "postgresql"
+        mark = "?" if dialect.paramstyle == "qmark" else "%s"
+
+        def sql(text: str) -> str:
+            return text.replace("?", mark)
+
+        self._head = sql("SELECT last_seq, deleted, tenant FROM vms WHERE id = ?")
+        self._insert = sql(
+            "INSERT INTO journal (vm_id, seq, op, args, result, error, at, meta) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        self._move = sql("UPDATE vms SET last_seq = ?, summary = ? WHERE id = ?")
+        self._tombstone = sql(
+            "UPDATE vms SET last_seq = ?, summary = ?, deleted = ?, deleted_at = ? WHERE id = ?"
+        )
+
+    def head(self, cur: Any, vm_id: str, *, lock: bool = False) -> VmHead | None:
+        """`vm_head` on the cursor's transaction (`lock`: PostgreSQL's row lock, as there)."""
+        cur.execute(self._head + (" FOR NO KEY UPDATE" if lock and self.postgres else ""), (vm_id,))
+        row = cur.fetchone()
+        return None if row is None else VmHead(int(row[0]), bool(row[1]), str(row[2]))
+
+    def append(
+        self,
+        cur: Any,
+        vm_id: str,
+        rows: Sequence[JournalRow],
+        *,
+        summary: str,
+        deleted: bool = False,
+    ) -> None:
+        """Insert `rows` (in order, consecutive) and move the VM row to the last one."""
+        at = self._at
+        cur.executemany(
+            self._insert,
+            [(vm_id, r.seq, r.op, r.args, r.result, r.error, at(r.at), r.meta) for r in rows],
+        )
+        last = rows[-1].seq
+        if deleted:
+            cur.execute(self._tombstone, (last, summary, self._bool(True), at(utcnow()), vm_id))
+        else:
+            cur.execute(self._move, (last, summary, vm_id))
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def get_snapshot(session: Session, snapshot_id: str) -> SnapshotRow | None:

@@ -13,15 +13,17 @@ writers never both read `last_seq` and then race to append the same record.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import orjson
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.jsoncodec import json_dumps, json_loads
+from app.db.repository import JournalWriter
 
 # Seconds a SQLite writer waits for the write lock before giving up ("database is locked").
 SQLITE_BUSY_TIMEOUT_S = 60.0
@@ -49,21 +51,13 @@ def sync_url(url: str | URL) -> URL:
 SQLITE_SYNCHRONOUS = ("normal", "full")
 
 
-def json_loads(text: str | bytes) -> Any:
-    """JSON columns read with orjson (replay decodes every record's args); a document orjson
-    refuses (an integer past 64 bits) falls back to the standard parser."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
-
-
 def _make_sqlite_engine(url: URL, *, immediate: bool, synchronous: str = "normal") -> Engine:
     if synchronous not in SQLITE_SYNCHRONOUS:
         raise ValueError(f"sqlite synchronous must be one of {SQLITE_SYNCHRONOUS}")
     engine = create_engine(
         url,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+        json_serializer=json_dumps,
         json_deserializer=json_loads,
     )
 
@@ -104,9 +98,12 @@ class Database:
                 self.url,
                 pool_pre_ping=True,
                 connect_args={"connect_timeout": 10},
+                json_serializer=json_dumps,
                 json_deserializer=json_loads,
             )
             self._read_engine = self._write_engine
+        self._dbapi_error: type[Exception] = self._write_engine.dialect.loaded_dbapi.Error
+        self.journal = JournalWriter(self._write_engine.dialect)
         self._write = sessionmaker(self._write_engine, expire_on_commit=False)
         self._read = sessionmaker(self._read_engine, expire_on_commit=False)
 
@@ -119,6 +116,43 @@ class Database:
         """A transaction that commits on normal exit and rolls back on an exception."""
         with self._write() as session, session.begin():
             yield session
+
+    @contextmanager
+    def raw_write(self) -> Iterator[Any]:
+        """A write transaction on a bare DBAPI cursor (SQLite: BEGIN IMMEDIATE), for the
+        journal append. Driver errors come out as SQLAlchemy's (an outage stays a 503)."""
+        conn = self._write_engine.raw_connection()
+        try:
+            cur = conn.cursor()
+            try:
+                if self.sqlite:
+                    cur.execute("BEGIN IMMEDIATE")
+                yield cur
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            finally:
+                cur.close()
+        except self._dbapi_error as e:
+            raise sa_exc.DBAPIError.instance(
+                None, None, e, self._dbapi_error, dialect=self._write_engine.dialect
+            ) from e
+        finally:
+            conn.close()
+
+    @contextmanager
+    def cursor_of(self, session: Session) -> Iterator[Any]:
+        """A bare DBAPI cursor inside `session`'s transaction (errors translated likewise)."""
+        cur = session.connection().connection.cursor()
+        try:
+            yield cur
+        except self._dbapi_error as e:
+            raise sa_exc.DBAPIError.instance(
+                None, None, e, self._dbapi_error, dialect=self._write_engine.dialect
+            ) from e
+        finally:
+            cur.close()
 
     @contextmanager
     def read(self) -> Iterator[Session]:

@@ -30,10 +30,12 @@ import json
 import struct
 import zlib
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from .gmem import GmemFile
 from .host_profile import HostProfile
@@ -291,7 +293,22 @@ def _host_json(vm: Vm) -> dict[str, Any]:
     }
 
 
-def _state_json(vm: Vm) -> dict[str, Any]:
+def _slot_row(s: Memslot) -> tuple[Any, ...]:
+    return (
+        s.as_id, s.id, s.base_gfn, s.npages, s.flags, s.userspace_addr, s.guest_memfd,
+        s.guest_memfd_offset, s.invalid, s.gmem_only,
+    )  # fmt: skip
+
+
+_SLOT_KEYS = (
+    "as_id", "id", "base_gfn", "npages", "flags", "userspace_addr", "guest_memfd",
+    "guest_memfd_offset", "invalid", "gmem_only",
+)  # fmt: skip
+
+
+def _state_json(vm: Vm, slot: Callable[[Memslot], Any] = _slot_json) -> dict[str, Any]:
+    """The state document; `slot` encodes each memslot (`capture` takes plain tuples, turned
+    into their JSON objects later, outside the VM's lock)."""
     mmu, gmem = vm.mmu, vm.gmem
     return {
         "schema": SCHEMA,
@@ -320,7 +337,7 @@ def _state_json(vm: Vm) -> dict[str, Any]:
             for v in vm.vcpus.values()
         ],
         "spaces": [
-            {"generation": sp.generation, "slots": [_slot_json(s) for s in sp.by_gfn()]}
+            {"generation": sp.generation, "slots": [slot(s) for s in sp.by_gfn()]}
             for sp in vm.spaces
         ],
         "gmem": {
@@ -346,7 +363,7 @@ def _state_json(vm: Vm) -> dict[str, Any]:
         "zapped": vm.zapped.to_list(),
         "stats_kvm": dict(vm.stats_kvm),
         "stats_extra": dict(vm.stats_extra),
-        "events": vm.events,
+        "events": list(vm.events),
         "event_seq": vm.event_seq,
     }
 
@@ -357,18 +374,69 @@ def dumps(vm: Vm) -> bytes:
 
     Written into one buffer as it is encoded (a chunk of tables, a page at a time), which
     becomes the snapshot without a copy: the peak is the snapshot plus one chunk."""
+    pages = [("host", vm.host.contents)] + [(f"gmem/{f.fd}", f.contents) for f in vm.gmem]
+    dirty = (np.packbits(bm) for bm in vm.dirty.values())
+    return _encode(_state_json(vm), vm.mmu.pool.export_chunks(), dirty, pages)
+
+
+@dataclass
+class Capture:
+    """A VM's state copied at one instant, for `encode` to turn into a snapshot later: what
+    must be consistent is copied (under the service's VM lock), the slow part (the JSON of
+    every memslot, compression, the checksum) runs after, while calls go on."""
+
+    state: dict[str, Any]
+    tables: list[dict[str, np.ndarray]]
+    dirty: list[np.ndarray]
+    pages: list[tuple[str, dict[int, bytes]]]
+
+
+def capture(vm: Vm) -> Capture:
+    """Copy what a snapshot of `vm` needs: the state document with memslots as tuples, the
+    live page-table rows, packed dirty bitmaps, written pages. Reads only."""
+    tables = [{k: np.array(a) for k, a in c.items()} for c in vm.mmu.pool.export_chunks()]
+    pages = [("host", vm.host.contents)] + [(f"gmem/{f.fd}", f.contents) for f in vm.gmem]
+    return Capture(
+        state=_state_json(vm, _slot_row),
+        tables=tables,
+        dirty=[np.packbits(bm) for bm in vm.dirty.values()],
+        pages=[(name, {k: bytes(v) for k, v in d.items()}) for name, d in pages],
+    )
+
+
+def encode(c: Capture) -> bytes:
+    """The snapshot of a `capture` (the same bytes `dumps` gives of the VM at that instant)."""
+    state = dict(c.state)
+    state["spaces"] = [
+        {**sp, "slots": [dict(zip(_SLOT_KEYS, row, strict=True)) for row in sp["slots"]]}
+        for sp in state["spaces"]
+    ]
+    return _encode(state, iter(c.tables), iter(c.dirty), c.pages)
+
+
+def _state_bytes(state: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(state, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # an integer past 64 bits: the standard encoder takes it
+        return json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _encode(
+    state: dict[str, Any],
+    chunks: Iterator[dict[str, np.ndarray]],
+    dirty: Iterator[np.ndarray],
+    pages: list[tuple[str, dict[int, Any]]],
+) -> bytes:
     out = io.BytesIO()
     out.write(bytes(_HEADER.size))  # the header, once the body's digest is known
-    doc = json.dumps(_state_json(vm), sort_keys=True, separators=(",", ":")).encode()
+    doc = _state_bytes(state)
     out.write(_section("state", np.frombuffer(doc, dtype=np.uint8)))
-    for c, chunk in enumerate(vm.mmu.pool.export_chunks()):
+    for c, chunk in enumerate(chunks):
         for key, arr in chunk.items():
             out.write(_section(f"tables/{c}/{key}", arr, delta=key == "entries"))
-    for i, bm in enumerate(vm.dirty.values()):
-        out.write(_section(f"dirty/{i}", np.packbits(bm)))
-    for name, contents in [("host", vm.host.contents)] + [
-        (f"gmem/{f.fd}", f.contents) for f in vm.gmem
-    ]:
+    for i, bits in enumerate(dirty):
+        out.write(_section(f"dirty/{i}", bits))
+    for name, contents in pages:
         _write_pages(out, name, contents)
     with out.getbuffer() as whole, whole[_HEADER.size :] as body:
         digest = hashlib.sha256(body).digest()

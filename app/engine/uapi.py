@@ -7,6 +7,7 @@ Sources: ../shared/spec/kvm-memslots.md §1 and kvm-private-tdx.md appendix A
 from __future__ import annotations
 
 import enum
+import functools
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -159,4 +160,10 @@ def nr_address_spaces(vm_type: int) -> int:
 
 
 def flag_names(enum_cls: type[enum.IntFlag], value: int) -> list[str]:
-    return [m.name for m in enum_cls if m.name and value & m.value]
+    return list(_flag_names(enum_cls, value))
+
+
+@functools.lru_cache(maxsize=1024)
+def _flag_names(enum_cls: type[enum.IntFlag], value: int) -> tuple[str, ...]:
+    # Iterating an enum costs tens of microseconds; a memslot answer names its flags.
+    return tuple(m.name for m in enum_cls if m.name and value & m.value)

@@ -125,10 +125,12 @@ def footprint_need(counts: dict[str, int]) -> Need:
 SNAPSHOT_OVERHEAD_BYTES = 256 * 1024
 
 
-def snapshot_need(vm: Any) -> Need:
+def snapshot_need(vm: Any, *, copied: bool = False) -> Need:
     """The bytes of a snapshot of `vm` while it is written and stored: never more than the
-    state it encodes (pages, bitmaps, tables; compressed) plus `SNAPSHOT_OVERHEAD_BYTES`."""
-    return Need(bytes_held(vm) + SNAPSHOT_OVERHEAD_BYTES)
+    state it encodes (pages, bitmaps, tables; compressed) plus `SNAPSHOT_OVERHEAD_BYTES`;
+    `copied`: plus the copy of that state it is encoded from (`codec.capture`)."""
+    held = bytes_held(vm)
+    return Need(held * (2 if copied else 1) + SNAPSHOT_OVERHEAD_BYTES)
 
 
 def _split_need(vm: Any, op: str, args: dict[str, Any]) -> int:

@@ -93,6 +93,10 @@ class EnginePort:
     snapshot_footprint: Callable[[bytes], dict[str, int]] = _no_footprint
     # How many kvmmmu trace records the VM keeps (GET …/trace); 0 turns tracing off.
     set_trace_records: Callable[[Vm, int], None] = _no_trace
+    # A snapshot in two steps: `capture` copies what must be consistent (under the VM's lock),
+    # `encode` makes the bytes of it afterwards (`dumps` = both). None: `dumps` under the lock.
+    capture: Callable[[Vm], Any] | None = None
+    encode: Callable[[Any], bytes] | None = None
 
 
 def default_engine() -> EnginePort:
@@ -125,4 +129,6 @@ def default_engine() -> EnginePort:
         set_table_budget=set_table_budget,
         snapshot_footprint=codec.footprint,
         set_trace_records=set_trace_records,
+        capture=codec.capture,
+        encode=codec.encode,
     )

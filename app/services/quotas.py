@@ -3,7 +3,8 @@
 What a tenant token asks for is checked against its tenant's quotas before anything
 changes (ENOMEM, 507, and nothing journaled, as for the service's budgets): live VMs,
 manual snapshots, page-table bytes and content bytes (host-memory and guest_memfd pages
-written) of all its VMs together. Calls made by the admin are bound only by the service's
+written) of all its VMs together, and of the in-memory copies its what-ifs build while they
+run (app/services/whatif.py). Calls made by the admin are bound only by the service's
 budgets. The API says which tenant is acting (`acting_tenant`, set per request); the
 service never takes it from the VM, so a tenant's quota never trips an admin's call.
 
@@ -105,6 +106,40 @@ class TenantUsage:
                 f"need {need} more, past its quota of {q.content_bytes} "
                 "(VKMMU_TENANT_CONTENT_BYTES)",
             )
+
+    def reserve_copy(
+        self, tenant: str, key: str, tables_bytes: int, content_bytes: int, build_tables: int
+    ) -> int:
+        """Count an in-memory copy of a VM (a what-if's fork) under `key` until `forget(key)`:
+        its page tables and contents, ENOMEM (nothing counted) when either does not fit the
+        tenant's quotas beside what its VMs and other copies hold. Returns how many of the
+        `build_tables` more page tables the copy may build within the page-table quota (they
+        are counted too)."""
+        q = self.quotas
+        with self._lock:
+            tables = content = 0
+            for t, tb, cb in self._vms.values():
+                if t == tenant:
+                    tables += tb
+                    content += cb
+            if tables + tables_bytes > q.page_table_bytes:
+                raise KvmError(
+                    errno.ENOMEM,
+                    f"the tenant's VMs hold {tables} bytes of page tables; a copy of this VM "
+                    f"needs {tables_bytes} more, past its quota of {q.page_table_bytes} "
+                    "(VKMMU_TENANT_PAGE_TABLE_BYTES)",
+                )
+            if content + content_bytes > q.content_bytes:
+                raise KvmError(
+                    errno.ENOMEM,
+                    f"the tenant's VMs hold {content} bytes of memory contents; a copy of this "
+                    f"VM needs {content_bytes} more, past its quota of {q.content_bytes} "
+                    "(VKMMU_TENANT_CONTENT_BYTES)",
+                )
+            room = (q.page_table_bytes - tables - tables_bytes) // TABLE_BYTES
+            build = max(0, min(build_tables, room))
+            self._vms[key] = (tenant, tables_bytes + build * TABLE_BYTES, content_bytes)
+            return build
 
     def settle(self, tenant: str, vm_id: str, held: dict[str, int]) -> None:
         with self._lock:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import copy
 import errno
 import functools
 import hashlib
@@ -50,11 +49,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
+import orjson
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.db import repository as repo
+from app.db.jsoncodec import json_loads
 from app.db.models import SnapshotRow, VmRow, utcnow
 from app.db.session import Database
 from app.engine.errors import KvmError
@@ -170,18 +171,36 @@ def _iso(dt: datetime) -> str:
     return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _json_bytes(value: Any) -> bytes:
+    """`value` as JSON (orjson; the standard encoder for what orjson refuses, an integer past
+    64 bits)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return json.dumps(value).encode()
+
+
 def _json_copy(value: Any) -> Any:
     """A private, JSON-only deep copy (what the journal will store, and what replay will see)."""
-    return json.loads(json.dumps(value))
+    return json_loads(_json_bytes(value))
 
 
-def _result_summary(result: Any) -> Any:
-    encoded = json.dumps(result)
+def _result_json(result: Any) -> bytes:
+    """What the journal keeps of a result, as JSON: the result, or past `RESULT_INLINE_MAX`
+    bytes a summary of it (replay never reads results)."""
+    encoded = _json_bytes(result)
     if len(encoded) <= RESULT_INLINE_MAX:
-        return json.loads(encoded)
-    digest = hashlib.sha256(encoded.encode()).hexdigest()
+        return encoded
+    digest = hashlib.sha256(encoded).hexdigest()
     keys = sorted(result) if isinstance(result, dict) else None
-    return {"_summary": True, "bytes": len(encoded), "sha256": digest, "keys": keys}
+    return _json_bytes({"_summary": True, "bytes": len(encoded), "sha256": digest, "keys": keys})
+
+
+def _journaled(op: OpLike) -> tuple[dict[str, Any], bytes]:
+    """The args a record keeps (a private copy of `op.to_json()`, taken before the call) and
+    their JSON."""
+    encoded = _json_bytes(op.to_json())
+    return json_loads(encoded), encoded
 
 
 def _error_json(e: KvmError) -> dict[str, Any]:
@@ -245,38 +264,16 @@ class VmHandle:
 
 
 @dataclass
-class _Replay:
-    seq: int
-    op: str
-    args: dict[str, Any]
-    error: dict[str, Any] | None
-    at: float
-    durations: list[int] | None = None
-    # The page-table budget the call ran with (None: journaled before budgets were recorded).
-    table_budget: int | None = None
-
-    @classmethod
-    def of(cls, rec: repo.JournalEntry) -> _Replay:
-        at = us_to_engine_time(datetime_to_us(rec.at))
-        meta = rec.meta or {}
-        return cls(
-            rec.seq,
-            rec.op,
-            rec.args,
-            rec.error,
-            at,
-            meta.get("durations"),
-            meta.get("table_budget"),
-        )
-
-
-@dataclass
 class _Outcome:
     """What a mutating call's worker thread hands back to the event loop."""
 
     result: Any
     seq: int
     error: KvmError | None
+    # The args journaled, and `vm.info()` right after the call (None once destroyed): what
+    # the event streams are told.
+    args: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] | None = None
 
 
 class CallFeed(Protocol):
@@ -300,7 +297,7 @@ class _StopAtFirstError:
         if done == len(self.calls) or (done and isinstance(self.outcomes[-1], KvmError)):
             return None
         name, args = self.calls[done]
-        return name, copy.deepcopy(args)
+        return name, _json_copy(args)
 
     def record(self, outcome: Any) -> None:
         self.outcomes.append(outcome)
@@ -318,6 +315,7 @@ class _Step:
     seq: int = 0
     # What the record costs to store (and replay reads): its args and result, serialised.
     journal_bytes: int = 0
+    args_json: bytes = b"{}"
     stats: dict[str, Any] = field(default_factory=dict)
     # Taken right after the step (a batch appends its records after its last step): what
     # replay reuses (durations, budget) and the row's summary of the state.
@@ -746,33 +744,32 @@ class VmService:
         steps: list[tuple[OpLike, dict[str, Any], _Step]] = []
         try:
             with self.db.read() if split else self.db.write() as s:
-                row = self._live_row(s, h.vm_id, lock=not split)
-                if if_match is not None and not etag_matches(if_match, row.last_seq):
-                    raise PreconditionFailed(if_match, etag(row.last_seq))
-                vm = self._catch_up(s, h, row.last_seq)
-                base_seq = row.last_seq
+                head = self._head(s, h.vm_id, lock=not split)
+                if if_match is not None and not etag_matches(if_match, head.last_seq):
+                    raise PreconditionFailed(if_match, etag(head.last_seq))
+                vm = self._catch_up(s, h, head.last_seq)
+                base_seq = seq = head.last_seq
                 if not split:
                     touched = True
                     n = self._batch_steps(h, vm, feed, max_calls, steps)
-                    self._append_batch(s, h, row, vm, steps)
+                    if steps:
+                        with self.db.cursor_of(s) as cur:
+                            seq = self._append(cur, h, head, vm, steps, destroy=False)
             if split:
                 touched = True
                 n = self._batch_steps(h, vm, feed, max_calls, steps)
                 if steps:
                     # The short write transaction: a check, the batch's inserts, commit.
-                    with self.db.write() as s:
-                        row = self._live_row(s, h.vm_id, lock=True)
-                        if row.last_seq != base_seq:
+                    with self.db.raw_write() as cur:
+                        head = self._raw_head(cur, h.vm_id)
+                        if head.last_seq != base_seq:
                             h.discard()
                             raise KvmError(
                                 errno.EBUSY,
                                 "another process changed the VM during this batch; nothing "
                                 "of the batch was journaled",
                             )
-                        self._append_batch(s, h, row, vm, steps)
-                seq = row.last_seq
-            else:
-                seq = row.last_seq
+                        seq = self._append(cur, h, head, vm, steps, destroy=False)
         except BaseException as e:
             if touched and not isinstance(e, KvmError):
                 h.discard()
@@ -791,8 +788,9 @@ class VmService:
         steps: list[tuple[OpLike, dict[str, Any], _Step]],
     ) -> int:
         """Run the feed's calls on the engine (no database work); the steps to journal go
-        to `steps`, each with what its record keeps of the state right after it. Answers
-        the calls applied."""
+        to `steps`, each with what its record keeps of the state right after it (the row's
+        summary only after the last one: the row keeps the batch's end state). Answers the
+        calls applied."""
         n = 0
         while n < max_calls and (call := feed.next_call()) is not None:
             name, args = call  # the feed's own dict: it hands out a fresh one
@@ -802,26 +800,17 @@ class VmService:
             n += 1
             try:
                 op = self.engine.parse(name, args)
-                journaled = _json_copy(op.to_json())
+                journaled, encoded = _journaled(op)
                 step = self._engine_step(h, vm, op, journaled)
             except KvmError as e:
                 feed.record(e)  # nothing changed: no record, as in `mutate`
                 continue
-            step.summary = self._summary(vm)
+            step.args_json = encoded
             feed.record(step.raised if step.raised is not None else step.result)
             steps.append((op, journaled, step))
+        if steps:
+            steps[-1][2].summary = self._summary(vm)
         return n
-
-    def _append_batch(
-        self,
-        s: Session,
-        h: VmHandle,
-        row: VmRow,
-        vm: Vm,
-        steps: list[tuple[OpLike, dict[str, Any], _Step]],
-    ) -> None:
-        for op, journaled, step in steps:
-            self._append(s, h, row, vm, op, journaled, step, destroy=False)
 
     async def _mutate(
         self, vm_id: str, op: OpLike, *, if_match: str | None, destroy: bool
@@ -829,8 +818,7 @@ class VmService:
         async with self._locked(vm_id) as h:
             out = await self._run(self._mutate_sync, h, op, if_match, destroy)
             if out.error is None:  # committed: tell the streams (under the lock: in order)
-                info = None if h.vm is None else h.vm.info()
-                self.events.publish_call(vm_id, op.name, op.to_json(), out.result, info)
+                self.events.publish_call(vm_id, op.name, out.args, out.result, out.info)
             if destroy:
                 self._handles.pop(vm_id, None)
             else:
@@ -851,10 +839,10 @@ class VmService:
         appended to this VM meanwhile, the step is redone once more under the write lock, as
         on PostgreSQL: two processes writing one VM make progress, never livelock."""
         # Taken before the call: the journal keeps the operation as it came in.
-        args = _json_copy(op.to_json())
-        out = self._mutate_once(h, op, args, if_match, destroy, split=self.db.sqlite)
+        args, encoded = _journaled(op)
+        out = self._mutate_once(h, op, args, encoded, if_match, destroy, split=self.db.sqlite)
         if out is None:
-            out = self._mutate_once(h, op, args, if_match, destroy, split=False)
+            out = self._mutate_once(h, op, args, encoded, if_match, destroy, split=False)
         assert out is not None  # an unsplit call never conflicts: it holds the lock
         return out
 
@@ -863,6 +851,7 @@ class VmService:
         h: VmHandle,
         op: OpLike,
         args: dict[str, Any],
+        encoded: bytes,
         if_match: str | None,
         destroy: bool,
         *,
@@ -872,28 +861,43 @@ class VmService:
         # memory may hold a change the journal does not.
         touched = False
         try:
-            with self.db.read() if split else self.db.write() as s:
-                row = self._live_row(s, h.vm_id, lock=not split)
-                h.tenant = row.tenant
-                if if_match is not None and not etag_matches(if_match, row.last_seq):
-                    raise PreconditionFailed(if_match, etag(row.last_seq))
-                vm = self._catch_up(s, h, row.last_seq)
-                base_seq = row.last_seq
-                if not split:
-                    touched = True
-                    step = self._engine_step(h, vm, op, args)
-                    self._append(s, h, row, vm, op, args, step, destroy)
+            # SQLite, VM loaded and its version known: no read transaction first. The write
+            # transaction checks the version the step ran on (another process moved the
+            # VM: the step is forgotten and redone under the lock, as when the read was done).
+            loaded = split and h.vm is not None and h.tenant is not None
+            if loaded and if_match is not None and not etag_matches(if_match, h.applied_seq):
+                loaded = False  # the precondition is answered from the row, not from memory
+            if loaded:
+                assert h.vm is not None
+                vm, base_seq = h.vm, h.applied_seq
+            else:
+                with self.db.read() if split else self.db.write() as s:
+                    head = self._head(s, h.vm_id, lock=not split)
+                    h.tenant = head.tenant
+                    if if_match is not None and not etag_matches(if_match, head.last_seq):
+                        raise PreconditionFailed(if_match, etag(head.last_seq))
+                    vm = self._catch_up(s, h, head.last_seq)
+                    base_seq = head.last_seq
+                    if not split:
+                        touched = True
+                        step = self._engine_step(h, vm, op, args)
+                        step.args_json = encoded
+                        step.summary = self._summary(vm)
+                        with self.db.cursor_of(s) as cur:
+                            self._append(cur, h, head, vm, [(op, args, step)], destroy)
             if split:
                 touched = True
                 step = self._engine_step(h, vm, op, args)
+                step.args_json = encoded
+                step.summary = self._summary(vm)  # before the write lock is taken
                 # The short write transaction: BEGIN IMMEDIATE, a check, one insert, commit.
-                with self.db.write() as s:
-                    row = self._live_row(s, h.vm_id, lock=True)
-                    if row.last_seq != base_seq:
+                with self.db.raw_write() as cur:
+                    head = self._raw_head(cur, h.vm_id)
+                    if head.last_seq != base_seq:
                         # Another process moved the VM: forget this step, redo it.
                         h.discard()
                         return None
-                    self._append(s, h, row, vm, op, args, step, destroy)
+                    self._append(cur, h, head, vm, [(op, args, step)], destroy)
         except BaseException as e:
             # A KvmError escaping the engine step changed nothing (one that did is journaled,
             # not raised; a refused reservation never reached the engine): memory is sound.
@@ -904,7 +908,8 @@ class VmService:
         self._count_work(h, vm, step)
         if destroy:
             h.discard()
-        return _Outcome(step.result, step.seq, step.raised)
+        info = None if destroy or step.summary is None else _public_info(step.summary)
+        return _Outcome(step.result, step.seq, step.raised, args, info)
 
     def _engine_step(self, h: VmHandle, vm: Vm, op: OpLike, args: dict[str, Any]) -> _Step:
         """Run the call on the engine (no database work). A `KvmError` that changed nothing
@@ -940,47 +945,61 @@ class VmService:
                 raise  # the engine guarantees nothing changed
             step.raised, step.error = e, _error_json(e)
         step.meta = _meta(vm, budget)
+        step.stats = _work_stats(vm)
         return step
 
     def _append(
         self,
-        s: Session,
+        cur: Any,
         h: VmHandle,
-        row: VmRow,
+        head: repo.VmHead,
         vm: Vm,
-        op: OpLike,
-        args: dict[str, Any],
-        step: _Step,
+        steps: Sequence[tuple[OpLike, dict[str, Any], _Step]],
         destroy: bool,
-    ) -> None:
-        """Journal the step as the record after `row.last_seq` and move the row (its version)."""
-        step.seq = row.last_seq + 1
-        rec = repo.append_journal(
-            s,
-            vm_id=h.vm_id,
-            seq=step.seq,
-            op=op.name,
-            args=args,
-            result=None if step.raised else _result_summary(step.result),
-            error=step.error,
-            at=us_to_datetime(step.at_us),
-            meta=step.meta or _meta(vm, step.budget),
+    ) -> int:
+        """Journal the steps as the records after `head.last_seq` and move the row (its
+        version, its summary: the state after the last step), on the transaction's DBAPI
+        cursor. Answers the new version."""
+        seq = head.last_seq
+        rows: list[repo.JournalRow] = []
+        for op, _args, step in steps:
+            seq += 1
+            step.seq = seq
+            result = b"null" if step.raised else _result_json(step.result)
+            step.journal_bytes = len(step.args_json) + len(result)
+            meta = step.meta or _meta(vm, step.budget)
+            rows.append(
+                repo.JournalRow(
+                    seq,
+                    op.name,
+                    step.args_json.decode(),
+                    result.decode(),
+                    _json_bytes(step.error).decode(),
+                    us_to_datetime(step.at_us),
+                    _json_bytes(meta).decode(),
+                )
+            )
+        last = steps[-1][2]
+        summary = last.summary if last.summary is not None else self._summary(vm)
+        self.db.journal.append(
+            cur, h.vm_id, rows, summary=_json_bytes(summary).decode(), deleted=destroy
         )
-        step.journal_bytes = len(json.dumps(rec.args)) + len(json.dumps(rec.result))
-        row.last_seq = step.seq
-        row.summary = step.summary if step.summary is not None else self._summary(vm)
-        step.stats = row.summary.get(STATS_KEY) or {}
-        if destroy:
-            row.deleted = True
-            row.deleted_at = utcnow()
+        return seq
+
+    def _raw_head(self, cur: Any, vm_id: str) -> repo.VmHead:
+        """`_head` on a bare cursor, with the row lock."""
+        head = self.db.journal.head(cur, vm_id, lock=True)
+        if head is None or head.deleted:
+            raise VmNotFound(vm_id)
+        return head
 
     async def read(self, vm_id: str, fn: Callable[[Vm], T]) -> tuple[T, str]:
         """Run a read-only query on the up-to-date VM; answer (value, ETag)."""
 
         def work(h: VmHandle) -> tuple[T, str]:
             with self.db.read() as s:
-                row = self._live_row(s, vm_id)
-                vm = self._catch_up(s, h, row.last_seq)
+                head = self._head(s, vm_id)
+                vm = self._catch_up(s, h, head.last_seq)
             return fn(vm), etag(h.applied_seq)
 
         async with self._locked(vm_id) as h:
@@ -991,19 +1010,42 @@ class VmService:
     async def create_snapshot(
         self, vm_id: str, *, kind: str = "manual", label: str | None = None
     ) -> dict[str, Any]:
-        def work(h: VmHandle) -> SnapshotRow:
+        """Snapshot the VM at its current version. Under the VM's lock only what must be
+        consistent is copied (`EnginePort.capture`); the bytes are made and stored after the
+        lock is released, so the VM's calls go on meanwhile."""
+        key = f"snapshot:{vm_id}"
+
+        def take(h: VmHandle) -> tuple[int, Any, budget.Grant]:
             with self.db.read() as s:
-                row = self._live_row(s, vm_id)
+                head = self._head(s, vm_id)
                 if kind == "manual":
                     self._check_manual_cap(s, vm_id)
-                vm = self._catch_up(s, h, row.last_seq)
-            seq = h.applied_seq
-            # The snapshot's bytes are held until they are stored: reserved first (at most
-            # the state it encodes; ENOMEM when that does not fit).
-            key = f"snapshot:{vm_id}"
-            grant = self.ledger.reserve(key, budget.snapshot_need(vm))
+                vm = self._catch_up(s, h, head.last_seq)
+            # The snapshot's bytes (and the copy they are made from) are held until they
+            # are stored: reserved first (at most the state it encodes; ENOMEM otherwise).
+            engine = self.engine
+            copied = engine.capture is not None
             try:
-                data = self.engine.dumps(vm)
+                grant = self.ledger.reserve(key, budget.snapshot_need(vm, copied=copied))
+            except KvmError:
+                if not copied:
+                    raise
+                # No room for a copy next to the snapshot: encode from the VM itself, under
+                # its lock (the calls wait, as they did before snapshots were copied).
+                copied = False
+                grant = self.ledger.reserve(key, budget.snapshot_need(vm))
+            try:
+                capture = engine.capture if copied else None
+                copy = capture(vm) if capture is not None else engine.dumps(vm)
+            except BaseException:
+                self._release(key, grant)
+                raise
+            return h.applied_seq, copy, grant
+
+        def store(seq: int, copy: Any, grant: budget.Grant) -> tuple[SnapshotRow, int]:
+            try:
+                encode = self.engine.encode
+                data = encode(copy) if encode is not None and not isinstance(copy, bytes) else copy
                 snap = self._snapshot_row(vm_id, seq, data, kind, label)
                 # A snapshot is the state after record `seq`, which is history: no row lock.
                 with self.db.write() as s:
@@ -1013,26 +1055,26 @@ class VmService:
                     if kind != "manual":
                         repo.prune_snapshots(s, vm_id, keep=AUTO_SNAPSHOTS_KEPT)
             finally:
-                self.ledger.settle(key, grant, 0)
-                self.ledger.forget(key)
-            if seq >= h.snapshot_seq:
-                h.snapshot_seq = seq
-                h.work_bytes = 0
-            log.info(
-                "snapshot %s of VM %s at seq %d (%s, %d bytes)",
-                snap.id,
-                vm_id,
-                seq,
-                kind,
-                len(data),
-            )
-            return snap
+                self._release(key, grant)
+            return snap, len(data)
 
         async with self._locked(vm_id) as h:
-            snap = await self._run(work, h)
+            seq, copy, grant = await self._run(take, h)
+            work_at = h.work_bytes
+        snap, size = await self._run(store, seq, copy, grant)
+        del copy
+        async with self._locked(vm_id) as h:
+            if seq >= h.snapshot_seq:
+                h.snapshot_seq = seq
+                h.work_bytes = max(0, h.work_bytes - work_at)  # what came after still counts
+        log.info("snapshot %s of VM %s at seq %d (%s, %d bytes)", snap.id, vm_id, seq, kind, size)
         info = self._snapshot_info(snap)
         self.events.publish("snapshot", vm_id, {"action": "created", "snapshot": info})
         return info
+
+    def _release(self, key: str, grant: budget.Grant) -> None:
+        self.ledger.settle(key, grant, 0)
+        self.ledger.forget(key)
 
     def _check_manual_cap(self, s: Session, vm_id: str) -> None:
         if repo.count_snapshots(s, vm_id, kind="manual") >= self.max_manual_snapshots:
@@ -1350,6 +1392,14 @@ class VmService:
                 del self._handles[vm_id]
             self._evict_over_limit()
 
+    def _head(self, s: Session, vm_id: str, *, lock: bool = False) -> repo.VmHead:
+        """The live VM's version and tenant (Core: its JSON columns are never read)."""
+        head = repo.vm_head(s, vm_id, lock=lock)
+        if head is None or head.deleted:
+            raise VmNotFound(vm_id)
+        self._tenants[vm_id] = head.tenant
+        return head
+
     def _live_row(self, s: Session, vm_id: str, *, lock: bool = False) -> VmRow:
         row = repo.get_vm(s, vm_id, lock=lock)
         if row is None or row.deleted:
@@ -1382,6 +1432,11 @@ class VmService:
         if found is not None:
             self._tenants[vm_id] = found
         return found
+
+    def tenant_usage(self, tenant: str) -> TenantUsage:
+        """The tenants' byte usage, `tenant`'s VMs learnt (their rows read once: blocking)."""
+        self.usage.load(tenant, functools.partial(self._tenant_summaries, tenant))
+        return self.usage
 
     def _tenant_summaries(self, tenant: str) -> list[tuple[str, dict[str, Any]]]:
         with self.db.read() as s:
@@ -1528,7 +1583,12 @@ class VmService:
 
     def _replay(self, s: Session, vm_id: str, vm: Vm, records: Sequence[repo.JournalEntry]) -> Vm:
         """Re-apply journal records to `vm` (the engine is deterministic). Returns the VM,
-        a new object after a `restore` record."""
+        a new object after a `restore` record. Per record only what the call needs: its
+        operation, time, budget and zap durations (no answer is journaled or published)."""
+        engine = self.engine
+        parse, apply, set_budget = engine.parse, engine.apply, engine.set_table_budget
+        engine.set_trace_records(vm, self.trace_records)
+        default_budget = self.budget_tables
         for rec in records:
             if rec.op == RESTORE_OP:
                 copy = repo.snapshot_at(s, vm_id, rec.seq)
@@ -1538,26 +1598,27 @@ class VmService:
                         s, vm_id, rec.args["snapshot_id"], rec.args["seq"]
                     )
                 vm = restored
+                engine.set_trace_records(vm, self.trace_records)
                 continue
-            r = _Replay.of(rec)
+            meta = rec.meta or {}
             # The budget the call first ran with (it decides ENOMEM, and whether an MMIO SPTE
             # is cached): same state + same budget = same outcome. Records from before budgets
             # were journaled ran with the whole service's.
-            budget = self.budget_tables if r.table_budget is None else r.table_budget
-            self.engine.set_table_budget(vm, budget)
-            self.engine.set_trace_records(vm, self.trace_records)
+            budget = meta.get("table_budget")
+            set_budget(vm, default_budget if budget is None else budget)
+            at = us_to_engine_time(datetime_to_us(rec.at))
             try:
-                self.engine.apply(vm, self.engine.parse(r.op, r.args), r.at, r.durations)
+                apply(vm, parse(rec.op, rec.args), at, meta.get("durations"))
                 outcome: int | None = None
             except KvmError as e:
                 outcome = e.errno
-            expected = None if r.error is None else r.error.get("errno")
+            expected = None if rec.error is None else rec.error.get("errno")
             if outcome != expected:
                 log.error(
                     "replay of VM %s record %d (%s) diverged: journaled errno %s, replay errno %s",
                     vm_id,
-                    r.seq,
-                    r.op,
+                    rec.seq,
+                    rec.op,
                     expected,
                     outcome,
                 )
@@ -1655,6 +1716,28 @@ class VmService:
             "created_at": _iso(snap.created_at),
             "label": snap.label,
         }
+
+
+def _work_stats(vm: Vm) -> dict[str, Any]:
+    """The counts `_count_work` weighs (`_WORK_STATS`), read straight from the engine's
+    counters; an engine without them (a test double) answers its `stats()`."""
+    mmu = getattr(vm, "mmu", None)
+    pages = getattr(mmu, "pages", None)
+    pool = getattr(mmu, "pool", None)
+    if pages is None or pool is None:
+        stats = vm.stats() if hasattr(vm, "stats") else {}
+        return {k: stats.get(k) for k in _WORK_STATS}
+    return {
+        "page_tables": int(pool.live),
+        "pages_4k": int(pages[1]),
+        "pages_2m": int(pages[2]),
+        "pages_1g": int(pages[3]),
+    }
+
+
+def _public_info(summary: dict[str, Any]) -> dict[str, Any]:
+    """`vm.info()` out of a row summary (which adds the stats and the bytes held)."""
+    return {k: v for k, v in summary.items() if k not in (STATS_KEY, HELD_KEY)}
 
 
 def _meta(vm: Vm, budget: int) -> dict[str, Any]:

@@ -10,7 +10,10 @@ Forks are counted in the service's one memory ledger (app/services/budget.py), a
 is: a fork reserves its copy's footprint (ENOMEM before decoding anything when it does not
 fit what loaded VMs, calls in flight and other forks leave) and half of the page tables
 left free, which is the table budget its operations build within (past it they answer
-ENOMEM, as a VM past its budget does).
+ENOMEM, as a VM past its budget does). A what-if a tenant's token asks for also counts each
+fork's page tables and contents in that tenant's quotas while the fork exists (ENOMEM, 507,
+before the fork is built, when they do not fit beside what the tenant's VMs hold), and the
+tables the fork may build stop at what the page-table quota leaves.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from app.engine.host_profile import host_profile
 from app.services import budget, cost_model
 from app.services.errors import PreconditionFailed
 from app.services.qemu_trace import Trace
+from app.services.quotas import PAGE, TABLE_BYTES, acting_tenant
 from app.services.replay import OpError, ReplayPlan, Touch, engine_call, errno_name, run_local
 from app.services.vms import etag_matches
 
@@ -304,14 +308,28 @@ async def _run_variants(
                 "memslots (the fork then starts as an empty VM of that type); a copy of a VM "
                 "cannot change its type"
             )
-    copy_need = budget.footprint_need(engine.snapshot_footprint(base))
+    footprint = engine.snapshot_footprint(base)
+    copy_need = budget.footprint_need(footprint)
+    # A tenant's what-if: each fork counts in its quotas too, as a VM of its own would.
+    tenant = acting_tenant.get()
+    usage = None if tenant is None else await asyncio.to_thread(service.tenant_usage, tenant)
     rows = []
     for i, v in enumerate(variants):
         key = f"what-if:{secrets.token_hex(8)}"
         grants = [ledger.reserve(key, copy_need)]  # ENOMEM: the copy does not fit
         try:
-            # What the fork's operations may build: half of the tables left free.
-            grants.append(ledger.reserve(key, budget.Need(0, ledger.free_tables(key) // 2, False)))
+            # What the fork's operations may build: half of the tables left free, and no
+            # more than the tenant's page-table quota leaves.
+            build = ledger.free_tables(key) // 2
+            if usage is not None and tenant is not None:
+                build = usage.reserve_copy(
+                    tenant,
+                    key,
+                    int(footprint.get("tables", 0)) * TABLE_BYTES,
+                    int(footprint.get("content_pages", 0)) * PAGE,
+                    build,
+                )
+            grants.append(ledger.reserve(key, budget.Need(0, build, False)))
             row = await asyncio.to_thread(
                 run_variant,
                 engine,
@@ -328,6 +346,8 @@ async def _run_variants(
             for g in grants:
                 ledger.settle(key, g, 0)
             ledger.forget(key)
+            if usage is not None:
+                usage.forget(key)
         rows.append(row)
         if progress is not None:
             await progress(i + 1, len(variants))

@@ -103,3 +103,56 @@ async def test_event_stream_quota(make_client: Callable[..., Any]) -> None:
     assert (await first).status_code == 200
     # Closed: the slot is free again.
     assert (await client.get("/v1/events", params={"timeout": 0.1}, headers=me)).status_code == 200
+
+
+WHAT_IF = {"ops": [{"op": "delete_memslot", "slot": 0}], "variants": [{"name": "x"}]}
+
+
+async def test_what_if_copies_count_in_the_page_table_quota(
+    make_client: Callable[..., Any],
+) -> None:
+    client, me = await tenant(make_client, tenant_page_table_bytes=24 * KiB)
+    admin = bearer(ADMIN)
+    vm = ok(await client.post("/v1/vms", json={}, headers=me), 201)["id"]
+    slot = {"guest_phys_addr": 0, "memory_size": 2 * MiB, "userspace_addr": HVA}
+    ok(await client.put(f"/v1/vms/{vm}/memslots/0", json=slot, headers=me))
+    # The tables are built by the admin's call (its estimate is not bound by the tenant's
+    # quota), but held by the tenant's VM: a walk to gpa 0, a root and three levels below.
+    access = {"gpa": 0, "size": 8192, "access": "write"}
+    ok(await client.post(f"/v1/vms/{vm}/vcpus/0/accesses", json=access, headers=admin))
+    tables = ok(await client.get(f"/v1/vms/{vm}/stats", headers=me))["page_tables"]
+    assert tables == 4  # so the VM fits the quota and the VM with a copy of it does not
+    before = await snapshot_of(client, vm, me)
+    r = await client.post(f"/v1/vms/{vm}/what-if", json=WHAT_IF, headers=me)
+    detail = assert_errno(r, errno.ENOMEM)["detail"]
+    assert "copy" in detail and "VKMMU_TENANT_PAGE_TABLE_BYTES" in detail
+    assert await snapshot_of(client, vm, me) == before
+    # The admin's what-if is bound by the service's budget only.
+    out = ok(await client.post(f"/v1/vms/{vm}/what-if", json=WHAT_IF, headers=admin))
+    assert [v["name"] for v in out["variants"]] == ["x"]
+
+
+async def test_what_if_copies_count_in_the_content_quota_while_they_run(
+    make_client: Callable[..., Any],
+) -> None:
+    client, me = await tenant(make_client, tenant_content_bytes=40 * KiB)
+    vm = ok(await client.post("/v1/vms", json={}, headers=me), 201)["id"]
+    slot = {"guest_phys_addr": 0, "memory_size": 2 * MiB, "userspace_addr": HVA}
+    ok(await client.put(f"/v1/vms/{vm}/memslots/0", json=slot, headers=me))
+
+    async def write(at: int, pages: int) -> None:
+        # The admin's writes (not bound by the tenant's quota), held by the tenant's VM.
+        body = {"userspace_addr": HVA + at, "data": "ab" * (4 * KiB) * pages}
+        url = f"/v1/vms/{vm}/host-memory/write"
+        ok(await client.post(url, json=body, headers=bearer(ADMIN)))
+
+    await write(0, 4)  # 16 KiB held; with a copy, 32 of 40 KiB
+    ok(await client.post(f"/v1/vms/{vm}/what-if", json=WHAT_IF, headers=me))
+    # The copy is gone once the what-if answered: 48 KiB would not fit.
+    ok(await client.post(f"/v1/vms/{vm}/what-if", json=WHAT_IF, headers=me))
+    await write(16 * KiB, 2)  # 24 KiB held; with a copy, 48
+    before = await snapshot_of(client, vm, me)
+    r = await client.post(f"/v1/vms/{vm}/what-if", json=WHAT_IF, headers=me)
+    detail = assert_errno(r, errno.ENOMEM)["detail"]
+    assert "copy" in detail and "VKMMU_TENANT_CONTENT_BYTES" in detail
+    assert await snapshot_of(client, vm, me) == before

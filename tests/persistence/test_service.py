@@ -371,7 +371,7 @@ async def test_failed_commit_discards_memory(
     def broken_append(*a: Any, **kw: Any) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(repo, "append_journal", broken_append)
+    monkeypatch.setattr(repo.JournalWriter, "append", broken_append)
     with pytest.raises(RuntimeError):
         await steps(svc, vm_id, flavour)
     assert vm_id not in svc.loaded_vms()  # applied in memory, not journaled: discarded

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from app.api.errors import PROBLEM_JSON, responses
+from app.api.errors import PROBLEM_JSON, R_HEADERS, responses
 from app.api.schemas.common import Answer
 
 log = logging.getLogger("vkmmu.health")
@@ -29,7 +29,7 @@ class Readiness(Answer):
     schema_: str = Field(alias="schema", description="`ok`, or the revision found and expected.")
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get("/healthz", summary="Liveness: the process answers", responses={431: R_HEADERS[431]})
 async def healthz() -> Health:
     return Health(status="ok")
 

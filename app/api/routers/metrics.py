@@ -15,6 +15,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 
 from app.api.auth import principal_of
 from app.api.deps import get_service
+from app.api.errors import R_HEADERS
 from app.api.mmu_metrics import TABLE_BYTES, MmuMetrics
 
 router = APIRouter(tags=["metrics"])
@@ -32,7 +33,8 @@ def wants_openmetrics(accept: str) -> bool:
         200: {
             "content": {"text/plain": {}, "application/openmetrics-text": {}},
             "description": "Prometheus text format (OpenMetrics if the Accept header asks)",
-        }
+        },
+        431: R_HEADERS[431],
     },
 )
 async def metrics(request: Request) -> Response:

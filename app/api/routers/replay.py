@@ -29,7 +29,10 @@ from app.services.errors import ServiceError
 router = APIRouter(prefix="/v1/vms/{vm}", tags=["replay"])
 
 NDJSON = "application/x-ndjson"
-_RANGE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+)\s*\+\s*(0[xX][0-9a-fA-F]+|\d+)\s*$")
+_RANGE_RE = r"\s*(0[xX][0-9a-fA-F]+|\d+)\s*\+\s*(0[xX][0-9a-fA-F]+|\d+)\s*"
+_RANGE = re.compile(f"^{_RANGE_RE}$")
+# The query's shape, published as its pattern (a range's values are checked after it).
+TOUCH_PATTERN = f"^(none|all_ram|after_each|{_RANGE_RE}(,{_RANGE_RE})*)$"
 _TRACE_BODY = {
     "required": True,
     "content": {
@@ -159,7 +162,9 @@ async def replay_run(
         str | None,
         Query(
             max_length=4096,
-            description="none | all_ram | after_each | gpa+size[,gpa+size…]",
+            pattern=TOUCH_PATTERN,
+            description="none | all_ram | after_each | gpa+size[,gpa+size…] (each size > 0, "
+            "gpa+size within 64 bits)",
         ),
     ] = None,
     first_line: Annotated[

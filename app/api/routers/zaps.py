@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -9,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BeforeValidator
 
 from app.api.deps import Cursor, IfMatchDep, LimitQ, ServiceDep, VmId, mutate, paginate, query
 from app.api.errors import (
@@ -31,6 +33,19 @@ from app.api.schemas.zaps import (
 )
 from app.engine import ops
 from app.services.events import Control
+
+# A date and a time, as the spec's `date-time` says; pydantic alone would also take a number
+# of seconds ("0.5"), which the spec does not allow.
+_DATE_TIME = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}:?\d{2})?$"
+)
+
+
+def _rfc3339(value: Any) -> Any:
+    if isinstance(value, str) and not _DATE_TIME.match(value):
+        raise ValueError("expected an RFC 3339 date-time, e.g. 2026-01-02T03:04:05Z")
+    return value
+
 
 router = APIRouter(prefix="/v1/vms/{vm}", tags=["zaps"])
 _MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
@@ -85,6 +100,7 @@ async def list_zaps(
     ] = None,
     since: Annotated[
         datetime | None,
+        BeforeValidator(_rfc3339),
         Query(description="Only events at or after this time (RFC 3339; no zone means UTC)."),
     ] = None,
     limit: LimitQ = 100,

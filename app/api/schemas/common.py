@@ -19,10 +19,41 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 
 from app.api.input_limits import strict_booleans
 
-_INT_STR = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|[0-9]+)\s*$")
-INT_STRING_PATTERN = r"^(0[xX][0-9a-fA-F]{1,16}|[0-9]{1,20})$"
+_INT_STR = re.compile(r"^(0[xX][0-9a-fA-F]+|[0-9]+)$")
 # Python's int() refuses to parse huge decimal strings anyway; this also bounds the work.
 _MAX_INT_STR = 64
+
+
+def _decimal_up_to(n: int) -> str:
+    """A regex (no anchors) for the decimal numbers 0..n, leading zeros allowed."""
+    digits = str(n)
+    shorter = f"[0-9]{{1,{len(digits) - 1}}}" if len(digits) > 1 else None
+    alts = [shorter] if shorter else []
+    for i, d in enumerate(digits):
+        low = "1" if i == 0 and len(digits) > 1 else "0"
+        if int(d) > int(low):
+            rest = len(digits) - i - 1
+            tail = f"[0-9]{{{rest}}}" if rest else ""
+            alts.append(f"{digits[:i]}[{low}-{int(d) - 1}]{tail}")
+    alts.append(digits)
+    return "0*(" + "|".join(alts) + ")"
+
+
+def int_string_pattern(bits: int) -> str:
+    """Exactly the strings `parse_int` takes for an unsigned `bits`-bit field: decimal or
+    "0x…" hex, leading zeros allowed (the schema and the parser must agree, both ways)."""
+    hexdigits = -(-bits // 4)
+    top = "" if bits % 4 == 0 else f"[0-{(1 << (bits % 4)) - 1}]"
+    if not top:
+        hexpart = f"0*[0-9a-fA-F]{{1,{hexdigits}}}"
+    elif hexdigits == 1:
+        hexpart = f"0*{top}"
+    else:
+        hexpart = f"0*([0-9a-fA-F]{{1,{hexdigits - 1}}}|{top}[0-9a-fA-F]{{{hexdigits - 1}}})"
+    return f"^(0[xX]{hexpart}|{_decimal_up_to((1 << bits) - 1)})$"
+
+
+INT_STRING_PATTERN = int_string_pattern(64)
 
 
 def parse_int(value: Any) -> Any:
@@ -39,15 +70,19 @@ def parse_int(value: Any) -> Any:
     if isinstance(value, str):
         if len(value) > _MAX_INT_STR or not _INT_STR.match(value):
             raise ValueError('expected an integer: a number, decimal string or "0x…" hex string')
-        return int(value.strip(), 0) if value.strip()[:2].lower() == "0x" else int(value.strip())
+        return int(value, 16) if value[:2].lower() == "0x" else int(value)
     raise ValueError('expected an integer: a number, decimal string or "0x…" hex string')
 
 
-def _int_schema(maximum: int, description: str) -> dict[str, Any]:
+def _int_string(bits: int) -> dict[str, Any]:
+    return {"type": "string", "pattern": int_string_pattern(bits), "maxLength": _MAX_INT_STR}
+
+
+def _int_schema(bits: int, description: str) -> dict[str, Any]:
     return {
         "anyOf": [
-            {"type": "integer", "minimum": 0, "maximum": maximum},
-            {"type": "string", "pattern": INT_STRING_PATTERN},
+            {"type": "integer", "minimum": 0, "maximum": (1 << bits) - 1},
+            _int_string(bits),
         ],
         "description": description,
     }
@@ -70,8 +105,7 @@ def int_validator(bits: int) -> BeforeValidator:
 
 
 def int_schema(bits: int) -> WithJsonSchema:
-    maximum = (1 << bits) - 1
-    return WithJsonSchema(_int_schema(maximum, f'unsigned {bits}-bit integer: a number or "0x…"'))
+    return WithJsonSchema(_int_schema(bits, f'unsigned {bits}-bit integer: a number or "0x…"'))
 
 
 U64 = Annotated[int, int_validator(64), int_schema(64)]
@@ -109,7 +143,7 @@ def constant_schema(members: Mapping[str, int], bits: int, what: str) -> WithJso
             "anyOf": [
                 {"type": "string", "enum": _names_of(members)},
                 {"type": "integer", "minimum": 0, "maximum": maximum},
-                {"type": "string", "pattern": INT_STRING_PATTERN},
+                _int_string(bits),
             ],
             "description": f"{what}: the kernel's name or its number",
         }
@@ -149,7 +183,7 @@ def flags_schema(members: Mapping[str, int], bits: int, what: str) -> WithJsonSc
         {
             "anyOf": [
                 {"type": "integer", "minimum": 0, "maximum": maximum},
-                {"type": "string", "pattern": INT_STRING_PATTERN},
+                _int_string(bits),
                 {
                     "type": "array",
                     "items": {"type": "string", "enum": _names_of(members)},
@@ -247,11 +281,24 @@ class Answer(BaseModel):
     @classmethod
     def _warn_undeclared(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            known = {f.alias or n for n, f in cls.model_fields.items()} | set(cls.model_fields)
+            known = _known_keys(cls)
             extra = sorted(str(k) for k in data if k not in known)
             if extra:
                 UNDECLARED_LOG.warning("%s: undeclared answer fields %s", cls.__name__, extra)
         return data
+
+
+_KNOWN: dict[type, frozenset[str]] = {}
+
+
+def _known_keys(cls: type[BaseModel]) -> frozenset[str]:
+    """The keys a model declares (names and aliases), computed once per model: a batch
+    answer validates thousands of them."""
+    known = _KNOWN.get(cls)
+    if known is None:
+        fields = cls.model_fields
+        known = _KNOWN[cls] = frozenset({f.alias or n for n, f in fields.items()} | set(fields))
+    return known
 
 
 class LevelCounts(Answer):

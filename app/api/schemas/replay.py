@@ -113,7 +113,7 @@ class WhatIfRequest(Body):
         default=None, description="a QEMU kvm_set_user_memory trace, instead of ops"
     )
     touch: Touch = "none"
-    variants: list[VariantIn]
+    variants: list[VariantIn] = Field(min_length=1)
     costs: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
         default=None, description="per-event costs in ns, overriding the defaults"
     )

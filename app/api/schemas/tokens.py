@@ -20,6 +20,7 @@ class TokenCreate(Body):
     )
     scopes: list[Scope] | None = Field(
         default=None,
+        min_length=1,
         max_length=2,
         description='`["read"]`: a read-only token (403 on calls that change state). '
         'Default `["read", "write"]`.',
