@@ -197,20 +197,8 @@ class FaultPath:
             raise memory_fault_exit(gfn, private)  # §2.3.1 step 3
         slot = vm.spaces[self.vcpu.as_id].find(gfn)
         if slot is None:  # kvm_handle_noslot_fault (kvm-private-tdx.md §2.3.1 step 4)
-            if private:
-                raise memory_fault_exit(gfn, True)
-            if vm.is_tdx and self.exec_:
-                self.shared_exec_bug(pos)
-            if vm.install_mmio_spte(self.vcpu, pos, gfn) and not self.prefetch:
-                vm.vstat(self.vcpu, "pf_mmio_spte_created")
-                self.fault()
-            if self.exec_:
-                # RET_PF_EMULATE, but the emulator cannot fetch the instruction from a GPA
-                # without a memslot (reexecute_instruction: no slot) → emulation failure.
-                raise emulation_failure_exit()
-            at = max(pos << PAGE_SHIFT, self.gpa)
-            # KVM reports a TD's shared MMIO GPA without the shared bit.
-            raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), self.write)
+            self.no_slot(pos, gfn, private, byte_end)
+        assert slot is not None
         if self.write and slot.flags & _READONLY:  # emulated as MMIO (kvm-private-tdx.md §2.3.2)
             at = max(pos << PAGE_SHIFT, self.gpa)
             raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), True)
@@ -221,20 +209,60 @@ class FaultPath:
         stop = min(end - shared_bits, slot.end_gfn)
         if vm.has_private_mem:
             stop = self.attr_run_end(gfn, stop, private)
-        level = self.max_level(slot, gfn, private)
-        # NX huge pages: an exec fault maps 4K where a huge page was possible
-        # (disallowed_hugepage_adjust; the table is a possible NX huge page).
-        nx = self.exec_ and level > 1 and vm.host_profile.nx_huge_pages
-        if nx:
-            level = 1
         if vm.is_tdx and private:
             return self.tdx_private(slot, gfn, stop, gmem)
         if vm.is_tdx and self.exec_:
             self.shared_exec_bug(pos)
+        return self.map_shared(slot, gfn, shared_bits, stop, private, gmem)
+
+    def map_shared(
+        self,
+        slot: Memslot,
+        gfn: int,
+        sbits: int,
+        stop: int,
+        private: bool,
+        gmem: GmemFile | None,
+    ) -> int:
+        """The direct root's leaves for the run from `gfn`: huge, whole 4K tables, or 4K."""
+        vm = self.vm
+        level = self.max_level(slot, gfn, private)
+        # NX huge pages: an exec fault maps 4K where a huge page was possible
+        # (disallowed_hugepage_adjust; the table is a possible NX huge page).
+        nx = self.exec_ and level > 1 and vm.host_profile.nx_huge_pages
         root = vm.root_for(self.vcpu, RootRole.DIRECT)
-        if level > 1:
-            return self.map_huge(root, slot, gfn, shared_bits, stop, level)
-        return self.map_4k(root, slot, gfn, shared_bits, stop, gmem, nx)
+        if level > 1 and not nx:
+            done = self.map_2m_run(root, slot, gfn, sbits, stop) if level == 2 else 0
+            return done or self.map_huge(root, slot, gfn, sbits, stop, level)
+        if not nx and vm.mmu.bulk and self.only_4k(slot, private):
+            done = self.map_4k_tables(root, slot, gfn, sbits, stop, gmem)
+            if done:
+                return done
+        return self.map_4k(root, slot, gfn, sbits, stop, gmem, nx)
+
+    def no_slot(self, pos: int, gfn: int, private: bool, byte_end: int) -> None:
+        """kvm_handle_noslot_fault: always ends in an exit (or the KVM_BUG_ON)."""
+        vm = self.vm
+        if private:
+            raise memory_fault_exit(gfn, True)
+        if vm.is_tdx and self.exec_:
+            self.shared_exec_bug(pos)
+        if vm.install_mmio_spte(self.vcpu, pos, gfn) and not self.prefetch:
+            vm.vstat(self.vcpu, "pf_mmio_spte_created")
+            self.fault()
+        if self.exec_:
+            # RET_PF_EMULATE, but the emulator cannot fetch the instruction from a GPA
+            # without a memslot (reexecute_instruction: no slot) → emulation failure.
+            raise emulation_failure_exit()
+        at = max(pos << PAGE_SHIFT, self.gpa)
+        # KVM reports a TD's shared MMIO GPA without the shared bit.
+        shared_bits = pos - gfn
+        raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), self.write)
+
+    def only_4k(self, slot: Memslot, private: bool) -> bool:
+        """Whether every GFN of the slot maps at 4K (max_level is 1 throughout): guest_memfd
+        and dirty-logged slots, or a host without huge pages anywhere."""
+        return private or slot.gmem_only or bool(slot.flags & _LOG_DIRTY) or not self.vm.host.runs()
 
     def shared_exec_bug(self, pos: int) -> None:
         """A TD cannot execute from shared memory: tdx_handle_ept_violation's KVM_BUG_ON,
@@ -293,6 +321,36 @@ class FaultPath:
         res.pages += touched
         return touched
 
+    def map_2m_run(self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int) -> int:
+        """2 MiB leaves over missing entries from a 2 MiB-aligned `gfn` on (whole regions up
+        to `stop`, within one host page-size run and one level-2 table) in one pass: what one
+        `map_huge` per leaf does (same SPTEs, trace records, counts). Returns the GFNs
+        mapped; 0 when the run does not start with such a region."""
+        vm, mmu = self.vm, self.vm.mmu
+        pos = gfn | sbits
+        if not mmu.bulk or pos & 511 or vm.has_private_mem:
+            return 0
+        pfn0 = slot.hva(gfn) >> PAGE_SHIFT
+        host_level, host_end = vm.host.run_at(pfn0)
+        n = min(stop - gfn, host_end - pfn0) >> 9
+        if host_level != 2 or n < 2:
+            return 0
+        head: list[Link] = []
+        found = mmu.leaf_table_run(root, pos, n << 9, head, level=2)
+        if found is None or found[3] is not None or found[1] == found[2]:
+            return 0
+        table, i, j, _, _ = found
+        count = (j - i) << 9
+        leaf0 = self.leaf_bits(2, not slot.flags & _READONLY, vm.ipat) | (pfn0 << S.PFN_SHIFT)
+        leaves = np.uint64(leaf0) + (np.arange(j - i, dtype=np.uint64) << np.uint64(21))
+        ent = mmu.pool.entries(table)
+        mmu.trace.huge_leaves_set(root.as_id, pos, 2, table, i, ent[i:j].copy(), leaves, head)
+        mmu.set_leaves(root, table, i, leaves, 2)
+        vm.host.touch(pfn0, pfn0 + count)
+        self._mapped(gfn, gfn + count, 2, leaves=j - i)
+        self.res.pages += count
+        return count
+
     # -- 4 KiB leaves ----------------------------------------------------------------------------
     def map_4k(
         self,
@@ -304,6 +362,8 @@ class FaultPath:
         gmem: GmemFile | None,
         nx: bool = False,
     ) -> int:
+        """One leaf table's run of [gfn, stop): new leaves where none is present, a touch
+        of the present ones."""
         vm, mmu = self.vm, self.vm.mmu
         pos = gfn | sbits
         count = min(stop - gfn, 512 - (pos & 511))
@@ -316,44 +376,17 @@ class FaultPath:
                 return touched
             if mmu.split_on_fault:
                 return self.split_fault(root, slot, gfn, pos, count, e, found_level, nx)
-        tr = mmu.trace
-        links: list[Link] | None = [] if tr.enabled else None  # traced with the leaves
+        links: list[Link] | None = [] if mmu.trace.enabled else None  # traced with the leaves
         live = mmu.pool.live
         table = mmu.table_for(root, pos, 1, self.acc, links)
         if nx and mmu.pool.live > live:
             vm.account_nx_huge_page(root.as_id, pos & ~511)
         lo = pos & 511
-        ent = mmu.pool.entries(table)[lo : lo + count]
-        present = (ent & S.U_PRESENT) != 0
+        present = (mmu.pool.entries(table)[lo : lo + count] & S.U_PRESENT) != 0
         fresh = not present.any()  # the common case: a whole run of new leaves
         new = _ARANGE_I[:count] if fresh else np.flatnonzero(~present)
         if len(new):
-            before = (ent.copy() if fresh else ent[new]) if tr.enabled else None
-            host_w = not slot.flags & _READONLY
-            bits = np.uint64(self.leaf_bits(1, host_w, vm.ipat))
-            if gmem is not None:
-                first = slot.gmem_index(gfn)
-                vm.gmem_allocate(gmem, first, count)
-                pfn0 = gmem.base_pfn + first
-                if mmu.count_gmem:
-                    root.gmem_leaves += len(new)
-            else:
-                pfn0 = slot.hva(gfn) >> PAGE_SHIFT
-                vm.host.touch(pfn0, pfn0 + count)
-            if fresh:
-                ent[:] = bits | ((np.uint64(pfn0) + _ARANGE[:count]) << S.U_SHIFT)
-            else:
-                pfns = np.uint64(pfn0) + new.astype(np.uint64)
-                ent[new] = bits | (pfns << S.U_SHIFT)
-            if before is not None:
-                leaves = ent.copy() if fresh else ent[new]
-                tr.leaves_set(root.as_id, table, lo + new, pos - lo, 1, before, leaves, links)
-            root.leaves[1] += len(new)
-            mmu.pages[1] += len(new)
-            if host_w and slot.flags & _LOG_DIRTY:
-                vm.mark_dirty(slot, gfn + new)
-            for a, b in [(0, count)] if fresh else index_runs(new):
-                self._mapped(gfn + a, gfn + b, 1)
+            self._install_4k(root, table, slot, gfn, sbits, count, new, fresh, gmem, links)
         if len(new) < count:
             self._touch_present(root, table, lo, count, 1, slot, gfn, count, skip=new)
         self.res.pages += count
@@ -401,6 +434,93 @@ class FaultPath:
         else:
             self.fault()
             self._touch_present(root, table, lo, count, 1, slot, gfn, count)
+        self.res.pages += count
+        return count
+
+    def _install_4k(
+        self,
+        root: Root,
+        table: int,
+        slot: Memslot,
+        gfn: int,
+        sbits: int,
+        count: int,
+        new: np.ndarray,
+        fresh: bool,
+        gmem: GmemFile | None,
+        links: list[Link] | None,
+    ) -> None:
+        """Leaves at entries `new` of the run of `count` entries from `gfn` in `table`."""
+        vm, mmu, tr = self.vm, self.vm.mmu, self.vm.mmu.trace
+        lo = (gfn | sbits) & 511
+        ent = mmu.pool.entries(table)[lo : lo + count]
+        before = (ent.copy() if fresh else ent[new]) if tr.enabled else None
+        host_w = not slot.flags & _READONLY
+        bits = np.uint64(self.leaf_bits(1, host_w, vm.ipat))
+        pfn0 = self._backing(root, slot, gfn, count, len(new), gmem)
+        if fresh:
+            ent[:] = bits | ((np.uint64(pfn0) + _ARANGE[:count]) << S.U_SHIFT)
+        else:
+            pfns = np.uint64(pfn0) + new.astype(np.uint64)
+            ent[new] = bits | (pfns << S.U_SHIFT)
+        if before is not None:
+            leaves = ent.copy() if fresh else ent[new]
+            tr.leaves_set(root.as_id, table, lo + new, (gfn | sbits) - lo, 1, before, leaves, links)
+        root.leaves[1] += len(new)
+        mmu.pages[1] += len(new)
+        if host_w and slot.flags & _LOG_DIRTY:
+            vm.mark_dirty(slot, gfn + new)
+        for a, b in [(0, count)] if fresh else index_runs(new):
+            self._mapped(gfn + a, gfn + b, 1)
+
+    def _backing(
+        self, root: Root, slot: Memslot, gfn: int, count: int, new: int, gmem: GmemFile | None
+    ) -> int:
+        """The first pfn behind [gfn, gfn + count): guest_memfd pages (allocated now) or the
+        host's pages (touched now); `new` leaves will map them."""
+        vm = self.vm
+        if gmem is not None:
+            first = slot.gmem_index(gfn)
+            vm.gmem_allocate(gmem, first, count)
+            if vm.mmu.count_gmem:
+                root.gmem_leaves += new
+            return gmem.base_pfn + first
+        pfn0: int = slot.hva(gfn) >> PAGE_SHIFT
+        vm.host.touch(pfn0, pfn0 + count)
+        return pfn0
+
+    def map_4k_tables(
+        self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int, gmem: GmemFile | None
+    ) -> int:
+        """Whole leaf tables from a 512-aligned `gfn` on (up to `stop`, within one level-2
+        table), missing or without a present leaf, filled in one pass (missing ones built and
+        linked): what one `map_4k` per table does (same rows, SPTEs, trace records, counts),
+        without a Python step per table. Returns the GFNs mapped; 0 when the run does not
+        start with such a table."""
+        vm, mmu = self.vm, self.vm.mmu
+        pos = gfn | sbits
+        if pos & 511 or stop - gfn < 512:
+            return 0
+        head: list[Link] = []
+        found = mmu.leaf_table_run(root, pos, (stop - gfn) >> 9, head)
+        if found is None or found[1] == found[2]:
+            return 0
+        parent, i, j, rows, before = found
+        count = (j - i) * 512
+        links = None
+        if rows is None:
+            rows, old, new = mmu.link_leaf_tables(root, parent, i, j, pos)
+            links = (old, new)
+        host_w = not slot.flags & _READONLY
+        bits = self.leaf_bits(1, host_w, vm.ipat)
+        pfn0 = self._backing(root, slot, gfn, count, count, gmem)
+        mmu.pool.write_leaf_rows(rows, pfn0, bits)
+        mmu.trace.tables_set(root.as_id, rows, pos, pfn0, bits, before, head, links)
+        root.leaves[1] += count
+        mmu.pages[1] += count
+        if host_w and slot.flags & _LOG_DIRTY:
+            vm.mark_dirty(slot, gfn + np.arange(count, dtype=np.int64))
+        self._mapped(gfn, gfn + count, 1)
         self.res.pages += count
         return count
 
@@ -452,17 +572,18 @@ class FaultPath:
         if level > 1:
             res.pages += touched
 
-    def _mapped(self, start: int, end: int, level: int) -> None:
+    def _mapped(self, start: int, end: int, level: int, leaves: int = 1) -> None:
+        """[start, end) mapped: at 4K, or by `leaves` huge leaves of `level`."""
         res = self.res
         n = end - start
         res.mapped += n
-        res.levels[level] += 1 if level > 1 else n
+        res.levels[level] += leaves if level > 1 else n
         ref = self.vm.zapped.overlap(start, end)
         if ref:
             res.refaults += ref
             self.vm.zapped.remove(start, end)
             self.vm.stats_extra["refaults"] += ref
-        faults = 1 if level > 1 else n  # one EPT violation per leaf installed
+        faults = leaves if level > 1 else n  # one EPT violation per leaf installed
         if not self.prefetch:
             self.vm.vstat(self.vcpu, "pf_fixed", faults)
             self.fault(faults)

@@ -92,6 +92,13 @@ class HostMemory:
             lv -= 1
         return 1
 
+    def run_at(self, page: int) -> tuple[int, int]:
+        """(level, end page) of the page-size run holding `page`; (1, page + 1) outside runs."""
+        i = bisect_right(self._runs, (page, 1 << 62)) - 1
+        if i >= 0 and self._runs[i][0] <= page < self._runs[i][1]:
+            return self._runs[i][2], self._runs[i][1]
+        return 1, page + 1
+
     def runs(self) -> list[tuple[int, int, int, str]]:
         return list(self._runs)
 

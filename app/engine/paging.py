@@ -7,6 +7,7 @@ TABLE_PFN_BASE + its row index, which is what a non-leaf SPTE points to.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,15 @@ ENTRIES = 512
 CHUNK_SHIFT = 10
 CHUNK = 1 << CHUNK_SHIFT
 _CHUNK_MASK = CHUNK - 1
+_IDX = np.arange(ENTRIES, dtype=np.uint64)
+
+
+def _entries_chunk() -> np.ndarray:
+    """A chunk's entries in an anonymous private mapping of its own: numpy madvises
+    allocations of 4 MiB and more MADV_HUGEPAGE, whose first touch compacts memory
+    synchronously (page-table memory is written once per table, huge pages buy nothing)."""
+    buf = mmap.mmap(-1, CHUNK * ENTRIES * 8, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(buf, dtype=np.uint64).reshape(CHUNK, ENTRIES)
 
 
 def span(level: int) -> int:
@@ -44,11 +54,7 @@ class TablePool:
         else:
             idx = self._top
             self._top += 1
-            if idx >> CHUNK_SHIFT >= len(self._entries):
-                self._entries.append(np.empty((CHUNK, ENTRIES), dtype=np.uint64))
-                self._level.append(np.zeros(CHUNK, dtype=np.uint8))
-                self._gfn.append(np.zeros(CHUNK, dtype=np.uint64))
-                self._root.append(np.zeros(CHUNK, dtype=np.int32))
+            self._grow(idx + 1)
         c, r = idx >> CHUNK_SHIFT, idx & _CHUNK_MASK
         self._entries[c][r].fill(S.NONPRESENT)
         self._level[c][r] = level
@@ -56,6 +62,79 @@ class TablePool:
         self._root[c][r] = root
         self.live += 1
         return idx
+
+    def _grow(self, rows: int) -> None:
+        """Chunks for rows [0, rows)."""
+        while len(self._entries) << CHUNK_SHIFT < rows:
+            self._entries.append(_entries_chunk())
+            self._level.append(np.zeros(CHUNK, dtype=np.uint8))
+            self._gfn.append(np.zeros(CHUNK, dtype=np.uint64))
+            self._root.append(np.zeros(CHUNK, dtype=np.int32))
+
+    def alloc_rows(self, level: int, gfns: np.ndarray, root: int) -> np.ndarray:
+        """Rows for len(gfns) tables, the same rows in the same order as that many `alloc`
+        calls (free rows last-freed first, then new ones). Entries are left unwritten: the
+        caller writes every one (`write_rows`)."""
+        n = len(gfns)
+        k = min(n, len(self._free))
+        reused = np.asarray(self._free[len(self._free) - k :][::-1], dtype=np.int64)
+        del self._free[len(self._free) - k :]
+        idx = np.concatenate((reused, np.arange(self._top, self._top + n - k, dtype=np.int64)))
+        self._top += n - k
+        self._grow(self._top)
+        for c, sel, r in self._by_chunk(idx):
+            self._level[c][r] = level
+            self._gfn[c][r] = gfns[sel]
+            self._root[c][r] = root
+        self.live += n
+        return idx
+
+    def _by_chunk(self, idx: np.ndarray) -> Iterator[tuple[int, slice | np.ndarray, np.ndarray]]:
+        """(chunk, positions in `idx`, rows in the chunk) per chunk `idx` touches."""
+        ch = idx >> CHUNK_SHIFT
+        if len(ch) and ch[0] == ch[-1] and np.all(ch == ch[0]):
+            yield int(ch[0]), slice(None), idx & _CHUNK_MASK
+            return
+        for c in np.unique(ch).tolist():
+            sel = np.flatnonzero(ch == c)
+            yield c, sel, idx[sel] & _CHUNK_MASK
+
+    def write_rows(self, idx: np.ndarray, values: np.ndarray) -> None:
+        """Rows `idx` get `values` (one row of 512 entries per index)."""
+        for c, sel, r in self._by_chunk(idx):
+            self._entries[c][r] = values[sel]
+
+    def write_leaf_rows(self, idx: np.ndarray, pfn0: int, bits: int) -> None:
+        """Row k of `idx` gets the leaves bits | (pfn0 + 512k + i) << 12, computed in place."""
+        for c, sel, r in self._by_chunk(idx):
+            k = np.arange(len(idx), dtype=np.uint64)[sel]
+            contiguous = len(r) and bool(np.all(np.diff(r) == 1))  # ascending, no gap
+            dest = self._entries[c][int(r[0]) : int(r[-1]) + 1] if contiguous else None
+            out = np.empty((len(r), ENTRIES), dtype=np.uint64) if dest is None else dest
+            np.add((k * np.uint64(ENTRIES) + np.uint64(pfn0))[:, None], _IDX, out=out)
+            out <<= np.uint64(S.PFN_SHIFT)
+            out |= np.uint64(bits)
+            if dest is None:
+                self._entries[c][r] = out
+
+    def fill_rows(self, idx: np.ndarray, value: np.uint64) -> None:
+        """Every entry of rows `idx` becomes `value`."""
+        for c, _sel, r in self._by_chunk(idx):
+            self._entries[c][r] = value
+
+    def read_rows(self, idx: np.ndarray) -> np.ndarray:
+        """A copy of rows `idx` (len(idx) x 512)."""
+        out = np.empty((len(idx), ENTRIES), dtype=np.uint64)
+        for c, sel, r in self._by_chunk(idx):
+            out[sel] = self._entries[c][r]
+        return out
+
+    def release_rows(self, idx: np.ndarray) -> None:
+        """`release` of each row of `idx`, in order."""
+        for c, _sel, r in self._by_chunk(idx):
+            self._level[c][r] = 0
+        self._free.extend(idx.tolist())
+        self.live -= len(idx)
 
     def release(self, idx: int) -> None:
         c, r = idx >> CHUNK_SHIFT, idx & _CHUNK_MASK
@@ -119,11 +198,7 @@ class TablePool:
     ) -> TablePool:
         """The pool `export_chunks` wrote, rows back at their indexes."""
         pool = cls()
-        for _ in range((top + CHUNK - 1) >> CHUNK_SHIFT):
-            pool._entries.append(np.empty((CHUNK, ENTRIES), dtype=np.uint64))
-            pool._level.append(np.zeros(CHUNK, dtype=np.uint8))
-            pool._gfn.append(np.zeros(CHUNK, dtype=np.uint64))
-            pool._root.append(np.zeros(CHUNK, dtype=np.int32))
+        pool._grow(top)
         live = 0
         for d in chunks:
             idx = d["idx"].astype(np.int64)
@@ -175,12 +250,7 @@ class TablePool:
     def restore(cls, d: dict[str, np.ndarray]) -> TablePool:
         pool = cls()
         top = int(d["top"][0])
-        nchunks = (top + CHUNK - 1) >> CHUNK_SHIFT
-        for _ in range(nchunks):
-            pool._entries.append(np.empty((CHUNK, ENTRIES), dtype=np.uint64))
-            pool._level.append(np.zeros(CHUNK, dtype=np.uint8))
-            pool._gfn.append(np.zeros(CHUNK, dtype=np.uint64))
-            pool._root.append(np.zeros(CHUNK, dtype=np.int32))
+        pool._grow(top)
         idxs = d["idx"].astype(np.int64)
         chunk_of = idxs >> CHUNK_SHIFT
         for c in np.unique(chunk_of):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 
@@ -96,6 +97,25 @@ SMALL_OFFSETS = {
 }
 
 
+def _table_runs(
+    bases: np.ndarray, leaf: np.ndarray, per: np.ndarray, role: RootRole
+) -> list[tuple[int, int, RootRole]]:
+    """The runs `_zap_leaves` records for leaf tables zapped at once (row k at GFN position
+    bases[k], its zapped entries `leaf[k]`): consecutive entries, never across tables."""
+    full = per == ENTRIES
+    starts, ends = bases[full], bases[full] + ENTRIES
+    part = np.flatnonzero(~full & (per > 0))
+    if len(part):
+        flat = np.flatnonzero(leaf[part].ravel())
+        gfns = bases[part][flat >> 9] + (flat & 511)
+        cut = np.flatnonzero((np.diff(flat) != 1) | ((flat[1:] & 511) == 0)) + 1
+        s = gfns[np.concatenate(([0], cut))]
+        e = gfns[np.concatenate((cut - 1, [len(flat) - 1]))] + 1
+        order = np.argsort(np.concatenate((starts, s)), kind="stable")
+        starts, ends = np.concatenate((starts, s))[order], np.concatenate((ends, e))[order]
+    return list(zip(starts.tolist(), ends.tolist(), repeat(role)))
+
+
 class Mmu:
     def __init__(self, root_level: int) -> None:
         self.pool = TablePool()
@@ -112,6 +132,9 @@ class Mmu:
         self.nx_huge_pages = False  # host.nx_huge_pages: 4K children of a split are executable
         self.trace = TraceRing()
         self._untraced = False  # the caller traced a teardown in the kernel's order already
+        # Whole leaf tables are built and zapped a level-2 table at a time; False keeps the
+        # general path (one table at a time), which the property tests compare it with.
+        self.bulk = True
 
     # -- roots --------------------------------------------------------------------------------
     def valid_root(self, as_id: int, role: RootRole) -> Root | None:
@@ -241,6 +264,84 @@ class Mmu:
         self.pages[level - 1] += 512
         return child
 
+    def leaf_table_run(
+        self, root: Root, pos: int, n: int, links: list[Link] | None, level: int = 1
+    ) -> tuple[int, int, int, np.ndarray | None, np.ndarray | None] | None:
+        """For a 512-aligned `pos`, the whole leaf tables from it on (at most `n`, within one
+        level-2 table) that a fault fills without finding a present leaf: (level-2 table, i,
+        j, rows, entries) where entries [i, j) of that table are all missing leaf tables
+        (rows, entries None) or all leaf tables with no present leaf (their rows and a copy
+        of their entries). Missing tables above level 2 are built on the way as `table_for`
+        builds them. None when a huge leaf is in the way or no whole table qualifies.
+        `level` 2: the entries of level 2 from `pos` on, `n` GFNs at most (rows are for
+        tables in the way, which 2 MiB leaves do not replace here)."""
+        if level == 2:
+            return self._level2_run(root, pos, n, links)
+        pool = self.pool
+        above = self._table_above(root, pos, 2, links)
+        if above is None:
+            return None
+        table = above
+        i = (pos >> 9) & 511
+        ent = pool.entries(table)[i : i + min(n, ENTRIES - i)]
+        present = (ent & S.U_PRESENT) != 0
+        if not present[0]:
+            k = int(np.argmax(present)) if present.any() else len(ent)
+            return table, i, i + k, None, None
+        tables = present & ((ent & S.U_PS) == 0)
+        k = int(np.argmin(tables)) if not tables.all() else len(ent)
+        rows = (((ent[:k] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(np.int64)
+        old = pool.read_rows(rows)
+        full = ((old & S.U_PRESENT) != 0).any(axis=1)
+        k = int(np.argmax(full)) if full.any() else k
+        return (table, i, i + k, rows[:k], old[:k]) if k else None
+
+    def _level2_run(
+        self, root: Root, pos: int, n: int, links: list[Link] | None
+    ) -> tuple[int, int, int, np.ndarray | None, np.ndarray | None] | None:
+        """`leaf_table_run` one level up: the level-2 table over 2 MiB-aligned `pos` and its
+        non-present entries from `pos`'s on ([i, j), at most n >> 9), tables above built."""
+        pool = self.pool
+        table = self._table_above(root, pos, 2, links)
+        if table is None:
+            return None
+        i = (pos >> 9) & 511
+        ent = pool.entries(table)[i : i + min(n >> 9, ENTRIES - i)]
+        present = (ent & S.U_PRESENT) != 0
+        k = int(np.argmax(present)) if present.any() else len(ent)
+        return table, i, i + k, None, None
+
+    def _table_above(
+        self, root: Root, pos: int, level: int, links: list[Link] | None
+    ) -> int | None:
+        """The table at `level` over `pos`, missing tables above built as `table_for` builds
+        them; None when a huge leaf above `level` is in the way."""
+        pool = self.pool
+        table, lv = root.table, root.level
+        while lv > level:
+            e = int(pool.entries(table)[(pos >> (9 * (lv - 1))) & 511])
+            if not e & S.SPTE_MMU_PRESENT:
+                return self.table_for(root, pos, level, ZapAcc(), links)
+            if e & S.EPT_PS:
+                return None
+            table, lv = pool.child(e), lv - 1
+        return table
+
+    def link_leaf_tables(
+        self, root: Root, parent: int, i: int, j: int, base: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """New leaf tables at entries [i, j) of the level-2 table `parent` (covering GFN
+        positions from `base`), in the rows `table_for` would give them one by one; returns
+        (rows, old parent entries, new parent entries). Their entries are for the caller."""
+        gfns = np.uint64(base) + np.arange(j - i, dtype=np.uint64) * np.uint64(ENTRIES)
+        rows = self.pool.alloc_rows(1, gfns, root.id)
+        ent = self.pool.entries(parent)
+        old = ent[i:j].copy()
+        pfns = np.uint64(S.TABLE_PFN_BASE) + rows.astype(np.uint64)
+        new = (pfns << S.U_SHIFT) | np.uint64(S.nonleaf_spte(0))
+        ent[i:j] = new
+        return rows, old, new
+
     # -- zapping ----------------------------------------------------------------------------------
     def _zap_leaves(
         self,
@@ -297,24 +398,100 @@ class Mmu:
             self._zap_leaves(root, table, lo, hi, level, acc)
             return
         ent = pool.entries(table)
-        sl = ent[lo:hi]
         sp = span(level)
         # Leaves between subtrees are zapped in GFN order with them (tdp_iter's pre-order).
         prev = lo
-        for j in np.flatnonzero((sl & S.U_PRESENT != 0) & (sl & S.U_PS == 0)):
-            i = lo + int(j)
-            if i > prev:
-                self._zap_leaves(root, table, prev, i, level, acc)
-            prev = i + 1
-            child = pool.child(int(ent[i]))
+        for a, b, bulk in self._child_groups(ent, lo, hi, level, base, start, end):
+            if a > prev:
+                self._zap_leaves(root, table, prev, a, level, acc)
+            prev = b
+            if bulk:
+                self._zap_leaf_tables(root, table, a, b, acc, leafs_only)
+                continue
+            child = pool.child(int(ent[a]))
             self._zap_table(root, child, start, end, acc, leafs_only)
-            cbase = base + i * sp
+            cbase = base + a * sp
             if not leafs_only and start <= cbase and cbase + sp <= end:
                 pool.release(child)
                 acc.tables_freed += 1
-                ent[i] = S.NONPRESENT
+                ent[a] = S.NONPRESENT
         if prev < hi:
             self._zap_leaves(root, table, prev, hi, level, acc)
+
+    def _child_groups(
+        self, ent: np.ndarray, lo: int, hi: int, level: int, base: int, start: int, end: int
+    ) -> list[tuple[int, int, bool]]:
+        """The subtrees of entries [lo, hi) in GFN order: (a, b, bulk) where [a, b) holds one
+        child table (bulk False), or, for a level-2 table, several leaf tables wholly inside
+        [start, end) with no present leaf of this level between them (bulk True)."""
+        sl = ent[lo:hi]
+        present = (sl & S.U_PRESENT) != 0
+        huge = present & ((sl & S.U_PS) != 0)
+        nonleaf = np.flatnonzero(present & ~huge)
+        idx = lo + nonleaf
+        if not (self.bulk and level == 2) or len(nonleaf) < 2:
+            return [(i, i + 1, False) for i in idx.tolist()]
+        sp = span(level)
+        full = (base + idx * sp >= start) & (base + (idx + 1) * sp <= end)
+        # Children in one group: wholly inside and no huge leaf between them.
+        key = np.where(full, np.cumsum(huge)[nonleaf], -1 - idx)
+        cuts = np.flatnonzero(np.diff(key) != 0) + 1
+        starts = np.concatenate(([0], cuts)).tolist()
+        ends = np.concatenate((cuts, [len(idx)])).tolist()
+        return [
+            (int(idx[s]), int(idx[e - 1]) + 1, bool(full[s]))
+            for s, e in zip(starts, ends, strict=True)
+        ]
+
+    def _zap_leaf_tables(
+        self, root: Root, table: int, a: int, b: int, acc: ZapAcc, leafs_only: bool
+    ) -> None:
+        """The leaf tables linked at entries [a, b) of the level-2 `table`, all inside the
+        zapped range, zapped in one pass (and freed unless `leafs_only`): the same leaves,
+        counts, runs and trace records as one `_zap_table` per table."""
+        pool = self.pool
+        ent = pool.entries(table)
+        sub = ent[a:b]
+        pos = a + np.flatnonzero(((sub & S.U_PRESENT) != 0) & ((sub & S.U_PS) == 0))
+        rows = (((ent[pos] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(np.int64)
+        old = pool.read_rows(rows)
+        leaf = (old & S.U_PRESENT) != 0
+        n = int(np.count_nonzero(leaf))
+        if n:
+            bases = pool.gfn(table) + pos * ENTRIES
+            self._zapped_leaf_tables(root, rows, bases, old, leaf, n, acc)
+        if not leafs_only:
+            pool.release_rows(rows)
+            acc.tables_freed += len(rows)
+            ent[pos] = S.NONPRESENT
+
+    def _zapped_leaf_tables(
+        self,
+        root: Root,
+        rows: np.ndarray,
+        bases: np.ndarray,
+        old: np.ndarray,
+        leaf: np.ndarray,
+        n: int,
+        acc: ZapAcc,
+    ) -> None:
+        """Present leaves `leaf` of leaf tables `rows` (entries `old`) go non-present."""
+        if self.count_gmem:
+            pfns = (old & S.U_ADDR) >> S.U_SHIFT
+            root.gmem_leaves -= int(np.count_nonzero(leaf & (pfns >= np.uint64(S.GMEM_PFN_BASE))))
+        per = np.count_nonzero(leaf, axis=1)
+        if self.trace.enabled and not self._untraced:
+            self.trace.leaves_zapped(root.as_id, bases, old, leaf, per)
+        if n == leaf.size:
+            self.pool.fill_rows(rows, S.NONPRESENT)
+        else:
+            self.pool.write_rows(rows, np.where(leaf, S.NONPRESENT, old))
+        root.leaves[1] -= n
+        self.pages[1] -= n
+        acc.count(root.role, 1, n)
+        if root.valid:
+            acc.flush = True
+        acc.runs.extend(_table_runs(bases, leaf, per, root.role))
 
     def free_table(self, root: Root, table: int, acc: ZapAcc) -> None:
         """Free a whole subtree (its leaves zapped); the caller clears the parent entry."""

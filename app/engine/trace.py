@@ -69,6 +69,98 @@ _ALL = np.arange(ENTRIES)
 _LEAF_KINDS = np.array([2, 1, 3], dtype=np.uint8)  # requested, changed, set_spte
 
 
+def _huge_records(
+    as_id: int,
+    pos: int,
+    level: int,
+    table: int,
+    i: int,
+    old: np.ndarray,
+    new: np.ndarray,
+    head: list[Link],
+) -> Fields:
+    """The records of `TraceRing.huge_leaves_set`."""
+    m = len(new)
+    gfns = _U(pos) + np.arange(m, dtype=np.uint64) * _U(span(level))
+    pfns = (new & S.U_ADDR) >> S.U_SHIFT
+    ptr = np.asarray(sptep(table, np.arange(i, i + m, dtype=np.uint64)), dtype=np.uint64)
+    # map_huge traces the request and the SET_SPTE without an address space (as_id 0).
+    cols = {
+        "kind": np.tile(_LEAF_KINDS, m),
+        "as_id": np.tile(np.array([0, as_id, 0], dtype=np.uint8), m),
+        "level": np.full(3 * m, level, dtype=np.uint8),
+        "gfn": np.repeat(gfns, 3),
+        "a": np.stack((pfns, old, new), axis=1).ravel(),
+        "b": np.stack((np.zeros_like(new), new, ptr), axis=1).ravel(),
+    }
+    if head:
+        lg, ll, la, lb = (np.array(col, dtype=np.uint64) for col in zip(*head, strict=True))
+        links: dict[str, np.ndarray] = {
+            "kind": np.full(len(head), int(Kind.SPTE_CHANGED), dtype=np.uint8),
+            "as_id": np.full(len(head), as_id, dtype=np.uint8),
+            "level": ll.astype(np.uint8),
+            "gfn": lg,
+            "a": la,
+            "b": lb,
+        }
+        cols = {
+            k: np.concatenate((v[:1], links[k].astype(v.dtype), v[1:])) for k, v in cols.items()
+        }
+    out: Fields = dict(cols)
+    out["c"] = 0
+    return out
+
+
+def _table_records(
+    as_id: int,
+    tables: np.ndarray,
+    base: int,
+    first: int,
+    pfn0: int,
+    bits: int,
+    before: np.ndarray | None,
+    head: list[Link],
+    links: tuple[np.ndarray, np.ndarray] | None,
+) -> Fields:
+    """The records of `TraceRing.tables_set` for tables first, first+1, …: per table the
+    first leaf's request, its links, then the rest of `leaves_set`'s triples."""
+    m = len(tables)
+    k = np.arange(first, first + m, dtype=np.uint64)[:, None]
+    gfns = _U(base) + k * _U(ENTRIES) + _IDX  # m x 512
+    pfns = _U(pfn0) + k * _U(ENTRIES) + _IDX
+    leaves = _U(bits) | (pfns << S.U_SHIFT)
+    pfn = _U(TablePool.pfn(0)) + tables.astype(np.uint64)[:, None]
+    ptr = (pfn << S.U_SHIFT) + _IDX * _U(8)  # sptep of each entry
+    old = np.broadcast_to(NONPRESENT, leaves.shape) if before is None else before
+    cols = {
+        "kind": np.broadcast_to(np.tile(_LEAF_KINDS, ENTRIES), (m, 3 * ENTRIES)),
+        "level": np.ones((m, 3 * ENTRIES), dtype=np.uint8),
+        "gfn": np.repeat(gfns, 3, axis=1),
+        "a": np.stack((pfns, old, leaves), axis=2).reshape(m, -1),
+        "b": np.stack((np.zeros_like(leaves), leaves, ptr), axis=2).reshape(m, -1),
+    }
+    link_cols = {}
+    if links is not None:
+        link_cols = {
+            "kind": np.full(m, int(Kind.SPTE_CHANGED), dtype=np.uint8),
+            "level": np.full(m, 2, dtype=np.uint8),
+            "gfn": gfns[:, 0],
+            "a": links[0],
+            "b": links[1],
+        }
+    out: Fields = {"as_id": as_id, "c": 0}
+    for i, (name, body) in enumerate(cols.items()):
+        if link_cols:
+            link = link_cols[name].astype(body.dtype)[:, None]
+            body = np.concatenate((body[:, :1], link, body[:, 1:]), axis=1)
+        flat = body.ravel()
+        if head:
+            vals = [(int(Kind.SPTE_CHANGED), lv, g, o, nw)[i] for g, lv, o, nw in head]
+            flat = np.concatenate((flat[:1], np.array(vals, dtype=flat.dtype), flat[1:]))
+        out[name] = flat
+    return out
+
+
 def _columns(size: int) -> dict[str, np.ndarray]:
     return {name: np.zeros(size, dtype=RECORD[name]) for name in RECORD.names or ()}
 
@@ -177,12 +269,14 @@ class TraceRing:
 
     def _store(self, n: int, seq: int, at: float, cpu: int, fields: Fields) -> None:
         cap = self.capacity
-        if n > cap:  # only the newest `cap` survive
+        if n > cap:  # only the newest `cap` survive, and nothing stored before
             # (a recipe may have built only the tail already)
             fields = {
                 k: v[len(v) - cap :] if isinstance(v, np.ndarray) else v for k, v in fields.items()
             }
-            self._n += n - cap
+            if len(self._cols["seq"]) < cap:
+                self._cols = _columns(cap)
+            self._n = 0
             seq += n - cap
             n = cap
         filled = min(self._n, cap)
@@ -273,6 +367,90 @@ class TraceRing:
 
         self._push(3 * len(idx) + len(extra), build)
 
+    def tables_set(
+        self,
+        as_id: int,
+        tables: np.ndarray,
+        base: int,
+        pfn0: int,
+        bits: int,
+        before: np.ndarray | None,
+        head: Sequence[Link],
+        links: tuple[np.ndarray, np.ndarray] | None,
+    ) -> None:
+        """`leaves_set` for whole leaf tables in one batch: table k covers GFN positions
+        base + 512k + [0, 512), its entries were `before[k]` (None: new tables, every entry
+        non-present) and become `bits` | pfn (pfn0 + 512k + index). With `links` (old, new
+        parent entries) each table was linked at level 2 by its first fault, table 0 after
+        the `head` links above. The records are those one `leaves_set` per table writes,
+        built only for the tail the ring keeps."""
+        n = len(tables)
+        if not self.capacity or not n:
+            return
+        per = 3 * ENTRIES + (1 if links is not None else 0)
+        total = n * per + len(head)
+        first = max(0, n - -(-self.capacity // per))  # the tables the ring can keep
+        tabs = tables[first:].copy()
+        old = None if before is None else before[first:].copy()
+        kept = None if links is None else (links[0][first:].copy(), links[1][first:].copy())
+        extra = list(head) if first == 0 else []
+
+        def build() -> Fields:
+            return _table_records(as_id, tabs, base, first, pfn0, bits, old, extra, kept)
+
+        self._push(total, build)
+
+    def huge_leaves_set(
+        self,
+        as_id: int,
+        pos: int,
+        level: int,
+        table: int,
+        i: int,
+        old: np.ndarray,
+        new: np.ndarray,
+        head: Sequence[Link],
+    ) -> None:
+        """Faults installing huge leaves `new` at entries i, i+1, … of `table` (GFN positions
+        from `pos`, aligned; `old` a copy of the entries), one fault per leaf:
+        kvm_mmu_spte_requested, (the tables the first fault linked),
+        kvm_tdp_mmu_spte_changed, kvm_mmu_set_spte, as `map_huge` traces them."""
+        if self.capacity and len(new):
+            links = list(head)
+            self._push(
+                3 * len(new) + len(links),
+                lambda: _huge_records(as_id, pos, level, table, i, old, new, links),
+            )
+
+    def leaves_zapped(
+        self, as_id: int, bases: np.ndarray, old: np.ndarray, leaf: np.ndarray, per: np.ndarray
+    ) -> None:
+        """Leaf tables zapped at once: for each row k (GFN positions bases[k] + [0, 512)),
+        its present leaves `leaf[k]` (entries `old[k]`) go non-present, the records one
+        `spte_changed` per table writes (`per`: leaves per row); only the rows the ring can
+        keep are copied."""
+        total = int(per.sum())
+        if not self.capacity or not total:
+            return
+        tail = np.cumsum(per[::-1])
+        first = len(per) - 1 - int(np.searchsorted(tail, self.capacity))
+        first = max(0, first)
+        b, o, lf = bases[first:].copy(), old[first:].copy(), leaf[first:].copy()
+
+        def build() -> Fields:
+            gfns = (b.astype(np.uint64)[:, None] + _IDX)[lf]
+            return {
+                "kind": int(Kind.SPTE_CHANGED),
+                "as_id": as_id,
+                "level": 1,
+                "gfn": gfns,
+                "a": o[lf],
+                "b": NONPRESENT,
+                "c": 0,
+            }
+
+        self._push(total, build)
+
     def removed_table(
         self, pool: TablePool, table: int, as_id: int, shared: bool, cleared: int = 0
     ) -> None:
@@ -317,9 +495,8 @@ class TraceRing:
             _collect(pool, root_table, zap, shared, cleared, nodes, -1)
             # Tables whose records the ring can never keep give their copies back now.
             kept = _pick(nodes, self.capacity)
-            for k, node in enumerate(nodes):
-                if k not in kept:
-                    node.ent = node.ent[:0]
+            for k, node in enumerate(nodes):  # views until now: copy only what is kept
+                node.ent = node.ent.copy() if k in kept else node.ent[:0]
             self._push(sum(node.count for node in nodes), self._expander(nodes, as_id))
 
     def _expander(self, nodes: list[_Node], as_id: int) -> Callable[[], Fields]:
@@ -332,7 +509,7 @@ class _Node:
 
     level: int
     base: int
-    ent: np.ndarray  # a copy: the table is freed right after
+    ent: np.ndarray  # a copy (a view while collecting): the table is freed right after
     idx: np.ndarray  # the entries traced
     new: np.uint64  # what they become
     parent: int  # index of the parent node, -1 for none
@@ -370,7 +547,7 @@ def _collect(
     else:  # the zap level: its present entries go non-present, their tables are removed
         idx, new = present, NONPRESENT
     me = len(out)
-    out.append(_Node(level, base, ent.copy(), idx, new, parent))
+    out.append(_Node(level, base, ent, idx, new, parent))
     if level > 1:
         for i in present[(ent[present] & _PS) == 0].tolist():
             _collect(pool, pool.child(int(ent[i])), zap, shared, cleared, out, me, True)

@@ -113,3 +113,24 @@ def test_pool_chunks_round_trip() -> None:
         if pool.is_live(r):
             assert (back.entries(r) == pool.entries(r)).all()
             assert (back.level(r), back.gfn(r), back.root(r)) == (pool.level(r), pool.gfn(r), 7)
+
+
+def test_rows_allocated_in_bulk_are_alloc_s_rows_and_get_their_own_leaves() -> None:
+    """`alloc_rows` takes free rows last-freed first, as `alloc` does, and `write_leaf_rows`
+    writes row k's leaves into row k even when the rows are a shuffled run."""
+    pool = TablePool()
+    for _ in range(8):
+        pool.alloc(1, 0, 1)
+    for row in (5, 3, 4, 2):
+        pool.release(row)
+    gfns = np.arange(4, dtype=np.uint64) * np.uint64(512)
+    rows = pool.alloc_rows(1, gfns, 1)
+    assert rows.tolist() == [2, 4, 3, 5]
+    before = {r: pool.entries(r).copy() for r in (0, 1, 6, 7)}
+    pool.write_leaf_rows(rows, 1000, 7)
+    for k, row in enumerate(rows.tolist()):
+        want = (np.uint64(1000 + 512 * k) + np.arange(512, dtype=np.uint64)) << np.uint64(12)
+        assert np.array_equal(pool.entries(row), want | np.uint64(7))
+        assert pool.gfn(row) == 512 * k and pool.level(row) == 1
+    for r, ent in before.items():
+        assert np.array_equal(pool.entries(r), ent)

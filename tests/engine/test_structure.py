@@ -21,8 +21,6 @@ OVER_LIMITS: set[str] = {
     "audit._check_leaves",
     "audit.audit",
     "dirty.clear_dirty_log",
-    "faults.FaultPath.chunk",
-    "faults.FaultPath.map_4k",
 }
 
 

@@ -1,0 +1,183 @@
+"""The bulk page-table path (whole leaf tables a level-2 table at a time) against the
+general one (a table at a time, `Mmu.bulk = False`) on random workloads (issue 12).
+
+Both VMs get the same calls; after each, the answers (zap durations aside: wall clock), the
+trace ring, the audit and `codec.digest` (tables, stats, zap events, dirty bitmaps, TDX
+state) must be identical. Workloads mix faults of several MiB (crossing leaf-table, 1 GiB and
+slot boundaries), pre-faults, memslot creates/moves/deletes, dirty logging, THP and hugetlbfs
+host pages, explicit zaps, private attributes and guest_memfd (SW_PROTECTED) and TDX shared and
+private memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.engine import KvmError, Vm, codec, uapi
+from app.engine.ops import parse
+
+DEFAULT = int(uapi.VmType.KVM_X86_DEFAULT_VM)
+SW_PROTECTED = int(uapi.VmType.KVM_X86_SW_PROTECTED_VM)
+TDX = int(uapi.VmType.KVM_X86_TDX_VM)
+LOG_DIRTY = int(uapi.KVM_MEM_LOG_DIRTY_PAGES)
+GMEM = int(uapi.MemFlag.KVM_MEM_GUEST_MEMFD)
+PRIVATE = int(uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+DISABLE_QUIRKS2 = int(uapi.Cap.KVM_CAP_DISABLE_QUIRKS2)
+SLOT_ZAP_ALL = int(uapi.KVM_X86_QUIRK_SLOT_ZAP_ALL)
+PAGE = uapi.PAGE_SIZE
+MB, GB = 1 << 20, 1 << 30
+HVA = 1 << 40
+S47 = 1 << 47  # a 4-level TD's shared bit
+GMEM_SIZE = 64 * MB
+
+# Slot GPAs: aligned, crossing a 1 GiB boundary, unaligned to a leaf table.
+gpas = st.sampled_from([0, GB - 6 * MB, 3 * MB + 5 * PAGE, 2 * GB])
+sizes = st.sampled_from([2 * MB, 6 * MB + 3 * PAGE, 12 * MB, 8 * PAGE])
+hva_offsets = st.sampled_from([0, 4 * MB, 5 * PAGE])
+spots = st.sampled_from([0, GB - 8 * MB, 3 * MB + 7 * PAGE, 2 * GB + MB, GB])
+lengths = st.sampled_from([PAGE, 2 * MB, 5 * MB + 2 * PAGE, 10 * MB, 16 * MB])
+
+
+def region_call(sid: int, gpa: int, size: int, off: int, flags: int, tdx: bool) -> tuple:
+    args: dict[str, Any] = {
+        "slot": sid,
+        "flags": flags | (GMEM if tdx else 0),
+        "guest_phys_addr": gpa,
+        "memory_size": size,
+        "userspace_addr": HVA + sid * GB + off,
+    }
+    if tdx or flags & GMEM:
+        args.update(guest_memfd=3, guest_memfd_offset=0)
+    return ("set_user_memory_region", args)
+
+
+@st.composite
+def calls(draw: st.DrawFn, vm_type: int, slots: dict[int, tuple[int, int, int, int]]) -> tuple:
+    """One call; memslot changes are often moves or flag changes of the slots present."""
+    tdx = vm_type == TDX
+    kind = draw(
+        st.sampled_from(
+            ["region", "move", "flags", "flags", "delete", "access", "access", "access"]
+            + ["pre_fault", "write", "write"]
+            + ["zap", "dirty", "thp", "hugetlb", "quirk"]
+            + (["private"] * 3 if vm_type != DEFAULT else [])
+            + (["accept"] if tdx else [])
+        )
+    )
+    sid = draw(st.integers(0, 2))
+    gpa, size, length = draw(spots), draw(lengths), draw(sizes)
+    old = slots.get(sid)
+    if kind == "region" or (kind in ("move", "flags") and old is None):
+        gmem = GMEM if vm_type == SW_PROTECTED and draw(st.booleans()) else 0
+        flags = draw(st.sampled_from([0, LOG_DIRTY])) | gmem
+        return region_call(sid, draw(gpas), length, draw(hva_offsets), flags, tdx)
+    if kind == "move":
+        assert old is not None
+        return region_call(sid, draw(gpas), old[1], old[2], old[3], tdx)
+    if kind == "flags":
+        assert old is not None
+        return region_call(sid, old[0], old[1], old[2], old[3] ^ LOG_DIRTY, tdx)
+    if kind == "delete":
+        return region_call(sid, 0, 0, 0, 0, tdx)
+    if kind == "write":
+        start = old[0] if old is not None else gpa
+        return ("access", {"vcpu": 0, "gpa": start, "size": size, "access": "write"})
+    if kind in ("access", "pre_fault", "accept"):
+        if old is not None and draw(st.booleans()):
+            gpa = old[0] + draw(st.sampled_from([0, 4 * MB, 7 * PAGE]))
+        shared = S47 if tdx and draw(st.booleans()) else 0
+        args: dict[str, Any] = {"vcpu": 0, "gpa": gpa | shared, "size": size}
+        if kind == "access":
+            args["access"] = draw(st.sampled_from(["read", "write", "exec"]))
+        elif kind == "accept":
+            args["gpa"] = gpa
+        return (kind, args)
+    if kind == "zap":
+        return ("zap", {"scope": "range", "gpa": gpa, "size": size, "roots": "both"})
+    if kind == "dirty":
+        return ("get_dirty_log", {"slot": sid})
+    if kind == "thp":
+        advice = draw(st.sampled_from(["hugepage", "nohugepage"]))
+        return ("host_advise", {"userspace_addr": HVA + sid * GB, "len": 8 * MB, "advice": advice})
+    if kind == "hugetlb":
+        return ("host_map", {"userspace_addr": HVA + sid * GB, "len": 8 * MB, "page_size": 2 * MB})
+    if kind == "quirk":
+        return ("enable_cap", {"cap": DISABLE_QUIRKS2, "flags": 0, "args": [SLOT_ZAP_ALL, 0, 0, 0]})
+    attrs = draw(st.sampled_from([0, PRIVATE, PRIVATE]))
+    start = old[0] if old is not None else gpa
+    return ("set_memory_attributes", {"address": start, "size": size, "attributes": attrs})
+
+
+def scrub(answer: Any) -> Any:
+    """An answer without the wall-clock zap durations."""
+    if isinstance(answer, dict):
+        return {k: scrub(v) for k, v in answer.items() if k != "duration_us"}
+    if isinstance(answer, list):
+        return [scrub(v) for v in answer]
+    return answer
+
+
+def run(vm: Vm, name: str, args: dict[str, Any], at: float) -> Any:
+    try:
+        return scrub(vm.apply(parse(name, dict(args)), at=at))
+    except KvmError as e:
+        return ("error", e.errno, str(e))
+
+
+def new_vm(vm_type: int, bulk: bool) -> Vm:
+    vm = Vm.create(vm_type, 1)
+    vm.mmu.bulk = bulk
+    if vm_type != DEFAULT:
+        assert vm.apply(parse("create_guest_memfd", {"size": GMEM_SIZE, "flags": 0}), at=0.0)
+    return vm
+
+
+def same_state(a: Vm, b: Vm) -> None:
+    ra, rb = a.mmu.trace.records(), b.mmu.trace.records()
+    assert ra.tobytes() == rb.tobytes()
+    assert a.audit() == b.audit()
+    assert a.audit()["ok"], a.audit()["violations"]
+    assert a.stats() == b.stats()
+    assert codec.digest(a) == codec.digest(b)
+
+
+@settings(
+    max_examples=100,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data(), vm_type=st.sampled_from([DEFAULT, SW_PROTECTED, TDX]))
+def test_bulk_and_general_paths_leave_the_same_vm(data: st.DataObject, vm_type: int) -> None:
+    bulk, general = new_vm(vm_type, True), new_vm(vm_type, False)
+    tdx = vm_type == TDX
+    shared = S47 if tdx else 0
+    gmem = GMEM if vm_type == SW_PROTECTED else 0
+    dirty = data.draw(st.sampled_from([0, LOG_DIRTY]))
+    first = region_call(0, 0, 12 * MB, 0, gmem | dirty, tdx)
+    seq = [first, ("access", {"vcpu": 0, "gpa": shared, "size": 8 * MB, "access": "write"})]
+    if vm_type == DEFAULT:  # transparent huge pages behind slot 1: 2 MiB leaves
+        thp = {"userspace_addr": HVA + GB, "len": 16 * MB, "advice": "hugepage"}
+        seq += [("host_advise", thp), region_call(1, 2 * GB, 12 * MB, 0, dirty, False)]
+        seq.append(("access", {"vcpu": 0, "gpa": 2 * GB + 2 * MB, "size": 10 * MB}))
+    if tdx:  # private pages in the mirror root too
+        private = {"address": 0, "size": 12 * MB, "attributes": PRIVATE}
+        prefault = {"vcpu": 0, "gpa": 0, "size": 8 * MB}
+        seq += [("set_memory_attributes", private), ("pre_fault", prefault)]
+    slots: dict[int, tuple[int, int, int, int]] = {}
+    for step in range(data.draw(st.integers(5, 18))):
+        name, args = seq[step] if step < len(seq) else data.draw(calls(vm_type, slots))
+        at = float(step)
+        answer = run(bulk, name, args, at)
+        assert answer == run(general, name, args, at), (name, args)
+        same_state(bulk, general)
+        if name == "set_user_memory_region" and not isinstance(answer, tuple):
+            sid, size = args["slot"], args["memory_size"]
+            layout = (args["guest_phys_addr"], size, args["userspace_addr"] - HVA - sid * GB)
+            if size:
+                slots[sid] = (*layout, args["flags"] & ~GMEM if tdx else args["flags"])
+            else:
+                slots.pop(sid, None)
