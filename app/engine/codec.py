@@ -306,6 +306,17 @@ _SLOT_KEYS = (
 )  # fmt: skip
 
 
+def _vcpu_json(v: Vcpu) -> dict[str, Any]:
+    return {
+        "id": v.id,
+        "as_id": v.as_id,
+        "running": v.running,
+        "roots": {r.value: rid for r, rid in v.roots.items()},
+        "stats": dict(v.stats),
+        "hypercall_exit": v.hypercall_exit,
+    }
+
+
 def _state_json(vm: Vm, slot: Callable[[Memslot], Any] = _slot_json) -> dict[str, Any]:
     """The state document; `slot` encodes each memslot (`capture` takes plain tuples, turned
     into their JSON objects later, outside the VM's lock)."""
@@ -326,17 +337,7 @@ def _state_json(vm: Vm, slot: Callable[[Memslot], Any] = _slot_json) -> dict[str
         "destroyed": vm.destroyed,
         "bugged": vm.bugged,
         "now": vm.now,
-        "vcpus": [
-            {
-                "id": v.id,
-                "as_id": v.as_id,
-                "running": v.running,
-                "roots": {r.value: rid for r, rid in v.roots.items()},
-                "stats": dict(v.stats),
-                "hypercall_exit": v.hypercall_exit,
-            }
-            for v in vm.vcpus.values()
-        ],
+        "vcpus": [_vcpu_json(v) for v in vm.vcpus.values()],
         "spaces": [
             {"generation": sp.generation, "slots": [slot(s) for s in sp.by_gfn()]}
             for sp in vm.spaces
