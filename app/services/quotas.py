@@ -83,14 +83,19 @@ class TenantUsage:
                     )
             self._loaded.add(tenant)
 
+    def _held(self, tenant: str) -> tuple[int, int]:
+        """Page-table and content bytes the tenant's VMs and copies hold (under the lock)."""
+        tables = content = 0
+        for t, tb, cb in self._vms.values():
+            if t == tenant:
+                tables += tb
+                content += cb
+        return tables, content
+
     def check(self, tenant: str, vm_id: str, need: int) -> None:
         """ENOMEM when the call on `vm_id` may take the tenant past a byte quota."""
         with self._lock:
-            tables = content = 0
-            for t, tb, cb in self._vms.values():
-                if t == tenant:
-                    tables += tb
-                    content += cb
+            tables, content = self._held(tenant)
         q = self.quotas
         if tables + need > q.page_table_bytes:
             raise KvmError(
@@ -117,11 +122,7 @@ class TenantUsage:
         are counted too)."""
         q = self.quotas
         with self._lock:
-            tables = content = 0
-            for t, tb, cb in self._vms.values():
-                if t == tenant:
-                    tables += tb
-                    content += cb
+            tables, content = self._held(tenant)
             if tables + tables_bytes > q.page_table_bytes:
                 raise KvmError(
                     errno.ENOMEM,
