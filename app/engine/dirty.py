@@ -21,7 +21,7 @@ from .errors import KvmError, einval
 from .faults import FaultPath
 from .op import Op, operation
 from .paging import Cursor, span, walk
-from .roots import SMALL_OFFSETS, Root, RootRole, ZapAcc
+from .roots import Root, RootRole, ZapAcc
 from .trace import Kind
 from .uapi import PAGE_SHIFT
 from .zap import finish, flush_tlbs
@@ -77,35 +77,11 @@ def split_tables_needed(vm: Vm, as_id: int, start: int, end: int) -> int:
 
 
 def _split_table(vm: Vm, root: Root, cur: Cursor, huge: np.ndarray) -> int:
-    """Split the huge leaves at `huge` (indexes into the cursor's slice) of one table."""
-    if not len(huge):
-        return 0
-    mmu, level = vm.mmu, cur.level
-    ent = mmu.pool.entries(cur.table)
-    rows = cur.lo + huge.astype(np.int64)
-    old = ent[rows]
-    small = old & ~S.U_ADDR
-    if level - 1 == 1:
-        small &= ~S.U_PS
-        if mmu.nx_huge_pages:  # make_small_spte: 4K children may execute under nx_huge_pages
-            small |= S.U_X
-    children = (small | (old & S.U_ADDR))[:, None] + SMALL_OFFSETS[level - 1][None, :]
-    sp = span(level)
-    tr = mmu.trace
-    for k, i in enumerate(rows.tolist()):
-        child = mmu.pool.alloc(level - 1, cur.base + i * sp, root.id)
-        mmu.pool.entries(child)[:] = children[k]
-        link = S.nonleaf_spte(mmu.pool.pfn(child))
-        # tdp_mmu_split_huge_page: the link replaces the huge leaf, then the split is traced.
-        tr.spte_changed(root.as_id, cur.base + i * sp, level, int(old[k]), link)
-        tr.append(Kind.SPLIT_HUGE_PAGE, cur.base + i * sp, level, int(old[k]), n=1)
-        ent[i] = np.uint64(link)
-    n = len(rows)
-    root.leaves[level] -= n
-    mmu.pages[level] -= n
-    root.leaves[level - 1] += 512 * n
-    mmu.pages[level - 1] += 512 * n
-    return n
+    """Split the huge leaves at `huge` (indexes into the cursor's slice) of one table, as a
+    fault splits one (Mmu.split_leaf: tdp_mmu_split_huge_page)."""
+    for i in (cur.lo + huge.astype(np.int64)).tolist():
+        vm.mmu.split_leaf(root, cur.table, i, cur.level)
+    return len(huge)
 
 
 def write_protect(
