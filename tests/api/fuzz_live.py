@@ -30,6 +30,7 @@ from typing import Any
 
 import schemathesis
 from fastapi import FastAPI
+from hypothesis import HealthCheck, settings
 from schemathesis.generation.meta import negated_parameters
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -85,6 +86,17 @@ def with_token(schema: Any, caller: Caller) -> Callable[[Any], Any]:
             case.headers = {**(case.headers or {}), **data}
 
     return schema.auth(_Token, refresh_interval=None)  # type: ignore[no-any-return]
+
+
+def fuzz_settings(examples: int = EXAMPLES) -> Any:
+    """The Hypothesis settings of both runs: derandomised, no example database, no deadline."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 def label(case: schemathesis.Case) -> str:

@@ -17,19 +17,18 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
 from schemathesis.python import asgi
 
 from app.config import Settings
 from app.main import create_app
 from tests.api.fuzz_live import (
-    EXAMPLES,
     EXCLUDED,
     SEEDS,
     Caller,
     Tally,
     check_floor,
     fuzz_schema,
+    fuzz_settings,
     run_case,
     run_seed,
     with_token,
@@ -58,13 +57,7 @@ def caller() -> Iterator[Caller]:
 
 @schema.parametrize()
 @with_token(schema, CALLER)
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+@fuzz_settings()
 def test_generated_calls_on_live_resources_keep_the_contract(
     case: schemathesis.Case, caller: Caller
 ) -> None:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
 from pydantic import SecretStr
 from schemathesis.python import asgi
 
@@ -28,6 +27,7 @@ from tests.api.fuzz_live import (
     Tally,
     check_floor,
     fuzz_schema,
+    fuzz_settings,
     run_case,
     run_seed,
     with_token,
@@ -67,13 +67,7 @@ def caller() -> Iterator[Caller]:
 
 @schema.parametrize()
 @with_token(schema, CALLER)
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+@fuzz_settings(EXAMPLES)
 def test_generated_calls_with_a_token_keep_the_contract(
     case: schemathesis.Case, caller: Caller
 ) -> None:
