@@ -38,9 +38,14 @@ QUIRK_SLOT_ZAP_ALL = 1 << 7
 TABLE = 512
 
 
-def mapped_vm(size: int, *, zap_all_quirk: bool = True, table_budget: int | None = None) -> Vm:
+def mapped_vm(
+    size: int, *, zap_all_quirk: bool = True, table_budget: int | None = None, thp: bool = False
+) -> Vm:
+    """Slot 0 over [0, size), on transparent huge pages with `thp`."""
     kw = {} if table_budget is None else {"table_budget": table_budget}
     vm = Vm.create(0, 1, **kw)
+    if thp:
+        vm.apply(parse("host_advise", {"userspace_addr": HVA, "len": size, "advice": "hugepage"}))
     if not zap_all_quirk:
         vm.apply(
             parse(
@@ -156,21 +161,7 @@ def huge_vs_4k(repeat: int) -> tuple[float, float]:
         fault_all(vm, size)
         t4.append(time.perf_counter() - t0)
         del vm
-        vm = Vm.create(0, 1)
-        advice = {"userspace_addr": HVA, "len": size, "advice": "hugepage"}
-        vm.apply(parse("host_advise", advice))
-        vm.apply(
-            parse(
-                "set_user_memory_region",
-                {
-                    "slot": 0,
-                    "flags": 0,
-                    "guest_phys_addr": 0,
-                    "memory_size": size,
-                    "userspace_addr": HVA,
-                },
-            )
-        )
+        vm = mapped_vm(size, thp=True)
         t0 = time.perf_counter()
         res = vm.apply(parse("access", {"vcpu": 0, "gpa": 0, "size": size, "access": "write"}))
         t2.append(time.perf_counter() - t0)
