@@ -214,10 +214,9 @@ def record(
     the memslot that triggered it (if one did), and every optional count (0 when unused).
     """
     bits = vm.gfn_direct_bits
-    for s, e, _role in acc.runs:
-        if bits and s & bits:
-            s, e = s & ~bits, ((e - 1) & ~bits) + 1
-        vm.zapped.add(s, e)
+    vm.zapped.add_many(
+        [(s & ~bits, ((e - 1) & ~bits) + 1) if s & bits else (s, e) for s, e, _ in acc.runs]
+    )
     total = acc.total()
     vm.stats_extra["zaps_total_sptes"] += total
     vm.event_seq += 1
