@@ -91,6 +91,8 @@ DEFAULT_TABLE_BUDGET = 1 << 20  # page-table pages per VM (4 GiB of tables)
 # tests these on every call).
 _SLOT_ZAP_ALL = int(uapi.KVM_X86_QUIRK_SLOT_ZAP_ALL)
 _LOG_DIRTY = int(uapi.KVM_MEM_LOG_DIRTY_PAGES)
+# A memslot answer's "change" as a plain str (an enum's `.value` is a descriptor call).
+_CHANGE_NAMES = {k: k.value for k in ChangeKind}
 
 
 def _hex_bytes(value: object, name: str = "data") -> bytes:
@@ -312,7 +314,7 @@ class Vm:
         )
         kind, old, new = change.kind, change.old, change.new
         if kind is ChangeKind.NONE:
-            return {"change": kind.value, "memslot": self._slot_dict(old), "zap": None}
+            return {"change": _CHANGE_NAMES[kind], "memslot": self._slot_dict(old), "zap": None}
         if kind is ChangeKind.CREATE:
             check_arch_prepare(change, max_gfn=self.max_gfn, gfn_direct_bits=self.gfn_direct_bits)
             assert new is not None
@@ -324,7 +326,7 @@ class Vm:
             self._swap(new.as_id)
             if new.flags & _LOG_DIRTY:
                 self.alloc_dirty(new)
-            return {"change": kind.value, "memslot": self._slot_dict(new), "zap": None}
+            return {"change": _CHANGE_NAMES[kind], "memslot": self._slot_dict(new), "zap": None}
         if kind is ChangeKind.FLAGS_ONLY:
             assert old is not None and new is not None
             space = self.spaces[old.as_id]
@@ -332,7 +334,7 @@ class Vm:
             space.install(new)
             self._swap(new.as_id)
             zap = self._apply_dirty_flags(old, new)
-            return {"change": kind.value, "memslot": self._slot_dict(new), "zap": zap}
+            return {"change": _CHANGE_NAMES[kind], "memslot": self._slot_dict(new), "zap": zap}
         assert old is not None
         return self._delete_or_move(change, old, new)
 
@@ -366,13 +368,14 @@ class Vm:
             elif key not in self.dirty:
                 self.alloc_dirty(new)
             self._swap(new.as_id)
-            return {"change": change.kind.value, "memslot": self._slot_dict(new), "zap": zap}
+            moved = self._slot_dict(new)
+            return {"change": _CHANGE_NAMES[change.kind], "memslot": moved, "zap": zap}
         space.remove(old.id)
         self.free_dirty((old.as_id, old.id))
         if old.guest_memfd is not None:
             self.gmem.unbind(old.guest_memfd, (old.as_id, old.id))
         self._swap(old.as_id)
-        return {"change": change.kind.value, "memslot": None, "zap": zap}
+        return {"change": _CHANGE_NAMES[change.kind], "memslot": None, "zap": zap}
 
     def _slot_dict(self, slot: Memslot | None) -> dict[str, Any] | None:
         if slot is None:
