@@ -79,8 +79,12 @@ def split_tables_needed(vm: Vm, as_id: int, start: int, end: int) -> int:
 def _split_table(vm: Vm, root: Root, cur: Cursor, huge: np.ndarray) -> int:
     """Split the huge leaves at `huge` (indexes into the cursor's slice) of one table, as a
     fault splits one (Mmu.split_leaf: tdp_mmu_split_huge_page)."""
-    for i in (cur.lo + huge.astype(np.int64)).tolist():
-        vm.mmu.split_leaf(root, cur.table, i, cur.level)
+    idx = cur.lo + huge.astype(np.int64)
+    if vm.mmu.bulk and len(idx):
+        vm.mmu.split_leaves(root, cur.table, idx, cur.level)
+    else:  # the general path, one leaf at a time (the property tests compare the two)
+        for i in idx.tolist():
+            vm.mmu.split_leaf(root, cur.table, i, cur.level)
     return len(huge)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import spte as S
 from .paging import ENTRIES, Cursor, TablePool, clip, span, walk
-from .trace import NONPRESENT, Kind, Link, TraceRing
+from .trace import NONPRESENT, Link, TraceRing
 
 
 class RootRole(enum.StrEnum):
@@ -237,32 +237,40 @@ class Mmu:
 
     def split_leaf(self, root: Root, table: int, i: int, level: int) -> int:
         """tdp_mmu_split_huge_page: the huge leaf at entry `i` becomes a table of 512 smaller
-        leaves with its attributes (make_small_spte: PFN + index, PS cleared at 4K, X set at
-        4K under nx_huge_pages), linked in its place; the link and the split are traced.
-        Returns the child table."""
+        leaves with its attributes, linked in its place. Returns the child table."""
+        return int(self.split_leaves(root, table, np.array([i]), level)[0])
+
+    def split_leaves(self, root: Root, table: int, idx: np.ndarray, level: int) -> np.ndarray:
+        """`split_leaf` of the huge leaves at entries `idx` (ascending) of one table, in one
+        pass: the same child rows, entries, links, counts and trace records as one call per
+        leaf. Each child holds make_small_spte's leaves (PFN + index, PS cleared at 4K, X set
+        at 4K under nx_huge_pages). Returns the child tables."""
         pool = self.pool
         ent = pool.entries(table)
-        old = ent[i]
-        base = pool.gfn(table) + i * span(level)
-        child = pool.alloc(level - 1, base, root.id)
+        old = ent[idx]
+        base = pool.gfn(table) + idx.astype(np.int64) * span(level)
+        rows = pool.alloc_rows(level - 1, base.astype(np.uint64), root.id)
         small = old & ~S.U_ADDR
         if level == 2:
             small &= ~S.U_PS
             if self.nx_huge_pages:
                 small |= S.U_X
-        kids = pool.entries(child)
-        kids[:] = (small | (old & S.U_ADDR)) + SMALL_OFFSETS[level - 1]
-        if self.count_gmem and level == 2 and int(old & S.U_ADDR) >> S.PFN_SHIFT >= S.GMEM_PFN_BASE:
-            root.gmem_leaves += 512
-        link = S.nonleaf_spte(pool.pfn(child))
-        self.trace.spte_changed(root.as_id, base, level, int(old), link)
-        self.trace.append(Kind.SPLIT_HUGE_PAGE, base, level, int(old), n=1)
-        ent[i] = np.uint64(link)
-        root.leaves[level] -= 1
-        self.pages[level] -= 1
-        root.leaves[level - 1] += 512
-        self.pages[level - 1] += 512
-        return child
+        kids = (small | (old & S.U_ADDR))[:, None] + SMALL_OFFSETS[level - 1]
+        pool.write_rows(rows, kids)
+        if self.count_gmem and level == 2:
+            gmem = ((old & S.U_ADDR) >> S.U_SHIFT) >= np.uint64(S.GMEM_PFN_BASE)
+            root.gmem_leaves += 512 * int(np.count_nonzero(gmem))
+        links = ((np.uint64(S.TABLE_PFN_BASE) + rows.astype(np.uint64)) << S.U_SHIFT) | np.uint64(
+            S.nonleaf_spte(0)
+        )
+        self.trace.huge_splits(root.as_id, base.astype(np.uint64), level, old, links)
+        ent[idx] = links
+        n = len(idx)
+        root.leaves[level] -= n
+        self.pages[level] -= n
+        root.leaves[level - 1] += 512 * n
+        self.pages[level - 1] += 512 * n
+        return rows
 
     def leaf_table_run(
         self, root: Root, pos: int, n: int, links: list[Link] | None, level: int = 1
@@ -454,8 +462,13 @@ class Mmu:
         sub = ent[a:b]
         pos = a + np.flatnonzero(((sub & S.U_PRESENT) != 0) & ((sub & S.U_PS) == 0))
         rows = (((ent[pos] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(np.int64)
-        old = pool.read_rows(rows)
-        leaf = (old & S.U_PRESENT) != 0
+        traced = self.trace.enabled and not self._untraced
+        old: np.ndarray | None = None
+        if leafs_only or self.count_gmem or traced:
+            old = pool.read_rows(rows)
+            leaf = (old & S.U_PRESENT) != 0
+        else:  # freed right after and untraced: only which entries were present matters
+            leaf = pool.present_rows(rows)
         n = int(np.count_nonzero(leaf))
         if n:
             bases = pool.gfn(table) + pos * ENTRIES
@@ -470,22 +483,27 @@ class Mmu:
         root: Root,
         rows: np.ndarray,
         bases: np.ndarray,
-        old: np.ndarray,
+        old: np.ndarray | None,
         leaf: np.ndarray,
         n: int,
         acc: ZapAcc,
     ) -> None:
-        """Present leaves `leaf` of leaf tables `rows` (entries `old`) go non-present."""
-        if self.count_gmem:
-            pfns = (old & S.U_ADDR) >> S.U_SHIFT
-            root.gmem_leaves -= int(np.count_nonzero(leaf & (pfns >= np.uint64(S.GMEM_PFN_BASE))))
-        per = np.count_nonzero(leaf, axis=1)
-        if self.trace.enabled and not self._untraced:
-            self.trace.leaves_zapped(root.as_id, bases, old, leaf, per)
-        if n == leaf.size:
-            self.pool.fill_rows(rows, S.NONPRESENT)
+        """Present leaves `leaf` of leaf tables `rows` (entries `old`) go non-present; with
+        `old` None the tables are freed right after and keep their entries."""
+        if old is not None:
+            if self.count_gmem:
+                pfns = (old & S.U_ADDR) >> S.U_SHIFT
+                gmem = leaf & (pfns >= np.uint64(S.GMEM_PFN_BASE))
+                root.gmem_leaves -= int(np.count_nonzero(gmem))
+            per = np.count_nonzero(leaf, axis=1)
+            if self.trace.enabled and not self._untraced:
+                self.trace.leaves_zapped(root.as_id, bases, old, leaf, per)
+            if n == leaf.size:
+                self.pool.fill_rows(rows, S.NONPRESENT)
+            else:
+                self.pool.write_rows(rows, np.where(leaf, S.NONPRESENT, old))
         else:
-            self.pool.write_rows(rows, np.where(leaf, S.NONPRESENT, old))
+            per = np.count_nonzero(leaf, axis=1)
         root.leaves[1] -= n
         self.pages[1] -= n
         acc.count(root.role, 1, n)
