@@ -146,11 +146,16 @@ class MemslotSet:
             raise einval("a memslot has at least one page")
         if slot.id in self._by_id:
             raise KvmError(errno.EEXIST, f"slot id {slot.id} already exists")
-        if self.overlapping(slot.base_gfn, slot.npages):
-            raise KvmError(errno.EEXIST, f"slot {slot.id} overlaps another slot")
+        # The slots are sorted and disjoint: only the neighbours of the insertion point can
+        # overlap the new one.
         i = bisect_left(self._starts, slot.base_gfn)
+        ordered = self._ordered
+        if (i > 0 and ordered[i - 1].end_gfn > slot.base_gfn) or (
+            i < len(ordered) and ordered[i].base_gfn < slot.base_gfn + slot.npages
+        ):
+            raise KvmError(errno.EEXIST, f"slot {slot.id} overlaps another slot")
         self._starts.insert(i, slot.base_gfn)
-        self._ordered.insert(i, slot)
+        ordered.insert(i, slot)
         self._by_id[slot.id] = slot
 
     def remove(self, id: int) -> Memslot:
@@ -187,6 +192,8 @@ class MemslotChange:
 
 def _fit(value: object, max_value: int, name: str) -> int:
     """A struct field: what does not fit its C type cannot be expressed, so it is refused."""
+    if type(value) is int and 0 <= value <= max_value:  # a JSON integer: the usual case
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= max_value:
         raise einval(f"{name} does not fit its field: {value!r}")
     return value

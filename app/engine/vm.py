@@ -87,6 +87,10 @@ EXTRA_STAT_NAMES = (
 MAX_ACCESS_BYTES = 1 << 40  # one call may touch at most 1 TiB
 MAX_DATA_BYTES = 1 << 20  # bytes one host/guest_memfd read or write may carry
 DEFAULT_TABLE_BUDGET = 1 << 20  # page-table pages per VM (4 GiB of tables)
+# Plain ints: an int & an IntFlag member goes through the enum machinery (the memslot path
+# tests these on every call).
+_SLOT_ZAP_ALL = int(uapi.KVM_X86_QUIRK_SLOT_ZAP_ALL)
+_LOG_DIRTY = int(uapi.KVM_MEM_LOG_DIRTY_PAGES)
 
 
 def _hex_bytes(value: object, name: str = "data") -> bytes:
@@ -211,7 +215,7 @@ class Vm:
     # ------------------------------------------------------------------ properties
     @property
     def quirk_zap_all(self) -> bool:
-        return not self.disabled_quirks & uapi.KVM_X86_QUIRK_SLOT_ZAP_ALL
+        return not self.disabled_quirks & _SLOT_ZAP_ALL
 
     @property
     def ipat(self) -> bool:
@@ -318,7 +322,7 @@ class Vm:
                 )
             self.spaces[new.as_id].install(new)
             self._swap(new.as_id)
-            if new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+            if new.flags & _LOG_DIRTY:
                 self.alloc_dirty(new)
             return {"change": kind.value, "memslot": self._slot_dict(new), "zap": None}
         if kind is ChangeKind.FLAGS_ONLY:
@@ -357,7 +361,7 @@ class Vm:
             space.remove(old.id)
             space.install(new)
             key = (old.as_id, old.id)
-            if not new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+            if not new.flags & _LOG_DIRTY:
                 self.free_dirty(key)
             elif key not in self.dirty:
                 self.alloc_dirty(new)
