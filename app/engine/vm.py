@@ -391,18 +391,11 @@ class Vm:
         out = {"shared": 0, "private": 0}
         for root in self.mmu.roots_of(slot.as_id):
             bits = self.gfn_direct_bits if root.role is RootRole.DIRECT else 0
-            n = 0
-            for cur, _sl, idx in self.mmu.leaf_iter(
-                root, slot.base_gfn | bits, slot.end_gfn | bits
-            ):
-                n += len(idx) * span(cur.level)
+            n = self.mmu.mapped_pages(root, slot.base_gfn | bits, slot.end_gfn | bits)
             if root.role is RootRole.MIRROR:
                 out["private"] += n
             elif self.has_private_mem and not self.is_tdx:
-                priv = 0
-                for cur, sl, idx in self.mmu.leaf_iter(root, slot.base_gfn, slot.end_gfn):
-                    pfns = (sl[idx] & S.U_ADDR) >> S.U_SHIFT
-                    priv += int(np.count_nonzero(pfns >= S.GMEM_PFN_BASE)) * span(cur.level)
+                priv = self.mmu.mapped_pages(root, slot.base_gfn, slot.end_gfn, gmem=True)
                 out["private"] += priv
                 out["shared"] += n - priv
             else:
