@@ -32,6 +32,7 @@ import sys
 import time
 from collections import Counter
 from datetime import UTC, datetime
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,34 @@ pytest_add_cli_args = [
   "-p", "no:cacheprovider", "-q", "-x", "--ignore=tests/engine/test_structure.py",
 ]
 use_git_change_detection = false
+# A mutant's tests get (estimate + 2 s) x 5 of wall time (twice that of CPU) before they count
+# as a timeout: a survivor that runs the property machines takes about twice its estimate
+# with two workers on two cores, and mutmut's default (x 15) lets a looping mutant hold a
+# core for five minutes.
+timeout_multiplier = 5.0
+timeout_constant = 2.0
 
 [tool.pytest.ini_options]
 asyncio_mode = "auto"
 asyncio_default_fixture_loop_scope = "function"
+"""
+
+
+# Appended to the copied tests/conftest.py. mutmut hands each mutant its tests as an unordered
+# set and pytest runs them in that order with -x; run them fastest first (the durations of
+# mutmut's own clean run) so that a killed mutant is usually killed by a sub-second engine test
+# before a property machine (seconds each) starts. Survivors run everything either way.
+FASTEST_FIRST = """
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    import json
+    from pathlib import Path
+
+    stats = Path("mutmut-stats.json")  # mutmut runs the tests in build/mutation/mutants
+    if not stats.exists():
+        return
+    took = json.loads(stats.read_text()).get("duration_by_test", {})
+    items.sort(key=lambda item: took.get(item.nodeid, 0.0))
 """
 
 
@@ -99,17 +124,19 @@ def prepare(fresh: bool, modules: list[str]) -> None:
         shutil.copytree(ROOT / sub, dst, ignore=ignore)
     for f in ("app/__init__.py", "tests/__init__.py", "tests/conftest.py"):
         shutil.copy2(ROOT / f, WORK / f)
+    with (WORK / "tests" / "conftest.py").open("a") as f:
+        f.write(FASTEST_FIRST)
     only = [f"app/engine/{m}.py" for m in modules]
     (WORK / "pyproject.toml").write_text(
         CONFIG.format(tests=json.dumps(list(TESTS)), only=json.dumps(only))
     )
 
 
-def run_mutmut(budget: float, children: int) -> tuple[float, bool, int]:
+def run_mutmut(budget: float, children: int, only: list[str]) -> tuple[float, bool, int]:
     """mutmut run in its own process group; on the budget, interrupt it (results so far stay
     in its .meta files). Returns (seconds, finished, exit code)."""
     mutmut = Path(sys.executable).with_name("mutmut")
-    cmd = [str(mutmut), "run", "--max-children", str(children)]
+    cmd = [str(mutmut), "run", "--max-children", str(children), *only]
     t0 = time.monotonic()
     log = (WORK / "mutmut.log").open("w")
     proc = subprocess.Popen(
@@ -150,30 +177,24 @@ def mutant_diffs(names: list[str]) -> dict[str, str]:
         by_file.setdefault(path, []).append(n)
     out: dict[str, str] = {}
     for path, group in by_file.items():
-        source = path.read_text()
+        lines = path.read_text().splitlines()
+        # By line numbers: ast.get_source_segment rescans the file for every function.
         funcs = {
-            node.name: ast.get_source_segment(source, node) or ""
-            for node in ast.walk(ast.parse(source))
+            node.name: lines[node.lineno - 1 : node.end_lineno]
+            for node in ast.walk(ast.parse("\n".join(lines)))
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
         }
         for n in group:
             short = n.rsplit(".", 1)[1]
-            orig = funcs.get(short.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", "")
-            diff = difflib.unified_diff(
-                orig.splitlines(), funcs.get(short, "").splitlines(), lineterm="", n=1
-            )
-            out[n] = _without_def_lines(
-                "\n".join(x for x in diff if not x.startswith(("---", "+++")))
-            )
+            orig = short.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"
+            # Both under the function's own name: the def line is in the diff only when the
+            # mutation is there (a changed default).
+            plain = f"def {function_of(n).rsplit('.', 1)[-1]}("
+            a = [x.replace(f"def {orig}(", plain) for x in funcs.get(orig, [])]
+            b = [x.replace(f"def {short}(", plain) for x in funcs.get(short, [])]
+            diff = difflib.unified_diff(a, b, lineterm="", n=1)
+            out[n] = "\n".join(x for x in diff if not x.startswith(("---", "+++")))
     return out
-
-
-_DEF_LINE = re.compile(r"^[-+ ]\s*(async )?def x.*__mutmut_(orig|\d+)\(")
-
-
-def _without_def_lines(diff: str) -> str:
-    """Drop the def lines: a mutant's function is named apart from its original."""
-    return "\n".join(x for x in diff.splitlines() if not _DEF_LINE.match(x))
 
 
 def mutated_line(diff: str) -> str:
@@ -341,6 +362,12 @@ def main() -> int:
         default=list(DEFAULT_MODULES),
         help="app/engine module names to mutate ('all' for every one)",
     )
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=[],
+        help="mutmut mutant-name globs to run and report, e.g. 'app.engine.dirty.x_rearm*'",
+    )
     ap.add_argument("--keep", action="store_true", help="reuse build/mutation (resume a run)")
     ap.add_argument(
         "--report-only", action="store_true", help="rewrite the report from the last run"
@@ -361,17 +388,23 @@ def main() -> int:
             elapsed, finished = args.elapsed, args.elapsed < args.budget
     else:
         prepare(fresh=not args.keep, modules=modules)
-        elapsed, finished, rc = run_mutmut(args.budget, args.max_children)
+        elapsed, finished, rc = run_mutmut(args.budget, args.max_children, args.only)
         if finished and rc not in (0, None):
             print((WORK / "mutmut.log").read_text()[-4000:])
             print(f"mutmut exited with {rc}", file=sys.stderr)
     results = read_results()
+    if args.only:
+        results = {n: r for n, r in results.items() if any(fnmatch(n, g) for g in args.only)}
     if not results:
         print("mutmut produced no results; see build/mutation/mutmut.log", file=sys.stderr)
         return 1
     summary = summarise(results, elapsed, finished, args.budget, modules)
-    OUT_JSON.write_text(json.dumps(summary, indent=2) + "\n")
-    OUT_MD.write_text(write_markdown(summary))
+    # A narrowed run is for working on some mutants: its report stays in build/mutation.
+    out_json, out_md = (
+        (WORK / OUT_JSON.name, WORK / OUT_MD.name) if args.only else (OUT_JSON, OUT_MD)
+    )
+    out_json.write_text(json.dumps(summary, indent=2) + "\n")
+    out_md.write_text(write_markdown(summary))
     print(
         f"mutants {summary['mutants']}, checked {summary['checked']}, "
         f"not checked {summary['not_checked']}, score {summary['score']}, "
@@ -379,7 +412,7 @@ def main() -> int:
         f"(unexplained {len(summary['unexplained_survivors'])}); "
         f"{'finished' if finished else 'stopped at the budget'} after {summary['elapsed_s']} s"
     )
-    print(f"wrote {OUT_JSON.relative_to(ROOT)} and {OUT_MD.relative_to(ROOT)}")
+    print(f"wrote {out_json.relative_to(ROOT)} and {out_md.relative_to(ROOT)}")
     return 0
 
 

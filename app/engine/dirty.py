@@ -45,7 +45,7 @@ def split_huge(vm: Vm, root: Root, start: int, end: int) -> int:
     built in one numpy operation."""
     split = 0
     for level in (3, 2):
-        for cur, sl, idx in list(vm.mmu.leaf_iter(root, start, end)):
+        for cur, sl, idx in list(vm.mmu.leaf_iter(root, start, end, min_level=2)):
             if cur.level != level:
                 continue
             huge = idx[(sl[idx] & S.U_PS) != 0]
@@ -79,8 +79,12 @@ def split_tables_needed(vm: Vm, as_id: int, start: int, end: int) -> int:
 def _split_table(vm: Vm, root: Root, cur: Cursor, huge: np.ndarray) -> int:
     """Split the huge leaves at `huge` (indexes into the cursor's slice) of one table, as a
     fault splits one (Mmu.split_leaf: tdp_mmu_split_huge_page)."""
-    for i in (cur.lo + huge.astype(np.int64)).tolist():
-        vm.mmu.split_leaf(root, cur.table, i, cur.level)
+    idx = cur.lo + huge.astype(np.int64)
+    if vm.mmu.bulk and len(idx):
+        vm.mmu.split_leaves(root, cur.table, idx, cur.level)
+    else:  # the general path, one leaf at a time (the property tests compare the two)
+        for i in idx.tolist():
+            vm.mmu.split_leaf(root, cur.table, i, cur.level)
     return len(huge)
 
 
@@ -95,22 +99,32 @@ def write_protect(
 ) -> int:
     """Clear W on leaves in [start, end) (MMU-writable stays: the fast path may restore W).
     With `mask`, only GFNs whose bit is set (mask indexed by gfn - base); leaves below
-    `min_level` are left alone."""
+    `min_level` are left alone. Whole leaf tables go a level-2 table at a time."""
     n = 0
-    for cur, sl, idx in vm.mmu.leaf_iter(root, start, end):
-        if cur.level < min_level:
-            continue
+    for blk in vm.mmu.leaf_blocks(root, start, end, min_level):
+        ent = vm.mmu.pool.read_rows(blk.rows)
+        sl = ent[:, blk.lo : blk.hi]
+        leaf = _leaves(sl, blk.level)
         if mask is not None:
-            gfns = cur.base + (cur.lo + idx) * span(cur.level) - base
-            idx = idx[mask[gfns]]
-        w = idx[(sl[idx] & S.U_W) != 0]
-        if len(w):
+            leaf[leaf] = mask[blk.gfns()[leaf] - base]
+        w = leaf & ((sl & S.U_W) != 0)
+        k = int(np.count_nonzero(w))
+        if k:
             if vm.mmu.trace.enabled:
-                gfns = np.uint64(cur.gfn(cur.lo)) + w.astype(np.uint64) * np.uint64(span(cur.level))
-                vm.mmu.trace.spte_changed(root.as_id, gfns, cur.level, sl[w], sl[w] & _NOT_W)
+                gfns = blk.gfns()[w].astype(np.uint64)
+                vm.mmu.trace.spte_changed(root.as_id, gfns, blk.level, sl[w], sl[w] & _NOT_W)
             sl[w] &= _NOT_W
-            n += len(w)
+            vm.mmu.pool.write_rows(blk.rows, ent)
+            n += k
     return n
+
+
+def _leaves(sl: np.ndarray, level: int) -> np.ndarray:
+    """Which of the entries `sl` of tables at `level` are present leaves."""
+    leaf: np.ndarray = (sl & S.U_PRESENT) != 0
+    if level > 1:
+        leaf &= (sl & S.U_PS) != 0
+    return leaf
 
 
 def clear_dirty_bits(
@@ -120,15 +134,20 @@ def clear_dirty_bits(
     (kvm_tdp_mmu_clear_dirty_slot; with `mask`, 4K leaves only, as
     kvm_tdp_mmu_clear_dirty_pt_masked). The leaves stay writable: no fault."""
     n = 0
-    for cur, sl, idx in vm.mmu.leaf_iter(root, start, end):
+    for blk in vm.mmu.leaf_blocks(root, start, end):
+        if mask is not None and blk.level > 1:
+            continue
+        ent = vm.mmu.pool.read_rows(blk.rows)
+        sl = ent[:, blk.lo : blk.hi]
+        leaf = _leaves(sl, blk.level)
         if mask is not None:
-            if cur.level > 1:
-                continue
-            idx = idx[mask[cur.base + cur.lo + idx - base]]
-        d = idx[(sl[idx] & S.U_D) != 0]
-        if len(d):
+            leaf[leaf] = mask[blk.gfns()[leaf] - base]
+        d = leaf & ((sl & S.U_D) != 0)
+        k = int(np.count_nonzero(d))
+        if k:
             sl[d] &= ~np.uint64(S.U_D)
-            n += len(d)
+            vm.mmu.pool.write_rows(blk.rows, ent)
+            n += k
     return n
 
 

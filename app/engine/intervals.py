@@ -37,6 +37,25 @@ class IntervalSet:
         self.starts[i:j] = [start]
         self.ends[i:j] = [end]
 
+    def add_many(self, pairs: list[tuple[int, int]]) -> None:
+        """`add` of every pair, merged in one sorted pass (a zap of many leaf tables)."""
+        if len(pairs) < 64:
+            for s, e in pairs:
+                self.add(s, e)
+            return
+        new = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        new = new[new[:, 0] < new[:, 1]]
+        lo = np.concatenate((np.array(self.starts, dtype=np.int64), new[:, 0]))
+        hi = np.concatenate((np.array(self.ends, dtype=np.int64), new[:, 1]))
+        if not len(lo):
+            return
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], np.maximum.accumulate(hi[order])
+        # A run starting at or before the end of those before it joins them (touching merges).
+        cut = np.flatnonzero(lo[1:] > hi[:-1]) + 1
+        self.starts = lo[np.concatenate(([0], cut))].tolist()
+        self.ends = hi[np.concatenate((cut - 1, [len(lo) - 1]))].tolist()
+
     def remove(self, start: int, end: int) -> int:
         """Remove [start, end); return how many integers were removed."""
         if start >= end:

@@ -20,6 +20,7 @@ CHUNK_SHIFT = 10
 CHUNK = 1 << CHUNK_SHIFT
 _CHUNK_MASK = CHUNK - 1
 _IDX = np.arange(ENTRIES, dtype=np.uint64)
+_PRESENT = np.uint64(S.SPTE_MMU_PRESENT)
 
 
 def _entries_chunk() -> np.ndarray:
@@ -127,6 +128,34 @@ class TablePool:
         out = np.empty((len(idx), ENTRIES), dtype=np.uint64)
         for c, sel, r in self._by_chunk(idx):
             out[sel] = self._entries[c][r]
+        return out
+
+    def _rows(self, c: int, r: np.ndarray) -> np.ndarray:
+        """Rows `r` of chunk `c`: a view when they are consecutive and ascending (tables
+        allocated together), else a copy."""
+        if len(r) and int(r[-1]) - int(r[0]) == len(r) - 1 and bool(np.all(np.diff(r) == 1)):
+            view: np.ndarray = self._entries[c][int(r[0]) : int(r[-1]) + 1]
+            return view
+        copy: np.ndarray = self._entries[c][r]
+        return copy
+
+    def present_counts(self, idx: np.ndarray, min_pfn: int | None = None) -> np.ndarray:
+        """Present entries per row of `idx` (with a PFN of at least `min_pfn` if given),
+        without copying rows allocated together."""
+        out = np.empty(len(idx), dtype=np.int64)
+        for c, sel, r in self._by_chunk(idx):
+            rows = self._rows(c, r)
+            keep = (rows & _PRESENT) != 0
+            if min_pfn is not None:
+                keep &= ((rows & S.U_ADDR) >> S.U_SHIFT) >= np.uint64(min_pfn)
+            out[sel] = np.count_nonzero(keep, axis=1)
+        return out
+
+    def present_rows(self, idx: np.ndarray) -> np.ndarray:
+        """The present-entry mask of rows `idx` (len(idx) x 512 bools)."""
+        out = np.empty((len(idx), ENTRIES), dtype=bool)
+        for c, sel, r in self._by_chunk(idx):
+            out[sel] = (self._rows(c, r) & _PRESENT) != 0
         return out
 
     def release_rows(self, idx: np.ndarray) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import spte as S
 from .paging import ENTRIES, Cursor, TablePool, clip, span, walk
-from .trace import NONPRESENT, Kind, Link, TraceRing
+from .trace import NONPRESENT, Link, TraceRing
 
 
 class RootRole(enum.StrEnum):
@@ -78,6 +78,24 @@ class ZapAcc:
             out[role] = {"4k": v[1], "2m": v[2], "1g": v[3]}
             tot = [a + b for a, b in zip(tot, v, strict=True)]
         out.update({"4k": tot[1], "2m": tot[2], "1g": tot[3]})
+        return out
+
+
+@dataclass(slots=True)
+class LeafBlock:
+    """Tables of one `level` (rows, GFN position of each one's entry 0) whose entries
+    [lo, hi) a walk visits."""
+
+    level: int
+    rows: np.ndarray
+    bases: np.ndarray
+    lo: int
+    hi: int
+
+    def gfns(self) -> np.ndarray:
+        """GFN position of each visited entry (len(rows) x (hi - lo))."""
+        i = np.arange(self.lo, self.hi, dtype=np.int64) * span(self.level)
+        out: np.ndarray = self.bases.astype(np.int64)[:, None] + i
         return out
 
 
@@ -237,32 +255,40 @@ class Mmu:
 
     def split_leaf(self, root: Root, table: int, i: int, level: int) -> int:
         """tdp_mmu_split_huge_page: the huge leaf at entry `i` becomes a table of 512 smaller
-        leaves with its attributes (make_small_spte: PFN + index, PS cleared at 4K, X set at
-        4K under nx_huge_pages), linked in its place; the link and the split are traced.
-        Returns the child table."""
+        leaves with its attributes, linked in its place. Returns the child table."""
+        return int(self.split_leaves(root, table, np.array([i]), level)[0])
+
+    def split_leaves(self, root: Root, table: int, idx: np.ndarray, level: int) -> np.ndarray:
+        """`split_leaf` of the huge leaves at entries `idx` (ascending) of one table, in one
+        pass: the same child rows, entries, links, counts and trace records as one call per
+        leaf. Each child holds make_small_spte's leaves (PFN + index, PS cleared at 4K, X set
+        at 4K under nx_huge_pages). Returns the child tables."""
         pool = self.pool
         ent = pool.entries(table)
-        old = ent[i]
-        base = pool.gfn(table) + i * span(level)
-        child = pool.alloc(level - 1, base, root.id)
+        old = ent[idx]
+        base = pool.gfn(table) + idx.astype(np.int64) * span(level)
+        rows = pool.alloc_rows(level - 1, base.astype(np.uint64), root.id)
         small = old & ~S.U_ADDR
         if level == 2:
             small &= ~S.U_PS
             if self.nx_huge_pages:
                 small |= S.U_X
-        kids = pool.entries(child)
-        kids[:] = (small | (old & S.U_ADDR)) + SMALL_OFFSETS[level - 1]
-        if self.count_gmem and level == 2 and int(old & S.U_ADDR) >> S.PFN_SHIFT >= S.GMEM_PFN_BASE:
-            root.gmem_leaves += 512
-        link = S.nonleaf_spte(pool.pfn(child))
-        self.trace.spte_changed(root.as_id, base, level, int(old), link)
-        self.trace.append(Kind.SPLIT_HUGE_PAGE, base, level, int(old), n=1)
-        ent[i] = np.uint64(link)
-        root.leaves[level] -= 1
-        self.pages[level] -= 1
-        root.leaves[level - 1] += 512
-        self.pages[level - 1] += 512
-        return child
+        kids = (small | (old & S.U_ADDR))[:, None] + SMALL_OFFSETS[level - 1]
+        pool.write_rows(rows, kids)
+        if self.count_gmem and level == 2:
+            gmem = ((old & S.U_ADDR) >> S.U_SHIFT) >= np.uint64(S.GMEM_PFN_BASE)
+            root.gmem_leaves += 512 * int(np.count_nonzero(gmem))
+        links = ((np.uint64(S.TABLE_PFN_BASE) + rows.astype(np.uint64)) << S.U_SHIFT) | np.uint64(
+            S.nonleaf_spte(0)
+        )
+        self.trace.huge_splits(root.as_id, base.astype(np.uint64), level, old, links)
+        ent[idx] = links
+        n = len(idx)
+        root.leaves[level] -= n
+        self.pages[level] -= n
+        root.leaves[level - 1] += 512 * n
+        self.pages[level - 1] += 512 * n
+        return rows
 
     def leaf_table_run(
         self, root: Root, pos: int, n: int, links: list[Link] | None, level: int = 1
@@ -454,8 +480,13 @@ class Mmu:
         sub = ent[a:b]
         pos = a + np.flatnonzero(((sub & S.U_PRESENT) != 0) & ((sub & S.U_PS) == 0))
         rows = (((ent[pos] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(np.int64)
-        old = pool.read_rows(rows)
-        leaf = (old & S.U_PRESENT) != 0
+        traced = self.trace.enabled and not self._untraced
+        old: np.ndarray | None = None
+        if leafs_only or self.count_gmem or traced:
+            old = pool.read_rows(rows)
+            leaf = (old & S.U_PRESENT) != 0
+        else:  # freed right after and untraced: only which entries were present matters
+            leaf = pool.present_rows(rows)
         n = int(np.count_nonzero(leaf))
         if n:
             bases = pool.gfn(table) + pos * ENTRIES
@@ -470,22 +501,27 @@ class Mmu:
         root: Root,
         rows: np.ndarray,
         bases: np.ndarray,
-        old: np.ndarray,
+        old: np.ndarray | None,
         leaf: np.ndarray,
         n: int,
         acc: ZapAcc,
     ) -> None:
-        """Present leaves `leaf` of leaf tables `rows` (entries `old`) go non-present."""
-        if self.count_gmem:
-            pfns = (old & S.U_ADDR) >> S.U_SHIFT
-            root.gmem_leaves -= int(np.count_nonzero(leaf & (pfns >= np.uint64(S.GMEM_PFN_BASE))))
-        per = np.count_nonzero(leaf, axis=1)
-        if self.trace.enabled and not self._untraced:
-            self.trace.leaves_zapped(root.as_id, bases, old, leaf, per)
-        if n == leaf.size:
-            self.pool.fill_rows(rows, S.NONPRESENT)
+        """Present leaves `leaf` of leaf tables `rows` (entries `old`) go non-present; with
+        `old` None the tables are freed right after and keep their entries."""
+        if old is not None:
+            if self.count_gmem:
+                pfns = (old & S.U_ADDR) >> S.U_SHIFT
+                gmem = leaf & (pfns >= np.uint64(S.GMEM_PFN_BASE))
+                root.gmem_leaves -= int(np.count_nonzero(gmem))
+            per = np.count_nonzero(leaf, axis=1)
+            if self.trace.enabled and not self._untraced:
+                self.trace.leaves_zapped(root.as_id, bases, old, leaf, per)
+            if n == leaf.size:
+                self.pool.fill_rows(rows, S.NONPRESENT)
+            else:
+                self.pool.write_rows(rows, np.where(leaf, S.NONPRESENT, old))
         else:
-            self.pool.write_rows(rows, np.where(leaf, S.NONPRESENT, old))
+            per = np.count_nonzero(leaf, axis=1)
         root.leaves[1] -= n
         self.pages[1] -= n
         acc.count(root.role, 1, n)
@@ -526,10 +562,11 @@ class Mmu:
         self.pages[level] += n
 
     def leaf_iter(
-        self, root: Root, start: int = 0, end: int = 1 << 62
+        self, root: Root, start: int = 0, end: int = 1 << 62, min_level: int = 1
     ) -> Iterator[tuple[Cursor, np.ndarray, np.ndarray]]:
-        """(cursor, its slice of entries, indexes of present leaves in it) per table."""
-        for cur in walk(self.pool, root.table, start, end):
+        """(cursor, its slice of entries, indexes of present leaves in it) per table, tables
+        below `min_level` not visited."""
+        for cur in walk(self.pool, root.table, start, end, min_level=min_level):
             sl = self.pool.entries(cur.table)[cur.lo : cur.hi]
             leaf = (sl & S.U_PRESENT) != 0
             if cur.level > 1:
@@ -537,3 +574,68 @@ class Mmu:
             idx = np.flatnonzero(leaf)
             if len(idx):
                 yield cur, sl, idx
+
+    def leaf_blocks(
+        self, root: Root, start: int, end: int, min_level: int = 1
+    ) -> Iterator[LeafBlock]:
+        """The tables over GFN positions [start, end), in the walk's pre-order, as blocks of
+        tables of one level: each table above the leaf level alone, and a level-2 table's
+        leaf tables wholly inside the range together (one block after the partial first one,
+        before the partial last one). Tables below `min_level` are not visited."""
+        pool = self.pool
+        for cur in walk(pool, root.table, start, end, min_level=max(2, min_level)):
+            yield LeafBlock(cur.level, np.array([cur.table]), np.array([cur.base]), cur.lo, cur.hi)
+            if cur.level != 2 or min_level > 1:
+                continue
+            sl = pool.entries(cur.table)[cur.lo : cur.hi]
+            kids = np.flatnonzero(((sl & S.U_PRESENT) != 0) & ((sl & S.U_PS) == 0))
+            rows = (((sl[kids] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(
+                np.int64
+            )
+            bases = cur.base + (cur.lo + kids) * ENTRIES
+            inside = np.flatnonzero((bases >= start) & (bases + ENTRIES <= end))
+            # The general path (bulk off) takes each leaf table alone.
+            a, b = (
+                (int(inside[0]), int(inside[-1]) + 1)
+                if len(inside) and self.bulk
+                else (len(kids),) * 2
+            )
+            for k in [*range(a), -1, *range(b, len(kids))]:
+                if k < 0:
+                    if b > a:
+                        yield LeafBlock(1, rows[a:b], bases[a:b], 0, ENTRIES)
+                    continue
+                lo, hi = clip(int(bases[k]), 1, start, end)
+                yield LeafBlock(1, rows[k : k + 1], bases[k : k + 1], lo, hi)
+
+    def mapped_pages(self, root: Root, start: int, end: int, *, gmem: bool = False) -> int:
+        """Present leaves over GFN positions [start, end) in 4 KiB pages (only guest_memfd
+        pages with `gmem`). Leaf tables wholly inside are counted a level-2 table at a time."""
+        pool, n = self.pool, 0
+        floor = S.GMEM_PFN_BASE if gmem else None
+        for cur in walk(pool, root.table, start, end, min_level=2):
+            sl = pool.entries(cur.table)[cur.lo : cur.hi]
+            present = (sl & S.U_PRESENT) != 0
+            huge = (sl & S.U_PS) != 0
+            n += _count(sl, present & huge, floor) * span(cur.level)
+            if cur.level != 2:
+                continue
+            kids = np.flatnonzero(present & ~huge)
+            bases = cur.base + (cur.lo + kids) * ENTRIES
+            inside = (bases >= start) & (bases + ENTRIES <= end)
+            rows = (((sl[kids] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(
+                np.int64
+            )
+            n += int(pool.present_counts(rows[inside], floor).sum())
+            for row, b in zip(rows[~inside].tolist(), bases[~inside].tolist(), strict=True):
+                lo, hi = clip(b, 1, start, end)
+                e = pool.entries(row)[lo:hi]
+                n += _count(e, (e & S.U_PRESENT) != 0, floor)
+        return n
+
+
+def _count(entries: np.ndarray, leaf: np.ndarray, min_pfn: int | None) -> int:
+    """Leaves `leaf` of `entries`, those with a PFN of at least `min_pfn` if given."""
+    if min_pfn is not None:
+        leaf = leaf & (((entries & S.U_ADDR) >> S.U_SHIFT) >= np.uint64(min_pfn))
+    return int(np.count_nonzero(leaf))

@@ -422,6 +422,30 @@ class TraceRing:
                 lambda: _huge_records(as_id, pos, level, table, i, old, new, links),
             )
 
+    def huge_splits(
+        self, as_id: int, gfns: np.ndarray, level: int, old: np.ndarray, links: np.ndarray
+    ) -> None:
+        """Huge leaves `old` at GFN positions `gfns` split, one after the other: for each, the
+        link that replaces it (kvm_tdp_mmu_spte_changed) then kvm_mmu_split_huge_page."""
+        n = len(gfns)
+        if not self.capacity or not n:
+            return
+        g, o, lk = gfns.copy(), old.copy(), links.copy()
+
+        def build() -> Fields:
+            kinds = np.array([Kind.SPTE_CHANGED, Kind.SPLIT_HUGE_PAGE], dtype=np.uint8)
+            return {
+                "kind": np.tile(kinds, n),
+                "as_id": np.tile(np.array([as_id, 0], dtype=np.uint8), n),
+                "level": level,
+                "gfn": np.repeat(g, 2),
+                "a": np.repeat(o, 2),
+                "b": np.stack((lk, np.zeros_like(lk)), axis=1).ravel(),
+                "c": 0,
+            }
+
+        self._push(2 * n, build)
+
     def leaves_zapped(
         self, as_id: int, bases: np.ndarray, old: np.ndarray, leaf: np.ndarray, per: np.ndarray
     ) -> None:
@@ -485,14 +509,16 @@ class TraceRing:
         """tdp_mmu_zap_root: a first pass zaps at the 1 GiB level (each present level-3 entry
         to SHADOW_NONPRESENT, its table removed), a second at the root's top level.
 
-        One lazy batch per pass: the walk only copies each table (4 KiB); the records, in
-        pre-order (GFN ascending, a parent entry before its table's), are built on read and
-        only for the tail the ring keeps."""
+        One lazy batch per pass: the walk notes each table, a level-2 table's leaf tables as
+        one group; only the tables whose records the ring can keep are copied (4 KiB each)
+        and their records, in pre-order (GFN ascending, a parent entry before its table's),
+        are built on read."""
         if not self.capacity:
             return
         for zap, cleared in ((3, 0), (pool.level(root_table), 3)):
             nodes: list[_Node] = []
             _collect(pool, root_table, zap, shared, cleared, nodes, -1)
+            nodes = _split_tail(pool, nodes, self.capacity)
             # Tables whose records the ring can never keep give their copies back now.
             kept = _pick(nodes, self.capacity)
             for k, node in enumerate(nodes):  # views until now: copy only what is kept
@@ -505,7 +531,8 @@ class TraceRing:
 
 @dataclass(slots=True)
 class _Node:
-    """One table of a root teardown and how its entries are traced."""
+    """One table of a root teardown and how its entries are traced, or (`rows` set) the leaf
+    tables of one level-2 table, traced alike, until `_split_tail` picks some out."""
 
     level: int
     base: int
@@ -514,10 +541,14 @@ class _Node:
     new: np.uint64  # what they become
     parent: int  # index of the parent node, -1 for none
     cleared: bool = False  # emptied by the first pass: every entry traced as non-present
+    count: int = -1  # records; len(idx) unless a group
+    rows: np.ndarray | None = None  # a group: its tables' rows, GFN bases, records per table
+    bases: np.ndarray | None = None
+    counts: np.ndarray | None = None
 
-    @property
-    def count(self) -> int:
-        return len(self.idx)
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            self.count = len(self.idx)
 
 
 def _collect(
@@ -548,9 +579,78 @@ def _collect(
         idx, new = present, NONPRESENT
     me = len(out)
     out.append(_Node(level, base, ent, idx, new, parent))
-    if level > 1:
+    if level == 2:
+        kids = present[(ent[present] & _PS) == 0]
+        if len(kids):
+            out.append(_leaf_group(pool, ent, kids, base, shared, me))
+    elif level > 2:
         for i in present[(ent[present] & _PS) == 0].tolist():
             _collect(pool, pool.child(int(ent[i])), zap, shared, cleared, out, me, True)
+
+
+def _leaf_group(
+    pool: TablePool, ent: np.ndarray, kids: np.ndarray, base: int, shared: bool, parent: int
+) -> _Node:
+    """The removed leaf tables linked at entries `kids` of a level-2 table: every entry of
+    each traced under the read lock, its present ones under the write lock."""
+    rows = (((ent[kids] & S.U_ADDR) >> S.U_SHIFT) - _U(S.TABLE_PFN_BASE)).astype(np.int64)
+    if shared:
+        counts = np.full(len(rows), ENTRIES, dtype=np.int64)
+    else:
+        counts = pool.present_counts(rows)
+    bases = _U(base) + kids.astype(np.uint64) * _U(ENTRIES)
+    n = int(counts.sum())
+    return _Node(
+        1, base, _ALL[:0], _ALL[:0], FROZEN, parent, count=n, rows=rows, bases=bases, counts=counts
+    )
+
+
+def _split_tail(pool: TablePool, nodes: list[_Node], keep: int) -> list[_Node]:
+    """Groups the last `keep` records reach become one node per table for the tables the
+    tail needs (the group keeps the rest, counted but never picked)."""
+    total = 0
+    for k in range(len(nodes) - 1, -1, -1):
+        if total >= keep:
+            break
+        node = nodes[k]
+        if node.rows is None or node.counts is None or node.bases is None:
+            total += node.count
+            continue
+        tail = np.cumsum(node.counts[::-1])
+        m = min(int(np.searchsorted(tail, keep - total)) + 1, len(node.counts))
+        split = len(node.counts) - m
+        singles = []
+        for row, b, c in zip(
+            node.rows[split:].tolist(),
+            node.bases[split:].tolist(),
+            node.counts[split:].tolist(),
+            strict=True,
+        ):
+            ent = pool.entries(row)
+            idx = _ALL if c == ENTRIES else np.flatnonzero((ent & _PRESENT) != 0)
+            singles.append(_Node(1, b, ent, idx, FROZEN, node.parent))
+        rest = node.counts[:split]
+        group = (
+            []
+            if not split
+            else [
+                _Node(
+                    1,
+                    node.base,
+                    _ALL[:0],
+                    _ALL[:0],
+                    FROZEN,
+                    node.parent,
+                    count=int(rest.sum()),
+                    rows=node.rows[:split],
+                    bases=node.bases[:split],
+                    counts=rest,
+                )
+            ]
+        )
+        nodes[k : k + 1] = group + singles
+        total += int(tail[m - 1])
+    return nodes
 
 
 def _pick(nodes: list[_Node], keep: int) -> set[int]:

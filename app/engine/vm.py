@@ -87,6 +87,12 @@ EXTRA_STAT_NAMES = (
 MAX_ACCESS_BYTES = 1 << 40  # one call may touch at most 1 TiB
 MAX_DATA_BYTES = 1 << 20  # bytes one host/guest_memfd read or write may carry
 DEFAULT_TABLE_BUDGET = 1 << 20  # page-table pages per VM (4 GiB of tables)
+# Plain ints: an int & an IntFlag member goes through the enum machinery (the memslot path
+# tests these on every call).
+_SLOT_ZAP_ALL = int(uapi.KVM_X86_QUIRK_SLOT_ZAP_ALL)
+_LOG_DIRTY = int(uapi.KVM_MEM_LOG_DIRTY_PAGES)
+# A memslot answer's "change" as a plain str (an enum's `.value` is a descriptor call).
+_CHANGE_NAMES = {k: k.value for k in ChangeKind}
 
 
 def _hex_bytes(value: object, name: str = "data") -> bytes:
@@ -211,7 +217,7 @@ class Vm:
     # ------------------------------------------------------------------ properties
     @property
     def quirk_zap_all(self) -> bool:
-        return not self.disabled_quirks & uapi.KVM_X86_QUIRK_SLOT_ZAP_ALL
+        return not self.disabled_quirks & _SLOT_ZAP_ALL
 
     @property
     def ipat(self) -> bool:
@@ -308,7 +314,7 @@ class Vm:
         )
         kind, old, new = change.kind, change.old, change.new
         if kind is ChangeKind.NONE:
-            return {"change": kind.value, "memslot": self._slot_dict(old), "zap": None}
+            return {"change": _CHANGE_NAMES[kind], "memslot": self._slot_dict(old), "zap": None}
         if kind is ChangeKind.CREATE:
             check_arch_prepare(change, max_gfn=self.max_gfn, gfn_direct_bits=self.gfn_direct_bits)
             assert new is not None
@@ -318,9 +324,9 @@ class Vm:
                 )
             self.spaces[new.as_id].install(new)
             self._swap(new.as_id)
-            if new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+            if new.flags & _LOG_DIRTY:
                 self.alloc_dirty(new)
-            return {"change": kind.value, "memslot": self._slot_dict(new), "zap": None}
+            return {"change": _CHANGE_NAMES[kind], "memslot": self._slot_dict(new), "zap": None}
         if kind is ChangeKind.FLAGS_ONLY:
             assert old is not None and new is not None
             space = self.spaces[old.as_id]
@@ -328,7 +334,7 @@ class Vm:
             space.install(new)
             self._swap(new.as_id)
             zap = self._apply_dirty_flags(old, new)
-            return {"change": kind.value, "memslot": self._slot_dict(new), "zap": zap}
+            return {"change": _CHANGE_NAMES[kind], "memslot": self._slot_dict(new), "zap": zap}
         assert old is not None
         return self._delete_or_move(change, old, new)
 
@@ -357,18 +363,19 @@ class Vm:
             space.remove(old.id)
             space.install(new)
             key = (old.as_id, old.id)
-            if not new.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+            if not new.flags & _LOG_DIRTY:
                 self.free_dirty(key)
             elif key not in self.dirty:
                 self.alloc_dirty(new)
             self._swap(new.as_id)
-            return {"change": change.kind.value, "memslot": self._slot_dict(new), "zap": zap}
+            moved = self._slot_dict(new)
+            return {"change": _CHANGE_NAMES[change.kind], "memslot": moved, "zap": zap}
         space.remove(old.id)
         self.free_dirty((old.as_id, old.id))
         if old.guest_memfd is not None:
             self.gmem.unbind(old.guest_memfd, (old.as_id, old.id))
         self._swap(old.as_id)
-        return {"change": change.kind.value, "memslot": None, "zap": zap}
+        return {"change": _CHANGE_NAMES[change.kind], "memslot": None, "zap": zap}
 
     def _slot_dict(self, slot: Memslot | None) -> dict[str, Any] | None:
         if slot is None:
@@ -384,18 +391,11 @@ class Vm:
         out = {"shared": 0, "private": 0}
         for root in self.mmu.roots_of(slot.as_id):
             bits = self.gfn_direct_bits if root.role is RootRole.DIRECT else 0
-            n = 0
-            for cur, _sl, idx in self.mmu.leaf_iter(
-                root, slot.base_gfn | bits, slot.end_gfn | bits
-            ):
-                n += len(idx) * span(cur.level)
+            n = self.mmu.mapped_pages(root, slot.base_gfn | bits, slot.end_gfn | bits)
             if root.role is RootRole.MIRROR:
                 out["private"] += n
             elif self.has_private_mem and not self.is_tdx:
-                priv = 0
-                for cur, sl, idx in self.mmu.leaf_iter(root, slot.base_gfn, slot.end_gfn):
-                    pfns = (sl[idx] & S.U_ADDR) >> S.U_SHIFT
-                    priv += int(np.count_nonzero(pfns >= S.GMEM_PFN_BASE)) * span(cur.level)
+                priv = self.mmu.mapped_pages(root, slot.base_gfn, slot.end_gfn, gmem=True)
                 out["private"] += priv
                 out["shared"] += n - priv
             else:

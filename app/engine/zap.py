@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import errno
 import time
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from .errors import KvmError, check_u64, einval
 from .op import Op, operation
@@ -26,12 +25,13 @@ if TYPE_CHECKING:
 MAX_EVENTS = 10000
 # Counts only some paths produce; every event carries them all (0 where they do not apply).
 EVENT_EXTRAS = ("huge_pages_split", "sptes_write_protected", "huge_pages_recovered")
+# An event names its VM type; `VmType.name` goes through the enum machinery each time.
+_VM_TYPE_NAMES = {t: t.name for t in VmType}
 
 
-@dataclass(frozen=True, slots=True)
-class ZapEvent:
-    """One zap, in the fixed shape of docs/engine.md "Zap events" (`to_json` keeps its key
-    order); the VM's log and every answer hold the JSON form."""
+class ZapEvent(TypedDict):
+    """One zap, in the fixed shape of docs/engine.md "Zap events" (the key order is the
+    answer's). A plain dict at run time: the VM's log and every answer hold it as is."""
 
     seq: int
     at: float
@@ -50,12 +50,9 @@ class ZapEvent:
     tlb_flushes: int
     vcpu_kicks: int
     duration_us: int
-    huge_pages_split: int = 0
-    sptes_write_protected: int = 0
-    huge_pages_recovered: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    huge_pages_split: int
+    sptes_write_protected: int
+    huge_pages_recovered: int
 
 
 def flush_memslot(vm: Vm, slot: Memslot, cause: str) -> dict[str, Any]:
@@ -217,44 +214,59 @@ def record(
     the memslot that triggered it (if one did), and every optional count (0 when unused).
     """
     bits = vm.gfn_direct_bits
-    for s, e, _role in acc.runs:
-        if bits and s & bits:
-            s, e = s & ~bits, ((e - 1) & ~bits) + 1
-        vm.zapped.add(s, e)
+    vm.zapped.add_many(
+        [(s & ~bits, ((e - 1) & ~bits) + 1) if s & bits else (s, e) for s, e, _ in acc.runs]
+    )
     total = acc.total()
     vm.stats_extra["zaps_total_sptes"] += total
     vm.event_seq += 1
-    unknown = set(extra) - set(EVENT_EXTRAS)
-    assert not unknown, f"zap event fields outside the fixed shape: {unknown}"
-    ev = ZapEvent(
-        seq=vm.event_seq,
-        at=vm.now,
-        cause=cause,
-        path=path,
-        vm_type=vm.vm_type.name,
-        slot_zap_all=slot_zap_all(vm),
-        as_id=None if trigger is None else trigger.as_id,
-        slot=None if trigger is None else trigger.id,
-        gfn_start=gfn_start,
-        gfn_end=gfn_end,
-        sptes_zapped=acc.by_level(),
-        sptes_zapped_total=total,
-        tables_freed=acc.tables_freed,
-        roots_invalidated=invalidated,
-        tlb_flushes=flushes,
-        vcpu_kicks=kicks,
-        duration_us=measured_duration(vm, t0),
-        huge_pages_split=extra.get("huge_pages_split", 0),
-        sptes_write_protected=extra.get("sptes_write_protected", 0),
-        huge_pages_recovered=extra.get("huge_pages_recovered", 0),
-    ).to_json()
-    vm.events.append(ev)
+    if extra:
+        unknown = set(extra) - set(EVENT_EXTRAS)
+        assert not unknown, f"zap event fields outside the fixed shape: {unknown}"
+    ev: ZapEvent = {
+        "seq": vm.event_seq,
+        "at": vm.now,
+        "cause": cause,
+        "path": path,
+        "vm_type": _VM_TYPE_NAMES[vm.vm_type],
+        "slot_zap_all": slot_zap_all(vm),
+        "as_id": None if trigger is None else trigger.as_id,
+        "slot": None if trigger is None else trigger.id,
+        "gfn_start": gfn_start,
+        "gfn_end": gfn_end,
+        "sptes_zapped": _sptes_zapped(acc),
+        "sptes_zapped_total": total,
+        "tables_freed": acc.tables_freed,
+        "roots_invalidated": invalidated,
+        "tlb_flushes": flushes,
+        "vcpu_kicks": kicks,
+        "duration_us": measured_duration(vm, t0),
+        "huge_pages_split": extra.get("huge_pages_split", 0),
+        "sptes_write_protected": extra.get("sptes_write_protected", 0),
+        "huge_pages_recovered": extra.get("huge_pages_recovered", 0),
+    }
+    event = cast(dict[str, Any], ev)
+    vm.events.append(event)
     if len(vm.events) > MAX_EVENTS:
         del vm.events[: len(vm.events) - MAX_EVENTS]
-    # The caller's own copy: the event is flat but for `sptes_zapped` (a dict of counts and
-    # of one dict per root role), so this is all a deep copy would do, much faster.
-    zapped = {k: dict(v) if isinstance(v, dict) else v for k, v in ev["sptes_zapped"].items()}
-    return {**ev, "sptes_zapped": zapped}
+    # The caller's own copy: the event is flat but for `sptes_zapped`, built afresh.
+    return {**event, "sptes_zapped": _sptes_zapped(acc)}
+
+
+def _sptes_zapped(acc: ZapAcc) -> dict[str, Any]:
+    """A new `sptes_zapped` dict of the zap (every role and level, zeros included)."""
+    return acc.by_level() if acc.leaves else _no_sptes()
+
+
+def _no_sptes() -> dict[str, Any]:
+    """`sptes_zapped` of a zap that took no leaf (`ZapAcc.by_level` of an empty zap)."""
+    return {
+        "direct": {"4k": 0, "2m": 0, "1g": 0},
+        "mirror": {"4k": 0, "2m": 0, "1g": 0},
+        "4k": 0,
+        "2m": 0,
+        "1g": 0,
+    }
 
 
 def account_fault_zaps(vm: Vm, acc: ZapAcc) -> None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 
 import pytest
@@ -141,3 +142,94 @@ def test_a_profile_survives_a_snapshot_and_default_digests_do_not_change() -> No
     assert codec.digest(back) == codec.digest(vm)
     assert codec.digest(thp_vm()) == codec.digest(thp_vm(None))
     assert codec.digest(thp_vm({"enable_pml": True})) != codec.digest(thp_vm())
+
+
+def _bitmap(nbits: int, set_bits: list[int]) -> str:
+    words = [0] * (-(-nbits // 64))
+    for b in set_bits:
+        words[b // 64] |= 1 << (b % 64)
+    return base64.b64encode(b"".join(w.to_bytes(8, "little") for w in words)).decode()
+
+
+def _last(vm: Vm, gpa: int) -> dict:
+    (root,) = vm.translate(gpa)["roots"]
+    return root["walk"][-1]
+
+
+def _manual_pml_vm(manual: int, eager: bool = True) -> Vm:
+    vm = Vm.create(kit.DEFAULT, 1, host={"enable_pml": True, "eager_page_split": eager})
+    vm.apply(parse("enable_cap", dict(cap=kit.MANUAL_PROTECT_CAP, args=[manual])))
+    return vm
+
+
+def test_pml_clear_dirty_log_clears_d_on_exactly_the_pages_of_its_set_bits() -> None:
+    """kvm_arch_mmu_enable_log_dirty_pt_masked with PML → kvm_mmu_clear_dirty_pt_masked
+    (kvm_tdp_mmu_clear_dirty_pt_masked): D goes on the 4K leaves whose bit is set, the bit
+    indexed from the slot's first GFN; W stays, so nothing is write-protected. The slot
+    starts 16 pages into a page table, so the bits are not the table's indexes."""
+    vm = _manual_pml_vm(manual=1)
+    base, npages = 16 * kit.PAGE, 256
+    kit.region(vm, 0, base, npages * kit.PAGE, HVA, LOG_DIRTY)
+    kit.access(vm, base, npages * kit.PAGE, "write")  # 4K faults: D set, logged directly
+    assert vm.stats()["pml_entries"] == 0
+    cleared = [*range(64), 70]
+    out = vm.apply(
+        parse(
+            "clear_dirty_log",
+            dict(slot=0, first_page=0, num_pages=128, bitmap=_bitmap(128, cleared)),
+        )
+    )
+    assert out == {"cleared": 65, "sptes_write_protected": 0}
+    leaves = [_last(vm, base + p * kit.PAGE) for p in range(npages)]
+    assert [p for p, e in enumerate(leaves) if not e["dirty"]] == cleared
+    assert all(e["w"] and e["level"] == 1 for e in leaves)
+    # The next writes are logged by the CPU only where D was cleared: no fault at all.
+    before = vm.stats()
+    kit.access(vm, base, npages * kit.PAGE, "write")
+    after = vm.stats()
+    assert after["pml_entries"] - before["pml_entries"] == len(cleared)
+    assert after["pf_taken"] == before["pf_taken"]
+    assert dirty_bits(vm)[1] == npages
+    kit.check(vm)
+
+
+def test_pml_clear_dirty_log_skips_a_huge_leaf_and_clears_the_4k_leaves_after_it() -> None:
+    """kvm_tdp_mmu_clear_dirty_pt_masked walks the masked GFNs and passes over every leaf
+    above 4K, going on to the next: with INITIALLY_SET and no eager split a 2M leaf mapped
+    before logging stays whole with its D bit, while the 4K leaves written after it lose D."""
+    vm = _manual_pml_vm(manual=3, eager=False)  # MANUAL_PROTECT | INITIALLY_SET
+    kit.hugepage(vm, HVA, 4 * MB)
+    kit.region(vm, 0, 0, 4 * MB, HVA)
+    kit.access(vm, 0, 2 * MB, "write")
+    assert kit.pages(vm) == (0, 1, 0)
+    kit.region(vm, 0, 0, 4 * MB, HVA, LOG_DIRTY)  # INITIALLY_SET: nothing protected yet
+    kit.access(vm, 2 * MB, 64 * kit.PAGE, "write")  # a logging slot maps 4K
+    assert kit.pages(vm) == (64, 1, 0)
+    out = vm.apply(
+        parse(
+            "clear_dirty_log",
+            dict(slot=0, first_page=0, num_pages=1024, bitmap=_bitmap(1024, list(range(1024)))),
+        )
+    )
+    assert out == {"cleared": 1024, "sptes_write_protected": 0}
+    huge = _last(vm, 0)
+    assert (huge["level"], huge["dirty"]) == (2, True)
+    assert not any(_last(vm, 2 * MB + p * kit.PAGE)["dirty"] for p in range(64))
+    before = vm.stats()["pml_entries"]
+    kit.access(vm, 2 * MB, 64 * kit.PAGE, "write")
+    assert vm.stats()["pml_entries"] - before == 64
+    kit.check(vm)
+
+
+def test_pml_enabling_logging_clears_d_only_inside_the_slot() -> None:
+    """kvm_mmu_slot_apply_flags with PML → kvm_mmu_slot_leaf_clear_dirty →
+    kvm_tdp_mmu_clear_dirty_slot: the walk is bounded by the slot; another slot's leaves
+    keep their D bits."""
+    vm = Vm.create(kit.DEFAULT, 1, host={"enable_pml": True})
+    kit.region(vm, 0, 0, 64 * kit.PAGE, HVA)
+    kit.region(vm, 1, 64 * kit.PAGE, 64 * kit.PAGE, HVA + MB)
+    kit.access(vm, 0, 128 * kit.PAGE, "write")
+    kit.region(vm, 0, 0, 64 * kit.PAGE, HVA, LOG_DIRTY)
+    assert not any(_last(vm, p * kit.PAGE)["dirty"] for p in range(64))
+    assert all(_last(vm, p * kit.PAGE)["dirty"] for p in range(64, 128))
+    kit.check(vm)

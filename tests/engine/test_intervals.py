@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from app.engine.intervals import IntervalSet
@@ -37,3 +37,26 @@ def test_add_and_remove_match_a_set_model(steps: list[tuple[bool, int, int]]) ->
         (max(a, 10), min(b, 90)) for a, b in pairs if max(a, 10) < min(b, 90)
     ]
     assert IntervalSet([tuple(p) for p in s.to_list()]).to_list() == s.to_list()
+
+
+@settings(max_examples=100, derandomize=True, database=None, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 40)), max_size=30),
+    st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 40)), min_size=0, max_size=200),
+)
+@example([(10, 5), (700, 0)], [(i * 8 % 999, i % 9) for i in range(150)])
+def test_add_many_is_add_of_each(
+    before: list[tuple[int, int]], runs: list[tuple[int, int]]
+) -> None:
+    """Below and above the 64 pairs where add_many switches to one sorted numpy pass; empty
+    and touching runs included."""
+    one, many = IntervalSet(), IntervalSet()
+    for s, n in before:
+        one.add(s, s + n)
+        many.add(s, s + n)
+    pairs = [(s, s + n) for s, n in runs]
+    for s, e in pairs:
+        one.add(s, e)
+    many.add_many(pairs)
+    assert many.to_list() == one.to_list()
+    assert many.total() == one.total()

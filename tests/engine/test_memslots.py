@@ -622,11 +622,18 @@ def test_memslot_set_refuses_overlap_duplicates_and_foreign_slots() -> None:
     space = MemslotSet(0)
     space.install(_slot(1, 10, 10))
     expect(errno.EEXIST, space.install, _slot(2, 19, 5))
+    # Reaching in from below, the same start, covering it whole.
+    for base, n in ((5, 6), (10, 1), (0, 100)):
+        expect(errno.EEXIST, space.install, _slot(2, base, n))
     expect(errno.EEXIST, space.install, _slot(1, 100, 5))
     expect(errno.EINVAL, space.install, _slot(3, 100, 5, as_id=1))
     expect(errno.EINVAL, space.install, _slot(3, 100, 0))
     expect(errno.EINVAL, space.remove, 42)
     assert [s.id for s in space] == [1]
+    for id, base in ((2, 20), (3, 5), (4, 21)):  # touching it, on either side, and each other
+        space.install(_slot(id, base, 5 if id == 3 else 1))
+    assert [s.base_gfn for s in space.by_gfn()] == [5, 10, 20, 21]
+    expect(errno.EEXIST, space.install, _slot(5, 19, 2))  # between two, over both
 
 
 def test_memslot_set_scales_without_per_page_work() -> None:

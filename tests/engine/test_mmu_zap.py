@@ -10,6 +10,8 @@ import pytest
 
 from app.engine import KvmError, Vm
 from app.engine.ops import parse
+from app.engine.roots import ZapAcc
+from app.engine.zap import ZapEvent
 
 from .mmu import check, pages, region
 
@@ -171,6 +173,24 @@ def test_zap_all_is_still_reported_when_the_vm_has_no_root() -> None:
     assert z["path"] == "zap_all_fast"
     assert (z["sptes_zapped_total"], z["roots_invalidated"], z["tlb_flushes"]) == (0, 0, 0)
     assert len(vm.zap_events()) == 1
+
+
+def test_every_zap_event_has_the_fixed_shape_in_its_order() -> None:
+    bare = Vm.create(DEFAULT, 1)
+    region(bare, 0, 0, 2 * MB, U)
+    vm = layout()
+    events = [delete(bare, 0)["zap"], delete(vm, 2)["zap"], *vm.zap_events(), *bare.zap_events()]
+    shape = list(ZapEvent.__annotations__)
+    empty = ZapAcc().by_level()  # a zap that took no leaf still names every role and level
+    assert list(events[0]["sptes_zapped"].items()) == list(empty.items())
+    for ev in events:
+        assert list(ev) == shape
+        assert list(ev["sptes_zapped"]) == list(empty)
+        for role in ("direct", "mirror"):
+            assert list(ev["sptes_zapped"][role]) == ["4k", "2m", "1g"]
+    # The answer is the caller's own copy: changing it leaves the VM's log as it was.
+    events[1]["sptes_zapped"]["direct"]["4k"] = -1
+    assert vm.zap_events()[0]["sptes_zapped"]["direct"]["4k"] != -1
 
 
 def test_quirk_is_read_at_each_delete() -> None:

@@ -10,6 +10,7 @@ import base64
 import pytest
 
 from app.engine import Vm
+from app.engine.dirty import split_tables_needed
 from app.engine.ops import parse
 
 from . import mmu as kit
@@ -129,4 +130,38 @@ def test_initially_set_clear_splits_only_the_leaf_under_the_bits_of_a_slot_not_a
     assert kit.pages(vm) == (512, 3, 0)
     for k, level in enumerate((2, 2, 1, 2)):
         assert kit.leaf(vm, base + k * kit.M2)["level"] == level
+    kit.check(vm)
+
+
+def test_the_tables_reserved_for_a_split_are_the_tables_the_split_allocates() -> None:
+    """split_tables_needed (what the service reserves before an eager split, as
+    kvm_mmu_slot_try_split_huge_pages may allocate one table per 2M leaf and 1 + 512 per 1G
+    leaf) over any range equals the tables split_huge then takes; 4K leaves and another
+    address space need none."""
+    vm = huge_vm()  # slot 0 = [0, 8M): four 2M leaves
+    vm.apply(parse("host_map", dict(userspace_addr=kit.HVA + kit.GB, len=kit.GB, page_size=kit.GB)))
+    kit.region(vm, 1, kit.GB, kit.GB, kit.HVA + kit.GB)
+    kit.access(vm, kit.GB, kit.PAGE, "write")
+    assert kit.pages(vm) == (0, HUGE_LEAVES, 1)
+    g = kit.GB // kit.PAGE
+    need = {
+        (0, SLOT_PAGES): HUGE_LEAVES,
+        (512, 1024): 1,
+        (511, 513): 2,  # one page of each of two leaves
+        (100, 101): 1,
+        (g, 2 * g): 1 + 512,
+        (0, 2 * g): HUGE_LEAVES + 1 + 512,
+        (SLOT_PAGES, g): 0,  # nothing mapped in between
+    }
+    for (start, end), tables in need.items():
+        assert split_tables_needed(vm, 0, start, end) == tables, (start, end)
+    assert split_tables_needed(vm, 1, 0, 2 * g) == 0  # SMM's address space: no root
+    before = vm.stats()["page_tables"]
+    kit.region(vm, 0, 0, HUGE_LEAVES * kit.M2, kit.HVA, kit.LOG_DIRTY)
+    assert vm.stats()["page_tables"] - before == HUGE_LEAVES
+    assert split_tables_needed(vm, 0, 0, SLOT_PAGES) == 0  # all 4K now
+    before = vm.stats()["page_tables"]
+    kit.region(vm, 1, kit.GB, kit.GB, kit.HVA + kit.GB, kit.LOG_DIRTY)
+    assert vm.stats()["page_tables"] - before == 1 + 512
+    assert split_tables_needed(vm, 0, 0, 2 * g) == 0
     kit.check(vm)

@@ -780,3 +780,20 @@ def test_td_exec_from_shared_gpa_kills_the_vm_with_eio() -> None:
         with pytest.raises(KvmError) as info:
             td.apply(parse(op, args))
         assert info.value.errno == errno.EIO, op
+
+
+def test_the_seamcall_record_keeps_exactly_the_latest_256_operations() -> None:
+    """`recent` (GET /v1/vms/{vm}/tdx) is a ring of the latest 256 SEAMCALL records, oldest
+    first: after more than 256, the oldest are gone and the newest is last."""
+    td, _ = make_td()
+    for p in range(160):  # at least PAGE.AUG + PAGE.ACCEPT each: over 256 records
+        accept(td, p * PAGE)
+    recent = td.tdx_state()["recent"]
+    assert len(recent) == 256
+    assert recent[-2:] == [
+        {"op": AUG, "gfn_start": 159, "gfn_end": 160},
+        {"op": ACCEPT, "gfn_start": 159, "gfn_end": 160},
+    ]
+    # Each accept of page p left AUG then ACCEPT of [p, p + 1): the ring starts mid-history.
+    assert recent[0]["gfn_start"] > 0
+    assert [e["gfn_start"] for e in recent] == sorted(e["gfn_start"] for e in recent)

@@ -256,3 +256,16 @@ def test_lifecycle_and_runnable_at_creation_reach_the_same_page_tables(
         kit.check(vm)
     assert old.mappings() == new.mappings()
     assert old.tdx_state()["accepted_pages"] == new.tdx_state()["accepted_pages"]
+
+
+def test_attributes_and_gpaw_are_zero_until_init_vm_sets_them() -> None:
+    """struct kvm_tdx is zero-allocated (tdx_vm_init): td->attributes and the GPAW stay 0
+    until tdx_td_init (KVM_TDX_INIT_VM) stores them; a TD runnable at creation never ran
+    INIT_VM and reports 0 for both."""
+    td = Vm.create(TDX, 0, td_lifecycle=True)
+    assert (lifecycle(td)["attributes"], lifecycle(td)["gpaw"]) == (0, 0)
+    out = td.apply(parse("tdx_init_vm", {"attributes": SEPT_VE_DISABLE, "gpaw": 48}))
+    assert (out["attributes"], out["gpaw"]) == (SEPT_VE_DISABLE, 48)
+    runnable = Vm.create(TDX, 1)
+    got = lifecycle(runnable)
+    assert (got["td_state"], got["attributes"], got["gpaw"]) == ("runnable", 0, 0)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from app.engine import Vm, codec, spte
 from app.engine.ops import parse
@@ -224,11 +225,13 @@ def test_tracing_changes_nothing_the_mmu_does() -> None:
     assert codec.digest(traced) == codec.digest(silent)
 
 
-def test_a_small_ring_keeps_exactly_the_tail_a_large_one_holds() -> None:
-    """Batches pushed out unbuilt and teardowns built only for their tail: the same records
-    as building everything and keeping the newest."""
+@pytest.mark.parametrize("teardown", ["fast_zap", "destroy"])
+def test_a_small_ring_keeps_exactly_the_tail_a_large_one_holds(teardown: str) -> None:
+    """Batches pushed out unbuilt and teardowns built only for their tail (under the read
+    lock every entry of a removed table, under the write lock its present ones): the same
+    records as building everything and keeping the newest."""
 
-    def run(capacity: int) -> np.ndarray:
+    def run(capacity: int) -> tuple[np.ndarray, int]:
         vm = Vm.create(DEFAULT, 2)
         vm.mmu.trace.resize(capacity)
         region(vm, 0, 0, 64 * MB, HVA)
@@ -237,16 +240,24 @@ def test_a_small_ring_keeps_exactly_the_tail_a_large_one_holds() -> None:
             [(0, 0, 40 * MB), (1, 1 << 32, 8 * MB), (0, 63 * MB, MB), (1, 50 * MB, 3 * PAGE)]
         ):
             vm.apply(parse("access", dict(vcpu=vcpu, gpa=gpa, size=size, access="write")), at=i)
-        vm.apply(
-            parse(
-                "set_user_memory_region",
-                dict(slot=1, guest_phys_addr=1 << 32, memory_size=0, userspace_addr=HVA),
-            ),
-            at=9,
-        )
-        return vm.mmu.trace.records()
+        if teardown == "destroy":
+            vm.apply(parse("destroy", {}), at=9)
+        else:
+            vm.apply(
+                parse(
+                    "set_user_memory_region",
+                    dict(slot=1, guest_phys_addr=1 << 32, memory_size=0, userspace_addr=HVA),
+                ),
+                at=9,
+            )
+        return vm.mmu.trace.records(), vm.mmu.trace.written
 
-    full = run(1 << 20)
-    assert len(full) > 50000  # faults, then a teardown larger than the smaller rings
-    for keep in (1, 700, 5000, 30000):
-        assert np.array_equal(run(keep), full[-keep:]), keep
+    full, written = run(1 << 20)
+    assert len(full) == written > 50000  # faults, then a teardown larger than small rings
+    frozen = (full["level"] == 1) & (full["b"] == FROZEN_SPTE)
+    # 10,240 + 2,048 + 256 + 3 pages mapped in 20 + 4 + 1 + 1 leaf tables: the write lock
+    # freezes the present entries, the read lock all 512 of each table.
+    assert np.count_nonzero(frozen) == (12547 if teardown == "destroy" else 26 * 512)
+    for keep in (1, 300, 700, 5000, 30000):
+        tail, counted = run(keep)
+        assert np.array_equal(tail, full[-keep:]) and counted == written, keep
