@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import spte as S
+from .addr import hva_to_pfn
 from .paging import ENTRIES, span
 from .roots import Root, RootRole
-from .uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
+from .uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -244,7 +245,7 @@ def _check_leaves(
                     )
         hi = np.flatnonzero(~gmem_pfn)
         if len(hi):
-            hva_pfn = (slot.userspace_addr >> PAGE_SHIFT) + (sl_g[hi] - slot.base_gfn)
+            hva_pfn = hva_to_pfn(slot.userspace_addr) + (sl_g[hi] - slot.base_gfn)
             if not np.array_equal(hva_pfn, sl_p[hi]):
                 bad(
                     "shared_pfn_matches_hva",

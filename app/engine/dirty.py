@@ -17,13 +17,13 @@ import numpy as np
 
 from . import spte as S
 from . import uapi
+from .addr import hva_to_hpn
 from .errors import KvmError, einval
 from .faults import FaultPath
 from .op import Op, operation
 from .paging import Cursor, span, walk
 from .roots import Root, RootRole, ZapAcc
 from .trace import Kind
-from .uapi import PAGE_SHIFT
 from .zap import finish, flush_tlbs
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
             if fp.max_level(slot, region, False) < level:
                 continue
             # Host pages discarded there are not a huge page the host maps (still PTE-mapped).
-            hva = slot.hva(region) >> PAGE_SHIFT
+            hva = hva_to_hpn(slot.hva(region))
             if len(vm.host.freed) and vm.host.freed.overlap(hva, hva + n):
                 continue
             first = int(sl[idx[0]])

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import spte as S
+from .addr import gpa_to_gfn, page_offset, pfn_to_hpa
 from .errors import einval
 from .paging import TablePool, clip, span
-from .uapi import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -21,7 +21,7 @@ def translate(vm: Vm, gpa: object) -> dict[str, Any]:
     """The walk of `gpa` in every root: the entry at each level, raw and decoded."""
     if isinstance(gpa, bool) or not isinstance(gpa, int) or not 0 <= gpa < vm.gpa_limit:
         raise einval(f"gpa must be in [0, {vm.gpa_limit:#x})")
-    pos = gpa >> PAGE_SHIFT
+    pos: int = gpa_to_gfn(gpa)
     out = []
     for root in vm.mmu.roots_of():
         p = pos
@@ -46,7 +46,7 @@ def translate(vm: Vm, gpa: object) -> dict[str, Any]:
                 leaf = {
                     "level": level,
                     "pfn": pfn,
-                    "hpa": (pfn << PAGE_SHIFT) | (gpa & 0xFFF),
+                    "hpa": pfn_to_hpa(pfn) | page_offset(gpa),
                     "r": bool(e & S.EPT_R),
                     "w": bool(e & S.EPT_W),
                     "x": bool(e & S.EPT_X),

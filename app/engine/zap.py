@@ -10,12 +10,13 @@ import errno
 import time
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
+from .addr import gpa_to_gfn, hva_to_hpn, size_to_pages, strip_shared
 from .errors import KvmError, check_u64, einval
 from .op import Op, operation
 from .paging import walk
 from .roots import Root, RootRole, ZapAcc
 from .trace import Kind
-from .uapi import PAGE_SHIFT, PAGE_SIZE, VmType
+from .uapi import PAGE_SIZE, VmType
 
 if TYPE_CHECKING:
     from .gmem import GmemFile
@@ -324,8 +325,8 @@ def _explicit_range(vm: Vm, gpa: object, size: object) -> tuple[int, int]:
     n = check_u64(size, "size")
     if n == 0 or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n > vm.gpa_limit:
         raise einval("gpa/size must be page aligned, non-empty, inside the GPA space")
-    start = (g >> PAGE_SHIFT) & ~vm.gfn_direct_bits
-    return start, start + (n >> PAGE_SHIFT)
+    start = strip_shared(gpa_to_gfn(g), vm.gfn_direct_bits)
+    return start, start + size_to_pages(n)
 
 
 def _explicit_roles(vm: Vm, roots: str) -> set[RootRole]:
@@ -349,7 +350,7 @@ def notifier_invalidate(vm: Vm, first: int, end: int) -> dict[str, Any] | None:
     flush = False
     for space in vm.spaces:
         for slot in space.by_gfn():
-            s_first = slot.userspace_addr >> PAGE_SHIFT
+            s_first = hva_to_hpn(slot.userspace_addr)
             s_end = s_first + slot.npages
             lo, hi = max(first, s_first), min(end, s_end)
             if lo >= hi:

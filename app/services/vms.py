@@ -325,7 +325,15 @@ class _Step:
     # Taken right after the step (a batch appends its records after its last step): what
     # replay reuses (durations, budget) and the row's summary of the state.
     meta: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] | None = None
+    # The row's summary after the step, serialised (None: not taken), and the `vm.info()`
+    # in it (what the event streams are told).
+    summary: bytes | None = None
+    info: dict[str, Any] | None = None
+
+    def take_summary(self, vm: Vm) -> None:
+        raw = VmService._summary_raw(vm)
+        self.summary = _json_bytes(raw)
+        self.info = _public_info(raw)
 
 
 class VmService:
@@ -817,7 +825,7 @@ class VmService:
             feed.record(step.raised if step.raised is not None else step.result)
             steps.append((op, journaled, step))
         if steps:
-            steps[-1][2].summary = self._summary(vm)
+            steps[-1][2].take_summary(vm)
         return n
 
     async def _mutate(
@@ -890,14 +898,14 @@ class VmService:
                         touched = True
                         step = self._engine_step(h, vm, op, args)
                         step.args_json = encoded
-                        step.summary = self._summary(vm)
+                        step.take_summary(vm)
                         with self.db.cursor_of(s) as cur:
                             self._append(cur, h, head, vm, [(op, args, step)], destroy)
             if split:
                 touched = True
                 step = self._engine_step(h, vm, op, args)
                 step.args_json = encoded
-                step.summary = self._summary(vm)  # before the write lock is taken
+                step.take_summary(vm)  # before the write lock is taken
                 # The short write transaction: BEGIN IMMEDIATE, a check, one insert, commit.
                 with self.db.raw_write() as cur:
                     head = self._raw_head(cur, h.vm_id)
@@ -916,7 +924,7 @@ class VmService:
         self._count_work(h, vm, step)
         if destroy:
             h.discard()
-        info = None if destroy or step.summary is None else _public_info(step.summary)
+        info = None if destroy else step.info
         return _Outcome(step.result, step.seq, step.raised, args, info)
 
     def _engine_step(self, h: VmHandle, vm: Vm, op: OpLike, args: dict[str, Any]) -> _Step:
@@ -988,10 +996,8 @@ class VmService:
                 )
             )
         last = steps[-1][2]
-        summary = last.summary if last.summary is not None else self._summary(vm)
-        self.db.journal.append(
-            cur, h.vm_id, rows, summary=_json_bytes(summary).decode(), deleted=destroy
-        )
+        summary = last.summary if last.summary is not None else _json_bytes(self._summary_raw(vm))
+        self.db.journal.append(cur, h.vm_id, rows, summary=summary.decode(), deleted=destroy)
         return seq
 
     def _raw_head(self, cur: Any, vm_id: str) -> repo.VmHead:
@@ -1689,8 +1695,13 @@ class VmService:
     def _summary(vm: Vm) -> dict[str, Any]:
         """What the VM row keeps of the state at `last_seq`: `vm.info()`, and `vm.stats()`
         (flat numbers) for /metrics."""
+        return _json_copy(VmService._summary_raw(vm))
+
+    @staticmethod
+    def _summary_raw(vm: Vm) -> dict[str, Any]:
+        """`_summary` before its private copy: only to be serialised or read at once."""
         held = {**held_split(vm), "bytes": budget.bytes_held(vm), "tables": budget.tables_held(vm)}
-        return _json_copy({**vm.info(), STATS_KEY: vm.stats(), HELD_KEY: held})
+        return {**vm.info(), STATS_KEY: vm.stats(), HELD_KEY: held}
 
     @staticmethod
     def _info(row: VmRow) -> dict[str, Any]:

@@ -135,3 +135,16 @@ def test_functions_stay_small_and_simple() -> None:
     over = over_limits()
     assert set(over) <= OVER_LIMITS, {k: over[k] for k in set(over) - OVER_LIMITS}
     assert OVER_LIMITS <= set(over), f"now within the limits: {OVER_LIMITS - set(over)}"
+
+
+def test_page_shifts_live_in_addr_only() -> None:
+    """Addresses are converted by `addr.py` (issue 8): no engine module shifts by PAGE_SHIFT
+    itself; `uapi` defines it."""
+    found = [
+        f"{p.stem}:{n}"
+        for p in sorted(ENGINE.glob("*.py"))
+        if p.stem not in ("addr", "uapi")
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if "PAGE_SHIFT" in line
+    ]
+    assert found == []
