@@ -44,7 +44,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -418,6 +418,21 @@ class VmService:
         self._stopping = False
         if self.gc_interval_s > 0:
             self._gc_task = asyncio.get_running_loop().create_task(self._gc_loop())
+        await self._run(self._warm_load_path)
+
+    def _warm_load_path(self) -> None:
+        """Load a VM that does not exist: SQLAlchemy compiles each statement on its first use,
+        tens of ms in all that the first request after a start would pay loading its VM."""
+        try:
+            with self.db.read() as s:
+                with suppress(VmNotFound):
+                    self._head(s, "")
+                self._row_need(s, "")
+                repo.newest_snapshot_seq(s, "")
+                with suppress(VmNotFound):
+                    self._build(s, "", 0)
+        except Exception as e:  # the database may be down: the first load compiles them
+            log.debug("load path not warmed: %s", _outage_reason(e))
 
     async def stop(self) -> None:
         """Finish background snapshots, snapshot every VM changed since its last one, close."""

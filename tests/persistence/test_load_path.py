@@ -1,7 +1,8 @@
-"""Replay parses a record's operation once per distinct (name, args text): records that repeat
-(a VMM setting the same memslot over and over) share one frozen operation; operations with a
-mutable field, and args a driver hands decoded, are parsed each time. The replayed state is
-the live one either way."""
+"""Loading a VM. Replay parses a record's operation once per distinct (name, args text):
+records that repeat (a VMM setting the same memslot over and over) share one frozen operation;
+operations with a mutable field, and args a driver hands decoded, are parsed each time. The
+replayed state is the live one either way. A started service has compiled every statement
+the load runs, so the first request after a restart does not compile them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import errno
 import json
 
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine.default import CACHE_HIT
 
 from app.engine import KvmError, codec, ops
 from app.services.vms import VmService, _ParsedOps
@@ -59,3 +62,29 @@ async def test_a_journal_of_repeated_records_replays_to_the_live_digest(
     other: VmService = await make_service(db_url, snapshot_every=0, snapshot_work_bytes=0)
     replayed, _ = await other.read(vm_id, codec.digest)
     assert replayed == live
+
+
+async def test_a_started_service_loads_a_vm_with_statements_compiled_at_start(
+    db_url: str, make_service: ServiceFactory
+) -> None:
+    first = await make_service(db_url, snapshot_every=0, snapshot_work_bytes=0)
+    info, _ = await first.create_vm(name="warm", vm_type=0, vcpus=1)
+    await first.mutate(info["id"], "set_user_memory_region", region(0, 0, MIB, HVA))
+    restarted = await make_service(db_url, snapshot_every=0, snapshot_work_bytes=0)
+    compiled: list[str] = []  # SQLAlchemy statements not found in the compiled cache
+
+    def seen(
+        conn: object, cursor: object, sql: str, params: object, context: object, many: bool
+    ) -> None:
+        hit = getattr(context, "cache_hit", None)
+        if getattr(context, "compiled", None) is not None and hit is not CACHE_HIT:
+            compiled.append(sql)
+
+    engine = restarted.db._read_engine
+    event.listen(engine, "after_cursor_execute", seen)
+    try:
+        slots, _ = await restarted.read(info["id"], lambda vm: len(vm.memslots()))
+    finally:
+        event.remove(engine, "after_cursor_execute", seen)
+    assert slots == 1  # loaded: creation and the record replayed
+    assert compiled == []
