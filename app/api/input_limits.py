@@ -2,8 +2,8 @@
 
 - Headers: the request line and headers together are at most `max_header_bytes` (431).
 - JSON bodies: UTF-8 only (JSON's interchange encoding, RFC 8259 §8.1), at most `max_items`
-  object keys and array items in all, nested at most `max_depth` deep (422). The check runs
-  in a worker thread: a large body never blocks the event loop.
+  object keys and array items in all, nested at most `max_depth` deep (422). A body past
+  16 KiB is checked in a worker thread: a large body never blocks the event loop.
 - Validation answers list the first `MAX_VALIDATION_ISSUES` problems and how many there were.
 - Flags are JSON booleans: `0`, `1`, `"true"` are not booleans (pydantic would coerce them).
 """

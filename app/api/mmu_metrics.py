@@ -18,7 +18,7 @@ import platform
 import time
 from collections.abc import Iterator
 from importlib import metadata
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -137,6 +137,8 @@ class MmuMetrics:
             registry=r,
         )  # fmt: skip
         self._event_counters: dict[str, Any] = {}
+        self._zap_series: dict[tuple[str, str, str, str], _ZapSeries] = {}
+        self._http_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.http_requests = Counter(
             "vkmmu_http_requests",
             f"HTTP requests by method, route template and status {own}",
@@ -212,20 +214,39 @@ class MmuMetrics:
         )
         if vm is not None and labels[1] != "vm_destroy":
             self._last_zap[vm] = (labels[0], labels[1])
-        self.zap_events.labels(*labels).inc()
-        self.zap_duration.labels(*labels).observe(max(0, z.get("duration_us", 0)) / 1e6)
+        series = self._zap_series.get(labels)
+        if series is None:  # `labels()` costs a lock and a lookup: once per label set
+            series = self._zap_series[labels] = _ZapSeries(
+                self.zap_events.labels(*labels),
+                self.zap_duration.labels(*labels),
+                tuple(
+                    tuple(self.zap_sptes.labels(*labels, root, level) for level in LEVELS)
+                    for root in ROOTS
+                ),
+                self.tlb_flushes.labels(*labels),
+                self.vcpu_kicks.labels(*labels),
+            )
+        series.events.inc()
+        series.duration.observe(max(0, z.get("duration_us", 0)) / 1e6)
         by_root = z.get("sptes_zapped") or {}
-        for root in ROOTS:
+        for root, counters in zip(ROOTS, series.sptes, strict=True):
             per_level = by_root.get(root) or {}
-            for level in LEVELS:
+            for level, counter in zip(LEVELS, counters, strict=True):
                 # Every series exists once the labels do: a rate() over 0 is 0, not absent.
-                self.zap_sptes.labels(*labels, root, level).inc(per_level.get(level, 0))
-        self.tlb_flushes.labels(*labels).inc(z.get("tlb_flushes", 0))
-        self.vcpu_kicks.labels(*labels).inc(z.get("vcpu_kicks", 0))
+                counter.inc(per_level.get(level, 0))
+        series.tlb_flushes.inc(z.get("tlb_flushes", 0))
+        series.vcpu_kicks.inc(z.get("vcpu_kicks", 0))
 
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.http_requests.labels(method, route, str(status)).inc()
-        self.http_duration.labels(method, route).observe(seconds)
+        key = (method, route, status)
+        series = self._http_series.get(key)
+        if series is None:  # as many as the label sets `labels()` keeps anyway
+            series = self._http_series[key] = (
+                self.http_requests.labels(method, route, str(status)),
+                self.http_duration.labels(method, route),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def set_scrape(
         self,
@@ -239,6 +260,16 @@ class MmuMetrics:
         s = self._scrape
         s.summaries, s.stats, s.loaded, s.table_bytes = summaries, stats, loaded, table_bytes
         s.max_vms, s.budget_bytes = self.max_vms, self.budget_bytes
+
+
+class _ZapSeries(NamedTuple):
+    """The zap series of one label set (path, cause, VM type, slot_zap_all)."""
+
+    events: Any
+    duration: Any
+    sptes: tuple[tuple[Any, ...], ...]  # by root, then by level
+    tlb_flushes: Any
+    vcpu_kicks: Any
 
 
 class _ScrapeState:

@@ -29,7 +29,13 @@ class HostProfile:
     tdp_mmu: bool = True
 
     def to_dict(self) -> dict[str, bool]:
-        return dataclasses.asdict(self)
+        # Not `dataclasses.asdict` (a recursive deep copy): every VM's `info()` calls this.
+        return {
+            "enable_pml": self.enable_pml,
+            "eager_page_split": self.eager_page_split,
+            "nx_huge_pages": self.nx_huge_pages,
+            "tdp_mmu": self.tdp_mmu,
+        }
 
     @property
     def is_default(self) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from . import uapi
+from .addr import gfn_to_gpa, gpa_to_gfn, offset_to_page, pages_to_size, size_to_pages
 from .errors import KvmError, einval
 from .op import Op, operation
 
@@ -64,10 +65,10 @@ class Memslot:
 
     @property
     def gmem_pgoff(self) -> int:
-        return self.guest_memfd_offset >> uapi.PAGE_SHIFT
+        return offset_to_page(self.guest_memfd_offset)
 
     def hva(self, gfn: int) -> int:
-        return self.userspace_addr + ((gfn - self.base_gfn) << uapi.PAGE_SHIFT)
+        return self.userspace_addr + pages_to_size(gfn - self.base_gfn)
 
     def gmem_index(self, gfn: int) -> int:
         """Page index in the bound guest_memfd file backing `gfn`."""
@@ -79,8 +80,8 @@ class Memslot:
             "as_id": self.as_id,
             "id": self.id,
             "flags": self.flags,
-            "guest_phys_addr": self.base_gfn << uapi.PAGE_SHIFT,
-            "memory_size": self.npages << uapi.PAGE_SHIFT,
+            "guest_phys_addr": gfn_to_gpa(self.base_gfn),
+            "memory_size": pages_to_size(self.npages),
             "userspace_addr": self.userspace_addr,
             "guest_memfd": self.guest_memfd if self.guest_memfd is not None else 0,
             "guest_memfd_offset": self.guest_memfd_offset,
@@ -192,11 +193,49 @@ class MemslotChange:
 
 def _fit(value: object, max_value: int, name: str) -> int:
     """A struct field: what does not fit its C type cannot be expressed, so it is refused."""
-    if type(value) is int and 0 <= value <= max_value:  # a JSON integer: the usual case
-        return value
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= max_value:
         raise einval(f"{name} does not fit its field: {value!r}")
     return value
+
+
+_Struct = tuple[int, int, int, int, int, int, int]
+
+
+def _struct(req: SetUserMemoryRegion, v2: bool) -> _Struct:
+    """V1, the struct copy: (slot, flags, guest_phys_addr, memory_size, userspace_addr,
+    guest_memfd, guest_memfd_offset), each as its C field holds it; the v1 struct has no
+    guest_memfd fields (0). JSON can express values no C field holds: the first field that
+    does not fit is refused."""
+    s, f, g, n, u = req.slot, req.flags, req.guest_phys_addr, req.memory_size, req.userspace_addr
+    fd, off = (req.guest_memfd, req.guest_memfd_offset) if v2 else (0, 0)
+    # Plain JSON integers that fit (the usual request) pass in one test.
+    if (
+        type(s) is type(f) is type(g) is type(n) is type(u) is type(fd) is type(off) is int
+        and min(s, f, g, n, u, fd, off) >= 0
+        and max(s, f, fd) <= _U32_MAX
+        and max(g, n, u, off) <= _U64_MAX
+    ):
+        return s, f, g, n, u, fd, off
+    return (
+        _fit(s, _U32_MAX, "slot"),
+        _fit(f, _U32_MAX, "flags"),
+        _fit(g, _U64_MAX, "guest_phys_addr"),
+        _fit(n, _U64_MAX, "memory_size"),
+        _fit(u, _U64_MAX, "userspace_addr"),
+        _fit(fd, _U32_MAX, "guest_memfd"),
+        _fit(off, _U64_MAX, "guest_memfd_offset"),
+    )
+
+
+def _check_flags(flags: int, vm_type: int) -> None:
+    """V5: the flags valid for this VM and request."""
+    valid = _LOG_DIRTY | _GUEST_MEMFD
+    if flags & _GUEST_MEMFD:
+        valid &= ~_LOG_DIRTY
+    if not uapi.vm_has_protected_state(vm_type) and not flags & _GUEST_MEMFD:
+        valid |= _READONLY
+    if flags & ~valid:
+        raise einval(f"flags {flags:#x} not valid for this VM/request (valid {valid:#x})")
 
 
 def check_region(
@@ -209,17 +248,8 @@ def check_region(
     v2: bool = True,
 ) -> MemslotChange:
     """Validate a region update in the kernel's order (V1..V20) and say what it would do."""
-    # V1: the struct copy. JSON can express values no C field holds.
-    slot_arg = _fit(req.slot, _U32_MAX, "slot")
-    flags = _fit(req.flags, _U32_MAX, "flags")
-    gpa = _fit(req.guest_phys_addr, _U64_MAX, "guest_phys_addr")
-    size = _fit(req.memory_size, _U64_MAX, "memory_size")
-    uaddr = _fit(req.userspace_addr, _U64_MAX, "userspace_addr")
-    if v2:
-        gmem_fd = _fit(req.guest_memfd, _U32_MAX, "guest_memfd")
-        gmem_offset = _fit(req.guest_memfd_offset, _U64_MAX, "guest_memfd_offset")
-    else:
-        gmem_fd = gmem_offset = 0  # the v1 struct has no such fields
+    # V1: the struct copy.
+    slot_arg, flags, gpa, size, uaddr, gmem_fd, gmem_offset = _struct(req, v2)
 
     # V2: the v1 ioctl knows only LOG_DIRTY_PAGES and READONLY.
     if not v2 and flags & ~_V1_FLAGS:
@@ -230,14 +260,9 @@ def check_region(
     if id >= uapi.KVM_USER_MEM_SLOTS:
         raise einval(f"slot id {id} >= KVM_USER_MEM_SLOTS ({uapi.KVM_USER_MEM_SLOTS})")
 
-    # V5: flags valid for this VM (applies to deletes too).
-    valid = _LOG_DIRTY | _GUEST_MEMFD
-    if flags & _GUEST_MEMFD:
-        valid &= ~_LOG_DIRTY
-    if not uapi.vm_has_protected_state(vm_type) and not flags & _GUEST_MEMFD:
-        valid |= _READONLY
-    if flags & ~valid:
-        raise einval(f"flags {flags:#x} not valid for this VM/request (valid {valid:#x})")
+    # V5: flags valid for this VM (applies to deletes too); no flag is always valid.
+    if flags:
+        _check_flags(flags, vm_type)
 
     # V6-V8: alignment and the user address range (checked even for deletes).
     if size & _PAGE_MASK:
@@ -256,8 +281,8 @@ def check_region(
         if gmem_offset + size > _U64_MAX:
             raise einval("guest_memfd_offset + memory_size wraps around")
 
-    # V10: address space and slot id limits.
-    if as_id >= uapi.nr_address_spaces(vm_type):
+    # V10: address space and slot id limits (every VM has address space 0).
+    if as_id and as_id >= uapi.nr_address_spaces(vm_type):
         raise einval(f"as_id {as_id} not available for this VM type")
     if id >= uapi.KVM_MEM_SLOTS_NUM:
         raise einval("slot id >= KVM_MEM_SLOTS_NUM")
@@ -265,7 +290,7 @@ def check_region(
     # V11, V12.
     if gpa + size > _U64_MAX:
         raise einval("guest_phys_addr + memory_size wraps around")
-    npages = size >> uapi.PAGE_SHIFT
+    npages = size_to_pages(size)
     if npages > uapi.KVM_MEM_MAX_NR_PAGES:
         raise einval("memory_size exceeds KVM_MEM_MAX_NR_PAGES")
 
@@ -278,7 +303,7 @@ def check_region(
         return MemslotChange(ChangeKind.DELETE, old, None)
 
     # V15-V17: CREATE or a modification of an existing slot.
-    base_gfn = gpa >> uapi.PAGE_SHIFT
+    base_gfn = gpa_to_gfn(gpa)
     if old is None:
         # V16's total-pages overflow is unreachable: 2 spaces x 32764 slots x 2^31 pages < 2^64.
         kind = ChangeKind.CREATE

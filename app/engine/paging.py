@@ -139,11 +139,16 @@ class TablePool:
         copy: np.ndarray = self._entries[c][r]
         return copy
 
-    def present_counts(self, idx: np.ndarray) -> np.ndarray:
-        """Present entries per row of `idx`, without copying rows allocated together."""
+    def present_counts(self, idx: np.ndarray, min_pfn: int | None = None) -> np.ndarray:
+        """Present entries per row of `idx` (with a PFN of at least `min_pfn` if given),
+        without copying rows allocated together."""
         out = np.empty(len(idx), dtype=np.int64)
         for c, sel, r in self._by_chunk(idx):
-            out[sel] = np.count_nonzero(self._rows(c, r) & _PRESENT, axis=1)
+            rows = self._rows(c, r)
+            keep = (rows & _PRESENT) != 0
+            if min_pfn is not None:
+                keep &= ((rows & S.U_ADDR) >> S.U_SHIFT) >= np.uint64(min_pfn)
+            out[sel] = np.count_nonzero(keep, axis=1)
         return out
 
     def present_rows(self, idx: np.ndarray) -> np.ndarray:

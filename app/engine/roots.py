@@ -81,6 +81,24 @@ class ZapAcc:
         return out
 
 
+@dataclass(slots=True)
+class LeafBlock:
+    """Tables of one `level` (rows, GFN position of each one's entry 0) whose entries
+    [lo, hi) a walk visits."""
+
+    level: int
+    rows: np.ndarray
+    bases: np.ndarray
+    lo: int
+    hi: int
+
+    def gfns(self) -> np.ndarray:
+        """GFN position of each visited entry (len(rows) x (hi - lo))."""
+        i = np.arange(self.lo, self.hi, dtype=np.int64) * span(self.level)
+        out: np.ndarray = self.bases.astype(np.int64)[:, None] + i
+        return out
+
+
 def index_runs(idx: np.ndarray) -> list[tuple[int, int]]:
     """Consecutive runs [a, b) in a sorted index array."""
     if len(idx) == 0:
@@ -544,10 +562,11 @@ class Mmu:
         self.pages[level] += n
 
     def leaf_iter(
-        self, root: Root, start: int = 0, end: int = 1 << 62
+        self, root: Root, start: int = 0, end: int = 1 << 62, min_level: int = 1
     ) -> Iterator[tuple[Cursor, np.ndarray, np.ndarray]]:
-        """(cursor, its slice of entries, indexes of present leaves in it) per table."""
-        for cur in walk(self.pool, root.table, start, end):
+        """(cursor, its slice of entries, indexes of present leaves in it) per table, tables
+        below `min_level` not visited."""
+        for cur in walk(self.pool, root.table, start, end, min_level=min_level):
             sl = self.pool.entries(cur.table)[cur.lo : cur.hi]
             leaf = (sl & S.U_PRESENT) != 0
             if cur.level > 1:
@@ -555,3 +574,68 @@ class Mmu:
             idx = np.flatnonzero(leaf)
             if len(idx):
                 yield cur, sl, idx
+
+    def leaf_blocks(
+        self, root: Root, start: int, end: int, min_level: int = 1
+    ) -> Iterator[LeafBlock]:
+        """The tables over GFN positions [start, end), in the walk's pre-order, as blocks of
+        tables of one level: each table above the leaf level alone, and a level-2 table's
+        leaf tables wholly inside the range together (one block after the partial first one,
+        before the partial last one). Tables below `min_level` are not visited."""
+        pool = self.pool
+        for cur in walk(pool, root.table, start, end, min_level=max(2, min_level)):
+            yield LeafBlock(cur.level, np.array([cur.table]), np.array([cur.base]), cur.lo, cur.hi)
+            if cur.level != 2 or min_level > 1:
+                continue
+            sl = pool.entries(cur.table)[cur.lo : cur.hi]
+            kids = np.flatnonzero(((sl & S.U_PRESENT) != 0) & ((sl & S.U_PS) == 0))
+            rows = (((sl[kids] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(
+                np.int64
+            )
+            bases = cur.base + (cur.lo + kids) * ENTRIES
+            inside = np.flatnonzero((bases >= start) & (bases + ENTRIES <= end))
+            # The general path (bulk off) takes each leaf table alone.
+            a, b = (
+                (int(inside[0]), int(inside[-1]) + 1)
+                if len(inside) and self.bulk
+                else (len(kids),) * 2
+            )
+            for k in [*range(a), -1, *range(b, len(kids))]:
+                if k < 0:
+                    if b > a:
+                        yield LeafBlock(1, rows[a:b], bases[a:b], 0, ENTRIES)
+                    continue
+                lo, hi = clip(int(bases[k]), 1, start, end)
+                yield LeafBlock(1, rows[k : k + 1], bases[k : k + 1], lo, hi)
+
+    def mapped_pages(self, root: Root, start: int, end: int, *, gmem: bool = False) -> int:
+        """Present leaves over GFN positions [start, end) in 4 KiB pages (only guest_memfd
+        pages with `gmem`). Leaf tables wholly inside are counted a level-2 table at a time."""
+        pool, n = self.pool, 0
+        floor = S.GMEM_PFN_BASE if gmem else None
+        for cur in walk(pool, root.table, start, end, min_level=2):
+            sl = pool.entries(cur.table)[cur.lo : cur.hi]
+            present = (sl & S.U_PRESENT) != 0
+            huge = (sl & S.U_PS) != 0
+            n += _count(sl, present & huge, floor) * span(cur.level)
+            if cur.level != 2:
+                continue
+            kids = np.flatnonzero(present & ~huge)
+            bases = cur.base + (cur.lo + kids) * ENTRIES
+            inside = (bases >= start) & (bases + ENTRIES <= end)
+            rows = (((sl[kids] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(
+                np.int64
+            )
+            n += int(pool.present_counts(rows[inside], floor).sum())
+            for row, b in zip(rows[~inside].tolist(), bases[~inside].tolist(), strict=True):
+                lo, hi = clip(b, 1, start, end)
+                e = pool.entries(row)[lo:hi]
+                n += _count(e, (e & S.U_PRESENT) != 0, floor)
+        return n
+
+
+def _count(entries: np.ndarray, leaf: np.ndarray, min_pfn: int | None) -> int:
+    """Leaves `leaf` of `entries`, those with a PFN of at least `min_pfn` if given."""
+    if min_pfn is not None:
+        leaf = leaf & (((entries & S.U_ADDR) >> S.U_SHIFT) >= np.uint64(min_pfn))
+    return int(np.count_nonzero(leaf))

@@ -245,19 +245,19 @@ class EventBus:
 def zap_events_in(result: Any) -> list[dict[str, Any]]:
     """Every zap event inside an engine answer (one fixed shape: see docs/engine.md)."""
     out: list[dict[str, Any]] = []
-
-    def walk(v: Any) -> None:
+    # Iterative, and only containers are visited: a batch of 1024 memslot answers walks
+    # every one of them, most of whose values are numbers.
+    stack: list[Any] = [result] if isinstance(result, dict | list) else []
+    while stack:
+        v = stack.pop()
         if isinstance(v, dict):
             if "sptes_zapped" in v and "path" in v and "cause" in v:
                 out.append(v)
-                return
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, list):
-            for x in v:
-                walk(x)
-
-    walk(result)
+                continue
+            children = [x for x in v.values() if isinstance(x, dict | list)]
+        else:
+            children = [x for x in v if isinstance(x, dict | list)]
+        stack.extend(reversed(children))  # popped in document order
     return out
 
 

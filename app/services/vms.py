@@ -44,7 +44,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -142,6 +142,8 @@ def etag_matches(if_match: str, seq: int) -> bool:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_NAIVE = datetime(1970, 1, 1)
+_US = timedelta(microseconds=1)
 
 
 # The engine stamps state (zap events) with the call's time. Replay must hand it the very
@@ -157,8 +159,10 @@ def us_to_datetime(us: int) -> datetime:
 
 def datetime_to_us(dt: datetime) -> int:
     if dt.tzinfo is None:  # SQLite hands datetimes back naive; they were stored in UTC
-        dt = dt.replace(tzinfo=UTC)
-    return (dt - _EPOCH) // timedelta(microseconds=1)
+        # Naive arithmetic: an aware subtraction costs ten times as much (replay does one
+        # per record).
+        return (dt - _EPOCH_NAIVE) // _US
+    return (dt - _EPOCH) // _US
 
 
 def us_to_engine_time(us: int) -> float:
@@ -321,7 +325,15 @@ class _Step:
     # Taken right after the step (a batch appends its records after its last step): what
     # replay reuses (durations, budget) and the row's summary of the state.
     meta: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] | None = None
+    # The row's summary after the step, serialised (None: not taken), and the `vm.info()`
+    # in it (what the event streams are told).
+    summary: bytes | None = None
+    info: dict[str, Any] | None = None
+
+    def take_summary(self, vm: Vm) -> None:
+        raw = VmService._summary_raw(vm)
+        self.summary = _json_bytes(raw)
+        self.info = _public_info(raw)
 
 
 class VmService:
@@ -406,6 +418,21 @@ class VmService:
         self._stopping = False
         if self.gc_interval_s > 0:
             self._gc_task = asyncio.get_running_loop().create_task(self._gc_loop())
+        await self._run(self._warm_load_path)
+
+    def _warm_load_path(self) -> None:
+        """Load a VM that does not exist: SQLAlchemy compiles each statement on its first use,
+        tens of ms in all that the first request after a start would pay loading its VM."""
+        try:
+            with self.db.read() as s:
+                with suppress(VmNotFound):
+                    self._head(s, "")
+                self._row_need(s, "")
+                repo.newest_snapshot_seq(s, "")
+                with suppress(VmNotFound):
+                    self._build(s, "", 0)
+        except Exception as e:  # the database may be down: the first load compiles them
+            log.debug("load path not warmed: %s", _outage_reason(e))
 
     async def stop(self) -> None:
         """Finish background snapshots, snapshot every VM changed since its last one, close."""
@@ -813,7 +840,7 @@ class VmService:
             feed.record(step.raised if step.raised is not None else step.result)
             steps.append((op, journaled, step))
         if steps:
-            steps[-1][2].summary = self._summary(vm)
+            steps[-1][2].take_summary(vm)
         return n
 
     async def _mutate(
@@ -886,14 +913,14 @@ class VmService:
                         touched = True
                         step = self._engine_step(h, vm, op, args)
                         step.args_json = encoded
-                        step.summary = self._summary(vm)
+                        step.take_summary(vm)
                         with self.db.cursor_of(s) as cur:
                             self._append(cur, h, head, vm, [(op, args, step)], destroy)
             if split:
                 touched = True
                 step = self._engine_step(h, vm, op, args)
                 step.args_json = encoded
-                step.summary = self._summary(vm)  # before the write lock is taken
+                step.take_summary(vm)  # before the write lock is taken
                 # The short write transaction: BEGIN IMMEDIATE, a check, one insert, commit.
                 with self.db.raw_write() as cur:
                     head = self._raw_head(cur, h.vm_id)
@@ -912,7 +939,7 @@ class VmService:
         self._count_work(h, vm, step)
         if destroy:
             h.discard()
-        info = None if destroy or step.summary is None else _public_info(step.summary)
+        info = None if destroy else step.info
         return _Outcome(step.result, step.seq, step.raised, args, info)
 
     def _engine_step(self, h: VmHandle, vm: Vm, op: OpLike, args: dict[str, Any]) -> _Step:
@@ -984,10 +1011,8 @@ class VmService:
                 )
             )
         last = steps[-1][2]
-        summary = last.summary if last.summary is not None else self._summary(vm)
-        self.db.journal.append(
-            cur, h.vm_id, rows, summary=_json_bytes(summary).decode(), deleted=destroy
-        )
+        summary = last.summary if last.summary is not None else _json_bytes(self._summary_raw(vm))
+        self.db.journal.append(cur, h.vm_id, rows, summary=summary.decode(), deleted=destroy)
         return seq
 
     def _raw_head(self, cur: Any, vm_id: str) -> repo.VmHead:
@@ -1591,7 +1616,8 @@ class VmService:
         a new object after a `restore` record. Per record only what the call needs: its
         operation, time, budget and zap durations (no answer is journaled or published)."""
         engine = self.engine
-        parse, apply, set_budget = engine.parse, engine.apply, engine.set_table_budget
+        apply, set_budget = engine.apply, engine.set_table_budget
+        parse = _ParsedOps(engine.parse).parse
         engine.set_trace_records(vm, self.trace_records)
         default_budget = self.budget_tables
         for rec in records:
@@ -1599,9 +1625,8 @@ class VmService:
                 copy = repo.snapshot_at(s, vm_id, rec.seq)
                 restored = None if copy is None else self._load_snapshot(s, copy)
                 if restored is None:
-                    restored = self._state_of_snapshot(
-                        s, vm_id, rec.args["snapshot_id"], rec.args["seq"]
-                    )
+                    args = repo.decode_json(rec.args)
+                    restored = self._state_of_snapshot(s, vm_id, args["snapshot_id"], args["seq"])
                 vm = restored
                 engine.set_trace_records(vm, self.trace_records)
                 continue
@@ -1685,8 +1710,13 @@ class VmService:
     def _summary(vm: Vm) -> dict[str, Any]:
         """What the VM row keeps of the state at `last_seq`: `vm.info()`, and `vm.stats()`
         (flat numbers) for /metrics."""
+        return _json_copy(VmService._summary_raw(vm))
+
+    @staticmethod
+    def _summary_raw(vm: Vm) -> dict[str, Any]:
+        """`_summary` before its private copy: only to be serialised or read at once."""
         held = {**held_split(vm), "bytes": budget.bytes_held(vm), "tables": budget.tables_held(vm)}
-        return _json_copy({**vm.info(), STATS_KEY: vm.stats(), HELD_KEY: held})
+        return {**vm.info(), STATS_KEY: vm.stats(), HELD_KEY: held}
 
     @staticmethod
     def _info(row: VmRow) -> dict[str, Any]:
@@ -1721,6 +1751,35 @@ class VmService:
             "created_at": _iso(snap.created_at),
             "label": snap.label,
         }
+
+
+class _ParsedOps:
+    """Operations parsed from journal records, by (name, args text): records repeat (a VMM
+    sets the same memslot over and over), and an operation that hashes is a frozen value of
+    immutable fields, so one parse serves every record of the same text. At most `KEEP`
+    are kept (then they are forgotten): a journal that never repeats holds no more."""
+
+    KEEP = 4096
+
+    def __init__(self, parse: Callable[[str, Any], OpLike]) -> None:
+        self._parse = parse
+        self._known: dict[tuple[str, str], OpLike] = {}
+
+    def parse(self, name: str, args: Any) -> OpLike:
+        if type(args) is not str:  # decoded by the driver (psycopg): nothing to key by
+            return self._parse(name, repo.decode_json(args))
+        key = (name, args)
+        op = self._known.get(key)
+        if op is None:
+            op = self._parse(name, repo.decode_json(args))
+            try:
+                hash(op)
+            except TypeError:  # a mutable field (a list): parsed afresh each time
+                return op
+            if len(self._known) >= self.KEEP:
+                self._known.clear()
+            self._known[key] = op
+        return op
 
 
 def _work_stats(vm: Vm) -> dict[str, Any]:

@@ -132,3 +132,17 @@ async def test_the_batch_size_is_bounded(make_client: Any) -> None:
     (err,) = assert_problem(r, 422)["errors"]
     assert tuple(err["loc"]) == ("body", "regions") and "VKMMU_MAX_BATCH" in err["msg"]
     assert ok(await batch(c, vm, [region(i, i * 2 * MiB) for i in range(2)]))["applied"] == 2
+
+
+async def test_a_region_as_the_slot_already_is_changes_nothing(
+    client: httpx.AsyncClient, vm: str
+) -> None:
+    ok(await batch(client, vm, [region(0, 0)]))
+    r = await batch(client, vm, [region(0, 0), region(1, 2 * MiB)])
+    body = ok(r)
+    assert [(x["outcome"], x["change"]) for x in body["results"]] == [
+        ("applied", "none"),
+        ("applied", "create"),
+    ]
+    assert body["applied"] == 2 and r.headers["content-type"] == "application/json"
+    assert etag(r) == etag(await client.get(f"/v1/vms/{vm}"))

@@ -75,8 +75,9 @@ class BatchOutcome(Answer):
     outcome: Literal["applied", "rejected", "not_attempted"] = Field(
         description="`not_attempted`: an earlier call was rejected, so this one never ran."
     )
-    change: Literal["create", "delete", "move", "flags_only"] | None = Field(
-        description="What an applied call changed (null otherwise)."
+    change: Literal["create", "delete", "move", "flags_only", "none"] | None = Field(
+        description="What an applied call changed (`none`: the region was the slot as it "
+        "already was); null otherwise."
     )
     errno: int | None = Field(description="A rejected call's errno (null otherwise).")
     errno_name: str | None = Field(description="`EINVAL`, `EEXIST`, … (null unless rejected).")
