@@ -91,11 +91,13 @@ def vm_summaries(session: Session) -> Sequence[tuple[str, dict[str, Any] | None]
 
 
 class JournalEntry(NamedTuple):
-    """What replay reads of a journal record (never its stored answer, the largest part)."""
+    """What replay reads of a journal record (never its stored answer, the largest part).
+    `args` is the column as the driver hands it (`decode_json` decodes it): JSON text on
+    SQLite, where replay keys the operations it parsed by that text."""
 
     seq: int
     op: str
-    args: dict[str, Any]
+    args: Any
     error: dict[str, Any] | None
     at: datetime
     meta: dict[str, Any] | None
@@ -124,8 +126,9 @@ def replay_entries(
 ) -> list[JournalEntry]:
     """What replay needs of the records `journal_after` selects, read in pages of
     `REPLAY_PAGE` on the session's bare DBAPI cursor: no ORM, no SQL compilation, never the
-    stored answers. JSON columns are decoded with orjson; SQLite's datetime text (the
-    `DateTime` type's own format, naive UTC) with `datetime.fromisoformat`."""
+    stored answers. JSON columns are decoded with orjson (`args` is left as read); SQLite's
+    datetime text (the `DateTime` type's own format, naive UTC) with
+    `datetime.fromisoformat`."""
     conn = session.connection()
     mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     upto = (1 << 63) - 1 if upto_seq is None else upto_seq
@@ -143,12 +146,12 @@ def replay_entries(
             for seq, op, args, error, at, meta in rows:
                 out.append(
                     JournalEntry(
-                        int(seq),
+                        seq,
                         op,
-                        _json(args),
-                        _json(error),
+                        args,
+                        None if error is None or error == "null" else decode_json(error),
                         datetime.fromisoformat(at) if isinstance(at, str) else at,
-                        _json(meta),
+                        decode_json(meta),
                     )
                 )
             if len(rows) < REPLAY_PAGE:
@@ -158,7 +161,7 @@ def replay_entries(
         cur.close()
 
 
-def _json(value: Any) -> Any:
+def decode_json(value: Any) -> Any:
     """A JSON column as the driver hands it: text (SQLite) or already decoded (psycopg)."""
     if isinstance(value, str | bytes):
         return json_loads(value)

@@ -41,8 +41,32 @@ def hpn_to_hva(hpn: int) -> Hva:
     return Hva(hpn << PAGE_SHIFT)
 
 
+def hva_to_pfn(hva: int) -> Pfn:
+    """The frame behind a host address: host pages have pfn `hva >> 12` (docs/engine.md)."""
+    return Pfn(hva >> PAGE_SHIFT)
+
+
 def pfn_to_hpa(pfn: int) -> int:
     return pfn << PAGE_SHIFT
+
+
+def end_page(addr: int, size: int) -> int:
+    """One past the last page (GFN, host page) that [addr, addr + size) touches."""
+    return (addr + size + PAGE_MASK) >> PAGE_SHIFT
+
+
+def size_to_pages(size: int) -> int:
+    """Pages in `size` bytes, a whole number of pages (memslot and file sizes)."""
+    return size >> PAGE_SHIFT
+
+
+def pages_to_size(npages: int) -> int:
+    return npages << PAGE_SHIFT
+
+
+def offset_to_page(offset: int) -> int:
+    """Index of the page holding byte `offset` of a file (guest_memfd)."""
+    return offset >> PAGE_SHIFT
 
 
 def page_to_offset(index: int) -> int:
@@ -75,6 +99,11 @@ def is_shared(gfn: int, direct_bits: int) -> bool:
 def strip_shared(gfn: int, direct_bits: int) -> Gfn:
     """The GFN without the shared bit: the memslot / attribute index of either alias."""
     return Gfn(gfn & ~direct_bits)
+
+
+def strip_shared_gpa(gpa: int, direct_bits: int) -> Gpa:
+    """The GPA without the shared bit (`direct_bits` given as GFN bits)."""
+    return Gpa(gpa & ~gfn_to_gpa(direct_bits))
 
 
 def shared_alias(gfn: int, direct_bits: int) -> Gfn:

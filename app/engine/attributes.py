@@ -11,6 +11,7 @@ from bisect import bisect_left, bisect_right
 import numpy as np
 
 from . import uapi
+from .addr import gfn_to_gpa, gpa_to_gfn, pages_to_size
 from .errors import check_u64, einval
 from .intervals import IntervalSet
 from .op import Op, operation
@@ -48,7 +49,7 @@ class MemoryAttributes:
             raise einval("address + size wraps around")
         if address & _PAGE_MASK or size & _PAGE_MASK:
             raise einval("address and size must be page aligned")
-        return address >> uapi.PAGE_SHIFT, (address + size) >> uapi.PAGE_SHIFT
+        return gpa_to_gfn(address), gpa_to_gfn(address + size)
 
     def _span(self, gfn_start: int, gfn_end: int) -> tuple[int, int]:
         """Indexes [i, j) of the private ranges that intersect [gfn_start, gfn_end)."""
@@ -115,8 +116,8 @@ class MemoryAttributes:
         """Non-default ranges, in GFN order, as the API lists them."""
         return [
             {
-                "address": s << uapi.PAGE_SHIFT,
-                "size": (e - s) << uapi.PAGE_SHIFT,
+                "address": gfn_to_gpa(s),
+                "size": pages_to_size(e - s),
                 "attributes": PRIVATE,
             }
             for s, e in self.private

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import spte as S
+from .addr import end_page, gfn_to_gpa, gpa_to_gfn, hva_to_hpn, hva_to_pfn, strip_shared_gpa
 from .errors import KvmError, einval
 from .op import Op, operation
 from .paging import span
@@ -25,7 +26,6 @@ from .uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
-    PAGE_SHIFT,
     PAGE_SIZE,
     ExitReason,
 )
@@ -34,8 +34,8 @@ from .zap import account_fault_zaps
 if TYPE_CHECKING:
     from .gmem import GmemFile
     from .memslots import Memslot
+    from .state import KvmState
     from .vcpu import Vcpu
-    from .vm import Vm
 
 ACCESS_KINDS = ("read", "write", "exec")
 _LOG_DIRTY = int(KVM_MEM_LOG_DIRTY_PAGES)  # plain ints: IntFlag arithmetic is slow on hot paths
@@ -97,7 +97,7 @@ def memory_fault_exit(gfn: int, private: bool, size: int = PAGE_SIZE) -> Exit:
     return Exit(
         {
             "reason": ExitReason.KVM_EXIT_MEMORY_FAULT.name,
-            "gpa": gfn << PAGE_SHIFT,
+            "gpa": gfn_to_gpa(gfn),
             "size": size,
             "flags": KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0,
         }
@@ -107,7 +107,7 @@ def memory_fault_exit(gfn: int, private: bool, size: int = PAGE_SIZE) -> Exit:
 class FaultPath:
     """One vCPU's faults against one VM; holds the per-call state (root, result, zap acc)."""
 
-    def __init__(self, vm: Vm, vcpu: Vcpu, access: str, *, prefetch: bool = False) -> None:
+    def __init__(self, vm: KvmState, vcpu: Vcpu, access: str, *, prefetch: bool = False) -> None:
         self.vm = vm
         self.vcpu = vcpu
         self.write = access == "write"
@@ -137,8 +137,8 @@ class FaultPath:
             return 1  # guest_memfd hands out order-0 folios; TDX caps private at 4K anyway
         if slot.flags & _LOG_DIRTY:
             return 1
-        level = min(KVM_MAX_HUGEPAGE_LEVEL, vm.host.mapping_level(slot.hva(gfn) >> PAGE_SHIFT))
-        hva_gfn = slot.userspace_addr >> PAGE_SHIFT
+        level = min(KVM_MAX_HUGEPAGE_LEVEL, vm.host.mapping_level(hva_to_hpn(slot.hva(gfn))))
+        hva_gfn = hva_to_hpn(slot.userspace_addr)
         while level > 1:
             n = span(level)
             rs = gfn & ~(n - 1)
@@ -177,8 +177,8 @@ class FaultPath:
     # -- the walk -----------------------------------------------------------------------------
     def run(self, gpa: int, size: int, private_hint: bool | None = None) -> FaultResult:
         self.gpa = gpa
-        pos = gpa >> PAGE_SHIFT
-        end = (gpa + size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        pos: int = gpa_to_gfn(gpa)
+        end = end_page(gpa, size)
         try:
             while pos < end:
                 pos += self.chunk(pos, end, gpa + size, private_hint)
@@ -200,11 +200,11 @@ class FaultPath:
             self.no_slot(pos, gfn, private, byte_end)
         assert slot is not None
         if self.write and slot.flags & _READONLY:  # emulated as MMIO (kvm-private-tdx.md §2.3.2)
-            at = max(pos << PAGE_SHIFT, self.gpa)
-            raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), True)
+            at = max(gfn_to_gpa(pos), self.gpa)
+            raise mmio_exit(strip_shared_gpa(at, shared_bits), min(8, byte_end - at), True)
         gmem = None
         if private or slot.gmem_only:
-            gmem = vm.gmem_for_fault(slot, gfn, private)
+            gmem = gmem_for_fault(vm, slot, gfn, private)
         # The run this table can serve.
         stop = min(end - shared_bits, slot.end_gfn)
         if vm.has_private_mem:
@@ -254,10 +254,10 @@ class FaultPath:
             # RET_PF_EMULATE, but the emulator cannot fetch the instruction from a GPA
             # without a memslot (reexecute_instruction: no slot) → emulation failure.
             raise emulation_failure_exit()
-        at = max(pos << PAGE_SHIFT, self.gpa)
+        at = max(gfn_to_gpa(pos), self.gpa)
         # KVM reports a TD's shared MMIO GPA without the shared bit.
         shared_bits = pos - gfn
-        raise mmio_exit(at & ~(shared_bits << PAGE_SHIFT), min(8, byte_end - at), self.write)
+        raise mmio_exit(strip_shared_gpa(at, shared_bits), min(8, byte_end - at), self.write)
 
     def only_4k(self, slot: Memslot, private: bool) -> bool:
         """Whether every GFN of the slot maps at 4K (max_level is 1 throughout): guest_memfd
@@ -268,7 +268,7 @@ class FaultPath:
         """A TD cannot execute from shared memory: tdx_handle_ept_violation's KVM_BUG_ON,
         before any memslot lookup (kvm-private-tdx.md §5.5)."""
         vm = self.vm
-        vm.bugged = f"instruction fetch from shared GPA {pos << PAGE_SHIFT:#x}"
+        vm.bugged = f"instruction fetch from shared GPA {gfn_to_gpa(pos):#x}"
         err = KvmError(errno.EIO, f"KVM_BUG_ON: {vm.bugged}; the VM is dead")
         err.state_changed = True
         raise err
@@ -294,7 +294,7 @@ class FaultPath:
             res.pages += k
             return k
         host_w = not slot.flags & _READONLY
-        pfn = slot.hva(rs) >> PAGE_SHIFT
+        pfn = hva_to_pfn(slot.hva(rs))
         leaf = self.leaf_bits(level, host_w, vm.ipat) | (pfn << S.PFN_SHIFT)
         tr = mmu.trace
         # kvm_mmu_spte_requested: the faulting page's pfn, at the goal level.
@@ -330,7 +330,7 @@ class FaultPath:
         pos = gfn | sbits
         if not mmu.bulk or pos & 511 or vm.has_private_mem:
             return 0
-        pfn0 = slot.hva(gfn) >> PAGE_SHIFT
+        pfn0 = hva_to_pfn(slot.hva(gfn))
         host_level, host_end = vm.host.run_at(pfn0)
         n = min(stop - gfn, host_end - pfn0) >> 9
         if host_level != 2 or n < 2:
@@ -411,7 +411,7 @@ class FaultPath:
         (RET_PF_SPURIOUS). The rest of the run are present leaves the guest touches next."""
         vm, mmu = self.vm, self.vm.mmu
         if self.write and not huge & S.EPT_MMU_WRITABLE:
-            raise mmio_exit(gfn << PAGE_SHIFT, 8, True)  # read-only host mapping
+            raise mmio_exit(gfn_to_gpa(gfn), 8, True)  # read-only host mapping
         pfn = ((huge & S.SPTE_BASE_ADDR_MASK) >> S.PFN_SHIFT) + (gfn & (span(level) - 1))
         mmu.trace.append(Kind.SPTE_REQUESTED, pos, 1, pfn)  # kvm_mmu_spte_requested
         live = mmu.pool.live
@@ -485,7 +485,7 @@ class FaultPath:
             if vm.mmu.count_gmem:
                 root.gmem_leaves += new
             return gmem.base_pfn + first
-        pfn0: int = slot.hva(gfn) >> PAGE_SHIFT
+        pfn0: int = hva_to_pfn(slot.hva(gfn))
         vm.host.touch(pfn0, pfn0 + count)
         return pfn0
 
@@ -555,7 +555,7 @@ class FaultPath:
             wp = mask & ((ent & S.U_W) == 0)
             if np.any(wp):
                 if np.any(wp & ((ent & S.U_MMU_WRITABLE) == 0)):
-                    raise mmio_exit(gfn << PAGE_SHIFT, 8, True)  # read-only host mapping
+                    raise mmio_exit(gfn_to_gpa(gfn), 8, True)  # read-only host mapping
                 idx = np.flatnonzero(wp)
                 ent[idx] |= S.U_W | S.U_D
                 n = len(idx) * span(level)
@@ -652,7 +652,7 @@ class FaultPath:
             self._mapped(gfn + a, gfn + b, 1)
 
 
-def check_access_range(vm: Vm, gpa: object, size: object, max_bytes: int) -> tuple[int, int]:
+def check_access_range(vm: KvmState, gpa: object, size: object, max_bytes: int) -> tuple[int, int]:
     if (
         isinstance(gpa, bool)
         or isinstance(size, bool)
@@ -717,3 +717,12 @@ class Accept(Op):
     vcpu: int
     gpa: int
     size: int = PAGE_SIZE
+
+
+def gmem_for_fault(vm: KvmState, slot: Memslot, gfn: int, private: bool) -> GmemFile:
+    """No guest_memfd behind the slot, or the file is gone → KVM_EXIT_MEMORY_FAULT
+    (kvm-private-tdx.md §2.3.1 step 8; §4.5 for a closed file)."""
+    file = vm.gmem.lookup(slot.guest_memfd)
+    if slot.guest_memfd is None or file is None or file.closed:
+        raise memory_fault_exit(gfn, private)
+    return file

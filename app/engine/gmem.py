@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import uapi
+from .addr import offset_to_page, page_to_offset, pages_to_size, size_to_pages
 from .errors import KvmError, einval
 from .intervals import IntervalSet
 from .op import Op, operation
@@ -22,7 +23,7 @@ from .op import Op, operation
 # pfn layout of the simulated host: host (HVA-backed) pages < 1<<35, page tables in
 # [1<<36, 1<<38), guest_memfd pages from 1<<38 up to the 40-bit pfn field of an EPT entry.
 GMEM_PFN_BASE = 1 << 38
-GMEM_PFN_LIMIT = 1 << (uapi.HOST_MAXPHYADDR - uapi.PAGE_SHIFT)
+GMEM_PFN_LIMIT = size_to_pages(1 << uapi.HOST_MAXPHYADDR)
 FIRST_GMEM_FD = 3  # after stdin/stdout/stderr; fds are never reused within a VM
 MAX_LISTED_RUNS = 256
 
@@ -79,7 +80,7 @@ class GmemFile:
 
     @property
     def npages(self) -> int:
-        return self.size >> uapi.PAGE_SHIFT
+        return size_to_pages(self.size)
 
     @property
     def allocated_pages(self) -> int:
@@ -147,8 +148,8 @@ class GmemFile:
         """Store `data` at `offset` (touching a page allocates it); returns new pages."""
         if not data:
             return 0
-        first = offset >> uapi.PAGE_SHIFT
-        last = (offset + len(data) - 1) >> uapi.PAGE_SHIFT
+        first = offset_to_page(offset)
+        last = offset_to_page(offset + len(data) - 1)
         new = self.allocate(first, last - first + 1)
         pos = 0
         while pos < len(data):
@@ -179,7 +180,7 @@ class GmemFile:
             "allocated": self.allocated.to_list()[:MAX_LISTED_RUNS],
             "allocated_runs": len(self.allocated),
             "bindings": [
-                {"offset": start << uapi.PAGE_SHIFT, "npages": n, "as_id": key[0], "id": key[1]}
+                {"offset": page_to_offset(start), "npages": n, "as_id": key[0], "id": key[1]}
                 for start, n, key in self.bindings
             ],
             "closed": self.closed,
@@ -216,7 +217,7 @@ class GmemTable:
         # size is a loff_t in the kernel: >= 2^63 is negative there.
         if size == 0 or size > _LOFF_MAX or size & _PAGE_MASK:
             raise einval("size must be positive and page aligned")
-        npages = size >> uapi.PAGE_SHIFT
+        npages = size_to_pages(size)
         if npages > GMEM_PFN_LIMIT - self.next_pfn:
             # A limit of the simulator, not of KVM: every page needs a distinct 40-bit pfn.
             raise KvmError(errno.ENOMEM, "guest_memfd pfn space of this VM exhausted")
@@ -291,7 +292,7 @@ class GmemTable:
         punch = bool(mode & FALLOC_FL_PUNCH_HOLE)
         if not punch and offset + length > file.size:
             raise einval("allocation beyond the end of the file (guest_memfd is not resizable)")
-        return file, punch, offset >> uapi.PAGE_SHIFT, length >> uapi.PAGE_SHIFT
+        return file, punch, offset_to_page(offset), size_to_pages(length)
 
     # -- memslot bindings -----------------------------------------------------------------
     def check_bind(self, fd: int, offset: int, size: int, *, owner: object = None) -> GmemFile:
@@ -311,8 +312,8 @@ class GmemTable:
             raise einval("guest_memfd_offset is not page aligned")
         if offset + size > file.size:
             raise einval("guest_memfd range extends beyond the end of the file")
-        first = offset >> uapi.PAGE_SHIFT
-        end = first + (size >> uapi.PAGE_SHIFT)
+        first = offset_to_page(offset)
+        end = first + size_to_pages(size)
         for start, n, key in file.bindings:
             if start < end and first < start + n:
                 raise KvmError(
@@ -321,8 +322,8 @@ class GmemTable:
         return file
 
     def bind(self, fd: int, offset: int, npages: int, key: tuple[int, int]) -> GmemFile:
-        file = self.check_bind(fd, offset, npages << uapi.PAGE_SHIFT, owner=None)
-        entry = (offset >> uapi.PAGE_SHIFT, npages, key)
+        file = self.check_bind(fd, offset, pages_to_size(npages), owner=None)
+        entry = (offset_to_page(offset), npages, key)
         file.bindings.insert(bisect_left(file.bindings, entry), entry)
         return file
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
+from .addr import end_page, hva_to_hpn
 from .errors import einval
 from .intervals import IntervalSet
 from .op import Op, operation
-from .uapi import PAGE_SHIFT, PAGE_SIZE
+from .uapi import PAGE_SIZE
 
 SIZE_4K = 1 << 12
 SIZE_2M = 1 << 21
@@ -129,7 +130,7 @@ class HostMemory:
                 buf = self.contents[page] = bytearray(PAGE_SIZE)
             buf[off : off + n] = data[pos : pos + n]
             pos += n
-        self.touch(hva >> PAGE_SHIFT, (hva + len(data) + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        self.touch(hva_to_hpn(hva), end_page(hva, len(data)))
 
     def touch(self, first: int, end: int) -> None:
         """Pages faulted in again after a discard are new, populated pages; a huge host page

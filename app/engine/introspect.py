@@ -9,19 +9,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import spte as S
+from .addr import gpa_to_gfn, page_offset, pfn_to_hpa
 from .errors import einval
 from .paging import TablePool, clip, span
-from .uapi import PAGE_SHIFT
 
 if TYPE_CHECKING:
-    from .vm import Vm
+    from .state import KvmState
 
 
-def translate(vm: Vm, gpa: object) -> dict[str, Any]:
+def translate(vm: KvmState, gpa: object) -> dict[str, Any]:
     """The walk of `gpa` in every root: the entry at each level, raw and decoded."""
     if isinstance(gpa, bool) or not isinstance(gpa, int) or not 0 <= gpa < vm.gpa_limit:
         raise einval(f"gpa must be in [0, {vm.gpa_limit:#x})")
-    pos = gpa >> PAGE_SHIFT
+    pos: int = gpa_to_gfn(gpa)
     out = []
     for root in vm.mmu.roots_of():
         p = pos
@@ -46,7 +46,7 @@ def translate(vm: Vm, gpa: object) -> dict[str, Any]:
                 leaf = {
                     "level": level,
                     "pfn": pfn,
-                    "hpa": (pfn << PAGE_SHIFT) | (gpa & 0xFFF),
+                    "hpa": pfn_to_hpa(pfn) | page_offset(gpa),
                     "r": bool(e & S.EPT_R),
                     "w": bool(e & S.EPT_W),
                     "x": bool(e & S.EPT_X),
@@ -147,7 +147,7 @@ def _root_runs(pool: TablePool, table: int, start: int) -> Iterator[_Run]:
 
 
 def iter_mappings(
-    vm: Vm, root: object = None, start: MappingStart = (0, 0)
+    vm: KvmState, root: object = None, start: MappingStart = (0, 0)
 ) -> Iterator[dict[str, Any]]:
     """Run-length leaf mappings in (root id, position) order, from the first run at or
     after `start`: consecutive GFNs at one level with consecutive pfns and the same
@@ -170,6 +170,6 @@ def iter_mappings(
             }
 
 
-def mappings(vm: Vm, root: object = None) -> list[dict[str, Any]]:
+def mappings(vm: KvmState, root: object = None) -> list[dict[str, Any]]:
     """Every run of `iter_mappings`."""
     return list(iter_mappings(vm, root))

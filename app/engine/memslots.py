@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from . import uapi
+from .addr import gfn_to_gpa, gpa_to_gfn, offset_to_page, pages_to_size, size_to_pages
 from .errors import KvmError, einval
 from .op import Op, operation
 
@@ -64,10 +65,10 @@ class Memslot:
 
     @property
     def gmem_pgoff(self) -> int:
-        return self.guest_memfd_offset >> uapi.PAGE_SHIFT
+        return offset_to_page(self.guest_memfd_offset)
 
     def hva(self, gfn: int) -> int:
-        return self.userspace_addr + ((gfn - self.base_gfn) << uapi.PAGE_SHIFT)
+        return self.userspace_addr + pages_to_size(gfn - self.base_gfn)
 
     def gmem_index(self, gfn: int) -> int:
         """Page index in the bound guest_memfd file backing `gfn`."""
@@ -79,8 +80,8 @@ class Memslot:
             "as_id": self.as_id,
             "id": self.id,
             "flags": self.flags,
-            "guest_phys_addr": self.base_gfn << uapi.PAGE_SHIFT,
-            "memory_size": self.npages << uapi.PAGE_SHIFT,
+            "guest_phys_addr": gfn_to_gpa(self.base_gfn),
+            "memory_size": pages_to_size(self.npages),
             "userspace_addr": self.userspace_addr,
             "guest_memfd": self.guest_memfd if self.guest_memfd is not None else 0,
             "guest_memfd_offset": self.guest_memfd_offset,
@@ -289,7 +290,7 @@ def check_region(
     # V11, V12.
     if gpa + size > _U64_MAX:
         raise einval("guest_phys_addr + memory_size wraps around")
-    npages = size >> uapi.PAGE_SHIFT
+    npages = size_to_pages(size)
     if npages > uapi.KVM_MEM_MAX_NR_PAGES:
         raise einval("memory_size exceeds KVM_MEM_MAX_NR_PAGES")
 
@@ -302,7 +303,7 @@ def check_region(
         return MemslotChange(ChangeKind.DELETE, old, None)
 
     # V15-V17: CREATE or a modification of an existing slot.
-    base_gfn = gpa >> uapi.PAGE_SHIFT
+    base_gfn = gpa_to_gfn(gpa)
     if old is None:
         # V16's total-pages overflow is unreachable: 2 spaces x 32764 slots x 2^31 pages < 2^64.
         kind = ChangeKind.CREATE

@@ -44,7 +44,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -418,6 +418,21 @@ class VmService:
         self._stopping = False
         if self.gc_interval_s > 0:
             self._gc_task = asyncio.get_running_loop().create_task(self._gc_loop())
+        await self._run(self._warm_load_path)
+
+    def _warm_load_path(self) -> None:
+        """Load a VM that does not exist: SQLAlchemy compiles each statement on its first use,
+        tens of ms in all that the first request after a start would pay loading its VM."""
+        try:
+            with self.db.read() as s:
+                with suppress(VmNotFound):
+                    self._head(s, "")
+                self._row_need(s, "")
+                repo.newest_snapshot_seq(s, "")
+                with suppress(VmNotFound):
+                    self._build(s, "", 0)
+        except Exception as e:  # the database may be down: the first load compiles them
+            log.debug("load path not warmed: %s", _outage_reason(e))
 
     async def stop(self) -> None:
         """Finish background snapshots, snapshot every VM changed since its last one, close."""
@@ -1601,7 +1616,8 @@ class VmService:
         a new object after a `restore` record. Per record only what the call needs: its
         operation, time, budget and zap durations (no answer is journaled or published)."""
         engine = self.engine
-        parse, apply, set_budget = engine.parse, engine.apply, engine.set_table_budget
+        apply, set_budget = engine.apply, engine.set_table_budget
+        parse = _ParsedOps(engine.parse).parse
         engine.set_trace_records(vm, self.trace_records)
         default_budget = self.budget_tables
         for rec in records:
@@ -1609,9 +1625,8 @@ class VmService:
                 copy = repo.snapshot_at(s, vm_id, rec.seq)
                 restored = None if copy is None else self._load_snapshot(s, copy)
                 if restored is None:
-                    restored = self._state_of_snapshot(
-                        s, vm_id, rec.args["snapshot_id"], rec.args["seq"]
-                    )
+                    args = repo.decode_json(rec.args)
+                    restored = self._state_of_snapshot(s, vm_id, args["snapshot_id"], args["seq"])
                 vm = restored
                 engine.set_trace_records(vm, self.trace_records)
                 continue
@@ -1736,6 +1751,35 @@ class VmService:
             "created_at": _iso(snap.created_at),
             "label": snap.label,
         }
+
+
+class _ParsedOps:
+    """Operations parsed from journal records, by (name, args text): records repeat (a VMM
+    sets the same memslot over and over), and an operation that hashes is a frozen value of
+    immutable fields, so one parse serves every record of the same text. At most `KEEP`
+    are kept (then they are forgotten): a journal that never repeats holds no more."""
+
+    KEEP = 4096
+
+    def __init__(self, parse: Callable[[str, Any], OpLike]) -> None:
+        self._parse = parse
+        self._known: dict[tuple[str, str], OpLike] = {}
+
+    def parse(self, name: str, args: Any) -> OpLike:
+        if type(args) is not str:  # decoded by the driver (psycopg): nothing to key by
+            return self._parse(name, repo.decode_json(args))
+        key = (name, args)
+        op = self._known.get(key)
+        if op is None:
+            op = self._parse(name, repo.decode_json(args))
+            try:
+                hash(op)
+            except TypeError:  # a mutable field (a list): parsed afresh each time
+                return op
+            if len(self._known) >= self.KEEP:
+                self._known.clear()
+            self._known[key] = op
+        return op
 
 
 def _work_stats(vm: Vm) -> dict[str, Any]:
