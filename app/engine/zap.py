@@ -449,3 +449,14 @@ class SetZapPolicy(Op):
 @operation("destroy")
 class Destroy(Op):
     """The last reference to the VM goes: every root torn down."""
+
+
+ZAP_POLICIES = ("kvm", "zap_all_shared_only")
+
+
+def set_zap_policy(vm: KvmState, op: SetZapPolicy) -> dict[str, Any]:
+    policy = op.policy
+    if policy not in ZAP_POLICIES:
+        raise einval(f"policy must be one of {ZAP_POLICIES}")
+    vm.zap_policy = str(policy)
+    return {}
