@@ -91,7 +91,13 @@ def _server(config: Any, app: Any) -> Any:
     for open answers before the app's own shutdown runs, and a stream never ends by itself."""
     import uvicorn
 
+    from app.http_server import tune_gc
+
     class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            tune_gc()  # the app, its routes and the service are built: all long-lived
+
         async def shutdown(self, sockets: Any = None) -> None:
             _end_streams(app)  # each stream sends `end {"reason": "shutdown"}` and closes
             await super().shutdown(sockets)

@@ -9,7 +9,9 @@ measures, each with a lean keep-alive client (`http.client`):
    interleaved with the calls).
 2. `memslot_perf_test`'s shape: 32,763 slots of 16 KiB created with `POST …/memslots/batch`
    (`VKMMU_MAX_BATCH` regions per call), then memslot PUTs (create / delete one more slot)
-   with all 32,763 present; automatic snapshots (`VKMMU_SNAPSHOT_EVERY`) included.
+   with all 32,763 present; automatic snapshots (`VKMMU_SNAPSHOT_EVERY`) included. The
+   server's CPU time for each part is printed too: on a shared machine it moves less than
+   the wall time does.
 3. A long call: one access of `--long-gib` GiB at 4 KiB on one VM while another VM's
    memslot PUTs run in a loop; their p50 / p99 / max latency during the long call.
 
@@ -90,6 +92,15 @@ class Server:
                 pass
             time.sleep(0.05)
         raise SystemExit("the server did not become ready")
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds the server process used so far (Linux; None elsewhere): on a busy
+        machine a steadier figure than wall time."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def client(self) -> Client:
         return Client(self.port)
@@ -195,14 +206,16 @@ def perf_regions(start: int, stop: int) -> list[dict[str, int]]:
     ]
 
 
-def bench_memslots(c: Client, batch: int, puts: int) -> dict[str, Any]:
+def bench_memslots(server: Server, c: Client, batch: int, puts: int) -> dict[str, Any]:
     vm = c.new_vm("memslot-perf")
     bodies = [perf_regions(i, min(i + batch, PERF_SLOTS)) for i in range(0, PERF_SLOTS, batch)]
+    cpu0 = server.cpu_s()
     t0 = time.perf_counter()
     for regions in bodies:
         out = c.call("POST", f"/v1/vms/{vm}/memslots/batch", {"regions": regions})
         assert out["applied"] == len(regions), out  # every slot created
     t_batch = time.perf_counter() - t0
+    cpu1 = server.cpu_s()
     stats = c.call("GET", f"/v1/vms/{vm}/memslots?limit=1")
     assert stats["items"], stats
     extra = PERF_SLOTS  # the one more slot the PUTs create and delete
@@ -213,8 +226,13 @@ def bench_memslots(c: Client, batch: int, puts: int) -> dict[str, Any]:
         dt, out = c.timed("PUT", f"/v1/vms/{vm}/memslots/{extra}", gone if i % 2 else body)
         assert out["change"] == ("delete" if i % 2 else "create"), out
         lat.append(dt)
+    cpu2 = server.cpu_s()
     snaps = c.call("GET", f"/v1/vms/{vm}/snapshots")
+    cpu = {}
+    if cpu0 is not None and cpu1 is not None and cpu2 is not None:
+        cpu = {"batch_create_cpu_s": cpu1 - cpu0, "put_cpu_s": (cpu2 - cpu1) / max(1, puts)}
     return {
+        **cpu,
         "batch_create_s": t_batch,
         "batch_calls": len(bodies),
         "put_p50_s": statistics.median(lat),
@@ -313,7 +331,7 @@ def main() -> None:
                     )
                 print(f"numpy floor: 4 GiB {f['floor_4g']:.4f} s, 16 GiB {f['floor_16g']:.4f} s")
             if "memslots" not in skip:
-                m = out["memslots"] = bench_memslots(c, args.batch, puts)
+                m = out["memslots"] = bench_memslots(server, c, args.batch, puts)
                 ms = {k: v * 1e3 for k, v in m.items() if k.startswith("put_")}
                 print(
                     f"== {PERF_SLOTS:,} slots in {m['batch_calls']} batch calls: "
@@ -321,6 +339,11 @@ def main() -> None:
                     f"p99 {ms['put_p99_s']:.2f} ms, max {ms['put_max_s']:.1f} ms "
                     f"({m['snapshots']} snapshots)"
                 )
+                if "batch_create_cpu_s" in m:
+                    print(
+                        f"   server CPU: {m['batch_create_cpu_s']:.2f} s for the slots, "
+                        f"{ms['put_cpu_s']:.2f} ms per PUT; load average {os.getloadavg()[0]:.2f}"
+                    )
             if "long" not in skip:
                 lc = out["long_call"] = bench_long_call(server, args.long_gib)
                 ms = {k: v * 1e3 for k, v in lc.items() if k.endswith("_s")}

@@ -7,6 +7,7 @@ has attributes 0 (shared). Attributes exist for GFNs with or without a memslot.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +16,11 @@ from .addr import gfn_to_gpa, gpa_to_gfn, pages_to_size
 from .errors import check_u64, einval
 from .intervals import IntervalSet
 from .op import Op, operation
+from .roots import RootRole
+from .zap import zap_gfn_range
+
+if TYPE_CHECKING:
+    from .state import KvmState
 
 PRIVATE = uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE
 _PAGE_MASK = uapi.PAGE_SIZE - 1
@@ -132,3 +138,24 @@ class SetMemoryAttributes(Op):
     size: int
     attributes: int
     flags: int = 0
+
+
+def set_memory_attributes(vm: KvmState, op: SetMemoryAttributes) -> dict[str, Any]:
+    address, size, attributes, flags = op.address, op.size, op.attributes, op.flags
+    start, end = vm.attrs.check(address, size, attributes, flags, vm_type=vm.vm_type)
+    attrs = int(attributes)
+    if vm.attrs.pieces(start, end) == [(start, end, attrs)]:
+        # Identical attributes: no invalidation at all (kvm-private-tdx.md §3.2 step 5).
+        return {"zap": None, "changed": False}
+    zap = None
+    to_private = bool(attrs & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    if vm.has_private_mem:
+        # Zap the view being left, exactly [start, end): a huge leaf straddling the range
+        # intersects it and goes too (mmu.c: only the head/tail huge regions join the
+        # in-progress invalidation, the unmap itself is the changed range).
+        leaving_mirror = vm.is_tdx and not to_private
+        roles = {RootRole.MIRROR} if leaving_mirror else {RootRole.DIRECT}
+        if any(sp.overlapping(start, end - start) for sp in vm.spaces):
+            zap = zap_gfn_range(vm, [0], start, end, roles, "attributes", "zap_gfn_range")
+    vm.attrs.set(start, end, attrs)
+    return {"zap": zap, "changed": True}

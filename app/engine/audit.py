@@ -14,19 +14,19 @@ from .uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 if TYPE_CHECKING:
     from .memslots import Memslot
-    from .vm import Vm
+    from .state import KvmState
 
 MAX_VIOLATIONS = 100
 
 
-def audit(vm: Vm) -> dict[str, Any]:
+def audit(vm: KvmState) -> dict[str, Any]:
     return _Audit(vm).run()
 
 
 class _Audit:
     """One pass over every root's tables, the violations found in the order met."""
 
-    def __init__(self, vm: Vm) -> None:
+    def __init__(self, vm: KvmState) -> None:
         self.vm = vm
         self.out: list[dict[str, Any]] = []
         self.counted = [0] * 6
@@ -142,7 +142,7 @@ class _Audit:
         return level, len(idx), gmem
 
 
-def _mmio_ok(vm: Vm, role: RootRole, v: int) -> bool:
+def _mmio_ok(vm: KvmState, role: RootRole, v: int) -> bool:
     if role is RootRole.MIRROR:
         return False
     if vm.is_tdx:
@@ -306,7 +306,7 @@ class _Leaves:
                 bad("shared_leaf_attribute", "a shared leaf on a PRIVATE gfn", gfn=int(sl_g[0]))
 
 
-def _page_freed(vm: Vm, pfn: int, npages: int) -> bool:
+def _page_freed(vm: KvmState, pfn: int, npages: int) -> bool:
     """Whether the host page(s) behind `pfn` are back with the host allocator."""
     if pfn >= S.GMEM_PFN_BASE:
         owner = vm.gmem.pfn_owner(pfn)

@@ -7,12 +7,16 @@ spec/README.md): disabling quirks is cumulative and sticky, DISABLE_QUIRKS2 refu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import uapi
 from .attributes import supported_attributes
 from .errors import einval
 from .gmem import supported_gmem_flags
 from .op import Op, operation
+
+if TYPE_CHECKING:
+    from .state import KvmState
 
 Cap = uapi.Cap
 Quirk = uapi.Quirk
@@ -210,3 +214,18 @@ class EnableCap(Op):
     cap: int | str
     flags: int = 0
     args: list[int] | None = None
+
+
+def enable_cap(vm: KvmState, op: EnableCap) -> dict[str, Any]:
+    cap, flags, args = op.cap, op.flags, op.args
+    number = cap_number(cap)
+    args = [0, 0, 0, 0] if args is None else args
+    if number in (uapi.Cap.KVM_CAP_DISABLE_QUIRKS, uapi.Cap.KVM_CAP_DISABLE_QUIRKS2):
+        vm.disabled_quirks = disable_quirks(vm.disabled_quirks, number, flags, args)
+    elif number == uapi.Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+        vm.manual_dirty_log = check_manual_dirty_log(flags, args)
+    elif number == uapi.Cap.KVM_CAP_EXIT_HYPERCALL:
+        vm.hypercall_exit_enabled = check_exit_hypercall(flags, args)
+    else:
+        raise einval(f"KVM_ENABLE_CAP does not support capability {number}")
+    return {}

@@ -3,7 +3,7 @@
 Without PML (the default host profile) dirty tracking write-protects leaves, and a write to a
 protected leaf takes the fast page-fault path, which restores W and marks the page dirty
 (kvm-memslots.md §3.4, §5.3). With host.enable_pml the leaves keep W and lose D; the CPU logs
-the next write (faults.py, Vm.pml_log).
+the next write (faults.py, KvmState.pml_log).
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ from .zap import finish, flush_tlbs
 
 if TYPE_CHECKING:
     from .memslots import Memslot
-    from .vm import Vm
+    from .state import KvmState
 
 _NOT_W = ~np.uint64(S.EPT_W)
 
 
-def _direct_roots(vm: Vm, as_id: int) -> list[Root]:
+def _direct_roots(vm: KvmState, as_id: int) -> list[Root]:
     return vm.mmu.roots_of(as_id, RootRole.DIRECT)
 
 
-def split_huge(vm: Vm, root: Root, start: int, end: int) -> int:
+def split_huge(vm: KvmState, root: Root, start: int, end: int) -> int:
     """Eager page split: every huge leaf in [start, end) becomes a table of smaller leaves with
     the same attributes (W and D kept). Returns the huge leaves split. Like the kernel's,
     splitting just stops when no table can be allocated (kvm-memslots.md §3.4 b): here, when
@@ -61,7 +61,7 @@ def split_huge(vm: Vm, root: Root, start: int, end: int) -> int:
     return split
 
 
-def split_tables_needed(vm: Vm, as_id: int, start: int, end: int) -> int:
+def split_tables_needed(vm: KvmState, as_id: int, start: int, end: int) -> int:
     """The most page tables `split_huge` may allocate over [start, end) of the address
     space's direct roots: one per 2 MiB leaf, 513 per 1 GiB leaf (split twice). Walks the
     tables above the leaf level only; the service reserves this before an eager split."""
@@ -76,7 +76,7 @@ def split_tables_needed(vm: Vm, as_id: int, start: int, end: int) -> int:
     return need
 
 
-def _split_table(vm: Vm, root: Root, cur: Cursor, huge: np.ndarray) -> int:
+def _split_table(vm: KvmState, root: Root, cur: Cursor, huge: np.ndarray) -> int:
     """Split the huge leaves at `huge` (indexes into the cursor's slice) of one table, as a
     fault splits one (Mmu.split_leaf: tdp_mmu_split_huge_page)."""
     idx = cur.lo + huge.astype(np.int64)
@@ -89,7 +89,7 @@ def _split_table(vm: Vm, root: Root, cur: Cursor, huge: np.ndarray) -> int:
 
 
 def write_protect(
-    vm: Vm,
+    vm: KvmState,
     root: Root,
     start: int,
     end: int,
@@ -128,7 +128,7 @@ def _leaves(sl: np.ndarray, level: int) -> np.ndarray:
 
 
 def clear_dirty_bits(
-    vm: Vm, root: Root, start: int, end: int, mask: np.ndarray | None = None, base: int = 0
+    vm: KvmState, root: Root, start: int, end: int, mask: np.ndarray | None = None, base: int = 0
 ) -> int:
     """PML (host.enable_pml): clear D on leaves in [start, end) so the CPU logs the next write
     (kvm_tdp_mmu_clear_dirty_slot; with `mask`, 4K leaves only, as
@@ -151,7 +151,7 @@ def clear_dirty_bits(
     return n
 
 
-def rearm(vm: Vm, root: Root, s: Memslot, mask: np.ndarray) -> int:
+def rearm(vm: KvmState, root: Root, s: Memslot, mask: np.ndarray) -> int:
     """kvm_arch_mmu_enable_log_dirty_pt_masked: clear D with PML, else write-protect."""
     if vm.host_profile.enable_pml:
         clear_dirty_bits(vm, root, s.base_gfn, s.end_gfn, mask, s.base_gfn)
@@ -159,7 +159,7 @@ def rearm(vm: Vm, root: Root, s: Memslot, mask: np.ndarray) -> int:
     return write_protect(vm, root, s.base_gfn, s.end_gfn, mask, s.base_gfn)
 
 
-def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict[str, Any] | None:
+def apply_flags(vm: KvmState, old: Memslot, new: Memslot) -> dict[str, Any] | None:
     """kvm_mmu_slot_apply_flags for a FLAGS_ONLY change."""
     key = (new.as_id, new.id)
     logging_old = bool(old.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES)
@@ -216,7 +216,7 @@ def apply_flags(vm: Vm, old: Memslot, new: Memslot) -> dict[str, Any] | None:
     )
 
 
-def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
+def recover_huge_pages(vm: KvmState, root: Root, slot: Memslot, acc: ZapAcc) -> int:
     """kvm_tdp_mmu_recover_huge_pages: a table fully inside the slot whose GFNs may now be
     mapped at its parent's level is replaced by one huge leaf (2M first, then 1G)."""
     mmu = vm.mmu
@@ -255,7 +255,7 @@ def recover_huge_pages(vm: Vm, root: Root, slot: Memslot, acc: ZapAcc) -> int:
     return recovered
 
 
-def _logging_slot(vm: Vm, slot: object) -> tuple[Memslot, np.ndarray]:
+def _logging_slot(vm: KvmState, slot: object) -> tuple[Memslot, np.ndarray]:
     """The slot and its bitmap: no slot, or no dirty bitmap → ENOENT (kvm_get_dirty_log)."""
     s = vm.lookup_slot(slot)
     bm = vm.dirty.get((s.as_id, s.id))
@@ -273,7 +273,7 @@ def _pack(bits: np.ndarray) -> tuple[str, int]:
     return base64.b64encode(raw).decode(), int(np.count_nonzero(bits))
 
 
-def get_dirty_log(vm: Vm, slot: object) -> dict[str, Any]:
+def get_dirty_log(vm: KvmState, slot: object) -> dict[str, Any]:
     """KVM_GET_DIRTY_LOG: without manual protect it is destructive and re-arms protection
     (kvm-memslots.md §5.3; kvm_get_dirty_log_protect)."""
     s, bm = _logging_slot(vm, slot)
@@ -297,7 +297,7 @@ def get_dirty_log(vm: Vm, slot: object) -> dict[str, Any]:
 
 
 def clear_dirty_log(
-    vm: Vm, slot: object, first_page: object, num_pages: object, bitmap: object
+    vm: KvmState, slot: object, first_page: object, num_pages: object, bitmap: object
 ) -> dict[str, Any]:
     """KVM_CLEAR_DIRTY_LOG: clear the given bits and protect those pages. The kernel does not
     require manual protect for it (kvm_clear_dirty_log_protect has no such check)."""

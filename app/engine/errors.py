@@ -31,3 +31,17 @@ def check_u64(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= (1 << 64) - 1:
         raise einval(f"{name} must be an integer in [0, 2**64): {value!r}")
     return value
+
+
+MAX_DATA_BYTES = 1 << 20  # bytes one host/guest_memfd read or write may carry
+
+
+def hex_bytes(value: object, name: str = "data") -> bytes:
+    """Bytes given as a hex string (an optional 0x prefix)."""
+    if not isinstance(value, str):
+        raise einval(f"{name} must be a hex string")
+    s = value[2:] if value.startswith(("0x", "0X")) else value
+    try:
+        return bytes.fromhex(s)
+    except ValueError:
+        raise einval(f"{name} is not valid hex") from None

@@ -34,8 +34,8 @@ from .zap import account_fault_zaps
 if TYPE_CHECKING:
     from .gmem import GmemFile
     from .memslots import Memslot
+    from .state import KvmState
     from .vcpu import Vcpu
-    from .vm import Vm
 
 ACCESS_KINDS = ("read", "write", "exec")
 _LOG_DIRTY = int(KVM_MEM_LOG_DIRTY_PAGES)  # plain ints: IntFlag arithmetic is slow on hot paths
@@ -107,7 +107,7 @@ def memory_fault_exit(gfn: int, private: bool, size: int = PAGE_SIZE) -> Exit:
 class FaultPath:
     """One vCPU's faults against one VM; holds the per-call state (root, result, zap acc)."""
 
-    def __init__(self, vm: Vm, vcpu: Vcpu, access: str, *, prefetch: bool = False) -> None:
+    def __init__(self, vm: KvmState, vcpu: Vcpu, access: str, *, prefetch: bool = False) -> None:
         self.vm = vm
         self.vcpu = vcpu
         self.write = access == "write"
@@ -204,7 +204,7 @@ class FaultPath:
             raise mmio_exit(strip_shared_gpa(at, shared_bits), min(8, byte_end - at), True)
         gmem = None
         if private or slot.gmem_only:
-            gmem = vm.gmem_for_fault(slot, gfn, private)
+            gmem = gmem_for_fault(vm, slot, gfn, private)
         # The run this table can serve.
         stop = min(end - shared_bits, slot.end_gfn)
         if vm.has_private_mem:
@@ -652,7 +652,7 @@ class FaultPath:
             self._mapped(gfn + a, gfn + b, 1)
 
 
-def check_access_range(vm: Vm, gpa: object, size: object, max_bytes: int) -> tuple[int, int]:
+def check_access_range(vm: KvmState, gpa: object, size: object, max_bytes: int) -> tuple[int, int]:
     if (
         isinstance(gpa, bool)
         or isinstance(size, bool)
@@ -717,3 +717,12 @@ class Accept(Op):
     vcpu: int
     gpa: int
     size: int = PAGE_SIZE
+
+
+def gmem_for_fault(vm: KvmState, slot: Memslot, gfn: int, private: bool) -> GmemFile:
+    """No guest_memfd behind the slot, or the file is gone → KVM_EXIT_MEMORY_FAULT
+    (kvm-private-tdx.md §2.3.1 step 8; §4.5 for a closed file)."""
+    file = vm.gmem.lookup(slot.guest_memfd)
+    if slot.guest_memfd is None or file is None or file.closed:
+        raise memory_fault_exit(gfn, private)
+    return file

@@ -11,14 +11,19 @@ import errno
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import uapi
 from .addr import offset_to_page, page_to_offset, pages_to_size, size_to_pages
-from .errors import KvmError, einval
+from .errors import MAX_DATA_BYTES, KvmError, check_u64, einval, hex_bytes
 from .intervals import IntervalSet
 from .op import Op, operation
+from .zap import gmem_invalidate
+
+if TYPE_CHECKING:
+    from .state import KvmState
 
 # pfn layout of the simulated host: host (HVA-backed) pages < 1<<35, page tables in
 # [1<<36, 1<<38), guest_memfd pages from 1<<38 up to the 40-bit pfn field of an EPT entry.
@@ -375,3 +380,59 @@ class GmemWrite(Op):
     fd: int
     offset: int
     data: str
+
+
+def create_guest_memfd(vm: KvmState, op: CreateGuestMemfd) -> dict[str, Any]:
+    size, flags = op.size, op.flags
+    return vm.gmem.create(size, flags, vm_type=vm.vm_type).to_dict()
+
+
+def gmem_fallocate(vm: KvmState, op: GmemFallocate) -> dict[str, Any]:
+    fd, mode, offset, len = op.fd, op.mode, op.offset, op.len
+    file, punch, first, count = vm.gmem.check_fallocate(fd, mode, offset, len)
+    if not punch:
+        return {"allocated": file.allocate(first, count), "zap": None}
+    zap = gmem_invalidate(vm, file, first, first + count, "punch_hole")
+    return {"freed": file.punch(first, count), "zap": zap}
+
+
+def gmem_close(vm: KvmState, op: GmemClose) -> dict[str, Any]:
+    fd = op.fd
+    file = vm.gmem.get(fd)
+    zap = gmem_invalidate(vm, file, 0, file.npages, "gmem_close")
+    vm.gmem.close(fd)
+    return {"zap": zap}
+
+
+def gmem_write(vm: KvmState, op: GmemWrite) -> dict[str, Any]:
+    fd, offset, data = op.fd, op.offset, op.data
+    file = _mappable(vm, fd)
+    payload = hex_bytes(data)
+    if len(payload) > MAX_DATA_BYTES:
+        raise KvmError(errno.E2BIG, "write at most 1 MiB at once")
+    off = check_u64(offset, "offset")
+    if off + len(payload) > file.size:
+        raise einval("write beyond the end of the file")
+    file.write(off, payload)
+    return {"written": len(payload)}
+
+
+def gmem_read(vm: KvmState, fd: object, offset: object, len: object) -> dict[str, Any]:
+    file = _mappable(vm, fd)
+    off, n = check_u64(offset, "offset"), check_u64(len, "len")
+    if n > MAX_DATA_BYTES:
+        raise KvmError(errno.E2BIG, "read at most 1 MiB at once")
+    if off + n > file.size:
+        raise einval("read beyond the end of the file")
+    return {"data": file.read(off, n).hex()}
+
+
+def _mappable(vm: KvmState, fd: object) -> GmemFile:
+    file = vm.gmem.get(fd)
+    if not file.flags & uapi.GmemFlag.GUEST_MEMFD_FLAG_MMAP or file.closed:
+        # mmap() of a guest_memfd without GUEST_MEMFD_FLAG_MMAP fails with ENODEV.
+        raise KvmError(errno.ENODEV, "only MMAP guest_memfd files can be read or written")
+    if not file.flags & uapi.GmemFlag.GUEST_MEMFD_FLAG_INIT_SHARED:
+        # kvm_gmem_fault_user_mapping: SIGBUS unless the memory is shared.
+        raise KvmError(errno.EFAULT, "guest_memfd memory is not shared (no INIT_SHARED)")
+    return file

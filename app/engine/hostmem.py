@@ -7,13 +7,20 @@ discarded (freed) ranges, and ranges with another host page size (THP advice, hu
 
 from __future__ import annotations
 
+import errno
 from bisect import bisect_right
+from typing import TYPE_CHECKING, Any
 
+from . import addr as A
 from .addr import end_page, hva_to_hpn
-from .errors import einval
+from .errors import MAX_DATA_BYTES, KvmError, check_u64, einval, hex_bytes
 from .intervals import IntervalSet
 from .op import Op, operation
 from .uapi import PAGE_SIZE
+from .zap import notifier_invalidate
+
+if TYPE_CHECKING:
+    from .state import KvmState
 
 SIZE_4K = 1 << 12
 SIZE_2M = 1 << 21
@@ -222,3 +229,76 @@ class HostMap(Op):
     userspace_addr: int
     len: int
     page_size: int
+
+
+def _host_range(vm: KvmState, addr: object, length: object) -> tuple[int, int]:
+    a, n = check_u64(addr, "userspace_addr"), check_u64(length, "len")
+    if n == 0 or a + n > vm.user_addr_end:
+        raise einval("range must be non-empty and inside the user address space")
+    return a, n
+
+
+def host_read(vm: KvmState, userspace_addr: object, len: object) -> dict[str, Any]:
+    a, n = _host_range(vm, userspace_addr, len)
+    if n > MAX_DATA_BYTES:
+        raise KvmError(errno.E2BIG, "read at most 1 MiB at once")
+    return {"data": vm.host.read(a, n).hex()}
+
+
+def host_write(vm: KvmState, op: HostWrite) -> dict[str, Any]:
+    userspace_addr, data = op.userspace_addr, op.data
+    payload = hex_bytes(data)
+    if len(payload) > MAX_DATA_BYTES:
+        raise KvmError(errno.E2BIG, "write at most 1 MiB at once")
+    a, _ = _host_range(vm, userspace_addr, max(1, len(payload)))
+    if payload:
+        # A write through the VMM's mapping breaks nothing KVM maps: same pfn, new bytes.
+        vm.host.write(a, payload)
+    return {"written": len(payload)}
+
+
+def host_discard(vm: KvmState, op: HostDiscard) -> dict[str, Any]:
+    """madvise(MADV_DONTNEED): the MMU notifier zaps every SPTE mapping the range."""
+    userspace_addr, len = op.userspace_addr, op.len
+    a, n = _host_range(vm, userspace_addr, len)
+    if a & (PAGE_SIZE - 1):
+        raise einval("madvise needs a page-aligned address")
+    first, end = A.hva_to_hpn(a), A.hva_to_hpn(a + n + A.PAGE_MASK)
+    lo, hi = vm.host.dontneed_range(first, end)
+    first, end = A.Hpn(lo), A.Hpn(hi)
+    if first >= end:
+        return {"zap": None}
+    zap = notifier_invalidate(vm, first, end)
+    vm.host.discard(first, end)
+    return {"zap": zap}
+
+
+def host_advise(vm: KvmState, op: HostAdvise) -> dict[str, Any]:
+    userspace_addr, len, advice = op.userspace_addr, op.len, op.advice
+    a, n = _host_range(vm, userspace_addr, len)
+    if a & (PAGE_SIZE - 1) or advice not in ("hugepage", "nohugepage"):
+        raise einval("page-aligned address; advice hugepage|nohugepage")
+    first, end = A.hva_to_hpn(a), A.hva_to_hpn(a + n + A.PAGE_MASK)
+    # MADV_NOHUGEPAGE does not split existing THPs; KVM's SPTEs stay as they are.
+    vm.host.advise(first, end, advice == "hugepage")
+    return {}
+
+
+def host_map(vm: KvmState, op: HostMap) -> dict[str, Any]:
+    """An mmap of hugetlbfs: the range is backed by pages of `page_size`."""
+    userspace_addr, len, page_size = op.userspace_addr, op.len, op.page_size
+    a, n = _host_range(vm, userspace_addr, len)
+    if (
+        not isinstance(page_size, int)
+        or isinstance(page_size, bool)
+        or (page_size not in LEVEL_OF_SIZE)
+    ):
+        raise einval("page_size must be 4096, 2097152 or 1073741824")
+    ps = int(page_size)
+    if a % ps or n % ps:
+        raise einval("hugetlbfs mappings are aligned to their page size")
+    first, end = A.hva_to_hpn(a), A.hva_to_hpn(a + n)
+    zap = notifier_invalidate(vm, first, end)
+    vm.host.discard(first, end)
+    vm.host.set_page_size(first, end, LEVEL_OF_SIZE[ps], "hugetlb")
+    return {"zap": zap}

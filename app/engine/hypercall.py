@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from . import addr as A
 from .errors import KvmError, check_u64, einval
 from .op import Op, operation
+from .tdx_lifecycle import check_can_run
 from .uapi import (
     KVM_EXIT_HYPERCALL_LONG_MODE,
     KVM_HC_MAP_GPA_RANGE,
@@ -34,9 +35,9 @@ from .uapi import (
 )
 
 if TYPE_CHECKING:
+    from .state import KvmState
     from .tdx import TdxState
     from .vcpu import Vcpu
-    from .vm import Vm
 
 # arch/x86/include/asm/shared/tdx.h: the TDVMCALL status the guest sees in R10.
 TDVMCALL_STATUS = {
@@ -103,7 +104,7 @@ def _answer(status: str, r11: int | None = None) -> dict[str, Any]:
     return {"status": status, "status_code": _STATUS[status], "r11": r11, "exit": None, "rax": None}
 
 
-def _exit(vm: Vm, td: TdxState, vcpu: int, nxt: int, end: int) -> dict[str, Any]:
+def _exit(vm: KvmState, td: TdxState, vcpu: int, nxt: int, end: int) -> dict[str, Any]:
     """__tdx_map_gpa: the next chunk as a KVM_EXIT_HYPERCALL; the vCPU waits in it."""
     size = min(end - nxt, TDX_MAP_GPA_MAX_LEN)
     private = not A.is_shared(A.gpa_to_gfn(nxt), vm.gfn_direct_bits)
@@ -133,7 +134,7 @@ def _rax(value: int | None) -> dict[str, Any]:
     return {"status": None, "status_code": None, "r11": None, "exit": None, "rax": value}
 
 
-def _not_in_exit(vm: Vm, vcpu: int, *, map_gpa: bool = True) -> None:
+def _not_in_exit(vm: KvmState, vcpu: int, *, map_gpa: bool = True) -> None:
     """A vCPU waiting in KVM_EXIT_HYPERCALL runs no guest instruction until KVM_RUN completes
     the exit, so it cannot make another call. (A MapGPA issued while another MapGPA waits
     replaces it, as it always has in vkmmu, so that journals holding one still replay:
@@ -147,7 +148,7 @@ def _not_in_exit(vm: Vm, vcpu: int, *, map_gpa: bool = True) -> None:
         )
 
 
-def hypercall(vm: Vm, op: Hypercall) -> dict[str, Any]:
+def hypercall(vm: KvmState, op: Hypercall) -> dict[str, Any]:
     """____kvm_emulate_hypercall, for KVM_HC_MAP_GPA_RANGE: the registers are cut to 32 bits
     outside 64-bit mode, then a refusal goes back to the guest in RAX (not an ioctl error);
     otherwise the vCPU exits to userspace with the arguments as the guest gave them."""
@@ -166,7 +167,7 @@ def hypercall(vm: Vm, op: Hypercall) -> dict[str, Any]:
     return {**_rax(None), "exit": {**exit_, "flags": flags, "ret": 0}}
 
 
-def _caller(vm: Vm, op: Hypercall) -> Vcpu:
+def _caller(vm: KvmState, op: Hypercall) -> Vcpu:
     """The vCPU making the call. A TD makes it through TDG.VP.VMCALL (tdx_emulate_vmcall),
     from a runnable TD, at CPL 0 in 64-bit mode."""
     if not isinstance(op.long_mode, bool):
@@ -174,7 +175,7 @@ def _caller(vm: Vm, op: Hypercall) -> Vcpu:
     if check_u64(op.cpl, "cpl") > 3:
         raise einval("cpl is 0..3")
     if vm.tdx is not None:
-        vm.run_td_vcpu(op.vcpu, "TDG.VP.VMCALL")
+        run_td_vcpu(vm, op.vcpu, "TDG.VP.VMCALL")
         if op.cpl or not op.long_mode:
             raise einval("a TD's TDG.VP.VMCALL runs at CPL 0 in 64-bit mode (vkmmu)")
     v = vm.vcpu(op.vcpu)
@@ -182,7 +183,7 @@ def _caller(vm: Vm, op: Hypercall) -> Vcpu:
     return v
 
 
-def _refusal(vm: Vm, cpl: int, nr: int, gpa: int, npages: int) -> int:
+def _refusal(vm: KvmState, cpl: int, nr: int, gpa: int, npages: int) -> int:
     """The KVM_E* the guest gets, in the kernel's order (0: the call exits): CPL > 0, then
     the hypercall (unknown, or its exit not enabled), then the range (unaligned, empty,
     gfn + npages wrapping)."""
@@ -197,11 +198,11 @@ def _refusal(vm: Vm, cpl: int, nr: int, gpa: int, npages: int) -> int:
     return 0
 
 
-def map_gpa(vm: Vm, op: TdvmcallMapGpa) -> dict[str, Any]:
+def map_gpa(vm: KvmState, op: TdvmcallMapGpa) -> dict[str, Any]:
     """tdx_map_gpa: exits enabled (else SUBFUNC_UNSUPPORTED), then a legal, non-wrapping range
     on one side of the shared bit (else INVALID_OPERAND), then 4 KiB alignment (else
     ALIGN_ERROR). A refused request goes back to the guest with R11 = gpa: not an API error."""
-    td = vm.run_td_vcpu(op.vcpu, "TDG.VP.VMCALL<MapGPA>")
+    td = run_td_vcpu(vm, op.vcpu, "TDG.VP.VMCALL<MapGPA>")
     _not_in_exit(vm, op.vcpu, map_gpa=False)
     gpa, size = check_u64(op.gpa, "gpa"), check_u64(op.size, "size")
     if not vm.hypercall_exit_enabled & (1 << KVM_HC_MAP_GPA_RANGE):
@@ -219,11 +220,11 @@ def map_gpa(vm: Vm, op: TdvmcallMapGpa) -> dict[str, Any]:
     return _exit(vm, td, op.vcpu, gpa, end)
 
 
-def complete(vm: Vm, op: CompleteHypercall) -> dict[str, Any]:
+def complete(vm: KvmState, op: CompleteHypercall) -> dict[str, Any]:
     """KVM_RUN of a vCPU waiting in KVM_EXIT_HYPERCALL: complete_userspace_io runs first."""
     v = vm.vcpu(op.vcpu)
     if vm.tdx is not None:
-        vm.run_td_vcpu(op.vcpu, "KVM_RUN")
+        run_td_vcpu(vm, op.vcpu, "KVM_RUN")
         if op.vcpu in vm.tdx.map_gpa:
             return _complete_map_gpa(vm, vm.tdx, op)
     ret = check_u64(op.ret, "ret")
@@ -234,7 +235,7 @@ def complete(vm: Vm, op: CompleteHypercall) -> dict[str, Any]:
     return _rax(ret if long_mode else ret & _U32)
 
 
-def _complete_map_gpa(vm: Vm, td: TdxState, op: CompleteHypercall) -> dict[str, Any]:
+def _complete_map_gpa(vm: KvmState, td: TdxState, op: CompleteHypercall) -> dict[str, Any]:
     """tdx_complete_vmcall_map_gpa: ret ≠ 0 → INVALID_OPERAND with R11 = the chunk's GPA;
     else the next chunk, or SUCCESS when the range is done. (No interrupt is ever pending in
     vkmmu, so TDVMCALL_STATUS_RETRY does not occur.)"""
@@ -246,3 +247,12 @@ def _complete_map_gpa(vm: Vm, td: TdxState, op: CompleteHypercall) -> dict[str, 
     if nxt >= end:
         return _answer("TDVMCALL_STATUS_SUCCESS")
     return _exit(vm, td, op.vcpu, nxt, end)
+
+
+def run_td_vcpu(vm: KvmState, vcpu: object, what: str) -> TdxState:
+    """A TD vCPU that KVM_RUN may enter (tdx_vcpu_pre_run), for a guest TDVMCALL."""
+    v = vm.vcpu(vcpu)
+    if vm.tdx is None:
+        raise einval(f"{what} exists only in a TD (KVM_X86_TDX_VM)")
+    check_can_run(vm, v)
+    return vm.tdx

@@ -14,10 +14,10 @@ from .errors import einval
 from .paging import TablePool, clip, span
 
 if TYPE_CHECKING:
-    from .vm import Vm
+    from .state import KvmState
 
 
-def translate(vm: Vm, gpa: object) -> dict[str, Any]:
+def translate(vm: KvmState, gpa: object) -> dict[str, Any]:
     """The walk of `gpa` in every root: the entry at each level, raw and decoded."""
     if isinstance(gpa, bool) or not isinstance(gpa, int) or not 0 <= gpa < vm.gpa_limit:
         raise einval(f"gpa must be in [0, {vm.gpa_limit:#x})")
@@ -147,7 +147,7 @@ def _root_runs(pool: TablePool, table: int, start: int) -> Iterator[_Run]:
 
 
 def iter_mappings(
-    vm: Vm, root: object = None, start: MappingStart = (0, 0)
+    vm: KvmState, root: object = None, start: MappingStart = (0, 0)
 ) -> Iterator[dict[str, Any]]:
     """Run-length leaf mappings in (root id, position) order, from the first run at or
     after `start`: consecutive GFNs at one level with consecutive pfns and the same
@@ -170,6 +170,6 @@ def iter_mappings(
             }
 
 
-def mappings(vm: Vm, root: object = None) -> list[dict[str, Any]]:
+def mappings(vm: KvmState, root: object = None) -> list[dict[str, Any]]:
     """Every run of `iter_mappings`."""
     return list(iter_mappings(vm, root))

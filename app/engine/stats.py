@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from .roots import RootRole
 
 if TYPE_CHECKING:
-    from .vm import Vm
+    from .state import KvmState
 
 # The kernel's x86 VM stats in descriptor order, split by binary-stats type.
 KVM_CUMULATIVE_STATS = (
@@ -65,7 +65,7 @@ def is_cumulative(name: str) -> bool:
     return name in _CUMULATIVE or name.startswith(_CUMULATIVE_PREFIXES)
 
 
-def stats_view(vm: Vm) -> dict[str, Any]:
+def stats_view(vm: KvmState) -> dict[str, Any]:
     """The binary-stats names of the kernel first, then vkmmu's own counters."""
     out: dict[str, Any] = dict(vm.stats_kvm)
     out["pages_4k"], out["pages_2m"], out["pages_1g"] = vm.mmu.pages[1:4]

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import addr as A
 from .errors import KvmError, check_u64, einval
+from .faults import FaultPath
 from .op import Op, operation
 from .tdx import TDX_TD_ATTR_SEPT_VE_DISABLE, TdxState
 from .uapi import PAGE_SIZE
 
 if TYPE_CHECKING:
+    from .state import KvmState
     from .vcpu import Vcpu
-    from .vm import Vm
 
 KVM_TDX_MEASURE_MEMORY_REGION = 1 << 0
 # Pages one INIT_MEM_REGION call may add (the kernel loops with cond_resched; vkmmu bounds a
@@ -69,14 +70,14 @@ class TdxFinalizeVm(Op):
     """KVM_TDX_FINALIZE_VM (TDH.MR.FINALIZE): the TD becomes runnable."""
 
 
-def _td(vm: Vm) -> TdxState:
+def _td(vm: KvmState) -> TdxState:
     """vt_mem_enc_ioctl: KVM_MEMORY_ENCRYPT_OP on a VM that is not a TD is ENOTTY."""
     if vm.tdx is None:
         raise KvmError(errno.ENOTTY, "KVM_MEMORY_ENCRYPT_OP: not a TD (KVM_X86_TDX_VM)")
     return vm.tdx
 
 
-def init_vm(vm: Vm, op: TdxInitVm) -> dict[str, Any]:
+def init_vm(vm: KvmState, op: TdxInitVm) -> dict[str, Any]:
     """tdx_td_init, then setup_tdparams / setup_tdparams_eptp_controls, in order."""
     td = _td(vm)
     attributes, flags = check_u64(op.attributes, "attributes"), check_u64(op.flags, "flags")
@@ -107,7 +108,7 @@ def init_vm(vm: Vm, op: TdxInitVm) -> dict[str, Any]:
     return td.lifecycle_dict()
 
 
-def _vcpu_cmd(vm: Vm, vcpu: object, flags: object) -> tuple[TdxState, Vcpu, int]:
+def _vcpu_cmd(vm: KvmState, vcpu: object, flags: object) -> tuple[TdxState, Vcpu, int]:
     """tdx_vcpu_ioctl: a TD vCPU command needs an initialised, not yet finalised TD. That is
     checked before the vCPU is looked up: before INIT_VM (and after FINALIZE_VM) no vCPU of a
     lifecycle TD can exist (tdx_vcpu_create), so the TD's state is the answer, EINVAL."""
@@ -120,7 +121,7 @@ def _vcpu_cmd(vm: Vm, vcpu: object, flags: object) -> tuple[TdxState, Vcpu, int]
     return td, v, check_u64(flags, "flags")
 
 
-def init_vcpu(vm: Vm, op: TdxInitVcpu) -> dict[str, Any]:
+def init_vcpu(vm: KvmState, op: TdxInitVcpu) -> dict[str, Any]:
     """tdx_vcpu_init: flags 0, once per vCPU; TDH.VP.CREATE / TDH.VP.INIT."""
     td, v, flags = _vcpu_cmd(vm, op.vcpu, op.flags)
     check_u64(op.rcx, "rcx")
@@ -135,7 +136,7 @@ def init_vcpu(vm: Vm, op: TdxInitVcpu) -> dict[str, Any]:
     return td.lifecycle_dict()
 
 
-def init_mem_region(vm: Vm, op: TdxInitMemRegion) -> dict[str, Any]:
+def init_mem_region(vm: KvmState, op: TdxInitMemRegion) -> dict[str, Any]:
     """tdx_vcpu_init_mem_region; per page kvm_gmem_populate + tdx_gmem_post_populate.
 
     Pages are added one by one as in the kernel: a failure after the first page leaves the
@@ -175,7 +176,7 @@ def init_mem_region(vm: Vm, op: TdxInitMemRegion) -> dict[str, Any]:
     return {"source_addr": src + n * PAGE_SIZE, "gpa": end, "nr_pages": 0}
 
 
-def _add_page(vm: Vm, td: TdxState, v: Vcpu, gfn: int, src: int, measure: bool) -> None:
+def _add_page(vm: KvmState, td: TdxState, v: Vcpu, gfn: int, src: int, measure: bool) -> None:
     """kvm_gmem_populate for one page (slot bound to guest_memfd: EINVAL; file gone: EFAULT;
     attribute not PRIVATE: EINVAL; page already prepared: EEXIST), the source page (EFAULT
     when get_user_pages_fast cannot reach it), kvm_tdp_map_page, TDH.MEM.PAGE.ADD."""
@@ -191,14 +192,14 @@ def _add_page(vm: Vm, td: TdxState, v: Vcpu, gfn: int, src: int, measure: bool) 
         raise KvmError(errno.EEXIST, f"gfn {gfn:#x}: the guest_memfd page is already prepared")
     if src + PAGE_SIZE > vm.user_addr_end:
         raise KvmError(errno.EFAULT, f"source {src:#x} is outside the user address space")
-    vm.map_private_page(v, gfn)  # kvm_tdp_map_page: SEPT.ADD as needed, premapped += 1
+    map_private_page(vm, v, gfn)  # kvm_tdp_map_page: SEPT.ADD as needed, premapped += 1
     data = vm.host.read(src, PAGE_SIZE)
     if any(data):
         file.write(A.page_to_offset(slot.gmem_index(gfn)), data)
     td.page_add(gfn, measure)
 
 
-def finalize_vm(vm: Vm, op: TdxFinalizeVm) -> dict[str, Any]:
+def finalize_vm(vm: KvmState, op: TdxFinalizeVm) -> dict[str, Any]:
     """tdx_td_finalize: an initialised TD, not yet finalised, nothing premapped; then
     TDH.MR.FINALIZE and pre_fault_allowed."""
     td = _td(vm)
@@ -211,7 +212,7 @@ def finalize_vm(vm: Vm, op: TdxFinalizeVm) -> dict[str, Any]:
     return td.lifecycle_dict()
 
 
-def check_can_run(vm: Vm, v: Vcpu) -> None:
+def check_can_run(vm: KvmState, v: Vcpu) -> None:
     """tdx_vcpu_pre_run: KVM_RUN of a TD vCPU needs the vCPU initialised and the TD runnable."""
     td = vm.tdx
     if td is not None and (not td.runnable or not td.vcpu_initialized(v.id)):
@@ -221,8 +222,14 @@ def check_can_run(vm: Vm, v: Vcpu) -> None:
         )
 
 
-def check_can_create_vcpu(vm: Vm) -> None:
+def check_can_create_vcpu(vm: KvmState) -> None:
     """tdx_vcpu_create: vCPUs of a lifecycle TD exist only between INIT_VM and FINALIZE_VM."""
     td = vm.tdx
     if td is not None and td.lifecycle and td.td_state != "initialized":
         raise KvmError(errno.EIO, f"KVM_CREATE_VCPU on a TD that is {td.td_state}")
+
+
+def map_private_page(vm: KvmState, vcpu: Vcpu, gfn: int) -> None:
+    """kvm_tdp_map_page of one private GFN (a prefetch: no guest access)."""
+    res = FaultPath(vm, vcpu, "write", prefetch=True).run(A.gfn_to_gpa(gfn), PAGE_SIZE)
+    assert res.exit is None, f"populate of gfn {gfn:#x} exited: {res.exit}"

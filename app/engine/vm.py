@@ -11,51 +11,41 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
-
-from . import addr as A
+from . import accesses, attributes, dirty, gmem, hostmem, hypercall, introspect, tdx_lifecycle, uapi
 from . import capabilities as caps
-from . import dirty, hypercall, introspect, tdx_lifecycle, uapi
-from . import spte as S
-from .attributes import MemoryAttributes, SetMemoryAttributes
+from . import vcpu as vcpu_ops
+from .attributes import SetMemoryAttributes
 from .audit import audit as audit_vm
 from .capabilities import EnableCap
 from .dirty import ClearDirtyLog, GetDirtyLog
-from .errors import KvmError, check_u64, einval
+from .errors import KvmError, einval
 from .faults import (
-    ACCESS_KINDS,
     Accept,
     Access,
-    FaultPath,
     Load,
     PreFault,
     Store,
-    check_access_range,
-    memory_fault_exit,
 )
-from .gmem import CreateGuestMemfd, GmemClose, GmemFallocate, GmemFile, GmemTable, GmemWrite
-from .host_profile import DEFAULT_HOST, HostProfile, host_profile
-from .hostmem import LEVEL_OF_SIZE, HostAdvise, HostDiscard, HostMap, HostMemory, HostWrite
+from .gmem import CreateGuestMemfd, GmemClose, GmemFallocate, GmemWrite
+from .host_profile import host_profile
+from .hostmem import HostAdvise, HostDiscard, HostMap, HostWrite
 from .hypercall import CompleteHypercall, Hypercall, TdvmcallMapGpa
-from .intervals import IntervalSet
 from .memslots import (
     ChangeKind,
     Memslot,
     MemslotChange,
-    MemslotSet,
     SetUserMemoryRegion,
     check_arch_prepare,
     check_region,
 )
 from .op import Op
-from .paging import span
-from .revision import ENGINE_REV, ENGINE_REVS
-from .roots import Mmu, Root, RootRole, ZapAcc
-from .stats import KVM_STAT_NAMES, stats_view
-from .tdx import TdxState
+from .revision import ENGINE_REV
+from .roots import RootRole
+from .state import DEFAULT_TABLE_BUDGET, KvmState
+from .stats import stats_view
 from .tdx_lifecycle import TdxFinalizeVm, TdxInitMemRegion, TdxInitVcpu, TdxInitVm
-from .uapi import PAGE_SIZE, VmType
-from .vcpu import CreateVcpu, SetVcpuSmm, Vcpu
+from .uapi import VmType
+from .vcpu import CreateVcpu, SetVcpuSmm
 from .zap import (
     Destroy,
     ExplicitZap,
@@ -64,123 +54,22 @@ from .zap import (
     destroy,
     explicit_zap,
     flush_memslot,
-    gmem_invalidate,
-    notifier_invalidate,
     recover_nx_huge_pages,
+    set_zap_policy,
     zap_all_fast,
-    zap_gfn_range,
 )
 
-ZAP_POLICIES = ("kvm", "zap_all_shared_only")
-EXTRA_STAT_NAMES = (
-    "refaults",
-    "zaps_all_fast",
-    "zaps_slot_leafs",
-    "zaps_range",
-    "zaps_notifier",
-    "zaps_total_sptes",
-    "mmio_sptes",
-    "memslot_generation_wraps",
-    "pml_entries",
-    "pml_full_exits",
-)
-MAX_ACCESS_BYTES = 1 << 40  # one call may touch at most 1 TiB
-MAX_DATA_BYTES = 1 << 20  # bytes one host/guest_memfd read or write may carry
-DEFAULT_TABLE_BUDGET = 1 << 20  # page-table pages per VM (4 GiB of tables)
-# Plain ints: an int & an IntFlag member goes through the enum machinery (the memslot path
-# tests these on every call).
-_SLOT_ZAP_ALL = int(uapi.KVM_X86_QUIRK_SLOT_ZAP_ALL)
+# A plain int: an int & an IntFlag member goes through the enum machinery (the memslot path
+# tests it on every call).
 _LOG_DIRTY = int(uapi.KVM_MEM_LOG_DIRTY_PAGES)
 # A memslot answer's "change" as a plain str (an enum's `.value` is a descriptor call).
 _CHANGE_NAMES = {k: k.value for k in ChangeKind}
 
 
-def _hex_bytes(value: object, name: str = "data") -> bytes:
-    if not isinstance(value, str):
-        raise einval(f"{name} must be a hex string")
-    s = value[2:] if value.startswith(("0x", "0X")) else value
-    try:
-        return bytes.fromhex(s)
-    except ValueError:
-        raise einval(f"{name} is not valid hex") from None
-
-
-class Vm:
-    def __init__(
-        self,
-        vm_type: int,
-        nr_vcpus: int,
-        paging_levels: int,
-        name: str | None,
-        table_budget: int = DEFAULT_TABLE_BUDGET,
-        td_lifecycle: bool = False,
-        host: HostProfile = DEFAULT_HOST,
-        engine_rev: int = ENGINE_REV,
-    ) -> None:
-        self.vm_type = VmType(vm_type)
-        self._host = host
-        self.name = name
-        self.paging_levels = paging_levels
-        self.nr_as = uapi.nr_address_spaces(vm_type)
-        self.has_private_mem = uapi.vm_has_private_mem(vm_type)
-        self.is_tdx = vm_type == VmType.KVM_X86_TDX_VM
-        # TDX: the shared bit is GPA bit 47 (4-level EPT) or 51 (5-level), as a GFN bit.
-        self.gfn_direct_bits = A.shared_gfn_bit(paging_levels) if self.is_tdx else 0
-        self.max_gfn = A.gpa_to_gfn(1 << uapi.HOST_MAXPHYADDR) - 1
-        self.gpa_limit = A.gfn_to_gpa(1 << (9 * paging_levels))
-        self.user_addr_end = uapi.USER_ADDR_END_4LEVEL
-        self.disabled_quirks = caps.initial_disabled_quirks(vm_type)
-        self.manual_dirty_log = 0
-        self.hypercall_exit_enabled = 0  # KVM_CAP_EXIT_HYPERCALL: hypercalls that exit
-        self.zap_policy = "kvm"
-        self.table_budget = table_budget
-        self.vcpus: dict[int, Vcpu] = {}
-        self.spaces = [MemslotSet(a) for a in range(self.nr_as)]
-        self.gmem = GmemTable(owner=self)
-        self.attrs = MemoryAttributes()
-        self.host = HostMemory()
-        self.mmu = Mmu(paging_levels)
-        self.mmu.count_gmem = self.has_private_mem and not self.is_tdx
-        self.set_engine_rev(engine_rev)
-        self.tdx = TdxState(lifecycle=td_lifecycle) if self.is_tdx else None
-        self.dirty: dict[tuple[int, int], np.ndarray] = {}  # slot key -> bool[npages]
-        # Slots whose logging began with KVM_DIRTY_LOG_INITIALLY_SET: huge leaves may stay
-        # until KVM_CLEAR_DIRTY_LOG splits them.
-        self.dirty_initially_set: set[tuple[int, int]] = set()
-        self.zapped = IntervalSet()  # GFNs whose mapping a zap removed and no fault restored
-        # (as_id, first GFN) of 4K tables an exec fault built where a huge page was possible
-        # (host.nx_huge_pages): the recovery worker's candidates, oldest first.
-        self.nx_huge_pages: list[tuple[int, int]] = []
-        self.stats_kvm = dict.fromkeys(KVM_STAT_NAMES, 0)
-        self.stats_extra: dict[str, int] = dict.fromkeys(EXTRA_STAT_NAMES, 0)
-        self.events: list[dict[str, Any]] = []
-        self.event_seq = 0
-        self.destroyed = False
-        self.bugged: str | None = None  # KVM_BUG_ON fired: every later ioctl fails with EIO
-        self.now = 0.0
-        self.replay_durations: list[int] = []
-        self.last_durations: list[int] = []
-        self.answering = True  # whether the running call's caller reads its answer (apply)
-        for i in range(nr_vcpus):
-            self.vcpus[i] = Vcpu(i)
-
-    def set_engine_rev(self, rev: int) -> None:
-        """The behaviour revision the VM was created under (ENGINE_REV); replay of a VM journaled
-        under an older one keeps that one's behaviour."""
-        if isinstance(rev, bool) or rev not in ENGINE_REVS:
-            raise einval(f"engine_rev must be one of {sorted(ENGINE_REVS)}")
-        self.engine_rev = rev
-        self.mmu.split_on_fault = rev >= 2
-        self.mmu.nx_huge_pages = rev >= 2 and self._host.nx_huge_pages
-
-    @property
-    def host_profile(self) -> HostProfile:
-        return self._host
-
-    @host_profile.setter
-    def host_profile(self, profile: HostProfile) -> None:
-        self._host = profile
-        self.set_engine_rev(self.engine_rev)
+class Vm(KvmState):
+    """The front of one VM: creation, `apply` (the single mutating entry point, one handler
+    per operation) and the queries. The state itself, and what the helper modules may call
+    on it, is `KvmState` (state.py)."""
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -216,15 +105,6 @@ class Vm:
         return vm
 
     # ------------------------------------------------------------------ properties
-    @property
-    def quirk_zap_all(self) -> bool:
-        return not self.disabled_quirks & _SLOT_ZAP_ALL
-
-    @property
-    def ipat(self) -> bool:
-        # WB with IPAT while IGNORE_GUEST_PAT is active and no non-coherent DMA
-        # (kvm-private-tdx.md §1.6.3).
-        return not self.disabled_quirks & uapi.Quirk.KVM_X86_QUIRK_IGNORE_GUEST_PAT
 
     # ------------------------------------------------------------------ dispatch
     def apply(
@@ -259,60 +139,8 @@ class Vm:
             self.answering = True  # what runs outside a call (a query) answers in full
 
     # ------------------------------------------------------------------ vCPUs / caps
-    def _create_vcpu(self, op: CreateVcpu) -> dict[str, Any]:
-        """KVM_CREATE_VCPU: id < KVM_MAX_VCPU_IDS (4096, x86), at most KVM_MAX_VCPUS (1024)
-        vCPUs, an id only once (EEXIST) — kvm_vm_ioctl_create_vcpu."""
-        id = op.id
-        if isinstance(id, bool) or not isinstance(id, int) or not 0 <= id < 4096:
-            raise einval("vCPU id must be in [0, 4096)")
-        tdx_lifecycle.check_can_create_vcpu(self)
-        if id in self.vcpus:
-            raise KvmError(errno.EEXIST, f"vCPU {id} already exists")
-        if len(self.vcpus) >= 1024:
-            raise einval("KVM_MAX_VCPUS reached")
-        self.vcpus[id] = Vcpu(id)
-        return {"id": id}
-
-    def _set_vcpu_smm(self, op: SetVcpuSmm) -> dict[str, Any]:
-        """KVM_SET_VCPU_EVENTS(smm.smm): the vCPU enters or leaves SMM, so its accesses use
-        memslot address space 1 and the SMM roots (VMs without private memory only)."""
-        vcpu, smm = op.vcpu, op.smm
-        v = self.vcpu(vcpu)
-        if not isinstance(smm, bool):
-            raise einval("smm must be true or false")
-        if smm and self.nr_as < 2:
-            raise einval("this VM type has no SMM address space")
-        v.as_id = 1 if smm else 0
-        return v.to_dict()
-
-    def vcpu(self, id: object) -> Vcpu:
-        if isinstance(id, bool) or not isinstance(id, int) or id not in self.vcpus:
-            raise KvmError(errno.ENOENT, f"no vCPU {id!r}")
-        return self.vcpus[id]
-
-    def _enable_cap(self, op: EnableCap) -> dict[str, Any]:
-        cap, flags, args = op.cap, op.flags, op.args
-        number = caps.cap_number(cap)
-        args = [0, 0, 0, 0] if args is None else args
-        if number in (uapi.Cap.KVM_CAP_DISABLE_QUIRKS, uapi.Cap.KVM_CAP_DISABLE_QUIRKS2):
-            self.disabled_quirks = caps.disable_quirks(self.disabled_quirks, number, flags, args)
-        elif number == uapi.Cap.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
-            self.manual_dirty_log = caps.check_manual_dirty_log(flags, args)
-        elif number == uapi.Cap.KVM_CAP_EXIT_HYPERCALL:
-            self.hypercall_exit_enabled = caps.check_exit_hypercall(flags, args)
-        else:
-            raise einval(f"KVM_ENABLE_CAP does not support capability {number}")
-        return {}
-
     def check_extension(self, cap: object) -> int:
         return caps.vm_check_extension(cap, self.vm_type)  # type: ignore[arg-type]
-
-    def _set_zap_policy(self, op: SetZapPolicy) -> dict[str, Any]:
-        policy = op.policy
-        if policy not in ZAP_POLICIES:
-            raise einval(f"policy must be one of {ZAP_POLICIES}")
-        self.zap_policy = str(policy)
-        return {}
 
     # ------------------------------------------------------------------ memslots
     def _set_user_memory_region(self, op: SetUserMemoryRegion) -> dict[str, Any]:
@@ -432,455 +260,17 @@ class Vm:
 
     # ------------------------------------------------------------------ zapping
     # ------------------------------------------------------------------ MMIO SPTEs
-    def install_mmio_spte(self, vcpu: Vcpu, pos: int, gfn: int) -> bool:
-        """Cache 'no memslot' for the GFN in the direct root (kvm-private-tdx.md
-        §1.5.3); TDX value is 0.
-
-        Returns whether a new SPTE was written: a hit on a valid cached one takes KVM's MMIO
-        fast path (no page fault at all).
-        """
-        if pos > self.max_gfn or self.mmu.pool.live + self.paging_levels > self.table_budget:
-            return False  # KVM then emulates without caching an MMIO SPTE
-        table = self.mmu.table_for(self.root_for(vcpu, RootRole.DIRECT), pos, 1, ZapAcc())
-        value = S.mmio_spte(gfn, self.spaces[vcpu.as_id].generation)
-        if self.is_tdx:
-            value &= ~(S.EPT_MMIO_VALUE | S.SUPPRESS_VE)
-        ent = self.mmu.pool.entries(table)
-        old = int(ent[pos & 511])
-        if old & S.SPTE_MMU_PRESENT or old == value:
-            return False
-        ent[pos & 511] = np.uint64(value)
-        self.stats_extra["mmio_sptes"] += 1
-        return True
 
     # ------------------------------------------------------------------ faults
-    def root_for(self, vcpu: Vcpu, role: RootRole) -> Root:
-        """The root the vCPU runs on: reloaded when it became obsolete (counted), switched
-        when the vCPU entered or left SMM (another address space, another root)."""
-        rid = vcpu.roots.get(role)
-        root = self.mmu.roots.get(rid) if rid is not None else None
-        if root is None or not root.valid or root.as_id != vcpu.as_id:
-            if rid is not None and (root is None or not root.valid):
-                vcpu.stats["root_reloads"] += 1
-            root = self.mmu.get_root(vcpu.as_id, role)
-            vcpu.roots[role] = root.id
-        return root
-
-    def mirror_table(self, root: Root, gfn: int) -> int:
-        """The mirror leaf table for `gfn`; each new mirror table is linked with SEPT.ADD."""
-        before = self.mmu.pool.live
-        table = self.mmu.table_for(root, gfn, 1, ZapAcc())
-        assert self.tdx is not None
-        for level in range(1, self.mmu.pool.live - before + 1):
-            self.tdx.sept_add(gfn & ~((1 << (9 * level)) - 1), level)
-        return table
-
-    def vstat(self, vcpu: Vcpu, name: str, n: int = 1) -> None:
-        vcpu.stats[name] += n
-
-    def gmem_for_fault(self, slot: Memslot, gfn: int, private: bool) -> GmemFile:
-        """No guest_memfd behind the slot, or the file is gone → KVM_EXIT_MEMORY_FAULT
-        (kvm-private-tdx.md §2.3.1 step 8; §4.5 for a closed file)."""
-        file = self.gmem.lookup(slot.guest_memfd)
-        if slot.guest_memfd is None or file is None or file.closed:
-            raise memory_fault_exit(gfn, private)
-        return file
-
-    def gmem_allocate(self, file: GmemFile, first: int, count: int) -> None:
-        file.allocate(first, count)
-
-    def account_nx_huge_page(self, as_id: int, gfn: int) -> None:
-        """track_possible_nx_huge_page: nx_lpage_splits counts them."""
-        self.nx_huge_pages.append((as_id, gfn))
-        self.stats_kvm["nx_lpage_splits"] = len(self.nx_huge_pages)
-
-    def pml_log(self, slot: Memslot, gfns: np.ndarray) -> None:
-        """The CPU logs each GPA in the PML buffer (512 entries); a full buffer is a
-        PML-full VM exit, after which KVM moves the entries to the dirty bitmap."""
-        n = len(gfns)
-        if not n:
-            return
-        self.mark_dirty(slot, gfns)
-        before = self.stats_extra["pml_entries"]
-        self.stats_extra["pml_entries"] = before + n
-        self.stats_extra["pml_full_exits"] += (before + n) // 512 - before // 512
-
-    def mark_dirty(self, slot: Memslot, gfns: np.ndarray) -> None:
-        bm = self.dirty.get((slot.as_id, slot.id))
-        if bm is not None:
-            bm[np.asarray(gfns, dtype=np.int64) - slot.base_gfn] = True
-
-    def run_td_vcpu(self, vcpu: object, what: str) -> TdxState:
-        """A TD vCPU that KVM_RUN may enter (tdx_vcpu_pre_run), for a guest TDVMCALL."""
-        v = self.vcpu(vcpu)
-        if self.tdx is None:
-            raise einval(f"{what} exists only in a TD (KVM_X86_TDX_VM)")
-        tdx_lifecycle.check_can_run(self, v)
-        return self.tdx
-
-    def check_table_budget(self, size: int) -> None:
-        self._check_budget(self._budget_for(size))
-
-    def private_mapped(self, vcpu: Vcpu, gfn: int) -> bool:
-        """Whether a valid mirror root maps `gfn` (its guest_memfd page is in use)."""
-        for root in self.mmu.roots_of(vcpu.as_id):
-            if root.role is RootRole.MIRROR and root.valid:
-                _t, _i, _level, e = self.mmu.lookup(root, gfn)
-                if e & S.SPTE_MMU_PRESENT:
-                    return True
-        return False
-
-    def map_private_page(self, vcpu: Vcpu, gfn: int) -> None:
-        """kvm_tdp_map_page of one private GFN (a prefetch: no guest access)."""
-        res = FaultPath(self, vcpu, "write", prefetch=True).run(A.gfn_to_gpa(gfn), PAGE_SIZE)
-        assert res.exit is None, f"populate of gfn {gfn:#x} exited: {res.exit}"
-
-    def _check_budget(self, need: int) -> None:
-        if self.mmu.pool.live + need > self.table_budget:
-            raise KvmError(errno.ENOMEM, "the service's page-table budget for this VM is spent")
-
-    def _budget_for(self, size: int) -> int:
-        """Tables a call over `size` bytes may build at most: its leaf tables plus one path
-        per level above them (checked before anything is allocated)."""
-        pages = A.pages(size)
-        return -(-pages // 512) + -(-pages // (512 * 512)) + self.paging_levels - 1
-
-    def _access(self, op: Access) -> dict[str, Any]:
-        vcpu, gpa, size, access, private = op.vcpu, op.gpa, op.size, op.access, op.private
-        v = self.vcpu(vcpu)
-        if access not in ACCESS_KINDS:
-            raise einval("access must be read, write or exec")
-        g, n = check_access_range(self, gpa, size, MAX_ACCESS_BYTES)
-        self._check_private_hint(private, g)
-        self._check_budget(self._budget_for(n))
-        tdx_lifecycle.check_can_run(self, v)
-        v.running = True
-        return FaultPath(self, v, str(access)).run(g, n).to_dict()
-
-    def _check_private_hint(self, private: object, gpa: int) -> None:
-        """vkmmu's check of the API's `private` flag against how KVM classifies the access
-        (kvm-private-tdx.md §2.1): the GPA's shared bit on a TD, attributes otherwise."""
-        if private is None:
-            return
-        if not isinstance(private, bool):
-            raise einval("private must be true, false or null")
-        if self.is_tdx:
-            if private == A.is_shared(A.gpa_to_gfn(gpa), self.gfn_direct_bits):
-                raise einval("private contradicts the GPA's shared bit")
-        elif private and not self.has_private_mem:
-            raise einval("this VM type has no private memory")
-
-    def _pre_fault(self, op: PreFault) -> dict[str, Any]:
-        """KVM_PRE_FAULT_MEMORY (kvm-private-tdx.md §2.8): returns what is left of the range."""
-        vcpu, gpa, size, flags = op.vcpu, op.gpa, op.size, op.flags
-        v = self.vcpu(vcpu)
-        g, n = self._check_pre_fault(gpa, size, flags)
-        self._check_budget(self._budget_for(n))
-        start, end = A.gpa_to_gfn(g), A.gpa_to_gfn(g + n)
-        gfn = start
-        err: KvmError | None = None
-        # One prefetch walk per run of equal privacy: private runs map through the mirror
-        # root (TDX) or from guest_memfd, shared ones through the direct root
-        # (kvm-private-tdx.md §2.8 step 4).
-        for a, b, attrs in self.attrs.pieces(start, end):
-            private = self.has_private_mem and attrs != 0
-            bits = self.gfn_direct_bits if not private else 0
-            fp = FaultPath(self, v, "write" if private else "read", prefetch=True)
-            res = fp.run(A.gfn_to_gpa(A.shared_alias(a, bits)), A.gfn_to_gpa(b - a))
-            gfn = A.Gfn(a + res.pages)
-            if res.exit is not None:
-                reason = res.exit["reason"]
-                err = (
-                    KvmError(errno.ENOENT, f"no memslot at gpa {A.gfn_to_gpa(gfn):#x}")
-                    if reason == "KVM_EXIT_MMIO"
-                    else KvmError(errno.EFAULT, f"pre-fault at {A.gfn_to_gpa(gfn):#x}: {reason}")
-                )
-                break
-        left = A.gfn_to_gpa(end - gfn)
-        if err is not None and gfn == start:
-            # The walk may have built a root, tables or an MMIO SPTE before failing, as the
-            # kernel's does: the service journals such an error like a success.
-            err.state_changed = True
-            raise err
-        return {"gpa": A.gfn_to_gpa(gfn), "size": left}
-
-    def _check_pre_fault(self, gpa: object, size: object, flags: object) -> tuple[int, int]:
-        """KVM_PRE_FAULT_MEMORY's argument rules (kvm-private-tdx.md §2.8 step 1)."""
-        g, n, f = check_u64(gpa, "gpa"), check_u64(size, "size"), check_u64(flags, "flags")
-        if f or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n <= g:
-            raise einval("flags must be 0; gpa/size page aligned; size > 0, no wrap")
-        if self.tdx is not None and not self.tdx.runnable:
-            # kvm_arch_vcpu_pre_fault_memory: pre_fault_allowed is set by TD finalize.
-            raise KvmError(errno.EOPNOTSUPP, "KVM_PRE_FAULT_MEMORY before KVM_TDX_FINALIZE_VM")
-        if A.is_shared(A.gpa_to_gfn(g), self.gfn_direct_bits):
-            raise einval("the GPA is a shared-bit alias")
-        if g + n > self.gpa_limit:
-            raise einval("range beyond the guest physical address space")
-        if n > MAX_ACCESS_BYTES:
-            raise KvmError(errno.E2BIG, f"one call covers at most {MAX_ACCESS_BYTES:#x} bytes")
-        return g, n
-
-    def _accept(self, op: Accept) -> dict[str, Any]:
-        """A TD guest's TDG.MEM.PAGE.ACCEPT: AUG the page if it is missing, then accept it."""
-        vcpu, gpa, size = op.vcpu, op.gpa, op.size
-        if self.tdx is None:
-            raise einval("TDG.MEM.PAGE.ACCEPT exists only in a TD (KVM_X86_TDX_VM)")
-        v = self.vcpu(vcpu)
-        g, n = check_u64(gpa, "gpa"), check_u64(size, "size")
-        if n == 0 or g & (PAGE_SIZE - 1) or n & (PAGE_SIZE - 1) or g + n > self.gpa_limit:
-            raise einval("gpa/size must be page aligned, non-empty, inside the GPA space")
-        if A.is_shared(A.gpa_to_gfn(g), self.gfn_direct_bits):
-            raise einval("only private GPAs are accepted")
-        if n > MAX_ACCESS_BYTES:
-            raise KvmError(errno.E2BIG, f"one call covers at most {MAX_ACCESS_BYTES:#x} bytes")
-        self._check_budget(self._budget_for(n))
-        tdx_lifecycle.check_can_run(self, v)
-        v.running = True
-        gfn = A.gpa_to_gfn(g)
-        # ACCEPT of a missing page is an EPT violation: KVM AUGs it (a prefetch-like walk that
-        # maps without touching), then the module accepts it.
-        res = FaultPath(self, v, "write", prefetch=True).run(g, n)
-        stop = gfn + res.pages
-        self._zero_on_accept(gfn, stop)
-        accepted, reaccepted = self.tdx.accept(gfn, stop - gfn)
-        result = res.exit
-        return {"accepted": accepted, "reaccepted": reaccepted, "exit": result}
-
-    def _zero_on_accept(self, gfn: int, end: int) -> None:
-        """TDG.MEM.PAGE.ACCEPT hands the guest a zeroed page: what an earlier mapping of the
-        same guest_memfd page held is gone (a zapped private page loses its contents)."""
-        assert self.tdx is not None
-        if end <= gfn:
-            return
-        fresh = ~self.tdx.accepted_mask(gfn, end - gfn)
-        for a, b in _bool_runs(fresh):
-            for slot in self.spaces[0].overlapping(gfn + a, b - a):
-                file = self.gmem.lookup(slot.guest_memfd)
-                if file is None or not file.contents:
-                    continue
-                g0, g1 = max(gfn + a, slot.base_gfn), min(gfn + b, slot.end_gfn)
-                lo, hi = slot.gmem_index(g0), slot.gmem_index(g1)
-                for index in [i for i in file.contents if lo <= i < hi]:
-                    del file.contents[index]
 
     # ------------------------------------------------------------------ load / store
-    def _load(self, op: Load) -> dict[str, Any]:
-        vcpu, gpa, private = op.vcpu, op.gpa, op.private
-        length = check_u64(op.len, "len")
-        if not 0 < length <= PAGE_SIZE:
-            raise einval("len must be in [1, 4096]")
-        return self._data_access(vcpu, gpa, length, None, private)
-
-    def _store(self, op: Store) -> dict[str, Any]:
-        vcpu, gpa, data, private = op.vcpu, op.gpa, op.data, op.private
-        payload = _hex_bytes(data)
-        if not 0 < len(payload) <= PAGE_SIZE:
-            raise einval("data must hold 1 to 4096 bytes")
-        return self._data_access(vcpu, gpa, len(payload), payload, private)
-
-    def _data_access(
-        self, vcpu: object, gpa: object, length: int, payload: bytes | None, private: object
-    ) -> dict[str, Any]:
-        v = self.vcpu(vcpu)
-        g, _ = check_access_range(self, gpa, length, PAGE_SIZE)
-        self._check_private_hint(private, g)
-        self._check_budget(self._budget_for(length))
-        tdx_lifecycle.check_can_run(self, v)
-        v.running = True
-        res = FaultPath(self, v, "read" if payload is None else "write").run(g, length)
-        if res.exit is not None:
-            return {"exit": res.exit}
-        out = bytearray()
-        pos = g
-        end = g + length
-        while pos < end:
-            n = min(end - pos, PAGE_SIZE - (pos & (PAGE_SIZE - 1)))
-            src = self._backing(v, pos)
-            if payload is None:
-                out += src.read(n)
-            else:
-                src.write(payload[pos - g : pos - g + n])
-            pos += n
-        return {"data": out.hex()} if payload is None else {}
-
-    def _backing(self, vcpu: Vcpu, gpa: int) -> _Backing:
-        """Where the SPTE for `gpa` points: a host page or a guest_memfd page."""
-        pos = A.gpa_to_gfn(gpa)
-        gfn = pos & ~self.gfn_direct_bits
-        private = self.is_tdx and not pos & self.gfn_direct_bits
-        root = self.root_for(vcpu, RootRole.MIRROR if private else RootRole.DIRECT)
-        _t, _i, level, e = self.mmu.lookup(root, pos)
-        assert e & S.SPTE_MMU_PRESENT, "the fault path left the page unmapped"
-        pfn = S.pfn_of(e) + (pos & (span(level) - 1))
-        off = gpa & (PAGE_SIZE - 1)
-        owner = self.gmem.pfn_owner(pfn)
-        if owner is not None:
-            return _Backing(self, owner[0], owner[1], off)
-        del gfn
-        return _Backing(self, None, pfn, off)
-
     # ------------------------------------------------------------------ host memory
-    def _host_range(self, addr: object, length: object) -> tuple[int, int]:
-        a, n = check_u64(addr, "userspace_addr"), check_u64(length, "len")
-        if n == 0 or a + n > self.user_addr_end:
-            raise einval("range must be non-empty and inside the user address space")
-        return a, n
-
-    def host_read(self, userspace_addr: object, len: object) -> dict[str, Any]:
-        a, n = self._host_range(userspace_addr, len)
-        if n > MAX_DATA_BYTES:
-            raise KvmError(errno.E2BIG, "read at most 1 MiB at once")
-        return {"data": self.host.read(a, n).hex()}
-
-    def _host_write(self, op: HostWrite) -> dict[str, Any]:
-        userspace_addr, data = op.userspace_addr, op.data
-        payload = _hex_bytes(data)
-        if len(payload) > MAX_DATA_BYTES:
-            raise KvmError(errno.E2BIG, "write at most 1 MiB at once")
-        a, _ = self._host_range(userspace_addr, max(1, len(payload)))
-        if payload:
-            # A write through the VMM's mapping breaks nothing KVM maps: same pfn, new bytes.
-            self.host.write(a, payload)
-        return {"written": len(payload)}
-
-    def _host_discard(self, op: HostDiscard) -> dict[str, Any]:
-        """madvise(MADV_DONTNEED): the MMU notifier zaps every SPTE mapping the range."""
-        userspace_addr, len = op.userspace_addr, op.len
-        a, n = self._host_range(userspace_addr, len)
-        if a & (PAGE_SIZE - 1):
-            raise einval("madvise needs a page-aligned address")
-        first, end = A.hva_to_hpn(a), A.hva_to_hpn(a + n + A.PAGE_MASK)
-        lo, hi = self.host.dontneed_range(first, end)
-        first, end = A.Hpn(lo), A.Hpn(hi)
-        if first >= end:
-            return {"zap": None}
-        zap = notifier_invalidate(self, first, end)
-        self.host.discard(first, end)
-        return {"zap": zap}
-
-    def _host_advise(self, op: HostAdvise) -> dict[str, Any]:
-        userspace_addr, len, advice = op.userspace_addr, op.len, op.advice
-        a, n = self._host_range(userspace_addr, len)
-        if a & (PAGE_SIZE - 1) or advice not in ("hugepage", "nohugepage"):
-            raise einval("page-aligned address; advice hugepage|nohugepage")
-        first, end = A.hva_to_hpn(a), A.hva_to_hpn(a + n + A.PAGE_MASK)
-        # MADV_NOHUGEPAGE does not split existing THPs; KVM's SPTEs stay as they are.
-        self.host.advise(first, end, advice == "hugepage")
-        return {}
-
-    def _host_map(self, op: HostMap) -> dict[str, Any]:
-        """An mmap of hugetlbfs: the range is backed by pages of `page_size`."""
-        userspace_addr, len, page_size = op.userspace_addr, op.len, op.page_size
-        a, n = self._host_range(userspace_addr, len)
-        if (
-            not isinstance(page_size, int)
-            or isinstance(page_size, bool)
-            or (page_size not in LEVEL_OF_SIZE)
-        ):
-            raise einval("page_size must be 4096, 2097152 or 1073741824")
-        ps = int(page_size)
-        if a % ps or n % ps:
-            raise einval("hugetlbfs mappings are aligned to their page size")
-        first, end = A.hva_to_hpn(a), A.hva_to_hpn(a + n)
-        zap = notifier_invalidate(self, first, end)
-        self.host.discard(first, end)
-        self.host.set_page_size(first, end, LEVEL_OF_SIZE[ps], "hugetlb")
-        return {"zap": zap}
-
     # ------------------------------------------------------------------ guest_memfd
-    def _create_guest_memfd(self, op: CreateGuestMemfd) -> dict[str, Any]:
-        size, flags = op.size, op.flags
-        return self.gmem.create(size, flags, vm_type=self.vm_type).to_dict()
-
-    def _gmem_fallocate(self, op: GmemFallocate) -> dict[str, Any]:
-        fd, mode, offset, len = op.fd, op.mode, op.offset, op.len
-        file, punch, first, count = self.gmem.check_fallocate(fd, mode, offset, len)
-        if not punch:
-            return {"allocated": file.allocate(first, count), "zap": None}
-        zap = gmem_invalidate(self, file, first, first + count, "punch_hole")
-        return {"freed": file.punch(first, count), "zap": zap}
-
-    def _gmem_close(self, op: GmemClose) -> dict[str, Any]:
-        fd = op.fd
-        file = self.gmem.get(fd)
-        zap = gmem_invalidate(self, file, 0, file.npages, "gmem_close")
-        self.gmem.close(fd)
-        return {"zap": zap}
-
-    def _gmem_write(self, op: GmemWrite) -> dict[str, Any]:
-        fd, offset, data = op.fd, op.offset, op.data
-        file = self._mappable(fd)
-        payload = _hex_bytes(data)
-        if len(payload) > MAX_DATA_BYTES:
-            raise KvmError(errno.E2BIG, "write at most 1 MiB at once")
-        off = check_u64(offset, "offset")
-        if off + len(payload) > file.size:
-            raise einval("write beyond the end of the file")
-        file.write(off, payload)
-        return {"written": len(payload)}
-
-    def gmem_read(self, fd: object, offset: object, len: object) -> dict[str, Any]:
-        file = self._mappable(fd)
-        off, n = check_u64(offset, "offset"), check_u64(len, "len")
-        if n > MAX_DATA_BYTES:
-            raise KvmError(errno.E2BIG, "read at most 1 MiB at once")
-        if off + n > file.size:
-            raise einval("read beyond the end of the file")
-        return {"data": file.read(off, n).hex()}
-
-    def _mappable(self, fd: object) -> GmemFile:
-        file = self.gmem.get(fd)
-        if not file.flags & uapi.GmemFlag.GUEST_MEMFD_FLAG_MMAP or file.closed:
-            # mmap() of a guest_memfd without GUEST_MEMFD_FLAG_MMAP fails with ENODEV.
-            raise KvmError(errno.ENODEV, "only MMAP guest_memfd files can be read or written")
-        if not file.flags & uapi.GmemFlag.GUEST_MEMFD_FLAG_INIT_SHARED:
-            # kvm_gmem_fault_user_mapping: SIGBUS unless the memory is shared.
-            raise KvmError(errno.EFAULT, "guest_memfd memory is not shared (no INIT_SHARED)")
-        return file
-
     # ------------------------------------------------------------------ attributes
-    def _set_memory_attributes(self, op: SetMemoryAttributes) -> dict[str, Any]:
-        address, size, attributes, flags = op.address, op.size, op.attributes, op.flags
-        start, end = self.attrs.check(address, size, attributes, flags, vm_type=self.vm_type)
-        attrs = int(attributes)
-        if self.attrs.pieces(start, end) == [(start, end, attrs)]:
-            # Identical attributes: no invalidation at all (kvm-private-tdx.md §3.2 step 5).
-            return {"zap": None, "changed": False}
-        zap = None
-        to_private = bool(attrs & uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
-        if self.has_private_mem:
-            # Zap the view being left, exactly [start, end): a huge leaf straddling the range
-            # intersects it and goes too (mmu.c: only the head/tail huge regions join the
-            # in-progress invalidation, the unmap itself is the changed range).
-            leaving_mirror = self.is_tdx and not to_private
-            roles = {RootRole.MIRROR} if leaving_mirror else {RootRole.DIRECT}
-            if any(sp.overlapping(start, end - start) for sp in self.spaces):
-                zap = zap_gfn_range(self, [0], start, end, roles, "attributes", "zap_gfn_range")
-        self.attrs.set(start, end, attrs)
-        return {"zap": zap, "changed": True}
-
     # ------------------------------------------------------------------ dirty logging
-    def alloc_dirty(self, slot: Memslot) -> None:
-        key = (slot.as_id, slot.id)
-        if self.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
-            self.dirty[key] = np.ones(slot.npages, dtype=bool)
-            self.dirty_initially_set.add(key)
-        else:
-            self.dirty[key] = np.zeros(slot.npages, dtype=bool)
-
-    def free_dirty(self, key: tuple[int, int]) -> None:
-        self.dirty.pop(key, None)
-        self.dirty_initially_set.discard(key)
 
     def _apply_dirty_flags(self, old: Memslot, new: Memslot) -> dict[str, Any] | None:
         return dirty.apply_flags(self, old, new)
-
-    def _get_dirty_log(self, op: GetDirtyLog) -> dict[str, Any]:
-        return dirty.get_dirty_log(self, op.slot)
-
-    def _clear_dirty_log(self, op: ClearDirtyLog) -> dict[str, Any]:
-        slot, first_page, num_pages, bitmap = op.slot, op.first_page, op.num_pages, op.bitmap
-        return dirty.clear_dirty_log(self, slot, first_page, num_pages, bitmap)
 
     # ------------------------------------------------------------------ teardown
     # ------------------------------------------------------------------ queries
@@ -917,17 +307,6 @@ class Vm:
         s = self.lookup_slot(slot)
         return self._slot_dict(s)  # type: ignore[return-value]
 
-    def lookup_slot(self, slot: object) -> Memslot:
-        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot <= 0xFFFFFFFF:
-            raise einval("slot must be a u32")
-        as_id, id = slot >> 16, slot & 0xFFFF
-        if as_id >= self.nr_as or id >= uapi.KVM_USER_MEM_SLOTS:
-            raise einval(f"slot {slot:#x}: address space or id out of range")
-        s = self.spaces[as_id].get(id)
-        if s is None:
-            raise KvmError(errno.ENOENT, f"no memslot {slot:#x}")
-        return s
-
     def vcpus_view(self) -> list[dict[str, Any]]:
         return [self.vcpus[i].to_dict() for i in sorted(self.vcpus)]
 
@@ -959,6 +338,12 @@ class Vm:
             "map_gpa_pending": pending,
         }
 
+    def host_read(self, userspace_addr: object, len: object) -> dict[str, Any]:
+        return hostmem.host_read(self, userspace_addr, len)
+
+    def gmem_read(self, fd: object, offset: object, len: object) -> dict[str, Any]:
+        return gmem.gmem_read(self, fd, offset, len)
+
     def translate(self, gpa: object) -> dict[str, Any]:
         return introspect.translate(self, gpa)
 
@@ -974,58 +359,42 @@ class Vm:
         return audit_vm(self)
 
 
-def _bool_runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """[a, b) runs of True in a bool array."""
-    d = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
-    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(), strict=True))
-
-
-class _Backing:
-    """A page as the CPU reaches it through an SPTE."""
-
-    def __init__(self, vm: Vm, file: GmemFile | None, page: int, off: int) -> None:
-        self.vm, self.file, self.page, self.off = vm, file, page, off
-
-    def read(self, n: int) -> bytes:
-        if self.file is not None:
-            return self.file.read(A.page_to_offset(self.page) + self.off, n)
-        return self.vm.host.read(A.hpn_to_hva(self.page) + self.off, n)
-
-    def write(self, data: bytes) -> None:
-        if self.file is not None:
-            self.file.write(A.page_to_offset(self.page) + self.off, data)
-        else:
-            self.vm.host.write(A.hpn_to_hva(self.page) + self.off, data)
-
-
-def _destroy(vm: Vm, op: Destroy) -> dict[str, Any]:
+def _destroy(vm: KvmState, op: Destroy) -> dict[str, Any]:
     return destroy(vm)
 
 
+def _get_dirty_log(vm: KvmState, op: GetDirtyLog) -> dict[str, Any]:
+    return dirty.get_dirty_log(vm, op.slot)
+
+
+def _clear_dirty_log(vm: KvmState, op: ClearDirtyLog) -> dict[str, Any]:
+    return dirty.clear_dirty_log(vm, op.slot, op.first_page, op.num_pages, op.bitmap)
+
+
 # Operation type -> its handler: dispatch is one dict lookup, no argument binding.
-_HANDLERS: dict[type[Op], Callable[[Vm, Any], dict[str, Any]]] = {
-    CreateVcpu: Vm._create_vcpu,
-    SetVcpuSmm: Vm._set_vcpu_smm,
-    EnableCap: Vm._enable_cap,
+_HANDLERS: dict[type[Op], Callable[[Any, Any], dict[str, Any]]] = {
+    CreateVcpu: vcpu_ops.create_vcpu,
+    SetVcpuSmm: vcpu_ops.set_vcpu_smm,
+    EnableCap: caps.enable_cap,
     SetUserMemoryRegion: Vm._set_user_memory_region,
-    CreateGuestMemfd: Vm._create_guest_memfd,
-    GmemFallocate: Vm._gmem_fallocate,
-    GmemClose: Vm._gmem_close,
-    GmemWrite: Vm._gmem_write,
-    SetMemoryAttributes: Vm._set_memory_attributes,
-    Access: Vm._access,
-    Load: Vm._load,
-    Store: Vm._store,
-    PreFault: Vm._pre_fault,
-    Accept: Vm._accept,
-    HostWrite: Vm._host_write,
-    HostDiscard: Vm._host_discard,
-    HostAdvise: Vm._host_advise,
-    HostMap: Vm._host_map,
+    CreateGuestMemfd: gmem.create_guest_memfd,
+    GmemFallocate: gmem.gmem_fallocate,
+    GmemClose: gmem.gmem_close,
+    GmemWrite: gmem.gmem_write,
+    SetMemoryAttributes: attributes.set_memory_attributes,
+    Access: accesses.access,
+    Load: accesses.load,
+    Store: accesses.store,
+    PreFault: accesses.pre_fault,
+    Accept: accesses.accept,
+    HostWrite: hostmem.host_write,
+    HostDiscard: hostmem.host_discard,
+    HostAdvise: hostmem.host_advise,
+    HostMap: hostmem.host_map,
     ExplicitZap: explicit_zap,
-    GetDirtyLog: Vm._get_dirty_log,
-    ClearDirtyLog: Vm._clear_dirty_log,
-    SetZapPolicy: Vm._set_zap_policy,
+    GetDirtyLog: _get_dirty_log,
+    ClearDirtyLog: _clear_dirty_log,
+    SetZapPolicy: set_zap_policy,
     Destroy: _destroy,
     TdxInitVm: tdx_lifecycle.init_vm,
     TdxInitVcpu: tdx_lifecycle.init_vcpu,

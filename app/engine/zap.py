@@ -21,7 +21,7 @@ from .uapi import PAGE_SIZE, VmType
 if TYPE_CHECKING:
     from .gmem import GmemFile
     from .memslots import Memslot
-    from .vm import Vm
+    from .state import KvmState
 
 MAX_EVENTS = 10000
 # Counts only some paths produce; every event carries them all (0 where they do not apply).
@@ -56,7 +56,7 @@ class ZapEvent(TypedDict):
     huge_pages_recovered: int
 
 
-def flush_memslot(vm: Vm, slot: Memslot, cause: str) -> dict[str, Any]:
+def flush_memslot(vm: KvmState, slot: Memslot, cause: str) -> dict[str, Any]:
     """kvm_arch_flush_shadow_memslot: the SLOT_ZAP_ALL quirk decides (kvm-memslots.md §4.1)."""
     if vm.zap_policy == "zap_all_shared_only":
         return zap_all_fast(vm, cause, slot, experiment=True)
@@ -65,16 +65,16 @@ def flush_memslot(vm: Vm, slot: Memslot, cause: str) -> dict[str, Any]:
     return zap_slot_leafs(vm, slot, cause)
 
 
-def slot_zap_all(vm: Vm) -> bool:
+def slot_zap_all(vm: KvmState) -> bool:
     """Whether KVM_X86_QUIRK_SLOT_ZAP_ALL is in force: enabled, and the VM is a default VM."""
     return vm.vm_type == VmType.KVM_X86_DEFAULT_VM and vm.quirk_zap_all
 
 
-def running_vcpus(vm: Vm) -> int:
+def running_vcpus(vm: KvmState) -> int:
     return sum(1 for v in vm.vcpus.values() if v.running)
 
 
-def flush_tlbs(vm: Vm) -> int:
+def flush_tlbs(vm: KvmState) -> int:
     """kvm_flush_remote_tlbs: a request always; an IPI only if a vCPU is in the guest."""
     vm.stats_kvm["remote_tlb_flush_requests"] += 1
     if running_vcpus(vm):
@@ -85,7 +85,7 @@ def flush_tlbs(vm: Vm) -> int:
 
 
 def zap_all_fast(
-    vm: Vm, cause: str, slot: Memslot | None = None, experiment: bool = False
+    vm: KvmState, cause: str, slot: Memslot | None = None, experiment: bool = False
 ) -> dict[str, Any]:
     """kvm_mmu_zap_all_fast: invalidate every direct root; vCPUs load new ones
     (kvm-memslots.md §4.3, §5).
@@ -113,7 +113,7 @@ def zap_all_fast(
     return record(vm, cause, path, 0, vm.max_gfn + 1, acc, invalidated, 0, kicks, t0, trigger=slot)
 
 
-def zap_slot_leafs(vm: Vm, slot: Memslot, cause: str) -> dict[str, Any]:
+def zap_slot_leafs(vm: KvmState, slot: Memslot, cause: str) -> dict[str, Any]:
     """kvm_tdp_mmu_unmap_gfn_range over the slot: every root of its address space, valid or
     not, direct and mirror; leaves only; one flush if a valid root lost something
     (kvm-memslots.md §4.4)."""
@@ -127,7 +127,7 @@ def zap_slot_leafs(vm: Vm, slot: Memslot, cause: str) -> dict[str, Any]:
     return finish(vm, acc, cause, "zap_slot_leafs", span, t0, flush=flush, trigger=slot)
 
 
-def zap_root_range(vm: Vm, root: Root, start: int, end: int, acc: ZapAcc) -> bool:
+def zap_root_range(vm: KvmState, root: Root, start: int, end: int, acc: ZapAcc) -> bool:
     """Zap the leaves of [start, end) in one root; returns whether a TLB flush is needed
     (a valid root lost a present SPTE), as kvm_tdp_mmu_zap_leafs does."""
     before_flush, acc.flush = acc.flush, False
@@ -146,14 +146,20 @@ def zap_root_range(vm: Vm, root: Root, start: int, end: int, acc: ZapAcc) -> boo
 
 
 def zap_gfn_range(
-    vm: Vm, as_ids: list[int], start: int, end: int, roles: set[RootRole], cause: str, path: str
+    vm: KvmState,
+    as_ids: list[int],
+    start: int,
+    end: int,
+    roles: set[RootRole],
+    cause: str,
+    path: str,
 ) -> dict[str, Any]:
     """kvm_unmap_gfn_range for notifier, attribute and guest_memfd invalidations."""
     return zap_gfn_ranges(vm, [(a, start, end) for a in as_ids], roles, cause, path)
 
 
 def zap_gfn_ranges(
-    vm: Vm, ranges: list[tuple[int, int, int]], roles: set[RootRole], cause: str, path: str
+    vm: KvmState, ranges: list[tuple[int, int, int]], roles: set[RootRole], cause: str, path: str
 ) -> dict[str, Any]:
     """Several (as_id, start, end) ranges as one invalidation: one flush if anything went,
     one event (what a guest_memfd invalidation over several bindings does)."""
@@ -169,7 +175,7 @@ def zap_gfn_ranges(
 
 
 def finish(
-    vm: Vm,
+    vm: KvmState,
     acc: ZapAcc,
     cause: str,
     path: str,
@@ -187,7 +193,7 @@ def finish(
     return record(vm, cause, path, span[0], span[1], acc, 0, flushes, kicks, t0, trigger, **extra)
 
 
-def measured_duration(vm: Vm, t0: float) -> int:
+def measured_duration(vm: KvmState, t0: float) -> int:
     """Wall-clock time of a zap; on replay, the time measured when the call first ran."""
     d = vm.replay_durations.pop(0) if vm.replay_durations else int((time.perf_counter() - t0) * 1e6)
     vm.last_durations.append(d)
@@ -195,7 +201,7 @@ def measured_duration(vm: Vm, t0: float) -> int:
 
 
 def record(
-    vm: Vm,
+    vm: KvmState,
     cause: str,
     path: str,
     gfn_start: int,
@@ -272,7 +278,7 @@ def _no_sptes() -> dict[str, Any]:
     }
 
 
-def account_fault_zaps(vm: Vm, acc: ZapAcc) -> None:
+def account_fault_zaps(vm: KvmState, acc: ZapAcc) -> None:
     """What a fault zapped on its way (a huge leaf split into a table may refault; a table
     replaced by a huge leaf is remapped at once) and the flush that replacing a present SPTE
     needs."""
@@ -282,7 +288,7 @@ def account_fault_zaps(vm: Vm, acc: ZapAcc) -> None:
         flush_tlbs(vm)
 
 
-def explicit_zap(vm: Vm, op: ExplicitZap) -> dict[str, Any]:
+def explicit_zap(vm: KvmState, op: ExplicitZap) -> dict[str, Any]:
     scope, gpa, size, roots = op.scope, op.gpa, op.size, op.roots
     if scope not in ("all", "range") or roots not in ("shared", "private", "both"):
         raise einval("scope must be all|range and roots shared|private|both")
@@ -300,7 +306,7 @@ def explicit_zap(vm: Vm, op: ExplicitZap) -> dict[str, Any]:
     return zap_gfn_range(vm, list(range(vm.nr_as)), start, end, sel, "explicit", "zap_gfn_range")
 
 
-def recover_nx_huge_pages(vm: Vm, op: RecoverNxHugePages) -> dict[str, Any]:
+def recover_nx_huge_pages(vm: KvmState, op: RecoverNxHugePages) -> dict[str, Any]:
     """One run of the NX huge page recovery worker (kvm_recover_nx_huge_pages): of the
     possible NX huge pages, oldest first, ceil(n / ratio) go; one on a slot with dirty
     logging is only unaccounted, the others' 4K leaves are zapped so that the next non-exec
@@ -321,7 +327,7 @@ def recover_nx_huge_pages(vm: Vm, op: RecoverNxHugePages) -> dict[str, Any]:
     return {"recovered": len(taken), "remaining": len(vm.nx_huge_pages), "zap": zap}
 
 
-def _explicit_range(vm: Vm, gpa: object, size: object) -> tuple[int, int]:
+def _explicit_range(vm: KvmState, gpa: object, size: object) -> tuple[int, int]:
     """The GFN range of an explicit range zap (either alias of a TD's GPA names the same)."""
     g = check_u64(gpa, "gpa")
     n = check_u64(size, "size")
@@ -331,7 +337,7 @@ def _explicit_range(vm: Vm, gpa: object, size: object) -> tuple[int, int]:
     return start, start + size_to_pages(n)
 
 
-def _explicit_roles(vm: Vm, roots: str) -> set[RootRole]:
+def _explicit_roles(vm: KvmState, roots: str) -> set[RootRole]:
     if vm.is_tdx and roots == "shared":
         return {RootRole.DIRECT}
     if vm.is_tdx and roots == "private":
@@ -339,7 +345,7 @@ def _explicit_roles(vm: Vm, roots: str) -> set[RootRole]:
     return {RootRole.DIRECT, RootRole.MIRROR}
 
 
-def notifier_invalidate(vm: Vm, first: int, end: int) -> dict[str, Any] | None:
+def notifier_invalidate(vm: KvmState, first: int, end: int) -> dict[str, Any] | None:
     """kvm_mmu_notifier_invalidate_range_start: every slot whose HVA range intersects,
     shared (direct) roots only — host mm events never touch TDX mirror roots
     (kvm-private-tdx.md §3.6). guest_memfd-only slots included: every memslot is in the HVA
@@ -371,7 +377,7 @@ def notifier_invalidate(vm: Vm, first: int, end: int) -> dict[str, Any] | None:
 
 
 def gmem_invalidate(
-    vm: Vm, file: GmemFile, first: int, end: int, cause: str
+    vm: KvmState, file: GmemFile, first: int, end: int, cause: str
 ) -> dict[str, Any] | None:
     """kvm_gmem_invalidate: zap the private mappings of every slot bound to the range, as
     one invalidation (the flush flag is ORed over the bindings: one flush, one event)."""
@@ -387,7 +393,7 @@ def gmem_invalidate(
     return zap_gfn_ranges(vm, ranges, roles, cause, "zap_gfn_range")
 
 
-def destroy(vm: Vm) -> dict[str, Any]:
+def destroy(vm: KvmState) -> dict[str, Any]:
     """VM destruction: HKID released first for a TD, then every root torn down, leaves before
     S-EPT tables, pages reclaimed (kvm-private-tdx.md §5.1 teardown, §5.3, §5.4 rule 1)."""
     t0 = time.perf_counter()
@@ -445,3 +451,14 @@ class SetZapPolicy(Op):
 @operation("destroy")
 class Destroy(Op):
     """The last reference to the VM goes: every root torn down."""
+
+
+ZAP_POLICIES = ("kvm", "zap_all_shared_only")
+
+
+def set_zap_policy(vm: KvmState, op: SetZapPolicy) -> dict[str, Any]:
+    policy = op.policy
+    if policy not in ZAP_POLICIES:
+        raise einval(f"policy must be one of {ZAP_POLICIES}")
+    vm.zap_policy = str(policy)
+    return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from app import cli, http_server
 from app.cli import _display_url, main
 from app.config import Settings
 from app.services.lifecycle import head_revision
@@ -113,3 +115,33 @@ def test_bad_settings_from_the_console_script(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert "--port / VKMMU_PORT" in lines[0] and "VKMMU_SNAPSHOT_EVERY" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_tune_gc_freezes_what_startup_built_and_collects_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        http_server.tune_gc()
+        assert gc.get_threshold() == http_server.GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+async def test_the_server_tunes_the_collector_once_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+
+    tuned: list[bool] = []
+    monkeypatch.setattr(http_server, "tune_gc", lambda: tuned.append(True))
+    app = FastAPI()
+    server = cli._server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None), app)
+    server.config.load()
+    server.lifespan = server.config.lifespan_class(server.config)  # what `serve` sets first
+    await server.startup()
+    try:
+        assert tuned == [True]
+    finally:
+        await server.shutdown()

@@ -243,3 +243,59 @@ def test_stopping_logging_on_a_vm_without_vcpus() -> None:
         0,
         0,
     )
+
+
+def across_1g(host: dict | None = None) -> Vm:
+    """Slot 0 = [1G - 2M, 1G + 2M): 4K leaves below 1 GiB (host pages not huge there), one
+    2M leaf above it (THP). The 4K leaves' table comes first in a walk of the slot, and it
+    hangs under another level-2 table than the 2M leaf."""
+    vm = Vm.create(kit.DEFAULT, 1, host=host)
+    kit.hugepage(vm, kit.HVA + kit.M2, kit.M2)
+    kit.region(vm, 0, GB - kit.M2, 2 * kit.M2, kit.HVA)
+    kit.access(vm, GB - kit.M2, 2 * kit.M2, "write")
+    assert kit.pages(vm) == (512, 1, 0)
+    assert kit.leaf(vm, GB)["level"] == 2
+    return vm
+
+
+def test_eager_split_goes_on_past_4k_leaves_to_the_huge_leaf_after_them() -> None:
+    """kvm_mmu_slot_try_split_huge_pages → tdp_mmu_split_huge_pages_root splits every huge
+    leaf of the slot, whatever lies before it in the walk."""
+    vm = across_1g()
+    zap = kit.region(vm, 0, GB - kit.M2, 2 * kit.M2, kit.HVA, kit.LOG_DIRTY)["zap"]
+    assert zap["huge_pages_split"] == 1
+    assert zap["sptes_write_protected"] == 1024
+    assert kit.pages(vm) == (1024, 0, 0)
+    kit.check(vm)
+
+
+def test_pml_write_protects_the_huge_leaf_after_4k_leaves() -> None:
+    """kvm_mmu_slot_apply_flags with PML and no eager split: the 4K leaves lose D and stay
+    writable, and kvm_mmu_slot_remove_write_access(PG_LEVEL_2M) write-protects every huge
+    leaf of the slot, here the one past the 4K leaves' table."""
+    vm = across_1g({"enable_pml": True, "eager_page_split": False})
+    zap = kit.region(vm, 0, GB - kit.M2, 2 * kit.M2, kit.HVA, kit.LOG_DIRTY)["zap"]
+    assert (zap["huge_pages_split"], zap["sptes_write_protected"]) == (0, 1)
+    huge = kit.leaf(vm, GB)
+    assert (huge["level"], huge["w"]) == (2, False)
+    small = kit.leaf(vm, GB - PAGE)
+    assert (small["level"], small["w"]) == (1, True)
+    kit.check(vm)
+
+
+def test_without_eager_split_huge_leaves_are_write_protected_and_traced_at_their_gfns() -> None:
+    """kvm_mmu_slot_remove_write_access without eager split: each 2M leaf loses W where it
+    is (kvm_tdp_mmu_spte_changed at its first GFN, level 2)."""
+    vm = Vm.create(kit.DEFAULT, 1, host={"eager_page_split": False})
+    thp_slot(vm, 4 * MB, 4 * MB)
+    kit.access(vm, 4 * MB, 4 * MB, "write")
+    huge = [raw(vm, 4 * MB), raw(vm, 6 * MB)]
+    mark = vm.mmu.trace.written
+    zap = kit.region(vm, 0, 4 * MB, 4 * MB, kit.HVA, kit.LOG_DIRTY)["zap"]
+    assert (zap["huge_pages_split"], zap["sptes_write_protected"]) == (0, 2)
+    recs = vm.mmu.trace.records(after=mark)
+    ch = recs[recs["kind"] == Kind.SPTE_CHANGED]
+    assert ch["gfn"].tolist() == [1024, 1536] and ch["level"].tolist() == [2, 2]
+    assert ch["a"].tolist() == huge
+    assert [int(b) for b in ch["b"]] == [h & ~spte.EPT_W for h in huge]
+    kit.check(vm)

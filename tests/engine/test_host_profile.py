@@ -233,3 +233,23 @@ def test_pml_enabling_logging_clears_d_only_inside_the_slot() -> None:
     assert not any(_last(vm, p * kit.PAGE)["dirty"] for p in range(64))
     assert all(_last(vm, p * kit.PAGE)["dirty"] for p in range(64, 128))
     kit.check(vm)
+
+
+def test_pml_get_dirty_log_clears_d_only_on_4k_leaves_under_harvested_bits() -> None:
+    """KVM_GET_DIRTY_LOG without manual protect re-arms with the harvested bits:
+    kvm_arch_mmu_enable_log_dirty_pt_masked → kvm_tdp_mmu_clear_dirty_pt_masked, 4K leaves
+    only. A 2M leaf left whole and dirty (INITIALLY_SET at enable, then manual protect turned
+    off, legal at any time) keeps its D bit."""
+    vm = _manual_pml_vm(manual=3, eager=False)
+    kit.hugepage(vm, HVA, 4 * MB)
+    kit.region(vm, 0, 0, 4 * MB, HVA)
+    kit.access(vm, 0, 2 * MB, "write")
+    kit.region(vm, 0, 0, 4 * MB, HVA, LOG_DIRTY)  # INITIALLY_SET: nothing cleared
+    kit.access(vm, 2 * MB, 8 * kit.PAGE, "write")  # 4K leaves, D set
+    vm.apply(parse("enable_cap", dict(cap=kit.MANUAL_PROTECT_CAP, args=[0])))
+    log = vm.apply(parse("get_dirty_log", {"slot": 0}))
+    assert (log["dirty_count"], log["sptes_write_protected"]) == (1024, 0)
+    huge = _last(vm, 0)
+    assert (huge["level"], huge["dirty"], huge["w"]) == (2, True, True)
+    assert not any(_last(vm, 2 * MB + p * kit.PAGE)["dirty"] for p in range(8))
+    kit.check(vm)

@@ -94,6 +94,18 @@ def test_no_engine_module_but_its_front_and_codec_imports_vm_at_run_time() -> No
     assert users <= {"__init__", "codec"}
 
 
+def test_helper_modules_take_the_state_not_the_vm() -> None:
+    """Not even for annotations: the modules work on `KvmState` (state.py); only the package
+    and `codec` (which builds a `Vm` back from a snapshot) name `Vm`."""
+    users = {
+        name
+        for name, tree in modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module == "vm"
+    }
+    assert users <= {"__init__", "codec"}
+
+
 def test_no_import_inside_a_function() -> None:
     found = [
         f"{mod}.{name}"

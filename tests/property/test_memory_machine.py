@@ -17,6 +17,11 @@ exactly the leaves the model says, by level, and the engine's leaf counts must e
 model's after every step, with `vm.audit()` clean. Zap paths are checked against
 kvm-memslots.md §4.1 (zap all only for a DEFAULT VM with SLOT_ZAP_ALL enabled), and the dirty
 log against what the guest wrote (no written page may be missing, §3.4/§5.3).
+
+Two rules build sequences random steps reach too rarely, on a new one-block slot over a THP
+region: an MMIO SPTE's table under a slot that may map huge, then a fault (replaces the table)
+or a pre-fault (leaves it); and a partial discard under dirty logging (the THP splits, the
+freed pages block recovery even when the region is advised huge again).
 """
 
 from __future__ import annotations
@@ -408,7 +413,9 @@ class MemoryMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.slots)
     @rule(data=st.data())
     def toggle_logging(self, data: st.DataObject) -> None:
-        id = data.draw(st.sampled_from(sorted(self.slots)), label="id")
+        self.do_toggle_logging(data.draw(st.sampled_from(sorted(self.slots)), label="id"))
+
+    def do_toggle_logging(self, id: int) -> None:
         s = self.slots[id]
         r = self.region(id, s.gpa, s.npages, s.hva, s.flags ^ LOG)
         assert r["change"] == "flags_only"
@@ -522,7 +529,9 @@ class MemoryMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), npages=st.sampled_from([1, 16, 600]))
     def pre_fault(self, data: st.DataObject, npages: int) -> None:
-        gpa = self.pick_gpa(data)
+        self.do_pre_fault(self.pick_gpa(data), npages)
+
+    def do_pre_fault(self, gpa: int, npages: int) -> None:
         end = gpa + npages * PAGE
         covered = gpa
         while covered < end and self.slot_at(covered) is not None:
@@ -610,6 +619,88 @@ class MemoryMachine(RuleBasedStateMachine):
         self.check_notifier(r["zap"], hva // PAGE, (hva + n) // PAGE)
         self.host_free(hva // PAGE, (hva + n) // PAGE)
         self.huge.update((region, "hugetlb") for region in range(hva >> 21, (hva + n) >> 21))
+
+    # ------------------------------------------------------------------ targeted sequences
+    # Paths a random sequence reaches too rarely, each built on a new slot of one 2 MiB block
+    # at a free GPA, backed by a THP region (so that a huge leaf is possible there).
+    def free_blocks(self) -> list[int]:
+        """GPAs of the 2 MiB blocks no slot overlaps."""
+        return [
+            b * 2 * MB
+            for b in range(GPA_MB // 2)
+            if not any(o.overlaps(b * 2 * MB, 512) for o in self.slots.values())
+        ]
+
+    def new_block(self, data: st.DataObject, gpa: int, flags: int) -> tuple[SlotM, int] | None:
+        """A new 512-page slot at `gpa` on a THP region: (its model, the region's index)."""
+        free_ids = [i for i in IDS if i not in self.slots]
+        regions = [m for m in range(HOST_MB // 2 - 1) if self.huge.get((U >> 21) + m) != "hugetlb"]
+        if not free_ids or not regions:
+            return None
+        id = data.draw(st.sampled_from(free_ids), label="new_id")
+        mb2 = data.draw(st.sampled_from(regions), label="region")
+        self.host_advise(mb2, 1, "hugepage")
+        if self.huge.get((U >> 21) + mb2) != "thp":
+            return None  # a populated THP region advised nohugepage earlier (not modelled)
+        self.create_slot(id, gpa, 512, U + mb2 * 2 * MB, flags)
+        return self.slots[id], mb2
+
+    @precondition(lambda self: len(self.slots) < len(IDS))
+    @rule(data=st.data(), prefetch=st.booleans())
+    def fault_over_an_mmio_table(self, data: st.DataObject, prefetch: bool) -> None:
+        """A GPA without a slot caches an MMIO SPTE in a 4 KiB table (install_mmio_spte); a
+        slot created over that 2 MiB block may map it huge, but the table is in the way: a
+        fault replaces it with a huge leaf, a pre-fault leaves it (tdp_mmu_map_handle_target_
+        level returns RET_PF_SPURIOUS for a prefetch over a present SPTE), mapping nothing."""
+        free = self.free_blocks()
+        if not free:
+            return
+        gpa = data.draw(st.sampled_from(free), label="mmio_block")
+        self.do_access(gpa + data.draw(st.integers(0, 511), label="mmio_page") * PAGE, 1, "read", 0)
+        assert gpa // PAGE >> 9 in self.tables
+        made = self.new_block(data, gpa, 0)
+        if made is None:
+            return
+        s = made[0]
+        if prefetch:
+            self.do_pre_fault(gpa, 512)
+            assert not any(s.gfn <= g < s.gfn_end for g in self.leaves)
+        else:
+            self.do_access(gpa, 1, "read", 0)
+            assert self.leaves.get(s.gfn) == 2
+
+    @precondition(lambda self: len(self.slots) < len(IDS))
+    @rule(
+        data=st.data(),
+        first=st.integers(1, 400),
+        npages=st.sampled_from([1, 2, 17]),
+        readvise=st.booleans(),
+    )
+    def discard_under_logging_then_stop(
+        self, data: st.DataObject, first: int, npages: int, readvise: bool
+    ) -> None:
+        """Dirty logging maps a THP-backed block at 4 KiB; discarding part of it splits the
+        THP (split_huge_pmd) and frees those host pages. Stopping logging recovers nothing
+        there: the host no longer maps it huge, or, advised hugepage again, the freed pages
+        are still PTE-mapped (kvm_tdp_mmu_recover_huge_pages asks the host's mapping level).
+        A fault on a discarded page afterwards maps 4 KiB unless the region is huge again."""
+        free = self.free_blocks()
+        if not free:
+            return
+        made = self.new_block(data, data.draw(st.sampled_from(free), label="block"), LOG)
+        if made is None:
+            return
+        s, mb2 = made
+        id = next(k for k, v in self.slots.items() if v is s)
+        self.do_access(s.gpa, 512, "write", 0)
+        assert all(self.leaves.get(g) == 1 for g in range(s.gfn, s.gfn_end))
+        self.host_discard(s.hva // PAGE - U // PAGE + first, npages)
+        assert (U >> 21) + mb2 not in self.huge  # split: a part of it was discarded
+        if readvise:
+            self.host_advise(mb2, 1, "hugepage")
+        self.do_toggle_logging(id)
+        assert not any(self.leaves.get(g) == 2 for g in range(s.gfn, s.gfn_end))
+        self.do_access(s.gpa + first * PAGE, npages, "read", 0)
 
     # ------------------------------------------------------------------ zaps
     @rule(data=st.data(), npages=st.sampled_from([1, 7, 512, 1024]))
