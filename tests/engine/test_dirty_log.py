@@ -398,6 +398,27 @@ def test_clear_dirty_log_num_pages_may_be_unaligned_when_it_ends_the_slot() -> N
     assert get_log(vm)["dirty_count"] == 0
 
 
+@pytest.mark.parametrize("first", [0, 64])
+def test_clear_dirty_log_of_a_whole_word_past_an_unaligned_slot_end_is_einval(first: int) -> None:
+    """kvm_clear_dirty_log_protect: num_pages > npages - first_page is EINVAL even when it is
+    a multiple of 64, as for the last word of a 100-page slot (128 pages asked for from 0, or
+    64 from 64); the bitmap and the leaves stay as they were."""
+    vm = Vm.create(0, 1)
+    vm.apply(
+        parse("enable_cap", dict(cap="KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", args=[MANUAL, 0, 0, 0]))
+    )
+    region(vm, 0, 0, 100 * KB4, U, flags=LOG)
+    access(vm, 0, 100 * KB4, "write")
+    num = 128 - first
+    e = kit.rejected(
+        vm,
+        "clear_dirty_log",
+        dict(slot=0, first_page=first, num_pages=num, bitmap=bitmap(num, list(range(num)))),
+    )
+    assert e.errno == errno.EINVAL
+    assert get_log(vm)["dirty_count"] == 100
+
+
 @pytest.mark.parametrize("slot", [1, 7])
 def test_clear_dirty_log_on_a_slot_without_logging_is_enoent(slot: int) -> None:
     vm = huge_vm(MANUAL)

@@ -109,3 +109,18 @@ def test_a_guest_memfd_punch_flushes_only_when_it_removed_a_mapping() -> None:
     z = td.apply(parse("gmem_fallocate", punch))["zap"]
     assert (z["tlb_flushes"], z["vcpu_kicks"]) == (1, 1)
     assert flush_stats(td) == (before[0] + 1, before[1] + 1)
+
+
+@pytest.mark.parametrize("running", [1, 3])
+def test_enabling_dirty_logging_flushes_and_kicks_even_with_nothing_to_protect(
+    running: int,
+) -> None:
+    """kvm_arch_commit_memory_region flushes the slot's TLB entries whenever a FLAGS_ONLY
+    change turns LOG_DIRTY_PAGES on (kvm_mmu_slot_apply_flags, §3.4 d), even when no leaf
+    was split or write-protected: here slot 1, which no vCPU ever touched."""
+    vm = vm_with(running)
+    before = flush_stats(vm)
+    z = kit.region(vm, 1, 64 * MB, MB, kit.HVA + 64 * MB, kit.LOG_DIRTY)["zap"]
+    assert (z["huge_pages_split"], z["sptes_write_protected"]) == (0, 0)
+    assert (z["tlb_flushes"], z["vcpu_kicks"]) == (1, running)
+    assert flush_stats(vm) == (before[0] + 1, before[1] + 1)

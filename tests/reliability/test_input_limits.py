@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.api.input_limits import MAX_VALIDATION_ISSUES
+from app.api.input_limits import MAX_VALIDATION_ISSUES, InputRejected, check_json_body
 from app.config import Settings
 from app.main import create_app
 from app.services.vms import VmService
@@ -100,3 +100,25 @@ async def test_bodies_must_be_utf8(client: httpx.AsyncClient) -> None:
     assert "UTF-8" in str(body["detail"])
     ok = json.dumps({"name": "naïve"}).encode("utf-8")
     assert (await client.post("/v1/vms", content=ok, headers=headers)).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("body", "refused"),
+    [
+        # Within the colon/comma bound: orjson's parse, the depth still checked.
+        (b'{"a": ' * 5 + b"1" + b"}" * 5, "nests deeper"),
+        (b'{"a": ' * 4 + b"1" + b"}" * 4, None),
+        # What orjson refuses (NaN) is parsed as before, and checked the same.
+        (b'{"a": ' * 5 + b"NaN" + b"}" * 5, "nests deeper"),
+        # Duplicate keys count each time, though the parse keeps one.
+        (b"{" + b",".join(b'"k": 1' for _ in range(11)) + b"}", "more than 10 keys"),
+        (b"[" + b",".join(b"1" for _ in range(9)) + b"]", None),
+        (b"[" + b",".join(b"1" for _ in range(11)) + b"]", "more than 10 keys"),
+    ],
+)
+def test_json_bounds_hold_on_either_parse(body: bytes, refused: str | None) -> None:
+    if refused is None:
+        check_json_body(body, max_items=10, max_depth=4)
+    else:
+        with pytest.raises(InputRejected, match=refused):
+            check_json_body(body, max_items=10, max_depth=4)
