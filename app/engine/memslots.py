@@ -211,9 +211,13 @@ def _struct(req: SetUserMemoryRegion, v2: bool) -> _Struct:
     # Plain JSON integers that fit (the usual request) pass in one test.
     if (
         type(s) is type(f) is type(g) is type(n) is type(u) is type(fd) is type(off) is int
-        and min(s, f, g, n, u, fd, off) >= 0
-        and max(s, f, fd) <= _U32_MAX
-        and max(g, n, u, off) <= _U64_MAX
+        and 0 <= s <= _U32_MAX
+        and 0 <= f <= _U32_MAX
+        and 0 <= g <= _U64_MAX
+        and 0 <= n <= _U64_MAX
+        and 0 <= u <= _U64_MAX
+        and 0 <= fd <= _U32_MAX
+        and 0 <= off <= _U64_MAX
     ):
         return s, f, g, n, u, fd, off
     return (

@@ -103,6 +103,7 @@ class KvmState:
         self.now = 0.0
         self.replay_durations: list[int] = []
         self.last_durations: list[int] = []
+        self.answering = True  # whether the running call's caller reads its answer (Vm.apply)
         for i in range(nr_vcpus):
             self.vcpus[i] = Vcpu(i)
 

@@ -108,12 +108,18 @@ class Vm(KvmState):
 
     # ------------------------------------------------------------------ dispatch
     def apply(
-        self, op: Op, at: float | None = None, durations: list[int] | None = None
+        self,
+        op: Op,
+        at: float | None = None,
+        durations: list[int] | None = None,
+        answer: bool = True,
     ) -> dict[str, Any]:
         """The one entry point of every mutating call (journaled by the service).
 
         `at` stamps the call's zap events; `durations`, on replay, gives back the zap durations
         measured the first time (`last_durations` after the call), so replay is exact.
+        `answer=False` (replay, which discards answers): the answer's memslot views are None
+        and its zap events the VM's own (not copies); the state is the same.
         """
         handler = _HANDLERS.get(type(op))
         if handler is None:
@@ -126,7 +132,11 @@ class Vm(KvmState):
         self.mmu.trace.now, self.mmu.trace.cpu = self.now, -1
         self.replay_durations = list(durations or [])
         self.last_durations = []
-        return handler(self, op)
+        self.answering = answer
+        try:
+            return handler(self, op)
+        finally:
+            self.answering = True  # what runs outside a call (a query) answers in full
 
     # ------------------------------------------------------------------ vCPUs / caps
     def check_extension(self, cap: object) -> int:
@@ -143,7 +153,7 @@ class Vm(KvmState):
         )
         kind, old, new = change.kind, change.old, change.new
         if kind is ChangeKind.NONE:
-            return {"change": _CHANGE_NAMES[kind], "memslot": self._slot_dict(old), "zap": None}
+            return {"change": _CHANGE_NAMES[kind], "memslot": self._answer_slot(old), "zap": None}
         if kind is ChangeKind.CREATE:
             check_arch_prepare(change, max_gfn=self.max_gfn, gfn_direct_bits=self.gfn_direct_bits)
             assert new is not None
@@ -155,7 +165,7 @@ class Vm(KvmState):
             self._swap(new.as_id)
             if new.flags & _LOG_DIRTY:
                 self.alloc_dirty(new)
-            return {"change": _CHANGE_NAMES[kind], "memslot": self._slot_dict(new), "zap": None}
+            return {"change": _CHANGE_NAMES[kind], "memslot": self._answer_slot(new), "zap": None}
         if kind is ChangeKind.FLAGS_ONLY:
             assert old is not None and new is not None
             space = self.spaces[old.as_id]
@@ -163,7 +173,7 @@ class Vm(KvmState):
             space.install(new)
             self._swap(new.as_id)
             zap = self._apply_dirty_flags(old, new)
-            return {"change": _CHANGE_NAMES[kind], "memslot": self._slot_dict(new), "zap": zap}
+            return {"change": _CHANGE_NAMES[kind], "memslot": self._answer_slot(new), "zap": zap}
         assert old is not None
         return self._delete_or_move(change, old, new)
 
@@ -197,7 +207,7 @@ class Vm(KvmState):
             elif key not in self.dirty:
                 self.alloc_dirty(new)
             self._swap(new.as_id)
-            moved = self._slot_dict(new)
+            moved = self._answer_slot(new)
             return {"change": _CHANGE_NAMES[change.kind], "memslot": moved, "zap": zap}
         space.remove(old.id)
         self.free_dirty((old.as_id, old.id))
@@ -205,6 +215,10 @@ class Vm(KvmState):
             self.gmem.unbind(old.guest_memfd, (old.as_id, old.id))
         self._swap(old.as_id)
         return {"change": _CHANGE_NAMES[change.kind], "memslot": None, "zap": zap}
+
+    def _answer_slot(self, slot: Memslot | None) -> dict[str, Any] | None:
+        """A memslot answer's view of the slot, unless the caller discards the answer."""
+        return self._slot_dict(slot) if self.answering else None
 
     def _slot_dict(self, slot: Memslot | None) -> dict[str, Any] | None:
         if slot is None:
@@ -218,7 +232,9 @@ class Vm(KvmState):
     def _slot_mapped(self, slot: Memslot) -> dict[str, int]:
         """Present leaves inside the slot, in 4 KiB pages, per root role."""
         out = {"shared": 0, "private": 0}
-        for root in self.mmu.roots_of(slot.as_id):
+        for root in self.mmu.roots.values():  # any order: the counts are summed
+            if root.as_id != slot.as_id:
+                continue
             bits = self.gfn_direct_bits if root.role is RootRole.DIRECT else 0
             n = self.mmu.mapped_pages(root, slot.base_gfn | bits, slot.end_gfn | bits)
             if root.role is RootRole.MIRROR:

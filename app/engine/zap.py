@@ -256,6 +256,8 @@ def record(
     vm.events.append(event)
     if len(vm.events) > MAX_EVENTS:
         del vm.events[: len(vm.events) - MAX_EVENTS]
+    if not vm.answering:  # the caller discards the answer (replay)
+        return event
     # The caller's own copy: the event is flat but for `sptes_zapped`, built afresh.
     return {**event, "sptes_zapped": _sptes_zapped(acc)}
 

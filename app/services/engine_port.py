@@ -83,6 +83,9 @@ class EnginePort:
     # time (`durations`: the zap durations journaled with it, on replay).
     parse: Callable[[str, Any], OpLike] = _parse_json
     apply: Callable[[Vm, Any, float | None, list[int] | None], Any] = _apply_by_name
+    # `apply` for a caller that discards the answer (replay): the engine may skip building
+    # it. None: `apply`.
+    apply_unanswered: Callable[[Vm, Any, float | None, list[int] | None], Any] | None = None
     # Page-table accounting: the tables a VM holds now, and the most it may hold during its
     # next call (the engine answers ENOMEM, before allocating, past it). An engine without
     # page tables (a test double) keeps the defaults: nothing to count, nothing to cap.
@@ -107,6 +110,9 @@ def default_engine() -> EnginePort:
     def apply(vm: Vm, op: Any, at: float | None, durations: list[int] | None) -> Any:
         return vm.apply(op, at=at, durations=durations)
 
+    def apply_unanswered(vm: Vm, op: Any, at: float | None, durations: list[int] | None) -> Any:
+        return vm.apply(op, at=at, durations=durations, answer=False)
+
     def tables_live(vm: Vm) -> int:
         return int(vm.mmu.pool.live)
 
@@ -125,6 +131,7 @@ def default_engine() -> EnginePort:
         snapshot_readable=codec.readable,
         parse=ops.parse,
         apply=apply,
+        apply_unanswered=apply_unanswered,
         tables_live=tables_live,
         set_table_budget=set_table_budget,
         snapshot_footprint=codec.footprint,

@@ -1616,7 +1616,7 @@ class VmService:
         a new object after a `restore` record. Per record only what the call needs: its
         operation, time, budget and zap durations (no answer is journaled or published)."""
         engine = self.engine
-        apply, set_budget = engine.apply, engine.set_table_budget
+        apply, set_budget = engine.apply_unanswered or engine.apply, engine.set_table_budget
         parse = _ParsedOps(engine.parse).parse
         engine.set_trace_records(vm, self.trace_records)
         default_budget = self.budget_tables

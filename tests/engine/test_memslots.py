@@ -7,7 +7,7 @@ import errno
 
 import pytest
 
-from app.engine import uapi
+from app.engine import codec, uapi
 from app.engine.errors import KvmError
 from app.engine.gmem import GmemTable
 from app.engine.memslots import (
@@ -675,6 +675,23 @@ def test_apply_reports_every_change_kind(vm: Vm) -> None:
     r = put(vm, memory_size=0)
     assert r["change"] == "delete" and r["memslot"] is None and r["zap"]["path"]
     assert vm.memslots() == []
+
+
+def test_an_unanswered_call_leaves_the_same_state_and_a_lean_answer() -> None:
+    """`answer=False` (replay): no memslot views, the zap event the VM's own; same state."""
+    full, lean = Vm.create(DEFAULT), Vm.create(DEFAULT)
+    steps = [{}, {"flags": LOG}, {"flags": LOG, "guest_phys_addr": 16 * MB}, {"memory_size": 0}]
+    for args in steps:
+        op = parse("set_user_memory_region", {**region(), **args})
+        a = full.apply(op, at=1.0, durations=[5])
+        b = lean.apply(op, at=1.0, durations=[5], answer=False)
+        assert b["change"] == a["change"] and b["memslot"] is None
+        assert (b["zap"] is None) == (a["zap"] is None)
+        if b["zap"] is not None:
+            assert b["zap"] is lean.events[-1] and b["zap"] == a["zap"]
+    assert codec.digest(lean) == codec.digest(full)
+    put(lean)  # after an unanswered call, calls and queries answer in full again
+    assert lean.memslots()[0]["npages"] == 256 and put(lean, flags=LOG)["memslot"]["flags"] == LOG
 
 
 def test_apply_delete_takes_the_slot_path_once_the_quirk_is_disabled(vm: Vm) -> None:
