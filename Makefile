@@ -37,7 +37,7 @@ bench: install
 
 # Mutation testing of app/engine with mutmut, bounded in time (bench/mutation.py; work dir
 # build/mutation). Writes bench/mutation.json and bench/mutation.md; not a CI gate.
-# E.g. make mutate MUTATE_ARGS="--modules all --budget 14400"
+# E.g. make mutate MUTATE_ARGS="--modules all --budget 14400", or --only with mutant globs.
 mutate: install
 	$(PY) bench/mutation.py $(MUTATE_ARGS)
 

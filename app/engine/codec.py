@@ -30,7 +30,7 @@ import json
 import struct
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +49,10 @@ from .vm import Vm
 
 MAGIC = b"VKMMUSN\x00"
 VERSION = 2
-SCHEMA = 2
+SCHEMA = 3
+# Schema 3 writes each memslot as a row under the document's `slot_fields` (2 wrote one object
+# per slot: at 32,763 slots, building those objects was most of a snapshot's encoding).
+READABLE_SCHEMAS = (2, 3)
 _HEADER = struct.Struct("<8sII32s")
 _SECTION = struct.Struct("<IQ")
 
@@ -168,19 +171,14 @@ def _unpages(keys: Section, lens: Section, data: Section) -> Iterator[tuple[int,
 
 
 # ---------------------------------------------------------------------------- state document
-def _slot_json(s: Memslot) -> dict[str, Any]:
-    return {
-        "as_id": s.as_id,
-        "id": s.id,
-        "base_gfn": s.base_gfn,
-        "npages": s.npages,
-        "flags": s.flags,
-        "userspace_addr": s.userspace_addr,
-        "guest_memfd": s.guest_memfd,
-        "guest_memfd_offset": s.guest_memfd_offset,
-        "invalid": s.invalid,
-        "gmem_only": s.gmem_only,
-    }
+
+
+def _slots(st: dict[str, Any], space: dict[str, Any]) -> list[dict[str, Any]]:
+    """A space's memslots as objects: schema 3 rows under `slot_fields`, schema 2 objects."""
+    if st["schema"] == 2:
+        return list(space["slots"])
+    fields = st["slot_fields"]
+    return [dict(zip(fields, row, strict=True)) for row in space["slots"]]
 
 
 def _slot_of(d: dict[str, Any]) -> Memslot:
@@ -317,12 +315,12 @@ def _vcpu_json(v: Vcpu) -> dict[str, Any]:
     }
 
 
-def _state_json(vm: Vm, slot: Callable[[Memslot], Any] = _slot_json) -> dict[str, Any]:
-    """The state document; `slot` encodes each memslot (`capture` takes plain tuples, turned
-    into their JSON objects later, outside the VM's lock)."""
+def _state_json(vm: Vm) -> dict[str, Any]:
+    """The state document (memslots as rows of `_SLOT_KEYS`)."""
     mmu, gmem = vm.mmu, vm.gmem
     return {
         "schema": SCHEMA,
+        "slot_fields": list(_SLOT_KEYS),
         "vm_type": int(vm.vm_type),
         "name": vm.name,
         "paging_levels": vm.paging_levels,
@@ -339,7 +337,7 @@ def _state_json(vm: Vm, slot: Callable[[Memslot], Any] = _slot_json) -> dict[str
         "now": vm.now,
         "vcpus": [_vcpu_json(v) for v in vm.vcpus.values()],
         "spaces": [
-            {"generation": sp.generation, "slots": [slot(s) for s in sp.by_gfn()]}
+            {"generation": sp.generation, "slots": [_slot_row(s) for s in sp.by_gfn()]}
             for sp in vm.spaces
         ],
         "gmem": {
@@ -384,8 +382,8 @@ def dumps(vm: Vm) -> bytes:
 @dataclass
 class Capture:
     """A VM's state copied at one instant, for `encode` to turn into a snapshot later: what
-    must be consistent is copied (under the service's VM lock), the slow part (the JSON of
-    every memslot, compression, the checksum) runs after, while calls go on."""
+    must be consistent is copied (under the service's VM lock), the slow part (the JSON,
+    compression, the checksum) runs after, while calls go on."""
 
     state: dict[str, Any]
     tables: list[dict[str, np.ndarray]]
@@ -399,7 +397,7 @@ def capture(vm: Vm) -> Capture:
     tables = [{k: np.array(a) for k, a in c.items()} for c in vm.mmu.pool.export_chunks()]
     pages = [("host", vm.host.contents)] + [(f"gmem/{f.fd}", f.contents) for f in vm.gmem]
     return Capture(
-        state=_state_json(vm, _slot_row),
+        state=_state_json(vm),
         tables=tables,
         dirty=[np.packbits(bm) for bm in vm.dirty.values()],
         pages=[(name, {k: bytes(v) for k, v in d.items()}) for name, d in pages],
@@ -408,12 +406,7 @@ def capture(vm: Vm) -> Capture:
 
 def encode(c: Capture) -> bytes:
     """The snapshot of a `capture` (the same bytes `dumps` gives of the VM at that instant)."""
-    state = dict(c.state)
-    state["spaces"] = [
-        {**sp, "slots": [dict(zip(_SLOT_KEYS, row, strict=True)) for row in sp["slots"]]}
-        for sp in state["spaces"]
-    ]
-    return _encode(state, iter(c.tables), iter(c.dirty), c.pages)
+    return _encode(c.state, iter(c.tables), iter(c.dirty), c.pages)
 
 
 def _state_bytes(state: dict[str, Any]) -> bytes:
@@ -501,7 +494,7 @@ def footprint(data: bytes) -> dict[str, int]:
             out["bitmap_entries"] = sum(
                 int(s["npages"])
                 for as_id, sp in enumerate(st["spaces"])
-                for s in sp["slots"]
+                for s in _slots(st, sp)
                 if (as_id, int(s["id"])) in logging
             )
         elif name.endswith("/keys"):
@@ -539,8 +532,8 @@ def _decode(body: memoryview) -> Vm:
     if name != "state" or not isinstance(doc, np.ndarray):
         raise ValueError("the state document does not come first")
     st = json.loads(doc.tobytes())
-    if st.get("schema") != SCHEMA:
-        raise ValueError(f"state schema {st.get('schema')!r}, this build reads {SCHEMA}")
+    if st.get("schema") not in READABLE_SCHEMAS:
+        raise ValueError(f"state schema {st.get('schema')!r}, this build reads {READABLE_SCHEMAS}")
     vm = Vm(st["vm_type"], 0, st["paging_levels"], st["name"], st["table_budget"])
     arrays: dict[str, Section] = {}
     _decode_mmu(vm, st["mmu"], _table_chunks(sections, arrays))
@@ -565,7 +558,7 @@ def _decode(body: memoryview) -> Vm:
         vm.vcpus[vcpu.id] = vcpu
     for space, sp in zip(vm.spaces, st["spaces"], strict=True):
         space.generation = sp["generation"]
-        for s in sp["slots"]:
+        for s in _slots(st, sp):
             space.install(_slot_of(s))
     _decode_gmem(vm, st["gmem"], arrays)
     vm.attrs.private = _intervals(st["private"])

@@ -11,7 +11,7 @@ import numpy as np
 from . import spte as S
 from .addr import gpa_to_gfn, page_offset, pfn_to_hpa
 from .errors import einval
-from .paging import TablePool, clip, span
+from .paging import TablePool, clip, path, span
 
 if TYPE_CHECKING:
     from .state import KvmState
@@ -30,18 +30,13 @@ def translate(vm: KvmState, gpa: object) -> dict[str, Any]:
             gfn = pos & ~vm.gfn_direct_bits
             p = gfn if root.role.value == "mirror" else gfn | vm.gfn_direct_bits
         walk = []
-        table, level = root.table, root.level
         leaf = None
-        while True:
-            i = (p >> (9 * (level - 1))) & 511
-            e = int(vm.mmu.pool.entries(table)[i])
+        for table, i, level, e in path(vm.mmu.pool, root.table, p):
             d = S.decode(e, level)
             d["index"] = i
             d["table_pfn"] = vm.mmu.pool.pfn(table)
             walk.append(d)
-            if not e & S.SPTE_MMU_PRESENT:
-                break
-            if level == 1 or e & S.EPT_PS:
+            if e & S.SPTE_MMU_PRESENT and (level == 1 or e & S.EPT_PS):
                 pfn = S.pfn_of(e) + (p & (span(level) - 1))
                 leaf = {
                     "level": level,
@@ -51,8 +46,6 @@ def translate(vm: KvmState, gpa: object) -> dict[str, Any]:
                     "w": bool(e & S.EPT_W),
                     "x": bool(e & S.EPT_X),
                 }
-                break
-            table, level = vm.mmu.pool.child(e), level - 1
         out.append(
             {
                 "root": root.id,

@@ -317,6 +317,20 @@ def clip(base: int, level: int, start: int, end: int) -> tuple[int, int]:
     return lo, hi
 
 
+def path(pool: TablePool, table: int, pos: int) -> Iterator[tuple[int, int, int, int]]:
+    """The entries over GFN position `pos` from `table` down, one per level: (table, index,
+    level, entry), the last one non-present, a huge leaf or at level 1 (`walk` narrowed to
+    one GFN, without its cursors: lookups run on every fault)."""
+    level = pool.level(table)
+    while True:
+        i = (pos >> (9 * (level - 1))) & 511
+        e = int(pool.entries(table)[i])
+        yield table, i, level, e
+        if level == 1 or not e & S.SPTE_MMU_PRESENT or e & S.EPT_PS:
+            return
+        table, level = pool.child(e), level - 1
+
+
 def walk(
     pool: TablePool, table: int, start: int, end: int, min_level: int = 1, post_order: bool = False
 ) -> Iterator[Cursor]:

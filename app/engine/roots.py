@@ -15,7 +15,7 @@ from itertools import repeat
 import numpy as np
 
 from . import spte as S
-from .paging import ENTRIES, Cursor, TablePool, clip, span, walk
+from .paging import ENTRIES, Cursor, TablePool, clip, path, span, walk
 from .trace import NONPRESENT, Link, TraceRing
 
 
@@ -198,24 +198,15 @@ class Mmu:
     # -- walking --------------------------------------------------------------------------------
     def lookup(self, root: Root, pos: int) -> tuple[int, int, int, int]:
         """Deepest existing entry for GFN position `pos`: (table, index, level, entry)."""
-        pool = self.pool
-        table, level = root.table, root.level
-        while True:
-            i = (pos >> (9 * (level - 1))) & 511
-            e = int(pool.entries(table)[i])
-            if level == 1 or not e & S.SPTE_MMU_PRESENT or e & S.EPT_PS:
-                return table, i, level, e
-            table, level = pool.child(e), level - 1
+        *_, last = path(self.pool, root.table, pos)
+        return last
 
     def entry_at(self, root: Root, pos: int, level: int) -> tuple[int, int] | None:
         """(table, index) of the entry at exactly `level` for `pos`, if the walk reaches it."""
-        table, lv = root.table, root.level
-        while lv > level:
-            e = int(self.pool.entries(table)[(pos >> (9 * (lv - 1))) & 511])
-            if not e & S.SPTE_MMU_PRESENT or e & S.EPT_PS:
-                return None
-            table, lv = self.pool.child(e), lv - 1
-        return table, (pos >> (9 * (lv - 1))) & 511
+        for table, i, lv, _e in path(self.pool, root.table, pos):
+            if lv == level:
+                return table, i
+        return None
 
     def table_for(
         self, root: Root, pos: int, level: int, acc: ZapAcc, links: list[Link] | None = None
@@ -342,16 +333,12 @@ class Mmu:
     ) -> int | None:
         """The table at `level` over `pos`, missing tables above built as `table_for` builds
         them; None when a huge leaf above `level` is in the way."""
-        pool = self.pool
-        table, lv = root.table, root.level
-        while lv > level:
-            e = int(pool.entries(table)[(pos >> (9 * (lv - 1))) & 511])
+        for table, _i, lv, e in path(self.pool, root.table, pos):
+            if lv == level:
+                return table
             if not e & S.SPTE_MMU_PRESENT:
                 return self.table_for(root, pos, level, ZapAcc(), links)
-            if e & S.EPT_PS:
-                return None
-            table, lv = pool.child(e), lv - 1
-        return table
+        return None  # the path ended above `level`: a huge leaf
 
     def link_leaf_tables(
         self, root: Root, parent: int, i: int, j: int, base: int

@@ -299,3 +299,21 @@ def test_without_eager_split_huge_leaves_are_write_protected_and_traced_at_their
     assert ch["a"].tolist() == huge
     assert [int(b) for b in ch["b"]] == [h & ~spte.EPT_W for h in huge]
     kit.check(vm)
+
+
+def test_eager_split_goes_on_past_a_2m_leaf_to_a_1g_leaf_in_the_next_level_3_table() -> None:
+    """kvm_mmu_slot_try_split_huge_pages splits every huge leaf of the slot: here a 2M leaf
+    just below 512 GiB and a 1G leaf just above it, each in its own level-3 table, so the
+    walk meets the 2M leaf's table first."""
+    top = 512 * GB
+    vm = Vm.create(kit.DEFAULT, 1)
+    vm.apply(parse("host_map", dict(userspace_addr=kit.HVA + GB, len=GB, page_size=GB)))
+    kit.hugepage(vm, kit.HVA + GB - kit.M2, kit.M2)
+    kit.region(vm, 0, top - kit.M2, GB + kit.M2, kit.HVA + GB - kit.M2)
+    kit.access(vm, top - kit.M2, PAGE, "write")
+    kit.access(vm, top, PAGE, "write")
+    assert kit.pages(vm) == (0, 1, 1)
+    zap = kit.region(vm, 0, top - kit.M2, GB + kit.M2, kit.HVA + GB - kit.M2, kit.LOG_DIRTY)["zap"]
+    assert zap["huge_pages_split"] == 1 + 1 + 512
+    assert kit.pages(vm) == (512 + 512 * 512, 0, 0)
+    kit.check(vm)
