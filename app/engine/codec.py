@@ -611,7 +611,7 @@ def _decode_mmu(vm: Vm, m: dict[str, Any], chunks: Iterator[dict[str, np.ndarray
     mmu.mmu_valid_gen = m["mmu_valid_gen"]
     mmu.pages = list(m["pages"])
     mmu.count_gmem = m["count_gmem"]
-    mmu.roots = {r["id"]: _root_of(r) for r in m["roots"]}
+    mmu.roots = {r["id"]: _root_of(r) for r in sorted(m["roots"], key=lambda r: int(r["id"]))}
     mmu.pool = TablePool.restore_chunks(m["tables_top"], m["tables_free"], chunks)
 
 

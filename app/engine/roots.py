@@ -174,9 +174,11 @@ class Mmu:
     def roots_of(
         self, as_id: int | None = None, role: RootRole | None = None, only_valid: bool = False
     ) -> list[Root]:
+        # `roots` holds them in id order: ids grow as roots are made, a snapshot restores
+        # them sorted, and deleting keeps the order.
         return [
             r
-            for r in sorted(self.roots.values(), key=lambda r: r.id)
+            for r in self.roots.values()
             if (as_id is None or r.as_id == as_id)
             and (role is None or r.role is role)
             and (r.valid or not only_valid)
