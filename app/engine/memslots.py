@@ -13,15 +13,19 @@ import errno
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import uapi
 from .addr import gfn_to_gpa, gpa_to_gfn, offset_to_page, pages_to_size, size_to_pages
+from .dirty import apply_flags
 from .errors import KvmError, einval
 from .op import Op, operation
+from .roots import RootRole
+from .zap import flush_memslot, zap_all_fast
 
 if TYPE_CHECKING:
     from .gmem import GmemTable
+    from .state import KvmState
 
 _PAGE_MASK = uapi.PAGE_SIZE - 1
 _U32_MAX = (1 << 32) - 1
@@ -356,3 +360,128 @@ def check_arch_prepare(change: MemslotChange, *, max_gfn: int, gfn_direct_bits: 
     # Only the last gfn is tested for the TDX shared bit, as in the kernel.
     if last & gfn_direct_bits:
         raise einval(f"last gfn {last:#x} has the TDX shared bit (an alias)")
+
+
+# ------------------------------------------------------------------ KVM_SET_USER_MEMORY_REGION2
+# A plain int: an int & an IntFlag member goes through the enum machinery (the memslot path
+# tests it on every call).
+_LOG_DIRTY = int(uapi.KVM_MEM_LOG_DIRTY_PAGES)
+# A memslot answer's "change" as a plain str (an enum's `.value` is a descriptor call).
+_CHANGE_NAMES = {k: k.value for k in ChangeKind}
+
+
+def set_user_memory_region(vm: KvmState, op: SetUserMemoryRegion) -> dict[str, Any]:
+    change = check_region(
+        op,
+        vm_type=vm.vm_type,
+        spaces=vm.spaces,
+        gmem=vm.gmem,
+        user_addr_end=vm.user_addr_end,
+    )
+    kind, old, new = change.kind, change.old, change.new
+    if kind is ChangeKind.NONE:
+        return {"change": _CHANGE_NAMES[kind], "memslot": _answer_slot(vm, old), "zap": None}
+    if kind is ChangeKind.CREATE:
+        check_arch_prepare(change, max_gfn=vm.max_gfn, gfn_direct_bits=vm.gfn_direct_bits)
+        assert new is not None
+        if new.guest_memfd is not None:
+            vm.gmem.bind(new.guest_memfd, new.guest_memfd_offset, new.npages, (new.as_id, new.id))
+        vm.spaces[new.as_id].install(new)
+        _swap(vm, new.as_id)
+        if new.flags & _LOG_DIRTY:
+            vm.alloc_dirty(new)
+        return {"change": _CHANGE_NAMES[kind], "memslot": _answer_slot(vm, new), "zap": None}
+    if kind is ChangeKind.FLAGS_ONLY:
+        assert old is not None and new is not None
+        space = vm.spaces[old.as_id]
+        space.remove(old.id)
+        space.install(new)
+        _swap(vm, new.as_id)
+        zap = apply_flags(vm, old, new)
+        return {"change": _CHANGE_NAMES[kind], "memslot": _answer_slot(vm, new), "zap": zap}
+    assert old is not None
+    return _delete_or_move(vm, change, old, new)
+
+
+def _delete_or_move(
+    vm: KvmState, change: MemslotChange, old: Memslot, new: Memslot | None
+) -> dict[str, Any]:
+    # DELETE and MOVE: publish the INVALID slot, flush it from the MMU, then finish.
+    space = vm.spaces[old.as_id]
+    old.invalid = True
+    _swap(vm, old.as_id)
+    cause = "memslot_delete" if change.kind is ChangeKind.DELETE else "memslot_move"
+    zap = flush_memslot(vm, old, cause)
+    if change.kind is ChangeKind.MOVE:
+        assert new is not None
+        try:
+            check_arch_prepare(change, max_gfn=vm.max_gfn, gfn_direct_bits=vm.gfn_direct_bits)
+        except KvmError as e:
+            # The kernel restores the old slot; the zap is not undone
+            # (kvm-memslots.md §2.1 V21).
+            old.invalid = False
+            _swap(vm, old.as_id)
+            e.state_changed = True
+            raise
+        space.remove(old.id)
+        space.install(new)
+        key = (old.as_id, old.id)
+        if not new.flags & _LOG_DIRTY:
+            vm.free_dirty(key)
+        elif key not in vm.dirty:
+            vm.alloc_dirty(new)
+        _swap(vm, new.as_id)
+        moved = _answer_slot(vm, new)
+        return {"change": _CHANGE_NAMES[change.kind], "memslot": moved, "zap": zap}
+    space.remove(old.id)
+    vm.free_dirty((old.as_id, old.id))
+    if old.guest_memfd is not None:
+        vm.gmem.unbind(old.guest_memfd, (old.as_id, old.id))
+    _swap(vm, old.as_id)
+    return {"change": _CHANGE_NAMES[change.kind], "memslot": None, "zap": zap}
+
+
+def _answer_slot(vm: KvmState, slot: Memslot | None) -> dict[str, Any] | None:
+    """A memslot answer's view of the slot, unless the caller discards the answer."""
+    return slot_view(vm, slot) if vm.answering else None
+
+
+def slot_view(vm: KvmState, slot: Memslot | None) -> dict[str, Any] | None:
+    if slot is None:
+        return None
+    d: dict[str, Any] = slot.to_dict()
+    d["flag_names"] = uapi.flag_names(uapi.MemFlag, slot.flags)
+    d["mapped"] = slot_mapped(vm, slot)
+    d["dirty_logging"] = (slot.as_id, slot.id) in vm.dirty
+    return d
+
+
+def slot_mapped(vm: KvmState, slot: Memslot) -> dict[str, int]:
+    """Present leaves inside the slot, in 4 KiB pages, per root role."""
+    out = {"shared": 0, "private": 0}
+    for root in vm.mmu.roots.values():  # any order: the counts are summed
+        if root.as_id != slot.as_id:
+            continue
+        bits = vm.gfn_direct_bits if root.role is RootRole.DIRECT else 0
+        n = vm.mmu.mapped_pages(root, slot.base_gfn | bits, slot.end_gfn | bits)
+        if root.role is RootRole.MIRROR:
+            out["private"] += n
+        elif vm.has_private_mem and not vm.is_tdx:
+            priv = vm.mmu.mapped_pages(root, slot.base_gfn, slot.end_gfn, gmem=True)
+            out["private"] += priv
+            out["shared"] += n - priv
+        else:
+            out["shared"] += n
+    out["total"] = out["shared"] + out["private"]
+    return out
+
+
+def _swap(vm: KvmState, as_id: int) -> None:
+    """A new memslot array is published: generation += nr_as (kvm-memslots.md §2.3); if the
+    MMIO generation wraps to 0, a fast zap (kvm-memslots.md §5.4)."""
+    space = vm.spaces[as_id]
+    space.generation += vm.nr_as
+    gen = space.generation & ~(vm.nr_as - 1) & ((1 << 19) - 1)
+    if gen == 0:
+        vm.stats_extra["memslot_generation_wraps"] += 1
+        zap_all_fast(vm, "mmio_gen_wrap")

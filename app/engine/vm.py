@@ -11,7 +11,17 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import accesses, attributes, dirty, gmem, hostmem, hypercall, introspect, tdx_lifecycle, uapi
+from . import (
+    accesses,
+    attributes,
+    dirty,
+    gmem,
+    hostmem,
+    hypercall,
+    introspect,
+    memslots,
+    tdx_lifecycle,
+)
 from . import capabilities as caps
 from . import vcpu as vcpu_ops
 from .attributes import SetMemoryAttributes
@@ -31,16 +41,10 @@ from .host_profile import host_profile
 from .hostmem import HostAdvise, HostDiscard, HostMap, HostWrite
 from .hypercall import CompleteHypercall, Hypercall, TdvmcallMapGpa
 from .memslots import (
-    ChangeKind,
-    Memslot,
-    MemslotChange,
     SetUserMemoryRegion,
-    check_arch_prepare,
-    check_region,
 )
 from .op import Op
 from .revision import ENGINE_REV
-from .roots import RootRole
 from .state import DEFAULT_TABLE_BUDGET, KvmState
 from .stats import stats_view
 from .tdx_lifecycle import TdxFinalizeVm, TdxInitMemRegion, TdxInitVcpu, TdxInitVm
@@ -53,17 +57,9 @@ from .zap import (
     SetZapPolicy,
     destroy,
     explicit_zap,
-    flush_memslot,
     recover_nx_huge_pages,
     set_zap_policy,
-    zap_all_fast,
 )
-
-# A plain int: an int & an IntFlag member goes through the enum machinery (the memslot path
-# tests it on every call).
-_LOG_DIRTY = int(uapi.KVM_MEM_LOG_DIRTY_PAGES)
-# A memslot answer's "change" as a plain str (an enum's `.value` is a descriptor call).
-_CHANGE_NAMES = {k: k.value for k in ChangeKind}
 
 
 class Vm(KvmState):
@@ -143,121 +139,6 @@ class Vm(KvmState):
         return caps.vm_check_extension(cap, self.vm_type)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ memslots
-    def _set_user_memory_region(self, op: SetUserMemoryRegion) -> dict[str, Any]:
-        change = check_region(
-            op,
-            vm_type=self.vm_type,
-            spaces=self.spaces,
-            gmem=self.gmem,
-            user_addr_end=self.user_addr_end,
-        )
-        kind, old, new = change.kind, change.old, change.new
-        if kind is ChangeKind.NONE:
-            return {"change": _CHANGE_NAMES[kind], "memslot": self._answer_slot(old), "zap": None}
-        if kind is ChangeKind.CREATE:
-            check_arch_prepare(change, max_gfn=self.max_gfn, gfn_direct_bits=self.gfn_direct_bits)
-            assert new is not None
-            if new.guest_memfd is not None:
-                self.gmem.bind(
-                    new.guest_memfd, new.guest_memfd_offset, new.npages, (new.as_id, new.id)
-                )
-            self.spaces[new.as_id].install(new)
-            self._swap(new.as_id)
-            if new.flags & _LOG_DIRTY:
-                self.alloc_dirty(new)
-            return {"change": _CHANGE_NAMES[kind], "memslot": self._answer_slot(new), "zap": None}
-        if kind is ChangeKind.FLAGS_ONLY:
-            assert old is not None and new is not None
-            space = self.spaces[old.as_id]
-            space.remove(old.id)
-            space.install(new)
-            self._swap(new.as_id)
-            zap = self._apply_dirty_flags(old, new)
-            return {"change": _CHANGE_NAMES[kind], "memslot": self._answer_slot(new), "zap": zap}
-        assert old is not None
-        return self._delete_or_move(change, old, new)
-
-    def _delete_or_move(
-        self, change: MemslotChange, old: Memslot, new: Memslot | None
-    ) -> dict[str, Any]:
-        # DELETE and MOVE: publish the INVALID slot, flush it from the MMU, then finish.
-        space = self.spaces[old.as_id]
-        old.invalid = True
-        self._swap(old.as_id)
-        cause = "memslot_delete" if change.kind is ChangeKind.DELETE else "memslot_move"
-        zap = flush_memslot(self, old, cause)
-        if change.kind is ChangeKind.MOVE:
-            assert new is not None
-            try:
-                check_arch_prepare(
-                    change, max_gfn=self.max_gfn, gfn_direct_bits=self.gfn_direct_bits
-                )
-            except KvmError as e:
-                # The kernel restores the old slot; the zap is not undone
-                # (kvm-memslots.md §2.1 V21).
-                old.invalid = False
-                self._swap(old.as_id)
-                e.state_changed = True
-                raise
-            space.remove(old.id)
-            space.install(new)
-            key = (old.as_id, old.id)
-            if not new.flags & _LOG_DIRTY:
-                self.free_dirty(key)
-            elif key not in self.dirty:
-                self.alloc_dirty(new)
-            self._swap(new.as_id)
-            moved = self._answer_slot(new)
-            return {"change": _CHANGE_NAMES[change.kind], "memslot": moved, "zap": zap}
-        space.remove(old.id)
-        self.free_dirty((old.as_id, old.id))
-        if old.guest_memfd is not None:
-            self.gmem.unbind(old.guest_memfd, (old.as_id, old.id))
-        self._swap(old.as_id)
-        return {"change": _CHANGE_NAMES[change.kind], "memslot": None, "zap": zap}
-
-    def _answer_slot(self, slot: Memslot | None) -> dict[str, Any] | None:
-        """A memslot answer's view of the slot, unless the caller discards the answer."""
-        return self._slot_dict(slot) if self.answering else None
-
-    def _slot_dict(self, slot: Memslot | None) -> dict[str, Any] | None:
-        if slot is None:
-            return None
-        d: dict[str, Any] = slot.to_dict()
-        d["flag_names"] = uapi.flag_names(uapi.MemFlag, slot.flags)
-        d["mapped"] = self._slot_mapped(slot)
-        d["dirty_logging"] = (slot.as_id, slot.id) in self.dirty
-        return d
-
-    def _slot_mapped(self, slot: Memslot) -> dict[str, int]:
-        """Present leaves inside the slot, in 4 KiB pages, per root role."""
-        out = {"shared": 0, "private": 0}
-        for root in self.mmu.roots.values():  # any order: the counts are summed
-            if root.as_id != slot.as_id:
-                continue
-            bits = self.gfn_direct_bits if root.role is RootRole.DIRECT else 0
-            n = self.mmu.mapped_pages(root, slot.base_gfn | bits, slot.end_gfn | bits)
-            if root.role is RootRole.MIRROR:
-                out["private"] += n
-            elif self.has_private_mem and not self.is_tdx:
-                priv = self.mmu.mapped_pages(root, slot.base_gfn, slot.end_gfn, gmem=True)
-                out["private"] += priv
-                out["shared"] += n - priv
-            else:
-                out["shared"] += n
-        out["total"] = out["shared"] + out["private"]
-        return out
-
-    def _swap(self, as_id: int) -> None:
-        """A new memslot array is published: generation += nr_as (kvm-memslots.md §2.3); if the
-        MMIO generation wraps to 0, a fast zap (kvm-memslots.md §5.4)."""
-        space = self.spaces[as_id]
-        space.generation += self.nr_as
-        gen = space.generation & ~(self.nr_as - 1) & ((1 << 19) - 1)
-        if gen == 0:
-            self.stats_extra["memslot_generation_wraps"] += 1
-            zap_all_fast(self, "mmio_gen_wrap")
-
     # ------------------------------------------------------------------ zapping
     # ------------------------------------------------------------------ MMIO SPTEs
 
@@ -268,9 +149,6 @@ class Vm(KvmState):
     # ------------------------------------------------------------------ guest_memfd
     # ------------------------------------------------------------------ attributes
     # ------------------------------------------------------------------ dirty logging
-
-    def _apply_dirty_flags(self, old: Memslot, new: Memslot) -> dict[str, Any] | None:
-        return dirty.apply_flags(self, old, new)
 
     # ------------------------------------------------------------------ teardown
     # ------------------------------------------------------------------ queries
@@ -300,12 +178,12 @@ class Vm(KvmState):
         out: list[dict[str, Any]] = []
         for space in self.spaces:
             for slot in space:
-                out.append(self._slot_dict(slot) or {})
+                out.append(memslots.slot_view(self, slot) or {})
         return sorted(out, key=lambda d: d["slot"])
 
     def memslot(self, slot: object) -> dict[str, Any]:
         s = self.lookup_slot(slot)
-        return self._slot_dict(s)  # type: ignore[return-value]
+        return memslots.slot_view(self, s)  # type: ignore[return-value]
 
     def vcpus_view(self) -> list[dict[str, Any]]:
         return [self.vcpus[i].to_dict() for i in sorted(self.vcpus)]
@@ -376,7 +254,7 @@ _HANDLERS: dict[type[Op], Callable[[Any, Any], dict[str, Any]]] = {
     CreateVcpu: vcpu_ops.create_vcpu,
     SetVcpuSmm: vcpu_ops.set_vcpu_smm,
     EnableCap: caps.enable_cap,
-    SetUserMemoryRegion: Vm._set_user_memory_region,
+    SetUserMemoryRegion: memslots.set_user_memory_region,
     CreateGuestMemfd: gmem.create_guest_memfd,
     GmemFallocate: gmem.gmem_fallocate,
     GmemClose: gmem.gmem_close,
