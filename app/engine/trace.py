@@ -199,7 +199,7 @@ class TraceRing:
 
     @property
     def nbytes(self) -> int:
-        built = sum(int(c.nbytes) for c in self._cols.values())
+        built = len(self._cols["seq"]) * RECORD.itemsize  # one column per field, one length
         # Recipes never build more than the ring keeps.
         return built + min(self._pending_n, self.capacity) * RECORD.itemsize
 

@@ -187,6 +187,11 @@ def test_the_ring_keeps_the_newest_records_and_numbers_them_all() -> None:
 
 def test_an_idle_ring_holds_little_and_a_zero_capacity_holds_nothing() -> None:
     assert TraceRing().nbytes <= 64 * RECORD.itemsize
+    ring = TraceRing(capacity=300)
+    ring.append(Kind.SPTE_CHANGED, np.arange(200), 1, 0, 0)
+    ring.records()  # built: the columns grew past their first 64 rows
+    columns = sum(int(c.nbytes) for c in ring._cols.values())
+    assert ring.nbytes == columns > 64 * RECORD.itemsize
     off = TraceRing(capacity=0)
     off.append(Kind.SPTE_CHANGED, np.arange(10), 1, 0, 0)
     assert off.written == 0 and len(off.records()) == 0
