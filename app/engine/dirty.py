@@ -96,12 +96,16 @@ def write_protect(
     mask: np.ndarray | None = None,
     base: int = 0,
     min_level: int = 1,
+    max_level: int = 3,
 ) -> int:
     """Clear W on leaves in [start, end) (MMU-writable stays: the fast path may restore W).
     With `mask`, only GFNs whose bit is set (mask indexed by gfn - base); leaves below
-    `min_level` are left alone. Whole leaf tables go a level-2 table at a time."""
+    `min_level` or above `max_level` are left alone. Whole leaf tables go a level-2 table at
+    a time."""
     n = 0
     for blk in vm.mmu.leaf_blocks(root, start, end, min_level):
+        if blk.level > max_level:
+            continue
         ent = vm.mmu.pool.read_rows(blk.rows)
         sl = ent[:, blk.lo : blk.hi]
         leaf = _leaves(sl, blk.level)
@@ -152,11 +156,54 @@ def clear_dirty_bits(
 
 
 def rearm(vm: KvmState, root: Root, s: Memslot, mask: np.ndarray) -> int:
-    """kvm_arch_mmu_enable_log_dirty_pt_masked: clear D with PML, else write-protect."""
+    """kvm_arch_mmu_enable_log_dirty_pt_masked: with KVM_DIRTY_LOG_INITIALLY_SET the huge
+    leaves over each 64-page word's first and last page are write-protected, PML or not, so
+    the next write splits them (engine revision 3; before it, PML left them writable and
+    their writes unlogged); then the masked pages: clear D with PML, else write-protect
+    (revision 3: 4K leaves only, as kvm_tdp_mmu_clear_dirty_pt_masked)."""
+    wp, rev3 = 0, vm.engine_rev >= 3
+    if rev3 and vm.manual_dirty_log & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
+        for gfn in _word_ends(mask, s.base_gfn):
+            wp += protect_huge_gfn(vm, root, gfn)
     if vm.host_profile.enable_pml:
         clear_dirty_bits(vm, root, s.base_gfn, s.end_gfn, mask, s.base_gfn)
-        return 0  # nothing write-protected
-    return write_protect(vm, root, s.base_gfn, s.end_gfn, mask, s.base_gfn)
+        return wp
+    top = 1 if rev3 else 3
+    return wp + write_protect(vm, root, s.base_gfn, s.end_gfn, mask, s.base_gfn, max_level=top)
+
+
+def _word_ends(mask: np.ndarray, base_gfn: int) -> list[int]:
+    """Per 64-page word with bits set, its first and last set page as GFNs (the second only
+    when it lies in another 2 MiB region, as the kernel checks with ALIGN)."""
+    words = -(-len(mask) // 64)
+    padded = np.zeros(words * 64, dtype=bool)
+    padded[: len(mask)] = mask
+    rows = padded.reshape(words, 64)
+    hit = np.flatnonzero(rows.any(axis=1))
+    first = hit * 64 + np.argmax(rows[hit], axis=1)
+    last = hit * 64 + 63 - np.argmax(rows[hit, ::-1], axis=1)
+    out: list[int] = []
+    for a, b in zip((base_gfn + first).tolist(), (base_gfn + last).tolist(), strict=True):
+        out.append(a)
+        if -(-a // 512) != -(-b // 512):  # ALIGN(start, PMD_SIZE) != ALIGN(end, PMD_SIZE)
+            out.append(b)
+    return out
+
+
+def protect_huge_gfn(vm: KvmState, root: Root, gfn: int) -> int:
+    """kvm_mmu_slot_gfn_write_protect(…, PG_LEVEL_2M) → write_protect_gfn: a huge leaf over
+    `gfn` loses W and MMU-writable, so a write faults and the fast path cannot restore W.
+    Returns 1 if it changed."""
+    table, i, level, e = vm.mmu.lookup(root, gfn)
+    if level < 2 or not e & S.SPTE_MMU_PRESENT or not e & S.EPT_PS:
+        return 0
+    new = e & ~(S.EPT_W | S.EPT_MMU_WRITABLE)
+    if new == e:
+        return 0
+    head = gfn & ~(span(level) - 1)
+    vm.mmu.trace.spte_changed(root.as_id, head, level, e, new)
+    vm.mmu.pool.entries(table)[i] = np.uint64(new)
+    return 1
 
 
 def apply_flags(vm: KvmState, old: Memslot, new: Memslot) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 ACCESS_KINDS = ("read", "write", "exec")
 _LOG_DIRTY = int(KVM_MEM_LOG_DIRTY_PAGES)  # plain ints: IntFlag arithmetic is slow on hot paths
 _READONLY = int(KVM_MEM_READONLY)
+_U_HOST_WRITABLE = np.uint64(S.EPT_HOST_WRITABLE)
 LEVEL_NAMES = {1: "4k", 2: "2m", 3: "1g"}
 _ARANGE = np.arange(512, dtype=np.uint64)
 _ARANGE_I = np.arange(512, dtype=np.int64)
@@ -410,7 +411,7 @@ class FaultPath:
         huge leaves of dirty-logged slots), an exec finds its child executable
         (RET_PF_SPURIOUS). The rest of the run are present leaves the guest touches next."""
         vm, mmu = self.vm, self.vm.mmu
-        if self.write and not huge & S.EPT_MMU_WRITABLE:
+        if self.write and not huge & S.EPT_HOST_WRITABLE:
             raise mmio_exit(gfn_to_gpa(gfn), 8, True)  # read-only host mapping
         pfn = ((huge & S.SPTE_BASE_ADDR_MASK) >> S.PFN_SHIFT) + (gfn & (span(level) - 1))
         mmu.trace.append(Kind.SPTE_REQUESTED, pos, 1, pfn)  # kvm_mmu_spte_requested
@@ -422,7 +423,9 @@ class FaultPath:
         ent = mmu.pool.entries(table)
         old = int(ent[lo])
         if self.write and not old & S.EPT_W:
-            new = old | S.EPT_W | S.EPT_A  # make_spte; the write then sets D
+            # make_spte (W and MMU-writable: a leaf write-protected by write_protect_gfn
+            # lost both); the write then sets D.
+            new = old | S.EPT_W | S.EPT_MMU_WRITABLE | S.EPT_A
             mmu.trace.spte_changed(root.as_id, pos, 1, old, new)
             mmu.trace.append(Kind.SET_SPTE, pos, 1, new, sptep(table, lo))
             ent[lo] = np.uint64(new | S.EPT_D)
@@ -542,6 +545,7 @@ class FaultPath:
         vm, res = self.vm, self.res
         ent = vm.mmu.pool.entries(table)[lo : lo + count]
         mask = np.ones(len(ent), dtype=bool)
+        remapped = False
         if skip is not None:
             mask[skip] = False
         if self.prefetch:
@@ -554,23 +558,66 @@ class FaultPath:
                 vm.pml_log(slot, gfn + np.flatnonzero(clean))
             wp = mask & ((ent & S.U_W) == 0)
             if np.any(wp):
-                if np.any(wp & ((ent & S.U_MMU_WRITABLE) == 0)):
-                    raise mmio_exit(gfn_to_gpa(gfn), 8, True)  # read-only host mapping
-                idx = np.flatnonzero(wp)
-                ent[idx] |= S.U_W | S.U_D
-                n = len(idx) * span(level)
-                res.wp_fixed += n
-                vm.vstat(self.vcpu, "pf_fast", len(idx))
-                self.fault(len(idx))
-                if slot.flags & _LOG_DIRTY and level == 1:
-                    vm.mark_dirty(slot, gfn + idx)
+                remapped = self._write_protected(root, table, lo, level, slot, gfn, wp, mask)
             ent[mask] |= S.U_A | S.U_D
         elif not self.prefetch:
             ent[mask] |= S.U_A
-        n_present = int(np.count_nonzero(mask)) if level == 1 else touched
+        n_present = int(np.count_nonzero(mask)) if level == 1 else 0 if remapped else touched
         res.spurious += n_present
         if level > 1:
             res.pages += touched
+
+    def _write_protected(
+        self,
+        root: Root,
+        table: int,
+        lo: int,
+        level: int,
+        slot: Memslot,
+        gfn: int,
+        wp: np.ndarray,
+        mask: np.ndarray,
+    ) -> bool:
+        """A write to the write-protected leaves `wp` of entries lo, lo+1, …: the fast path
+        restores W where MMU-writable stayed; the slow path maps again those that lost it too
+        (taken off `mask`; returns whether there were any); a read-only host mapping exits."""
+        vm = self.vm
+        ent = vm.mmu.pool.entries(table)[lo : lo + len(wp)]
+        if np.any(wp & ((ent & _U_HOST_WRITABLE) == 0)):
+            raise mmio_exit(gfn_to_gpa(gfn), 8, True)  # read-only host mapping
+        slow = wp & ((ent & S.U_MMU_WRITABLE) == 0)
+        if np.any(slow):  # write_protect_gfn took MMU-writable too: no fast path
+            self._remap_writable(root, table, lo, np.flatnonzero(slow), level, slot, gfn)
+            wp &= ~slow
+            mask &= ~slow
+        idx = np.flatnonzero(wp)
+        ent[idx] |= S.U_W | S.U_D
+        self.res.wp_fixed += len(idx) * span(level)
+        vm.vstat(self.vcpu, "pf_fast", len(idx))
+        self.fault(len(idx))
+        if slot.flags & _LOG_DIRTY and level == 1:
+            vm.mark_dirty(slot, gfn + idx)
+        return bool(np.any(slow))
+
+    def _remap_writable(
+        self, root: Root, table: int, lo: int, idx: np.ndarray, level: int, slot: Memslot, gfn: int
+    ) -> None:
+        """Writes to leaves `idx` (of entries lo, lo+1, …) that lost MMU-writable: the fast
+        path declines them, the slow path makes each writable again (make_spte; RET_PF_FIXED)
+        and the page is logged."""
+        vm = self.vm
+        ent = vm.mmu.pool.entries(table)
+        at = lo + idx
+        old = ent[at].copy()
+        new = old | S.U_W | S.U_MMU_WRITABLE | S.U_A
+        base = vm.mmu.pool.gfn(table)
+        vm.mmu.trace.leaves_set(root.as_id, table, at, base, level, old, new)
+        ent[at] = new | S.U_D
+        first = gfn if level == 1 else gfn & ~(span(level) - 1)
+        for a, b in index_runs(idx):
+            self._mapped(first + a * span(level), first + b * span(level), level, b - a)
+        if slot.flags & _LOG_DIRTY and level == 1:
+            vm.mark_dirty(slot, gfn + idx)
 
     def _mapped(self, start: int, end: int, level: int, leaves: int = 1) -> None:
         """[start, end) mapped: at 4K, or by `leaves` huge leaves of `level`."""

@@ -13,6 +13,7 @@ import httpx
 from sqlalchemy import create_engine, text
 
 from app.config import Settings
+from app.engine.revision import ENGINE_REV
 from app.services.vms import VmService
 
 from .helpers import HVA, MiB, assert_errno, new_vm, ok, put_slot
@@ -99,11 +100,11 @@ async def test_what_if_host_variants(client: httpx.AsyncClient) -> None:
 async def test_a_vm_replays_under_the_revision_it_was_created_with(
     make_client: Callable[..., Any], client: httpx.AsyncClient, settings: Settings
 ) -> None:
-    """New VMs journal engine revision 2 (a write under a write-protected huge leaf splits it,
-    tdp_mmu_split_huge_page); a creation record from before revisions replays as revision 1
-    (the leaf was zapped), so old journals keep reaching the state they had."""
+    """New VMs journal the latest engine revision (from 2 on, a write under a write-protected
+    huge leaf splits it, tdp_mmu_split_huge_page); a creation record from before revisions
+    replays as revision 1 (the leaf was zapped), so old journals keep reaching that state."""
     vm = await new_vm(client, host={"eager_page_split": False})
-    assert ok(await client.get(f"/v1/vms/{vm}"))["engine_rev"] == 2
+    assert ok(await client.get(f"/v1/vms/{vm}"))["engine_rev"] == ENGINE_REV
     await thp_slot(client, vm)
     access = f"/v1/vms/{vm}/vcpus/0/accesses"
     ok(await client.post(access, json={"gpa": 0, "size": 4 * MiB, "access": "write"}))
@@ -126,7 +127,7 @@ async def test_a_vm_replays_under_the_revision_it_was_created_with(
     with engine.begin() as conn:
         row = conn.execute(text("SELECT create_args FROM vms WHERE id = :id"), {"id": vm}).one()
         args = json.loads(row[0]) if isinstance(row[0], str) else dict(row[0])
-        assert args.pop("engine_rev") == 2
+        assert args.pop("engine_rev") == ENGINE_REV
         conn.execute(
             text("UPDATE vms SET create_args = :a WHERE id = :id"),
             {"a": json.dumps(args), "id": vm},

@@ -151,6 +151,12 @@ def _bitmap(nbits: int, set_bits: list[int]) -> str:
     return base64.b64encode(b"".join(w.to_bytes(8, "little") for w in words)).decode()
 
 
+def _bits(log: dict) -> list[int]:
+    """The set bits of a GET_DIRTY_LOG answer's bitmap (base64, little-endian words)."""
+    raw = base64.b64decode(log["bitmap"])
+    return [i for i in range(len(raw) * 8) if raw[i // 8] >> (i % 8) & 1]
+
+
 def _last(vm: Vm, gpa: int) -> dict:
     (root,) = vm.translate(gpa)["roots"]
     return root["walk"][-1]
@@ -193,11 +199,18 @@ def test_pml_clear_dirty_log_clears_d_on_exactly_the_pages_of_its_set_bits() -> 
     kit.check(vm)
 
 
-def test_pml_clear_dirty_log_skips_a_huge_leaf_and_clears_the_4k_leaves_after_it() -> None:
-    """kvm_tdp_mmu_clear_dirty_pt_masked walks the masked GFNs and passes over every leaf
-    above 4K, going on to the next: with INITIALLY_SET and no eager split a 2M leaf mapped
-    before logging stays whole with its D bit, while the 4K leaves written after it lose D."""
+@pytest.mark.parametrize("rev", [2, 3])
+def test_pml_clear_dirty_log_write_protects_a_huge_leaf_and_clears_the_4k_leaves_after_it(
+    rev: int,
+) -> None:
+    """kvm_arch_mmu_enable_log_dirty_pt_masked with INITIALLY_SET: the huge leaves over each
+    word's first and last page are write-protected, W and MMU-writable, PML or not
+    (kvm_mmu_slot_gfn_write_protect at PG_LEVEL_2M); then kvm_tdp_mmu_clear_dirty_pt_masked
+    passes over every leaf above 4K and clears D on the 4K leaves. A write under the huge
+    leaf then faults, splits it and is logged. Engine revision 2 left the 2M leaf writable:
+    its writes were never logged (kept for journals written under it)."""
     vm = _manual_pml_vm(manual=3, eager=False)  # MANUAL_PROTECT | INITIALLY_SET
+    vm.set_engine_rev(rev)
     kit.hugepage(vm, HVA, 4 * MB)
     kit.region(vm, 0, 0, 4 * MB, HVA)
     kit.access(vm, 0, 2 * MB, "write")
@@ -211,13 +224,20 @@ def test_pml_clear_dirty_log_skips_a_huge_leaf_and_clears_the_4k_leaves_after_it
             dict(slot=0, first_page=0, num_pages=1024, bitmap=_bitmap(1024, list(range(1024)))),
         )
     )
-    assert out == {"cleared": 1024, "sptes_write_protected": 0}
     huge = _last(vm, 0)
     assert (huge["level"], huge["dirty"]) == (2, True)
     assert not any(_last(vm, 2 * MB + p * kit.PAGE)["dirty"] for p in range(64))
     before = vm.stats()["pml_entries"]
     kit.access(vm, 2 * MB, 64 * kit.PAGE, "write")
     assert vm.stats()["pml_entries"] - before == 64
+    if rev == 2:
+        assert out == {"cleared": 1024, "sptes_write_protected": 0} and huge["w"]
+    else:
+        assert out == {"cleared": 1024, "sptes_write_protected": 1}
+        assert not huge["w"] and not huge["mmu_writable"]
+        kit.access(vm, 5 * kit.PAGE, 8, "write")  # under the 2M leaf: faults, splits, logged
+        log = vm.apply(parse("get_dirty_log", {"slot": 0}))
+        assert 5 in _bits(log) and kit.pages(vm)[1] == 0
     kit.check(vm)
 
 
