@@ -175,19 +175,26 @@ def rearm(vm: KvmState, root: Root, s: Memslot, mask: np.ndarray) -> int:
 def _word_ends(mask: np.ndarray, base_gfn: int) -> list[int]:
     """Per 64-page word with bits set, its first and last set page as GFNs (the second only
     when it lies in another 2 MiB region, as the kernel checks with ALIGN)."""
-    words = -(-len(mask) // 64)
-    padded = np.zeros(words * 64, dtype=bool)
-    padded[: len(mask)] = mask
-    rows = padded.reshape(words, 64)
-    hit = np.flatnonzero(rows.any(axis=1))
-    first = hit * 64 + np.argmax(rows[hit], axis=1)
-    last = hit * 64 + 63 - np.argmax(rows[hit, ::-1], axis=1)
+    first, last = _first_last_per_word(mask)
     out: list[int] = []
     for a, b in zip((base_gfn + first).tolist(), (base_gfn + last).tolist(), strict=True):
         out.append(a)
         if -(-a // 512) != -(-b // 512):  # ALIGN(start, PMD_SIZE) != ALIGN(end, PMD_SIZE)
             out.append(b)
     return out
+
+
+def _first_last_per_word(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each 64-page word of `mask` with bits set (__ffs / __fls of the kernel's words),
+    the index of its first and of its last set page."""
+    words = -(-len(mask) // 64)
+    padded = np.zeros(words * 64, dtype=bool)
+    padded[: len(mask)] = mask
+    grid = padded.reshape(words, 64)
+    rows = np.flatnonzero(grid.any(axis=1))
+    first = rows * 64 + np.argmax(grid[rows], axis=1)
+    last = rows * 64 + 63 - np.argmax(grid[rows, ::-1], axis=1)
+    return first, last
 
 
 def protect_huge_gfn(vm: KvmState, root: Root, gfn: int) -> int:
@@ -389,13 +396,7 @@ def clear_dirty_log(
 def _word_spans(mask: np.ndarray) -> list[tuple[int, int]]:
     """Per 64-page word with bits set, [first set, last set] (what the kernel splits with
     INITIALLY_SET: kvm_arch_mmu_enable_log_dirty_pt_masked), touching spans merged."""
-    words = -(-len(mask) // 64)
-    padded = np.zeros(words * 64, dtype=bool)
-    padded[: len(mask)] = mask
-    grid = padded.reshape(words, 64)
-    rows = np.flatnonzero(grid.any(axis=1))
-    first = rows * 64 + np.argmax(grid[rows], axis=1)
-    last = rows * 64 + 63 - np.argmax(grid[rows, ::-1], axis=1)
+    first, last = _first_last_per_word(mask)
     spans: list[tuple[int, int]] = []
     for a, b in zip(first.tolist(), (last + 1).tolist(), strict=True):
         if spans and spans[-1][1] == a:

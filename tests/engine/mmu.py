@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
@@ -41,6 +42,18 @@ def leaf(vm: Vm, gpa: int) -> dict | None:
     (root,) = vm.translate(gpa)["roots"]
     last = root["walk"][-1]
     return last if last.get("present") and last.get("leaf") else None
+
+
+def last_entry(vm: Vm, gpa: int) -> dict:
+    """The deepest entry of the walk of `gpa` (one root), decoded."""
+    (root,) = vm.translate(gpa)["roots"]
+    return root["walk"][-1]
+
+
+def dirty_bits_set(log: dict) -> list[int]:
+    """The set bits of a GET_DIRTY_LOG answer's bitmap (base64, little-endian words)."""
+    raw = base64.b64decode(log["bitmap"])
+    return [i for i in range(len(raw) * 8) if raw[i // 8] >> (i % 8) & 1]
 
 
 def pages(vm: Vm) -> tuple[int, int, int]:

@@ -67,23 +67,13 @@ def thp_vm(pml: bool, manual: int, huge: int = 1) -> Vm:
     return vm
 
 
-def _set_bits(log: dict) -> list[int]:
-    raw = base64.b64decode(log["bitmap"])
-    return [i for i in range(len(raw) * 8) if raw[i // 8] >> (i % 8) & 1]
-
-
-def _leaf(vm: Vm, gpa: int) -> dict:
-    (root,) = vm.translate(gpa)["roots"]
-    return root["walk"][-1]
-
-
 def test_protect_huge_gfn_takes_w_and_mmu_writable_once_and_traces_the_leaf_head() -> None:
     vm = thp_vm(pml=False, manual=3)
     (root,) = vm.mmu.roots_of()
-    old = int(_leaf(vm, 0)["raw"], 16)
+    old = int(kit.last_entry(vm, 0)["raw"], 16)
     mark = vm.mmu.trace.written
     assert protect_huge_gfn(vm, root, 301) == 1  # a page inside the leaf, not its head
-    leaf = _leaf(vm, 0)
+    leaf = kit.last_entry(vm, 0)
     assert (leaf["level"], leaf["w"], leaf["mmu_writable"]) == (2, False, False)
     rec = vm.mmu.trace.records(after=mark)
     assert len(rec) == 1 and Kind(int(rec["kind"][0])) is Kind.SPTE_CHANGED
@@ -92,7 +82,7 @@ def test_protect_huge_gfn_takes_w_and_mmu_writable_once_and_traces_the_leaf_head
     assert protect_huge_gfn(vm, root, 0) == 0  # already protected: nothing changes
     assert vm.mmu.trace.written == mark + 1
     kit.access(vm, 2 * MB, kit.PAGE, "write")  # a 4K leaf: left alone
-    assert protect_huge_gfn(vm, root, 512) == 0 and _leaf(vm, 2 * MB)["w"]
+    assert protect_huge_gfn(vm, root, 512) == 0 and kit.last_entry(vm, 2 * MB)["w"]
     assert protect_huge_gfn(vm, root, 1 << 20) == 0  # nothing mapped there
 
 
@@ -107,13 +97,13 @@ def test_get_dirty_log_without_initially_set_write_protects_4k_leaves_only(rev: 
     kit.access(vm, 2 * MB, 8 * kit.PAGE, "write")  # 4K leaves, logged
     vm.apply(parse("enable_cap", dict(cap=kit.MANUAL_PROTECT_CAP, args=[0])))
     log = vm.apply(parse("get_dirty_log", {"slot": 0}))
-    huge = _leaf(vm, 0)
+    huge = kit.last_entry(vm, 0)
     if rev == 3:
         assert log["sptes_write_protected"] == 8 and huge["w"]
     else:
         assert log["sptes_write_protected"] == 9 and not huge["w"]
     assert huge["mmu_writable"]
-    assert not any(_leaf(vm, 2 * MB + p * kit.PAGE)["w"] for p in range(8))
+    assert not any(kit.last_entry(vm, 2 * MB + p * kit.PAGE)["w"] for p in range(8))
     kit.check(vm)
 
 
@@ -136,9 +126,9 @@ def test_clear_dirty_log_protects_each_huge_leaf_its_words_touch(pml: bool) -> N
     )
     assert out == {"cleared": 2, "sptes_write_protected": 2}
     for gpa in (0, 2 * MB):
-        leaf = _leaf(vm, gpa)
+        leaf = kit.last_entry(vm, gpa)
         assert (leaf["level"], leaf["w"], leaf["mmu_writable"]) == (2, False, False)
     kit.access(vm, 2 * MB + 9 * kit.PAGE, 8, "write")  # faults, splits, logged
     log = vm.apply(parse("get_dirty_log", {"slot": 0}))
-    assert 512 + 9 in _set_bits(log) and kit.pages(vm)[1] == 1
+    assert 512 + 9 in kit.dirty_bits_set(log) and kit.pages(vm)[1] == 1
     kit.check(vm)

@@ -151,17 +151,6 @@ def _bitmap(nbits: int, set_bits: list[int]) -> str:
     return base64.b64encode(b"".join(w.to_bytes(8, "little") for w in words)).decode()
 
 
-def _bits(log: dict) -> list[int]:
-    """The set bits of a GET_DIRTY_LOG answer's bitmap (base64, little-endian words)."""
-    raw = base64.b64decode(log["bitmap"])
-    return [i for i in range(len(raw) * 8) if raw[i // 8] >> (i % 8) & 1]
-
-
-def _last(vm: Vm, gpa: int) -> dict:
-    (root,) = vm.translate(gpa)["roots"]
-    return root["walk"][-1]
-
-
 def _manual_pml_vm(manual: int, eager: bool = True) -> Vm:
     vm = Vm.create(kit.DEFAULT, 1, host={"enable_pml": True, "eager_page_split": eager})
     vm.apply(parse("enable_cap", dict(cap=kit.MANUAL_PROTECT_CAP, args=[manual])))
@@ -186,7 +175,7 @@ def test_pml_clear_dirty_log_clears_d_on_exactly_the_pages_of_its_set_bits() -> 
         )
     )
     assert out == {"cleared": 65, "sptes_write_protected": 0}
-    leaves = [_last(vm, base + p * kit.PAGE) for p in range(npages)]
+    leaves = [kit.last_entry(vm, base + p * kit.PAGE) for p in range(npages)]
     assert [p for p, e in enumerate(leaves) if not e["dirty"]] == cleared
     assert all(e["w"] and e["level"] == 1 for e in leaves)
     # The next writes are logged by the CPU only where D was cleared: no fault at all.
@@ -224,9 +213,9 @@ def test_pml_clear_dirty_log_write_protects_a_huge_leaf_and_clears_the_4k_leaves
             dict(slot=0, first_page=0, num_pages=1024, bitmap=_bitmap(1024, list(range(1024)))),
         )
     )
-    huge = _last(vm, 0)
+    huge = kit.last_entry(vm, 0)
     assert (huge["level"], huge["dirty"]) == (2, True)
-    assert not any(_last(vm, 2 * MB + p * kit.PAGE)["dirty"] for p in range(64))
+    assert not any(kit.last_entry(vm, 2 * MB + p * kit.PAGE)["dirty"] for p in range(64))
     before = vm.stats()["pml_entries"]
     kit.access(vm, 2 * MB, 64 * kit.PAGE, "write")
     assert vm.stats()["pml_entries"] - before == 64
@@ -237,7 +226,7 @@ def test_pml_clear_dirty_log_write_protects_a_huge_leaf_and_clears_the_4k_leaves
         assert not huge["w"] and not huge["mmu_writable"]
         kit.access(vm, 5 * kit.PAGE, 8, "write")  # under the 2M leaf: faults, splits, logged
         log = vm.apply(parse("get_dirty_log", {"slot": 0}))
-        assert 5 in _bits(log) and kit.pages(vm)[1] == 0
+        assert 5 in kit.dirty_bits_set(log) and kit.pages(vm)[1] == 0
     kit.check(vm)
 
 
@@ -250,8 +239,8 @@ def test_pml_enabling_logging_clears_d_only_inside_the_slot() -> None:
     kit.region(vm, 1, 64 * kit.PAGE, 64 * kit.PAGE, HVA + MB)
     kit.access(vm, 0, 128 * kit.PAGE, "write")
     kit.region(vm, 0, 0, 64 * kit.PAGE, HVA, LOG_DIRTY)
-    assert not any(_last(vm, p * kit.PAGE)["dirty"] for p in range(64))
-    assert all(_last(vm, p * kit.PAGE)["dirty"] for p in range(64, 128))
+    assert not any(kit.last_entry(vm, p * kit.PAGE)["dirty"] for p in range(64))
+    assert all(kit.last_entry(vm, p * kit.PAGE)["dirty"] for p in range(64, 128))
     kit.check(vm)
 
 
@@ -269,7 +258,7 @@ def test_pml_get_dirty_log_clears_d_only_on_4k_leaves_under_harvested_bits() -> 
     vm.apply(parse("enable_cap", dict(cap=kit.MANUAL_PROTECT_CAP, args=[0])))
     log = vm.apply(parse("get_dirty_log", {"slot": 0}))
     assert (log["dirty_count"], log["sptes_write_protected"]) == (1024, 0)
-    huge = _last(vm, 0)
+    huge = kit.last_entry(vm, 0)
     assert (huge["level"], huge["dirty"], huge["w"]) == (2, True, True)
-    assert not any(_last(vm, 2 * MB + p * kit.PAGE)["dirty"] for p in range(8))
+    assert not any(kit.last_entry(vm, 2 * MB + p * kit.PAGE)["dirty"] for p in range(8))
     kit.check(vm)
