@@ -195,6 +195,21 @@ class TablePool:
     def child(self, entry: int) -> int:
         return S.pfn_of(entry) - S.TABLE_PFN_BASE
 
+    @staticmethod
+    def children(entries: np.ndarray) -> np.ndarray:
+        """`child` of each non-leaf entry of `entries`: the rows they link (int64)."""
+        rows: np.ndarray = (
+            ((entries & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)
+        ).astype(np.int64)
+        return rows
+
+    @staticmethod
+    def links(rows: np.ndarray) -> np.ndarray:
+        """The non-leaf SPTEs that point at tables `rows` (`children`' inverse)."""
+        pfns = np.uint64(S.TABLE_PFN_BASE) + rows.astype(np.uint64)
+        out: np.ndarray = (pfns << S.U_SHIFT) | np.uint64(S.nonleaf_spte(0))
+        return out
+
     # -- snapshots --------------------------------------------------------------------------
     def export_chunks(self) -> Iterator[dict[str, np.ndarray]]:
         """The live rows chunk by chunk (views where a chunk is full): a snapshot writes them

@@ -271,9 +271,7 @@ class Mmu:
         if self.count_gmem and level == 2:
             gmem = ((old & S.U_ADDR) >> S.U_SHIFT) >= np.uint64(S.GMEM_PFN_BASE)
             root.gmem_leaves += 512 * int(np.count_nonzero(gmem))
-        links = ((np.uint64(S.TABLE_PFN_BASE) + rows.astype(np.uint64)) << S.U_SHIFT) | np.uint64(
-            S.nonleaf_spte(0)
-        )
+        links = TablePool.links(rows)
         self.trace.huge_splits(root.as_id, base.astype(np.uint64), level, old, links)
         ent[idx] = links
         n = len(idx)
@@ -309,7 +307,7 @@ class Mmu:
             return table, i, i + k, None, None
         tables = present & ((ent & S.U_PS) == 0)
         k = int(np.argmin(tables)) if not tables.all() else len(ent)
-        rows = (((ent[:k] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(np.int64)
+        rows = TablePool.children(ent[:k])
         old = pool.read_rows(rows)
         full = ((old & S.U_PRESENT) != 0).any(axis=1)
         k = int(np.argmax(full)) if full.any() else k
@@ -352,8 +350,7 @@ class Mmu:
         rows = self.pool.alloc_rows(1, gfns, root.id)
         ent = self.pool.entries(parent)
         old = ent[i:j].copy()
-        pfns = np.uint64(S.TABLE_PFN_BASE) + rows.astype(np.uint64)
-        new = (pfns << S.U_SHIFT) | np.uint64(S.nonleaf_spte(0))
+        new = TablePool.links(rows)
         ent[i:j] = new
         return rows, old, new
 
@@ -468,7 +465,7 @@ class Mmu:
         ent = pool.entries(table)
         sub = ent[a:b]
         pos = a + np.flatnonzero(((sub & S.U_PRESENT) != 0) & ((sub & S.U_PS) == 0))
-        rows = (((ent[pos] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(np.int64)
+        rows = TablePool.children(ent[pos])
         traced = self.trace.enabled and not self._untraced
         old: np.ndarray | None = None
         if leafs_only or self.count_gmem or traced:
@@ -497,20 +494,18 @@ class Mmu:
     ) -> None:
         """Present leaves `leaf` of leaf tables `rows` (entries `old`) go non-present; with
         `old` None the tables are freed right after and keep their entries."""
+        per = np.count_nonzero(leaf, axis=1)
         if old is not None:
             if self.count_gmem:
                 pfns = (old & S.U_ADDR) >> S.U_SHIFT
                 gmem = leaf & (pfns >= np.uint64(S.GMEM_PFN_BASE))
                 root.gmem_leaves -= int(np.count_nonzero(gmem))
-            per = np.count_nonzero(leaf, axis=1)
             if self.trace.enabled and not self._untraced:
                 self.trace.leaves_zapped(root.as_id, bases, old, leaf, per)
             if n == leaf.size:
                 self.pool.fill_rows(rows, S.NONPRESENT)
             else:
                 self.pool.write_rows(rows, np.where(leaf, S.NONPRESENT, old))
-        else:
-            per = np.count_nonzero(leaf, axis=1)
         root.leaves[1] -= n
         self.pages[1] -= n
         acc.count(root.role, 1, n)
@@ -578,9 +573,7 @@ class Mmu:
                 continue
             sl = pool.entries(cur.table)[cur.lo : cur.hi]
             kids = np.flatnonzero(((sl & S.U_PRESENT) != 0) & ((sl & S.U_PS) == 0))
-            rows = (((sl[kids] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(
-                np.int64
-            )
+            rows = TablePool.children(sl[kids])
             bases = cur.base + (cur.lo + kids) * ENTRIES
             inside = np.flatnonzero((bases >= start) & (bases + ENTRIES <= end))
             # The general path (bulk off) takes each leaf table alone.
@@ -602,24 +595,15 @@ class Mmu:
         pages with `gmem`). Leaf tables wholly inside are counted a level-2 table at a time."""
         pool, n = self.pool, 0
         floor = S.GMEM_PFN_BASE if gmem else None
-        for cur in walk(pool, root.table, start, end, min_level=2):
-            sl = pool.entries(cur.table)[cur.lo : cur.hi]
-            present = (sl & S.U_PRESENT) != 0
-            huge = (sl & S.U_PS) != 0
-            n += _count(sl, present & huge, floor) * span(cur.level)
-            if cur.level != 2:
+        for blk in self.leaf_blocks(root, start, end):
+            if blk.level == 1 and (blk.lo, blk.hi) == (0, ENTRIES):  # whole tables, not copied
+                n += int(pool.present_counts(blk.rows, floor).sum())
                 continue
-            kids = np.flatnonzero(present & ~huge)
-            bases = cur.base + (cur.lo + kids) * ENTRIES
-            inside = (bases >= start) & (bases + ENTRIES <= end)
-            rows = (((sl[kids] & S.U_ADDR) >> S.U_SHIFT) - np.uint64(S.TABLE_PFN_BASE)).astype(
-                np.int64
-            )
-            n += int(pool.present_counts(rows[inside], floor).sum())
-            for row, b in zip(rows[~inside].tolist(), bases[~inside].tolist(), strict=True):
-                lo, hi = clip(b, 1, start, end)
-                e = pool.entries(row)[lo:hi]
-                n += _count(e, (e & S.U_PRESENT) != 0, floor)
+            sl = pool.read_rows(blk.rows)[:, blk.lo : blk.hi]
+            leaf = (sl & S.U_PRESENT) != 0
+            if blk.level > 1:
+                leaf &= (sl & S.U_PS) != 0
+            n += _count(sl, leaf, floor) * span(blk.level)
         return n
 
 

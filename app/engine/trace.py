@@ -593,7 +593,7 @@ def _leaf_group(
 ) -> _Node:
     """The removed leaf tables linked at entries `kids` of a level-2 table: every entry of
     each traced under the read lock, its present ones under the write lock."""
-    rows = (((ent[kids] & S.U_ADDR) >> S.U_SHIFT) - _U(S.TABLE_PFN_BASE)).astype(np.int64)
+    rows = TablePool.children(ent[kids])
     if shared:
         counts = np.full(len(rows), ENTRIES, dtype=np.int64)
     else:
