@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from .memslots import Memslot
     from .state import KvmState
 
-_NOT_W = ~np.uint64(S.EPT_W)
-
 
 def _direct_roots(vm: KvmState, as_id: int) -> list[Root]:
     return vm.mmu.roots_of(as_id, RootRole.DIRECT)
@@ -100,8 +98,35 @@ def write_protect(
 ) -> int:
     """Clear W on leaves in [start, end) (MMU-writable stays: the fast path may restore W).
     With `mask`, only GFNs whose bit is set (mask indexed by gfn - base); leaves below
-    `min_level` or above `max_level` are left alone. Whole leaf tables go a level-2 table at
-    a time."""
+    `min_level` or above `max_level` are left alone. Each change is traced."""
+    return _clear_leaf_bit(vm, root, start, end, S.U_W, mask, base, min_level, max_level, True)
+
+
+def clear_dirty_bits(
+    vm: KvmState, root: Root, start: int, end: int, mask: np.ndarray | None = None, base: int = 0
+) -> int:
+    """PML (host.enable_pml): clear D on leaves in [start, end) so the CPU logs the next write
+    (kvm_tdp_mmu_clear_dirty_slot; with `mask`, 4K leaves only, as
+    kvm_tdp_mmu_clear_dirty_pt_masked). The leaves stay writable: no fault."""
+    top = 1 if mask is not None else 3
+    return _clear_leaf_bit(vm, root, start, end, S.U_D, mask, base, 1, top, False)
+
+
+def _clear_leaf_bit(
+    vm: KvmState,
+    root: Root,
+    start: int,
+    end: int,
+    bit: np.uint64,
+    mask: np.ndarray | None,
+    base: int,
+    min_level: int,
+    max_level: int,
+    traced: bool,
+) -> int:
+    """Clear `bit` on the present leaves in [start, end) of levels [min_level, max_level]
+    that have it (with `mask`, only GFNs whose bit is set, indexed by gfn - base); returns
+    how many. Whole leaf tables go a level-2 table at a time."""
     n = 0
     for blk in vm.mmu.leaf_blocks(root, start, end, min_level):
         if blk.level > max_level:
@@ -111,13 +136,13 @@ def write_protect(
         leaf = _leaves(sl, blk.level)
         if mask is not None:
             leaf[leaf] = mask[blk.gfns()[leaf] - base]
-        w = leaf & ((sl & S.U_W) != 0)
-        k = int(np.count_nonzero(w))
+        hit = leaf & ((sl & bit) != 0)
+        k = int(np.count_nonzero(hit))
         if k:
-            if vm.mmu.trace.enabled:
-                gfns = blk.gfns()[w].astype(np.uint64)
-                vm.mmu.trace.spte_changed(root.as_id, gfns, blk.level, sl[w], sl[w] & _NOT_W)
-            sl[w] &= _NOT_W
+            if traced and vm.mmu.trace.enabled:
+                gfns = blk.gfns()[hit].astype(np.uint64)
+                vm.mmu.trace.spte_changed(root.as_id, gfns, blk.level, sl[hit], sl[hit] & ~bit)
+            sl[hit] &= ~bit
             vm.mmu.pool.write_rows(blk.rows, ent)
             n += k
     return n
@@ -129,30 +154,6 @@ def _leaves(sl: np.ndarray, level: int) -> np.ndarray:
     if level > 1:
         leaf &= (sl & S.U_PS) != 0
     return leaf
-
-
-def clear_dirty_bits(
-    vm: KvmState, root: Root, start: int, end: int, mask: np.ndarray | None = None, base: int = 0
-) -> int:
-    """PML (host.enable_pml): clear D on leaves in [start, end) so the CPU logs the next write
-    (kvm_tdp_mmu_clear_dirty_slot; with `mask`, 4K leaves only, as
-    kvm_tdp_mmu_clear_dirty_pt_masked). The leaves stay writable: no fault."""
-    n = 0
-    for blk in vm.mmu.leaf_blocks(root, start, end):
-        if mask is not None and blk.level > 1:
-            continue
-        ent = vm.mmu.pool.read_rows(blk.rows)
-        sl = ent[:, blk.lo : blk.hi]
-        leaf = _leaves(sl, blk.level)
-        if mask is not None:
-            leaf[leaf] = mask[blk.gfns()[leaf] - base]
-        d = leaf & ((sl & S.U_D) != 0)
-        k = int(np.count_nonzero(d))
-        if k:
-            sl[d] &= ~np.uint64(S.U_D)
-            vm.mmu.pool.write_rows(blk.rows, ent)
-            n += k
-    return n
 
 
 def rearm(vm: KvmState, root: Root, s: Memslot, mask: np.ndarray) -> int:

@@ -132,3 +132,22 @@ def test_clear_dirty_log_protects_each_huge_leaf_its_words_touch(pml: bool) -> N
     log = vm.apply(parse("get_dirty_log", {"slot": 0}))
     assert 512 + 9 in kit.dirty_bits_set(log) and kit.pages(vm)[1] == 1
     kit.check(vm)
+
+
+def test_pml_enabling_logging_clears_d_on_huge_leaves_too_without_tracing_it() -> None:
+    """kvm_mmu_slot_apply_flags with PML: kvm_tdp_mmu_clear_dirty_slot clears D on every leaf
+    of the slot, huge ones included, with tdp_mmu_clear_spte_bits (no handle_changed_spte,
+    so no kvm_tdp_mmu_spte_changed); the huge leaf is write-protected too, and that change is
+    traced. The masked re-arm clears D on 4K leaves only."""
+    vm = Vm.create(kit.DEFAULT, 1, host={"enable_pml": True, "eager_page_split": False})
+    kit.hugepage(vm, HVA, 4 * MB)
+    kit.region(vm, 0, 0, 4 * MB, HVA)
+    kit.access(vm, 0, 2 * MB, "write")
+    assert kit.last_entry(vm, 0)["dirty"]
+    mark = vm.mmu.trace.written
+    kit.region(vm, 0, 0, 4 * MB, HVA, LOG_DIRTY)
+    leaf = kit.last_entry(vm, 0)
+    assert (leaf["level"], leaf["dirty"], leaf["w"]) == (2, False, False)
+    rec = vm.mmu.trace.records(after=mark)
+    assert [Kind(int(k)) for k in rec["kind"]] == [Kind.SPTE_CHANGED]
+    assert int(rec["a"][0]) & EPT_W and not int(rec["b"][0]) & EPT_W  # the write-protect
