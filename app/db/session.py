@@ -123,21 +123,18 @@ class Database:
         journal append. Driver errors come out as SQLAlchemy's (an outage stays a 503)."""
         conn = self._write_engine.raw_connection()
         try:
-            cur = conn.cursor()
-            try:
-                if self.sqlite:
-                    cur.execute("BEGIN IMMEDIATE")
-                yield cur
-                conn.commit()
-            except BaseException:
-                conn.rollback()
-                raise
-            finally:
-                cur.close()
-        except self._dbapi_error as e:
-            raise sa_exc.DBAPIError.instance(
-                None, None, e, self._dbapi_error, dialect=self._write_engine.dialect
-            ) from e
+            with self._translated():
+                cur = conn.cursor()
+                try:
+                    if self.sqlite:
+                        cur.execute("BEGIN IMMEDIATE")
+                    yield cur
+                    conn.commit()
+                except BaseException:
+                    conn.rollback()
+                    raise
+                finally:
+                    cur.close()
         finally:
             conn.close()
 
@@ -146,13 +143,20 @@ class Database:
         """A bare DBAPI cursor inside `session`'s transaction (errors translated likewise)."""
         cur = session.connection().connection.cursor()
         try:
-            yield cur
+            with self._translated():
+                yield cur
+        finally:
+            cur.close()
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Driver errors come out as SQLAlchemy's DBAPIError (an outage stays a 503)."""
+        try:
+            yield
         except self._dbapi_error as e:
             raise sa_exc.DBAPIError.instance(
                 None, None, e, self._dbapi_error, dialect=self._write_engine.dialect
             ) from e
-        finally:
-            cur.close()
 
     @contextmanager
     def read(self) -> Iterator[Session]:
