@@ -233,7 +233,8 @@ class FaultPath:
         nx = self.exec_ and level > 1 and vm.host_profile.nx_huge_pages
         root = vm.root_for(self.vcpu, RootRole.DIRECT)
         if level > 1 and not nx:
-            done = self.map_2m_run(root, slot, gfn, sbits, stop) if level == 2 else 0
+            done = self.map_2m_tables(root, slot, gfn, sbits, stop) if level == 2 else 0
+            done = done or self.map_huge_run(root, slot, gfn, sbits, stop, level)
             return done or self.map_huge(root, slot, gfn, sbits, stop, level)
         if not nx and vm.mmu.bulk and self.only_4k(slot, private):
             done = self.map_4k_tables(root, slot, gfn, sbits, stop, gmem)
@@ -322,33 +323,69 @@ class FaultPath:
         res.pages += touched
         return touched
 
-    def map_2m_run(self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int) -> int:
-        """2 MiB leaves over missing entries from a 2 MiB-aligned `gfn` on (whole regions up
-        to `stop`, within one host page-size run and one level-2 table) in one pass: what one
+    def map_huge_run(
+        self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int, level: int
+    ) -> int:
+        """Huge leaves of `level` over missing entries from an aligned `gfn` on (whole regions
+        up to `stop`, within one host page-size run and one table) in one pass: what one
         `map_huge` per leaf does (same SPTEs, trace records, counts). Returns the GFNs
         mapped; 0 when the run does not start with such a region."""
         vm, mmu = self.vm, self.vm.mmu
-        pos = gfn | sbits
-        if not mmu.bulk or pos & 511 or vm.has_private_mem:
+        pos, sp = gfn | sbits, span(level)
+        if not mmu.bulk or pos & (sp - 1) or vm.has_private_mem:
             return 0
         pfn0 = hva_to_pfn(slot.hva(gfn))
         host_level, host_end = vm.host.run_at(pfn0)
-        n = min(stop - gfn, host_end - pfn0) >> 9
-        if host_level != 2 or n < 2:
+        n = min(stop - gfn, host_end - pfn0) // sp
+        if host_level != level or n < 2:
             return 0
         head: list[Link] = []
-        found = mmu.leaf_table_run(root, pos, n << 9, head, level=2)
-        if found is None or found[3] is not None or found[1] == found[2]:
+        found = mmu.absent_run(root, pos, n, level, head)
+        if found is None or found[1] == found[2]:
             return 0
-        table, i, j, _, _ = found
-        count = (j - i) << 9
-        leaf0 = self.leaf_bits(2, not slot.flags & _READONLY, vm.ipat) | (pfn0 << S.PFN_SHIFT)
-        leaves = np.uint64(leaf0) + (np.arange(j - i, dtype=np.uint64) << np.uint64(21))
+        table, i, j = found
+        count = (j - i) * sp
+        bits = self.leaf_bits(level, not slot.flags & _READONLY, vm.ipat)
+        pfns = np.uint64(pfn0) + np.arange(j - i, dtype=np.uint64) * np.uint64(sp)
+        leaves = np.uint64(bits) | (pfns << np.uint64(S.PFN_SHIFT))
         ent = mmu.pool.entries(table)
-        mmu.trace.huge_leaves_set(root.as_id, pos, 2, table, i, ent[i:j].copy(), leaves, head)
-        mmu.set_leaves(root, table, i, leaves, 2)
+        mmu.trace.huge_leaves_set(root.as_id, pos, level, table, i, ent[i:j].copy(), leaves, head)
+        mmu.set_leaves(root, table, i, leaves, level)
         vm.host.touch(pfn0, pfn0 + count)
-        self._mapped(gfn, gfn + count, 2, leaves=j - i)
+        self._mapped(gfn, gfn + count, level, leaves=j - i)
+        self.res.pages += count
+        return count
+
+    def map_2m_tables(self, root: Root, slot: Memslot, gfn: int, sbits: int, stop: int) -> int:
+        """Whole level-2 tables of 2 MiB leaves from a 1 GiB-aligned `gfn` on (missing ones,
+        up to `stop`, within one host page-size run and one level-3 table), built, linked and
+        filled in one pass: what one `map_huge_run` per table does (same rows, SPTEs, trace
+        records, counts). Returns the GFNs mapped; 0 when the run does not start with such
+        a table."""
+        vm, mmu = self.vm, self.vm.mmu
+        pos = gfn | sbits
+        if not mmu.bulk or pos & (span(3) - 1) or vm.has_private_mem:
+            return 0
+        pfn0 = hva_to_pfn(slot.hva(gfn))
+        host_level, host_end = vm.host.run_at(pfn0)
+        n = min(stop - gfn, host_end - pfn0) // span(3)
+        if host_level != 2 or not n:
+            return 0
+        head: list[Link] = []
+        found = mmu.absent_run(root, pos, n, 3, head)
+        if found is None or found[1] == found[2]:
+            return 0
+        parent, i, j = found
+        rows, old, new = mmu.link_tables(root, parent, i, j, pos)
+        bits = self.leaf_bits(2, not slot.flags & _READONLY, vm.ipat)
+        mmu.pool.write_leaf_rows(rows, pfn0, bits, level=2)
+        mmu.trace.huge_tables_set(root.as_id, rows, pos, pfn0, bits, head, (old, new))
+        leaves = (j - i) * 512
+        root.leaves[2] += leaves
+        mmu.pages[2] += leaves
+        count = leaves * 512
+        vm.host.touch(pfn0, pfn0 + count)
+        self._mapped(gfn, gfn + count, 2, leaves=leaves)
         self.res.pages += count
         return count
 
@@ -512,7 +549,7 @@ class FaultPath:
         count = (j - i) * 512
         links = None
         if rows is None:
-            rows, old, new = mmu.link_leaf_tables(root, parent, i, j, pos)
+            rows, old, new = mmu.link_tables(root, parent, i, j, pos)
             links = (old, new)
         host_w = not slot.flags & _READONLY
         bits = self.leaf_bits(1, host_w, vm.ipat)

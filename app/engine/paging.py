@@ -110,14 +110,16 @@ class TablePool:
         for c, sel, r in self._by_chunk(idx):
             self._entries[c][r] = values[sel]
 
-    def write_leaf_rows(self, idx: np.ndarray, pfn0: int, bits: int) -> None:
-        """Row k of `idx` gets the leaves bits | (pfn0 + 512k + i) << 12, computed in place."""
+    def write_leaf_rows(self, idx: np.ndarray, pfn0: int, bits: int, level: int = 1) -> None:
+        """Row k of `idx` gets the leaves of `level`, bits | (pfn0 + (512k + i) * span(level))
+        << 12, computed in place."""
+        sp = np.uint64(span(level))
         for c, sel, r in self._by_chunk(idx):
             k = np.arange(len(idx), dtype=np.uint64)[sel]
             contiguous = len(r) and bool(np.all(np.diff(r) == 1))  # ascending, no gap
             dest = self._entries[c][int(r[0]) : int(r[-1]) + 1] if contiguous else None
             out = np.empty((len(r), ENTRIES), dtype=np.uint64) if dest is None else dest
-            np.add((k * np.uint64(ENTRIES) + np.uint64(pfn0))[:, None], _IDX, out=out)
+            np.add((k * np.uint64(ENTRIES) * sp + np.uint64(pfn0))[:, None], _IDX * sp, out=out)
             out <<= np.uint64(S.PFN_SHIFT)
             out |= np.uint64(bits)
             if dest is None:

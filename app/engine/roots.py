@@ -282,51 +282,44 @@ class Mmu:
         return rows
 
     def leaf_table_run(
-        self, root: Root, pos: int, n: int, links: list[Link] | None, level: int = 1
+        self, root: Root, pos: int, n: int, links: list[Link] | None
     ) -> tuple[int, int, int, np.ndarray | None, np.ndarray | None] | None:
         """For a 512-aligned `pos`, the whole leaf tables from it on (at most `n`, within one
         level-2 table) that a fault fills without finding a present leaf: (level-2 table, i,
         j, rows, entries) where entries [i, j) of that table are all missing leaf tables
         (rows, entries None) or all leaf tables with no present leaf (their rows and a copy
         of their entries). Missing tables above level 2 are built on the way as `table_for`
-        builds them. None when a huge leaf is in the way or no whole table qualifies.
-        `level` 2: the entries of level 2 from `pos` on, `n` GFNs at most (rows are for
-        tables in the way, which 2 MiB leaves do not replace here)."""
-        if level == 2:
-            return self._level2_run(root, pos, n, links)
-        pool = self.pool
-        above = self._table_above(root, pos, 2, links)
-        if above is None:
+        builds them. None when a huge leaf is in the way or no whole table qualifies."""
+        found = self.absent_run(root, pos, n, 2, links)
+        if found is None:
             return None
-        table = above
-        i = (pos >> 9) & 511
-        ent = pool.entries(table)[i : i + min(n, ENTRIES - i)]
-        present = (ent & S.U_PRESENT) != 0
-        if not present[0]:
-            k = int(np.argmax(present)) if present.any() else len(ent)
-            return table, i, i + k, None, None
-        tables = present & ((ent & S.U_PS) == 0)
+        table, i, j = found
+        if j > i:
+            return table, i, j, None, None
+        ent = self.pool.entries(table)[i : i + min(n, ENTRIES - i)]
+        tables = ((ent & S.U_PRESENT) != 0) & ((ent & S.U_PS) == 0)
         k = int(np.argmin(tables)) if not tables.all() else len(ent)
         rows = TablePool.children(ent[:k])
-        old = pool.read_rows(rows)
+        old = self.pool.read_rows(rows)
         full = ((old & S.U_PRESENT) != 0).any(axis=1)
         k = int(np.argmax(full)) if full.any() else k
         return (table, i, i + k, rows[:k], old[:k]) if k else None
 
-    def _level2_run(
-        self, root: Root, pos: int, n: int, links: list[Link] | None
-    ) -> tuple[int, int, int, np.ndarray | None, np.ndarray | None] | None:
-        """`leaf_table_run` one level up: the level-2 table over 2 MiB-aligned `pos` and its
-        non-present entries from `pos`'s on ([i, j), at most n >> 9), tables above built."""
-        pool = self.pool
-        table = self._table_above(root, pos, 2, links)
+    def absent_run(
+        self, root: Root, pos: int, n: int, level: int, links: list[Link] | None
+    ) -> tuple[int, int, int] | None:
+        """The table at `level` over `pos` (missing tables above built as `table_for` builds
+        them) and the run of its non-present entries from `pos`'s on, at most `n`: (table,
+        i, j), j == i when `pos`'s entry is present. None when a huge leaf above `level` is
+        in the way."""
+        table = self._table_above(root, pos, level, links)
         if table is None:
             return None
-        i = (pos >> 9) & 511
-        ent = pool.entries(table)[i : i + min(n >> 9, ENTRIES - i)]
+        i = (pos >> (9 * (level - 1))) & 511
+        ent = self.pool.entries(table)[i : i + min(n, ENTRIES - i)]
         present = (ent & S.U_PRESENT) != 0
         k = int(np.argmax(present)) if present.any() else len(ent)
-        return table, i, i + k, None, None
+        return table, i, i + k
 
     def _table_above(
         self, root: Root, pos: int, level: int, links: list[Link] | None
@@ -340,14 +333,15 @@ class Mmu:
                 return self.table_for(root, pos, level, ZapAcc(), links)
         return None  # the path ended above `level`: a huge leaf
 
-    def link_leaf_tables(
+    def link_tables(
         self, root: Root, parent: int, i: int, j: int, base: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """New leaf tables at entries [i, j) of the level-2 table `parent` (covering GFN
-        positions from `base`), in the rows `table_for` would give them one by one; returns
-        (rows, old parent entries, new parent entries). Their entries are for the caller."""
-        gfns = np.uint64(base) + np.arange(j - i, dtype=np.uint64) * np.uint64(ENTRIES)
-        rows = self.pool.alloc_rows(1, gfns, root.id)
+        """New tables at entries [i, j) of `parent` (covering GFN positions from `base`), one
+        level below it, in the rows `table_for` would give them one by one; returns (rows,
+        old parent entries, new parent entries). Their entries are for the caller."""
+        level = self.pool.level(parent) - 1
+        gfns = np.uint64(base) + np.arange(j - i, dtype=np.uint64) * np.uint64(span(level + 1))
+        rows = self.pool.alloc_rows(level, gfns, root.id)
         ent = self.pool.entries(parent)
         old = ent[i:j].copy()
         new = TablePool.links(rows)

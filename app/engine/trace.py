@@ -161,6 +161,57 @@ def _table_records(
     return out
 
 
+def _huge_table_records(
+    as_id: int,
+    tables: np.ndarray,
+    pos: int,
+    first: int,
+    pfn0: int,
+    bits: int,
+    head: list[Link],
+    links: tuple[np.ndarray, np.ndarray],
+) -> Fields:
+    """The records of `TraceRing.huge_tables_set` for tables first, first+1, …: per table
+    `_huge_records` of its 512 leaves with the table's link (after `head` for table 0)."""
+    m = len(tables)
+    k = np.arange(first, first + m, dtype=np.uint64)[:, None]
+    sp = _U(span(2))
+    gfns = _U(pos) + (k * _U(ENTRIES) + _IDX) * sp  # m x 512
+    pfns = _U(pfn0) + (k * _U(ENTRIES) + _IDX) * sp
+    leaves = _U(bits) | (pfns << S.U_SHIFT)
+    pfn = _U(TablePool.pfn(0)) + tables.astype(np.uint64)[:, None]
+    ptr = (pfn << S.U_SHIFT) + _IDX * _U(8)
+    triple = (m, 3 * ENTRIES)
+    cols = {
+        "kind": np.broadcast_to(np.tile(_LEAF_KINDS, ENTRIES), triple),
+        "as_id": np.broadcast_to(np.tile(np.array([0, as_id, 0], dtype=np.uint8), ENTRIES), triple),
+        "level": np.full(triple, 2, dtype=np.uint8),
+        "gfn": np.repeat(gfns, 3, axis=1),
+        "a": np.stack((pfns, np.broadcast_to(NONPRESENT, leaves.shape), leaves), axis=2).reshape(
+            m, -1
+        ),
+        "b": np.stack((np.zeros_like(leaves), leaves, ptr), axis=2).reshape(m, -1),
+    }
+    link_cols = {
+        "kind": np.full(m, int(Kind.SPTE_CHANGED), dtype=np.uint8),
+        "as_id": np.full(m, as_id, dtype=np.uint8),
+        "level": np.full(m, 3, dtype=np.uint8),
+        "gfn": gfns[:, 0],
+        "a": links[0],
+        "b": links[1],
+    }
+    out: Fields = {"c": 0}
+    for name, body in cols.items():
+        link = link_cols[name].astype(body.dtype)[:, None]
+        flat = np.concatenate((body[:, :1], link, body[:, 1:]), axis=1).ravel()
+        if head:
+            col = ("kind", "level", "gfn", "a", "b", "as_id").index(name)
+            vals = [(int(Kind.SPTE_CHANGED), lv, g, o, nw, as_id)[col] for g, lv, o, nw in head]
+            flat = np.concatenate((flat[:1], np.array(vals, dtype=flat.dtype), flat[1:]))
+        out[name] = flat
+    return out
+
+
 def _columns(size: int) -> dict[str, np.ndarray]:
     return {name: np.zeros(size, dtype=RECORD[name]) for name in RECORD.names or ()}
 
@@ -421,6 +472,35 @@ class TraceRing:
                 3 * len(new) + len(links),
                 lambda: _huge_records(as_id, pos, level, table, i, old, new, links),
             )
+
+    def huge_tables_set(
+        self,
+        as_id: int,
+        tables: np.ndarray,
+        pos: int,
+        pfn0: int,
+        bits: int,
+        head: Sequence[Link],
+        links: tuple[np.ndarray, np.ndarray],
+    ) -> None:
+        """`huge_leaves_set` for whole new level-2 tables of 2 MiB leaves in one batch: table
+        k covers GFN positions pos + 2^18 k + [0, 2^18), was linked at level 3 by its first
+        fault (`links`: old and new level-3 entries; table 0 after the `head` links above),
+        and gets bits | pfn (pfn0 + 512 (512k + index)). Built only for the tail the ring
+        keeps."""
+        n = len(tables)
+        if not self.capacity or not n:
+            return
+        per = 3 * ENTRIES + 1
+        first = max(0, n - -(-self.capacity // per))  # the tables the ring can keep
+        tabs = tables[first:].copy()
+        kept = (links[0][first:].copy(), links[1][first:].copy())
+        extra = list(head) if first == 0 else []
+
+        def build() -> Fields:
+            return _huge_table_records(as_id, tabs, pos, first, pfn0, bits, extra, kept)
+
+        self._push(n * per + len(head), build)
 
     def huge_splits(
         self, as_id: int, gfns: np.ndarray, level: int, old: np.ndarray, links: np.ndarray
