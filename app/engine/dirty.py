@@ -356,30 +356,8 @@ def clear_dirty_log(
 ) -> dict[str, Any]:
     """KVM_CLEAR_DIRTY_LOG: clear the given bits and protect those pages. The kernel does not
     require manual protect for it (kvm_clear_dirty_log_protect has no such check)."""
-    for name, v in (("first_page", first_page), ("num_pages", num_pages)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= uapi.U64_MASK:
-            raise einval(f"{name} must be a u64")
-    fp, np_ = int(first_page), int(num_pages)  # type: ignore[call-overload]
-    # kvm_clear_dirty_log_protect: slot id range, first_page alignment, then the slot lookup.
-    if isinstance(slot, int) and not isinstance(slot, bool) and 0 <= slot <= 0xFFFFFFFF:
-        if slot >> 16 >= vm.nr_as or slot & 0xFFFF >= uapi.KVM_USER_MEM_SLOTS:
-            raise einval(f"slot {slot:#x}: address space or id out of range")
-    if fp & 63:
-        raise einval("first_page must be a multiple of 64")
-    s, bm = _logging_slot(vm, slot)
-    if np_ & 63 and fp + np_ != s.npages:
-        raise einval("num_pages must be a multiple of 64 unless the range ends the slot")
-    if fp > s.npages or np_ > s.npages - fp:
-        raise einval("range beyond the slot")
-    try:
-        raw = base64.b64decode(str(bitmap), validate=True)
-    except ValueError:
-        raise einval("bitmap is not base64") from None
-    if len(raw) * 8 < np_:
-        raise einval("bitmap shorter than num_pages")
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[:np_].astype(bool)
-    mask = np.zeros(s.npages, dtype=bool)
-    mask[fp : fp + np_] = bits & bm[fp : fp + np_]
+    s, bm, first, n = _clear_range(vm, slot, first_page, num_pages)
+    mask = _clear_mask(bitmap, bm, first, n)
     if not mask.any():
         return {"cleared": 0}
     bm[mask] = False
@@ -392,6 +370,56 @@ def clear_dirty_log(
         wp += rearm(vm, root, s, mask)
     flush_tlbs(vm)
     return {"cleared": int(np.count_nonzero(mask)), "sptes_write_protected": wp}
+
+
+def _clear_range(
+    vm: KvmState, slot: object, first_page: object, num_pages: object
+) -> tuple[Memslot, np.ndarray, int, int]:
+    """kvm_clear_dirty_log_protect's checks, in its order (each EINVAL but the lookup's
+    ENOENT): u64 arguments, slot id range, first_page alignment, the logging slot, num_pages
+    alignment unless the range ends the slot, a range beyond the slot. Returns the slot, its
+    bitmap, first_page and num_pages."""
+    first, n = _u64_pages(first_page, num_pages)
+    _check_slot_id(vm, slot)
+    if first & 63:
+        raise einval("first_page must be a multiple of 64")
+    s, bm = _logging_slot(vm, slot)
+    if n & 63 and first + n != s.npages:
+        raise einval("num_pages must be a multiple of 64 unless the range ends the slot")
+    if first > s.npages or n > s.npages - first:
+        raise einval("range beyond the slot")
+    return s, bm, first, n
+
+
+def _u64_pages(first_page: object, num_pages: object) -> tuple[int, int]:
+    """first_page and num_pages as the kernel's __u64 fields (JSON can say anything)."""
+    for name, v in (("first_page", first_page), ("num_pages", num_pages)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= uapi.U64_MASK:
+            raise einval(f"{name} must be a u64")
+    return int(first_page), int(num_pages)  # type: ignore[call-overload]
+
+
+def _check_slot_id(vm: KvmState, slot: object) -> None:
+    """The address space and id range of a u32 slot, checked before first_page's alignment
+    (kvm_clear_dirty_log_protect); anything else is left to the slot lookup."""
+    if isinstance(slot, int) and not isinstance(slot, bool) and 0 <= slot <= 0xFFFFFFFF:
+        if slot >> 16 >= vm.nr_as or slot & 0xFFFF >= uapi.KVM_USER_MEM_SLOTS:
+            raise einval(f"slot {slot:#x}: address space or id out of range")
+
+
+def _clear_mask(bitmap: object, bm: np.ndarray, first: int, n: int) -> np.ndarray:
+    """The pages to clear, over the whole slot: the first `n` bits of `bitmap` (base64 of the
+    kernel's little-endian words) placed at `first`, where the slot's bitmap `bm` has them."""
+    try:
+        raw = base64.b64decode(str(bitmap), validate=True)
+    except ValueError:
+        raise einval("bitmap is not base64") from None
+    if len(raw) * 8 < n:
+        raise einval("bitmap shorter than num_pages")
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[:n].astype(bool)
+    mask = np.zeros(len(bm), dtype=bool)
+    mask[first : first + n] = bits & bm[first : first + n]
+    return mask
 
 
 def _word_spans(mask: np.ndarray) -> list[tuple[int, int]]:

@@ -11,7 +11,7 @@ import numpy as np
 from . import spte as S
 from .addr import gpa_to_gfn, page_offset, pfn_to_hpa
 from .errors import einval
-from .paging import TablePool, clip, path, span
+from .paging import TablePool, path, span, walk_in_order
 
 if TYPE_CHECKING:
     from .state import KvmState
@@ -62,7 +62,6 @@ def translate(vm: KvmState, gpa: object) -> dict[str, Any]:
 # Where a page of runs begins: (root id, GFN position); the first run at or after it.
 MappingStart = tuple[int, int]
 _PERMS = np.uint64(S.EPT_R | S.EPT_W | S.EPT_X)
-_NO_KIDS = np.zeros(0, dtype=np.int64)
 
 
 def _leaves_in_order(
@@ -71,27 +70,13 @@ def _leaves_in_order(
     """(level, GFN positions, entries) of the present leaves under `table` at positions
     `start` and up, in GFN order: a table's own leaves interleaved with its children's, so
     a walk can stop anywhere and resume from a position."""
-    level, base = pool.level(table), pool.gfn(table)
-    lo, hi = clip(base, level, start, 1 << 62)
-    if lo >= hi:
-        return
-    ent = pool.entries(table)[lo:hi]
-    present = (ent & S.U_PRESENT) != 0
-    kids = _NO_KIDS
-    if level > 1:
-        huge = (ent & S.U_PS) != 0
-        kids = np.flatnonzero(present & ~huge)
-        present &= huge
-    gfns = base + (lo + np.arange(hi - lo, dtype=np.int64)) * span(level)
-    keep = present & (gfns >= start)
-    prev = 0
-    for k in [*kids.tolist(), hi - lo]:
-        sel = np.flatnonzero(keep[prev:k]) + prev
+    for _step, cur in walk_in_order(pool, table, start, 1 << 62):  # LEAVES only: no options
+        ent = pool.entries(cur.table)[cur.lo : cur.hi]
+        gfns = cur.base + np.arange(cur.lo, cur.hi, dtype=np.int64) * span(cur.level)
+        # A leaf beginning below `start` (a huge one over it) belongs to an earlier page.
+        sel = np.flatnonzero(((ent & S.U_PRESENT) != 0) & (gfns >= start))
         if len(sel):
-            yield level, gfns[sel], ent[sel]
-        if k < hi - lo:
-            yield from _leaves_in_order(pool, pool.child(int(ent[k])), start)
-        prev = k + 1
+            yield cur.level, gfns[sel], ent[sel]
 
 
 @dataclass(slots=True)

@@ -3,10 +3,15 @@
 A page-table page is one row of 512 uint64 EPT entries. Rows live in fixed-size chunks so the
 pool grows without copying and without a Python object per table; a table's pfn is
 TABLE_PFN_BASE + its row index, which is what a non-leaf SPTE points to.
+
+Traversals are loops over one of three views of the same descent: `walk` (a cursor per table,
+pre- or post-order), `walk_in_order` (a table's entries cut at its links, interleaved with the
+subtrees in GFN order) and `path` (the descent to one GFN).
 """
 
 from __future__ import annotations
 
+import enum
 import mmap
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -372,3 +377,81 @@ def walk(
             yield from walk(pool, child, start, end, min_level, post_order)
     if post_order:
         yield cur
+
+
+class Step(enum.Enum):
+    """What a `walk_in_order` cursor holds."""
+
+    LEAVES = "leaves"  # entries linking no table: every present one is a leaf
+    LEAF_TABLES = "leaf_tables"  # level-2 entries linking leaf tables, left to the caller
+    UP = "up"  # the link [lo, lo + 1) whose subtree was just walked (post-order)
+
+
+def walk_in_order(
+    pool: TablePool,
+    table: int,
+    start: int,
+    end: int,
+    *,
+    post_order: bool = False,
+    leaf_tables: bool = False,
+) -> Iterator[tuple[Step, Cursor]]:
+    """The entries under `table` intersecting [start, end) in GFN order: each table's slice
+    cut at its links into LEAVES cursors, each link's subtree walked in between (tdp_iter's
+    pre-order at leaf granularity: what a zap traces, what a resumable listing needs).
+
+    `post_order`: an UP cursor after each subtree (what freeing needs). `leaf_tables`: a
+    level-2 table's leaf tables wholly inside [start, end), with no huge leaf between them,
+    come as one LEAF_TABLES cursor and are not descended into (the bulk path: a numpy pass
+    over all of them).
+    """
+    level, base = pool.level(table), pool.gfn(table)
+    lo, hi = clip(base, level, start, end)
+    if lo >= hi:
+        return
+    if level == 1:
+        yield Step.LEAVES, Cursor(table, level, base, lo, hi)
+        return
+    ent = pool.entries(table)
+    prev = lo
+    for a, b, grouped in _links(ent, Cursor(table, level, base, lo, hi), start, end, leaf_tables):
+        if a > prev:
+            yield Step.LEAVES, Cursor(table, level, base, prev, a)
+        prev = b
+        if grouped:
+            yield Step.LEAF_TABLES, Cursor(table, level, base, a, b)
+            continue
+        child = pool.child(int(ent[a]))
+        yield from walk_in_order(
+            pool, child, start, end, post_order=post_order, leaf_tables=leaf_tables
+        )
+        if post_order:
+            yield Step.UP, Cursor(table, level, base, a, b)
+    if prev < hi:
+        yield Step.LEAVES, Cursor(table, level, base, prev, hi)
+
+
+def _links(
+    ent: np.ndarray, cur: Cursor, start: int, end: int, leaf_tables: bool
+) -> Iterator[tuple[int, int, bool]]:
+    """The links among the cursor's entries `ent[lo:hi]` in GFN order: (a, b, grouped) where
+    [a, b) holds one link (grouped False) or, with `leaf_tables` at level 2, several to leaf
+    tables wholly inside [start, end) with no huge leaf between them (grouped True). Read
+    before the caller unlinks any."""
+    sl = ent[cur.lo : cur.hi]
+    present = (sl & S.U_PRESENT) != 0
+    huge = present & ((sl & S.U_PS) != 0)
+    nonleaf = np.flatnonzero(present & ~huge)
+    idx = cur.lo + nonleaf
+    if not (leaf_tables and cur.level == 2) or len(nonleaf) < 2:
+        return ((a, a + 1, False) for a in map(int, idx))  # lazily: a page may stop early
+    sp = span(cur.level)
+    full = (cur.base + idx * sp >= start) & (cur.base + (idx + 1) * sp <= end)
+    # Links in one group: wholly inside and no huge leaf between them.
+    key = np.where(full, np.cumsum(huge)[nonleaf], -1 - idx)
+    cuts = np.flatnonzero(np.diff(key) != 0) + 1
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts, [len(idx)]))
+    return zip(
+        idx[starts].tolist(), (idx[ends - 1] + 1).tolist(), full[starts].tolist(), strict=True
+    )

@@ -15,7 +15,7 @@ from itertools import repeat
 import numpy as np
 
 from . import spte as S
-from .paging import ENTRIES, Cursor, TablePool, clip, path, span, walk
+from .paging import ENTRIES, Cursor, Step, TablePool, clip, path, span, walk, walk_in_order
 from .trace import NONPRESENT, Link, TraceRing
 
 
@@ -394,60 +394,23 @@ class Mmu:
     def _zap_table(
         self, root: Root, table: int, start: int, end: int, acc: ZapAcc, leafs_only: bool
     ) -> None:
+        """Zap the leaves under `table` intersecting [start, end) in GFN order (a table's own
+        leaves between its subtrees, as tdp_iter's pre-order); free the tables wholly inside
+        unless `leafs_only`. Leaf tables wholly inside go a level-2 table at a time."""
         pool = self.pool
-        level = pool.level(table)
-        base = pool.gfn(table)
-        lo, hi = clip(base, level, start, end)
-        if lo >= hi:
-            return
-        if level == 1:
-            self._zap_leaves(root, table, lo, hi, level, acc)
-            return
-        ent = pool.entries(table)
-        sp = span(level)
-        # Leaves between subtrees are zapped in GFN order with them (tdp_iter's pre-order).
-        prev = lo
-        for a, b, bulk in self._child_groups(ent, lo, hi, level, base, start, end):
-            if a > prev:
-                self._zap_leaves(root, table, prev, a, level, acc)
-            prev = b
-            if bulk:
-                self._zap_leaf_tables(root, table, a, b, acc, leafs_only)
-                continue
-            child = pool.child(int(ent[a]))
-            self._zap_table(root, child, start, end, acc, leafs_only)
-            cbase = base + a * sp
-            if not leafs_only and start <= cbase and cbase + sp <= end:
-                pool.release(child)
+        steps = walk_in_order(
+            pool, table, start, end, post_order=not leafs_only, leaf_tables=self.bulk
+        )
+        for step, cur in steps:
+            if step is Step.LEAVES:
+                self._zap_leaves(root, cur.table, cur.lo, cur.hi, cur.level, acc)
+            elif step is Step.LEAF_TABLES:
+                self._zap_leaf_tables(root, cur.table, cur.lo, cur.hi, acc, leafs_only)
+            elif start <= cur.gfn(cur.lo) and cur.gfn(cur.hi) <= end:  # UP: a table emptied
+                ent = pool.entries(cur.table)
+                pool.release(pool.child(int(ent[cur.lo])))
                 acc.tables_freed += 1
-                ent[a] = S.NONPRESENT
-        if prev < hi:
-            self._zap_leaves(root, table, prev, hi, level, acc)
-
-    def _child_groups(
-        self, ent: np.ndarray, lo: int, hi: int, level: int, base: int, start: int, end: int
-    ) -> list[tuple[int, int, bool]]:
-        """The subtrees of entries [lo, hi) in GFN order: (a, b, bulk) where [a, b) holds one
-        child table (bulk False), or, for a level-2 table, several leaf tables wholly inside
-        [start, end) with no present leaf of this level between them (bulk True)."""
-        sl = ent[lo:hi]
-        present = (sl & S.U_PRESENT) != 0
-        huge = present & ((sl & S.U_PS) != 0)
-        nonleaf = np.flatnonzero(present & ~huge)
-        idx = lo + nonleaf
-        if not (self.bulk and level == 2) or len(nonleaf) < 2:
-            return [(i, i + 1, False) for i in idx.tolist()]
-        sp = span(level)
-        full = (base + idx * sp >= start) & (base + (idx + 1) * sp <= end)
-        # Children in one group: wholly inside and no huge leaf between them.
-        key = np.where(full, np.cumsum(huge)[nonleaf], -1 - idx)
-        cuts = np.flatnonzero(np.diff(key) != 0) + 1
-        starts = np.concatenate(([0], cuts)).tolist()
-        ends = np.concatenate((cuts, [len(idx)])).tolist()
-        return [
-            (int(idx[s]), int(idx[e - 1]) + 1, bool(full[s]))
-            for s, e in zip(starts, ends, strict=True)
-        ]
+                ent[cur.lo] = S.NONPRESENT
 
     def _zap_leaf_tables(
         self, root: Root, table: int, a: int, b: int, acc: ZapAcc, leafs_only: bool

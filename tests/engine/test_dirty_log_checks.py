@@ -90,6 +90,15 @@ def test_first_page_and_num_pages_must_be_u64(field: str, value: object) -> None
     assert vm.apply(parse("get_dirty_log", dict(slot=0)))["dirty_count"] == 128
 
 
+def test_the_largest_u64_num_pages_reaches_the_slot_lookup() -> None:
+    """num_pages 2**64-1 is a valid __u64: a missing slot is ENOENT (the lookup comes before
+    the num_pages checks); the logging slot refuses it as not ending there (EINVAL)."""
+    vm = logging_vm()
+    args = dict(slot=32763, first_page=0, num_pages=(1 << 64) - 1, bitmap=WORD)
+    assert kit.rejected(vm, "clear_dirty_log", args).errno == errno.ENOENT
+    assert kit.rejected(vm, "clear_dirty_log", args | dict(slot=0)).errno == errno.EINVAL
+
+
 @pytest.mark.parametrize("bitmap", ["//8=!", "AAAA AAAA AAA=", "%%%%%%%%%%%%"])
 def test_bitmap_must_be_strict_base64(bitmap: str) -> None:
     vm = logging_vm()

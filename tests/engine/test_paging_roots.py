@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from app.engine import spte as S
-from app.engine.paging import CHUNK, ENTRIES, TablePool, clip, span, walk
+from app.engine.paging import CHUNK, ENTRIES, Step, TablePool, clip, span, walk, walk_in_order
 from app.engine.roots import Mmu, RootRole, ZapAcc, index_runs
 
 LEAF = S.leaf_bits(level=1, writable=True, host_writable=True, exec_=True, ipat=True, accessed=True)
@@ -50,6 +50,124 @@ def test_walk_visits_every_table_intersecting_the_range_once() -> None:
     assert post == [1, 1, 2, 3, 4]
     only_second = [(c.level, c.base, c.lo, c.hi) for c in walk(mmu.pool, root.table, 1024, 1026)]
     assert only_second[-1] == (1, 1024, 0, 2)
+
+
+HUGE = {
+    lv: S.leaf_bits(
+        level=lv, writable=True, host_writable=True, exec_=True, ipat=True, accessed=True
+    )
+    for lv in (2, 3)
+}
+T2 = 512  # GFNs under one level-2 entry
+
+
+def mixed() -> tuple[Mmu, int, int]:
+    """A 4-level root whose first level-2 table holds, by entry: 0 a leaf table (4K leaves
+    at GFNs 0..3), 1 a 2M leaf, 2 and 3 full leaf tables, 4 a 2M leaf, 5 a full leaf table;
+    and a 1G leaf at level-3 entry 1. Returns (mmu, root id, the level-2 table)."""
+    mmu = Mmu(4)
+    root = mmu.get_root(0, RootRole.DIRECT)
+    for i in (0, 2, 3, 5):
+        t = mmu.table_for(root, i * T2, 1, ZapAcc())
+        n = 4 if i == 0 else ENTRIES
+        pfns = np.arange(n, dtype=np.uint64) + np.uint64(0x1000 + i * T2)
+        mmu.set_leaves(root, t, 0, (pfns << np.uint64(S.PFN_SHIFT)) | np.uint64(LEAF), 1)
+    l2 = mmu.table_for(root, 0, 2, ZapAcc())
+    for i in (1, 4):
+        mmu.set_leaves(root, l2, i, np.array([HUGE[2] | ((0x9000 + i) << 21)], np.uint64), 2)
+    l3 = mmu.table_for(root, 0, 3, ZapAcc())
+    mmu.set_leaves(root, l3, 1, np.array([HUGE[3] | (1 << 30)], np.uint64), 3)
+    return mmu, root.id, l2
+
+
+def steps(mmu: Mmu, rid: int, start: int, end: int, **kw: bool) -> list[tuple[str, int, int, int]]:
+    table = mmu.roots[rid].table
+    return [
+        (st.value, c.level, c.gfn(c.lo), c.gfn(c.hi))
+        for st, c in walk_in_order(mmu.pool, table, start, end, **kw)
+    ]
+
+
+def test_walk_in_order_cuts_each_table_at_its_links_in_gfn_order() -> None:
+    """A table's entries come as LEAVES slices between its links, each link's subtree in
+    between: the leaves in GFN order whatever their level."""
+    mmu, rid, _ = mixed()
+    got = steps(mmu, rid, 0, 1 << 40)
+    leaf_tables = [("leaves", 1, i * T2, (i + 1) * T2) for i in (0, 2, 3)]
+    assert (
+        got
+        == [
+            *leaf_tables[:1],
+            ("leaves", 2, 1 * T2, 2 * T2),  # the 2M leaf between leaf tables 0 and 2
+            *leaf_tables[1:],
+            ("leaves", 2, 4 * T2, 5 * T2),
+            ("leaves", 1, 5 * T2, 6 * T2),
+            ("leaves", 2, 6 * T2, ENTRIES * T2),  # the rest of the level-2 table: non-present
+            ("leaves", 3, ENTRIES * T2, ENTRIES * ENTRIES * T2),  # the 1G leaf and beyond
+            ("leaves", 4, ENTRIES**3, ENTRIES**4),
+        ]
+    )
+    for st, c in walk_in_order(mmu.pool, mmu.roots[rid].table, 0, 1 << 40):
+        sl = mmu.pool.entries(c.table)[c.lo : c.hi]
+        links = (sl & S.U_PRESENT != 0) & (sl & S.U_PS == 0) if c.level > 1 else sl < 0
+        assert st is Step.LEAVES and not links.any()  # every present entry a leaf
+
+
+def test_walk_in_order_resumes_from_a_position() -> None:
+    """Clipped to [start, end) as `walk` is: the slice holding `start` comes first."""
+    mmu, rid, _ = mixed()
+    assert steps(mmu, rid, 2 * T2 + 7, 4 * T2 + 1) == [
+        ("leaves", 1, 2 * T2 + 7, 3 * T2),
+        ("leaves", 1, 3 * T2, 4 * T2),
+        ("leaves", 2, 4 * T2, 5 * T2),  # the 2M leaf over the end
+    ]
+    assert steps(mmu, rid, 1 << 40, 1 << 41) == []
+
+
+def test_walk_in_order_post_order_and_leaf_tables() -> None:
+    """UP names the link after its subtree; with `leaf_tables` the leaf tables wholly
+    inside, with no huge leaf between them, come as one slice and are not descended."""
+    mmu, rid, _ = mixed()
+    got = steps(mmu, rid, 3, 6 * T2 - 1, post_order=True, leaf_tables=True)
+    assert got == [
+        ("leaves", 1, 3, T2),  # leaf table 0: partly inside, descended
+        ("up", 2, 0, T2),
+        ("leaves", 2, T2, 2 * T2),
+        ("leaf_tables", 2, 2 * T2, 4 * T2),  # tables 2 and 3 at once
+        ("leaves", 2, 4 * T2, 5 * T2),
+        ("leaves", 1, 5 * T2, 6 * T2 - 1),  # table 5: partly inside
+        ("up", 2, 5 * T2, 6 * T2),
+        ("up", 3, 0, ENTRIES * T2),
+        ("up", 4, 0, ENTRIES**3),
+    ]
+    alone = steps(mmu, rid, 0, 1 << 40, leaf_tables=True)  # a huge leaf cuts the group
+    assert [s for s in alone if s[0] == "leaf_tables"] == [
+        ("leaf_tables", 2, 0, T2),
+        ("leaf_tables", 2, 2 * T2, 4 * T2),
+        ("leaf_tables", 2, 5 * T2, 6 * T2),
+    ]
+
+
+def test_zap_in_gfn_order_records_runs_and_frees_tables_inside() -> None:
+    """The zap loops over `walk_in_order`: runs in GFN order (a 2M leaf between leaf
+    tables), tables wholly inside freed and unlinked, the bulk path alike."""
+    for bulk in (True, False):
+        mmu, rid, l2 = mixed()
+        mmu.bulk = bulk
+        root = mmu.roots[rid]
+        acc, live = ZapAcc(), mmu.pool.live
+        mmu.zap_range(root, 2, 5 * T2 + 3, acc, leafs_only=False)
+        assert [(s, e) for s, e, _ in acc.runs] == [
+            (2, 4),
+            (T2, 2 * T2),
+            (2 * T2, 3 * T2),
+            (3 * T2, 4 * T2),
+            (4 * T2, 5 * T2),
+            (5 * T2, 5 * T2 + 3),
+        ]
+        assert acc.tables_freed == 2 and mmu.pool.live == live - 2  # tables 2 and 3
+        ent = mmu.pool.entries(l2)
+        assert [bool(ent[i] & S.U_PRESENT) for i in range(6)] == [True] + [False] * 4 + [True]
 
 
 def test_lookup_leaf_iter_and_counts() -> None:
