@@ -209,6 +209,27 @@ def op_need(vm: Any, op: str, args: dict[str, Any], *, max_gmem_bytes: int) -> N
     return Need(need, tables)
 
 
+class _Book:
+    """Amounts per VM and their sum, kept up to date as they change: every call reads the
+    sums, and summing over all VMs each time would cost O(VMs) per call."""
+
+    __slots__ = ("by_vm", "total")
+
+    def __init__(self) -> None:
+        self.by_vm: dict[str, int] = {}
+        self.total = 0
+
+    def get(self, vm_id: str) -> int:
+        return self.by_vm.get(vm_id, 0)
+
+    def set(self, vm_id: str, amount: int) -> None:
+        self.total += amount - self.by_vm.get(vm_id, 0)
+        if amount:
+            self.by_vm[vm_id] = amount
+        else:
+            self.by_vm.pop(vm_id, None)
+
+
 class Ledger:
     """Bytes and page tables held and reserved, per VM (or fork), against a per-VM quota,
     the service's memory budget and its page-table budget."""
@@ -222,30 +243,35 @@ class Ledger:
             service_bytes // TABLE_BYTES if service_tables is None else service_tables
         )
         self._lock = threading.Lock()
-        self._held: dict[str, int] = {}
-        self._reserved: dict[str, int] = {}
-        self._held_tables: dict[str, int] = {}
-        self._reserved_tables: dict[str, int] = {}
+        self._held = _Book()
+        self._reserved = _Book()
+        self._held_tables = _Book()
+        self._reserved_tables = _Book()
 
     def total(self) -> int:
         with self._lock:
-            return sum(self._held.values()) + sum(self._reserved.values())
+            return self._held.total + self._reserved.total
 
     def tables(self) -> int:
         """Page tables held and reserved by everyone."""
         with self._lock:
-            return sum(self._held_tables.values()) + sum(self._reserved_tables.values())
+            return self._held_tables.total + self._reserved_tables.total
+
+    def held(self, vm_id: str) -> int:
+        """What `vm_id` held when it last settled (its reservations not included)."""
+        with self._lock:
+            return self._held.get(vm_id)
 
     def of(self, vm_id: str) -> int:
         with self._lock:
-            return self._held.get(vm_id, 0) + self._reserved.get(vm_id, 0)
+            return self._held.get(vm_id) + self._reserved.get(vm_id)
 
     def free_tables(self, vm_id: str) -> int:
         """Page tables a call on `vm_id` could be granted now."""
         with self._lock:
-            mine = self._held.get(vm_id, 0) + self._reserved.get(vm_id, 0)
-            total = sum(self._held.values()) + sum(self._reserved.values())
-            tables = sum(self._held_tables.values()) + sum(self._reserved_tables.values())
+            mine = self._held.get(vm_id) + self._reserved.get(vm_id)
+            total = self._held.total + self._reserved.total
+            tables = self._held_tables.total + self._reserved_tables.total
             return max(
                 0,
                 min(
@@ -261,8 +287,8 @@ class Ledger:
             need = Need(need)
         other = max(0, need.bytes)
         with self._lock:
-            mine = self._held.get(vm_id, 0) + self._reserved.get(vm_id, 0)
-            total = sum(self._held.values()) + sum(self._reserved.values())
+            mine = self._held.get(vm_id) + self._reserved.get(vm_id)
+            total = self._held.total + self._reserved.total
             if mine + other > self.vm_bytes:
                 raise _enomem(
                     f"the VM holds {mine} bytes; this call may need {other} more, past "
@@ -273,7 +299,7 @@ class Ledger:
                     f"the service holds {total} bytes; this call may need {other} "
                     f"more, past its budget of {self.service_bytes} (VKMMU_MEMORY_BUDGET_BYTES)"
                 )
-            tables_now = sum(self._held_tables.values()) + sum(self._reserved_tables.values())
+            tables_now = self._held_tables.total + self._reserved_tables.total
             room = min(
                 (self.vm_bytes - mine - other) // TABLE_BYTES,
                 (self.service_bytes - total - other) // TABLE_BYTES,
@@ -287,8 +313,8 @@ class Ledger:
                     "VKMMU_MEMORY_BUDGET_BYTES, VKMMU_PAGE_TABLE_BUDGET_BYTES)"
                 )
             grant = Grant(other + tables * TABLE_BYTES, tables)
-            self._reserved[vm_id] = self._reserved.get(vm_id, 0) + grant.bytes
-            self._reserved_tables[vm_id] = self._reserved_tables.get(vm_id, 0) + tables
+            self._reserved.set(vm_id, self._reserved.get(vm_id) + grant.bytes)
+            self._reserved_tables.set(vm_id, self._reserved_tables.get(vm_id) + tables)
         return grant
 
     def settle(self, vm_id: str, reserved: Grant, held: int, held_tables: int = 0) -> None:
@@ -299,19 +325,15 @@ class Ledger:
                 (self._reserved, reserved.bytes),
                 (self._reserved_tables, reserved.tables),
             ):
-                left = book.get(vm_id, 0) - amount
-                if left > 0:
-                    book[vm_id] = left
-                else:
-                    book.pop(vm_id, None)
-            self._held[vm_id] = max(0, held)
-            self._held_tables[vm_id] = max(0, held_tables)
+                book.set(vm_id, max(0, book.get(vm_id) - amount))
+            self._held.set(vm_id, max(0, held))
+            self._held_tables.set(vm_id, max(0, held_tables))
 
     def forget(self, vm_id: str) -> None:
         """The VM left memory (evicted, discarded, deleted)."""
         with self._lock:
-            self._held.pop(vm_id, None)
-            self._held_tables.pop(vm_id, None)
+            self._held.set(vm_id, 0)
+            self._held_tables.set(vm_id, 0)
 
 
 def _enomem(detail: str) -> KvmError:

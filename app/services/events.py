@@ -144,10 +144,18 @@ class EventBus:
         return ev
 
     def publish_call(
-        self, vm_id: str, op: str, args: dict[str, Any], result: Any, info: dict[str, Any] | None
+        self,
+        vm_id: str,
+        op: str,
+        args: dict[str, Any],
+        result: Any,
+        info: dict[str, Any] | None,
+        *,
+        zapped: bool = True,
     ) -> None:
-        """The typed events of one committed engine call (`result` is its JSON answer)."""
-        for type_, data in events_of_call(op, args, result, info):
+        """The typed events of one committed engine call (`result` is its JSON answer);
+        `zapped` False: the engine recorded no zap event, so the answer holds none."""
+        for type_, data in events_of_call(op, args, result, info, zapped=zapped):
             self.publish(type_, vm_id, data)
 
     # ------------------------------------------------------------ subscribing
@@ -265,10 +273,16 @@ _FAULT_OPS = ("access", "load", "store", "pre_fault", "accept")
 
 
 def events_of_call(
-    op: str, args: dict[str, Any], result: Any, info: dict[str, Any] | None
+    op: str,
+    args: dict[str, Any],
+    result: Any,
+    info: dict[str, Any] | None,
+    *,
+    zapped: bool = True,
 ) -> list[tuple[str, dict[str, Any]]]:
     """(type, data) of each event one engine call produced; `info` is the VM's `info()`
-    after the call (VM type, quirk state), when the VM is still loaded."""
+    after the call (VM type, quirk state), when the VM is still loaded. `zapped` False: the
+    call recorded no zap event, and its answer is not searched for one."""
     out: list[tuple[str, dict[str, Any]]] = []
     if not isinstance(result, dict):
         result = {}
@@ -316,7 +330,7 @@ def events_of_call(
                 },
             )
         )
-    for z in zap_events_in(result):
+    for z in zap_events_in(result) if zapped else ():
         out.append(("zap", z))
     exit_ = result.get("exit")
     if isinstance(exit_, dict):

@@ -279,6 +279,7 @@ class _Outcome:
     # the event streams are told.
     args: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] | None = None
+    zapped: bool = True  # False: the call recorded no zap event (none to look for)
 
 
 class CallFeed(Protocol):
@@ -329,11 +330,37 @@ class _Step:
     # in it (what the event streams are told).
     summary: bytes | None = None
     info: dict[str, Any] | None = None
+    # Whether the engine recorded a zap event (True when the engine cannot tell): the event
+    # streams look for zap events in the answer only then.
+    zapped: bool = True
 
     def take_summary(self, vm: Vm) -> None:
         raw = VmService._summary_raw(vm)
         self.summary = _json_bytes(raw)
         self.info = _public_info(raw)
+
+
+@dataclass
+class _BatchGrants:
+    """A batch's grants not settled yet (their sums), and what the ledger counted the VM as
+    holding when it last settled: together, what the ledger counts for the VM now."""
+
+    settled: int
+    bytes: int = 0
+    tables: int = 0
+
+    def add(self, grant: budget.Grant) -> None:
+        self.bytes += grant.bytes
+        self.tables += grant.tables
+
+    def counted(self) -> int:
+        return self.settled + self.bytes
+
+    def take(self) -> budget.Grant:
+        """All the grants as one, the batch left with none."""
+        done = budget.Grant(self.bytes, self.tables)
+        self.bytes = self.tables = 0
+        return done
 
 
 class VmService:
@@ -746,7 +773,9 @@ class VmService:
         rebuilt from the journal on next use, and the batch answers EBUSY (409): the feed
         has seen outcomes that cannot be redone."""
         async with self._locked(vm_id) as h:
-            n, seq = await self._run(self._mutate_many_sync, h, feed, max(1, max_calls), if_match)
+            n, seq, _ = await self._run(
+                self._mutate_many_sync, h, feed, max(1, max_calls), if_match
+            )
             self._maybe_auto_snapshot(h)
         return n, etag(seq)
 
@@ -759,17 +788,21 @@ class VmService:
         call's outcome (its result, or the `KvmError`), in order, and the ETag."""
         feed = _StopAtFirstError(calls)
         async with self._locked(vm_id) as h:
-            _, seq = await self._run(self._mutate_many_sync, h, feed, max(1, len(calls)), if_match)
+            _, seq, steps = await self._run(
+                self._mutate_many_sync, h, feed, max(1, len(calls)), if_match
+            )
             info = None if h.vm is None else h.vm.info()
+            # An answer that is no KvmError is the step journaled without one, in order.
+            zapped = iter([step.zapped for _op, _args, step in steps if step.raised is None])
             for (name, args), out in zip(calls, feed.outcomes, strict=False):
                 if not isinstance(out, KvmError):  # committed: tell the streams, in order
-                    self.events.publish_call(vm_id, name, args, out, info)
+                    self.events.publish_call(vm_id, name, args, out, info, zapped=next(zapped))
             self._maybe_auto_snapshot(h)
         return feed.outcomes, etag(seq)
 
     def _mutate_many_sync(
         self, h: VmHandle, feed: CallFeed, max_calls: int, if_match: str | None
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, list[tuple[OpLike, dict[str, Any], _Step]]]:
         split = self.db.sqlite
         touched = False
         steps: list[tuple[OpLike, dict[str, Any], _Step]] = []
@@ -808,7 +841,7 @@ class VmService:
         for _op, _args, step in steps:
             self._count_work(h, vm, step)
         h.applied_seq = seq
-        return n, seq
+        return n, seq, steps
 
     def _batch_steps(
         self,
@@ -823,22 +856,29 @@ class VmService:
         summary only after the last one: the row keeps the batch's end state). Answers the
         calls applied."""
         n = 0
-        while n < max_calls and (call := feed.next_call()) is not None:
-            name, args = call  # the feed's own dict: it hands out a fresh one
-            if name in (RESTORE_OP, "destroy"):
-                feed.record(KvmError(errno.EINVAL, f"{name!r} is not available here"))
-                continue
-            n += 1
-            try:
-                op = self.engine.parse(name, args)
-                journaled, encoded = _journaled(op)
-                step = self._engine_step(h, vm, op, journaled)
-            except KvmError as e:
-                feed.record(e)  # nothing changed: no record, as in `mutate`
-                continue
-            step.args_json = encoded
-            feed.record(step.raised if step.raised is not None else step.result)
-            steps.append((op, journaled, step))
+        # The ledger learns what the VM holds once, after the last step; a tenant token's
+        # calls settle each step (its quota check must see the steps before).
+        held = _BatchGrants(self.ledger.held(h.vm_id)) if acting_tenant.get() is None else None
+        try:
+            while n < max_calls and (call := feed.next_call()) is not None:
+                name, args = call  # the feed's own dict: it hands out a fresh one
+                if name in (RESTORE_OP, "destroy"):
+                    feed.record(KvmError(errno.EINVAL, f"{name!r} is not available here"))
+                    continue
+                n += 1
+                try:
+                    op = self.engine.parse(name, args)
+                    journaled, encoded = _journaled(op)
+                    step = self._engine_step(h, vm, op, journaled, held)
+                except KvmError as e:
+                    feed.record(e)  # nothing changed: no record, as in `mutate`
+                    continue
+                step.args_json = encoded
+                feed.record(step.raised if step.raised is not None else step.result)
+                steps.append((op, journaled, step))
+        finally:
+            if held is not None and held.bytes:
+                self._settle_steps(h, vm, held)
         if steps:
             steps[-1][2].take_summary(vm)
         return n
@@ -849,7 +889,9 @@ class VmService:
         async with self._locked(vm_id) as h:
             out = await self._run(self._mutate_sync, h, op, if_match, destroy)
             if out.error is None:  # committed: tell the streams (under the lock: in order)
-                self.events.publish_call(vm_id, op.name, out.args, out.result, out.info)
+                self.events.publish_call(
+                    vm_id, op.name, out.args, out.result, out.info, zapped=out.zapped
+                )
             if destroy:
                 self._handles.pop(vm_id, None)
             else:
@@ -940,11 +982,19 @@ class VmService:
         if destroy:
             h.discard()
         info = None if destroy else step.info
-        return _Outcome(step.result, step.seq, step.raised, args, info)
+        return _Outcome(step.result, step.seq, step.raised, args, info, step.zapped)
 
-    def _engine_step(self, h: VmHandle, vm: Vm, op: OpLike, args: dict[str, Any]) -> _Step:
+    def _engine_step(
+        self,
+        h: VmHandle,
+        vm: Vm,
+        op: OpLike,
+        args: dict[str, Any],
+        held: _BatchGrants | None = None,
+    ) -> _Step:
         """Run the call on the engine (no database work). A `KvmError` that changed nothing
-        is re-raised; one with `state_changed` is kept to be journaled."""
+        is re-raised; one with `state_changed` is kept to be journaled. `held`: a batch's
+        grants so far, which the batch settles after its last step (None: settled now)."""
         # Reserved before the engine allocates (ENOMEM past a quota: nothing changed).
         need = budget.op_need(vm, op.name, args, max_gmem_bytes=self.max_gmem_bytes)
         acting = acting_tenant.get()
@@ -953,13 +1003,50 @@ class VmService:
             # An eager split takes what is free, so only a fault's tables are a need here.
             tables = need.tables * TABLE_BYTES if need.all_tables else 0
             self.usage.check(acting, h.vm_id, need.bytes + tables)
-        grant = self.ledger.reserve(h.vm_id, need)
+        grant = self._reserve(h, vm, need, held)
         try:
             return self._engine_step_reserved(vm, op, grant.tables)
         finally:
-            self.ledger.settle(h.vm_id, grant, budget.bytes_held(vm), budget.tables_held(vm))
-            if h.tenant is not None:
-                self.usage.settle(h.tenant, h.vm_id, held_split(vm))
+            if held is None:
+                self._settle_steps(h, vm, grant)
+            else:
+                held.add(grant)
+
+    def _reserve(
+        self, h: VmHandle, vm: Vm, need: budget.Need, held: _BatchGrants | None
+    ) -> budget.Grant:
+        """Reserve `need` for a call. A batch's unsettled grants (`held`) stand for what its
+        steps made the VM hold: while the VM holds no more than the ledger counts, a grant
+        asked now is refused or shortened only where one asked after settling would be too,
+        and then it is asked again after settling. So a batch is refused exactly where the
+        same calls one by one would be."""
+        if held is None:
+            return self.ledger.reserve(h.vm_id, need)
+        if held.bytes and budget.bytes_held(vm) > held.counted():
+            self._settle_steps(h, vm, held)  # allocated past its grants (the trace ring)
+        try:
+            grant = self.ledger.reserve(h.vm_id, need)
+        except KvmError:
+            if not held.bytes:
+                raise
+            self._settle_steps(h, vm, held)
+            return self.ledger.reserve(h.vm_id, need)
+        if grant.tables < need.tables and held.bytes:  # an eager split takes what is free
+            held.add(grant)
+            self._settle_steps(h, vm, held)
+            grant = self.ledger.reserve(h.vm_id, need)
+        return grant
+
+    def _settle_steps(self, h: VmHandle, vm: Vm, held: _BatchGrants | budget.Grant) -> None:
+        """The calls that held these grants ended: the ledger (and the tenant's usage) count
+        what the VM holds now instead."""
+        done = held.take() if isinstance(held, _BatchGrants) else held
+        now = budget.bytes_held(vm)
+        self.ledger.settle(h.vm_id, done, now, budget.tables_held(vm))
+        if isinstance(held, _BatchGrants):
+            held.settled = now
+        if h.tenant is not None:
+            self.usage.settle(h.tenant, h.vm_id, held_split(vm))
 
     def _engine_step_reserved(self, vm: Vm, op: OpLike, granted_tables: int) -> _Step:
         at_us = now_us()
@@ -969,12 +1056,14 @@ class VmService:
         self.engine.set_table_budget(vm, budget)
         self.engine.set_trace_records(vm, self.trace_records)
         step = _Step(at_us=at_us, budget=budget)
+        events = getattr(vm, "event_seq", None)  # zap events recorded so far
         try:
             step.result = self.engine.apply(vm, op, us_to_engine_time(at_us), None)
         except KvmError as e:
             if not getattr(e, "state_changed", False):
                 raise  # the engine guarantees nothing changed
             step.raised, step.error = e, _error_json(e)
+        step.zapped = events is None or getattr(vm, "event_seq", None) != events
         step.meta = _meta(vm, budget)
         step.stats = _work_stats(vm)
         return step

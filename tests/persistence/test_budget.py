@@ -248,3 +248,67 @@ async def test_a_what_if_copy_is_reserved(db_url: str, make_service: ServiceFact
     out = await what_if(svc, vm, variants=[Variant("a"), Variant("b")], ops=ops)
     assert [row["name"] for row in out["variants"]] == ["a", "b"]
     assert svc.ledger.total() == before
+
+
+async def _split_workload(svc: VmService) -> str:
+    """A VM with four 4 MiB slots on transparent huge pages, each mapped by 2 MiB leaves,
+    and 240 KiB of host contents (what it holds is past what creating a VM reserves)."""
+    vm = await _vm(svc)
+    for i in range(30):
+        await svc.mutate(vm, "host_write", {"userspace_addr": HVA + i * 8192, "data": "ab" * 8192})
+    await svc.mutate(
+        vm, "host_advise", {"userspace_addr": SLOT_HVA, "len": GIB, "advice": "hugepage"}
+    )
+    for i in range(4):
+        region = {**_slot(4 * MIB), "slot": i, "guest_phys_addr": i * GIB}
+        region["userspace_addr"] = SLOT_HVA + i * 4 * MIB
+        await svc.mutate(vm, "set_user_memory_region", region)
+        await svc.mutate(
+            vm, "access", {"vcpu": 0, "gpa": i * GIB, "size": 4 * MIB, "access": "write"}
+        )
+    return vm
+
+
+def _timeless(answer: object) -> object:
+    """An answer without its wall-clock fields (zap events' `at` and `duration_us`)."""
+    if isinstance(answer, dict):
+        return {k: _timeless(v) for k, v in answer.items() if k not in ("at", "duration_us")}
+    return answer.errno if isinstance(answer, KvmError) else answer
+
+
+def _logging_on(i: int) -> tuple[str, dict[str, int]]:
+    region = {**_slot(4 * MIB, flags=1), "slot": i, "guest_phys_addr": i * GIB}
+    region["userspace_addr"] = SLOT_HVA + i * 4 * MIB
+    return "set_user_memory_region", region
+
+
+async def test_a_batch_is_refused_where_the_calls_one_by_one_would_be(
+    db_url: str, make_service: ServiceFactory
+) -> None:
+    """A batch settles what the VM holds after its last step, not after each one, so its
+    earlier grants (zap-event bytes never used) count against the quota meanwhile; where
+    they refuse or shorten a grant they are settled first. Turning dirty logging on for four
+    slots (each an eager split of two 2 MiB leaves) under tighter and tighter VM quotas: the
+    batch applies, splits and refuses exactly what four single calls do."""
+    probe = await make_service(db_url, snapshot_every=0)
+    base = probe.ledger.of(await _split_workload(probe))
+    seen = set()
+    # Past 48 KiB over what the VM ends up holding, its own last calls fit.
+    for extra in range(48 * 1024, 176 * 1024, 8 * 1024):
+        svc = await make_service(db_url, snapshot_every=0, vm_memory_budget_bytes=base + extra)
+        one, batch = await _split_workload(svc), await _split_workload(svc)
+        singles: list[object] = []
+        for i in range(4):
+            name, args = _logging_on(i)
+            try:
+                singles.append(_timeless((await svc.mutate(one, name, args))[0]))
+            except KvmError as e:
+                singles.append(e.errno)
+                break
+        outcomes, _ = await svc.mutate_batch(batch, [_logging_on(i) for i in range(4)])
+        assert [_timeless(o) for o in outcomes] == singles, extra
+        splits = [await svc.read(v, lambda vm: vm.stats()["pages_2m"]) for v in (one, batch)]
+        assert splits[0] == splits[1], extra
+        assert svc.ledger.of(one) == svc.ledger.of(batch), extra
+        seen.add(tuple(x if isinstance(x, int) else "ok" for x in singles))
+    assert len(seen) >= 3, seen  # refused early, refused late, all applied
