@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, Header, Path, Query, Request, Response
@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from app.engine.vm import Vm
 
 T = TypeVar("T")
+# A list item: an open dict or an engine view (a TypedDict).
+Row = TypeVar("Row", bound=Mapping[str, Any])
 
 
 class VmServiceLike(Protocol):
@@ -156,8 +158,8 @@ def set_etag(response: Response, etag: str) -> None:
 
 
 def paginate(
-    items: Sequence[dict[str, Any]],
-    key: Callable[[dict[str, Any]], int | str],
+    items: Sequence[Row],
+    key: Callable[[Row], int | str],
     limit: int,
     cursor: str | None,
     *,

@@ -6,7 +6,8 @@ TABLE_PFN_BASE + its row index, which is what a non-leaf SPTE points to.
 
 Traversals are loops over one of three views of the same descent: `walk` (a cursor per table,
 pre- or post-order), `walk_in_order` (a table's entries cut at its links, interleaved with the
-subtrees in GFN order) and `path` (the descent to one GFN).
+subtrees in GFN order, each link optionally named before and after its subtree) and `path`
+(the descent to one GFN).
 """
 
 from __future__ import annotations
@@ -384,6 +385,7 @@ class Step(enum.Enum):
 
     LEAVES = "leaves"  # entries linking no table: every present one is a leaf
     LEAF_TABLES = "leaf_tables"  # level-2 entries linking leaf tables, left to the caller
+    DOWN = "down"  # the link [lo, lo + 1) whose subtree comes next (pre-order)
     UP = "up"  # the link [lo, lo + 1) whose subtree was just walked (post-order)
 
 
@@ -393,6 +395,7 @@ def walk_in_order(
     start: int,
     end: int,
     *,
+    pre_order: bool = False,
     post_order: bool = False,
     leaf_tables: bool = False,
 ) -> Iterator[tuple[Step, Cursor]]:
@@ -400,10 +403,11 @@ def walk_in_order(
     cut at its links into LEAVES cursors, each link's subtree walked in between (tdp_iter's
     pre-order at leaf granularity: what a zap traces, what a resumable listing needs).
 
-    `post_order`: an UP cursor after each subtree (what freeing needs). `leaf_tables`: a
-    level-2 table's leaf tables wholly inside [start, end), with no huge leaf between them,
-    come as one LEAF_TABLES cursor and are not descended into (the bulk path: a numpy pass
-    over all of them).
+    `pre_order`: a DOWN cursor before each subtree (what handle_removed_pt traces: a link
+    frozen before its table's entries). `post_order`: an UP cursor after each subtree (what
+    freeing needs). `leaf_tables`: a level-2 table's leaf tables wholly inside [start, end),
+    with no huge leaf between them, come as one LEAF_TABLES cursor and are not descended
+    into (the bulk path: a numpy pass over all of them).
     """
     level, base = pool.level(table), pool.gfn(table)
     lo, hi = clip(base, level, start, end)
@@ -421,9 +425,16 @@ def walk_in_order(
         if grouped:
             yield Step.LEAF_TABLES, Cursor(table, level, base, a, b)
             continue
-        child = pool.child(int(ent[a]))
+        if pre_order:
+            yield Step.DOWN, Cursor(table, level, base, a, b)
         yield from walk_in_order(
-            pool, child, start, end, post_order=post_order, leaf_tables=leaf_tables
+            pool,
+            pool.child(int(ent[a])),
+            start,
+            end,
+            pre_order=pre_order,
+            post_order=post_order,
+            leaf_tables=leaf_tables,
         )
         if post_order:
             yield Step.UP, Cursor(table, level, base, a, b)

@@ -1,13 +1,7 @@
-"""VM statistics: the kernel's binary-stats names (kvm-memslots.md §7) plus vkmmu's counters."""
+"""VM statistics: the kernel's binary-stats names (kvm-memslots.md §7) plus vkmmu's counters,
+and which of them are cumulative. The stats view itself is `views.stats`."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-from .roots import RootRole
-
-if TYPE_CHECKING:
-    from .state import KvmState
 
 # The kernel's x86 VM stats in descriptor order, split by binary-stats type.
 KVM_CUMULATIVE_STATS = (
@@ -63,33 +57,3 @@ def is_cumulative(name: str) -> bool:
     if name in _PRESENT_STATE:
         return False
     return name in _CUMULATIVE or name.startswith(_CUMULATIVE_PREFIXES)
-
-
-def stats_view(vm: KvmState) -> dict[str, Any]:
-    """The binary-stats names of the kernel first, then vkmmu's own counters."""
-    out: dict[str, Any] = dict(vm.stats_kvm)
-    out["pages_4k"], out["pages_2m"], out["pages_1g"] = vm.mmu.pages[1:4]
-    out.update(vm.stats_extra)
-    out["page_tables"] = vm.mmu.pool.live
-    out["roots"] = len(vm.mmu.roots)
-    by_role = {"shared": [0, 0, 0, 0], "private": [0, 0, 0, 0]}
-    for r in vm.mmu.roots.values():
-        key = "private" if r.role is RootRole.MIRROR else "shared"
-        by_role[key] = [a + b for a, b in zip(by_role[key], r.leaves, strict=True)]
-    if vm.has_private_mem and not vm.is_tdx:
-        # One root holds both views: guest_memfd pfns are the private leaves (all 4K).
-        priv = sum(r.gmem_leaves for r in vm.mmu.roots.values())
-        by_role["private"][1] += priv
-        by_role["shared"][1] -= priv
-    for key, v in by_role.items():
-        out[f"{key}_pages_4k"], out[f"{key}_pages_2m"], out[f"{key}_pages_1g"] = v[1:4]
-    out["zapped_not_refaulted"] = vm.zapped.total()
-    for name in VCPU_STAT_NAMES:
-        out[name] = sum(v.stats[name] for v in vm.vcpus.values())
-    if vm.tdx is not None:
-        t = vm.tdx.to_dict()
-        for op, n in t["ops"].items():  # type: ignore[attr-defined]
-            out["tdx_" + op.lower().replace(".", "_")] = n
-        out["tdx_reaccepts"] = vm.tdx.reaccepts
-        out["tdx_accepted_pages"] = vm.tdx.accepted.total()
-    return out

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import spte as S
-from .paging import ENTRIES, TablePool, span
+from .paging import ENTRIES, Step, TablePool, span, walk, walk_in_order
 
 DEFAULT_RECORDS = 4096
 
@@ -555,35 +555,23 @@ class TraceRing:
 
         self._push(total, build)
 
-    def removed_table(
-        self, pool: TablePool, table: int, as_id: int, shared: bool, cleared: int = 0
-    ) -> None:
-        """handle_removed_pt: every entry of an unlinked table goes to FROZEN_SPTE, children
-        right after their parent entry. Under the read lock (`shared`) every entry is traced,
-        present or not; under the write lock only present ones. Tables at or below level
-        `cleared` were already emptied by an earlier pass (all their entries non-present)."""
+    def removed_table(self, pool: TablePool, table: int, as_id: int, shared: bool) -> None:
+        """handle_removed_pt: every entry of an unlinked table goes to FROZEN_SPTE, a link's
+        table right after the link (DOWN). Under the read lock (`shared`) every entry is
+        traced, present or not; under the write lock only present ones."""
         if not self.capacity:
             return
-        level = pool.level(table)
         base = pool.gfn(table)
-        if level <= cleared:
-            if shared:
-                gfns = _U(base) + _IDX * _U(span(level))
-                self.spte_changed(as_id, gfns, level, NONPRESENT, FROZEN)
-            return
-        ent = pool.entries(table)
-        sel = np.arange(ENTRIES) if shared else np.flatnonzero((ent & _PRESENT) != 0)
-        nonleaf = np.flatnonzero((ent & _PRESENT != 0) & (ent & _PS == 0)) if level > 1 else sel[:0]
-        pos = 0
-        for i in [*nonleaf.tolist(), ENTRIES]:
-            upto = int(np.searchsorted(sel, i, side="right")) if i < ENTRIES else len(sel)
-            part = sel[pos:upto]
-            if len(part):
-                gfns = _U(base) + part.astype(np.uint64) * _U(span(level))
-                self.spte_changed(as_id, gfns, level, ent[part], FROZEN)
-            pos = upto
-            if i < ENTRIES:
-                self.removed_table(pool, pool.child(int(ent[i])), as_id, shared, cleared)
+        end = base + ENTRIES * span(pool.level(table))
+        for step, cur in walk_in_order(pool, table, base, end, pre_order=True):  # LEAVES, DOWN
+            old = pool.entries(cur.table)[cur.lo : cur.hi].copy()  # the table is freed next
+            idx = np.arange(cur.lo, cur.hi, dtype=np.uint64)
+            if not shared and step is Step.LEAVES:  # present entries only (a link is present)
+                keep = (old & _PRESENT) != 0
+                idx, old = idx[keep], old[keep]
+            if len(idx):
+                gfns = _U(cur.base) + idx * _U(span(cur.level))
+                self.spte_changed(as_id, gfns, cur.level, old, FROZEN)
 
     def root_teardown(self, pool: TablePool, root_table: int, as_id: int, shared: bool) -> None:
         """tdp_mmu_zap_root: a first pass zaps at the 1 GiB level (each present level-3 entry
@@ -596,8 +584,7 @@ class TraceRing:
         if not self.capacity:
             return
         for zap, cleared in ((3, 0), (pool.level(root_table), 3)):
-            nodes: list[_Node] = []
-            _collect(pool, root_table, zap, shared, cleared, nodes, -1)
+            nodes = _collect(pool, root_table, zap, shared, cleared)
             nodes = _split_tail(pool, nodes, self.capacity)
             # Tables whose records the ring can never keep give their copies back now.
             kept = _pick(nodes, self.capacity)
@@ -631,41 +618,34 @@ class _Node:
             self.count = len(self.idx)
 
 
-def _collect(
-    pool: TablePool,
-    table: int,
-    zap: int,
-    shared: bool,
-    cleared: int,
-    out: list[_Node],
-    parent: int,
-    removed: bool = False,
-) -> None:
-    level, base = pool.level(table), pool.gfn(table)
-    ent = pool.entries(table)
-    present = np.flatnonzero((ent & _PRESENT) != 0)
-    if not removed and level > zap:  # only walked through
-        for i in present[(ent[present] & _PS) == 0].tolist():
-            _collect(pool, pool.child(int(ent[i])), zap, shared, cleared, out, parent)
-        return
-    if level <= cleared:
-        if removed and shared:  # handle_removed_pt freezes entries zapped by the first pass
-            out.append(_Node(level, base, ent[:0], _ALL, FROZEN, parent, cleared=True))
-        return
-    if removed:
-        idx = _ALL if shared else present
-        new = FROZEN
-    else:  # the zap level: its present entries go non-present, their tables are removed
-        idx, new = present, NONPRESENT
-    me = len(out)
-    out.append(_Node(level, base, ent, idx, new, parent))
-    if level == 2:
-        kids = present[(ent[present] & _PS) == 0]
+def _collect(pool: TablePool, root: int, zap: int, shared: bool, cleared: int) -> list[_Node]:
+    """The tables of one teardown pass in pre-order: above level `zap` only walked through;
+    at `zap` its present entries go non-present and the tables they link are removed (entries
+    frozen); those at or below `cleared` were emptied by the first pass (traced as all
+    non-present, not descended); a level-2 table's leaf tables as one group."""
+    out: list[_Node] = []
+    node_at = [-1] * 6  # level -> the node of the table last met there: its children's parent
+    for cur in walk(pool, root, 0, 1 << 62, min_level=max(2, cleared)):
+        level, base = cur.level, cur.base
+        if level > zap:
+            continue
+        parent = node_at[level + 1] if level < zap else -1
+        ent = pool.entries(cur.table)
+        if level <= cleared:
+            if shared:  # handle_removed_pt freezes entries zapped by the first pass
+                out.append(_Node(level, base, ent[:0], _ALL, FROZEN, parent, cleared=True))
+            continue
+        present = np.flatnonzero((ent & _PRESENT) != 0)
+        if level < zap:  # removed
+            idx, new = (_ALL if shared else present), FROZEN
+        else:
+            idx, new = present, NONPRESENT
+        node_at[level] = len(out)
+        out.append(_Node(level, base, ent, idx, new, parent))
+        kids = present[(ent[present] & _PS) == 0] if level == 2 else present[:0]
         if len(kids):
-            out.append(_leaf_group(pool, ent, kids, base, shared, me))
-    elif level > 2:
-        for i in present[(ent[present] & _PS) == 0].tolist():
-            _collect(pool, pool.child(int(ent[i])), zap, shared, cleared, out, me, True)
+            out.append(_leaf_group(pool, ent, kids, base, shared, node_at[level]))
+    return out
 
 
 def _leaf_group(

@@ -18,9 +18,9 @@ from . import (
     gmem,
     hostmem,
     hypercall,
-    introspect,
     memslots,
     tdx_lifecycle,
+    views,
 )
 from . import capabilities as caps
 from . import vcpu as vcpu_ops
@@ -46,7 +46,6 @@ from .memslots import (
 from .op import Op
 from .revision import ENGINE_REV
 from .state import DEFAULT_TABLE_BUDGET, KvmState
-from .stats import stats_view
 from .tdx_lifecycle import TdxFinalizeVm, TdxInitMemRegion, TdxInitVcpu, TdxInitVm
 from .uapi import VmType
 from .vcpu import CreateVcpu, SetVcpuSmm
@@ -153,33 +152,13 @@ class Vm(KvmState):
     # ------------------------------------------------------------------ teardown
     # ------------------------------------------------------------------ queries
     def info(self) -> dict[str, Any]:
-        return {
-            "vm_type": int(self.vm_type),
-            "vm_type_name": self.vm_type.name,
-            "name": self.name,
-            "vcpus": len(self.vcpus),
-            "paging_levels": self.paging_levels,
-            "nr_address_spaces": self.nr_as,
-            "has_private_mem": self.has_private_mem,
-            "gfn_direct_bits": self.gfn_direct_bits,
-            "zap_policy": self.zap_policy,
-            "slot_zap_all_applies": self.vm_type == VmType.KVM_X86_DEFAULT_VM
-            and self.quirk_zap_all,
-            "memslots": sum(len(s) for s in self.spaces),
-            "destroyed": self.destroyed,
-            "host": self.host_profile.to_dict(),
-            "engine_rev": self.engine_rev,
-        }
+        return views.info(self)
 
     def quirks(self) -> dict[str, Any]:
         return caps.quirks_view(self.vm_type, self.disabled_quirks)
 
     def memslots(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for space in self.spaces:
-            for slot in space:
-                out.append(memslots.slot_view(self, slot) or {})
-        return sorted(out, key=lambda d: d["slot"])
+        return views.memslots(self)
 
     def memslot(self, slot: object) -> dict[str, Any]:
         s = self.lookup_slot(slot)
@@ -197,24 +176,14 @@ class Vm(KvmState):
     def zap_events(self) -> list[dict[str, Any]]:
         return list(reversed(self.events))
 
-    def roots(self) -> list[dict[str, Any]]:
-        return [r.to_dict(self.mmu.mmu_valid_gen) for r in self.mmu.roots_of()]
+    def roots(self) -> list[views.RootView]:
+        return views.roots(self)
 
-    def stats(self) -> dict[str, Any]:
-        return stats_view(self)
+    def stats(self) -> views.StatsView:
+        return views.stats(self)
 
-    def tdx_state(self) -> dict[str, Any]:
-        if self.tdx is None:
-            raise einval("not a TD")
-        pending = [
-            {"vcpu": v, "next_gpa": a, "end_gpa": b}
-            for v, (a, b) in sorted(self.tdx.map_gpa.items())
-        ]
-        return {
-            **self.tdx.to_dict(),
-            "lifecycle": self.tdx.lifecycle_dict(),
-            "map_gpa_pending": pending,
-        }
+    def tdx_state(self) -> dict[str, object]:
+        return views.tdx_state(self)
 
     def host_read(self, userspace_addr: object, len: object) -> dict[str, Any]:
         return hostmem.host_read(self, userspace_addr, len)
@@ -222,16 +191,16 @@ class Vm(KvmState):
     def gmem_read(self, fd: object, offset: object, len: object) -> dict[str, Any]:
         return gmem.gmem_read(self, fd, offset, len)
 
-    def translate(self, gpa: object) -> dict[str, Any]:
-        return introspect.translate(self, gpa)
+    def translate(self, gpa: object) -> views.TranslateView:
+        return views.translate(self, gpa)
 
-    def mappings(self, root: object = None) -> list[dict[str, Any]]:
-        return introspect.mappings(self, root)
+    def mappings(self, root: object = None) -> list[views.MappingView]:
+        return views.mappings(self, root)
 
     def iter_mappings(
-        self, root: object = None, start: introspect.MappingStart = (0, 0)
-    ) -> Iterator[dict[str, Any]]:
-        return introspect.iter_mappings(self, root, start)
+        self, root: object = None, start: views.MappingStart = (0, 0)
+    ) -> Iterator[views.MappingView]:
+        return views.iter_mappings(self, root, start)
 
     def audit(self) -> dict[str, Any]:
         return audit_vm(self)

@@ -148,6 +148,57 @@ def test_walk_in_order_post_order_and_leaf_tables() -> None:
     ]
 
 
+def test_walk_in_order_pre_order_names_each_link_before_its_subtree() -> None:
+    """DOWN names the link [lo, lo + 1) before its subtree, UP after it: the huge leaves
+    between tables stay LEAVES slices of their own, in GFN order (handle_removed_pt's
+    order: a link frozen, then its table's entries)."""
+    mmu, rid, _ = mixed()
+    got = steps(mmu, rid, 0, 1 << 40, pre_order=True, post_order=True)
+    assert got == [
+        ("down", 4, 0, ENTRIES**3),
+        ("down", 3, 0, ENTRIES * T2),
+        ("down", 2, 0, T2),
+        ("leaves", 1, 0, T2),
+        ("up", 2, 0, T2),
+        ("leaves", 2, T2, 2 * T2),  # the 2M leaf between leaf tables 0 and 2
+        ("down", 2, 2 * T2, 3 * T2),
+        ("leaves", 1, 2 * T2, 3 * T2),
+        ("up", 2, 2 * T2, 3 * T2),
+        ("down", 2, 3 * T2, 4 * T2),
+        ("leaves", 1, 3 * T2, 4 * T2),
+        ("up", 2, 3 * T2, 4 * T2),
+        ("leaves", 2, 4 * T2, 5 * T2),
+        ("down", 2, 5 * T2, 6 * T2),
+        ("leaves", 1, 5 * T2, 6 * T2),
+        ("up", 2, 5 * T2, 6 * T2),
+        ("leaves", 2, 6 * T2, ENTRIES * T2),
+        ("up", 3, 0, ENTRIES * T2),
+        ("leaves", 3, ENTRIES * T2, ENTRIES * ENTRIES * T2),  # the 1G leaf and beyond
+        ("up", 4, 0, ENTRIES**3),
+        ("leaves", 4, ENTRIES**3, ENTRIES**4),
+    ]
+    # Opt-in: without it the same walk has no DOWN, and DOWN alone is the pre-order half.
+    assert [s for s in got if s[0] != "down"] == steps(mmu, rid, 0, 1 << 40, post_order=True)
+    assert [s for s in got if s[0] != "up"] == steps(mmu, rid, 0, 1 << 40, pre_order=True)
+    # Grouped leaf tables are not descended: no DOWN for them; a table cut by the range is.
+    grouped = steps(mmu, rid, 3, 6 * T2 - 1, pre_order=True, leaf_tables=True)
+    assert grouped == [
+        ("down", 4, 0, ENTRIES**3),
+        ("down", 3, 0, ENTRIES * T2),
+        ("down", 2, 0, T2),
+        ("leaves", 1, 3, T2),
+        ("leaves", 2, T2, 2 * T2),
+        ("leaf_tables", 2, 2 * T2, 4 * T2),
+        ("leaves", 2, 4 * T2, 5 * T2),
+        ("down", 2, 5 * T2, 6 * T2),
+        ("leaves", 1, 5 * T2, 6 * T2 - 1),
+    ]
+    for st, c in walk_in_order(mmu.pool, mmu.roots[rid].table, 0, 1 << 40, pre_order=True):
+        if st is Step.DOWN:  # the cursor holds exactly one present non-leaf entry
+            e = mmu.pool.entries(c.table)[c.lo : c.hi]
+            assert c.hi == c.lo + 1 and e[0] & S.U_PRESENT and not e[0] & S.U_PS
+
+
 def test_zap_in_gfn_order_records_runs_and_frees_tables_inside() -> None:
     """The zap loops over `walk_in_order`: runs in GFN order (a 2M leaf between leaf
     tables), tables wholly inside freed and unlinked, the bulk path alike."""

@@ -23,6 +23,7 @@ from app.api.schemas.introspection import (
 )
 from app.api.schemas.pages import Page
 from app.engine.stat_descriptors import DESCRIPTORS
+from app.engine.views import TranslateView
 
 if TYPE_CHECKING:
     from app.engine.vm import Vm
@@ -44,7 +45,7 @@ async def translate(
     service: ServiceDep,
     response: Response,
 ) -> Translation:
-    def walk(v: Vm) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def walk(v: Vm) -> tuple[TranslateView, list[dict[str, Any]]]:
         return v.translate(gpa), v.guest_memfds()
 
     view, files = await query(service, vm, walk, response)

@@ -11,6 +11,7 @@ from app.api.schemas.tdx import MapGpaPending, TdxLifecycle
 from app.engine import uapi
 from app.engine.stat_descriptors import DESCRIPTORS
 from app.engine.tdx import OPS as TDX_OPS
+from app.engine.views import TranslateView
 
 # Host pages behind an HVA have pfn `hva >> 12`, always below this; guest_memfd pages get
 # pfns from 1 << 38 up (docs/engine.md, "Page tables").
@@ -75,12 +76,13 @@ class Translation(Answer):
     roots: list[RootWalk]
 
 
-def translation(view: dict[str, Any], gmem_files: list[dict[str, Any]]) -> Translation:
+def translation(view: TranslateView, gmem_files: list[dict[str, Any]]) -> Translation:
     """The engine's walk, with the leaf's host address named for what it is."""
     gpa = view["gpa"]
     roots = []
     for r in view["roots"]:
         leaf = r["leaf"]
+        out: dict[str, Any] | None = None
         if leaf is not None:
             pfn = leaf["pfn"]
             out = {k: leaf[k] for k in ("level", "pfn", "r", "w", "x")}
@@ -95,9 +97,8 @@ def translation(view: dict[str, Any], gmem_files: list[dict[str, Any]]) -> Trans
                         offset = ((pfn - first) << uapi.PAGE_SHIFT) | (gpa & 0xFFF)
                         out |= {"guest_memfd": f["fd"], "guest_memfd_offset": offset}
                         break
-            leaf = out
-        roots.append(r | {"leaf": leaf})
-    return Translation.model_validate(view | {"roots": roots})
+        roots.append({**r, "leaf": out})
+    return Translation.model_validate({**view, "roots": roots})
 
 
 class Mapping(Answer):
