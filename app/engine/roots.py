@@ -36,19 +36,6 @@ class Root:
     leaves: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # by level 1..3
     gmem_leaves: int = 0  # 4K leaves mapping guest_memfd pages (kept when Mmu.count_gmem)
 
-    def to_dict(self, mmu_valid_gen: int) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "as_id": self.as_id,
-            "role": self.role.value,
-            "level": self.level,
-            "valid": self.valid,
-            "obsolete": not self.valid,  # TDP MMU roots: role.invalid, not mmu_valid_gen
-            "generation": self.gen,
-            "table_pfn": TablePool.pfn(self.table),
-            "sptes": {"4k": self.leaves[1], "2m": self.leaves[2], "1g": self.leaves[3]},
-        }
-
 
 _ROLE_NAMES = tuple(sorted(r.value for r in RootRole))
 _NO_LEAVES = (0, 0, 0, 0)

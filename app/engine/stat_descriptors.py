@@ -1,4 +1,4 @@
-"""What every stat of `stats_view` means, in the shape of the kernel's binary-stats descriptors.
+"""What every stat of `views.stats` means, in the shape of the kernel's binary-stats descriptors.
 
 KVM describes each stat it exports through `KVM_GET_STATS_FD` with a `struct kvm_stats_desc`
 (include/uapi/linux/kvm.h): a name, a type (`KVM_STATS_TYPE_CUMULATIVE`, `_INSTANT`, `_PEAK`)
