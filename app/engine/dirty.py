@@ -21,7 +21,7 @@ from .addr import hva_to_hpn
 from .errors import KvmError, einval
 from .faults import FaultPath
 from .op import Op, operation
-from .paging import Cursor, span, walk
+from .paging import ENTRIES, Cursor, TablePool, span, walk
 from .roots import Root, RootRole, ZapAcc
 from .trace import Kind
 from .zap import finish, flush_tlbs
@@ -278,6 +278,9 @@ def recover_huge_pages(vm: KvmState, root: Root, slot: Memslot, acc: ZapAcc) -> 
     fp = FaultPath(vm, next(iter(vm.vcpus.values())) if vm.vcpus else None, "read")  # type: ignore[arg-type]
     recovered = 0
     for level in (2, 3):
+        if level == 2 and mmu.bulk and not vm.has_private_mem:
+            recovered += _recover_leaf_tables(vm, root, slot, acc)
+            continue
         n = span(level)
         for cur, sl, idx in list(mmu.leaf_iter(root, slot.base_gfn, slot.end_gfn)):
             if cur.level != level - 1:
@@ -308,6 +311,54 @@ def recover_huge_pages(vm: KvmState, root: Root, slot: Memslot, acc: ZapAcc) -> 
     acc.runs.clear()
     acc.leaves.clear()
     return recovered
+
+
+def _recover_leaf_tables(vm: KvmState, root: Root, slot: Memslot, acc: ZapAcc) -> int:
+    """The 2M pass of `recover_huge_pages` a level-2 table at a time: its leaf tables that
+    qualify are found and replaced in one numpy pass each (the same tables, leaves, trace
+    records and counts as the per-table loop, which VMs with private memory keep)."""
+    hva_gfn = hva_to_hpn(slot.userspace_addr)
+    # max_level is 1 throughout a logging or guest_memfd-only slot, and where the slot's
+    # GFNs and HVAs disagree within 2 MiB.
+    if (
+        slot.gmem_only
+        or slot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES
+        or (slot.base_gfn ^ hva_gfn) & 511
+    ):
+        return 0
+    recovered = 0
+    for cur in list(walk(vm.mmu.pool, root.table, slot.base_gfn, slot.end_gfn, min_level=2)):
+        if cur.level == 2:
+            recovered += _recover_table(vm, root, slot, cur, acc)
+    return recovered
+
+
+def _recover_table(vm: KvmState, root: Root, slot: Memslot, cur: Cursor, acc: ZapAcc) -> int:
+    """The leaf tables of the level-2 table at `cur` that become 2 MiB leaves: wholly inside
+    the slot, on a whole host huge page none of whose pages is freed, with a present leaf;
+    each leaf is the table's first present leaf made huge over its 2 MiB-aligned PFN."""
+    pool = vm.mmu.pool
+    sl = pool.entries(cur.table)[cur.lo : cur.hi]
+    pos = cur.lo + np.flatnonzero(((sl & S.U_PRESENT) != 0) & ((sl & S.U_PS) == 0))
+    bases = cur.base + pos * ENTRIES
+    ok = (bases >= slot.base_gfn) & (bases + ENTRIES <= slot.end_gfn)
+    hpn = hva_to_hpn(slot.userspace_addr) + (bases - slot.base_gfn)
+    ok &= vm.host.mapping_levels(hpn) >= 2
+    ok &= ~vm.host.freed_in(hpn, ENTRIES)
+    pos = pos[ok]
+    old = pool.read_rows(TablePool.children(pool.entries(cur.table)[pos]))
+    present = (old & S.U_PRESENT) != 0
+    has = present.any(axis=1)
+    if not has.all():
+        pos, old, present = pos[has], old[has], present[has]
+    if not len(pos):
+        return 0
+    i = np.argmax(present, axis=1)
+    first = old[np.arange(len(pos)), i]
+    pfn = (((first & S.U_ADDR) >> S.U_SHIFT).astype(np.int64) - i) & ~(ENTRIES - 1)
+    leaves = (first & ~S.U_ADDR) | S.U_PS | (pfn.astype(np.uint64) << S.U_SHIFT)
+    vm.mmu.replace_leaf_tables(root, cur.table, pos, old, leaves, acc)
+    return len(pos)
 
 
 def _logging_slot(vm: KvmState, slot: object) -> tuple[Memslot, np.ndarray]:

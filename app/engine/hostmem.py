@@ -11,6 +11,8 @@ import errno
 from bisect import bisect_right
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from . import addr as A
 from .addr import end_page, hva_to_hpn
 from .errors import MAX_DATA_BYTES, KvmError, check_u64, einval, hex_bytes
@@ -99,6 +101,34 @@ class HostMemory:
                 return lv
             lv -= 1
         return 1
+
+    def mapping_levels(self, pages: np.ndarray) -> np.ndarray:
+        """`mapping_level` of each of `pages` (int64) in one pass over the page-size runs."""
+        out = np.ones(len(pages), dtype=np.int64)
+        if not self._runs or not len(pages):
+            return out
+        runs = np.array([r[:3] for r in self._runs], dtype=np.int64)
+        s, e, lv = runs[:, 0], runs[:, 1], runs[:, 2]
+        i = np.searchsorted(s, pages, side="right") - 1
+        at = np.maximum(i, 0)
+        inside = (i >= 0) & (pages < e[at])
+        for level in range(int(lv.max()), 1, -1):  # the largest huge page that fits whole
+            n = 1 << (9 * (level - 1))
+            base = pages & ~(n - 1)
+            fits = inside & (out == 1) & (lv[at] >= level) & (base >= s[at]) & (base + n <= e[at])
+            out[fits] = level
+        return out
+
+    def freed_in(self, first: np.ndarray, n: int) -> np.ndarray:
+        """Whether any page of [first[k], first[k] + n) was discarded and not touched since."""
+        if not len(self.freed):
+            return np.zeros(len(first), dtype=bool)
+        starts = np.array(self.freed.starts, dtype=np.int64)
+        ends = np.array(self.freed.ends, dtype=np.int64)
+        i = np.searchsorted(ends, first, side="right")  # the first freed run ending after it
+        hit: np.ndarray = i < len(ends)
+        hit[hit] = starts[i[hit]] < first[hit] + n
+        return hit
 
     def run_at(self, page: int) -> tuple[int, int]:
         """(level, end page) of the page-size run holding `page`; (1, page + 1) outside runs."""

@@ -481,6 +481,42 @@ class Mmu:
         finally:
             self._untraced = False
 
+    def replace_leaf_tables(
+        self,
+        root: Root,
+        table: int,
+        pos: np.ndarray,
+        old: np.ndarray,
+        leaves: np.ndarray,
+        acc: ZapAcc,
+    ) -> None:
+        """`replace_table` then `set_leaves` of the leaf tables linked at entries `pos`
+        (ascending) of the level-2 `table`, whose entries are `old` (a copy), each by the
+        2 MiB leaf `leaves[k]`, in one pass: the same trace records, counts, freed rows (in
+        order) and entries as one pair of calls per table."""
+        pool = self.pool
+        ent = pool.entries(table)
+        rows = TablePool.children(ent[pos])
+        bases = pool.gfn(table) + pos.astype(np.int64) * ENTRIES
+        self.trace.tables_recovered(root.as_id, bases, ent[pos], leaves, old)
+        leaf = (old & S.U_PRESENT) != 0
+        per = np.count_nonzero(leaf, axis=1)
+        n = int(per.sum())
+        if self.count_gmem:
+            gmem = leaf & (((old & S.U_ADDR) >> S.U_SHIFT) >= np.uint64(S.GMEM_PFN_BASE))
+            root.gmem_leaves -= int(np.count_nonzero(gmem))
+        root.leaves[1] -= n
+        self.pages[1] -= n
+        if n:
+            acc.count(root.role, 1, n)
+            acc.flush |= root.valid
+        acc.runs.extend(_table_runs(bases, leaf, per, root.role))
+        pool.release_rows(rows)
+        acc.tables_freed += len(rows)
+        ent[pos] = leaves
+        root.leaves[2] += len(pos)
+        self.pages[2] += len(pos)
+
     # -- leaves -----------------------------------------------------------------------------------
     def set_leaves(self, root: Root, table: int, lo: int, values: np.ndarray, level: int) -> None:
         """Install present leaves over non-present entries [lo, lo+len(values))."""

@@ -555,6 +555,40 @@ class TraceRing:
 
         self._push(total, build)
 
+    def tables_recovered(
+        self, as_id: int, bases: np.ndarray, links: np.ndarray, leaves: np.ndarray, old: np.ndarray
+    ) -> None:
+        """Leaf tables replaced by huge leaves under the read lock, one after the other: for
+        row k, its link `links[k]` at level 2 (GFN position bases[k]) becomes `leaves[k]`,
+        then every entry of the unlinked table (`old[k]`) is frozen: the records of one
+        `spte_changed` and one shared `removed_table` per table. Only the tables the ring can
+        keep are copied."""
+        n = len(bases)
+        if not self.capacity or not n:
+            return
+        per = ENTRIES + 1
+        first = max(0, n - -(-self.capacity // per))  # the tables the ring can keep
+        b = bases[first:].astype(np.uint64)
+        lk, lf, o = links[first:].copy(), leaves[first:].copy(), old[first:].copy()
+
+        def build() -> Fields:
+            m = len(b)
+            level = np.ones((m, per), dtype=np.uint8)
+            level[:, 0] = 2
+            gfn = np.concatenate((b[:, None], b[:, None] + _IDX), axis=1)
+            frozen = np.broadcast_to(FROZEN, (m, ENTRIES))
+            return {
+                "kind": int(Kind.SPTE_CHANGED),
+                "as_id": as_id,
+                "level": level.ravel(),
+                "gfn": gfn.ravel(),
+                "a": np.concatenate((lk[:, None], o), axis=1).ravel(),
+                "b": np.concatenate((lf[:, None], frozen), axis=1).ravel(),
+                "c": 0,
+            }
+
+        self._push(n * per, build)
+
     def removed_table(self, pool: TablePool, table: int, as_id: int, shared: bool) -> None:
         """handle_removed_pt: every entry of an unlinked table goes to FROZEN_SPTE, a link's
         table right after the link (DOWN). Under the read lock (`shared`) every entry is

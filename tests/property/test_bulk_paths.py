@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.engine import KvmError, Vm, codec, uapi
 from app.engine.faults import FaultPath
+from app.engine.hostmem import HostMemory
 from app.engine.ops import parse
+from app.engine.roots import Mmu
 
 DEFAULT = int(uapi.VmType.KVM_X86_DEFAULT_VM)
 SW_PROTECTED = int(uapi.VmType.KVM_X86_SW_PROTECTED_VM)
@@ -236,3 +239,158 @@ def test_runs_of_huge_leaves_match_the_general_path(
         assert run(bulk, name, args, float(step)) == run(general, name, args, float(step))
         same_state(bulk, general)
     assert sum(one_pass) >= 2 * GB // PAGE  # the one-pass paths did the work
+
+
+# Huge-page recovery (dirty logging turned off) over slots of leaf tables: host backings,
+# slot layouts (aligned, crossing 1 GiB, GPA and HVA disagreeing within 2 MiB) and what may
+# keep a table from collapsing (a freed host page, a partial zap, a table outside the slot).
+BACKINGS = {
+    "thp": ("host_advise", {"advice": "hugepage"}, PAGE),
+    "hugetlb_2m": ("host_map", {"page_size": 2 * MB}, 2 * MB),
+    "hugetlb_1g": ("host_map", {"page_size": GB}, GB),
+}
+recovery_gpas = st.sampled_from([0, GB - 6 * MB, 2 * MB + 5 * PAGE, 3 * GB])
+recovery_sizes = st.sampled_from([6 * MB + 3 * PAGE, 64 * MB, 200 * MB, GB + 10 * MB])
+
+
+def host_backing(kind: str, size: int) -> tuple[str, dict[str, Any]]:
+    """The host call backing [HVA, HVA + size) (rounded up to whole host pages)."""
+    name, args, page = BACKINGS[kind]
+    return (name, {"userspace_addr": HVA, "len": -(-size // page) * page, **args})
+
+
+@st.composite
+def disturbances(draw: st.DrawFn, gpa: int, size: int, off: int) -> list[tuple]:
+    """Calls that leave some leaf tables of the slot partial, empty or on freed host pages."""
+    out: list[tuple] = []
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.sampled_from([0, 4 * MB + 3 * PAGE, size // 2, size - 3 * PAGE]))
+        kind = draw(st.sampled_from(["discard", "zap", "write", "read"]))
+        length = draw(st.sampled_from([PAGE, 2 * MB, 5 * MB + PAGE]))
+        if kind == "discard":
+            out.append(("host_discard", {"userspace_addr": HVA + off + at, "len": length}))
+        elif kind == "zap":
+            out.append(
+                ("zap", {"scope": "range", "gpa": gpa + at, "size": length, "roots": "both"})
+            )
+        else:
+            args = {"vcpu": 0, "gpa": gpa + at, "size": length, "access": kind}
+            out.append(("access", args))
+    return out
+
+
+@settings(
+    max_examples=30,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    data=st.data(),
+    backing=st.sampled_from(sorted(BACKINGS)),
+    gpa=recovery_gpas,
+    size=recovery_sizes,
+    off=st.sampled_from([0, 2 * MB, 5 * PAGE]),
+    capacity=st.sampled_from([None, 100, 3 * 513 + 1, 5000]),
+    log_first=st.booleans(),
+)
+def test_recovery_matches_the_general_path(
+    data: st.DataObject,
+    backing: str,
+    gpa: int,
+    size: int,
+    off: int,
+    capacity: int | None,
+    log_first: bool,
+) -> None:
+    """Dirty logging on then off over a slot of many leaf tables: the bulk recovery (a level-2
+    table's leaf tables at once) leaves what the per-table loop leaves, the 1 GiB pass after
+    it included. Logging is on from the start (faults at 4K) or turned on after huge faults
+    (eager split); turning it on and off again recovers once more."""
+    seq = [host_backing(backing, off + size), region_call(0, gpa, size, off, 0, False)]
+    write = ("access", {"vcpu": 0, "gpa": gpa, "size": size, "access": "write"})
+    log_on, log_off = (region_call(0, gpa, size, off, flags, False) for flags in (LOG_DIRTY, 0))
+    seq += [log_on, write] if log_first else [write, log_on]
+    seq += data.draw(disturbances(gpa, size, off))
+    seq.append(log_off)
+    if data.draw(st.booleans()):
+        seq += [log_on, *data.draw(disturbances(gpa, size, off)), log_off]
+    bulk, general = new_vm(DEFAULT, True), new_vm(DEFAULT, False)
+    for vm in (bulk, general):
+        if capacity is not None:
+            vm.mmu.trace.resize(capacity)
+    for step, (name, args) in enumerate(seq):
+        answer = run(bulk, name, args, float(step))
+        assert answer == run(general, name, args, float(step)), (name, args)
+        same_state(bulk, general)
+
+
+@pytest.mark.parametrize("capacity", [None, 3 * 513 + 1])
+@pytest.mark.parametrize("backing", ["thp", "hugetlb_1g"])
+def test_recovery_of_whole_gibs_is_done_in_bulk(
+    backing: str, capacity: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 GiB faulted at 4K while logging, then logging off: the bulk recovery replaces the
+    leaf tables (all but one a zap emptied) a level-2 table at a time and leaves what the
+    per-table loop leaves; on 1 GiB host pages the 1 GiB pass follows."""
+    size = 2 * GB
+    seq = [
+        host_backing(backing, size),
+        region_call(0, GB, size, 0, LOG_DIRTY, False),
+        ("access", {"vcpu": 0, "gpa": GB, "size": size, "access": "write"}),
+        ("zap", {"scope": "range", "gpa": GB + 6 * MB, "size": 2 * MB, "roots": "both"}),
+        region_call(0, GB, size, 0, 0, False),
+    ]
+    replaced: list[int] = []
+    original = Mmu.replace_leaf_tables
+
+    def spy(self: Mmu, root: Any, table: int, pos: Any, *args: Any) -> None:
+        replaced.append(len(pos))
+        original(self, root, table, pos, *args)
+
+    monkeypatch.setattr(Mmu, "replace_leaf_tables", spy)
+    bulk, general = new_vm(DEFAULT, True), new_vm(DEFAULT, False)
+    for vm in (bulk, general):
+        if capacity is not None:
+            vm.mmu.trace.resize(capacity)
+    for step, (name, args) in enumerate(seq):
+        answer = run(bulk, name, args, float(step))
+        assert answer == run(general, name, args, float(step))
+        same_state(bulk, general)
+    assert replaced == [511, 512]  # one pass per level-2 table, the general path none
+    zap, gib = answer["zap"], backing == "hugetlb_1g"
+    # The 1 GiB pass takes both level-2 tables, the empty leaf table in the first one too.
+    assert zap["huge_pages_recovered"] == 1023 + (2 if gib else 0)
+    assert zap["tables_freed"] == 1023 + (3 if gib else 0)
+    pages = bulk.stats()
+    assert (pages["pages_1g"], pages["pages_2m"]) == ((2, 0) if gib else (0, 1023))
+
+
+host_spans = st.tuples(st.integers(0, 3 * 512), st.integers(1, 3 * 512))
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(
+    maps=st.lists(st.tuples(host_spans, st.sampled_from([1, 2, 3])), max_size=4),
+    discards=st.lists(host_spans, max_size=4),
+    pages=st.lists(st.one_of(st.integers(0, 2700), st.integers(0, 1 << 20)), max_size=40),
+)
+def test_host_queries_in_bulk_match_the_scalar_ones(
+    maps: list[tuple[tuple[int, int], int]],
+    discards: list[tuple[int, int]],
+    pages: list[int],
+) -> None:
+    """`HostMemory.mapping_levels` and `freed_in` (the bulk recovery's candidate checks)
+    answer what `mapping_level` and `freed.overlap` answer page by page, over page-size
+    runs that cut huge pages (1 GiB runs placed so that some hold a whole one)."""
+    host = HostMemory()
+    for (first, n), level in maps:
+        first = first if level < 3 else first * 512  # pages of 1 GiB runs, in 2 MiB steps
+        host.set_page_size(first, first + (n if level < 3 else n * 512), level, "hugetlb")
+    for first, n in discards:
+        host.discard(first, first + n)
+    at = np.array(pages, dtype=np.int64)
+    assert host.mapping_levels(at).tolist() == [host.mapping_level(p) for p in pages]
+    for n in (1, 512):
+        want = [host.freed.overlap(p, p + n) > 0 for p in pages]
+        assert host.freed_in(at, n).tolist() == want
