@@ -119,13 +119,14 @@ class Vm(KvmState):
         handler = _HANDLERS.get(type(op))
         if handler is None:
             raise einval(f"unknown operation {op!r}")
-        if self.destroyed and handler is not _destroy:
-            raise KvmError(errno.EIO, "the VM has been destroyed")
-        if self.bugged and handler is not _destroy:
+        if (self.destroyed or self.bugged) and handler is not _destroy:
+            if self.destroyed:
+                raise KvmError(errno.EIO, "the VM has been destroyed")
             raise KvmError(errno.EIO, f"the VM is dead (KVM_BUG_ON: {self.bugged})")
-        self.now = time.time() if at is None else at
-        self.mmu.trace.now, self.mmu.trace.cpu = self.now, -1
-        self.replay_durations = list(durations or [])
+        self.now = now = time.time() if at is None else at
+        trace = self.mmu.trace
+        trace.now, trace.cpu = now, -1
+        self.replay_durations = list(durations) if durations else []
         self.last_durations = []
         self.answering = answer
         try:

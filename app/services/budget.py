@@ -138,13 +138,13 @@ def _split_need(vm: Any, op: str, args: dict[str, Any]) -> int:
     (a flags-only change of a slot) or KVM_CLEAR_DIRTY_LOG with KVM_DIRTY_LOG_INITIALLY_SET."""
     if not hasattr(vm, "mmu"):
         return 0
+    if op == "set_user_memory_region" and not _int(args.get("flags")) & KVM_MEM_LOG_DIRTY_PAGES:
+        return 0  # no dirty logging: no eager split (most memslot calls)
     slot = _int(args.get("slot"))
     as_id, sid = slot >> 16, slot & 0xFFFF
     if not 0 <= as_id < int(getattr(vm, "nr_as", 1)) or sid >= KVM_USER_MEM_SLOTS:
         return 0
     if op == "set_user_memory_region":
-        if not _int(args.get("flags")) & KVM_MEM_LOG_DIRTY_PAGES:
-            return 0
         start = _int(args.get("guest_phys_addr")) >> 12
         end = start + _pages(_int(args.get("memory_size")))
     else:

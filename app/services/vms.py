@@ -302,8 +302,9 @@ class _StopAtFirstError:
         done = len(self.outcomes)
         if done == len(self.calls) or (done and isinstance(self.outcomes[-1], KvmError)):
             return None
-        name, args = self.calls[done]
-        return name, _json_copy(args)
+        # Not copied: a batch step only reads it (the engine runs the op built from the
+        # args as journaled, see `_batch_steps`).
+        return self.calls[done]
 
     def record(self, outcome: Any) -> None:
         self.outcomes.append(outcome)
@@ -861,7 +862,7 @@ class VmService:
         held = _BatchGrants(self.ledger.held(h.vm_id)) if acting_tenant.get() is None else None
         try:
             while n < max_calls and (call := feed.next_call()) is not None:
-                name, args = call  # the feed's own dict: it hands out a fresh one
+                name, args = call  # read only
                 if name in (RESTORE_OP, "destroy"):
                     feed.record(KvmError(errno.EINVAL, f"{name!r} is not available here"))
                     continue
@@ -869,6 +870,8 @@ class VmService:
                 try:
                     op = self.engine.parse(name, args)
                     journaled, encoded = _journaled(op)
+                    if journaled != args:  # defaults filled, or values JSON gives otherwise:
+                        op = self.engine.parse(name, journaled)  # run what replay will run
                     step = self._engine_step(h, vm, op, journaled, held)
                 except KvmError as e:
                     feed.record(e)  # nothing changed: no record, as in `mutate`

@@ -21,6 +21,7 @@ from app.engine.memslots import (
 )
 from app.engine.ops import parse
 from app.engine.vm import Vm
+from app.engine.zap import ZapEvent
 from tests.engine import expect, fingerprint
 
 DEFAULT = int(uapi.VmType.KVM_X86_DEFAULT_VM)
@@ -692,6 +693,25 @@ def test_an_unanswered_call_leaves_the_same_state_and_a_lean_answer() -> None:
     assert codec.digest(lean) == codec.digest(full)
     put(lean)  # after an unanswered call, calls and queries answer in full again
     assert lean.memslots()[0]["npages"] == 256 and put(lean, flags=LOG)["memslot"]["flags"] == LOG
+
+
+def test_delete_events_are_whole_and_independent_with_or_without_roots(vm: Vm) -> None:
+    """Each delete's zap event is its own dict in ZapEvent's shape, whether the fast zap
+    found roots to free or none at all."""
+    events = []
+    for fault in (False, True, False):
+        put(vm)
+        if fault:
+            vm.apply(parse("access", {"vcpu": 0, "gpa": 0, "size": MB, "access": "write"}))
+        events.append(put(vm, memory_size=0)["zap"])
+    empty, freed, again = events
+    for ev in events:
+        assert list(ev) == list(ZapEvent.__annotations__)
+    assert freed["sptes_zapped_total"] == 256 and freed["roots_invalidated"] == 1
+    assert again["sptes_zapped"] == empty["sptes_zapped"] and again["sptes_zapped_total"] == 0
+    assert (again["tables_freed"], again["roots_invalidated"]) == (0, 0)
+    assert again is not empty and again["sptes_zapped"] is not empty["sptes_zapped"]
+    assert vm.events[-1] == again and vm.events[-1] is not again
 
 
 def test_apply_delete_takes_the_slot_path_once_the_quirk_is_disabled(vm: Vm) -> None:
