@@ -149,6 +149,22 @@ def same_state(a: Vm, b: Vm) -> None:
     assert codec.digest(a) == codec.digest(b)
 
 
+def both(seq: list[tuple[str, dict[str, Any]]], capacity: int | None) -> tuple[Vm, Any]:
+    """`seq` on a default VM by the bulk path and on one by the general path, each with a
+    trace ring of `capacity` records (None: the default): identical answers and state after
+    every call. Returns the bulk VM and its last answer."""
+    bulk, general = new_vm(DEFAULT, True), new_vm(DEFAULT, False)
+    for vm in (bulk, general):
+        if capacity is not None:
+            vm.mmu.trace.resize(capacity)
+    answer = None
+    for step, (name, args) in enumerate(seq):
+        answer = run(bulk, name, args, float(step))
+        assert answer == run(general, name, args, float(step)), (name, args)
+        same_state(bulk, general)
+    return bulk, answer
+
+
 @settings(
     max_examples=100,
     derandomize=True,
@@ -231,13 +247,7 @@ def test_runs_of_huge_leaves_match_the_general_path(
             return done
 
         monkeypatch.setattr(FaultPath, name, spy)
-    bulk, general = new_vm(DEFAULT, True), new_vm(DEFAULT, False)
-    for vm in (bulk, general):
-        if capacity is not None:
-            vm.mmu.trace.resize(capacity)
-    for step, (name, args) in enumerate(seq):
-        assert run(bulk, name, args, float(step)) == run(general, name, args, float(step))
-        same_state(bulk, general)
+    both(seq, capacity)
     assert sum(one_pass) >= 2 * GB // PAGE  # the one-pass paths did the work
 
 
@@ -315,14 +325,7 @@ def test_recovery_matches_the_general_path(
     seq.append(log_off)
     if data.draw(st.booleans()):
         seq += [log_on, *data.draw(disturbances(gpa, size, off)), log_off]
-    bulk, general = new_vm(DEFAULT, True), new_vm(DEFAULT, False)
-    for vm in (bulk, general):
-        if capacity is not None:
-            vm.mmu.trace.resize(capacity)
-    for step, (name, args) in enumerate(seq):
-        answer = run(bulk, name, args, float(step))
-        assert answer == run(general, name, args, float(step)), (name, args)
-        same_state(bulk, general)
+    both(seq, capacity)
 
 
 @pytest.mark.parametrize("capacity", [None, 3 * 513 + 1])
@@ -349,14 +352,7 @@ def test_recovery_of_whole_gibs_is_done_in_bulk(
         original(self, root, table, pos, *args)
 
     monkeypatch.setattr(Mmu, "replace_leaf_tables", spy)
-    bulk, general = new_vm(DEFAULT, True), new_vm(DEFAULT, False)
-    for vm in (bulk, general):
-        if capacity is not None:
-            vm.mmu.trace.resize(capacity)
-    for step, (name, args) in enumerate(seq):
-        answer = run(bulk, name, args, float(step))
-        assert answer == run(general, name, args, float(step))
-        same_state(bulk, general)
+    bulk, answer = both(seq, capacity)
     assert replaced == [511, 512]  # one pass per level-2 table, the general path none
     zap, gib = answer["zap"], backing == "hugetlb_1g"
     # The 1 GiB pass takes both level-2 tables, the empty leaf table in the first one too.
