@@ -121,93 +121,51 @@ def _table_records(
     before: np.ndarray | None,
     head: list[Link],
     links: tuple[np.ndarray, np.ndarray] | None,
+    level: int = 1,
 ) -> Fields:
-    """The records of `TraceRing.tables_set` for tables first, first+1, …: per table the
-    first leaf's request, its links, then the rest of `leaves_set`'s triples."""
+    """The records of `TraceRing.tables_set` (`level` 1) or `huge_tables_set` (`level` 2) for
+    tables first, first+1, …: per table the first leaf's request, the table's link (`links`,
+    one level up; `head` before table 0's), then the rest of its leaves' triples. Leaf k of
+    table t maps GFN position base + (512 t + k) span(level) to pfn0 plus the same offset;
+    `before` holds the entries it replaced (None: all non-present). `map_huge` traces the
+    request and the SET_SPTE of a huge leaf without an address space (as_id 0)."""
     m = len(tables)
     k = np.arange(first, first + m, dtype=np.uint64)[:, None]
-    gfns = _U(base) + k * _U(ENTRIES) + _IDX  # m x 512
-    pfns = _U(pfn0) + k * _U(ENTRIES) + _IDX
+    offsets = (k * _U(ENTRIES) + _IDX) * _U(span(level))  # m x 512
+    gfns = _U(base) + offsets
+    pfns = _U(pfn0) + offsets
     leaves = _U(bits) | (pfns << S.U_SHIFT)
     pfn = _U(TablePool.pfn(0)) + tables.astype(np.uint64)[:, None]
     ptr = (pfn << S.U_SHIFT) + _IDX * _U(8)  # sptep of each entry
     old = np.broadcast_to(NONPRESENT, leaves.shape) if before is None else before
+    triples = (m, 3 * ENTRIES)
     cols = {
-        "kind": np.broadcast_to(np.tile(_LEAF_KINDS, ENTRIES), (m, 3 * ENTRIES)),
-        "level": np.ones((m, 3 * ENTRIES), dtype=np.uint8),
+        "kind": np.broadcast_to(np.tile(_LEAF_KINDS, ENTRIES), triples),
+        "level": np.full(triples, level, dtype=np.uint8),
         "gfn": np.repeat(gfns, 3, axis=1),
         "a": np.stack((pfns, old, leaves), axis=2).reshape(m, -1),
         "b": np.stack((np.zeros_like(leaves), leaves, ptr), axis=2).reshape(m, -1),
     }
-    link_cols = {}
-    if links is not None:
-        link_cols = {
-            "kind": np.full(m, int(Kind.SPTE_CHANGED), dtype=np.uint8),
-            "level": np.full(m, 2, dtype=np.uint8),
-            "gfn": gfns[:, 0],
-            "a": links[0],
-            "b": links[1],
-        }
+    link = {"kind": int(Kind.SPTE_CHANGED), "level": level + 1, "gfn": gfns[:, 0]}
     out: Fields = {"as_id": as_id, "c": 0}
-    for i, (name, body) in enumerate(cols.items()):
-        if link_cols:
-            link = link_cols[name].astype(body.dtype)[:, None]
-            body = np.concatenate((body[:, :1], link, body[:, 1:]), axis=1)
-        flat = body.ravel()
-        if head:
-            vals = [(int(Kind.SPTE_CHANGED), lv, g, o, nw)[i] for g, lv, o, nw in head]
-            flat = np.concatenate((flat[:1], np.array(vals, dtype=flat.dtype), flat[1:]))
-        out[name] = flat
-    return out
-
-
-def _huge_table_records(
-    as_id: int,
-    tables: np.ndarray,
-    pos: int,
-    first: int,
-    pfn0: int,
-    bits: int,
-    head: list[Link],
-    links: tuple[np.ndarray, np.ndarray],
-) -> Fields:
-    """The records of `TraceRing.huge_tables_set` for tables first, first+1, …: per table
-    `_huge_records` of its 512 leaves with the table's link (after `head` for table 0)."""
-    m = len(tables)
-    k = np.arange(first, first + m, dtype=np.uint64)[:, None]
-    sp = _U(span(2))
-    gfns = _U(pos) + (k * _U(ENTRIES) + _IDX) * sp  # m x 512
-    pfns = _U(pfn0) + (k * _U(ENTRIES) + _IDX) * sp
-    leaves = _U(bits) | (pfns << S.U_SHIFT)
-    pfn = _U(TablePool.pfn(0)) + tables.astype(np.uint64)[:, None]
-    ptr = (pfn << S.U_SHIFT) + _IDX * _U(8)
-    triple = (m, 3 * ENTRIES)
-    cols = {
-        "kind": np.broadcast_to(np.tile(_LEAF_KINDS, ENTRIES), triple),
-        "as_id": np.broadcast_to(np.tile(np.array([0, as_id, 0], dtype=np.uint8), ENTRIES), triple),
-        "level": np.full(triple, 2, dtype=np.uint8),
-        "gfn": np.repeat(gfns, 3, axis=1),
-        "a": np.stack((pfns, np.broadcast_to(NONPRESENT, leaves.shape), leaves), axis=2).reshape(
-            m, -1
-        ),
-        "b": np.stack((np.zeros_like(leaves), leaves, ptr), axis=2).reshape(m, -1),
-    }
-    link_cols = {
-        "kind": np.full(m, int(Kind.SPTE_CHANGED), dtype=np.uint8),
-        "as_id": np.full(m, as_id, dtype=np.uint8),
-        "level": np.full(m, 3, dtype=np.uint8),
-        "gfn": gfns[:, 0],
-        "a": links[0],
-        "b": links[1],
-    }
-    out: Fields = {"c": 0}
+    if level > 1:
+        leaf_as_id = np.tile(np.array([0, as_id, 0], dtype=np.uint8), ENTRIES)
+        cols["as_id"] = np.broadcast_to(leaf_as_id, triples)
+        link["as_id"] = as_id
+    if links is not None:
+        link["a"], link["b"] = links
+    above = [
+        {"kind": int(Kind.SPTE_CHANGED), "as_id": as_id, "gfn": g, "level": lv, "a": o, "b": nw}
+        for g, lv, o, nw in head
+    ]
     for name, body in cols.items():
-        link = link_cols[name].astype(body.dtype)[:, None]
-        flat = np.concatenate((body[:, :1], link, body[:, 1:]), axis=1).ravel()
-        if head:
-            col = ("kind", "level", "gfn", "a", "b", "as_id").index(name)
-            vals = [(int(Kind.SPTE_CHANGED), lv, g, o, nw, as_id)[col] for g, lv, o, nw in head]
-            flat = np.concatenate((flat[:1], np.array(vals, dtype=flat.dtype), flat[1:]))
+        if links is not None:
+            col = np.broadcast_to(np.asarray(link[name], dtype=body.dtype), (m,))[:, None]
+            body = np.concatenate((body[:, :1], col, body[:, 1:]), axis=1)
+        flat = body.ravel()
+        if above:
+            vals = np.array([rec[name] for rec in above], dtype=flat.dtype)
+            flat = np.concatenate((flat[:1], vals, flat[1:]))
         out[name] = flat
     return out
 
@@ -498,7 +456,7 @@ class TraceRing:
         extra = list(head) if first == 0 else []
 
         def build() -> Fields:
-            return _huge_table_records(as_id, tabs, pos, first, pfn0, bits, extra, kept)
+            return _table_records(as_id, tabs, pos, first, pfn0, bits, None, extra, kept, level=2)
 
         self._push(n * per + len(head), build)
 
