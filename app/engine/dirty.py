@@ -344,7 +344,7 @@ def _recover_table(vm: KvmState, root: Root, slot: Memslot, cur: Cursor, acc: Za
     ok = (bases >= slot.base_gfn) & (bases + ENTRIES <= slot.end_gfn)
     hpn = hva_to_hpn(slot.userspace_addr) + (bases - slot.base_gfn)
     ok &= vm.host.mapping_levels(hpn) >= 2
-    ok &= ~vm.host.freed_in(hpn, ENTRIES)
+    ok &= ~vm.host.freed.overlaps(hpn, ENTRIES)
     pos = pos[ok]
     old = pool.read_rows(TablePool.children(pool.entries(cur.table)[pos]))
     present = (old & S.U_PRESENT) != 0

@@ -119,17 +119,6 @@ class HostMemory:
             out[fits] = level
         return out
 
-    def freed_in(self, first: np.ndarray, n: int) -> np.ndarray:
-        """Whether any page of [first[k], first[k] + n) was discarded and not touched since."""
-        if not len(self.freed):
-            return np.zeros(len(first), dtype=bool)
-        starts = np.array(self.freed.starts, dtype=np.int64)
-        ends = np.array(self.freed.ends, dtype=np.int64)
-        i = np.searchsorted(ends, first, side="right")  # the first freed run ending after it
-        hit: np.ndarray = i < len(ends)
-        hit[hit] = starts[i[hit]] < first[hit] + n
-        return hit
-
     def run_at(self, page: int) -> tuple[int, int]:
         """(level, end page) of the page-size run holding `page`; (1, page + 1) outside runs."""
         i = bisect_right(self._runs, (page, 1 << 62)) - 1

@@ -103,6 +103,17 @@ class IntervalSet:
             i += 1
         return total
 
+    def overlaps(self, starts: np.ndarray, n: int) -> np.ndarray:
+        """`overlap(s, s + n) > 0` for each of `starts` (int64), in one pass."""
+        if not self.starts:
+            return np.zeros(len(starts), dtype=bool)
+        lo = np.array(self.starts, dtype=np.int64)
+        hi = np.array(self.ends, dtype=np.int64)
+        i = np.searchsorted(hi, starts, side="right")  # the first run ending after each start
+        hit: np.ndarray = i < len(hi)
+        hit[hit] = lo[i[hit]] < starts[hit] + n
+        return hit
+
     def contains(self, x: int) -> bool:
         i = bisect_right(self.starts, x) - 1
         return i >= 0 and x < self.ends[i]

@@ -376,7 +376,7 @@ def test_host_queries_in_bulk_match_the_scalar_ones(
     discards: list[tuple[int, int]],
     pages: list[int],
 ) -> None:
-    """`HostMemory.mapping_levels` and `freed_in` (the bulk recovery's candidate checks)
+    """`HostMemory.mapping_levels` and `IntervalSet.overlaps` (the bulk recovery's checks)
     answer what `mapping_level` and `freed.overlap` answer page by page, over page-size
     runs that cut huge pages (1 GiB runs placed so that some hold a whole one)."""
     host = HostMemory()
@@ -389,4 +389,4 @@ def test_host_queries_in_bulk_match_the_scalar_ones(
     assert host.mapping_levels(at).tolist() == [host.mapping_level(p) for p in pages]
     for n in (1, 512):
         want = [host.freed.overlap(p, p + n) > 0 for p in pages]
-        assert host.freed_in(at, n).tolist() == want
+        assert host.freed.overlaps(at, n).tolist() == want
