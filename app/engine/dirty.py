@@ -279,7 +279,7 @@ def recover_huge_pages(vm: KvmState, root: Root, slot: Memslot, acc: ZapAcc) -> 
     recovered = 0
     for level in (2, 3):
         if level == 2 and mmu.bulk and not vm.has_private_mem:
-            recovered += _recover_leaf_tables(vm, root, slot, acc)
+            recovered += _recover_leaf_tables(vm, fp, root, slot, acc)
             continue
         n = span(level)
         for cur, sl, idx in list(mmu.leaf_iter(root, slot.base_gfn, slot.end_gfn)):
@@ -313,27 +313,22 @@ def recover_huge_pages(vm: KvmState, root: Root, slot: Memslot, acc: ZapAcc) -> 
     return recovered
 
 
-def _recover_leaf_tables(vm: KvmState, root: Root, slot: Memslot, acc: ZapAcc) -> int:
+def _recover_leaf_tables(
+    vm: KvmState, fp: FaultPath, root: Root, slot: Memslot, acc: ZapAcc
+) -> int:
     """The 2M pass of `recover_huge_pages` a level-2 table at a time: its leaf tables that
     qualify are found and replaced in one numpy pass each (the same tables, leaves, trace
     records and counts as the per-table loop, which VMs with private memory keep)."""
-    hva_gfn = hva_to_hpn(slot.userspace_addr)
-    # max_level is 1 throughout a logging or guest_memfd-only slot, and where the slot's
-    # GFNs and HVAs disagree within 2 MiB.
-    if (
-        slot.gmem_only
-        or slot.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES
-        or (slot.base_gfn ^ hva_gfn) & 511
-    ):
-        return 0
     recovered = 0
     for cur in list(walk(vm.mmu.pool, root.table, slot.base_gfn, slot.end_gfn, min_level=2)):
         if cur.level == 2:
-            recovered += _recover_table(vm, root, slot, cur, acc)
+            recovered += _recover_table(vm, fp, root, slot, cur, acc)
     return recovered
 
 
-def _recover_table(vm: KvmState, root: Root, slot: Memslot, cur: Cursor, acc: ZapAcc) -> int:
+def _recover_table(
+    vm: KvmState, fp: FaultPath, root: Root, slot: Memslot, cur: Cursor, acc: ZapAcc
+) -> int:
     """The leaf tables of the level-2 table at `cur` that become 2 MiB leaves: wholly inside
     the slot, on a whole host huge page none of whose pages is freed, with a present leaf;
     each leaf is the table's first present leaf made huge over its 2 MiB-aligned PFN."""
@@ -341,10 +336,11 @@ def _recover_table(vm: KvmState, root: Root, slot: Memslot, cur: Cursor, acc: Za
     sl = pool.entries(cur.table)[cur.lo : cur.hi]
     pos = cur.lo + np.flatnonzero(((sl & S.U_PRESENT) != 0) & ((sl & S.U_PS) == 0))
     bases = cur.base + pos * ENTRIES
-    ok = (bases >= slot.base_gfn) & (bases + ENTRIES <= slot.end_gfn)
-    hpn = hva_to_hpn(slot.userspace_addr) + (bases - slot.base_gfn)
-    ok &= vm.host.mapping_levels(hpn) >= 2
-    ok &= ~vm.host.freed.overlaps(hpn, ENTRIES)
+    ok = fp.maps_2m(slot, bases)
+    # Host pages discarded there are not a huge page the host maps (still PTE-mapped).
+    ok &= ~vm.host.freed.overlaps(
+        hva_to_hpn(slot.userspace_addr) + (bases - slot.base_gfn), ENTRIES
+    )
     pos = pos[ok]
     old = pool.read_rows(TablePool.children(pool.entries(cur.table)[pos]))
     present = (old & S.U_PRESENT) != 0

@@ -153,6 +153,19 @@ class FaultPath:
             level -= 1
         return 1
 
+    def maps_2m(self, slot: Memslot, gfns: np.ndarray) -> np.ndarray:
+        """`max_level(slot, gfn, False) >= 2` for each 2 MiB-aligned GFN of `gfns` (int64) at
+        once, for a VM without private memory (attributes are not read): a shared slot not
+        logging dirty pages, the region inside it, GFN and HVA aligned alike within 2 MiB,
+        and a host huge page behind it."""
+        vm, n = self.vm, span(2)
+        hva_gfn = hva_to_hpn(slot.userspace_addr)
+        if slot.gmem_only or slot.flags & _LOG_DIRTY or (slot.base_gfn ^ hva_gfn) & (n - 1):
+            return np.zeros(len(gfns), dtype=bool)
+        ok: np.ndarray = (gfns >= slot.base_gfn) & (gfns + n <= slot.end_gfn)
+        ok &= vm.host.mapping_levels(hva_gfn + (gfns - slot.base_gfn)) >= 2
+        return ok
+
     def attr_run_end(self, gfn: int, end: int, private: bool) -> int:
         """First GFN in [gfn, end) whose PRIVATE attribute differs from `private`."""
         iv = self.vm.attrs.private
