@@ -795,9 +795,15 @@ class VmService:
             info = None if h.vm is None else h.vm.info()
             # An answer that is no KvmError is the step journaled without one, in order.
             zapped = iter([step.zapped for _op, _args, step in steps if step.raised is None])
-            for (name, args), out in zip(calls, feed.outcomes, strict=False):
-                if not isinstance(out, KvmError):  # committed: tell the streams, in order
-                    self.events.publish_call(vm_id, name, args, out, info, zapped=next(zapped))
+            self.events.publish_calls(  # committed: tell the streams, in order
+                vm_id,
+                (
+                    (name, args, out, next(zapped))
+                    for (name, args), out in zip(calls, feed.outcomes, strict=False)
+                    if not isinstance(out, KvmError)
+                ),
+                info,
+            )
             self._maybe_auto_snapshot(h)
         return feed.outcomes, etag(seq)
 
@@ -892,8 +898,8 @@ class VmService:
         async with self._locked(vm_id) as h:
             out = await self._run(self._mutate_sync, h, op, if_match, destroy)
             if out.error is None:  # committed: tell the streams (under the lock: in order)
-                self.events.publish_call(
-                    vm_id, op.name, out.args, out.result, out.info, zapped=out.zapped
+                self.events.publish_calls(
+                    vm_id, [(op.name, out.args, out.result, out.zapped)], out.info
                 )
             if destroy:
                 self._handles.pop(vm_id, None)

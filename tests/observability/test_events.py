@@ -178,6 +178,45 @@ def test_bus_drops_a_subscriber_that_falls_behind() -> None:
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("run", [1, 2, 3, 5, 7])
+def test_a_run_of_events_is_what_as_many_single_publishes_are(run: int) -> None:
+    """`publish_many` (a memslot batch's events) against one `publish` per event: the same
+    ring, the same last evicted id, the same queues and the same drops."""
+
+    def feed(bus: EventBus, items: list[tuple[str, dict[str, Any]]], one_by_one: bool) -> None:
+        for i in range(0, len(items), run):
+            chunk = items[i : i + run]
+            if one_by_one:
+                for type_, data in chunk:
+                    bus.publish(type_, "vm-1", data)
+            else:
+                bus.publish_many("vm-1", chunk)
+
+    items = [("zap" if i % 3 == 0 else "memslot", {"slot": i}) for i in range(11)]
+    seen = []
+    for one_by_one in (True, False):
+        bus = EventBus(ring_size=4, queue_max=5)
+        subs = [bus.subscribe(), bus.subscribe(types=["zap"]), bus.subscribe(vm="vm-2")]
+        bus._next_id = 10**17  # ids consecutive whatever the clock says
+        got: list[Any] = []
+        bus.add_listener(lambda evs: got.append([e.data["slot"] for e in evs]))
+        feed(bus, items, one_by_one)
+        assert [e.id for e in bus.ring] == list(range(10**17 + 8, 10**17 + 12))
+        assert [x for run_ in got for x in run_] == list(range(11))
+        seen.append(
+            (
+                [e.data["slot"] for e in bus.ring],
+                bus.evicted_upto,
+                [(s.dropped, [e.data["slot"] for e in s.queue]) for s in subs],
+                bus.dropped_total,
+            )
+        )
+    assert seen[0] == seen[1]
+    ring, evicted, queues, dropped = seen[1]
+    assert ring == [7, 8, 9, 10] and evicted == 10**17 + 7
+    assert queues == [(True, []), (False, [0, 3, 6, 9]), (False, [])] and dropped == 1
+
+
 async def _asgi_get(app: Any, path: str, query: bytes, send_gate: asyncio.Event) -> list[bytes]:
     """Drive the ASGI app as a server whose socket blocks until `send_gate` opens: a client
     that does not read."""

@@ -92,6 +92,8 @@ def _ranged(parse: Any, bits: int) -> Any:
     maximum = (1 << bits) - 1
 
     def validate(value: Any) -> Any:
+        if type(value) is int and 0 <= value <= maximum:  # the common case, at once
+            return value
         v = parse(value)
         if isinstance(v, int) and not 0 <= v <= maximum:
             raise ValueError(f"{v} does not fit an unsigned {bits}-bit field")
