@@ -310,7 +310,7 @@ class _StopAtFirstError:
         self.outcomes.append(outcome)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Step:
     """One engine step of a mutating call, on its way to the journal."""
 
@@ -1103,7 +1103,7 @@ class VmService:
                     op.name,
                     step.args_json.decode(),
                     result.decode(),
-                    _json_bytes(step.error).decode(),
+                    "null" if step.error is None else _json_bytes(step.error).decode(),
                     us_to_datetime(step.at_us),
                     _json_bytes(meta).decode(),
                 )

@@ -198,11 +198,11 @@ def test_a_run_of_events_is_what_as_many_single_publishes_are(run: int) -> None:
         bus = EventBus(ring_size=4, queue_max=5)
         subs = [bus.subscribe(), bus.subscribe(types=["zap"]), bus.subscribe(vm="vm-2")]
         bus._next_id = 10**17  # ids consecutive whatever the clock says
-        got: list[Any] = []
-        bus.add_listener(lambda evs: got.append([e.data["slot"] for e in evs]))
+        runs: list[list[Any]] = []
+        bus.add_listener(runs.append)
         feed(bus, items, one_by_one)
         assert [e.id for e in bus.ring] == list(range(10**17 + 8, 10**17 + 12))
-        assert [x for run_ in got for x in run_] == list(range(11))
+        assert [e.data["slot"] for r in runs for e in r] == list(range(11))
         seen.append(
             (
                 [e.data["slot"] for e in bus.ring],
