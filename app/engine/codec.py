@@ -41,7 +41,7 @@ from .gmem import GmemFile
 from .host_profile import HostProfile
 from .intervals import IntervalSet
 from .memslots import Memslot
-from .paging import TablePool
+from .paging import TablePool, recycle_when_dropped
 from .roots import Root, RootRole
 from .tdx import TdxState
 from .vcpu import Vcpu
@@ -394,14 +394,17 @@ class Capture:
 def capture(vm: Vm) -> Capture:
     """Copy what a snapshot of `vm` needs: the state document with memslots as tuples, the
     live page-table rows, packed dirty bitmaps, written pages. Reads only."""
-    tables = [{k: np.array(a) for k, a in c.items()} for c in vm.mmu.pool.export_chunks()]
+    spare: list[np.ndarray] = []
+    tables = vm.mmu.pool.copy_chunks(spare)
     pages = [("host", vm.host.contents)] + [(f"gmem/{f.fd}", f.contents) for f in vm.gmem]
-    return Capture(
+    copy = Capture(
         state=_state_json(vm),
         tables=tables,
         dirty=[np.packbits(bm) for bm in vm.dirty.values()],
         pages=[(name, {k: bytes(v) for k, v in d.items()}) for name, d in pages],
     )
+    recycle_when_dropped(copy, spare)
+    return copy
 
 
 def encode(c: Capture) -> bytes:

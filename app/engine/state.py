@@ -79,7 +79,9 @@ class KvmState:
         self.table_budget = table_budget
         self.vcpus: dict[int, Vcpu] = {}
         self.spaces = [MemslotSet(a) for a in range(self.nr_as)]
-        self.gmem = GmemTable(owner=self)
+        # A token, not the VM: a reference back to the VM would make a cycle that keeps its
+        # page tables alive after it is dropped, until the collector's oldest generation runs.
+        self.gmem = GmemTable(owner=object())
         self.attrs = MemoryAttributes()
         self.host = HostMemory()
         self.mmu = Mmu(paging_levels)

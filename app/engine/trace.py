@@ -585,7 +585,11 @@ class TraceRing:
             self._push(sum(node.count for node in nodes), self._expander(nodes, as_id))
 
     def _expander(self, nodes: list[_Node], as_id: int) -> Callable[[], Fields]:
-        return lambda: _expand(nodes, as_id, self.capacity)
+        # The capacity, not the ring: a recipe the ring holds must not hold the ring (a cycle
+        # would keep the ring, and the tables its nodes view, until the collector's oldest
+        # generation runs). A resize flushes every recipe before the capacity changes.
+        capacity = self.capacity
+        return lambda: _expand(nodes, as_id, capacity)
 
 
 @dataclass(slots=True)

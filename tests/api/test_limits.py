@@ -5,11 +5,16 @@ number of VMs held in memory is capped (LRU eviction), and /metrics still report
 from __future__ import annotations
 
 import errno
+import gc
 import re
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
+
+from app.engine import paging
 
 from .helpers import MiB, assert_errno, etag, new_vm, ok, put_slot, state
 
@@ -65,6 +70,34 @@ async def test_loaded_vms_are_capped_least_recently_used_first(
     assert ok(await client.get(f"/v1/vms/{vms[0]}/stats"))["pages_4k"] == 1
     assert sorted(service.loaded_vms()) == sorted([vms[0], vms[2]])
     assert ok(await client.get(f"/v1/vms/{vms[1]}/stats"))["pages_4k"] == 2
+
+
+async def test_a_deleted_or_evicted_vm_frees_its_tables_at_once(
+    make_client: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Freed when the service lets go, not at the collector's next full run: the budget
+    releases them then, so memory must follow."""
+    pools: list[weakref.ref[paging.TablePool]] = []
+    init = paging.TablePool.__init__
+
+    def tracked(self: paging.TablePool) -> None:
+        init(self)
+        pools.append(weakref.ref(self))
+
+    monkeypatch.setattr(paging.TablePool, "__init__", tracked)
+    client = await make_client(max_loaded_vms=1)
+    gone, evicted = await new_vm(client, name="gone"), await new_vm(client, name="evicted")
+    for vm in (gone, evicted):
+        ok(await put_slot(client, vm, 0, gpa=0, size=4 * MiB))
+        ok(await map_range(client, vm, 0, 4 * MiB))
+    gc.collect()
+    gc.disable()
+    try:
+        ok(await client.delete(f"/v1/vms/{gone}"))
+        await new_vm(client, name="next")  # pushes `evicted` out of memory
+        assert [p for p in pools if p() is not None] == pools[-1:]  # only the new VM's
+    finally:
+        gc.enable()
 
 
 def metric(text: str, name: str, vm: str) -> float | None:
