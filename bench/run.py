@@ -39,6 +39,7 @@ OTHERS = (  # `--all`, in this order; absent ones are skipped
     "snapshot_memory.py",
     "trace.py",
     "tenants_load.py",
+    "call_cost.py",
 )
 MEMORY_SPTES = 16 << 20
 MS = 1e-3

@@ -3,7 +3,8 @@
 FastAPI builds an included router's routes (dependants, response fields, handlers) lazily,
 on the first request that walks past that router: the first call after a start paid
 20–35 ms per router on its way, hundreds of ms in all. The lifespan builds them all
-before the server accepts a request, so `/readyz` answering means they are built.
+before the server accepts a request, so `/readyz` answering means they are built (with
+each router's path gate, app/api/routing.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI
+
+from app.api.routing import ApiRouter
 
 
 def build_routes(app: FastAPI) -> int:
@@ -25,6 +28,9 @@ def build_routes(app: FastAPI) -> int:
             routes += 1
             continue
         stack.extend(candidates())
+        router = getattr(route, "original_router", None)
+        if isinstance(router, ApiRouter):
+            router.gate()
         low_priority = getattr(route, "effective_low_priority_routes", None)
         if callable(low_priority):
             low_priority()

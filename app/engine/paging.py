@@ -37,10 +37,14 @@ class SpareChunks:
 
     A fresh chunk pays a page fault per 4 KiB at first touch, inside the call that grows the
     pool: 0.5-2.8 ms per MiB measured in a Firecracker guest, whose host takes free memory
-    back (free page reporting), against ~0.02 ms per MiB to zero a kept chunk, which then
-    cannot be told from a fresh one. At most `limit` chunks are kept, and one that something
-    still views (a snapshot being written, say) is never reused: that is checked when it is
-    taken, once the dropped VM's own references are gone."""
+    back (free page reporting). A kept chunk is handed out as its last pool left it, not
+    zeroed: a pool writes every row before reading it (`alloc` fills its row, the callers of
+    `alloc_rows` write all of theirs) and reads no row at or past its top, and zeroing all
+    of a chunk would fault in the pages its last pool never touched (a 2 MiB-backed fault
+    of 16 GiB, which writes 18 tables, spent 0.45 ms zeroing). At most `limit` chunks are
+    kept, and one that something still views (a snapshot being written, say) is never
+    reused: that is checked when it is taken, once the dropped VM's own references are
+    gone."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -48,14 +52,16 @@ class SpareChunks:
         self._lock = threading.Lock()
 
     def keep(self, chunks: list[np.ndarray]) -> None:
-        """A dropped pool's chunks (its finalizer: the pool is gone, its list is not)."""
+        """A dropped pool's chunks (its finalizer: the pool is gone, its list is not), in the
+        order it grew into them: all are full but the last, whose untouched pages would
+        still fault. The first are kept, and taken first."""
         with self._lock:
             room = self.limit - len(self._chunks)
-            self._chunks.extend(chunks[:room])
+            self._chunks.extend(reversed(chunks[:room]))
         chunks.clear()
 
-    def take(self, *, zero: bool = True) -> np.ndarray:
-        """A chunk, zeroed unless the caller overwrites all of it (`zero=False`)."""
+    def take(self) -> np.ndarray:
+        """A chunk: a kept one with whatever its last pool wrote, or a fresh one."""
         while True:
             with self._lock:
                 if not self._chunks:
@@ -64,8 +70,6 @@ class SpareChunks:
             # Unviewed, the chunk is referenced by `chunk` and getrefcount's argument only,
             # its buffer array by the chunk and the argument; a view adds to the latter.
             if sys.getrefcount(chunk) == 2 and sys.getrefcount(chunk.base) == 2:
-                if zero:
-                    chunk.fill(0)
                 return chunk
 
     def __len__(self) -> int:
@@ -298,7 +302,7 @@ class TablePool:
             copied = {}
             for key, a in chunk.items():
                 if key == "entries" and a.shape == (CHUNK, ENTRIES):
-                    copied[key] = dst = SPARE.take(zero=False)
+                    copied[key] = dst = SPARE.take()
                     np.copyto(dst, a)
                     spare.append(dst)
                 else:

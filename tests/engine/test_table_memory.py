@@ -78,25 +78,49 @@ def test_a_teardown_traced_in_the_ring_does_not_outlive_the_vm(spare: P.SpareChu
     assert len(spare) == chunks
 
 
-def test_the_next_pool_grows_into_a_dropped_pools_chunks_zeroed(spare: P.SpareChunks) -> None:
+def small(size: int = 4096) -> Vm:
+    vm = Vm.create(0, 1)
+    region(vm, 0, 0, size, HVA)
+    access(vm, 0, size, "write")  # a handful of tables: the rest of the chunk is untouched
+    return vm
+
+
+def test_the_next_pool_grows_into_a_dropped_pools_chunks_as_they_are(
+    spare: P.SpareChunks,
+) -> None:
     first = mapped()  # built from chunks nobody used before, kept to the end
+    fresh = small()
     vm = mapped()
     before = {id(c) for c in entry_chunks(vm)}
     del vm
     gc.collect()
     assert len(spare) == len(before)
-    vm = Vm.create(0, 1)
-    region(vm, 0, 0, 4096, HVA)
-    access(vm, 0, 4096, "write")  # a handful of tables: the rest of the chunk is untouched
+    vm = small()
     (chunk,) = entry_chunks(vm)
     assert id(chunk) in before
-    rows = vm.mmu.pool.top
-    assert not chunk[rows:].any()  # what the last VM wrote there is gone
+    # What the last VM wrote past this pool's top is still there (not zeroed), and unread:
+    # the VM is the one built in fresh memory.
+    assert chunk[vm.mmu.pool.top :].any()
+    assert codec.digest(vm) == codec.digest(fresh)
+    tables, fresh_tables = vm.mmu.pool.export(), fresh.mmu.pool.export()
+    assert tables.keys() == fresh_tables.keys()
+    assert all(np.array_equal(tables[k], fresh_tables[k]) for k in tables)
+    assert vm.audit()["ok"]
     del vm, chunk
-    again = mapped()  # a VM built in a reused chunk is the same VM
+    again = mapped()  # a VM built in reused chunks is the same VM
     assert {id(c) for c in entry_chunks(again)} == before
     assert codec.digest(again) == codec.digest(first)
     assert again.audit()["ok"]
+
+
+def test_full_chunks_are_taken_before_a_partial_one(spare: P.SpareChunks) -> None:
+    vm = mapped(3 * GB)  # 1,536 leaf tables: a full chunk, then a partial one
+    full, partial = (id(c) for c in entry_chunks(vm))
+    del vm
+    gc.collect()
+    vm = small()
+    assert [id(c) for c in entry_chunks(vm)] == [full]
+    assert [id(c) for c in spare._chunks] == [partial]
 
 
 def test_a_chunk_still_viewed_is_not_reused(spare: P.SpareChunks) -> None:
@@ -129,6 +153,6 @@ def test_a_capture_copies_into_spare_chunks_and_gives_them_back(spare: P.SpareCh
     assert codec.encode(copy) == codec.dumps(vm)
     del copy
     assert len(spare) == full
-    again = codec.capture(vm)  # takes it back, without zeroing: every entry is copied
+    again = codec.capture(vm)  # takes it back: every entry is copied over
     assert len(spare) == 0
     assert codec.encode(again) == codec.dumps(vm)

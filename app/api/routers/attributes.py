@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import Response
 
 from app.api.deps import Cursor, IfMatchDep, LimitQ, ServiceDep, VmId, mutate, paginate, query
 from app.api.errors import (
@@ -14,11 +14,12 @@ from app.api.errors import (
     R_QUERY,
     responses,
 )
+from app.api.routing import ApiRouter
 from app.api.schemas.attributes import AttributeRange, AttributesResult, SetAttributes
 from app.api.schemas.pages import Page
 from app.engine import ops
 
-router = APIRouter(prefix="/v1/vms/{vm}/memory-attributes", tags=["memory-attributes"])
+router = ApiRouter(prefix="/v1/vms/{vm}/memory-attributes", tags=["memory-attributes"])
 
 
 @router.post(

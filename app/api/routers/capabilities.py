@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
 from app.api.errors import responses
+from app.api.routing import ApiRouter
 from app.api.schemas.common import Answer
 from app.api.schemas.vms import Capabilities
 from app.engine import uapi
 from app.engine.capabilities import kvm_check_extension
 from app.engine.host_profile import DEFAULT_HOST
 
-router = APIRouter(prefix="/v1", tags=["capabilities"])
+router = ApiRouter(prefix="/v1", tags=["capabilities"])
 
 
 @router.get(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-router = APIRouter(tags=["dashboard"], include_in_schema=False)
+from app.api.routing import ApiRouter
+
+router = ApiRouter(tags=["dashboard"], include_in_schema=False)
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 _ASSETS = {

@@ -22,16 +22,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from app.api.auth import Principal, StreamSlots, principal_of
 from app.api.deps import VmId, get_service, name_list
 from app.api.errors import R_ETAG, R_NOT_FOUND, R_QUERY, responses
+from app.api.routing import ApiRouter
 from app.services.events import EVENT_TYPES, Control, Event, EventBus
 
-router = APIRouter(tags=["events"])
+router = ApiRouter(tags=["events"])
 
 RETRY_MS = 2000
 _DESCRIPTION = __doc__.split("\n\n", 1)[1] if __doc__ else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response, status
+from fastapi import Path, Response, status
 
 from app.api.deps import Cursor, IfMatchDep, LimitQ, ServiceDep, VmId, mutate, paginate, query
 from app.api.errors import (
@@ -17,6 +17,7 @@ from app.api.errors import (
     R_QUERY,
     responses,
 )
+from app.api.routing import ApiRouter
 from app.api.schemas.common import U32
 from app.api.schemas.gmem import (
     Data,
@@ -32,7 +33,7 @@ from app.api.schemas.gmem import (
 from app.api.schemas.pages import Page
 from app.engine import ops
 
-router = APIRouter(prefix="/v1/vms/{vm}/guest-memfds", tags=["guest-memfds"])
+router = ApiRouter(prefix="/v1/vms/{vm}/guest-memfds", tags=["guest-memfds"])
 
 Fd = Annotated[U32, Path(description="The guest_memfd's fd number.")]
 _ERRORS = (R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION)

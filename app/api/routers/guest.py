@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import Response
 
 from app.api.deps import IfMatchDep, ServiceDep, Vcpu, VmId, mutate
 from app.api.errors import R_BODY, R_ETAG, R_KVM, R_NOT_FOUND, R_PRECONDITION, responses
+from app.api.routing import ApiRouter
 from app.api.schemas.guest import (
     Accept,
     AcceptResult,
@@ -27,7 +28,7 @@ from app.api.schemas.guest import (
 from app.api.schemas.tdx import Hypercall, MapGpaResult
 from app.engine import ops
 
-router = APIRouter(prefix="/v1/vms/{vm}/vcpus/{vcpu}", tags=["guest"])
+router = ApiRouter(prefix="/v1/vms/{vm}/vcpus/{vcpu}", tags=["guest"])
 _MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
 
 

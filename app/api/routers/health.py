@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from app.api.errors import PROBLEM_JSON, R_HEADERS, responses
+from app.api.routing import ApiRouter
 from app.api.schemas.common import Answer
 
 log = logging.getLogger("vkmmu.health")
 
-router = APIRouter(tags=["health"])
+router = ApiRouter(tags=["health"])
 
 
 class Health(Answer):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import Response
 
 from app.api.deps import IfMatchDep, ServiceDep, VmId, mutate, query
 from app.api.errors import R_BODY, R_ETAG, R_KVM, R_NOT_FOUND, R_PRECONDITION, responses
+from app.api.routing import ApiRouter
 from app.api.schemas.gmem import Data, Written
 from app.api.schemas.host_memory import (
     HostAdvise,
@@ -18,7 +19,7 @@ from app.api.schemas.host_memory import (
 )
 from app.engine import ops
 
-router = APIRouter(prefix="/v1/vms/{vm}/host-memory", tags=["host-memory"])
+router = ApiRouter(prefix="/v1/vms/{vm}/host-memory", tags=["host-memory"])
 _MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
 
 

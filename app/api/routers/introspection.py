@@ -5,10 +5,11 @@ from __future__ import annotations
 from itertools import islice
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import Query, Response
 
 from app.api.deps import Cursor, LimitQ, ServiceDep, VmId, paginate, query
 from app.api.errors import R_ETAG, R_KVM, R_NOT_FOUND, R_QUERY, responses
+from app.api.routing import ApiRouter
 from app.api.schemas.common import U32, U64, Answer
 from app.api.schemas.introspection import (
     Audit,
@@ -28,8 +29,8 @@ from app.engine.views import TranslateView
 if TYPE_CHECKING:
     from app.engine.vm import Vm
 
-router = APIRouter(prefix="/v1/vms/{vm}", tags=["introspection"])
-descriptors_router = APIRouter(prefix="/v1/stats", tags=["stats"])
+router = ApiRouter(prefix="/v1/vms/{vm}", tags=["introspection"])
+descriptors_router = ApiRouter(prefix="/v1/stats", tags=["stats"])
 _READ = responses(R_NOT_FOUND, R_QUERY, R_ETAG)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 
 from app.api.deps import (
@@ -29,6 +29,7 @@ from app.api.errors import (
     ApiProblem,
     responses,
 )
+from app.api.routing import ApiRouter
 from app.api.schemas.common import U32
 from app.api.schemas.memslots import (
     DirtyLog,
@@ -43,7 +44,7 @@ from app.api.schemas.memslots import (
 from app.api.schemas.pages import Page
 from app.engine import KvmError, ops
 
-router = APIRouter(prefix="/v1/vms/{vm}/memslots", tags=["memslots"])
+router = ApiRouter(prefix="/v1/vms/{vm}/memslots", tags=["memslots"])
 
 Slot = Annotated[
     U32,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
@@ -17,8 +17,9 @@ from app.api.auth import principal_of
 from app.api.deps import get_service
 from app.api.errors import R_HEADERS
 from app.api.mmu_metrics import TABLE_BYTES, MmuMetrics
+from app.api.routing import ApiRouter
 
-router = APIRouter(tags=["metrics"])
+router = ApiRouter(tags=["metrics"])
 
 
 def wants_openmetrics(accept: str) -> bool:

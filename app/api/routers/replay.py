@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import IfMatchDep, ServiceDep, VmId, set_etag
@@ -21,12 +21,13 @@ from app.api.errors import (
     ApiProblem,
     responses,
 )
+from app.api.routing import ApiRouter
 from app.api.schemas.replay import ReplayProgress, ReplayResult, WhatIfRequest, WhatIfResult
 from app.engine.errors import KvmError
 from app.services import qemu_trace, replay, whatif
 from app.services.errors import ServiceError
 
-router = APIRouter(prefix="/v1/vms/{vm}", tags=["replay"])
+router = ApiRouter(prefix="/v1/vms/{vm}", tags=["replay"])
 
 NDJSON = "application/x-ndjson"
 _RANGE_RE = r"\s*(0[xX][0-9a-fA-F]+|\d+)\s*\+\s*(0[xX][0-9a-fA-F]+|\d+)\s*"

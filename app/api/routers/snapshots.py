@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response, status
+from fastapi import Path, Response, status
 
 from app.api.deps import (
     IfMatchDep,
@@ -24,12 +24,13 @@ from app.api.errors import (
     R_QUERY,
     responses,
 )
+from app.api.routing import ApiRouter
 from app.api.schemas.common import ID_PATTERN
 from app.api.schemas.pages import Page
 from app.api.schemas.snapshots import Snapshot, SnapshotCreate
 from app.api.schemas.vms import VmInfo
 
-router = APIRouter(prefix="/v1/vms/{vm}/snapshots", tags=["snapshots"])
+router = ApiRouter(prefix="/v1/vms/{vm}/snapshots", tags=["snapshots"])
 
 
 @router.post(

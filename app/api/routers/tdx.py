@@ -6,10 +6,11 @@ KVM_TDX_INIT_MEM_REGION are vCPU commands, as in the kernel (arch/x86/kvm/vmx/td
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import Response
 
 from app.api.deps import IfMatchDep, ServiceDep, Vcpu, VmId, mutate
 from app.api.errors import R_BODY, R_ETAG, R_KVM, R_NOT_FOUND, R_PRECONDITION, responses
+from app.api.routing import ApiRouter
 from app.api.schemas.tdx import (
     HypercallComplete,
     MapGpaResult,
@@ -22,7 +23,7 @@ from app.api.schemas.tdx import (
 )
 from app.engine import ops
 
-router = APIRouter(prefix="/v1/vms/{vm}", tags=["tdx"])
+router = ApiRouter(prefix="/v1/vms/{vm}", tags=["tdx"])
 _MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, status
+from fastapi import Path, Query, Request, status
 
 from app.api.deps import LimitQ, paginate
 from app.api.errors import R_BODY, R_NOT_FOUND, R_QUERY, ApiProblem, responses
+from app.api.routing import ApiRouter
 from app.api.schemas.pages import Page
 from app.api.schemas.tokens import TokenCreate, TokenCreated, TokenInfo
 from app.services.tokens import TENANT_PATTERN, TokenError, TokenStore
 
-router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
+router = ApiRouter(prefix="/v1/tokens", tags=["tokens"])
 
 TokenId = Annotated[str, Path(description="The token's id.", pattern=r"^tok-[0-9a-f]{1,64}$")]
 TokenCursor = Annotated[

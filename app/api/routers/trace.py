@@ -9,18 +9,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Query, Response
+from fastapi import Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from app.api.deps import ServiceDep, VmId, name_list, query
 from app.api.errors import R_ETAG, R_NOT_FOUND, R_QUERY, responses
+from app.api.routing import ApiRouter
 from app.api.schemas.trace import TraceLog, TraceRecord
 from app.engine import trace as T
 
 if TYPE_CHECKING:
     from app.engine.vm import Vm
 
-router = APIRouter(prefix="/v1/vms/{vm}", tags=["trace"])
+router = ApiRouter(prefix="/v1/vms/{vm}", tags=["trace"])
 
 _BY_NAME = {name: kind for kind, name in T.EVENT_NAMES.items()}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Response, status
+from fastapi import Response, status
 
 from app.api.auth import PrincipalDep
 from app.api.deps import (
@@ -30,6 +30,7 @@ from app.api.errors import (
     R_QUERY,
     responses,
 )
+from app.api.routing import ApiRouter
 from app.api.schemas.common import Answer
 from app.api.schemas.pages import Page
 from app.api.schemas.vms import (
@@ -50,7 +51,7 @@ from app.engine import ops, uapi
 if TYPE_CHECKING:
     from app.engine.vm import Vm
 
-router = APIRouter(prefix="/v1/vms", tags=["vms"])
+router = ApiRouter(prefix="/v1/vms", tags=["vms"])
 
 
 @router.post(

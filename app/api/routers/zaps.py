@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BeforeValidator
 
@@ -22,6 +22,7 @@ from app.api.errors import (
     R_QUERY,
     responses,
 )
+from app.api.routing import ApiRouter
 from app.api.schemas.pages import Page
 from app.api.schemas.zaps import (
     NxRecoverRequest,
@@ -47,7 +48,7 @@ def _rfc3339(value: Any) -> Any:
     return value
 
 
-router = APIRouter(prefix="/v1/vms/{vm}", tags=["zaps"])
+router = ApiRouter(prefix="/v1/vms/{vm}", tags=["zaps"])
 _MUTATION = responses(R_KVM, R_BODY, R_NOT_FOUND, R_PRECONDITION, R_ETAG)
 
 
