@@ -54,6 +54,25 @@ async def test_missing_or_wrong_token_is_401_with_a_bearer_challenge(
         client.cookies.clear()
 
 
+async def test_who_may_call_is_answered_before_an_unknown_query_parameter(
+    make_client: Callable[..., Any],
+) -> None:
+    """Each router's one dependency checks the caller first, then the query (app/api/router.py)."""
+    client = await secured(make_client)
+    tenant = (await issue(client, "t"))["token"]
+    for path in ("/v1/vms?bogus=1", "/dashboard?bogus=1", "/v1/tokens?bogus=1"):
+        assert_401(await client.get(path))
+    # The pages and the API check the query once the caller may call them.
+    for path in ("/v1/vms?bogus=1", "/dashboard?bogus=1", "/v1/tokens?bogus=1"):
+        r = await client.get(path, headers=bearer(ADMIN))
+        assert_problem(r, 422)
+        assert r.json()["errors"][0]["loc"] == ["query", "bogus"], r.json()
+    # A tenant may not manage tokens: 403 comes before the query's 422.
+    assert_problem(await client.get("/v1/tokens?bogus=1", headers=bearer(tenant)), 403)
+    # /metrics keeps its own rule: a scraper's extra parameters are not refused.
+    assert (await client.get("/metrics?bogus=1", headers=bearer(METRICS))).status_code == 200
+
+
 async def test_admin_issues_lists_and_revokes_tenant_tokens(
     make_client: Callable[..., Any],
 ) -> None:
