@@ -111,19 +111,17 @@ def _guard(r: APIRouter) -> Callable[..., Awaitable[Principal]]:
     rule = next((dep for router, dep in _AUTH if router is r), authorize)
     if r not in _STRICT_QUERY:
         return rule
-    if rule is authorize_page:  # the pages take their token from a cookie too: no bearer
 
-        async def page_guard(request: Request) -> Principal:
-            principal = await rule(request)
-            reject_unknown_query(request)
-            return principal
-
-        return page_guard
-
-    async def guard(request: Request, _bearer: BearerDep = None) -> Principal:
+    async def checked(request: Request) -> Principal:
         principal = await rule(request)
         reject_unknown_query(request)
         return principal
+
+    if rule is authorize_page:  # the pages take their token from a cookie too: no bearer
+        return checked
+
+    async def guard(request: Request, _bearer: BearerDep = None) -> Principal:
+        return await checked(request)
 
     return guard
 
