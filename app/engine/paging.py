@@ -56,7 +56,7 @@ class SpareChunks:
         order it grew into them: all are full but the last, whose untouched pages would
         still fault. The first are kept, and taken first."""
         with self._lock:
-            room = self.limit - len(self._chunks)
+            room = max(0, self.limit - len(self._chunks))  # a negative slice would keep some
             self._chunks.extend(reversed(chunks[:room]))
         chunks.clear()
 

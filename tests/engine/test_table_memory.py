@@ -145,6 +145,16 @@ def test_the_spare_list_is_bounded(spare: P.SpareChunks) -> None:
     assert len(spare) == 2
 
 
+def test_a_lowered_limit_keeps_nothing_more(spare: P.SpareChunks) -> None:
+    vms = [mapped(3 * GB) for _ in range(2)]  # two chunks each
+    del vms
+    gc.collect()
+    assert len(spare) == 4
+    spare.limit = 1  # below what is kept: a dropped pool's chunks add none
+    spare.keep([np.zeros((P.CHUNK, P.ENTRIES), np.uint64) for _ in range(5)])
+    assert len(spare) == 4
+
+
 def test_a_capture_copies_into_spare_chunks_and_gives_them_back(spare: P.SpareChunks) -> None:
     vm = mapped(3 * GB)  # one full chunk of entries, one partial
     full = 1
