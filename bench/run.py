@@ -6,7 +6,9 @@ Runs, one process each (the HTTP figures against a real `vkmmu serve` on loopbac
   same run, memslot PUTs with 32,763 slots present, their creation with the batch call, and
   another VM's calls during one long access (the published bound);
 - bench/replay_speed.py: journal replay records/s and the first answer after a restart;
-- bench/engine.py's memory child: resident bytes per mapped 4 KiB SPTE at 16M SPTEs.
+- bench/engine.py's memory child: resident bytes per mapped 4 KiB SPTE at 16M SPTEs;
+- bench/engine.py --huge-json: the 16 GiB faults at 4 KiB and behind 2 MiB host pages in-process
+  (a reference for the HTTP row: the same ratio without any per-call cost).
 `--all` then runs the other scripts too (bench/README.md). Nothing fails on time: a figure
 that misses its target is printed and recorded as such; a script that fails (an exception,
 not a slow run) makes this exit non-zero.
@@ -43,6 +45,10 @@ OTHERS = (  # `--all`, in this order; absent ones are skipped
 )
 MEMORY_SPTES = 16 << 20
 MS = 1e-3
+# The published bound on another VM's calls during one long access (README, "Long calls and
+# other VMs"): measured on an idle 2-vCPU machine with a 1 TiB access at 4 KiB.
+LONG_P99_MS = 20
+LONG_MAX_MS = 100
 
 
 def _run(args: list[str], out: Path | None = None) -> dict[str, Any] | None:
@@ -89,7 +95,10 @@ def _fig(
 
 
 def figures(
-    http: dict[str, Any] | None, rp: dict[str, Any] | None, mem: dict[str, Any] | None
+    http: dict[str, Any] | None,
+    rp: dict[str, Any] | None,
+    mem: dict[str, Any] | None,
+    huge: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     f = (http or {}).get("faults")
@@ -127,6 +136,20 @@ def figures(
                 seconds_2m=round(f["fault_16g_2m"], 4),
                 seconds_4k=round(f["fault_16g"], 4),
                 zap_2m_seconds=round(f["zap_16g_2m"], 4),
+            )
+        )
+    if huge:
+        engine = huge["fault_16g_4k_s"] / huge["fault_16g_2m_s"]
+        out.append(
+            _fig(
+                "engine alone, in-process: 16 GiB fault, 2 MiB vs 4 KiB host pages",
+                round(engine, 1),
+                "x faster",
+                "- (the row above without its per-call cost)",
+                None,
+                f"best of {huge['repeat']}, in-process",
+                seconds_2m=round(huge["fault_16g_2m_s"], 5),
+                seconds_4k=round(huge["fault_16g_4k_s"], 4),
             )
         )
         out.append(
@@ -204,8 +227,8 @@ def figures(
                 f"another VM's memslot PUT during one {lc['long_gib']} GiB access: p99",
                 round(lc["busy_p99_s"] / MS, 2),
                 "ms",
-                "published bound (README)",
-                None,
+                f"<= {LONG_P99_MS} ms, none over {LONG_MAX_MS} ms (the README's bound)",
+                lc["busy_p99_s"] <= LONG_P99_MS * MS and lc["busy_max_s"] <= LONG_MAX_MS * MS,
                 f"the same calls with the service idle: p99 {lc['idle_p99_s'] / MS:.2f} ms",
                 p50_ms=round(lc["busy_p50_s"] / MS, 2),
                 max_ms=round(lc["busy_max_s"] / MS, 2),
@@ -236,7 +259,7 @@ def main() -> int:
     )
     ap.add_argument("--all", action="store_true", help="then run every other bench script")
     ap.add_argument(
-        "--long-gib", type=int, default=64, help="the long access (GiB at 4 KiB; up to 1024)"
+        "--long-gib", type=int, default=1024, help="the long access (GiB at 4 KiB; at most 1024)"
     )
     ap.add_argument("--out", type=Path, default=HERE / "results.json")
     args = ap.parse_args()
@@ -251,11 +274,13 @@ def main() -> int:
         )  # fmt: skip
         rp = _run([str(HERE / "replay_speed.py"), "--json", str(rp_out)], rp_out)
         mem = _run([str(HERE / "engine.py"), "--memory-child", str(MEMORY_SPTES)])
-    for name, got in (("service_http", http), ("replay_speed", rp), ("engine memory", mem)):
+        huge = _run([str(HERE / "engine.py"), "--huge-json"])
+    ran = {"service_http": http, "replay_speed": rp, "engine memory": mem, "engine 2 MiB": huge}
+    for name, got in ran.items():
         if got is None:
             status = 1
             print(f"== {name}: no figures", flush=True)
-    figs = figures(http, rp, mem)
+    figs = figures(http, rp, mem, huge)
     _show(figs)
     result = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -270,7 +295,7 @@ def main() -> int:
         },
         "seconds": round(time.perf_counter() - t0, 1),
         "figures": figs,
-        "raw": {"service_http": http, "replay_speed": rp, "engine_memory": mem},
+        "raw": {"service_http": http, "replay_speed": rp, "engine_memory": mem, "engine_2m": huge},
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(

@@ -43,6 +43,8 @@ sys.path.insert(0, str(REPO))
 from app.engine import spte as S  # noqa: E402
 
 HVA = 0x7F00_0000_0000
+# The long call's HVA: 1 TiB from HVA would end past the user address space (EINVAL).
+LONG_HVA = 0x4000_0000_0000
 PAGE = 4096
 GIB = 1 << 30
 TABLE = 512
@@ -258,7 +260,7 @@ def bench_long_call(server: Server, gib: int) -> dict[str, Any]:
     """Another VM's memslot PUTs while one access of `gib` GiB runs on a VM of its own."""
     a, b = server.client(), server.client()
     vm_a, vm_b = a.new_vm("long"), b.new_vm("other")
-    a.call("PUT", f"/v1/vms/{vm_a}/memslots/0", region(gib * GIB))
+    a.call("PUT", f"/v1/vms/{vm_a}/memslots/0", region(gib * GIB, hva=LONG_HVA))
     body, gone = region(2 << 20), region(0, 0, 0)
 
     def put_loop(n: int | None, stop: threading.Event | None) -> list[float]:
